@@ -1,0 +1,10 @@
+//! Types shared by the daemon (`tailguard`) and the TC programs (`tailguard-ebpf`).
+//!
+//! Everything that crosses the user/kernel boundary is `#[repr(C)]` and derives
+//! bytemuck's `Pod`, which refuses hidden padding at compile time: the kernel
+//! copies map values byte for byte, so both sides must agree on every byte.
+#![no_std]
+
+pub mod counters;
+
+pub use counters::{Counter, CounterSlot, Device, Direction, PacketClass};

@@ -1,0 +1,56 @@
+//! TailGuard's TC programs, one per device role and hook.
+//!
+//! Each program parses the packet (IPv4, IPv6, or something else), counts it
+//! in the per-CPU `COUNTERS` map and lets it continue. The forwarding policy
+//! will sit between the parse and the verdict.
+#![no_std]
+#![no_main]
+
+mod counters;
+mod link_layer;
+mod parse;
+
+use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+use tailguard_common::{CounterSlot, Device, Direction};
+
+#[classifier]
+pub fn tg_wg_ingress(ctx: TcContext) -> i32 {
+    observe(&ctx, Device::WireGuard, Direction::Ingress)
+}
+
+#[classifier]
+pub fn tg_wg_egress(ctx: TcContext) -> i32 {
+    observe(&ctx, Device::WireGuard, Direction::Egress)
+}
+
+#[classifier]
+pub fn tg_ts_ingress(ctx: TcContext) -> i32 {
+    observe(&ctx, Device::Tailscale, Direction::Ingress)
+}
+
+#[classifier]
+pub fn tg_ts_egress(ctx: TcContext) -> i32 {
+    observe(&ctx, Device::Tailscale, Direction::Egress)
+}
+
+/// Counts the packet and lets it go on. `TC_ACT_UNSPEC` rather than
+/// `TC_ACT_OK`: under TCX any other verdict ends the chain, and programs that
+/// others attached after ours must still see the packet.
+#[inline(always)]
+fn observe(ctx: &TcContext, device: Device, direction: Direction) -> i32 {
+    let class = parse::classify(ctx, link_layer::has_ethernet(device));
+    counters::count(CounterSlot::new(device, direction, class), ctx.len());
+    TC_ACT_UNSPEC
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    // The verifier rejects any path that could reach this; it exists only
+    // because `no_std` binaries must name a panic handler.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,208 @@
+//! Attaching the programs to devices: TCX where the kernel has it (6.6+),
+//! else a classic `clsact` qdisc with direct-action filters.
+//!
+//! Links are owned by the loaded programs, so dropping the [`aya::Ebpf`]
+//! detaches them. A clsact qdisc is not: the kernel keeps it until someone
+//! deletes it, so we remember which qdiscs we created and delete exactly
+//! those on [`Attachments::detach`].
+
+use aya::{
+    Ebpf,
+    programs::{
+        LinkOrder, ProgramError, TcAttach, TcAttachType,
+        tc::{self, NlOptions, SchedClassifierLinkId, TcError},
+    },
+};
+use netlink_packet_route::tc::TcHandle;
+use tailguard_common::{Device, Direction};
+use tracing::{info, warn};
+
+use super::{
+    Error,
+    object::{Program, program_error, program_mut},
+};
+
+/// How to attach.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// TCX, falling back to clsact when the kernel refuses TCX.
+    #[default]
+    Auto,
+    Tcx,
+    Clsact,
+}
+
+/// How the programs ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Tcx,
+    Clsact,
+}
+
+struct Attached {
+    device: Device,
+    ifname: String,
+    ifindex: u32,
+    backend: Backend,
+    links: Vec<(Program, SchedClassifierLinkId)>,
+    /// We added the clsact qdisc (it was not there before), so we remove it.
+    created_qdisc: bool,
+}
+
+#[derive(Default)]
+pub(super) struct Attachments(Vec<Attached>);
+
+impl Attachments {
+    pub(super) async fn attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        device: Device,
+        ifname: &str,
+        mode: AttachMode,
+    ) -> Result<Backend, Error> {
+        let ifindex = ifindex(ifname)?;
+        // Attaching twice is harmless: the same device keeps its programs.
+        if let Some(existing) = self.0.iter().find(|a| a.device == device) {
+            if existing.ifindex == ifindex {
+                return Ok(existing.backend);
+            }
+            return Err(device_error(
+                ifname,
+                format!("the {} programs are already attached to {}", device.name(), existing.ifname),
+            ));
+        }
+        let attached = match mode {
+            AttachMode::Tcx => attach_tcx(ebpf, device, ifname, ifindex)?,
+            AttachMode::Clsact => attach_clsact(ebpf, device, ifname, ifindex).await?,
+            AttachMode::Auto => match attach_tcx(ebpf, device, ifname, ifindex) {
+                Ok(attached) => attached,
+                Err(e) => {
+                    warn!("TCX attach on {ifname} failed ({e}); falling back to a clsact qdisc");
+                    attach_clsact(ebpf, device, ifname, ifindex).await?
+                }
+            },
+        };
+        info!(device = device.name(), ifname, backend = ?attached.backend, "programs attached");
+        let backend = attached.backend;
+        self.0.push(attached);
+        Ok(backend)
+    }
+
+    pub(super) fn summary(&self) -> Vec<(Device, String, Backend)> {
+        self.0.iter().map(|a| (a.device, a.ifname.clone(), a.backend)).collect()
+    }
+
+    pub(super) async fn detach(&mut self, ebpf: &mut Ebpf) -> Result<(), Vec<Error>> {
+        let mut errors = Vec::new();
+        for attached in self.0.drain(..) {
+            if let Err(e) = detach_links(ebpf, attached.links) {
+                errors.push(e);
+            }
+            if attached.created_qdisc
+                && let Err(e) = delete_clsact(attached.ifindex).await
+            {
+                errors.push(device_error(&attached.ifname, format!("removing the clsact qdisc: {e}")));
+            }
+            info!(device = attached.device.name(), ifname = attached.ifname, "programs detached");
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+}
+
+fn attach_tcx(ebpf: &mut Ebpf, device: Device, ifname: &str, ifindex: u32) -> Result<Attached, Error> {
+    let links = attach_both(ebpf, device, ifindex, |hook| TcAttach::Tcx {
+        attach_type: hook,
+        order: LinkOrder::default(),
+    })?;
+    Ok(Attached { device, ifname: ifname.to_string(), ifindex, backend: Backend::Tcx, links, created_qdisc: false })
+}
+
+async fn attach_clsact(ebpf: &mut Ebpf, device: Device, ifname: &str, ifindex: u32) -> Result<Attached, Error> {
+    let created_qdisc = match tc::qdisc_add_clsact(ifindex) {
+        Ok(()) => true,
+        // Someone (perhaps an earlier run of ours) already added it: use it,
+        // and leave it in place when we go.
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc_eexist()) => false,
+        Err(e) => return Err(device_error(ifname, format!("adding a clsact qdisc: {e}"))),
+    };
+    let links = attach_both(ebpf, device, ifindex, |hook| TcAttach::Netlink {
+        parent: hook.into(),
+        options: NlOptions::default(),
+    });
+    match links {
+        Ok(links) => Ok(Attached {
+            device,
+            ifname: ifname.to_string(),
+            ifindex,
+            backend: Backend::Clsact,
+            links,
+            created_qdisc,
+        }),
+        Err(e) => {
+            // Leave nothing half-applied.
+            if created_qdisc && let Err(del) = delete_clsact(ifindex).await {
+                warn!("removing the clsact qdisc of {ifname} after a failed attach: {del}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Attaches the ingress and then the egress program; if the second fails,
+/// the first is detached again.
+fn attach_both(
+    ebpf: &mut Ebpf,
+    device: Device,
+    ifindex: u32,
+    how: impl Fn(TcAttachType) -> TcAttach,
+) -> Result<Vec<(Program, SchedClassifierLinkId)>, Error> {
+    let mut links = Vec::new();
+    for (direction, hook) in [(Direction::Ingress, TcAttachType::Ingress), (Direction::Egress, TcAttachType::Egress)] {
+        let program = Program::new(device, direction);
+        match program_mut(ebpf, program)?.attach(ifindex, how(hook)) {
+            Ok(link) => links.push((program, link)),
+            Err(e) => {
+                let _ = detach_links(ebpf, links);
+                return Err(program_error(program.name(), e));
+            }
+        }
+    }
+    Ok(links)
+}
+
+fn detach_links(ebpf: &mut Ebpf, links: Vec<(Program, SchedClassifierLinkId)>) -> Result<(), Error> {
+    let mut first_error = None;
+    for (program, link) in links {
+        let result = program_mut(ebpf, program)
+            .and_then(|p| p.detach(link).map_err(|e: ProgramError| program_error(program.name(), e)));
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// `tc qdisc del dev IFINDEX clsact`, over rtnetlink.
+async fn delete_clsact(ifindex: u32) -> Result<(), String> {
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
+    let connection = tokio::spawn(connection);
+    let mut request = handle.qdisc().del(ifindex as i32);
+    let header = &mut request.message_mut().header;
+    header.parent = TcHandle::CLSACT;
+    header.handle = TcHandle { major: 0xffff, minor: 0 };
+    let result = request.execute().await.map_err(|e| e.to_string());
+    connection.abort();
+    result
+}
+
+fn ifindex(ifname: &str) -> Result<u32, Error> {
+    nix::net::if_::if_nametoindex(ifname).map_err(|e| device_error(ifname, format!("no such interface ({e})")))
+}
+
+fn device_error(ifname: &str, message: String) -> Error {
+    Error::Device { device: ifname.to_string(), message }
+}
+
+const fn libc_eexist() -> i32 {
+    nix::errno::Errno::EEXIST as i32
+}

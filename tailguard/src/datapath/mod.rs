@@ -1,0 +1,83 @@
+//! The eBPF datapath: the TC programs embedded in this binary, loaded with
+//! aya, attached to the WireGuard and Tailscale devices, and their counters.
+
+mod attach;
+mod counters;
+mod object;
+
+pub use attach::{AttachMode, Backend};
+pub use counters::Counters;
+pub use object::{LinkLayer, LoadOptions, Program};
+
+use aya::{Ebpf, programs::SchedClassifier};
+use tailguard_common::{Device, Direction};
+
+/// The loaded programs and everything they are attached to. Dropping it
+/// detaches the programs; [`Datapath::detach`] also removes any clsact qdisc
+/// it had to create, and should be preferred.
+pub struct Datapath {
+    ebpf: Ebpf,
+    attachments: attach::Attachments,
+}
+
+/// Errors of the datapath, naming the program or device involved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("loading the eBPF object: {0}")]
+    Object(#[source] Box<aya::EbpfError>),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("device {device}: {message}")]
+    Device { device: String, message: String },
+}
+
+impl Datapath {
+    /// Loads every program through the kernel verifier.
+    pub fn load(options: &LoadOptions) -> Result<Self, Error> {
+        Ok(Self {
+            ebpf: object::load(options)?,
+            attachments: attach::Attachments::default(),
+        })
+    }
+
+    /// The program for `device`'s `direction` hook.
+    pub fn program(&self, device: Device, direction: Direction) -> Result<&SchedClassifier, Error> {
+        object::program(&self.ebpf, Program::new(device, direction))
+    }
+
+    /// Summaries of every loaded program, as the kernel reports them.
+    pub fn programs(&self) -> Result<Vec<object::ProgramSummary>, Error> {
+        object::summaries(&self.ebpf)
+    }
+
+    /// Attaches `device`'s ingress and egress programs to interface `ifname`.
+    pub async fn attach(&mut self, device: Device, ifname: &str, mode: AttachMode) -> Result<Backend, Error> {
+        self.attachments.attach(&mut self.ebpf, device, ifname, mode).await
+    }
+
+    /// Where each device's programs are attached.
+    pub fn attached(&self) -> Vec<(Device, String, Backend)> {
+        self.attachments.summary()
+    }
+
+    /// The counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters, Error> {
+        counters::read(&self.ebpf)
+    }
+
+    /// Detaches every program and removes the clsact qdiscs this datapath
+    /// created. Keeps going past errors and reports them all.
+    pub async fn detach(mut self) -> Result<(), Vec<Error>> {
+        self.attachments.detach(&mut self.ebpf).await
+    }
+}

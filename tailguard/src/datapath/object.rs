@@ -1,0 +1,139 @@
+//! The embedded eBPF object and its programs.
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{ProgramError, SchedClassifier},
+};
+use tailguard_common::{Device, Direction};
+
+use super::Error;
+
+/// The object built by `build.rs` (aya-build) from the `tailguard-ebpf` crate.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tailguard"));
+
+/// What a device's packets start with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LinkLayer {
+    /// The IP header (WireGuard, TUN): the production case.
+    #[default]
+    Ip,
+    /// An Ethernet header (veth; and `BPF_PROG_TEST_RUN`, which always
+    /// builds an Ethernet frame).
+    Ethernet,
+}
+
+/// Settings fixed when the object is loaded.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    pub wireguard: LinkLayer,
+    pub tailscale: LinkLayer,
+}
+
+impl LoadOptions {
+    /// Both devices with the same link layer.
+    pub const fn uniform(link_layer: LinkLayer) -> Self {
+        Self { wireguard: link_layer, tailscale: link_layer }
+    }
+}
+
+/// One of the programs: which device role and which hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Program {
+    pub device: Device,
+    pub direction: Direction,
+}
+
+impl Program {
+    pub const ALL: [Self; 4] = [
+        Self::new(Device::WireGuard, Direction::Ingress),
+        Self::new(Device::WireGuard, Direction::Egress),
+        Self::new(Device::Tailscale, Direction::Ingress),
+        Self::new(Device::Tailscale, Direction::Egress),
+    ];
+
+    pub const fn new(device: Device, direction: Direction) -> Self {
+        Self { device, direction }
+    }
+
+    /// The function name in `tailguard-ebpf/src/main.rs`.
+    pub const fn name(self) -> &'static str {
+        match (self.device, self.direction) {
+            (Device::WireGuard, Direction::Ingress) => "tg_wg_ingress",
+            (Device::WireGuard, Direction::Egress) => "tg_wg_egress",
+            (Device::Tailscale, Direction::Ingress) => "tg_ts_ingress",
+            (Device::Tailscale, Direction::Egress) => "tg_ts_egress",
+        }
+    }
+}
+
+/// What the kernel says about one loaded program.
+#[derive(Clone, Debug)]
+pub struct ProgramSummary {
+    pub program: Program,
+    pub id: u32,
+    /// Instructions after the verifier's rewrites (`xlated_prog_len / 8`).
+    pub instructions: u32,
+    /// Instructions the verifier walked through to prove the program safe.
+    pub verified_instructions: u32,
+    pub jited_bytes: u32,
+}
+
+pub(super) fn load(options: &LoadOptions) -> Result<Ebpf, Error> {
+    let flag = |layer: LinkLayer| u8::from(layer == LinkLayer::Ethernet);
+    let (wg, ts) = (flag(options.wireguard), flag(options.tailscale));
+    let mut ebpf = EbpfLoader::new()
+        .override_global("WG_ETHERNET", &wg, true)
+        .override_global("TS_ETHERNET", &ts, true)
+        .load(OBJECT)
+        .map_err(|e| Error::Object(Box::new(e)))?;
+    for program in Program::ALL {
+        let name = program.name();
+        let classifier: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| missing(name))?
+            .try_into()
+            .map_err(|e| program_error(name, e))?;
+        classifier.load().map_err(|e| program_error(name, e))?;
+    }
+    Ok(ebpf)
+}
+
+pub(super) fn program(ebpf: &Ebpf, program: Program) -> Result<&SchedClassifier, Error> {
+    let name = program.name();
+    ebpf.program(name)
+        .ok_or_else(|| missing(name))?
+        .try_into()
+        .map_err(|e| program_error(name, e))
+}
+
+pub(super) fn program_mut(ebpf: &mut Ebpf, program: Program) -> Result<&mut SchedClassifier, Error> {
+    let name = program.name();
+    ebpf.program_mut(name)
+        .ok_or_else(|| missing(name))?
+        .try_into()
+        .map_err(|e| program_error(name, e))
+}
+
+pub(super) fn summaries(ebpf: &Ebpf) -> Result<Vec<ProgramSummary>, Error> {
+    Program::ALL
+        .into_iter()
+        .map(|p| {
+            let info = program(ebpf, p)?.info().map_err(|e| program_error(p.name(), e))?;
+            Ok(ProgramSummary {
+                program: p,
+                id: info.id(),
+                instructions: info.size_translated().unwrap_or(0) / 8,
+                verified_instructions: info.verified_instruction_count().unwrap_or(0),
+                jited_bytes: info.size_jitted(),
+            })
+        })
+        .collect()
+}
+
+pub(super) fn program_error(name: &'static str, source: ProgramError) -> Error {
+    Error::Program { name, source: Box::new(source) }
+}
+
+fn missing(name: &'static str) -> Error {
+    program_error(name, ProgramError::NotLoaded)
+}

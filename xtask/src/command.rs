@@ -1,0 +1,64 @@
+//! Running the tools a task needs, with errors that say which step failed.
+
+use std::{
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// A `cargo` that honours the workspace's `rust-toolchain.toml`. `cargo
+/// +stable xtask` sets `RUSTUP_TOOLCHAIN` for us; our children must not
+/// inherit it, or they would build with the machine's toolchain instead of
+/// the pinned one.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(xtask::toolchain::workspace_root());
+    for var in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTDOC", "CARGO"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// Runs `cmd` with its output shown; fails naming `what` and the command.
+pub fn exec(what: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("  $ {}", display(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: could not start `{}`", display(cmd)))?;
+    if !status.success() {
+        bail!("{what}: `{}` failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
+/// Runs `cmd` quietly and returns its standard output, or `None` when it
+/// cannot be started or fails. For probes: "is this already in place?".
+pub fn probe(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `f` as a named stage and reports how long it took.
+pub fn stage<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    eprintln!("==> {name}");
+    let start = Instant::now();
+    let result = f().with_context(|| format!("stage `{name}` failed"));
+    let secs = start.elapsed().as_secs_f64();
+    match &result {
+        Ok(_) => eprintln!("==> {name}: done in {secs:.1} s"),
+        Err(_) => eprintln!("==> {name}: FAILED after {secs:.1} s"),
+    }
+    result
+}
+
+fn display(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}

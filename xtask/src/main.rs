@@ -1,0 +1,36 @@
+//! `cargo xtask`: the project's tasks. Run `cargo xtask --help`.
+mod build_ebpf;
+mod command;
+mod setup;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "TailGuard project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Bring this machine to a working build and test environment (as root):
+    /// Debian packages, the pinned Rust toolchains, bpf-linker. Idempotent.
+    Setup,
+    /// Build the daemon with its embedded eBPF object, load every program
+    /// through the kernel verifier and print its instruction count (as root).
+    BuildEbpf,
+    /// Setup, formatting and lint checks, then every test: unit tests,
+    /// BPF_PROG_TEST_RUN tests and the privileged namespace tests (as root).
+    Test,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => build_ebpf::run(),
+        Task::Test => test::run(),
+    }
+}

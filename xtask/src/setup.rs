@@ -1,0 +1,201 @@
+//! `cargo xtask setup`: brings a fresh Debian 12 machine to a working build and
+//! test environment. Every step first checks whether its result is already
+//! in place, so a second run changes nothing and takes seconds.
+
+use std::{fs, os::unix::fs::symlink, path::Path, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+use xtask::toolchain::{self, BPF_LINKER_VERSION};
+
+use crate::command::{exec, probe, stage};
+
+/// Debian packages the build and the tests need, with the oldest version
+/// that works. wireguard-go must come from bookworm-backports: bookworm's own
+/// build lacks TUN offloads and is four times slower.
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "0"),
+    ("nftables", "0"),
+    ("wireguard-tools", "0"),
+    ("wireguard-go", "0.0.20231211"),
+    ("iputils-ping", "0"),
+    ("iperf3", "0"),
+    ("tcpdump", "0"),
+    ("ethtool", "0"),
+    ("procps", "0"),
+];
+const BACKPORTS_PACKAGES: &[&str] = &["wireguard-go", "wireguard-tools"];
+const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/tailguard-bookworm-backports.sources";
+
+pub fn run() -> Result<()> {
+    stage("setup: Debian packages", debian_packages)?;
+    stage("setup: Rust toolchains", rust_toolchains)?;
+    stage("setup: bpf-linker", bpf_linker)?;
+    Ok(())
+}
+
+fn debian_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(name, min)| !installed_at_least(name, min))
+        .map(|(name, _)| *name)
+        .collect();
+    if missing.is_empty() {
+        eprintln!("  all {} packages present", PACKAGES.len());
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("packages {missing:?} are missing and installing them needs root");
+    }
+    if missing.iter().any(|p| BACKPORTS_PACKAGES.contains(p)) {
+        enable_backports()?;
+    }
+    exec("apt-get update", Command::new("apt-get").args(["update", "-q"]))?;
+    let (backports, plain): (Vec<&str>, Vec<&str>) =
+        missing.iter().partition(|p| BACKPORTS_PACKAGES.contains(p));
+    // --no-install-recommends: otherwise wireguard-go's recommends pull in
+    // systemd and a kernel image.
+    let apt_install = |extra: &[&str], packages: &[&str]| -> Result<()> {
+        if packages.is_empty() {
+            return Ok(());
+        }
+        exec(
+            "apt-get install",
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(extra)
+                .args(packages),
+        )
+    };
+    apt_install(&[], &plain)?;
+    apt_install(&["-t", "bookworm-backports"], &backports)?;
+    for (name, min) in PACKAGES {
+        if !installed_at_least(name, min) {
+            bail!("package {name} (>= {min}) is still not installed after apt-get install");
+        }
+    }
+    Ok(())
+}
+
+fn installed_at_least(package: &str, min: &str) -> bool {
+    let Some(out) = probe(Command::new("dpkg-query").args([
+        "-W",
+        "-f=${db:Status-Status} ${Version}",
+        package,
+    ])) else {
+        return false;
+    };
+    let Some(version) = out.strip_prefix("installed ") else {
+        return false;
+    };
+    Command::new("dpkg")
+        .args(["--compare-versions", version.trim(), "ge", min])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Adds bookworm-backports, on the same mirror as the machine's own sources.
+fn enable_backports() -> Result<()> {
+    if Path::new(BACKPORTS_SOURCES).exists() {
+        return Ok(());
+    }
+    let mirror = fs::read_to_string("/etc/apt/sources.list.d/debian.sources")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .filter_map(|l| l.strip_prefix("URIs:"))
+                .map(|u| u.trim().to_string())
+                .find(|u| u.ends_with("/debian"))
+        })
+        .unwrap_or_else(|| "http://deb.debian.org/debian".to_string());
+    let text = format!(
+        "# Added by `cargo xtask setup` (TailGuard) for wireguard-go with TUN offloads.\n\
+         Types: deb\nURIs: {mirror}\nSuites: bookworm-backports\nComponents: main\n\
+         Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+    );
+    fs::write(BACKPORTS_SOURCES, text).with_context(|| format!("writing {BACKPORTS_SOURCES}"))
+}
+
+fn is_root() -> bool {
+    probe(Command::new("id").arg("-u")).is_some_and(|uid| uid.trim() == "0")
+}
+
+/// The pinned stable (with clippy and rustfmt) and the dated nightly (with
+/// rust-src, for `-Z build-std=core`).
+fn rust_toolchains() -> Result<()> {
+    let stable = toolchain::stable()?;
+    let nightly = toolchain::ebpf_nightly()?;
+    ensure_toolchain(&stable, &["clippy", "rustfmt"])?;
+    ensure_toolchain(&nightly, &["rust-src", "clippy"])?;
+    Ok(())
+}
+
+fn ensure_toolchain(name: &str, components: &[&str]) -> Result<()> {
+    let installed = probe(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", name]))
+        .unwrap_or_default();
+    let has = |c: &str| installed.lines().any(|l| l.starts_with(&format!("{c}-")) || l == c);
+    if has("rustc") && components.iter().all(|c| has(c)) {
+        eprintln!("  {name} with {components:?} present");
+        return Ok(());
+    }
+    exec(
+        &format!("install Rust toolchain {name}"),
+        Command::new("rustup")
+            .args(["toolchain", "install", name, "--profile", "minimal", "--no-self-update"])
+            .args(components.iter().flat_map(|c| ["--component", c])),
+    )
+}
+
+/// bpf-linker links against an LLVM of exactly the version inside the eBPF
+/// nightly. Debian has only LLVM 14, but every rustc ships its LLVM as a
+/// shared library in its sysroot, so we build bpf-linker against that.
+fn bpf_linker() -> Result<()> {
+    let nightly = toolchain::ebpf_nightly()?;
+    let linker = toolchain::bpf_linker(&nightly)?;
+    let version = probe(Command::new(&linker).arg("--version")).unwrap_or_default();
+    if version.contains(BPF_LINKER_VERSION) {
+        eprintln!("  {} ({})", linker.display(), version.trim());
+        return Ok(());
+    }
+
+    let sysroot = probe(Command::new("rustc").args([&format!("+{nightly}"), "--print", "sysroot"]))
+        .with_context(|| format!("cannot ask {nightly}'s rustc for its sysroot"))?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let libllvm = fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("{nightly} ships no libLLVM.so.* in {}", lib.display()))?;
+    // "libLLVM.so.23.1-rust-1.101.0-nightly" -> feature "llvm-23".
+    let major = libllvm
+        .trim_start_matches("libLLVM.so.")
+        .split(['.', '-'])
+        .next()
+        .unwrap_or_default()
+        .to_string();
+
+    let root = toolchain::bpf_linker_root(&nightly)?;
+    let prefix_lib = root.join("llvm/lib");
+    fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    // libLLVM.so for the link step; its versioned name for the run-time
+    // loader, which finds it through the RUNPATH bpf-linker's build sets.
+    for name in ["libLLVM.so", libllvm.as_str()] {
+        let link = prefix_lib.join(name);
+        let _ = fs::remove_file(&link);
+        symlink(lib.join(&libllvm), &link).with_context(|| format!("linking {}", link.display()))?;
+    }
+    exec(
+        "build bpf-linker",
+        crate::command::cargo()
+            .env("LLVM_PREFIX", root.join("llvm"))
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features"])
+            .args(["--features", &format!("llvm-{major}")])
+            .arg("--root")
+            .arg(&root),
+    )?;
+    let version = probe(Command::new(&linker).arg("--version"))
+        .with_context(|| format!("the freshly built {} does not run", linker.display()))?;
+    eprintln!("  built {} ({})", linker.display(), version.trim());
+    Ok(())
+}
