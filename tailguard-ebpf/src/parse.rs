@@ -25,18 +25,24 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
 /// first; on L3 devices the IP version nibble is all there is to go on.
 #[inline(always)]
 pub fn classify(ctx: &TcContext, ethernet: bool) -> PacketClass {
-    let l3 = if ethernet {
+    // Where the IP header starts, and the version the EtherType announces
+    // (0: none, take the nibble's word for it).
+    let (l3, announced) = if ethernet {
         let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
             return PacketClass::Malformed;
         };
         // SAFETY: `ptr_at` checked that a whole `EthHdr` lies within the packet.
         let ether_type = unsafe { (*eth).ether_type };
-        if ether_type != EtherType::Ipv4 as u16 && ether_type != EtherType::Ipv6 as u16 {
+        let announced = if ether_type == EtherType::Ipv4 as u16 {
+            4
+        } else if ether_type == EtherType::Ipv6 as u16 {
+            6
+        } else {
             return PacketClass::NotIp;
-        }
-        EthHdr::LEN
+        };
+        (EthHdr::LEN, announced)
     } else {
-        0
+        (0, 0)
     };
     // Every IP header is at least as long as IPv4's fixed part, so checking
     // for that much first also makes the version nibble readable. (A one-byte
@@ -46,10 +52,13 @@ pub fn classify(ctx: &TcContext, ethernet: bool) -> PacketClass {
         return PacketClass::Malformed;
     };
     // SAFETY: checked by `ptr_at`.
-    match unsafe { (*ip).version() } {
+    let version = unsafe { (*ip).version() };
+    if announced != 0 && version != announced {
+        return PacketClass::Malformed;
+    }
+    match version {
         4 => ipv4(ctx, l3),
         6 => ipv6(ctx, l3),
-        _ if ethernet => PacketClass::Malformed,
         _ => PacketClass::NotIp,
     }
 }

@@ -1,1 +1,39 @@
-//! Helpers for the privileged tests.
+//! Helpers for TailGuard's privileged tests: network namespaces, TUN devices,
+//! packet injection and crafted packets.
+//!
+//! Every test makes its own uniquely named namespace and removes it on drop,
+//! so tests can run in parallel and leave nothing behind even when they fail.
+//! A test that lacks something it needs (root, a kernel feature, a tool)
+//! panics saying what is missing: it never passes silently.
+
+pub mod netns;
+pub mod packets;
+pub mod tun;
+
+/// Panics unless running as root: these tests load eBPF programs and create
+/// network namespaces.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test loads eBPF programs and creates network namespaces: run it as root \
+         (`cargo xtask test` does)"
+    );
+}
+
+/// The `tailguard` binary built beside this test (`target/<profile>/`).
+/// `cargo xtask test` builds it before the privileged tests run.
+pub fn tailguard_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/tailguard
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable sits in target/<profile>/deps")
+        .join("tailguard");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the daemon first (`cargo build -p tailguard`; `cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}

@@ -14,6 +14,11 @@ const MAP: &str = "COUNTERS";
 pub struct Counters(BTreeMap<u32, Counter>);
 
 impl Counters {
+    /// Every slot at zero.
+    pub fn zero() -> Self {
+        Self(CounterSlot::all().map(|slot| (slot.index(), Counter::default())).collect())
+    }
+
     pub fn get(&self, device: Device, direction: Direction, class: PacketClass) -> Counter {
         let index = CounterSlot::new(device, direction, class).index();
         self.0.get(&index).copied().unwrap_or_default()
