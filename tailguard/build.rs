@@ -25,7 +25,11 @@ fn main() -> anyhow::Result<()> {
     let root = toolchain::workspace_root().join("tailguard-ebpf");
     let root = root.to_str().context("workspace path is not UTF-8")?;
     aya_build::build_ebpf(
-        [Package { name: "tailguard-ebpf", root_dir: root, ..Default::default() }],
+        [Package {
+            name: "tailguard-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         Toolchain::Custom(&nightly),
     )
 }

@@ -103,10 +103,15 @@ pub struct CounterSlot {
 
 impl CounterSlot {
     /// Number of slots; the size of the `COUNTERS` map.
-    pub const COUNT: u32 = (Device::ALL.len() * Direction::ALL.len() * PacketClass::ALL.len()) as u32;
+    pub const COUNT: u32 =
+        (Device::ALL.len() * Direction::ALL.len() * PacketClass::ALL.len()) as u32;
 
     pub const fn new(device: Device, direction: Direction, class: PacketClass) -> Self {
-        Self { device, direction, class }
+        Self {
+            device,
+            direction,
+            class,
+        }
     }
 
     /// The slot's index in the map: device-major, then direction, then class.
@@ -144,7 +149,20 @@ mod tests {
     #[test]
     fn counter_is_two_u64_without_padding() {
         assert_eq!(core::mem::size_of::<Counter>(), 16);
-        let c = Counter { packets: 1, bytes: 2 }.add(Counter { packets: 3, bytes: 4 });
-        assert_eq!(c, Counter { packets: 4, bytes: 6 });
+        let c = Counter {
+            packets: 1,
+            bytes: 2,
+        }
+        .add(Counter {
+            packets: 3,
+            bytes: 4,
+        });
+        assert_eq!(
+            c,
+            Counter {
+                packets: 4,
+                bytes: 6
+            }
+        );
     }
 }

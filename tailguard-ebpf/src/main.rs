@@ -5,6 +5,9 @@
 //! will sit between the parse and the verdict.
 #![no_std]
 #![no_main]
+// aya's `#[classifier]` generates a public wrapper taking the kernel's raw
+// `__sk_buff` pointer; that is the BPF calling convention, not our API.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 mod counters;
 mod link_layer;

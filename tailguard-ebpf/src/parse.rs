@@ -73,7 +73,10 @@ fn ipv4(ctx: &TcContext, l3: usize) -> PacketClass {
     // SAFETY: checked by `ptr_at`.
     let (ihl, tot_len) = unsafe { ((*ip).ihl(), (*ip).tot_len()) };
     let available = ctx.data_end() - ctx.data() - l3;
-    if (ihl as usize) < Ipv4Hdr::LEN || (tot_len as usize) < (ihl as usize) || tot_len as usize > available {
+    if (ihl as usize) < Ipv4Hdr::LEN
+        || (tot_len as usize) < (ihl as usize)
+        || tot_len as usize > available
+    {
         return PacketClass::Malformed;
     }
     PacketClass::Ipv4

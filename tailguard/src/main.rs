@@ -78,7 +78,10 @@ fn programs() -> Result<()> {
         let datapath = Datapath::load(&LoadOptions::uniform(layer))
             .with_context(|| format!("loading the programs for {layer:?} devices"))?;
         println!("programs for {layer:?} devices, accepted by the verifier:");
-        println!("  {:<16} {:>6} {:>13} {:>14} {:>11}", "program", "id", "instructions", "verifier insns", "JIT bytes");
+        println!(
+            "  {:<16} {:>6} {:>13} {:>14} {:>11}",
+            "program", "id", "instructions", "verifier insns", "JIT bytes"
+        );
         for p in datapath.programs()? {
             println!(
                 "  {:<16} {:>6} {:>13} {:>14} {:>11}",
@@ -94,11 +97,16 @@ fn programs() -> Result<()> {
 }
 
 async fn run(args: &RunArgs) -> Result<()> {
-    let mut datapath = Datapath::load(&LoadOptions::default()).context("loading the eBPF programs")?;
+    let mut datapath =
+        Datapath::load(&LoadOptions::default()).context("loading the eBPF programs")?;
     let mode = args.tc_attach.into();
     let attached = async {
-        datapath.attach(Device::WireGuard, &args.wg_device, mode).await?;
-        datapath.attach(Device::Tailscale, &args.ts_device, mode).await
+        datapath
+            .attach(Device::WireGuard, &args.wg_device, mode)
+            .await?;
+        datapath
+            .attach(Device::Tailscale, &args.ts_device, mode)
+            .await
     }
     .await;
     if let Err(e) = attached {
@@ -118,7 +126,13 @@ async fn run(args: &RunArgs) -> Result<()> {
     for device in Device::ALL {
         for direction in Direction::ALL {
             let c = counters.hook_total(device, direction);
-            info!(device = device.name(), direction = direction.name(), packets = c.packets, bytes = c.bytes, "counted");
+            info!(
+                device = device.name(),
+                direction = direction.name(),
+                packets = c.packets,
+                bytes = c.bytes,
+                "counted"
+            );
         }
     }
     datapath.detach().await.map_err(|errors| {

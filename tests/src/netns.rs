@@ -54,15 +54,17 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
 /// Runs a command that must succeed, panicking with its output otherwise.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?} (is it installed? `cargo xtask setup`): {e}"));
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("cannot start {cmd:?} (is it installed? `cargo xtask setup`): {e}")
+    });
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}{}",

@@ -42,6 +42,8 @@ pub fn arp_request() -> Vec<u8> {
 
 fn write(builder: PacketBuilderStep<UdpHeader>, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(builder.size(payload.len()));
-    builder.write(&mut out, payload).expect("writing to a Vec cannot fail");
+    builder
+        .write(&mut out, payload)
+        .expect("writing to a Vec cannot fail");
     out
 }

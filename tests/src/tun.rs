@@ -25,7 +25,10 @@ impl Tun {
     /// Creates the device without IPv6 (so the kernel sends nothing on its
     /// own: no router solicitations or MLD reports) and brings it up.
     pub fn create(name: &str) -> Self {
-        assert!(name.len() < libc::IFNAMSIZ, "interface name {name} too long");
+        assert!(
+            name.len() < libc::IFNAMSIZ,
+            "interface name {name} too long"
+        );
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -42,7 +45,10 @@ impl Tun {
             .unwrap_or_else(|e| panic!("TUNSETIFF {name}: {e}"));
         crate::netns::sysctl(&format!("net.ipv6.conf.{name}.disable_ipv6"), "1");
         run(std::process::Command::new("ip").args(["link", "set", "dev", name, "up"]));
-        Self { file, name: name.to_string() }
+        Self {
+            file,
+            name: name.to_string(),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -55,7 +61,10 @@ impl Tun {
 
     /// Makes `packet` (an IP packet) arrive on the device.
     pub fn inject(&mut self, packet: &[u8]) {
-        let n = self.file.write(packet).unwrap_or_else(|e| panic!("writing to {}: {e}", self.name));
+        let n = self
+            .file
+            .write(packet)
+            .unwrap_or_else(|e| panic!("writing to {}: {e}", self.name));
         assert_eq!(n, packet.len(), "short write to {}", self.name);
     }
 
@@ -98,9 +107,15 @@ impl EgressInjector {
     pub fn new() -> Self {
         // Protocol 0: this socket only sends, it receives nothing.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
         // SAFETY: `fd` is a fresh, owned descriptor.
-        Self { fd: unsafe { OwnedFd::from_raw_fd(fd) } }
+        Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        }
     }
 
     pub fn send(&self, ifindex: u32, packet: &[u8]) {
@@ -124,7 +139,12 @@ impl EgressInjector {
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             )
         };
-        assert_eq!(n, packet.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            n,
+            packet.len() as isize,
+            "sendto: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

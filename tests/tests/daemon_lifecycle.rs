@@ -19,7 +19,11 @@ fn attached_programs(ifname: &str) -> Vec<String> {
     let ifindex = nix::net::if_::if_nametoindex(ifname).unwrap_or_else(|e| panic!("{ifname}: {e}"));
     HOOKS
         .iter()
-        .flat_map(|hook| SchedClassifier::query_tcx(ifindex, *hook).expect("TCX query").1)
+        .flat_map(|hook| {
+            SchedClassifier::query_tcx(ifindex, *hook)
+                .expect("TCX query")
+                .1
+        })
         .map(|p| p.name_as_str().unwrap_or_default().to_string())
         .collect()
 }
@@ -49,21 +53,37 @@ fn daemon_attaches_on_start_and_removes_everything_on_sigterm() {
         while attached_programs("wg0").len() + attached_programs("tailscale0").len() < 4 {
             if let Some(status) = daemon.try_wait().unwrap() {
                 let out = daemon.wait_with_output().unwrap();
-                panic!("tailguard exited early ({status}): {}", String::from_utf8_lossy(&out.stderr));
+                panic!(
+                    "tailguard exited early ({status}): {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
-            assert!(Instant::now() < deadline, "tailguard did not attach its programs within 15 s");
+            assert!(
+                Instant::now() < deadline,
+                "tailguard did not attach its programs within 15 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         assert_eq!(attached_programs("wg0"), ["tg_wg_ingress", "tg_wg_egress"]);
-        assert_eq!(attached_programs("tailscale0"), ["tg_ts_ingress", "tg_ts_egress"]);
+        assert_eq!(
+            attached_programs("tailscale0"),
+            ["tg_ts_ingress", "tg_ts_egress"]
+        );
 
         kill(Pid::from_raw(daemon.id() as i32), Signal::SIGTERM).unwrap();
         let out = daemon.wait_with_output().unwrap();
         let log = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "tailguard failed on SIGTERM ({}):\n{log}", out.status);
+        assert!(
+            out.status.success(),
+            "tailguard failed on SIGTERM ({}):\n{log}",
+            out.status
+        );
         assert!(log.contains("programs detached"), "shutdown log:\n{log}");
         assert!(attached_programs("wg0").is_empty(), "programs left on wg0");
-        assert!(attached_programs("tailscale0").is_empty(), "programs left on tailscale0");
+        assert!(
+            attached_programs("tailscale0").is_empty(),
+            "programs left on tailscale0"
+        );
     });
 }
 
@@ -76,11 +96,17 @@ fn daemon_names_a_missing_device_and_leaves_nothing_half_applied() {
         let daemon = start("wg0", "tailscale0");
         let out = daemon.wait_with_output().unwrap();
         let log = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "tailguard must fail without its Tailscale device:\n{log}");
+        assert!(
+            !out.status.success(),
+            "tailguard must fail without its Tailscale device:\n{log}"
+        );
         assert!(
             log.contains("device tailscale0: no such interface"),
             "the error must name the missing device:\n{log}"
         );
-        assert!(attached_programs("wg0").is_empty(), "the wg0 programs must be removed again");
+        assert!(
+            attached_programs("wg0").is_empty(),
+            "the wg0 programs must be removed again"
+        );
     });
 }

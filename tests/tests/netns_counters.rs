@@ -41,29 +41,61 @@ struct Sent {
 
 fn traffic() -> Vec<Sent> {
     let v4 = |n: u8, len: usize| {
-        packets::ipv4_udp(Ipv4Addr::new(10, 1, 0, n), Ipv4Addr::new(100, 64, 0, 9), 5000, 6000, &vec![n; len])
+        packets::ipv4_udp(
+            Ipv4Addr::new(10, 1, 0, n),
+            Ipv4Addr::new(100, 64, 0, 9),
+            5000,
+            6000,
+            &vec![n; len],
+        )
     };
     let v6 = |n: u8, len: usize| {
         let src: Ipv6Addr = format!("fd00:1::{n}").parse().unwrap();
-        packets::ipv6_udp(src, "fd7a:115c:a1e0::9".parse().unwrap(), 5000, 6000, &vec![n; len])
+        packets::ipv6_udp(
+            src,
+            "fd7a:115c:a1e0::9".parse().unwrap(),
+            5000,
+            6000,
+            &vec![n; len],
+        )
     };
     let mut cut = v4(9, 40);
     cut.truncate(12);
     let mut sent = Vec::new();
     let mut add = |device, direction, class, packets: Vec<Vec<u8>>| {
         for packet in packets {
-            sent.push(Sent { device, direction, class, packet });
+            sent.push(Sent {
+                device,
+                direction,
+                class,
+                packet,
+            });
         }
     };
     use Device::{Tailscale, WireGuard};
     use Direction::{Egress, Ingress};
     use PacketClass::{Ipv4, Ipv6, Malformed};
-    add(WireGuard, Ingress, Ipv4, vec![v4(1, 10), v4(2, 200), v4(3, 1300)]);
+    add(
+        WireGuard,
+        Ingress,
+        Ipv4,
+        vec![v4(1, 10), v4(2, 200), v4(3, 1300)],
+    );
     add(WireGuard, Ingress, Ipv6, vec![v6(1, 10), v6(2, 1000)]);
     add(WireGuard, Ingress, Malformed, vec![cut.clone()]);
     add(Tailscale, Ingress, Ipv4, vec![v4(4, 64), v4(5, 65)]);
-    add(Tailscale, Ingress, Ipv6, vec![v6(3, 1), v6(4, 2), v6(5, 1200)]);
-    add(WireGuard, Egress, Ipv4, vec![v4(6, 1), v4(7, 2), v4(8, 3), v4(9, 4)]);
+    add(
+        Tailscale,
+        Ingress,
+        Ipv6,
+        vec![v6(3, 1), v6(4, 2), v6(5, 1200)],
+    );
+    add(
+        WireGuard,
+        Egress,
+        Ipv4,
+        vec![v4(6, 1), v4(7, 2), v4(8, 3), v4(9, 4)],
+    );
     add(WireGuard, Egress, Ipv6, vec![v6(6, 100)]);
     add(Tailscale, Egress, Ipv4, vec![v4(10, 500)]);
     add(Tailscale, Egress, Ipv6, vec![v6(7, 7), v6(8, 8)]);
@@ -76,15 +108,22 @@ fn counts_exactly(mode: AttachMode, expected_backend: Backend) {
     ns.run(|| {
         let mut wg = Tun::create(WG);
         let mut ts = Tun::create(TS);
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
 
         let mut datapath = Datapath::load(&LoadOptions::default()).expect("loading programs");
         let ids: Vec<u32> = datapath.programs().unwrap().iter().map(|p| p.id).collect();
         for (device, name) in [(Device::WireGuard, WG), (Device::Tailscale, TS)] {
-            let backend = runtime.block_on(datapath.attach(device, name, mode)).expect("attach");
+            let backend = runtime
+                .block_on(datapath.attach(device, name, mode))
+                .expect("attach");
             assert_eq!(backend, expected_backend, "backend on {name}");
             // A second attach is harmless and changes nothing.
-            let again = runtime.block_on(datapath.attach(device, name, mode)).expect("attach twice");
+            let again = runtime
+                .block_on(datapath.attach(device, name, mode))
+                .expect("attach twice");
             assert_eq!(again, expected_backend);
             assert_attached(&datapath, device, name, expected_backend);
         }
@@ -92,7 +131,11 @@ fn counts_exactly(mode: AttachMode, expected_backend: Backend) {
         // With IPv6 off and no addresses, the kernel sends nothing by itself:
         // every count below comes from this test's packets.
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(datapath.counters().unwrap(), Counters::zero(), "counters before any traffic");
+        assert_eq!(
+            datapath.counters().unwrap(),
+            Counters::zero(),
+            "counters before any traffic"
+        );
 
         let sent = traffic();
         let injector = EgressInjector::new();
@@ -113,21 +156,38 @@ fn counts_exactly(mode: AttachMode, expected_backend: Backend) {
                 .map(|s| &s.packet)
                 .collect();
             let out = tun.read_sent(expected.len(), Duration::from_secs(3));
-            assert_eq!(out.iter().collect::<Vec<_>>(), expected, "packets sent out of {}", tun.name());
+            assert_eq!(
+                out.iter().collect::<Vec<_>>(),
+                expected,
+                "packets sent out of {}",
+                tun.name()
+            );
         }
 
         let mut expected: HashMap<(Device, Direction, PacketClass), Counter> = HashMap::new();
         for s in &sent {
-            let c = expected.entry((s.device, s.direction, s.class)).or_default();
-            *c = c.add(Counter { packets: 1, bytes: s.packet.len() as u64 });
+            let c = expected
+                .entry((s.device, s.direction, s.class))
+                .or_default();
+            *c = c.add(Counter {
+                packets: 1,
+                bytes: s.packet.len() as u64,
+            });
         }
         let counters = wait_for(&datapath, |c| {
             c.slots().all(|(slot, count)| {
-                count == expected.get(&(slot.device, slot.direction, slot.class)).copied().unwrap_or_default()
+                count
+                    == expected
+                        .get(&(slot.device, slot.direction, slot.class))
+                        .copied()
+                        .unwrap_or_default()
             })
         });
         for (slot, count) in counters.slots() {
-            let want = expected.get(&(slot.device, slot.direction, slot.class)).copied().unwrap_or_default();
+            let want = expected
+                .get(&(slot.device, slot.direction, slot.class))
+                .copied()
+                .unwrap_or_default();
             assert_eq!(count, want, "counter {slot:?}");
         }
 
@@ -153,19 +213,39 @@ fn wait_for(datapath: &Datapath, done: impl Fn(&Counters) -> bool) -> Counters {
 }
 
 fn assert_attached(datapath: &Datapath, device: Device, name: &str, backend: Backend) {
-    for (direction, hook) in [(Direction::Ingress, TcAttachType::Ingress), (Direction::Egress, TcAttachType::Egress)] {
-        let ours = datapath.program(device, direction).unwrap().info().unwrap().id();
+    for (direction, hook) in [
+        (Direction::Ingress, TcAttachType::Ingress),
+        (Direction::Egress, TcAttachType::Egress),
+    ] {
+        let ours = datapath
+            .program(device, direction)
+            .unwrap()
+            .info()
+            .unwrap()
+            .id();
         match backend {
             Backend::Tcx => {
-                let (_, programs) = SchedClassifier::query_tcx(ifindex(name), hook).expect("TCX query");
+                let (_, programs) =
+                    SchedClassifier::query_tcx(ifindex(name), hook).expect("TCX query");
                 let ids: Vec<u32> = programs.iter().map(|p| p.id()).collect();
                 assert_eq!(ids, vec![ours], "TCX {hook:?} programs on {name}");
             }
             Backend::Clsact => {
-                let hook = if direction == Direction::Ingress { "ingress" } else { "egress" };
+                let hook = if direction == Direction::Ingress {
+                    "ingress"
+                } else {
+                    "egress"
+                };
                 let filters = run(Command::new("tc").args(["filter", "show", "dev", name, hook]));
-                assert_eq!(filters.matches("direct-action").count(), 1, "one {hook} filter on {name}:\n{filters}");
-                assert!(filters.contains(&format!("id {ours}")), "our program on {name} {hook}:\n{filters}");
+                assert_eq!(
+                    filters.matches("direct-action").count(),
+                    1,
+                    "one {hook} filter on {name}:\n{filters}"
+                );
+                assert!(
+                    filters.contains(&format!("id {ours}")),
+                    "our program on {name} {hook}:\n{filters}"
+                );
             }
         }
     }
@@ -174,10 +254,17 @@ fn assert_attached(datapath: &Datapath, device: Device, name: &str, backend: Bac
 fn assert_nothing_attached(name: &str) {
     for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
         let (_, programs) = SchedClassifier::query_tcx(ifindex(name), hook).expect("TCX query");
-        assert!(programs.is_empty(), "TCX {hook:?} on {name} still has {} program(s)", programs.len());
+        assert!(
+            programs.is_empty(),
+            "TCX {hook:?} on {name} still has {} program(s)",
+            programs.len()
+        );
     }
     let qdiscs = run(Command::new("tc").args(["qdisc", "show", "dev", name]));
-    assert!(!qdiscs.contains("clsact"), "clsact qdisc left on {name}:\n{qdiscs}");
+    assert!(
+        !qdiscs.contains("clsact"),
+        "clsact qdisc left on {name}:\n{qdiscs}"
+    );
 }
 
 /// The kernel frees programs shortly after their last reference goes.
@@ -192,7 +279,10 @@ fn assert_programs_unloaded(ids: &[u32]) {
         if alive.is_empty() {
             return;
         }
-        assert!(Instant::now() < deadline, "programs {alive:?} still loaded after detach");
+        assert!(
+            Instant::now() < deadline,
+            "programs {alive:?} still loaded after detach"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

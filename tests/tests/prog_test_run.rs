@@ -17,7 +17,9 @@ struct Run {
 }
 
 fn run(datapath: &Datapath, device: Device, direction: Direction, input: &[u8]) -> Run {
-    let program = datapath.program(device, direction).expect("program is loaded");
+    let program = datapath
+        .program(device, direction)
+        .expect("program is loaded");
     let mut output = vec![0u8; input.len() + 256];
     let result = program
         .test_run(TestRunOptions {
@@ -27,31 +29,55 @@ fn run(datapath: &Datapath, device: Device, direction: Direction, input: &[u8]) 
         })
         .expect("BPF_PROG_TEST_RUN");
     output.truncate(result.data_size_out as usize);
-    Run { verdict: result.return_value, output }
+    Run {
+        verdict: result.return_value,
+        output,
+    }
 }
 
 /// Runs `input` through one program and checks that exactly one counter
 /// moved, by one packet of `input.len()` bytes, and that the packet went on
 /// unchanged.
-fn assert_counted(datapath: &Datapath, device: Device, direction: Direction, input: &[u8], class: PacketClass) {
+fn assert_counted(
+    datapath: &Datapath,
+    device: Device,
+    direction: Direction,
+    input: &[u8],
+    class: PacketClass,
+) {
     let before = datapath.counters().expect("reading counters");
     let run = run(datapath, device, direction, input);
     assert_eq!(run.verdict, CONTINUE, "{device:?} {direction:?}: verdict");
-    assert_eq!(run.output, input, "{device:?} {direction:?}: the packet must pass unchanged");
+    assert_eq!(
+        run.output, input,
+        "{device:?} {direction:?}: the packet must pass unchanged"
+    );
     let after = datapath.counters().expect("reading counters");
     for (slot, count) in after.slots() {
         let was = before.get(slot.device, slot.direction, slot.class);
         let expected = if (slot.device, slot.direction, slot.class) == (device, direction, class) {
-            was.add(Counter { packets: 1, bytes: input.len() as u64 })
+            was.add(Counter {
+                packets: 1,
+                bytes: input.len() as u64,
+            })
         } else {
             was
         };
-        assert_eq!(count, expected, "slot {slot:?} after a {class:?} packet on {device:?} {direction:?}");
+        assert_eq!(
+            count, expected,
+            "slot {slot:?} after a {class:?} packet on {device:?} {direction:?}"
+        );
     }
 }
 
 fn udp4() -> Vec<u8> {
-    packets::ipv4_udp(Ipv4Addr::new(10, 1, 0, 2), Ipv4Addr::new(100, 64, 0, 7), 40000, 53, b"hello over IPv4")
+    packets::ipv4_udp(
+        Ipv4Addr::new(10, 1, 0, 2),
+        Ipv4Addr::new(100, 64, 0, 7),
+        40000,
+        53,
+        b"hello over IPv4",
+    )
 }
 
 fn udp6() -> Vec<u8> {
@@ -74,18 +100,38 @@ const HOOKS: [(Device, Direction); 4] = [
 #[test]
 fn ethernet_mode_counts_each_family_on_every_hook() {
     require_root();
-    let datapath = Datapath::load(&LoadOptions::uniform(LinkLayer::Ethernet)).expect("loading programs");
+    let datapath =
+        Datapath::load(&LoadOptions::uniform(LinkLayer::Ethernet)).expect("loading programs");
     for (device, direction) in HOOKS {
-        assert_counted(&datapath, device, direction, &packets::ethernet(0x0800, &udp4()), PacketClass::Ipv4);
-        assert_counted(&datapath, device, direction, &packets::ethernet(0x86dd, &udp6()), PacketClass::Ipv6);
-        assert_counted(&datapath, device, direction, &packets::arp_request(), PacketClass::NotIp);
+        assert_counted(
+            &datapath,
+            device,
+            direction,
+            &packets::ethernet(0x0800, &udp4()),
+            PacketClass::Ipv4,
+        );
+        assert_counted(
+            &datapath,
+            device,
+            direction,
+            &packets::ethernet(0x86dd, &udp6()),
+            PacketClass::Ipv6,
+        );
+        assert_counted(
+            &datapath,
+            device,
+            direction,
+            &packets::arp_request(),
+            PacketClass::NotIp,
+        );
     }
 }
 
 #[test]
 fn ethernet_mode_flags_cut_or_inconsistent_ip_headers() {
     require_root();
-    let datapath = Datapath::load(&LoadOptions::uniform(LinkLayer::Ethernet)).expect("loading programs");
+    let datapath =
+        Datapath::load(&LoadOptions::uniform(LinkLayer::Ethernet)).expect("loading programs");
     let (device, direction) = (Device::WireGuard, Direction::Ingress);
 
     // (Cut headers cannot be tried here: BPF_PROG_TEST_RUN itself refuses
@@ -95,20 +141,44 @@ fn ethernet_mode_flags_cut_or_inconsistent_ip_headers() {
     // IPv4 total length claims more than arrived.
     let mut long = udp4();
     long[2..4].copy_from_slice(&1400u16.to_be_bytes());
-    assert_counted(&datapath, device, direction, &packets::ethernet(0x0800, &long), PacketClass::Malformed);
+    assert_counted(
+        &datapath,
+        device,
+        direction,
+        &packets::ethernet(0x0800, &long),
+        PacketClass::Malformed,
+    );
 
     // IHL below the minimum of 5 words.
     let mut short_ihl = udp4();
     short_ihl[0] = 0x44;
-    assert_counted(&datapath, device, direction, &packets::ethernet(0x0800, &short_ihl), PacketClass::Malformed);
+    assert_counted(
+        &datapath,
+        device,
+        direction,
+        &packets::ethernet(0x0800, &short_ihl),
+        PacketClass::Malformed,
+    );
 
     // IPv6 payload length beyond the packet.
     let mut v6 = udp6();
     v6[4..6].copy_from_slice(&2000u16.to_be_bytes());
-    assert_counted(&datapath, device, direction, &packets::ethernet(0x86dd, &v6), PacketClass::Malformed);
+    assert_counted(
+        &datapath,
+        device,
+        direction,
+        &packets::ethernet(0x86dd, &v6),
+        PacketClass::Malformed,
+    );
 
     // EtherType IPv6 carrying an IPv4 header.
-    assert_counted(&datapath, device, direction, &packets::ethernet(0x86dd, &udp4()), PacketClass::Malformed);
+    assert_counted(
+        &datapath,
+        device,
+        direction,
+        &packets::ethernet(0x86dd, &udp4()),
+        PacketClass::Malformed,
+    );
 }
 
 /// In L3 mode the programs read the IP header at offset 0. The test harness
@@ -124,7 +194,13 @@ fn l3_mode_reads_the_ip_header_at_offset_zero() {
     }
     // The same IPv4 packet behind an Ethernet header is not IP to an L3 program.
     let framed = packets::ethernet(0x0800, &udp4());
-    assert_counted(&datapath, Device::WireGuard, Direction::Ingress, &framed, PacketClass::NotIp);
+    assert_counted(
+        &datapath,
+        Device::WireGuard,
+        Direction::Ingress,
+        &framed,
+        PacketClass::NotIp,
+    );
 }
 
 /// The link layer is set per device: WireGuard on Ethernet (as on the
@@ -132,10 +208,31 @@ fn l3_mode_reads_the_ip_header_at_offset_zero() {
 #[test]
 fn link_layer_is_chosen_per_device() {
     require_root();
-    let options = LoadOptions { wireguard: LinkLayer::Ethernet, tailscale: LinkLayer::Ip };
+    let options = LoadOptions {
+        wireguard: LinkLayer::Ethernet,
+        tailscale: LinkLayer::Ip,
+    };
     let datapath = Datapath::load(&options).expect("loading programs");
     let framed = packets::ethernet(0x0800, &udp4());
-    assert_counted(&datapath, Device::WireGuard, Direction::Ingress, &framed, PacketClass::Ipv4);
-    assert_counted(&datapath, Device::Tailscale, Direction::Ingress, &framed, PacketClass::NotIp);
-    assert_counted(&datapath, Device::Tailscale, Direction::Ingress, &udp4(), PacketClass::Ipv4);
+    assert_counted(
+        &datapath,
+        Device::WireGuard,
+        Direction::Ingress,
+        &framed,
+        PacketClass::Ipv4,
+    );
+    assert_counted(
+        &datapath,
+        Device::Tailscale,
+        Direction::Ingress,
+        &framed,
+        PacketClass::NotIp,
+    );
+    assert_counted(
+        &datapath,
+        Device::Tailscale,
+        Direction::Ingress,
+        &udp4(),
+        PacketClass::Ipv4,
+    );
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's tasks. Run `cargo xtask --help`.
 mod build_ebpf;
 mod command;
+mod run;
 mod setup;
 mod test;
 
@@ -22,6 +23,12 @@ enum Task {
     /// Build the daemon with its embedded eBPF object, load every program
     /// through the kernel verifier and print its instruction count (as root).
     BuildEbpf,
+    /// Setup, then build and run the daemon (as root); arguments after `--`
+    /// go to `tailguard`, e.g. `cargo xtask run -- --help`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Setup, formatting and lint checks, then every test: unit tests,
     /// BPF_PROG_TEST_RUN tests and the privileged namespace tests (as root).
     Test,
@@ -31,6 +38,7 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
         Task::BuildEbpf => build_ebpf::run(),
+        Task::Run { args } => run::run(&args),
         Task::Test => test::run(),
     }
 }

@@ -49,7 +49,10 @@ fn debian_packages() -> Result<()> {
     if missing.iter().any(|p| BACKPORTS_PACKAGES.contains(p)) {
         enable_backports()?;
     }
-    exec("apt-get update", Command::new("apt-get").args(["update", "-q"]))?;
+    exec(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-q"]),
+    )?;
     let (backports, plain): (Vec<&str>, Vec<&str>) =
         missing.iter().partition(|p| BACKPORTS_PACKAGES.contains(p));
     // --no-install-recommends: otherwise wireguard-go's recommends pull in
@@ -131,9 +134,19 @@ fn rust_toolchains() -> Result<()> {
 }
 
 fn ensure_toolchain(name: &str, components: &[&str]) -> Result<()> {
-    let installed = probe(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", name]))
-        .unwrap_or_default();
-    let has = |c: &str| installed.lines().any(|l| l.starts_with(&format!("{c}-")) || l == c);
+    let installed = probe(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        name,
+    ]))
+    .unwrap_or_default();
+    let has = |c: &str| {
+        installed
+            .lines()
+            .any(|l| l.starts_with(&format!("{c}-")) || l == c)
+    };
     if has("rustc") && components.iter().all(|c| has(c)) {
         eprintln!("  {name} with {components:?} present");
         return Ok(());
@@ -141,7 +154,14 @@ fn ensure_toolchain(name: &str, components: &[&str]) -> Result<()> {
     exec(
         &format!("install Rust toolchain {name}"),
         Command::new("rustup")
-            .args(["toolchain", "install", name, "--profile", "minimal", "--no-self-update"])
+            .args([
+                "toolchain",
+                "install",
+                name,
+                "--profile",
+                "minimal",
+                "--no-self-update",
+            ])
             .args(components.iter().flat_map(|c| ["--component", c])),
     )
 }
@@ -177,19 +197,28 @@ fn bpf_linker() -> Result<()> {
 
     let root = toolchain::bpf_linker_root(&nightly)?;
     let prefix_lib = root.join("llvm/lib");
-    fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
     // libLLVM.so for the link step; its versioned name for the run-time
     // loader, which finds it through the RUNPATH bpf-linker's build sets.
     for name in ["libLLVM.so", libllvm.as_str()] {
         let link = prefix_lib.join(name);
         let _ = fs::remove_file(&link);
-        symlink(lib.join(&libllvm), &link).with_context(|| format!("linking {}", link.display()))?;
+        symlink(lib.join(&libllvm), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
     }
     exec(
         "build bpf-linker",
         crate::command::cargo()
             .env("LLVM_PREFIX", root.join("llvm"))
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--no-default-features",
+            ])
             .args(["--features", &format!("llvm-{major}")])
             .arg("--root")
             .arg(&root),

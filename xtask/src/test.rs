@@ -31,10 +31,25 @@ pub fn run() -> Result<()> {
     stage("clippy (eBPF crate)", clippy_ebpf)?;
     stage("build and verify eBPF programs", build_ebpf::run)?;
     stage("unit tests (unprivileged)", || {
-        exec("unit tests", cargo().args(["test", "--workspace", "--exclude", "tailguard-ebpf", "--exclude", "tailguard-tests", "--exclude", "tailguard-benches"]))
+        exec(
+            "unit tests",
+            cargo().args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "tailguard-ebpf",
+                "--exclude",
+                "tailguard-tests",
+                "--exclude",
+                "tailguard-benches",
+            ]),
+        )
     })?;
     stage("BPF_PROG_TEST_RUN and namespace tests (privileged)", || {
-        exec("privileged tests", cargo().args(["test", "--package", "tailguard-tests"]))
+        exec(
+            "privileged tests",
+            cargo().args(["test", "--package", "tailguard-tests"]),
+        )
     })?;
     eprintln!("all checks passed");
     Ok(())
@@ -45,21 +60,19 @@ fn clippy_ebpf() -> Result<()> {
     let nightly = xtask::toolchain::ebpf_nightly()?;
     exec(
         "clippy (eBPF)",
-        cargo()
-            .arg(format!("+{nightly}"))
-            .args([
-                "clippy",
-                "--package",
-                "tailguard-ebpf",
-                "--bins",
-                "--release",
-                "--target",
-                "bpfel-unknown-none",
-                "-Z",
-                "build-std=core",
-                "--",
-                "-D",
-                "warnings",
-            ]),
+        cargo().arg(format!("+{nightly}")).args([
+            "clippy",
+            "--package",
+            "tailguard-ebpf",
+            "--bins",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]),
     )
 }

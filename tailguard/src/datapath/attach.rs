@@ -68,7 +68,11 @@ impl Attachments {
             }
             return Err(device_error(
                 ifname,
-                format!("the {} programs are already attached to {}", device.name(), existing.ifname),
+                format!(
+                    "the {} programs are already attached to {}",
+                    device.name(),
+                    existing.ifname
+                ),
             ));
         }
         let attached = match mode {
@@ -89,7 +93,10 @@ impl Attachments {
     }
 
     pub(super) fn summary(&self) -> Vec<(Device, String, Backend)> {
-        self.0.iter().map(|a| (a.device, a.ifname.clone(), a.backend)).collect()
+        self.0
+            .iter()
+            .map(|a| (a.device, a.ifname.clone(), a.backend))
+            .collect()
     }
 
     pub(super) async fn detach(&mut self, ebpf: &mut Ebpf) -> Result<(), Vec<Error>> {
@@ -101,23 +108,51 @@ impl Attachments {
             if attached.created_qdisc
                 && let Err(e) = delete_clsact(attached.ifindex).await
             {
-                errors.push(device_error(&attached.ifname, format!("removing the clsact qdisc: {e}")));
+                errors.push(device_error(
+                    &attached.ifname,
+                    format!("removing the clsact qdisc: {e}"),
+                ));
             }
-            info!(device = attached.device.name(), ifname = attached.ifname, "programs detached");
+            info!(
+                device = attached.device.name(),
+                ifname = attached.ifname,
+                "programs detached"
+            );
         }
-        if errors.is_empty() { Ok(()) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
     }
 }
 
-fn attach_tcx(ebpf: &mut Ebpf, device: Device, ifname: &str, ifindex: u32) -> Result<Attached, Error> {
+fn attach_tcx(
+    ebpf: &mut Ebpf,
+    device: Device,
+    ifname: &str,
+    ifindex: u32,
+) -> Result<Attached, Error> {
     let links = attach_both(ebpf, device, ifindex, |hook| TcAttach::Tcx {
         attach_type: hook,
         order: LinkOrder::default(),
     })?;
-    Ok(Attached { device, ifname: ifname.to_string(), ifindex, backend: Backend::Tcx, links, created_qdisc: false })
+    Ok(Attached {
+        device,
+        ifname: ifname.to_string(),
+        ifindex,
+        backend: Backend::Tcx,
+        links,
+        created_qdisc: false,
+    })
 }
 
-async fn attach_clsact(ebpf: &mut Ebpf, device: Device, ifname: &str, ifindex: u32) -> Result<Attached, Error> {
+async fn attach_clsact(
+    ebpf: &mut Ebpf,
+    device: Device,
+    ifname: &str,
+    ifindex: u32,
+) -> Result<Attached, Error> {
     let created_qdisc = match tc::qdisc_add_clsact(ifindex) {
         Ok(()) => true,
         // Someone (perhaps an earlier run of ours) already added it: use it,
@@ -157,7 +192,10 @@ fn attach_both(
     how: impl Fn(TcAttachType) -> TcAttach,
 ) -> Result<Vec<(Program, SchedClassifierLinkId)>, Error> {
     let mut links = Vec::new();
-    for (direction, hook) in [(Direction::Ingress, TcAttachType::Ingress), (Direction::Egress, TcAttachType::Egress)] {
+    for (direction, hook) in [
+        (Direction::Ingress, TcAttachType::Ingress),
+        (Direction::Egress, TcAttachType::Egress),
+    ] {
         let program = Program::new(device, direction);
         match program_mut(ebpf, program)?.attach(ifindex, how(hook)) {
             Ok(link) => links.push((program, link)),
@@ -170,11 +208,16 @@ fn attach_both(
     Ok(links)
 }
 
-fn detach_links(ebpf: &mut Ebpf, links: Vec<(Program, SchedClassifierLinkId)>) -> Result<(), Error> {
+fn detach_links(
+    ebpf: &mut Ebpf,
+    links: Vec<(Program, SchedClassifierLinkId)>,
+) -> Result<(), Error> {
     let mut first_error = None;
     for (program, link) in links {
-        let result = program_mut(ebpf, program)
-            .and_then(|p| p.detach(link).map_err(|e: ProgramError| program_error(program.name(), e)));
+        let result = program_mut(ebpf, program).and_then(|p| {
+            p.detach(link)
+                .map_err(|e: ProgramError| program_error(program.name(), e))
+        });
         if let Err(e) = result {
             first_error.get_or_insert(e);
         }
@@ -189,18 +232,25 @@ async fn delete_clsact(ifindex: u32) -> Result<(), String> {
     let mut request = handle.qdisc().del(ifindex as i32);
     let header = &mut request.message_mut().header;
     header.parent = TcHandle::CLSACT;
-    header.handle = TcHandle { major: 0xffff, minor: 0 };
+    header.handle = TcHandle {
+        major: 0xffff,
+        minor: 0,
+    };
     let result = request.execute().await.map_err(|e| e.to_string());
     connection.abort();
     result
 }
 
 fn ifindex(ifname: &str) -> Result<u32, Error> {
-    nix::net::if_::if_nametoindex(ifname).map_err(|e| device_error(ifname, format!("no such interface ({e})")))
+    nix::net::if_::if_nametoindex(ifname)
+        .map_err(|e| device_error(ifname, format!("no such interface ({e})")))
 }
 
 fn device_error(ifname: &str, message: String) -> Error {
-    Error::Device { device: ifname.to_string(), message }
+    Error::Device {
+        device: ifname.to_string(),
+        message,
+    }
 }
 
 const fn libc_eexist() -> i32 {

@@ -16,7 +16,11 @@ pub struct Counters(BTreeMap<u32, Counter>);
 impl Counters {
     /// Every slot at zero.
     pub fn zero() -> Self {
-        Self(CounterSlot::all().map(|slot| (slot.index(), Counter::default())).collect())
+        Self(
+            CounterSlot::all()
+                .map(|slot| (slot.index(), Counter::default()))
+                .collect(),
+        )
     }
 
     pub fn get(&self, device: Device, direction: Direction, class: PacketClass) -> Counter {
@@ -39,17 +43,24 @@ impl Counters {
 }
 
 pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
-    let map_error = |e| Error::Map { name: MAP, source: Box::new(e) };
-    let map: PerCpuArray<_, Counter> =
-        PerCpuArray::try_from(ebpf.map(MAP).ok_or_else(|| map_error(aya::maps::MapError::InvalidName {
+    let map_error = |e| Error::Map {
+        name: MAP,
+        source: Box::new(e),
+    };
+    let map: PerCpuArray<_, Counter> = PerCpuArray::try_from(ebpf.map(MAP).ok_or_else(|| {
+        map_error(aya::maps::MapError::InvalidName {
             name: MAP.to_string(),
-        }))?)
-        .map_err(map_error)?;
+        })
+    })?)
+    .map_err(map_error)?;
     let mut sums = BTreeMap::new();
     for slot in CounterSlot::all() {
         let index = slot.index();
         let per_cpu = map.get(&index, 0).map_err(map_error)?;
-        let sum = per_cpu.iter().copied().fold(Counter::default(), Counter::add);
+        let sum = per_cpu
+            .iter()
+            .copied()
+            .fold(Counter::default(), Counter::add);
         sums.insert(index, sum);
     }
     Ok(Counters(sums))

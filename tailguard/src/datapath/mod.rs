@@ -61,8 +61,15 @@ impl Datapath {
     }
 
     /// Attaches `device`'s ingress and egress programs to interface `ifname`.
-    pub async fn attach(&mut self, device: Device, ifname: &str, mode: AttachMode) -> Result<Backend, Error> {
-        self.attachments.attach(&mut self.ebpf, device, ifname, mode).await
+    pub async fn attach(
+        &mut self,
+        device: Device,
+        ifname: &str,
+        mode: AttachMode,
+    ) -> Result<Backend, Error> {
+        self.attachments
+            .attach(&mut self.ebpf, device, ifname, mode)
+            .await
     }
 
     /// Where each device's programs are attached.

@@ -32,7 +32,10 @@ pub struct LoadOptions {
 impl LoadOptions {
     /// Both devices with the same link layer.
     pub const fn uniform(link_layer: LinkLayer) -> Self {
-        Self { wireguard: link_layer, tailscale: link_layer }
+        Self {
+            wireguard: link_layer,
+            tailscale: link_layer,
+        }
     }
 }
 
@@ -106,7 +109,10 @@ pub(super) fn program(ebpf: &Ebpf, program: Program) -> Result<&SchedClassifier,
         .map_err(|e| program_error(name, e))
 }
 
-pub(super) fn program_mut(ebpf: &mut Ebpf, program: Program) -> Result<&mut SchedClassifier, Error> {
+pub(super) fn program_mut(
+    ebpf: &mut Ebpf,
+    program: Program,
+) -> Result<&mut SchedClassifier, Error> {
     let name = program.name();
     ebpf.program_mut(name)
         .ok_or_else(|| missing(name))?
@@ -118,7 +124,9 @@ pub(super) fn summaries(ebpf: &Ebpf) -> Result<Vec<ProgramSummary>, Error> {
     Program::ALL
         .into_iter()
         .map(|p| {
-            let info = program(ebpf, p)?.info().map_err(|e| program_error(p.name(), e))?;
+            let info = program(ebpf, p)?
+                .info()
+                .map_err(|e| program_error(p.name(), e))?;
             Ok(ProgramSummary {
                 program: p,
                 id: info.id(),
@@ -131,7 +139,10 @@ pub(super) fn summaries(ebpf: &Ebpf) -> Result<Vec<ProgramSummary>, Error> {
 }
 
 pub(super) fn program_error(name: &'static str, source: ProgramError) -> Error {
-    Error::Program { name, source: Box::new(source) }
+    Error::Program {
+        name,
+        source: Box::new(source),
+    }
 }
 
 fn missing(name: &'static str) -> Error {
