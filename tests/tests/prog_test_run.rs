@@ -138,47 +138,38 @@ fn ethernet_mode_flags_cut_or_inconsistent_ip_headers() {
     // an IPv4 or IPv6 frame whose header is incomplete, with EINVAL. The
     // namespace test sends them through a real device instead.)
 
-    // IPv4 total length claims more than arrived.
-    let mut long = udp4();
-    long[2..4].copy_from_slice(&1400u16.to_be_bytes());
-    assert_counted(
-        &datapath,
-        device,
-        direction,
-        &packets::ethernet(0x0800, &long),
-        PacketClass::Malformed,
-    );
-
-    // IHL below the minimum of 5 words.
+    let mut long4 = udp4();
+    long4[2..4].copy_from_slice(&1400u16.to_be_bytes());
     let mut short_ihl = udp4();
     short_ihl[0] = 0x44;
-    assert_counted(
-        &datapath,
-        device,
-        direction,
-        &packets::ethernet(0x0800, &short_ihl),
-        PacketClass::Malformed,
-    );
-
-    // IPv6 payload length beyond the packet.
-    let mut v6 = udp6();
-    v6[4..6].copy_from_slice(&2000u16.to_be_bytes());
-    assert_counted(
-        &datapath,
-        device,
-        direction,
-        &packets::ethernet(0x86dd, &v6),
-        PacketClass::Malformed,
-    );
-
-    // EtherType IPv6 carrying an IPv4 header.
-    assert_counted(
-        &datapath,
-        device,
-        direction,
-        &packets::ethernet(0x86dd, &udp4()),
-        PacketClass::Malformed,
-    );
+    let mut long6 = udp6();
+    long6[4..6].copy_from_slice(&2000u16.to_be_bytes());
+    let cases = [
+        (
+            "IPv4 total length beyond the packet",
+            packets::ethernet(0x0800, &long4),
+        ),
+        (
+            "IPv4 IHL below 5 words",
+            packets::ethernet(0x0800, &short_ihl),
+        ),
+        (
+            "IPv6 payload length beyond the packet",
+            packets::ethernet(0x86dd, &long6),
+        ),
+        (
+            "EtherType IPv6 carrying IPv4",
+            packets::ethernet(0x86dd, &udp4()),
+        ),
+        (
+            "EtherType IPv4 carrying IPv6",
+            packets::ethernet(0x0800, &udp6()),
+        ),
+    ];
+    for (what, frame) in cases {
+        eprintln!("case: {what}");
+        assert_counted(&datapath, device, direction, &frame, PacketClass::Malformed);
+    }
 }
 
 /// In L3 mode the programs read the IP header at offset 0. The test harness

@@ -35,6 +35,7 @@ pub fn run() -> Result<()> {
             "unit tests",
             cargo().args([
                 "test",
+                "--no-fail-fast",
                 "--workspace",
                 "--exclude",
                 "tailguard-ebpf",
@@ -48,7 +49,7 @@ pub fn run() -> Result<()> {
     stage("BPF_PROG_TEST_RUN and namespace tests (privileged)", || {
         exec(
             "privileged tests",
-            cargo().args(["test", "--package", "tailguard-tests"]),
+            cargo().args(["test", "--no-fail-fast", "--package", "tailguard-tests"]),
         )
     })?;
     eprintln!("all checks passed");

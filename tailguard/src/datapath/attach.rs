@@ -14,6 +14,7 @@ use aya::{
     },
 };
 use netlink_packet_route::tc::TcHandle;
+use nix::errno::Errno;
 use tailguard_common::{Device, Direction};
 use tracing::{info, warn};
 
@@ -157,7 +158,7 @@ async fn attach_clsact(
         Ok(()) => true,
         // Someone (perhaps an earlier run of ours) already added it: use it,
         // and leave it in place when we go.
-        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc_eexist()) => false,
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(Errno::EEXIST as i32) => false,
         Err(e) => return Err(device_error(ifname, format!("adding a clsact qdisc: {e}"))),
     };
     let links = attach_both(ebpf, device, ifindex, |hook| TcAttach::Netlink {
@@ -251,8 +252,4 @@ fn device_error(ifname: &str, message: String) -> Error {
         device: ifname.to_string(),
         message,
     }
-}
-
-const fn libc_eexist() -> i32 {
-    nix::errno::Errno::EEXIST as i32
 }
