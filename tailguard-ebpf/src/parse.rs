@@ -5,7 +5,7 @@ use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
-use tailguard_common::PacketClass;
+use tailguard_common::{PacketClass, classify};
 
 /// The one accessor for packet data: a pointer to a `T` at `offset`, or
 /// `None` when the packet is too short. The verifier insists on this check
@@ -22,11 +22,11 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
 }
 
 /// Classifies the packet. `ethernet` says whether an Ethernet header comes
-/// first; on L3 devices the IP version nibble is all there is to go on.
+/// first. The decisions are in `tailguard_common::classify` (host-tested);
+/// this reads the fields they need.
 #[inline(always)]
 pub fn classify(ctx: &TcContext, ethernet: bool) -> PacketClass {
-    // Where the IP header starts, and the version the EtherType announces
-    // (0: none, take the nibble's word for it).
+    // Where the IP header starts, and the version the EtherType announces.
     let (l3, announced) = if ethernet {
         let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
             return PacketClass::Malformed;
@@ -40,9 +40,9 @@ pub fn classify(ctx: &TcContext, ethernet: bool) -> PacketClass {
         } else {
             return PacketClass::NotIp;
         };
-        (EthHdr::LEN, announced)
+        (EthHdr::LEN, Some(announced))
     } else {
-        (0, 0)
+        (0, None)
     };
     // Every IP header is at least as long as IPv4's fixed part, so checking
     // for that much first also makes the version nibble readable. (A one-byte
@@ -51,49 +51,19 @@ pub fn classify(ctx: &TcContext, ethernet: bool) -> PacketClass {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
         return PacketClass::Malformed;
     };
-    // SAFETY: checked by `ptr_at`.
-    let version = unsafe { (*ip).version() };
-    if announced != 0 && version != announced {
-        return PacketClass::Malformed;
-    }
-    match version {
-        4 => ipv4(ctx, l3),
-        6 => ipv6(ctx, l3),
-        _ => PacketClass::NotIp,
-    }
-}
-
-/// An IPv4 header is whole when its fixed part fits, its IHL is at least 5
-/// words, and the total length it claims is not more than what arrived.
-#[inline(always)]
-fn ipv4(ctx: &TcContext, l3: usize) -> PacketClass {
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
-        return PacketClass::Malformed;
-    };
-    // SAFETY: checked by `ptr_at`.
-    let (ihl, tot_len) = unsafe { ((*ip).ihl(), (*ip).tot_len()) };
     let available = ctx.data_end() - ctx.data() - l3;
-    if (ihl as usize) < Ipv4Hdr::LEN
-        || (tot_len as usize) < (ihl as usize)
-        || tot_len as usize > available
-    {
-        return PacketClass::Malformed;
-    }
-    PacketClass::Ipv4
-}
-
-/// An IPv6 header is whole when the fixed 40 bytes fit and the payload it
-/// claims arrived.
-#[inline(always)]
-fn ipv6(ctx: &TcContext, l3: usize) -> PacketClass {
-    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
-        return PacketClass::Malformed;
-    };
     // SAFETY: checked by `ptr_at`.
-    let payload = unsafe { (*ip).payload_len() } as usize;
-    let available = ctx.data_end() - ctx.data() - l3;
-    if Ipv6Hdr::LEN + payload > available {
-        return PacketClass::Malformed;
+    match classify::version(unsafe { (*ip).version() }, announced) {
+        Ok(4) => {
+            // SAFETY: checked by `ptr_at`.
+            let (header, total) = unsafe { ((*ip).ihl() as usize, (*ip).tot_len() as usize) };
+            classify::ipv4(classify::Ipv4Lengths { header, total }, available)
+        }
+        Ok(_) => match ptr_at::<Ipv6Hdr>(ctx, l3) {
+            // SAFETY: checked by `ptr_at`.
+            Some(ip6) => classify::ipv6(unsafe { (*ip6).payload_len() } as usize, available),
+            None => PacketClass::Malformed,
+        },
+        Err(class) => class,
     }
-    PacketClass::Ipv6
 }

@@ -7,6 +7,9 @@ use tailguard_common::{Device, Direction};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
+/// Said with every load failure: the usual cause is missing privileges.
+const LOAD_HINT: &str = "loading the eBPF programs (needs root, or CAP_BPF and CAP_NET_ADMIN)";
+
 #[derive(Parser)]
 #[command(version, about = "Joins a WireGuard network to a Tailscale tailnet")]
 struct Cli {
@@ -76,7 +79,7 @@ async fn main() -> Result<()> {
 fn programs() -> Result<()> {
     for layer in [LinkLayer::Ip, LinkLayer::Ethernet] {
         let datapath = Datapath::load(&LoadOptions::uniform(layer))
-            .with_context(|| format!("loading the programs for {layer:?} devices"))?;
+            .with_context(|| format!("{LOAD_HINT} for {layer:?} devices"))?;
         println!("programs for {layer:?} devices, accepted by the verifier:");
         println!(
             "  {:<16} {:>6} {:>13} {:>14} {:>11}",
@@ -97,8 +100,7 @@ fn programs() -> Result<()> {
 }
 
 async fn run(args: &RunArgs) -> Result<()> {
-    let mut datapath =
-        Datapath::load(&LoadOptions::default()).context("loading the eBPF programs")?;
+    let mut datapath = Datapath::load(&LoadOptions::default()).context(LOAD_HINT)?;
     let mode = args.tc_attach.into();
     let attached = async {
         datapath

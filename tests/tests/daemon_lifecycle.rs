@@ -110,3 +110,29 @@ fn daemon_names_a_missing_device_and_leaves_nothing_half_applied() {
         );
     });
 }
+
+#[test]
+fn without_privileges_the_error_says_what_is_needed() {
+    require_root();
+    // `setpriv` (util-linux) drops to an unprivileged user for one command.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(tailguard_bin())
+        .arg("programs")
+        .output()
+        .expect("running setpriv");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "loading programs as nobody must fail:\n{log}"
+    );
+    assert!(
+        log.contains("needs root, or CAP_BPF and CAP_NET_ADMIN"),
+        "the error must say why:\n{log}"
+    );
+}
