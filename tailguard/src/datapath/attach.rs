@@ -40,6 +40,11 @@ pub enum Backend {
     Clsact,
 }
 
+const HOOKS: [(Direction, TcAttachType); 2] = [
+    (Direction::Ingress, TcAttachType::Ingress),
+    (Direction::Egress, TcAttachType::Egress),
+];
+
 struct Attached {
     device: Device,
     ifname: String,
@@ -91,13 +96,6 @@ impl Attachments {
         let backend = attached.backend;
         self.0.push(attached);
         Ok(backend)
-    }
-
-    pub(super) fn summary(&self) -> Vec<(Device, String, Backend)> {
-        self.0
-            .iter()
-            .map(|a| (a.device, a.ifname.clone(), a.backend))
-            .collect()
     }
 
     pub(super) async fn detach(&mut self, ebpf: &mut Ebpf) -> Result<(), Vec<Error>> {
@@ -161,6 +159,7 @@ async fn attach_clsact(
         Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(Errno::EEXIST as i32) => false,
         Err(e) => return Err(device_error(ifname, format!("adding a clsact qdisc: {e}"))),
     };
+    remove_stale_filters(device, ifname, ifindex);
     let links = attach_both(ebpf, device, ifindex, |hook| TcAttach::Netlink {
         parent: hook.into(),
         options: NlOptions::default(),
@@ -184,6 +183,21 @@ async fn attach_clsact(
     }
 }
 
+/// Unlike TCX links, clsact filters outlive the process that added them: a
+/// TailGuard that was killed leaves its filters behind. Remove any filter
+/// carrying one of our program names, so a restart does not stack a second
+/// set on top of the first.
+fn remove_stale_filters(device: Device, ifname: &str, ifindex: u32) {
+    for (direction, hook) in HOOKS {
+        let name = Program::new(device, direction).name();
+        match tc::qdisc_detach_program(ifindex, hook.into(), name) {
+            Ok(()) => warn!("removed a stale {name} filter from {ifname} (left by an earlier run)"),
+            Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!("looking for stale {name} filters on {ifname}: {e}"),
+        }
+    }
+}
+
 /// Attaches the ingress and then the egress program; if the second fails,
 /// the first is detached again.
 fn attach_both(
@@ -193,10 +207,7 @@ fn attach_both(
     how: impl Fn(TcAttachType) -> TcAttach,
 ) -> Result<Vec<(Program, SchedClassifierLinkId)>, Error> {
     let mut links = Vec::new();
-    for (direction, hook) in [
-        (Direction::Ingress, TcAttachType::Ingress),
-        (Direction::Egress, TcAttachType::Egress),
-    ] {
+    for (direction, hook) in HOOKS {
         let program = Program::new(device, direction);
         match program_mut(ebpf, program)?.attach(ifindex, how(hook)) {
             Ok(link) => links.push((program, link)),

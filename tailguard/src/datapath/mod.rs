@@ -72,11 +72,6 @@ impl Datapath {
             .await
     }
 
-    /// Where each device's programs are attached.
-    pub fn attached(&self) -> Vec<(Device, String, Backend)> {
-        self.attachments.summary()
-    }
-
     /// The counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, Error> {
         counters::read(&self.ebpf)
