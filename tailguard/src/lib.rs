@@ -3,3 +3,4 @@
 //! The daemon binary (`src/main.rs`) is a thin shell over this library, so the
 //! integration tests drive exactly the code the daemon runs.
 pub mod datapath;
+pub mod settings;

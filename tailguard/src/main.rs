@@ -1,11 +1,14 @@
 //! The `tailguard` command: the daemon and its helper commands.
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand, ValueEnum};
-use tailguard::datapath::{AttachMode, Datapath, LinkLayer, LoadOptions};
+use clap::{Parser, Subcommand};
+use tailguard::{
+    datapath::{Datapath, LinkLayer, LoadOptions},
+    settings::{Settings, SettingsArgs},
+};
 use tailguard_common::{Device, Direction};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::info;
+use tracing::{info, warn};
 
 /// Said with every load failure: the usual cause is missing privileges.
 const LOAD_HINT: &str = "loading the eBPF programs (needs root, or CAP_BPF and CAP_NET_ADMIN)";
@@ -16,7 +19,7 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
-    run: RunArgs,
+    settings: SettingsArgs,
 }
 
 #[derive(Subcommand)]
@@ -26,37 +29,6 @@ enum Command {
     /// Load the eBPF programs through the kernel verifier and list them with
     /// their instruction counts; attaches nothing.
     Programs,
-}
-
-#[derive(clap::Args)]
-struct RunArgs {
-    /// WireGuard device.
-    #[arg(long, env = "WG_DEVICE", default_value = "wg0", global = true)]
-    wg_device: String,
-    /// Tailscale TUN device.
-    #[arg(long, env = "TS_DEVICE", default_value = "tailscale0", global = true)]
-    ts_device: String,
-    /// How to attach the TC programs: TCX (kernel 6.6+), a clsact qdisc, or
-    /// TCX with clsact as the fallback.
-    #[arg(long, env = "TG_TC_ATTACH", value_enum, default_value_t = TcAttach::Auto, global = true)]
-    tc_attach: TcAttach,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum TcAttach {
-    Auto,
-    Tcx,
-    Clsact,
-}
-
-impl From<TcAttach> for AttachMode {
-    fn from(value: TcAttach) -> Self {
-        match value {
-            TcAttach::Auto => Self::Auto,
-            TcAttach::Tcx => Self::Tcx,
-            TcAttach::Clsact => Self::Clsact,
-        }
-    }
 }
 
 #[tokio::main]
@@ -69,9 +41,19 @@ async fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(&cli.run).await,
+        Command::Run => run(&validated(cli.settings)?).await,
         Command::Programs => programs(),
     }
+}
+
+/// Checks the settings as a whole, logs what will be ignored, and stops on
+/// contradictions.
+fn validated(args: SettingsArgs) -> Result<Settings> {
+    let (settings, warnings) = args.validate()?;
+    for warning in warnings {
+        warn!("{warning}");
+    }
+    Ok(settings)
 }
 
 /// Loads the programs for both link layers (the daemon's L3 devices, and the
@@ -99,15 +81,15 @@ fn programs() -> Result<()> {
     Ok(())
 }
 
-async fn run(args: &RunArgs) -> Result<()> {
+async fn run(settings: &Settings) -> Result<()> {
     let mut datapath = Datapath::load(&LoadOptions::default()).context(LOAD_HINT)?;
-    let mode = args.tc_attach.into();
+    let mode = settings.tc_attach;
     let attached = async {
         datapath
-            .attach(Device::WireGuard, &args.wg_device, mode)
+            .attach(Device::WireGuard, &settings.wg_device, mode)
             .await?;
         datapath
-            .attach(Device::Tailscale, &args.ts_device, mode)
+            .attach(Device::Tailscale, &settings.ts_device, mode)
             .await
     }
     .await;
@@ -116,7 +98,7 @@ async fn run(args: &RunArgs) -> Result<()> {
         let _ = datapath.detach().await;
         return Err(e).context("attaching the eBPF programs");
     }
-    info!(wg = %args.wg_device, ts = %args.ts_device, "running; SIGINT or SIGTERM stops");
+    info!(wg = %settings.wg_device, ts = %settings.ts_device, "running; SIGINT or SIGTERM stops");
 
     let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
