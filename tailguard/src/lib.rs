@@ -4,3 +4,4 @@
 //! integration tests drive exactly the code the daemon runs.
 pub mod datapath;
 pub mod settings;
+pub mod wgconf;
