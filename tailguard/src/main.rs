@@ -4,7 +4,9 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use tailguard::{
     datapath::{Datapath, LinkLayer, LoadOptions},
+    plan::Plan,
     settings::{Settings, SettingsArgs},
+    wgconf::WgConfig,
 };
 use tailguard_common::{Device, Direction};
 use tokio::signal::unix::{SignalKind, signal};
@@ -26,6 +28,9 @@ struct Cli {
 enum Command {
     /// Run the daemon (the default).
     Run,
+    /// Check the settings and the WireGuard configuration and print what
+    /// the daemon would set up; touches nothing.
+    Check,
     /// Load the eBPF programs through the kernel verifier and list them with
     /// their instruction counts; attaches nothing.
     Programs,
@@ -42,6 +47,7 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(&validated(cli.settings)?).await,
+        Command::Check => check(&validated(cli.settings)?),
         Command::Programs => programs(),
     }
 }
@@ -54,6 +60,15 @@ fn validated(args: SettingsArgs) -> Result<Settings> {
         warn!("{warning}");
     }
     Ok(settings)
+}
+
+fn check(settings: &Settings) -> Result<()> {
+    let (config, warnings) = WgConfig::load(&settings.wg_config_path())?;
+    for warning in warnings {
+        warn!("{warning}");
+    }
+    print!("{}", Plan::new(settings, &config));
+    Ok(())
 }
 
 /// Loads the programs for both link layers (the daemon's L3 devices, and the

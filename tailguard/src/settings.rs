@@ -410,11 +410,12 @@ fn list(value: &str) -> impl Iterator<Item = &str> {
     value.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
 
+/// Settings from flags alone, for unit tests. (The environment is the
+/// process's and shared by parallel tests, so the variables themselves are
+/// exercised by the tests that run `tailguard check` with its own.)
 #[cfg(test)]
-mod tests {
+pub(crate) fn parse_args(args: &[&str]) -> Result<(Settings, Vec<Warning>), String> {
     use clap::Parser;
-
-    use super::*;
 
     #[derive(Parser, Debug)]
     struct Cli {
@@ -422,14 +423,17 @@ mod tests {
         settings: SettingsArgs,
     }
 
-    /// Parses flags only: the environment is the process's and shared by
-    /// parallel tests, so the variables themselves are exercised by the
-    /// `tailguard check` tests, which run the binary with its own environment.
+    let argv = std::iter::once("tailguard").chain(args.iter().copied());
+    let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+    cli.settings.validate().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
     fn parse(args: &[&str]) -> Result<(Settings, Vec<Warning>), String> {
-        let mut argv = vec!["tailguard"];
-        argv.extend_from_slice(args);
-        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
-        cli.settings.validate().map_err(|e| e.to_string())
+        parse_args(args)
     }
 
     fn settings(args: &[&str]) -> Settings {

@@ -1,0 +1,591 @@
+//! The plan: everything the daemon will set up, computed from the settings
+//! and the WireGuard configuration without touching the system. Later steps
+//! derive from it; `tailguard check` prints it.
+
+use std::{fmt, net::IpAddr, path::PathBuf};
+
+use ipnet::IpNet;
+
+use crate::{
+    datapath::AttachMode,
+    routes::{self, Advertisement},
+    settings::{DestIps, Settings},
+    wgconf::{Endpoint, PublicKey, Table, WgConfig},
+};
+
+/// The table wg-quick starts from when a default route needs a table of its
+/// own (and the fwmark that keeps WireGuard's own packets out of it).
+pub const WG_QUICK_FIRST_TABLE: u32 = 51820;
+/// The MTU wg-quick falls back to when the uplink's cannot be found.
+pub const WG_QUICK_DEFAULT_MTU: u32 = 1420;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub wireguard: WireGuardPlan,
+    pub tailscale: TailscalePlan,
+    pub forwarding: ForwardingPlan,
+    /// `TG_NAMESERVERS`: reached through the uplink, by host routes.
+    pub fallback_nameservers: Vec<IpAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WireGuardPlan {
+    pub device: String,
+    pub config: PathBuf,
+    pub addresses: Vec<IpNet>,
+    pub mtu: Mtu,
+    pub listen_port: Option<u16>,
+    pub fwmark: FwMark,
+    pub peers: Vec<PeerPlan>,
+    /// One route per AllowedIPs prefix (longest first, as wg-quick adds them).
+    pub routes: Vec<Route>,
+    /// wg-quick's policy routing, for configurations with a default route.
+    pub policy_routing: Option<PolicyRouting>,
+    pub dns_servers: Vec<IpAddr>,
+    pub dns_search: Vec<String>,
+    /// Hook commands with `%i` replaced by the device name.
+    pub hooks: Hooks,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mtu {
+    Fixed(u32),
+    /// wg-quick's rule at bring-up: the uplink's MTU minus 80 (the largest
+    /// WireGuard overhead, IPv6 outer header), else 1420.
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FwMark {
+    /// `FwMark =` in the file.
+    Config(u32),
+    /// The policy-routing table number, as wg-quick sets it.
+    PolicyTable(u32),
+    /// No mark given: the listen port, as the original does.
+    ListenPort(u16),
+    /// No mark and no fixed port: the port the device ends up with.
+    ActualListenPort,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerPlan {
+    pub public_key: PublicKey,
+    pub endpoint: Option<Endpoint>,
+    pub allowed_ips: Vec<IpNet>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub destination: IpNet,
+    /// `None`: the main table.
+    pub table: Option<u32>,
+}
+
+/// wg-quick's trick for default routes: the default route goes into a table
+/// of its own, used by every packet *without* WireGuard's fwmark, while the
+/// main table's own default route (suppressed for everyone else) still
+/// carries WireGuard's encrypted packets to the uplink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyRouting {
+    pub table: u32,
+    pub fwmark: u32,
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hooks {
+    pub pre_up: Vec<String>,
+    pub post_up: Vec<String>,
+    pub pre_down: Vec<String>,
+    pub post_down: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TailscalePlan {
+    pub device: String,
+    pub port: u16,
+    pub login_server: Option<String>,
+    pub hostname: Option<String>,
+    pub login: Login,
+    /// `--accept-dns`: only in client mode.
+    pub accept_dns: bool,
+    /// `--accept-routes`: always.
+    pub accept_routes: bool,
+    pub advertise: Advertisement,
+    pub exit_node: Option<String>,
+    pub web_client: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Login {
+    AuthKey,
+    AuthKeyFile(PathBuf),
+    /// Print the login URL and wait.
+    Interactive,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardingPlan {
+    pub dest_ip: DestIps,
+    pub isolate_peers: bool,
+    pub expose_host: bool,
+    pub status_page_port: Option<u16>,
+    pub attach: AttachMode,
+}
+
+impl Plan {
+    pub fn new(settings: &Settings, config: &WgConfig) -> Self {
+        Self {
+            wireguard: wireguard(settings, config),
+            tailscale: tailscale(settings, config),
+            forwarding: ForwardingPlan {
+                dest_ip: settings.ts_dest_ip,
+                isolate_peers: settings.wg_isolate_peers,
+                expose_host: settings.expose_host,
+                status_page_port: settings.webui_port,
+                attach: settings.tc_attach,
+            },
+            fallback_nameservers: settings.nameservers.clone(),
+        }
+    }
+}
+
+fn wireguard(settings: &Settings, config: &WgConfig) -> WireGuardPlan {
+    let i = &config.interface;
+    let device = settings.wg_device.clone();
+    let mut prefixes: Vec<IpNet> = Vec::new();
+    for net in config.peers.iter().flat_map(|p| &p.allowed_ips) {
+        if !prefixes.contains(net) {
+            prefixes.push(*net);
+        }
+    }
+    // Longest prefix first, as wg-quick sorts them.
+    prefixes.sort_by_key(|n| std::cmp::Reverse(n.prefix_len()));
+
+    let mut routes = Vec::new();
+    let mut policy_routing = None;
+    let policy_table = i.fwmark.unwrap_or(WG_QUICK_FIRST_TABLE);
+    for destination in prefixes {
+        match i.table {
+            Table::Off => {}
+            Table::Id(table) => routes.push(Route {
+                destination,
+                table: Some(table),
+            }),
+            Table::Auto if routes::is_default_route(&destination) => {
+                let p = policy_routing.get_or_insert(PolicyRouting {
+                    table: policy_table,
+                    fwmark: policy_table,
+                    ipv4: false,
+                    ipv6: false,
+                });
+                match destination {
+                    IpNet::V4(_) => p.ipv4 = true,
+                    IpNet::V6(_) => p.ipv6 = true,
+                }
+                routes.push(Route {
+                    destination,
+                    table: Some(policy_table),
+                });
+            }
+            Table::Auto => routes.push(Route {
+                destination,
+                table: None,
+            }),
+        }
+    }
+    let fwmark = match (i.fwmark, policy_routing, i.listen_port) {
+        (Some(mark), _, _) => FwMark::Config(mark),
+        (None, Some(p), _) => FwMark::PolicyTable(p.fwmark),
+        (None, None, Some(port)) if port != 0 => FwMark::ListenPort(port),
+        (None, None, _) => FwMark::ActualListenPort,
+    };
+    let expand = |hooks: &[String]| hooks.iter().map(|h| h.replace("%i", &device)).collect();
+    WireGuardPlan {
+        config: settings.wg_config_path(),
+        addresses: i.addresses.clone(),
+        mtu: i.mtu.map_or(Mtu::Auto, Mtu::Fixed),
+        listen_port: i.listen_port,
+        fwmark,
+        peers: config
+            .peers
+            .iter()
+            .map(|p| PeerPlan {
+                public_key: p.public_key,
+                endpoint: p.endpoint.clone(),
+                allowed_ips: p.allowed_ips.clone(),
+                persistent_keepalive: p.persistent_keepalive,
+            })
+            .collect(),
+        routes,
+        policy_routing,
+        dns_servers: i.dns_servers.clone(),
+        dns_search: i.dns_search.clone(),
+        hooks: Hooks {
+            pre_up: expand(&i.pre_up),
+            post_up: expand(&i.post_up),
+            pre_down: expand(&i.pre_down),
+            post_down: expand(&i.post_down),
+        },
+        device,
+    }
+}
+
+fn tailscale(settings: &Settings, config: &WgConfig) -> TailscalePlan {
+    let login = match &settings.ts_authkey {
+        None => Login::Interactive,
+        Some(key) => match key.expose().strip_prefix("file:") {
+            Some(path) => Login::AuthKeyFile(PathBuf::from(path)),
+            None => Login::AuthKey,
+        },
+    };
+    TailscalePlan {
+        device: settings.ts_device.clone(),
+        port: settings.ts_port,
+        login_server: settings.ts_login_server.clone(),
+        hostname: settings.ts_hostname.clone(),
+        login,
+        accept_dns: settings.client_mode,
+        accept_routes: true,
+        advertise: routes::advertisement(settings, &config.peers),
+        exit_node: settings.ts_exit_node.clone(),
+        web_client: settings.ts_webclient,
+    }
+}
+
+fn list<T: fmt::Display>(items: &[T]) -> String {
+    if items.is_empty() {
+        return "none".into();
+    }
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn yes_no(value: bool) -> &'static str {
+    if value { "yes" } else { "no" }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let wg = &self.wireguard;
+        writeln!(
+            f,
+            "WireGuard device {} (from {})",
+            wg.device,
+            wg.config.display()
+        )?;
+        writeln!(f, "  addresses:      {}", list(&wg.addresses))?;
+        match wg.mtu {
+            Mtu::Fixed(m) => writeln!(f, "  MTU:            {m}")?,
+            Mtu::Auto => writeln!(
+                f,
+                "  MTU:            uplink MTU - 80 (else {WG_QUICK_DEFAULT_MTU}), found at start"
+            )?,
+        }
+        match wg.listen_port {
+            Some(p) => writeln!(f, "  listen port:    {p}")?,
+            None => writeln!(f, "  listen port:    chosen by the kernel")?,
+        }
+        match wg.fwmark {
+            FwMark::Config(m) => writeln!(f, "  fwmark:         {m:#x} (FwMark)")?,
+            FwMark::PolicyTable(m) => {
+                writeln!(f, "  fwmark:         {m:#x} (policy-routing table)")?
+            }
+            FwMark::ListenPort(p) => writeln!(f, "  fwmark:         {p:#x} (the listen port)")?,
+            FwMark::ActualListenPort => {
+                writeln!(f, "  fwmark:         the listen port, once known")?
+            }
+        }
+        for p in &wg.peers {
+            let endpoint = p
+                .endpoint
+                .as_ref()
+                .map_or("none".into(), ToString::to_string);
+            writeln!(f, "  peer {}", p.public_key)?;
+            writeln!(f, "    endpoint:     {endpoint}")?;
+            writeln!(f, "    allowed IPs:  {}", list(&p.allowed_ips))?;
+        }
+        for r in &wg.routes {
+            match r.table {
+                None => writeln!(f, "  route:          {} dev {}", r.destination, wg.device)?,
+                Some(t) => writeln!(
+                    f,
+                    "  route:          {} dev {} table {t}",
+                    r.destination, wg.device
+                )?,
+            }
+        }
+        if let Some(p) = wg.policy_routing {
+            let families = match (p.ipv4, p.ipv6) {
+                (true, true) => "IPv4 and IPv6",
+                (true, false) => "IPv4",
+                _ => "IPv6",
+            };
+            writeln!(
+                f,
+                "  policy routing: {families}: not fwmark {:#x} -> table {}; main with suppress_prefixlength 0",
+                p.fwmark, p.table
+            )?;
+        }
+        writeln!(
+            f,
+            "  DNS:            {} (search: {})",
+            list(&wg.dns_servers),
+            list(&wg.dns_search)
+        )?;
+        writeln!(
+            f,
+            "  fallback DNS:   {} (host routes via the uplink)",
+            list(&self.fallback_nameservers)
+        )?;
+        let hooks = &wg.hooks;
+        for (stage, commands) in [
+            ("PreUp", &hooks.pre_up),
+            ("PostUp", &hooks.post_up),
+            ("PreDown", &hooks.pre_down),
+            ("PostDown", &hooks.post_down),
+        ] {
+            for c in commands {
+                writeln!(f, "  {stage:<8}        {c}")?;
+            }
+        }
+
+        let ts = &self.tailscale;
+        writeln!(f, "Tailscale device {} (UDP port {})", ts.device, ts.port)?;
+        writeln!(
+            f,
+            "  control server: {}",
+            ts.login_server.as_deref().unwrap_or("Tailscale's")
+        )?;
+        writeln!(
+            f,
+            "  host name:      {}",
+            ts.hostname.as_deref().unwrap_or("the system's")
+        )?;
+        match &ts.login {
+            Login::AuthKey => writeln!(f, "  login:          auth key (TS_AUTHKEY)")?,
+            Login::AuthKeyFile(p) => {
+                writeln!(f, "  login:          auth key from {}", p.display())?
+            }
+            Login::Interactive => {
+                writeln!(f, "  login:          interactive (a login URL is printed)")?
+            }
+        }
+        writeln!(f, "  accept DNS:     {}", yes_no(ts.accept_dns))?;
+        writeln!(f, "  accept routes:  {}", yes_no(ts.accept_routes))?;
+        writeln!(f, "  advertise:      routes {}", list(&ts.advertise.routes))?;
+        writeln!(
+            f,
+            "  exit node:      {}",
+            if ts.advertise.exit_node {
+                "advertised"
+            } else {
+                "not advertised"
+            }
+        )?;
+        writeln!(
+            f,
+            "  use exit node:  {}",
+            ts.exit_node.as_deref().unwrap_or("none")
+        )?;
+        writeln!(f, "  web client:     {}", yes_no(ts.web_client))?;
+
+        let fw = &self.forwarding;
+        writeln!(f, "Forwarding")?;
+        let dest = [fw.dest_ip.v4.map(IpAddr::V4), fw.dest_ip.v6.map(IpAddr::V6)];
+        let dest: Vec<IpAddr> = dest.into_iter().flatten().collect();
+        writeln!(f, "  own tailnet address forwarded to: {}", list(&dest))?;
+        writeln!(
+            f,
+            "  tailnet -> WireGuard: masqueraded to this node's WireGuard address"
+        )?;
+        writeln!(
+            f,
+            "  WireGuard -> tailnet: masqueraded to this node's tailnet address"
+        )?;
+        writeln!(
+            f,
+            "  WireGuard peers isolated: {}",
+            yes_no(fw.isolate_peers)
+        )?;
+        writeln!(f, "  host exposed to peers:    {}", yes_no(fw.expose_host))?;
+        match fw.status_page_port {
+            Some(p) => writeln!(f, "  status page:              port {p}")?,
+            None => writeln!(f, "  status page:              off")?,
+        }
+        writeln!(f, "  TC attach:                {:?}", fw.attach)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{settings::parse_args, wgconf};
+
+    const KEYS: &str = "PrivateKey=yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    const PEER: &str = "PublicKey=xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+
+    fn plan(args: &[&str], interface: &str, allowed: &str) -> Plan {
+        let settings = parse_args(args).unwrap().0;
+        let text =
+            format!("[Interface]\n{KEYS}\n{interface}\n[Peer]\n{PEER}\nAllowedIPs={allowed}\n");
+        Plan::new(
+            &settings,
+            &wgconf::parse(&text, Path::new("wg0.conf")).unwrap(),
+        )
+    }
+
+    fn route(dest: &str, table: Option<u32>) -> Route {
+        Route {
+            destination: dest.parse().unwrap(),
+            table,
+        }
+    }
+
+    #[test]
+    fn default_routes_get_wg_quick_policy_routing() {
+        let p = plan(&[], "Address=10.1.0.2/24", "192.168.8.0/24,0.0.0.0/0,::/0");
+        let wg = &p.wireguard;
+        assert_eq!(
+            wg.routes,
+            [
+                route("192.168.8.0/24", None),
+                route("0.0.0.0/0", Some(51820)),
+                route("::/0", Some(51820))
+            ]
+        );
+        assert_eq!(
+            wg.policy_routing,
+            Some(PolicyRouting {
+                table: 51820,
+                fwmark: 51820,
+                ipv4: true,
+                ipv6: true
+            })
+        );
+        assert_eq!(wg.fwmark, FwMark::PolicyTable(51820));
+        assert_eq!(wg.mtu, Mtu::Auto);
+    }
+
+    #[test]
+    fn fwmark_from_the_file_names_the_policy_table() {
+        let p = plan(&[], "FwMark=0x1234", "0.0.0.0/0");
+        assert_eq!(
+            p.wireguard
+                .policy_routing
+                .map(|r| (r.table, r.ipv4, r.ipv6)),
+            Some((0x1234, true, false))
+        );
+        assert_eq!(p.wireguard.fwmark, FwMark::Config(0x1234));
+    }
+
+    #[test]
+    fn without_default_route_the_fwmark_is_the_listen_port() {
+        let p = plan(&[], "ListenPort=51820\nMTU=1380", "10.8.0.2/32,10.8.0.0/24");
+        assert_eq!(p.wireguard.fwmark, FwMark::ListenPort(51820));
+        assert_eq!(p.wireguard.policy_routing, None);
+        assert_eq!(p.wireguard.mtu, Mtu::Fixed(1380));
+        // Longest prefix first.
+        assert_eq!(
+            p.wireguard.routes,
+            [route("10.8.0.2/32", None), route("10.8.0.0/24", None)]
+        );
+        assert_eq!(
+            plan(&[], "", "10.8.0.2/32").wireguard.fwmark,
+            FwMark::ActualListenPort
+        );
+    }
+
+    #[test]
+    fn table_off_and_fixed_tables() {
+        let p = plan(&[], "Table=off", "0.0.0.0/0,10.0.0.0/8");
+        assert!(p.wireguard.routes.is_empty() && p.wireguard.policy_routing.is_none());
+        let p = plan(&[], "Table=1234", "0.0.0.0/0,10.0.0.0/8");
+        assert_eq!(
+            p.wireguard.routes,
+            [
+                route("10.0.0.0/8", Some(1234)),
+                route("0.0.0.0/0", Some(1234))
+            ]
+        );
+        assert!(
+            p.wireguard.policy_routing.is_none(),
+            "a fixed table gets plain routes"
+        );
+    }
+
+    #[test]
+    fn hooks_have_the_device_name() {
+        let p = plan(
+            &["--wg-device=wg7"],
+            "PostUp=echo up %i\nPreDown=echo %i %i",
+            "10.0.0.0/8",
+        );
+        assert_eq!(p.wireguard.hooks.post_up, ["echo up wg7"]);
+        assert_eq!(p.wireguard.hooks.pre_down, ["echo wg7 wg7"]);
+    }
+
+    #[test]
+    fn tailscale_side_follows_the_mode() {
+        let p = plan(&["--ts-authkey=tskey-abc"], "", "0.0.0.0/0,192.168.8.0/24");
+        let ts = &p.tailscale;
+        assert_eq!(ts.login, Login::AuthKey);
+        assert!(!ts.accept_dns && ts.accept_routes);
+        assert_eq!(
+            ts.advertise.routes,
+            vec!["192.168.8.0/24".parse::<IpNet>().unwrap()]
+        );
+        assert!(ts.advertise.exit_node);
+
+        let p = plan(
+            &[
+                "--client-mode=1",
+                "--ts-exit-node=auto:any",
+                "--ts-authkey=file:/run/secrets/ts",
+            ],
+            "",
+            "0.0.0.0/0",
+        );
+        let ts = &p.tailscale;
+        assert_eq!(ts.login, Login::AuthKeyFile("/run/secrets/ts".into()));
+        assert!(ts.accept_dns && !ts.advertise.exit_node && ts.advertise.routes.is_empty());
+        assert_eq!(ts.exit_node.as_deref(), Some("auto:any"));
+        assert_eq!(
+            plan(&[], "", "10.0.0.0/8").tailscale.login,
+            Login::Interactive
+        );
+    }
+
+    #[test]
+    fn printed_plan_names_the_essentials_and_no_secret() {
+        let p = plan(
+            &["--ts-authkey=tskey-SECRET", "--ts-dest-ip=10.1.0.1"],
+            "Address=10.1.0.2/24",
+            "0.0.0.0/0,192.168.8.0/24",
+        );
+        let text = p.to_string();
+        for expected in [
+            "WireGuard device wg0",
+            "route:          192.168.8.0/24 dev wg0",
+            "route:          0.0.0.0/0 dev wg0 table 51820",
+            "policy routing: IPv4: not fwmark 0xca6c -> table 51820",
+            "advertise:      routes 192.168.8.0/24",
+            "exit node:      advertised",
+            "own tailnet address forwarded to: 10.1.0.1",
+            "login:          auth key (TS_AUTHKEY)",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+        }
+        assert!(
+            !text.contains("SECRET") && !text.contains("yAnz5TF"),
+            "{text}"
+        );
+    }
+}
