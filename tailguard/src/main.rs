@@ -97,6 +97,11 @@ fn programs() -> Result<()> {
 }
 
 async fn run(settings: &Settings) -> Result<()> {
+    // Listen for SIGTERM/SIGINT before changing anything: a signal that
+    // arrives during setup must still lead to a clean teardown, not to the
+    // default action that kills us with everything left in place.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let mut datapath = Datapath::load(&LoadOptions::default()).context(LOAD_HINT)?;
     let mode = settings.tc_attach;
     let attached = async {
@@ -115,9 +120,8 @@ async fn run(settings: &Settings) -> Result<()> {
     }
     info!(wg = %settings.wg_device, ts = %settings.ts_device, "running; SIGINT or SIGTERM stops");
 
-    let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
+        _ = int.recv() => {},
         _ = term.recv() => {},
     }
 
