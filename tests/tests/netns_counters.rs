@@ -255,14 +255,29 @@ fn assert_attached(datapath: &Datapath, device: Device, name: &str, backend: Bac
     }
 }
 
+/// Nothing of ours left on `name`. Polled briefly: a link dies when its last
+/// file descriptor closes, and a process forked meanwhile (the parallel test
+/// runs `tc`) holds copies of every descriptor until it execs.
 fn assert_nothing_attached(name: &str) {
-    for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
-        let (_, programs) = SchedClassifier::query_tcx(ifindex(name), hook).expect("TCX query");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let left: usize = [TcAttachType::Ingress, TcAttachType::Egress]
+            .into_iter()
+            .map(|hook| {
+                SchedClassifier::query_tcx(ifindex(name), hook)
+                    .expect("TCX query")
+                    .1
+                    .len()
+            })
+            .sum();
+        if left == 0 {
+            break;
+        }
         assert!(
-            programs.is_empty(),
-            "TCX {hook:?} on {name} still has {} program(s)",
-            programs.len()
+            Instant::now() < deadline,
+            "TCX hooks of {name} still hold {left} program(s)"
         );
+        std::thread::sleep(Duration::from_millis(20));
     }
     let qdiscs = run(Command::new("tc").args(["qdisc", "show", "dev", name]));
     assert!(
