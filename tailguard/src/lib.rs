@@ -2,8 +2,12 @@
 //!
 //! The daemon binary (`src/main.rs`) is a thin shell over this library, so the
 //! integration tests drive exactly the code the daemon runs.
+pub mod daemon;
 pub mod datapath;
+pub mod netlink;
 pub mod plan;
 pub mod routes;
 pub mod settings;
+pub mod wg_setup;
 pub mod wgconf;
+pub mod wireguard;

@@ -3,17 +3,12 @@
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use tailguard::{
+    daemon::{self, LOAD_HINT},
     datapath::{Datapath, LinkLayer, LoadOptions},
-    plan::Plan,
     settings::{Settings, SettingsArgs},
-    wgconf::WgConfig,
 };
-use tailguard_common::{Device, Direction};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
-
-/// Said with every load failure: the usual cause is missing privileges.
-const LOAD_HINT: &str = "loading the eBPF programs (needs root, or CAP_BPF and CAP_NET_ADMIN)";
+use tracing::warn;
 
 #[derive(Parser)]
 #[command(version, about = "Joins a WireGuard network to a Tailscale tailnet")]
@@ -63,11 +58,7 @@ fn validated(args: SettingsArgs) -> Result<Settings> {
 }
 
 fn check(settings: &Settings) -> Result<()> {
-    let (config, warnings) = WgConfig::load(&settings.wg_config_path())?;
-    for warning in warnings {
-        warn!("{warning}");
-    }
-    print!("{}", Plan::new(settings, &config));
+    print!("{}", daemon::plan(settings)?);
     Ok(())
 }
 
@@ -102,46 +93,11 @@ async fn run(settings: &Settings) -> Result<()> {
     // default action that kills us with everything left in place.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut datapath = Datapath::load(&LoadOptions::default()).context(LOAD_HINT)?;
-    let mode = settings.tc_attach;
-    let attached = async {
-        datapath
-            .attach(Device::WireGuard, &settings.wg_device, mode)
-            .await?;
-        datapath
-            .attach(Device::Tailscale, &settings.ts_device, mode)
-            .await
-    }
-    .await;
-    if let Err(e) = attached {
-        // Leave nothing half-applied: undo the first device if the second failed.
-        let _ = datapath.detach().await;
-        return Err(e).context("attaching the eBPF programs");
-    }
-    info!(wg = %settings.wg_device, ts = %settings.ts_device, "running; SIGINT or SIGTERM stops");
-
-    tokio::select! {
-        _ = int.recv() => {},
-        _ = term.recv() => {},
-    }
-
-    let counters = datapath.counters()?;
-    for device in Device::ALL {
-        for direction in Direction::ALL {
-            let c = counters.hook_total(device, direction);
-            info!(
-                device = device.name(),
-                direction = direction.name(),
-                packets = c.packets,
-                bytes = c.bytes,
-                "counted"
-            );
+    let shutdown = async move {
+        tokio::select! {
+            _ = int.recv() => {},
+            _ = term.recv() => {},
         }
-    }
-    datapath.detach().await.map_err(|errors| {
-        let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        anyhow::anyhow!("teardown left {} error(s): {}", list.len(), list.join("; "))
-    })?;
-    info!("stopped; programs detached");
-    Ok(())
+    };
+    daemon::run(settings, shutdown).await
 }

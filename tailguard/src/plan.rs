@@ -10,7 +10,7 @@ use crate::{
     datapath::AttachMode,
     routes::{self, Advertisement},
     settings::{DestIps, Settings},
-    wgconf::{Endpoint, PublicKey, Table, WgConfig},
+    wgconf::{Endpoint, PublicKey, SecretKey, Table, WgConfig},
 };
 
 /// The table wg-quick starts from when a default route needs a table of its
@@ -31,6 +31,8 @@ pub struct Plan {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WireGuardPlan {
     pub device: String,
+    /// Shown nowhere (its `Debug` is hidden); handed to the device only.
+    pub private_key: SecretKey,
     pub config: PathBuf,
     pub addresses: Vec<IpNet>,
     pub mtu: Mtu,
@@ -70,6 +72,7 @@ pub enum FwMark {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerPlan {
     pub public_key: PublicKey,
+    pub preshared_key: Option<SecretKey>,
     pub endpoint: Option<Endpoint>,
     pub allowed_ips: Vec<IpNet>,
     pub persistent_keepalive: Option<u16>,
@@ -204,6 +207,10 @@ fn wireguard(settings: &Settings, config: &WgConfig) -> WireGuardPlan {
     };
     let expand = |hooks: &[String]| hooks.iter().map(|h| h.replace("%i", &device)).collect();
     WireGuardPlan {
+        private_key: i
+            .private_key
+            .clone()
+            .expect("the parser requires a PrivateKey"),
         config: settings.wg_config_path(),
         addresses: i.addresses.clone(),
         mtu: i.mtu.map_or(Mtu::Auto, Mtu::Fixed),
@@ -214,6 +221,7 @@ fn wireguard(settings: &Settings, config: &WgConfig) -> WireGuardPlan {
             .iter()
             .map(|p| PeerPlan {
                 public_key: p.public_key,
+                preshared_key: p.preshared_key.clone(),
                 endpoint: p.endpoint.clone(),
                 allowed_ips: p.allowed_ips.clone(),
                 persistent_keepalive: p.persistent_keepalive,

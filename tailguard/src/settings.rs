@@ -410,11 +410,11 @@ fn list(value: &str) -> impl Iterator<Item = &str> {
     value.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
 
-/// Settings from flags alone, for unit tests. (The environment is the
-/// process's and shared by parallel tests, so the variables themselves are
-/// exercised by the tests that run `tailguard check` with its own.)
-#[cfg(test)]
-pub(crate) fn parse_args(args: &[&str]) -> Result<(Settings, Vec<Warning>), String> {
+/// Settings from flags alone, ignoring the environment's defaults only in
+/// the sense that flags win; for tests and embedding. (The environment is
+/// the process's and shared by parallel tests, so the variables themselves
+/// are exercised by the tests that run `tailguard check` with its own.)
+pub fn parse_args(args: &[&str]) -> Result<(Settings, Vec<Warning>), String> {
     use clap::Parser;
 
     #[derive(Parser, Debug)]

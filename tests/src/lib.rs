@@ -9,6 +9,7 @@
 pub mod netns;
 pub mod packets;
 pub mod tun;
+pub mod wg;
 
 /// Panics unless running as root: these tests load eBPF programs and create
 /// network namespaces.

@@ -54,10 +54,75 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        // A process left inside keeps the namespace (and its devices) alive
+        // after `ip netns del`: end them first.
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
     }
+}
+
+/// A veth pair between two namespaces, each end up with its address.
+pub fn veth(a: &NetNs, a_addr: &str, b: &NetNs, b_addr: &str) {
+    let (a_if, b_if) = (unique_ifname("va"), unique_ifname("vb"));
+    run(Command::new("ip").args([
+        "link",
+        "add",
+        &a_if,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &b_if,
+        "netns",
+        b.name(),
+    ]));
+    for (ns, ifname, addr) in [(a, &a_if, a_addr), (b, &b_if, b_addr)] {
+        run(Command::new("ip").args(["-n", ns.name(), "addr", "add", addr, "dev", ifname]));
+        run(Command::new("ip").args(["-n", ns.name(), "link", "set", ifname, "up"]));
+        run(Command::new("ip").args(["-n", ns.name(), "link", "set", "lo", "up"]));
+    }
+}
+
+/// An interface name unique to this test process (at most 15 characters).
+/// WireGuard userspace sockets live in /run/wireguard, which all namespaces
+/// share: two devices of the same name in parallel tests would collide.
+pub fn unique_ifname(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    assert!(name.len() <= 15, "{name} is too long for an interface name");
+    name
+}
+
+/// The routing state of the current thread's namespace, as iproute2 prints
+/// it: links, addresses, routes of every table, and rules.
+pub fn routing_state() -> String {
+    let mut state = String::new();
+    for args in [
+        &["-br", "link"][..],
+        &["-br", "addr"],
+        &["route", "show", "table", "all"],
+        &["-6", "route", "show", "table", "all"],
+        &["rule"],
+        &["-6", "rule"],
+    ] {
+        state.push_str(&run(Command::new("ip").args(args)));
+    }
+    state
 }
 
 /// Runs a command that must succeed, panicking with its output otherwise.

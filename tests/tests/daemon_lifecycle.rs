@@ -1,7 +1,10 @@
-//! The `tailguard` daemon as users start it: it attaches its programs to the
-//! WireGuard and Tailscale devices, and on SIGTERM removes them again.
+//! The `tailguard` daemon as users start it — settings from the environment,
+//! `<device>.conf` from the config directory — next to a real WireGuard peer:
+//! it brings WireGuard up, attaches its programs (to the Tailscale device as
+//! soon as that exists), and on SIGTERM leaves the namespace as it found it.
 
 use std::{
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -12,16 +15,19 @@ use nix::{
     unistd::Pid,
 };
 use tailguard_tests::{
-    netns::{NetNs, run},
+    netns::{routing_state, run},
     require_root, tailguard_bin,
     tun::Tun,
+    wg::{Testbed, ping},
 };
 
-const HOOKS: [TcAttachType; 2] = [TcAttachType::Ingress, TcAttachType::Egress];
+const TS: &str = "tailscale0";
 
 fn attached_programs(ifname: &str) -> Vec<String> {
-    let ifindex = nix::net::if_::if_nametoindex(ifname).unwrap_or_else(|e| panic!("{ifname}: {e}"));
-    HOOKS
+    let Ok(ifindex) = nix::net::if_::if_nametoindex(ifname) else {
+        return Vec::new();
+    };
+    [TcAttachType::Ingress, TcAttachType::Egress]
         .iter()
         .flat_map(|hook| {
             SchedClassifier::query_tcx(ifindex, *hook)
@@ -32,15 +38,12 @@ fn attached_programs(ifname: &str) -> Vec<String> {
         .collect()
 }
 
-fn start(wg: &str, ts: &str) -> Child {
-    start_with(wg, ts, "auto")
-}
-
-fn start_with(wg: &str, ts: &str, tc_attach: &str) -> Child {
+fn start(bed: &Testbed, config_dir: &Path, tc_attach: &str) -> Child {
     Command::new(tailguard_bin())
         .arg("run")
-        .env("WG_DEVICE", wg)
-        .env("TS_DEVICE", ts)
+        .env("WG_DEVICE", &bed.device)
+        .env("WG_CONFIG_DIR", config_dir)
+        .env("TS_DEVICE", TS)
         .env("TG_TC_ATTACH", tc_attach)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
@@ -49,73 +52,168 @@ fn start_with(wg: &str, ts: &str, tc_attach: &str) -> Child {
         .expect("starting tailguard")
 }
 
-#[test]
-fn daemon_attaches_on_start_and_removes_everything_on_sigterm() {
-    require_root();
-    let ns = NetNs::new("daemon");
-    ns.run(|| {
-        let _wg = Tun::create("wg0");
-        let _ts = Tun::create("tailscale0");
-        let mut daemon = start("wg0", "tailscale0");
-
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while attached_programs("wg0").len() + attached_programs("tailscale0").len() < 4 {
-            if let Some(status) = daemon.try_wait().unwrap() {
-                let out = daemon.wait_with_output().unwrap();
-                panic!(
-                    "tailguard exited early ({status}): {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tailguard did not attach its programs within 15 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+/// Waits until `done`, failing with the daemon's log if it exits first.
+fn wait_until(daemon: &mut Child, what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done() {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            let mut log = String::new();
+            use std::io::Read as _;
+            daemon
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut log)
+                .unwrap();
+            panic!("tailguard exited ({status}) before {what}:\n{log}");
         }
-        assert_eq!(attached_programs("wg0"), ["tg_wg_ingress", "tg_wg_egress"]);
-        assert_eq!(
-            attached_programs("tailscale0"),
-            ["tg_ts_ingress", "tg_ts_egress"]
+        assert!(
+            Instant::now() < deadline,
+            "tailguard did not reach {what} within 15 s"
         );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
 
-        kill(Pid::from_raw(daemon.id() as i32), Signal::SIGTERM).unwrap();
-        let out = daemon.wait_with_output().unwrap();
-        let log = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "tailguard failed on SIGTERM ({}):\n{log}",
-            out.status
+/// SIGTERM, then the exit status must be success; returns the log.
+fn stop(daemon: Child) -> String {
+    kill(Pid::from_raw(daemon.id() as i32), Signal::SIGTERM).unwrap();
+    let out = daemon.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "tailguard failed on SIGTERM ({}):\n{log}",
+        out.status
+    );
+    log
+}
+
+#[test]
+fn daemon_brings_up_wireguard_waits_for_tailscale_and_removes_everything_on_sigterm() {
+    let bed = Testbed::new("daemon");
+    let dir = bed.config_dir(&bed.config("ListenPort = 51821", "10.66.0.1/32, fd66::1/128"));
+    bed.ours.run(|| {
+        let before = routing_state();
+        let mut daemon = start(&bed, &dir.0, "auto");
+        wait_until(&mut daemon, "attaching to WireGuard", || {
+            attached_programs(&bed.device).len() == 2
+        });
+        assert_eq!(
+            attached_programs(&bed.device),
+            ["tg_wg_ingress", "tg_wg_egress"]
         );
-        assert!(log.contains("programs detached"), "shutdown log:\n{log}");
-        assert!(attached_programs("wg0").is_empty(), "programs left on wg0");
-        assert!(
-            attached_programs("tailscale0").is_empty(),
-            "programs left on tailscale0"
+        ping("10.66.0.1");
+
+        // tailscaled creates its device later; the programs follow it.
+        let _ts = Tun::create(TS);
+        wait_until(&mut daemon, "attaching to the Tailscale device", || {
+            attached_programs(TS).len() == 2
+        });
+        assert_eq!(attached_programs(TS), ["tg_ts_ingress", "tg_ts_egress"]);
+
+        let log = stop(daemon);
+        assert!(log.contains("waiting for the Tailscale device"), "{log}");
+        assert!(log.contains("everything set up was removed"), "{log}");
+        assert!(attached_programs(TS).is_empty(), "programs left on {TS}");
+        drop(_ts);
+        assert_eq!(
+            routing_state(),
+            before,
+            "the namespace must be as before:\n{log}"
         );
     });
 }
 
 #[test]
-fn daemon_names_a_missing_device_and_leaves_nothing_half_applied() {
-    require_root();
-    let ns = NetNs::new("daemon-missing");
-    ns.run(|| {
-        let _wg = Tun::create("wg0");
-        let daemon = start("wg0", "tailscale0");
-        let out = daemon.wait_with_output().unwrap();
+fn a_config_error_stops_the_daemon_before_it_touches_anything() {
+    let bed = Testbed::new("daemon-bad");
+    let broken = bed.config("MTU = tall", "10.66.0.1/32");
+    let dir = bed.config_dir(&broken);
+    bed.ours.run(|| {
+        let before = routing_state();
+        let out = start(&bed, &dir.0, "auto").wait_with_output().unwrap();
         let log = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{log}");
         assert!(
-            !out.status.success(),
-            "tailguard must fail without its Tailscale device:\n{log}"
+            log.contains(&format!("{}.conf:4: MTU: \"tall\"", bed.device)),
+            "{log}"
         );
+        assert_eq!(routing_state(), before);
+    });
+}
+
+#[test]
+fn a_device_that_is_not_wireguard_is_refused_and_nothing_is_left() {
+    let bed = Testbed::new("daemon-tun");
+    let dir = bed.config_dir(&bed.config("", "10.66.0.1/32"));
+    bed.ours.run(|| {
+        let _squatter = Tun::create(&bed.device);
+        let before = routing_state();
+        let out = start(&bed, &dir.0, "auto").wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{log}");
         assert!(
-            log.contains("device tailscale0: no such interface"),
-            "the error must name the missing device:\n{log}"
+            log.contains(&format!(
+                "{} exists but is a tun device, not WireGuard",
+                bed.device
+            )),
+            "{log}"
         );
+        assert_eq!(routing_state(), before);
+    });
+}
+
+/// After a SIGKILL the kernel keeps what the daemon set up (rules, routes,
+/// the userspace WireGuard and its device, clsact filters). The next start
+/// takes it all over instead of failing or stacking a second copy, and its
+/// SIGTERM removes everything.
+#[test]
+fn restart_after_sigkill_takes_over_and_then_cleans_up() {
+    let bed = Testbed::new("daemon-kill");
+    let dir = bed.config_dir(&bed.config("", "0.0.0.0/0, ::/0"));
+    bed.ours.run(|| {
+        let _ts = Tun::create(TS);
+        let before = routing_state();
+        let mut first = start(&bed, &dir.0, "clsact");
+        wait_until(&mut first, "attaching", || clsact_filters(TS).len() == 2);
+        first.kill().unwrap();
+        first.wait().unwrap();
+        let left = routing_state();
         assert!(
-            attached_programs("wg0").is_empty(),
-            "the wg0 programs must be removed again"
+            left.contains("not from all fwmark 0xca6c lookup 51820"),
+            "the kill leaves the rules:\n{left}"
+        );
+
+        let mut second = start(&bed, &dir.0, "clsact");
+        wait_until(&mut second, "attaching again", || {
+            clsact_filters(TS).len() == 2
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            clsact_filters(&bed.device),
+            ["ingress: tg_wg_ingress", "egress: tg_wg_egress"]
+        );
+        assert_eq!(
+            clsact_filters(TS),
+            ["ingress: tg_ts_ingress", "egress: tg_ts_egress"]
+        );
+        assert_eq!(
+            routing_state(),
+            left,
+            "taking over must not duplicate rules or routes"
+        );
+        ping("10.66.0.1");
+
+        let log = stop(second);
+        assert!(
+            log.contains("removed a stale tg_ts_ingress filter"),
+            "{log}"
+        );
+        assert!(clsact_filters(TS).is_empty());
+        assert_eq!(
+            routing_state(),
+            before,
+            "after SIGTERM the namespace must be as before:\n{log}"
         );
     });
 }
@@ -165,69 +263,4 @@ fn clsact_filters(ifname: &str) -> Vec<String> {
                 .collect::<Vec<_>>()
         })
         .collect()
-}
-
-fn wait_for_filters(daemon: &mut Child, ifname: &str, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while clsact_filters(ifname).len() < count {
-        assert!(
-            daemon.try_wait().unwrap().is_none(),
-            "tailguard exited early"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "tailguard did not attach to {ifname} within 15 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// clsact filters outlive a killed daemon; the next start must replace them,
-/// not add a second set, and its SIGTERM must remove them.
-#[test]
-fn restart_after_sigkill_replaces_stale_clsact_filters() {
-    require_root();
-    let ns = NetNs::new("daemon-kill");
-    ns.run(|| {
-        let _wg = Tun::create("wg0");
-        let _ts = Tun::create("tailscale0");
-        let expected_wg = ["ingress: tg_wg_ingress", "egress: tg_wg_egress"];
-
-        let mut first = start_with("wg0", "tailscale0", "clsact");
-        wait_for_filters(&mut first, "tailscale0", 2);
-        first.kill().unwrap();
-        first.wait().unwrap();
-        assert_eq!(
-            clsact_filters("wg0"),
-            expected_wg,
-            "filters left by the killed daemon"
-        );
-
-        let mut second = start_with("wg0", "tailscale0", "clsact");
-        wait_for_filters(&mut second, "tailscale0", 2);
-        // Give a wrongly stacking second attach time to show itself.
-        std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(
-            clsact_filters("wg0"),
-            expected_wg,
-            "one filter per hook after the restart"
-        );
-        assert_eq!(
-            clsact_filters("tailscale0"),
-            ["ingress: tg_ts_ingress", "egress: tg_ts_egress"]
-        );
-
-        kill(Pid::from_raw(second.id() as i32), Signal::SIGTERM).unwrap();
-        let out = second.wait_with_output().unwrap();
-        let log = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "tailguard failed on SIGTERM:\n{log}");
-        assert!(
-            log.contains("removed a stale tg_wg_ingress filter"),
-            "the restart must say what it cleaned:\n{log}"
-        );
-        assert!(
-            clsact_filters("wg0").is_empty() && clsact_filters("tailscale0").is_empty(),
-            "filters left after SIGTERM"
-        );
-    });
 }

@@ -1,0 +1,148 @@
+//! The daemon's life: check everything, set up the WireGuard side, attach
+//! the programs (to the Tailscale device as soon as it exists), run until
+//! told to stop, then take down everything it set up.
+
+use std::{future::Future, time::Duration};
+
+use anyhow::{Context as _, Result, anyhow};
+use tailguard_common::{Device, Direction};
+use tracing::{info, warn};
+
+use crate::{
+    datapath::{Datapath, LoadOptions},
+    netlink::Netlink,
+    plan::Plan,
+    settings::Settings,
+    wg_setup::WgSetup,
+    wgconf::WgConfig,
+};
+
+/// Said with every load failure: the usual cause is missing privileges.
+pub const LOAD_HINT: &str = "loading the eBPF programs (needs root, or CAP_BPF and CAP_NET_ADMIN)";
+
+/// How often to look for the Tailscale device until it exists.
+const TS_DEVICE_POLL: Duration = Duration::from_millis(250);
+
+/// Reads the configuration and computes the plan; touches nothing.
+pub fn plan(settings: &Settings) -> Result<Plan> {
+    let (config, warnings) = WgConfig::load(&settings.wg_config_path())?;
+    for warning in warnings {
+        warn!("{warning}");
+    }
+    Ok(Plan::new(settings, &config))
+}
+
+/// Runs until `shutdown` completes, then tears down.
+pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let plan = plan(settings)?;
+    let nl = Netlink::connect().context("opening rtnetlink")?;
+    let wg = WgSetup::bring_up(&nl, &plan, &settings.wg_userspace)
+        .await
+        .context("bringing up WireGuard")?;
+    let mut running = Running {
+        nl,
+        wg: Some(wg),
+        datapath: None,
+    };
+    let result = running.serve(settings, shutdown).await;
+    let teardown = running.teardown().await;
+    result.and(teardown)
+}
+
+struct Running {
+    nl: Netlink,
+    wg: Option<WgSetup>,
+    datapath: Option<Datapath>,
+}
+
+impl Running {
+    async fn serve(
+        &mut self,
+        settings: &Settings,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<()> {
+        let mode = settings.tc_attach;
+        let datapath = self
+            .datapath
+            .insert(Datapath::load(&LoadOptions::default()).context(LOAD_HINT)?);
+        datapath
+            .attach(Device::WireGuard, &settings.wg_device, mode)
+            .await
+            .context("attaching the eBPF programs")?;
+        info!(wg = %settings.wg_device, ts = %settings.ts_device, "running; SIGINT or SIGTERM stops");
+
+        tokio::pin!(shutdown);
+        let mut ts_attached = attach_if_present(&self.nl, datapath, settings).await?;
+        if !ts_attached {
+            info!(device = %settings.ts_device, "waiting for the Tailscale device");
+        }
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                () = tokio::time::sleep(TS_DEVICE_POLL), if !ts_attached => {
+                    ts_attached = attach_if_present(&self.nl, datapath, settings).await?;
+                }
+            }
+        }
+    }
+
+    /// Takes down everything, collecting errors instead of stopping at one.
+    async fn teardown(&mut self) -> Result<()> {
+        let mut errors: Vec<String> = Vec::new();
+        if let Some(datapath) = self.datapath.take() {
+            log_counters(&datapath);
+            if let Err(e) = datapath.detach().await {
+                errors.extend(e.iter().map(ToString::to_string));
+            }
+        }
+        if let Some(wg) = self.wg.take()
+            && let Err(e) = wg.teardown(&self.nl).await
+        {
+            errors.extend(e.iter().map(ToString::to_string));
+        }
+        if errors.is_empty() {
+            info!("stopped; everything set up was removed");
+            Ok(())
+        } else {
+            Err(anyhow!(
+                "teardown left {} error(s): {}",
+                errors.len(),
+                errors.join("; ")
+            ))
+        }
+    }
+}
+
+/// Attaches the Tailscale device's programs if the device exists yet.
+async fn attach_if_present(
+    nl: &Netlink,
+    datapath: &mut Datapath,
+    settings: &Settings,
+) -> Result<bool> {
+    if nl.link_index(&settings.ts_device).await?.is_none() {
+        return Ok(false);
+    }
+    datapath
+        .attach(Device::Tailscale, &settings.ts_device, settings.tc_attach)
+        .await
+        .context("attaching the eBPF programs")?;
+    Ok(true)
+}
+
+fn log_counters(datapath: &Datapath) {
+    let Ok(counters) = datapath.counters() else {
+        return;
+    };
+    for device in Device::ALL {
+        for direction in Direction::ALL {
+            let c = counters.hook_total(device, direction);
+            info!(
+                device = device.name(),
+                direction = direction.name(),
+                packets = c.packets,
+                bytes = c.bytes,
+                "counted"
+            );
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! The kernel's routing state over rtnetlink: links, addresses, routes and
+//! rules. Every "add" treats "already there" as success and every "delete"
+//! treats "already gone" as success, so each step can run twice.
+
+use std::net::IpAddr;
+
+use futures_util::TryStreamExt as _;
+use ipnet::IpNet;
+use netlink_packet_route::{
+    AddressFamily,
+    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    route::{RouteAttribute, RouteMessage},
+    rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
+};
+use nix::errno::Errno;
+use rtnetlink::{Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder};
+
+/// A failed netlink request, naming what was being done.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {message}")]
+pub struct NetlinkError {
+    pub what: String,
+    pub errno: Option<Errno>,
+    message: String,
+}
+
+impl NetlinkError {
+    fn new(what: impl Into<String>, error: rtnetlink::Error) -> Self {
+        let errno = match &error {
+            rtnetlink::Error::NetlinkError(e) => e.code.map(|c| Errno::from_raw(-c.get())),
+            _ => None,
+        };
+        let message = match errno {
+            Some(errno) => errno.desc().to_string(),
+            None => error.to_string(),
+        };
+        Self {
+            what: what.into(),
+            errno,
+            message,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, NetlinkError>;
+
+/// A policy-routing rule, as `ip rule` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Rule {
+    pub ipv6: bool,
+    pub priority: u32,
+    /// Match packets with this mark (all 32 bits)...
+    pub fwmark: Option<u32>,
+    /// ...or, inverted, packets without it (`not fwmark`).
+    pub invert: bool,
+    pub table: u32,
+    /// Ignore routes with a prefix this short or shorter (`suppress_prefixlength`).
+    pub suppress_prefixlength: Option<u32>,
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: ",
+            if self.ipv6 { "-6" } else { "-4" },
+            self.priority
+        )?;
+        if let Some(mark) = self.fwmark {
+            write!(
+                f,
+                "{}fwmark {mark:#x} ",
+                if self.invert { "not " } else { "" }
+            )?;
+        }
+        write!(f, "lookup {}", self.table)?;
+        if let Some(len) = self.suppress_prefixlength {
+            write!(f, " suppress_prefixlength {len}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A route through a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeviceRoute {
+    pub destination: IpNet,
+    pub ifindex: u32,
+    /// `None`: main.
+    pub table: Option<u32>,
+}
+
+/// Main routing table.
+pub const MAIN_TABLE: u32 = 254;
+
+/// An rtnetlink connection. Open it on a thread that is in the namespace to
+/// manage: the socket stays bound to the namespace it was opened in.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Connects; the connection runs as a task of the current tokio runtime.
+    pub fn connect() -> std::io::Result<Self> {
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    pub async fn link_index(&self, name: &str) -> Result<Option<u32>> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(link) => Ok(link.map(|l| l.header.index)),
+            Err(e) => {
+                let e = NetlinkError::new(format!("looking up {name}"), e);
+                if e.errno == Some(Errno::ENODEV) {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// The kind of a link (`wireguard`, `tun`, ...), if it exists.
+    pub async fn link_kind(&self, name: &str) -> Result<Option<String>> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        let link: Option<LinkMessage> = match links.try_next().await {
+            Ok(link) => link,
+            Err(e) => {
+                let e = NetlinkError::new(format!("looking up {name}"), e);
+                return if e.errno == Some(Errno::ENODEV) {
+                    Ok(None)
+                } else {
+                    Err(e)
+                };
+            }
+        };
+        Ok(link.map(|l| {
+            l.attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                        LinkInfo::Kind(InfoKind::Other(k)) => Some(k.clone()),
+                        LinkInfo::Kind(k) => Some(k.to_string()),
+                        _ => None,
+                    }),
+                    _ => None,
+                })
+                .unwrap_or_default()
+        }))
+    }
+
+    /// `ip link add NAME type wireguard`. `Ok(false)`: it existed already.
+    /// EOPNOTSUPP means the kernel has no WireGuard.
+    pub async fn add_wireguard(&self, name: &str) -> Result<bool> {
+        match self
+            .handle
+            .link()
+            .add(LinkWireguard::new(name).build())
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = NetlinkError::new(format!("creating WireGuard device {name}"), e);
+                if e.errno == Some(Errno::EEXIST) {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    pub async fn delete_link(&self, name: &str) -> Result<()> {
+        let Some(index) = self.link_index(name).await? else {
+            return Ok(());
+        };
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = NetlinkError::new(format!("deleting {name}"), e);
+                if e.errno == Some(Errno::ENODEV) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// Sets the MTU (if given) and brings the link up.
+    pub async fn set_up(&self, index: u32, mtu: Option<u32>) -> Result<()> {
+        let mut message = LinkUnspec::new_with_index(index).up();
+        if let Some(mtu) = mtu {
+            message = message.mtu(mtu);
+        }
+        self.handle
+            .link()
+            .set(message.build())
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::new(format!("bringing up link {index}"), e))
+    }
+
+    /// The MTU and flags of a link.
+    pub async fn link_state(&self, index: u32) -> Result<(u32, bool)> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let link = links
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::new(format!("reading link {index}"), e))?
+            .ok_or_else(|| NetlinkError {
+                what: format!("reading link {index}"),
+                errno: Some(Errno::ENODEV),
+                message: "no such device".into(),
+            })?;
+        let mtu = link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+            .unwrap_or(0);
+        Ok((mtu, link.header.flags.contains(LinkFlags::Up)))
+    }
+
+    pub async fn add_address(&self, index: u32, net: IpNet) -> Result<()> {
+        let result = self
+            .handle
+            .address()
+            .add(index, net.addr(), net.prefix_len())
+            .execute()
+            .await;
+        tolerate(result, Errno::EEXIST, || format!("adding address {net}"))
+    }
+
+    pub async fn delete_address(&self, index: u32, net: IpNet) -> Result<()> {
+        let mut found = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(msg) = found
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::new(format!("listing addresses of link {index}"), e))?
+        {
+            let same = msg.header.prefix_len == net.prefix_len()
+                && msg.attributes.iter().any(|a| {
+                    matches!(a, netlink_packet_route::address::AddressAttribute::Address(addr) if *addr == net.addr())
+                });
+            if same {
+                let result = self.handle.address().del(msg).execute().await;
+                return tolerate(result, Errno::EADDRNOTAVAIL, || {
+                    format!("removing address {net}")
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The addresses of a link, with their prefix lengths.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
+        let mut found = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(msg) = found
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::new(format!("listing addresses of link {index}"), e))?
+        {
+            for a in &msg.attributes {
+                if let netlink_packet_route::address::AddressAttribute::Address(addr) = a
+                    && let Ok(net) = IpNet::new(*addr, msg.header.prefix_len)
+                {
+                    out.push(net);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn add_route(&self, route: DeviceRoute) -> Result<()> {
+        let result = self
+            .handle
+            .route()
+            .add(route_message(route))
+            .execute()
+            .await;
+        tolerate(result, Errno::EEXIST, || {
+            format!(
+                "adding route {} (table {})",
+                route.destination,
+                route.table.unwrap_or(MAIN_TABLE)
+            )
+        })
+    }
+
+    pub async fn delete_route(&self, route: DeviceRoute) -> Result<()> {
+        let result = self
+            .handle
+            .route()
+            .del(route_message(route))
+            .execute()
+            .await;
+        tolerate(result, Errno::ESRCH, || {
+            format!("removing route {}", route.destination)
+        })
+    }
+
+    /// Routes of one table (`None`: main) and family, as (destination, ifindex).
+    pub async fn routes(
+        &self,
+        ipv6: bool,
+        table: Option<u32>,
+    ) -> Result<Vec<(IpNet, Option<u32>)>> {
+        let table = table.unwrap_or(MAIN_TABLE);
+        let filter = if ipv6 {
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .table_id(table)
+                .build()
+        } else {
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .table_id(table)
+                .build()
+        };
+        let mut found = self.handle.route().get(filter).execute();
+        let mut out = Vec::new();
+        while let Some(msg) = found
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::new(format!("listing routes of table {table}"), e))?
+        {
+            if route_table(&msg) != table {
+                continue;
+            }
+            let mut dest = None;
+            let mut oif = None;
+            for a in &msg.attributes {
+                match a {
+                    RouteAttribute::Destination(d) => dest = route_address(d),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            let dest = dest.unwrap_or(if ipv6 {
+                IpAddr::from([0u16; 8])
+            } else {
+                IpAddr::from([0u8; 4])
+            });
+            if let Ok(net) = IpNet::new(dest, msg.header.destination_prefix_length) {
+                out.push((net, oif));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn add_rule(&self, rule: Rule) -> Result<()> {
+        let mut request = self.handle.rule().add();
+        *request.message_mut() = rule_message(rule);
+        tolerate(request.execute().await, Errno::EEXIST, || {
+            format!("adding rule {rule}")
+        })
+    }
+
+    pub async fn delete_rule(&self, rule: Rule) -> Result<()> {
+        let result = self.handle.rule().del(rule_message(rule)).execute().await;
+        tolerate(result, Errno::ENOENT, || format!("removing rule {rule}"))
+    }
+
+    /// Every rule of a family, as far as [`Rule`] describes them.
+    pub async fn rules(&self, ipv6: bool) -> Result<Vec<Rule>> {
+        let version = if ipv6 {
+            rtnetlink::IpVersion::V6
+        } else {
+            rtnetlink::IpVersion::V4
+        };
+        let mut found = self.handle.rule().get(version).execute();
+        let mut out = Vec::new();
+        while let Some(msg) = found
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::new("listing rules", e))?
+        {
+            let mut rule = Rule {
+                ipv6,
+                priority: 0,
+                fwmark: None,
+                invert: msg.header.flags.contains(RuleFlags::Invert),
+                table: u32::from(msg.header.table),
+                suppress_prefixlength: None,
+            };
+            for a in &msg.attributes {
+                match a {
+                    RuleAttribute::Priority(p) => rule.priority = *p,
+                    RuleAttribute::FwMark(m) => rule.fwmark = Some(*m),
+                    RuleAttribute::Table(t) => rule.table = *t,
+                    RuleAttribute::SuppressPrefixLen(l) if *l != u32::MAX => {
+                        rule.suppress_prefixlength = Some(*l)
+                    }
+                    _ => {}
+                }
+            }
+            out.push(rule);
+        }
+        Ok(out)
+    }
+}
+
+/// Treats `ok_errno` (EEXIST for adds, ENOENT-like for deletes) as success.
+fn tolerate(
+    result: std::result::Result<(), rtnetlink::Error>,
+    ok_errno: Errno,
+    what: impl FnOnce() -> String,
+) -> Result<()> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let e = NetlinkError::new(what(), e);
+            if e.errno == Some(ok_errno) {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+fn route_message(route: DeviceRoute) -> RouteMessage {
+    let table = route.table.unwrap_or(MAIN_TABLE);
+    match route.destination {
+        IpNet::V4(net) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .output_interface(route.ifindex)
+            .table_id(table)
+            .build(),
+        IpNet::V6(net) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .output_interface(route.ifindex)
+            .table_id(table)
+            .build(),
+    }
+}
+
+fn route_table(msg: &RouteMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(msg.header.table))
+}
+
+fn route_address(a: &netlink_packet_route::route::RouteAddress) -> Option<IpAddr> {
+    match a {
+        netlink_packet_route::route::RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        netlink_packet_route::route::RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        _ => None,
+    }
+}
+
+fn rule_message(rule: Rule) -> RuleMessage {
+    let mut msg = RuleMessage::default();
+    msg.header.family = if rule.ipv6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    msg.header.action = RuleAction::ToTable;
+    // Tables above 255 only fit the attribute; the header byte says "see it".
+    msg.header.table = if rule.table < 256 {
+        rule.table as u8
+    } else {
+        0
+    };
+    if rule.invert {
+        msg.header.flags |= RuleFlags::Invert;
+    }
+    msg.attributes.push(RuleAttribute::Table(rule.table));
+    msg.attributes.push(RuleAttribute::Priority(rule.priority));
+    if let Some(mark) = rule.fwmark {
+        msg.attributes.push(RuleAttribute::FwMark(mark));
+        msg.attributes.push(RuleAttribute::FwMask(u32::MAX));
+    }
+    if let Some(len) = rule.suppress_prefixlength {
+        msg.attributes.push(RuleAttribute::SuppressPrefixLen(len));
+    }
+    msg
+}

@@ -1,0 +1,265 @@
+//! Brings the WireGuard side up from the plan, in wg-quick's order — PreUp,
+//! device, keys and peers, addresses, MTU, up, routes, policy routing,
+//! PostUp — and takes it down again. Every step is idempotent, and what it
+//! ensured is recorded so teardown removes exactly that; a failure part way
+//! undoes the steps already done.
+
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::{
+    netlink::{DeviceRoute, MAIN_TABLE, Netlink, NetlinkError, Rule},
+    plan::{Mtu, Plan, WG_QUICK_DEFAULT_MTU, WireGuardPlan},
+    wireguard::{WgDevice, WireGuardError},
+};
+
+/// Priority of our rule that sends packets carrying WireGuard's fwmark to the
+/// main table before tailscaled's rules (5210-5270) can send them into its
+/// table 52 — where a tailnet exit node would swallow the tunnel itself.
+pub const WG_MARK_RULE_PRIORITY: u32 = 5200;
+/// wg-quick's two rules for a default route end up just before main (32766).
+pub const SUPPRESS_RULE_PRIORITY: u32 = 32764;
+pub const NOT_FWMARK_RULE_PRIORITY: u32 = 32765;
+/// WireGuard's largest overhead: IPv6 (40) + UDP (8) + WireGuard (32).
+pub const WG_OVERHEAD: u32 = 80;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    WireGuard(#[from] WireGuardError),
+    #[error("{stage} hook `{command}` failed: {message}")]
+    Hook {
+        stage: &'static str,
+        command: String,
+        message: String,
+    },
+}
+
+/// What bring-up put in place, for teardown.
+pub struct WgSetup {
+    device: Option<WgDevice>,
+    routes: Vec<DeviceRoute>,
+    rules: Vec<Rule>,
+    pre_down: Vec<String>,
+    post_down: Vec<String>,
+    /// The fwmark the device ended up with.
+    pub fwmark: Option<u32>,
+}
+
+impl WgSetup {
+    pub fn device(&self) -> Option<&WgDevice> {
+        self.device.as_ref()
+    }
+
+    /// Brings up the WireGuard side of `plan`. On failure, what was done so
+    /// far is undone before the error is returned.
+    pub async fn bring_up(
+        nl: &Netlink,
+        plan: &Plan,
+        userspace_program: &str,
+    ) -> Result<Self, SetupError> {
+        let wg = &plan.wireguard;
+        let mut setup = Self {
+            device: None,
+            routes: Vec::new(),
+            rules: Vec::new(),
+            pre_down: wg.hooks.pre_down.clone(),
+            post_down: wg.hooks.post_down.clone(),
+            fwmark: None,
+        };
+        match setup.steps(nl, wg, userspace_program).await {
+            Ok(()) => Ok(setup),
+            Err(e) => {
+                // Nothing half-applied: undo, but report the original error.
+                if let Err(errors) = setup.teardown(nl).await {
+                    for undo in errors {
+                        warn!("undoing a failed start: {undo}");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn steps(
+        &mut self,
+        nl: &Netlink,
+        wg: &WireGuardPlan,
+        userspace_program: &str,
+    ) -> Result<(), SetupError> {
+        run_hooks("PreUp", &wg.hooks.pre_up).await?;
+        let device = WgDevice::create(nl, &wg.device, userspace_program).await?;
+        let ifindex = device.ifindex;
+        self.device = Some(device);
+        let device = self.device.as_ref().expect("just set");
+        device.configure(wg).await?;
+        self.fwmark = device.info().await?.fwmark;
+
+        for address in &wg.addresses {
+            nl.add_address(ifindex, *address).await?;
+        }
+        let mtu = match wg.mtu {
+            Mtu::Fixed(mtu) => mtu,
+            Mtu::Auto => auto_mtu(nl).await,
+        };
+        nl.set_up(ifindex, Some(mtu)).await?;
+
+        for route in &wg.routes {
+            let route = DeviceRoute {
+                destination: route.destination,
+                ifindex,
+                table: route.table,
+            };
+            self.routes.push(route);
+            nl.add_route(route).await?;
+        }
+        if let Some(policy) = wg.policy_routing {
+            if policy.ipv4 {
+                enable_src_valid_mark();
+            }
+            for (ipv6, wanted) in [(false, policy.ipv4), (true, policy.ipv6)] {
+                if !wanted {
+                    continue;
+                }
+                for rule in [
+                    Rule {
+                        ipv6,
+                        priority: NOT_FWMARK_RULE_PRIORITY,
+                        fwmark: Some(policy.fwmark),
+                        invert: true,
+                        table: policy.table,
+                        suppress_prefixlength: None,
+                    },
+                    Rule {
+                        ipv6,
+                        priority: SUPPRESS_RULE_PRIORITY,
+                        fwmark: None,
+                        invert: false,
+                        table: MAIN_TABLE,
+                        suppress_prefixlength: Some(0),
+                    },
+                ] {
+                    self.rules.push(rule);
+                    nl.add_rule(rule).await?;
+                }
+            }
+        }
+        if let Some(mark) = self.fwmark {
+            for ipv6 in [false, true] {
+                let rule = Rule {
+                    ipv6,
+                    priority: WG_MARK_RULE_PRIORITY,
+                    fwmark: Some(mark),
+                    invert: false,
+                    table: MAIN_TABLE,
+                    suppress_prefixlength: None,
+                };
+                self.rules.push(rule);
+                nl.add_rule(rule).await?;
+            }
+        }
+        run_hooks("PostUp", &wg.hooks.post_up).await?;
+        info!(device = wg.device, mtu, fwmark = ?self.fwmark, "WireGuard is up");
+        Ok(())
+    }
+
+    /// Removes what bring-up put in place, in reverse, collecting every error
+    /// instead of stopping at the first.
+    pub async fn teardown(mut self, nl: &Netlink) -> Result<(), Vec<SetupError>> {
+        let mut errors = Vec::new();
+        if self.device.is_some()
+            && let Err(e) = run_hooks("PreDown", &self.pre_down).await
+        {
+            errors.push(e);
+        }
+        for rule in self.rules.drain(..).rev() {
+            if let Err(e) = nl.delete_rule(rule).await {
+                errors.push(e.into());
+            }
+        }
+        for route in self.routes.drain(..).rev() {
+            // Routes through the device go with it; the others need removing.
+            if route.table.is_some_and(|t| t != MAIN_TABLE)
+                && let Err(e) = nl.delete_route(route).await
+            {
+                errors.push(e.into());
+            }
+        }
+        if let Some(device) = self.device.take() {
+            if let Err(e) = device.delete(nl).await {
+                errors.push(e.into());
+            }
+            if let Err(e) = run_hooks("PostDown", &self.post_down).await {
+                errors.push(e);
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// wg-quick's rule, taken from the uplink: the MTU of the device carrying the
+/// default route, less WireGuard's overhead; 1420 when there is none.
+async fn auto_mtu(nl: &Netlink) -> u32 {
+    let mut uplink = None;
+    for ipv6 in [false, true] {
+        let Ok(routes) = nl.routes(ipv6, None).await else {
+            continue;
+        };
+        for (dest, oif) in routes {
+            if dest.prefix_len() == 0
+                && let Some(oif) = oif
+                && let Ok((mtu, _)) = nl.link_state(oif).await
+            {
+                uplink = Some(uplink.map_or(mtu, |m: u32| m.max(mtu)));
+            }
+        }
+    }
+    uplink.map_or(WG_QUICK_DEFAULT_MTU, |m| {
+        m.saturating_sub(WG_OVERHEAD).max(1280)
+    })
+}
+
+/// wg-quick sets it so that replies to marked packets pass the reverse-path
+/// check. In a container it is usually set by `--sysctl` and read-only.
+fn enable_src_valid_mark() {
+    const PATH: &str = "/proc/sys/net/ipv4/conf/all/src_valid_mark";
+    if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {
+        return;
+    }
+    if let Err(e) = std::fs::write(PATH, "1") {
+        warn!(
+            "could not set net.ipv4.conf.all.src_valid_mark=1 ({e}): replies over the default route may be dropped"
+        );
+    }
+}
+
+/// Runs hook commands with `sh -c`, in order; the first failure stops.
+async fn run_hooks(stage: &'static str, commands: &[String]) -> Result<(), SetupError> {
+    for command in commands {
+        info!("{stage}: {command}");
+        let fail = |message: String| SetupError::Hook {
+            stage,
+            command: command.clone(),
+            message,
+        };
+        let run = tokio::process::Command::new("sh")
+            .args(["-c", command])
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .map_err(|_| fail("still running after 60 s".into()))?
+            .map_err(|e| fail(e.to_string()))?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            return Err(fail(format!("{} {}", out.status, stderr.trim())));
+        }
+    }
+    Ok(())
+}

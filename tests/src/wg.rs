@@ -1,0 +1,183 @@
+//! A real WireGuard peer (wireguard-go, userspace) for the tests, set up with
+//! the `wg` and `ip` tools — an implementation independent of TailGuard's.
+
+use std::{
+    io::Write as _,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::netns::run;
+
+/// A key pair from `wg genkey` / `wg pubkey`.
+pub struct KeyPair {
+    pub private: String,
+    pub public: String,
+}
+
+impl KeyPair {
+    pub fn generate() -> Self {
+        let private = run(Command::new("wg").arg("genkey")).trim().to_string();
+        let mut child = Command::new("wg")
+            .arg("pubkey")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("running wg pubkey (is wireguard-tools installed? `cargo xtask setup`)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(private.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let public = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Self { private, public }
+    }
+}
+
+/// wireguard-go running a device in the current thread's namespace. Killed
+/// on drop (and by the namespace's drop, should this leak).
+pub struct WgPeer {
+    pub name: String,
+    child: Child,
+}
+
+impl WgPeer {
+    /// Starts the device, sets its key, port, address and peers, brings it up.
+    pub fn start(
+        name: &str,
+        keys: &KeyPair,
+        port: u16,
+        address: &str,
+        peers: &[(&str, &str, Option<&str>)],
+    ) -> Self {
+        let child = Command::new("wireguard-go")
+            .args(["-f", name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting wireguard-go (`cargo xtask setup` installs it)");
+        let socket = format!("/var/run/wireguard/{name}.sock");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::path::Path::new(&socket).exists() {
+            assert!(Instant::now() < deadline, "wireguard-go made no {socket}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let key_file = std::env::temp_dir().join(format!("{name}.key"));
+        std::fs::write(&key_file, &keys.private).unwrap();
+        let mut set = Command::new("wg");
+        set.args(["set", name, "private-key"])
+            .arg(&key_file)
+            .args(["listen-port", &port.to_string()]);
+        for (public, allowed, endpoint) in peers {
+            set.args(["peer", public, "allowed-ips", allowed]);
+            if let Some(endpoint) = endpoint {
+                set.args(["endpoint", endpoint]);
+            }
+        }
+        run(&mut set);
+        let _ = std::fs::remove_file(&key_file);
+        for addr in address.split(',') {
+            run(Command::new("ip").args(["addr", "add", addr, "dev", name]));
+        }
+        run(Command::new("ip").args(["link", "set", name, "up"]));
+        Self {
+            name: name.to_string(),
+            child,
+        }
+    }
+}
+
+impl Drop for WgPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// TailGuard's namespace (10.200.0.1) and a peer namespace (10.200.0.2),
+/// joined by veth, where a wireguard-go peer has 10.66.0.1 and fd66::1 and
+/// accepts TailGuard's key for 10.66.0.2, fd66::2 and 192.168.99.0/24.
+pub struct Testbed {
+    pub ours: crate::netns::NetNs,
+    pub keys: KeyPair,
+    pub peer_public: String,
+    /// A WireGuard device name for TailGuard, unique to this test.
+    pub device: String,
+    _peer: WgPeer,
+    _theirs: crate::netns::NetNs,
+}
+
+impl Testbed {
+    pub fn new(purpose: &str) -> Self {
+        crate::require_root();
+        let ours = crate::netns::NetNs::new(purpose);
+        let theirs = crate::netns::NetNs::new(&format!("{purpose}-peer"));
+        crate::netns::veth(&ours, "10.200.0.1/24", &theirs, "10.200.0.2/24");
+        let keys = KeyPair::generate();
+        let peer_keys = KeyPair::generate();
+        let peer_device = crate::netns::unique_ifname("wgp");
+        let allowed = "10.66.0.2/32,fd66::2/128,192.168.99.0/24";
+        let peer = theirs.run(|| {
+            WgPeer::start(
+                &peer_device,
+                &peer_keys,
+                51820,
+                "10.66.0.1/24,fd66::1/64",
+                &[(&keys.public, allowed, None)],
+            )
+        });
+        Self {
+            ours,
+            keys,
+            peer_public: peer_keys.public,
+            device: crate::netns::unique_ifname("wgt"),
+            _peer: peer,
+            _theirs: theirs,
+        }
+    }
+
+    /// A wg-quick file for TailGuard's side: `interface` adds lines to
+    /// [Interface], `allowed_ips` is the peer's AllowedIPs.
+    pub fn config(&self, interface: &str, allowed_ips: &str) -> String {
+        format!(
+            "[Interface]\nPrivateKey = {}\nAddress = 10.66.0.2/24, fd66::2/64\n{interface}\n\
+             [Peer]\nPublicKey = {}\nAllowedIPs = {allowed_ips}\nEndpoint = 10.200.0.2:51820\n",
+            self.keys.private, self.peer_public
+        )
+    }
+
+    /// Writes the config as `<device>.conf` (mode 600) into a fresh directory.
+    pub fn config_dir(&self, text: &str) -> ConfigDir {
+        let dir = std::env::temp_dir().join(format!("tg-{}", self.device));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(format!("{}.conf", self.device));
+        std::fs::write(&file, text).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        ConfigDir(dir)
+    }
+}
+
+/// A configuration directory, removed on drop.
+pub struct ConfigDir(pub std::path::PathBuf);
+
+impl Drop for ConfigDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `ping` that must succeed.
+pub fn ping(target: &str) {
+    let out = Command::new("ping")
+        .args(["-c", "2", "-i", "0.2", "-W", "3", target])
+        .output()
+        .expect("running ping");
+    assert!(
+        out.status.success(),
+        "ping {target} failed:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
