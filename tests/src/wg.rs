@@ -93,6 +93,8 @@ impl Drop for WgPeer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Killed, wireguard-go cannot remove its socket itself.
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.name));
     }
 }
 
