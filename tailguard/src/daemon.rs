@@ -12,6 +12,7 @@ use crate::{
     datapath::{Datapath, LoadOptions},
     netlink::Netlink,
     plan::Plan,
+    resolver::ResolverSetup,
     settings::Settings,
     wg_setup::WgSetup,
     wgconf::WgConfig,
@@ -42,8 +43,16 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
     let mut running = Running {
         nl,
         wg: Some(wg),
+        resolver: None,
         datapath: None,
     };
+    match ResolverSetup::apply(&running.nl, &plan.resolver).await {
+        Ok(resolver) => running.resolver = Some(resolver),
+        Err(e) => {
+            let _ = running.teardown().await;
+            return Err(e).context("configuring name resolution");
+        }
+    }
     let result = running.serve(settings, shutdown).await;
     let teardown = running.teardown().await;
     result.and(teardown)
@@ -52,6 +61,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
 struct Running {
     nl: Netlink,
     wg: Option<WgSetup>,
+    resolver: Option<ResolverSetup>,
     datapath: Option<Datapath>,
 }
 
@@ -94,6 +104,11 @@ impl Running {
             if let Err(e) = datapath.detach().await {
                 errors.extend(e.iter().map(ToString::to_string));
             }
+        }
+        if let Some(resolver) = self.resolver.take()
+            && let Err(e) = resolver.teardown(&self.nl).await
+        {
+            errors.extend(e.iter().map(ToString::to_string));
         }
         if let Some(wg) = self.wg.take()
             && let Err(e) = wg.teardown(&self.nl).await

@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod netlink;
 pub mod plan;
+pub mod resolver;
 pub mod routes;
 pub mod settings;
 pub mod wg_setup;

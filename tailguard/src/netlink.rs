@@ -81,13 +81,14 @@ impl std::fmt::Display for Rule {
     }
 }
 
-/// A route through a device.
+/// A route through a device, optionally via a gateway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DeviceRoute {
     pub destination: IpNet,
     pub ifindex: u32,
     /// `None`: main.
     pub table: Option<u32>,
+    pub gateway: Option<IpAddr>,
 }
 
 /// Main routing table.
@@ -327,12 +328,22 @@ impl Netlink {
         })
     }
 
-    /// Routes of one table (`None`: main) and family, as (destination, ifindex).
+    /// The main table's default route of a family: its device and gateway.
+    pub async fn default_route(&self, ipv6: bool) -> Result<Option<(u32, Option<IpAddr>)>> {
+        let routes = self.routes(ipv6, None).await?;
+        Ok(routes
+            .into_iter()
+            .find(|(dest, oif, _)| dest.prefix_len() == 0 && oif.is_some())
+            .map(|(_, oif, gw)| (oif.expect("checked"), gw)))
+    }
+
+    /// Routes of one table (`None`: main) and family, as (destination,
+    /// ifindex, gateway).
     pub async fn routes(
         &self,
         ipv6: bool,
         table: Option<u32>,
-    ) -> Result<Vec<(IpNet, Option<u32>)>> {
+    ) -> Result<Vec<(IpNet, Option<u32>, Option<IpAddr>)>> {
         let table = table.unwrap_or(MAIN_TABLE);
         let filter = if ipv6 {
             RouteMessageBuilder::<std::net::Ipv6Addr>::new()
@@ -355,10 +366,12 @@ impl Netlink {
             }
             let mut dest = None;
             let mut oif = None;
+            let mut gateway = None;
             for a in &msg.attributes {
                 match a {
                     RouteAttribute::Destination(d) => dest = route_address(d),
                     RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Gateway(g) => gateway = route_address(g),
                     _ => {}
                 }
             }
@@ -368,7 +381,7 @@ impl Netlink {
                 IpAddr::from([0u8; 4])
             });
             if let Ok(net) = IpNet::new(dest, msg.header.destination_prefix_length) {
-                out.push((net, oif));
+                out.push((net, oif, gateway));
             }
         }
         Ok(out)
@@ -448,16 +461,26 @@ fn tolerate(
 fn route_message(route: DeviceRoute) -> RouteMessage {
     let table = route.table.unwrap_or(MAIN_TABLE);
     match route.destination {
-        IpNet::V4(net) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
-            .destination_prefix(net.network(), net.prefix_len())
-            .output_interface(route.ifindex)
-            .table_id(table)
-            .build(),
-        IpNet::V6(net) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
-            .destination_prefix(net.network(), net.prefix_len())
-            .output_interface(route.ifindex)
-            .table_id(table)
-            .build(),
+        IpNet::V4(net) => {
+            let mut b = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .destination_prefix(net.network(), net.prefix_len())
+                .output_interface(route.ifindex)
+                .table_id(table);
+            if let Some(IpAddr::V4(gw)) = route.gateway {
+                b = b.gateway(gw);
+            }
+            b.build()
+        }
+        IpNet::V6(net) => {
+            let mut b = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(net.network(), net.prefix_len())
+                .output_interface(route.ifindex)
+                .table_id(table);
+            if let Some(IpAddr::V6(gw)) = route.gateway {
+                b = b.gateway(gw);
+            }
+            b.build()
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use ipnet::IpNet;
 
 use crate::{
     datapath::AttachMode,
+    resolver,
     routes::{self, Advertisement},
     settings::{DestIps, Settings},
     wgconf::{Endpoint, PublicKey, SecretKey, Table, WgConfig},
@@ -24,8 +25,19 @@ pub struct Plan {
     pub wireguard: WireGuardPlan,
     pub tailscale: TailscalePlan,
     pub forwarding: ForwardingPlan,
-    /// `TG_NAMESERVERS`: reached through the uplink, by host routes.
-    pub fallback_nameservers: Vec<IpAddr>,
+    pub resolver: ResolverPlan,
+}
+
+/// Name resolution while TailGuard runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolverPlan {
+    /// The resolver file to write; `None`: leave it alone.
+    pub file: Option<PathBuf>,
+    /// The config's `DNS =` servers, then `TG_NAMESERVERS`, each once.
+    pub servers: Vec<IpAddr>,
+    pub search: Vec<String>,
+    /// `TG_NAMESERVERS`: each gets a host route via the uplink's gateway.
+    pub fallback: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,8 +55,6 @@ pub struct WireGuardPlan {
     pub routes: Vec<Route>,
     /// wg-quick's policy routing, for configurations with a default route.
     pub policy_routing: Option<PolicyRouting>,
-    pub dns_servers: Vec<IpAddr>,
-    pub dns_search: Vec<String>,
     /// Hook commands with `%i` replaced by the device name.
     pub hooks: Hooks,
 }
@@ -150,7 +160,12 @@ impl Plan {
                 status_page_port: settings.webui_port,
                 attach: settings.tc_attach,
             },
-            fallback_nameservers: settings.nameservers.clone(),
+            resolver: ResolverPlan {
+                file: settings.resolv_conf.clone(),
+                servers: resolver::servers(&config.interface.dns_servers, &settings.nameservers),
+                search: config.interface.dns_search.clone(),
+                fallback: settings.nameservers.clone(),
+            },
         }
     }
 }
@@ -229,8 +244,6 @@ fn wireguard(settings: &Settings, config: &WgConfig) -> WireGuardPlan {
             .collect(),
         routes,
         policy_routing,
-        dns_servers: i.dns_servers.clone(),
-        dns_search: i.dns_search.clone(),
         hooks: Hooks {
             pre_up: expand(&i.pre_up),
             post_up: expand(&i.post_up),
@@ -340,16 +353,21 @@ impl fmt::Display for Plan {
                 p.fwmark, p.table
             )?;
         }
-        writeln!(
-            f,
-            "  DNS:            {} (search: {})",
-            list(&wg.dns_servers),
-            list(&wg.dns_search)
-        )?;
+        let r = &self.resolver;
+        match &r.file {
+            Some(file) => writeln!(
+                f,
+                "  resolver:       {} in {} (search: {})",
+                list(&r.servers),
+                file.display(),
+                list(&r.search)
+            )?,
+            None => writeln!(f, "  resolver:       left alone (TG_RESOLV_CONF is empty)")?,
+        }
         writeln!(
             f,
             "  fallback DNS:   {} (host routes via the uplink)",
-            list(&self.fallback_nameservers)
+            list(&r.fallback)
         )?;
         let hooks = &wg.hooks;
         for (stage, commands) in [

@@ -36,6 +36,11 @@ pub struct SettingsArgs {
     )]
     pub nameservers: AddressList,
 
+    /// Resolver file to write the name servers to (the original comes back
+    /// when TailGuard stops); empty: leave name resolution alone.
+    #[arg(long, env = "TG_RESOLV_CONF", value_name = "TG_RESOLV_CONF", default_value = "/etc/resolv.conf", value_parser = optional_path)]
+    pub resolv_conf: OrUnset<PathBuf>,
+
     /// Port of the status page; unset: no status page.
     #[arg(long, env = "TG_WEBUI_PORT", value_name = "TG_WEBUI_PORT", value_parser = optional_port)]
     pub webui_port: Option<OrUnset<u16>>,
@@ -135,6 +140,8 @@ pub struct Settings {
     pub expose_host: bool,
     pub client_mode: bool,
     pub nameservers: Vec<IpAddr>,
+    /// `None`: do not touch name resolution.
+    pub resolv_conf: Option<PathBuf>,
     pub webui_port: Option<u16>,
     pub wg_device: String,
     pub wg_config_dir: PathBuf,
@@ -192,6 +199,7 @@ impl SettingsArgs {
             expose_host: self.expose_host,
             client_mode: self.client_mode,
             nameservers: self.nameservers.0,
+            resolv_conf: self.resolv_conf.get(),
             webui_port: self.webui_port.and_then(OrUnset::get),
             wg_device: self.wg_device,
             wg_config_dir: self.wg_config_dir,
@@ -300,6 +308,10 @@ fn interface_name(value: &str) -> Result<String, String> {
         return Err(format!("an interface name cannot contain {c:?}"));
     }
     Ok(value.to_string())
+}
+
+fn optional_path(value: &str) -> Result<OrUnset<PathBuf>, String> {
+    Ok(OrUnset((!value.is_empty()).then(|| PathBuf::from(value))))
 }
 
 fn port(value: &str) -> Result<u16, String> {
@@ -473,6 +485,7 @@ mod tests {
         assert_eq!(s.ts_routes, None, "unset TS_ROUTES means: discover");
         assert_eq!(s.ts_exit_node, None);
         assert_eq!(s.webui_port, None);
+        assert_eq!(s.resolv_conf, Some(PathBuf::from("/etc/resolv.conf")));
         assert_eq!(s.tc_attach, AttachMode::Auto);
     }
 
@@ -586,6 +599,15 @@ mod tests {
         assert!(
             e.contains("TS_ROUTES") && e.contains("\"lan\" is not a prefix"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn resolver_file_can_be_left_alone() {
+        assert_eq!(settings(&["--resolv-conf="]).resolv_conf, None);
+        assert_eq!(
+            settings(&["--resolv-conf=/tmp/r"]).resolv_conf,
+            Some(PathBuf::from("/tmp/r"))
         );
     }
 

@@ -112,6 +112,7 @@ impl WgSetup {
                 destination: route.destination,
                 ifindex,
                 table: route.table,
+                gateway: None,
             };
             self.routes.push(route);
             nl.add_route(route).await?;
@@ -212,7 +213,7 @@ async fn auto_mtu(nl: &Netlink) -> u32 {
         let Ok(routes) = nl.routes(ipv6, None).await else {
             continue;
         };
-        for (dest, oif) in routes {
+        for (dest, oif, _) in routes {
             if dest.prefix_len() == 0
                 && let Some(oif) = oif
                 && let Ok((mtu, _)) = nl.link_state(oif).await

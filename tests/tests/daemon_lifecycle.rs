@@ -45,6 +45,8 @@ fn start(bed: &Testbed, config_dir: &Path, tc_attach: &str) -> Child {
         .env("WG_CONFIG_DIR", config_dir)
         .env("TS_DEVICE", TS)
         .env("TG_TC_ATTACH", tc_attach)
+        // Never the host's /etc/resolv.conf: a file of the test's own.
+        .env("TG_RESOLV_CONF", config_dir.join("resolv.conf"))
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
