@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{Datapath, LoadOptions},
+    endpoints,
     netlink::Netlink,
     plan::Plan,
     resolver::ResolverSetup,
@@ -53,7 +54,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
             return Err(e).context("configuring name resolution");
         }
     }
-    let result = running.serve(settings, shutdown).await;
+    let result = running.serve(settings, &plan, shutdown).await;
     let teardown = running.teardown().await;
     result.and(teardown)
 }
@@ -69,6 +70,7 @@ impl Running {
     async fn serve(
         &mut self,
         settings: &Settings,
+        plan: &Plan,
         shutdown: impl Future<Output = ()>,
     ) -> Result<()> {
         let mode = settings.tc_attach;
@@ -86,11 +88,21 @@ impl Running {
         if !ts_attached {
             info!(device = %settings.ts_device, "waiting for the Tailscale device");
         }
+        let dynamic = endpoints::any_dynamic(&plan.wireguard);
+        let mut refresh = tokio::time::interval(settings.endpoint_refresh);
+        refresh.tick().await; // the first tick is now; bring-up just resolved them
         loop {
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
                 () = tokio::time::sleep(TS_DEVICE_POLL), if !ts_attached => {
                     ts_attached = attach_if_present(&self.nl, datapath, settings).await?;
+                }
+                _ = refresh.tick(), if dynamic => {
+                    if let Some(device) = self.wg.as_ref().and_then(WgSetup::device)
+                        && let Err(e) = endpoints::refresh(device, &plan.wireguard).await
+                    {
+                        warn!("re-resolving peer endpoints: {e}");
+                    }
                 }
             }
         }

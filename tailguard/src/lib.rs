@@ -4,6 +4,7 @@
 //! integration tests drive exactly the code the daemon runs.
 pub mod daemon;
 pub mod datapath;
+pub mod endpoints;
 pub mod netlink;
 pub mod plan;
 pub mod resolver;

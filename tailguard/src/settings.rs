@@ -71,6 +71,10 @@ pub struct SettingsArgs {
     )]
     pub wg_userspace: String,
 
+    /// Seconds between look-ups of peer endpoints given as host names.
+    #[arg(long, env = "TG_ENDPOINT_REFRESH", value_name = "TG_ENDPOINT_REFRESH", default_value = "60", value_parser = seconds)]
+    pub endpoint_refresh: u64,
+
     /// Tailscale TUN device.
     #[arg(long, env = "TS_DEVICE", value_name = "TS_DEVICE", default_value = "tailscale0", value_parser = interface_name)]
     pub ts_device: String,
@@ -147,6 +151,7 @@ pub struct Settings {
     pub wg_config_dir: PathBuf,
     pub wg_isolate_peers: bool,
     pub wg_userspace: String,
+    pub endpoint_refresh: std::time::Duration,
     pub ts_device: String,
     pub ts_port: u16,
     pub ts_login_server: Option<String>,
@@ -205,6 +210,7 @@ impl SettingsArgs {
             wg_config_dir: self.wg_config_dir,
             wg_isolate_peers: self.wg_isolate_peers,
             wg_userspace: self.wg_userspace,
+            endpoint_refresh: std::time::Duration::from_secs(self.endpoint_refresh),
             ts_device: self.ts_device,
             ts_port: self.ts_port,
             ts_login_server: self.ts_login_server.and_then(OrUnset::get),
@@ -308,6 +314,13 @@ fn interface_name(value: &str) -> Result<String, String> {
         return Err(format!("an interface name cannot contain {c:?}"));
     }
     Ok(value.to_string())
+}
+
+fn seconds(value: &str) -> Result<u64, String> {
+    match value.parse::<u64>() {
+        Ok(s) if (1..=86_400).contains(&s) => Ok(s),
+        _ => Err("expected a number of seconds from 1 to 86400".into()),
+    }
 }
 
 fn optional_path(value: &str) -> Result<OrUnset<PathBuf>, String> {
@@ -486,6 +499,7 @@ mod tests {
         assert_eq!(s.ts_exit_node, None);
         assert_eq!(s.webui_port, None);
         assert_eq!(s.resolv_conf, Some(PathBuf::from("/etc/resolv.conf")));
+        assert_eq!(s.endpoint_refresh, std::time::Duration::from_secs(60));
         assert_eq!(s.tc_attach, AttachMode::Auto);
     }
 
@@ -598,6 +612,19 @@ mod tests {
         let e = error(&["--ts-routes=lan"]);
         assert!(
             e.contains("TS_ROUTES") && e.contains("\"lan\" is not a prefix"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn endpoint_refresh_is_a_sane_interval() {
+        assert_eq!(
+            settings(&["--endpoint-refresh=5"]).endpoint_refresh,
+            std::time::Duration::from_secs(5)
+        );
+        let e = error(&["--endpoint-refresh=0"]);
+        assert!(
+            e.contains("TG_ENDPOINT_REFRESH") && e.contains("1 to 86400"),
             "{e}"
         );
     }

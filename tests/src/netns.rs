@@ -61,7 +61,10 @@ impl Drop for NetNs {
             .output()
         {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
+                let _ = Command::new("kill")
+                    .args(["-9", pid])
+                    .stderr(std::process::Stdio::null())
+                    .status();
             }
         }
         let _ = Command::new("ip")
@@ -71,7 +74,8 @@ impl Drop for NetNs {
 }
 
 /// A veth pair between two namespaces, each end up with its address.
-pub fn veth(a: &NetNs, a_addr: &str, b: &NetNs, b_addr: &str) {
+/// Returns the two interface names.
+pub fn veth(a: &NetNs, a_addr: &str, b: &NetNs, b_addr: &str) -> (String, String) {
     let (a_if, b_if) = (unique_ifname("va"), unique_ifname("vb"));
     run(Command::new("ip").args([
         "link",
@@ -92,6 +96,7 @@ pub fn veth(a: &NetNs, a_addr: &str, b: &NetNs, b_addr: &str) {
         run(Command::new("ip").args(["-n", ns.name(), "link", "set", ifname, "up"]));
         run(Command::new("ip").args(["-n", ns.name(), "link", "set", "lo", "up"]));
     }
+    (a_if, b_if)
 }
 
 /// An interface name unique to this test process (at most 15 characters).

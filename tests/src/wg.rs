@@ -107,8 +107,10 @@ pub struct Testbed {
     pub peer_public: String,
     /// A WireGuard device name for TailGuard, unique to this test.
     pub device: String,
+    /// The veth ends: ours, the peer's.
+    pub links: (String, String),
     _peer: WgPeer,
-    _theirs: crate::netns::NetNs,
+    pub theirs: crate::netns::NetNs,
 }
 
 impl Testbed {
@@ -116,7 +118,7 @@ impl Testbed {
         crate::require_root();
         let ours = crate::netns::NetNs::new(purpose);
         let theirs = crate::netns::NetNs::new(&format!("{purpose}-peer"));
-        crate::netns::veth(&ours, "10.200.0.1/24", &theirs, "10.200.0.2/24");
+        let links = crate::netns::veth(&ours, "10.200.0.1/24", &theirs, "10.200.0.2/24");
         let keys = KeyPair::generate();
         let peer_keys = KeyPair::generate();
         let peer_device = crate::netns::unique_ifname("wgp");
@@ -135,8 +137,9 @@ impl Testbed {
             keys,
             peer_public: peer_keys.public,
             device: crate::netns::unique_ifname("wgt"),
+            links,
             _peer: peer,
-            _theirs: theirs,
+            theirs,
         }
     }
 

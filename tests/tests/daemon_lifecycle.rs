@@ -266,3 +266,97 @@ fn clsact_filters(ifname: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// A peer endpoint given as a host name follows the name: when it resolves to
+/// a new address, the daemon updates that peer (and only that) on its next
+/// look-up. The daemon gets a hosts file of its own, bind-mounted over
+/// /etc/hosts in a private mount namespace: the host's stays untouched.
+#[test]
+fn endpoint_host_names_are_resolved_again() {
+    let bed = Testbed::new("daemon-dns");
+    // The peer is also reachable on a second address.
+    run(Command::new("ip").args([
+        "-n",
+        bed.ours.name(),
+        "addr",
+        "add",
+        "10.201.0.1/24",
+        "dev",
+        &bed.links.0,
+    ]));
+    run(Command::new("ip").args([
+        "-n",
+        bed.theirs.name(),
+        "addr",
+        "add",
+        "10.201.0.2/24",
+        "dev",
+        &bed.links.1,
+    ]));
+    let text = bed
+        .config("", "10.66.0.1/32")
+        .replace("10.200.0.2:51820", "peer.tailguard.test:51820");
+    let dir = bed.config_dir(&text);
+    let hosts = dir.0.join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n10.200.0.2 peer.tailguard.test\n",
+    )
+    .unwrap();
+    bed.ours.run(|| {
+        let mut daemon = Command::new("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+            ])
+            .arg(&hosts)
+            .arg(tailguard_bin())
+            .arg("run")
+            .env("WG_DEVICE", &bed.device)
+            .env("WG_CONFIG_DIR", &dir.0)
+            .env("TG_RESOLV_CONF", "")
+            .env("TG_ENDPOINT_REFRESH", "1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting tailguard under unshare");
+        // Empty until the device exists.
+        let endpoint = || {
+            let out = Command::new("wg")
+                .args(["show", &bed.device, "endpoints"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        wait_until(&mut daemon, "using the first address", || {
+            endpoint().contains("10.200.0.2:51820")
+        });
+        ping("10.66.0.1");
+
+        std::fs::write(
+            &hosts,
+            "127.0.0.1 localhost\n10.201.0.2 peer.tailguard.test\n",
+        )
+        .unwrap();
+        wait_until(&mut daemon, "following the name to the new address", || {
+            endpoint().contains("10.201.0.2:51820")
+        });
+        ping("10.66.0.1");
+
+        let log = stop(daemon);
+        assert!(
+            log.contains("peer endpoint re-resolved to a new address"),
+            "{log}"
+        );
+        assert_eq!(
+            log.matches("re-resolved to a new address").count(),
+            1,
+            "only the change is applied:\n{log}"
+        );
+    });
+}
