@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use crate::{
     datapath::{Datapath, LoadOptions},
     endpoints,
+    gro::GroSetup,
     netlink::Netlink,
     plan::Plan,
     resolver::ResolverSetup,
@@ -34,39 +35,47 @@ pub fn plan(settings: &Settings) -> Result<Plan> {
     Ok(Plan::new(settings, &config))
 }
 
-/// Runs until `shutdown` completes, then tears down.
+/// Runs until `shutdown` completes, then tears down. A failure at any step
+/// of the start tears down what the earlier steps set up.
 pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
     let plan = plan(settings)?;
     let nl = Netlink::connect().context("opening rtnetlink")?;
-    let wg = WgSetup::bring_up(&nl, &plan, &settings.wg_userspace)
-        .await
-        .context("bringing up WireGuard")?;
     let mut running = Running {
         nl,
-        wg: Some(wg),
+        gro: None,
+        wg: None,
         resolver: None,
         datapath: None,
     };
-    match ResolverSetup::apply(&running.nl, &plan.resolver).await {
-        Ok(resolver) => running.resolver = Some(resolver),
-        Err(e) => {
-            let _ = running.teardown().await;
-            return Err(e).context("configuring name resolution");
-        }
-    }
-    let result = running.serve(settings, &plan, shutdown).await;
+    let result = match running.start(settings, &plan).await {
+        Ok(()) => running.serve(settings, &plan, shutdown).await,
+        Err(e) => Err(e),
+    };
     let teardown = running.teardown().await;
     result.and(teardown)
 }
 
+/// Everything set up so far, each part removed by [`Running::teardown`].
 struct Running {
     nl: Netlink,
+    gro: Option<GroSetup>,
     wg: Option<WgSetup>,
     resolver: Option<ResolverSetup>,
     datapath: Option<Datapath>,
 }
 
 impl Running {
+    /// The start, in the reference's order: the uplink's UDP GRO forwarding
+    /// (never fatal), WireGuard, then name resolution.
+    async fn start(&mut self, settings: &Settings, plan: &Plan) -> Result<()> {
+        self.gro = GroSetup::enable(&self.nl).await;
+        let wg = WgSetup::bring_up(&self.nl, plan, &settings.wg_userspace).await;
+        self.wg = Some(wg.context("bringing up WireGuard")?);
+        let resolver = ResolverSetup::apply(&self.nl, &plan.resolver).await;
+        self.resolver = Some(resolver.context("configuring name resolution")?);
+        Ok(())
+    }
+
     async fn serve(
         &mut self,
         settings: &Settings,
@@ -126,6 +135,11 @@ impl Running {
             && let Err(e) = wg.teardown(&self.nl).await
         {
             errors.extend(e.iter().map(ToString::to_string));
+        }
+        if let Some(gro) = self.gro.take()
+            && let Err(e) = gro.restore().await
+        {
+            errors.push(e);
         }
         if errors.is_empty() {
             info!("stopped; everything set up was removed");

@@ -5,6 +5,7 @@
 pub mod daemon;
 pub mod datapath;
 pub mod endpoints;
+pub mod gro;
 pub mod netlink;
 pub mod plan;
 pub mod resolver;

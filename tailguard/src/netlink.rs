@@ -129,6 +129,27 @@ impl Netlink {
         }
     }
 
+    /// The name of a link, if it exists.
+    pub async fn link_name(&self, index: u32) -> Result<Option<String>> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(link) => Ok(link.and_then(|l| {
+                l.attributes.into_iter().find_map(|a| match a {
+                    LinkAttribute::IfName(name) => Some(name),
+                    _ => None,
+                })
+            })),
+            Err(e) => {
+                let e = NetlinkError::new(format!("looking up link {index}"), e);
+                if e.errno == Some(Errno::ENODEV) {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     /// The kind of a link (`wireguard`, `tun`, ...), if it exists.
     pub async fn link_kind(&self, name: &str) -> Result<Option<String>> {
         let mut links = self
