@@ -349,6 +349,29 @@ impl Netlink {
         })
     }
 
+    /// The device a packet to `addr` would leave by (`ip route get`).
+    pub async fn route_to(&self, addr: IpAddr) -> Result<Option<u32>> {
+        let message = match addr {
+            IpAddr::V4(a) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .destination_prefix(a, 32)
+                .build(),
+            IpAddr::V6(a) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(a, 128)
+                .build(),
+        };
+        let mut found = self.handle.route().get(message).execute();
+        match found.try_next().await {
+            Ok(route) => Ok(route.and_then(|r| {
+                r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                })
+            })),
+            // No route (ENETUNREACH, EHOSTUNREACH...): no answer, not an error.
+            Err(_) => Ok(None),
+        }
+    }
+
     /// The main table's default route of a family: its device and gateway.
     pub async fn default_route(&self, ipv6: bool) -> Result<Option<(u32, Option<IpAddr>)>> {
         let routes = self.routes(ipv6, None).await?;

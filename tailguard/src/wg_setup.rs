@@ -4,7 +4,7 @@
 //! ensured is recorded so teardown removes exactly that; a failure part way
 //! undoes the steps already done.
 
-use std::time::Duration;
+use std::{net::IpAddr, time::Duration};
 
 use tracing::{info, warn};
 
@@ -103,7 +103,17 @@ impl WgSetup {
         }
         let mtu = match wg.mtu {
             Mtu::Fixed(mtu) => mtu,
-            Mtu::Auto => auto_mtu(nl).await,
+            Mtu::Auto => {
+                let endpoints: Vec<IpAddr> = device
+                    .info()
+                    .await?
+                    .peers
+                    .iter()
+                    .filter_map(|p| p.config.endpoint)
+                    .map(|e| e.ip())
+                    .collect();
+                auto_mtu(nl, &endpoints).await
+            }
         };
         nl.set_up(ifindex, Some(mtu)).await?;
 
@@ -205,24 +215,30 @@ impl WgSetup {
     }
 }
 
-/// wg-quick's rule, taken from the uplink: the MTU of the device carrying the
-/// default route, less WireGuard's overhead; 1420 when there is none.
-async fn auto_mtu(nl: &Netlink) -> u32 {
-    let mut uplink = None;
-    for ipv6 in [false, true] {
-        let Ok(routes) = nl.routes(ipv6, None).await else {
-            continue;
-        };
-        for (dest, oif, _) in routes {
-            if dest.prefix_len() == 0
-                && let Some(oif) = oif
-                && let Ok((mtu, _)) = nl.link_state(oif).await
-            {
-                uplink = Some(uplink.map_or(mtu, |m: u32| m.max(mtu)));
+/// wg-quick's rule: the largest MTU of the devices the peers' endpoints are
+/// reached by (else the default route's device), less WireGuard's overhead;
+/// 1420 when none is known.
+async fn auto_mtu(nl: &Netlink, endpoints: &[IpAddr]) -> u32 {
+    let mut devices = Vec::new();
+    for endpoint in endpoints {
+        if let Ok(Some(oif)) = nl.route_to(*endpoint).await {
+            devices.push(oif);
+        }
+    }
+    if devices.is_empty() {
+        for ipv6 in [false, true] {
+            if let Ok(Some((oif, _))) = nl.default_route(ipv6).await {
+                devices.push(oif);
             }
         }
     }
-    uplink.map_or(WG_QUICK_DEFAULT_MTU, |m| {
+    let mut largest = None;
+    for oif in devices {
+        if let Ok((mtu, _)) = nl.link_state(oif).await {
+            largest = Some(largest.map_or(mtu, |m: u32| m.max(mtu)));
+        }
+    }
+    largest.map_or(WG_QUICK_DEFAULT_MTU, |m| {
         m.saturating_sub(WG_OVERHEAD).max(1280)
     })
 }

@@ -185,3 +185,74 @@ fn a_failing_hook_stops_the_start_and_undoes_it() {
         assert_eq!(routing_state(), before, "nothing may stay half-applied");
     });
 }
+
+/// wg-quick's MTU rule: no `MTU =`, so the device takes the MTU of the link
+/// its peer's endpoint is reached by, less WireGuard's 80 bytes.
+#[test]
+fn mtu_follows_the_route_to_the_endpoint() {
+    let pair = Testbed::new("wgmtu");
+    let plan = plan(&pair, "", "10.66.0.1/32");
+    let dev = pair.device.clone();
+    pair.ours.run(|| {
+        ip(&["link", "set", "dev", &pair.links.0, "mtu", "1400"]);
+        runtime().block_on(async {
+            let nl = Netlink::connect().unwrap();
+            let setup = WgSetup::bring_up(&nl, &plan, "wireguard-go")
+                .await
+                .expect("bring-up");
+            let link = ip(&["link", "show", "dev", &dev]);
+            assert!(link.contains("mtu 1320"), "1400 - 80 expected:\n{link}");
+            ping("10.66.0.1");
+            setup.teardown(&nl).await.expect("teardown");
+        });
+    });
+}
+
+/// `Table = off` adds no routes; `Table = N` puts every route, the default
+/// one included, in table N with no policy routing.
+#[test]
+fn table_setting_is_honoured() {
+    let pair = Testbed::new("wgtable");
+    let dev = pair.device.clone();
+    for (table, expect_main, expect_table) in [("off", false, false), ("1234", false, true)] {
+        let plan = plan(
+            &pair,
+            &format!("Table = {table}"),
+            "192.168.77.0/24, 0.0.0.0/0",
+        );
+        pair.ours.run(|| {
+            runtime().block_on(async {
+                let nl = Netlink::connect().unwrap();
+                let setup = WgSetup::bring_up(&nl, &plan, "wireguard-go")
+                    .await
+                    .expect("bring-up");
+                let main = ip(&["route", "show", "dev", &dev]);
+                assert_eq!(
+                    main.contains("192.168.77.0/24"),
+                    expect_main,
+                    "Table={table}, main:\n{main}"
+                );
+                let t1234: String = ip(&["route", "show", "table", "all"])
+                    .lines()
+                    .filter(|l| l.contains("table 1234"))
+                    .collect();
+                assert_eq!(
+                    t1234.contains("192.168.77.0/24"),
+                    expect_table,
+                    "Table={table}:\n{t1234}"
+                );
+                assert_eq!(
+                    t1234.contains(&format!("default dev {dev}")),
+                    expect_table,
+                    "Table={table}:\n{t1234}"
+                );
+                let rules = ip(&["rule"]);
+                assert!(
+                    !rules.contains("suppress_prefixlength"),
+                    "Table={table}: no policy routing:\n{rules}"
+                );
+                setup.teardown(&nl).await.expect("teardown");
+            });
+        });
+    }
+}
