@@ -154,7 +154,14 @@ impl WgConfig {
                 ));
             }
         }
-        Ok((parse(&text, path)?, warnings))
+        let config = parse(&text, path)?;
+        if config.interface.save_config {
+            warnings.push(format!(
+                "{}: SaveConfig = true is ignored: TailGuard never rewrites its configuration",
+                path.display()
+            ));
+        }
+        Ok((config, warnings))
     }
 }
 
@@ -786,6 +793,16 @@ mod tests {
         );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(WgConfig::load(&path).unwrap().1.is_empty());
+        std::fs::write(
+            &path,
+            seed_example().replace("MTU = 1420", "MTU = 1420\nSaveConfig = true"),
+        )
+        .unwrap();
+        let (_, warnings) = WgConfig::load(&path).unwrap();
+        assert!(
+            warnings.len() == 1 && warnings[0].contains("SaveConfig = true is ignored"),
+            "{warnings:?}"
+        );
         let missing = WgConfig::load(&dir.join("wg9.conf"))
             .unwrap_err()
             .to_string();

@@ -256,3 +256,31 @@ fn table_setting_is_honoured() {
         });
     }
 }
+
+/// tailscaled sends everything without its bypass mark into table 52 (rule
+/// 5270); with a tailnet exit node, that table would take the route to the
+/// WireGuard endpoint too and swallow the tunnel. Here table 52 blackholes
+/// the endpoint: only our rule for WireGuard's fwmark (5200, ahead of
+/// tailscaled's) lets the handshake through.
+#[test]
+fn wireguard_traffic_stays_out_of_tailscale_table_52() {
+    let pair = Testbed::new("wg52");
+    let plan = plan(&pair, "ListenPort = 51822", "10.66.0.1/32");
+    pair.ours.run(|| {
+        ip(&["rule", "add", "pref", "5270", "table", "52"]);
+        ip(&["route", "add", "blackhole", "10.200.0.2/32", "table", "52"]);
+        runtime().block_on(async {
+            let nl = Netlink::connect().unwrap();
+            let setup = WgSetup::bring_up(&nl, &plan, "wireguard-go")
+                .await
+                .expect("bring-up");
+            let marked = ip(&["route", "get", "10.200.0.2", "mark", "0xca6e"]);
+            assert!(
+                !marked.contains("blackhole") && marked.contains(&pair.links.0),
+                "{marked}"
+            );
+            ping("10.66.0.1");
+            setup.teardown(&nl).await.expect("teardown");
+        });
+    });
+}
