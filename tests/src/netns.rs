@@ -54,6 +54,18 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        // The namespace's devices, for their userspace WireGuard sockets.
+        let devices: Vec<String> = Command::new("ip")
+            .args(["-n", &self.name, "-br", "link"])
+            .output()
+            .map(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().next())
+                    .map(|name| name.split('@').next().unwrap_or(name).to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
         // A process left inside keeps the namespace (and its devices) alive
         // after `ip netns del`: end them first.
         if let Ok(out) = Command::new("ip")
@@ -70,6 +82,12 @@ impl Drop for NetNs {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+        // A killed wireguard-go cannot remove its socket, and /run/wireguard
+        // is shared by all namespaces: remove it here, so that even a test
+        // that failed half way leaves nothing behind.
+        for device in devices {
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{device}.sock"));
+        }
     }
 }
 
