@@ -284,3 +284,36 @@ fn wireguard_traffic_stays_out_of_tailscale_table_52() {
         });
     });
 }
+
+/// All four hooks run through `sh -c`, in wg-quick's order, with `%i` as the
+/// device name.
+#[test]
+fn hooks_run_in_order_with_the_device_name() {
+    let pair = Testbed::new("wghooks");
+    let log = std::env::temp_dir().join(format!("tg-hooks-{}", pair.device));
+    let log_path = log.display().to_string();
+    let hooks = ["PreUp", "PostUp", "PreDown", "PostDown"]
+        .map(|h| format!("{h} = echo {} %i >> {log_path}", h.to_lowercase()))
+        .join("\n");
+    let plan = plan(&pair, &hooks, "10.66.0.1/32");
+    let dev = pair.device.clone();
+    pair.ours.run(|| {
+        runtime().block_on(async {
+            let nl = Netlink::connect().unwrap();
+            let setup = WgSetup::bring_up(&nl, &plan, "wireguard-go")
+                .await
+                .expect("bring-up");
+            assert_eq!(
+                std::fs::read_to_string(&log).unwrap(),
+                format!("preup {dev}\npostup {dev}\n")
+            );
+            setup.teardown(&nl).await.expect("teardown");
+        });
+    });
+    let ran = std::fs::read_to_string(&log).unwrap();
+    std::fs::remove_file(&log).unwrap();
+    assert_eq!(
+        ran,
+        format!("preup {dev}\npostup {dev}\npredown {dev}\npostdown {dev}\n")
+    );
+}
