@@ -91,6 +91,11 @@ pub struct DeviceRoute {
     pub gateway: Option<IpAddr>,
 }
 
+enum LinkQuery<'a> {
+    Name(&'a str),
+    Index(u32),
+}
+
 /// Main routing table.
 pub const MAIN_TABLE: u32 = 254;
 
@@ -109,17 +114,23 @@ impl Netlink {
         Ok(Self { handle })
     }
 
-    pub async fn link_index(&self, name: &str) -> Result<Option<u32>> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        match links.try_next().await {
-            Ok(link) => Ok(link.map(|l| l.header.index)),
+    /// A link by name or index; `None` when there is no such link.
+    async fn link(&self, query: LinkQuery<'_>) -> Result<Option<LinkMessage>> {
+        let request = self.handle.link().get();
+        let (request, what) = match query {
+            LinkQuery::Name(name) => (
+                request.match_name(name.to_string()),
+                format!("looking up {name}"),
+            ),
+            LinkQuery::Index(index) => (
+                request.match_index(index),
+                format!("looking up link {index}"),
+            ),
+        };
+        match request.execute().try_next().await {
+            Ok(link) => Ok(link),
             Err(e) => {
-                let e = NetlinkError::new(format!("looking up {name}"), e);
+                let e = NetlinkError::new(what, e);
                 if e.errno == Some(Errno::ENODEV) {
                     Ok(None)
                 } else {
@@ -127,49 +138,28 @@ impl Netlink {
                 }
             }
         }
+    }
+
+    pub async fn link_index(&self, name: &str) -> Result<Option<u32>> {
+        Ok(self
+            .link(LinkQuery::Name(name))
+            .await?
+            .map(|l| l.header.index))
     }
 
     /// The name of a link, if it exists.
     pub async fn link_name(&self, index: u32) -> Result<Option<String>> {
-        let mut links = self.handle.link().get().match_index(index).execute();
-        match links.try_next().await {
-            Ok(link) => Ok(link.and_then(|l| {
-                l.attributes.into_iter().find_map(|a| match a {
-                    LinkAttribute::IfName(name) => Some(name),
-                    _ => None,
-                })
-            })),
-            Err(e) => {
-                let e = NetlinkError::new(format!("looking up link {index}"), e);
-                if e.errno == Some(Errno::ENODEV) {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        Ok(self.link(LinkQuery::Index(index)).await?.and_then(|l| {
+            l.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::IfName(name) => Some(name),
+                _ => None,
+            })
+        }))
     }
 
     /// The kind of a link (`wireguard`, `tun`, ...), if it exists.
     pub async fn link_kind(&self, name: &str) -> Result<Option<String>> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        let link: Option<LinkMessage> = match links.try_next().await {
-            Ok(link) => link,
-            Err(e) => {
-                let e = NetlinkError::new(format!("looking up {name}"), e);
-                return if e.errno == Some(Errno::ENODEV) {
-                    Ok(None)
-                } else {
-                    Err(e)
-                };
-            }
-        };
-        Ok(link.map(|l| {
+        Ok(self.link(LinkQuery::Name(name)).await?.map(|l| {
             l.attributes
                 .iter()
                 .find_map(|a| match a {
@@ -237,13 +227,11 @@ impl Netlink {
             .map_err(|e| NetlinkError::new(format!("bringing up link {index}"), e))
     }
 
-    /// The MTU and flags of a link.
+    /// The MTU of a link and whether it is up.
     pub async fn link_state(&self, index: u32) -> Result<(u32, bool)> {
-        let mut links = self.handle.link().get().match_index(index).execute();
-        let link = links
-            .try_next()
-            .await
-            .map_err(|e| NetlinkError::new(format!("reading link {index}"), e))?
+        let link = self
+            .link(LinkQuery::Index(index))
+            .await?
             .ok_or_else(|| NetlinkError {
                 what: format!("reading link {index}"),
                 errno: Some(Errno::ENODEV),
