@@ -182,7 +182,8 @@ pub fn ping(target: &str) {
         .expect("running ping");
     assert!(
         out.status.success(),
-        "ping {target} failed:\n{}",
-        String::from_utf8_lossy(&out.stdout)
+        "ping {target} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }

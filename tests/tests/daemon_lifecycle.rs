@@ -333,8 +333,9 @@ fn endpoint_host_names_are_resolved_again() {
                 .unwrap();
             String::from_utf8_lossy(&out.stdout).into_owned()
         };
+        // Fully up (programs attach last), with the name's first address.
         wait_until(&mut daemon, "using the first address", || {
-            endpoint().contains("10.200.0.2:51820")
+            attached_programs(&bed.device).len() == 2 && endpoint().contains("10.200.0.2:51820")
         });
         ping("10.66.0.1");
 
