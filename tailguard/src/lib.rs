@@ -11,6 +11,7 @@ pub mod plan;
 pub mod resolver;
 pub mod routes;
 pub mod settings;
+pub mod tailscale;
 pub mod wg_setup;
 pub mod wgconf;
 pub mod wireguard;

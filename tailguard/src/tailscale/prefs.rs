@@ -1,0 +1,310 @@
+//! The preferences TailGuard asks of tailscaled, as the reference sets them
+//! with `tailscale up`: always accept routes; outside client mode no tailnet
+//! DNS and the discovered routes (plus both default routes when offering an
+//! exit node); in client mode tailnet DNS, nothing advertised but explicit
+//! routes, and the chosen exit node with LAN access.
+//!
+//! They go to tailscaled as *masked* preferences (`PATCH /localapi/v0/prefs`):
+//! each field set is accompanied by `<Field>Set: true`, and fields not set
+//! are left as they are.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde_json::{Map, Value, json};
+
+use super::status::Status;
+use crate::plan::TailscalePlan;
+
+/// A masked preferences body. Only `Some` fields are sent, each with its
+/// `…Set` flag.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MaskedPrefs {
+    pub control_url: Option<String>,
+    pub want_running: Option<bool>,
+    /// `--accept-routes`.
+    pub route_all: Option<bool>,
+    /// `--accept-dns`.
+    pub corp_dns: Option<bool>,
+    pub hostname: Option<String>,
+    /// Routes to advertise; both default routes mean "exit node".
+    pub advertise_routes: Option<Vec<IpNet>>,
+    pub exit_node: Option<ExitNode>,
+    pub exit_node_allow_lan_access: Option<bool>,
+    pub run_web_client: Option<bool>,
+}
+
+/// How the exit node is named to tailscaled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitNode {
+    /// A peer's stable node ID (resolved from a name).
+    Id(String),
+    Ip(IpAddr),
+    /// An expression for tailscaled to pick one (`auto:any` → `any`).
+    Auto(String),
+}
+
+impl MaskedPrefs {
+    /// The JSON body, in tailscaled's field names.
+    pub fn to_json(&self) -> Value {
+        let mut map = Map::new();
+        let mut set = |name: &str, value: Value| {
+            map.insert(name.to_string(), value);
+            map.insert(format!("{name}Set"), Value::Bool(true));
+        };
+        if let Some(v) = &self.control_url {
+            set("ControlURL", json!(v));
+        }
+        if let Some(v) = self.want_running {
+            set("WantRunning", json!(v));
+        }
+        if let Some(v) = self.route_all {
+            set("RouteAll", json!(v));
+        }
+        if let Some(v) = self.corp_dns {
+            set("CorpDNS", json!(v));
+        }
+        if let Some(v) = &self.hostname {
+            set("Hostname", json!(v));
+        }
+        if let Some(routes) = &self.advertise_routes {
+            set(
+                "AdvertiseRoutes",
+                json!(routes.iter().map(ToString::to_string).collect::<Vec<_>>()),
+            );
+        }
+        match &self.exit_node {
+            // Naming the node one way clears the others, as the CLI does.
+            Some(ExitNode::Id(id)) => {
+                set("ExitNodeID", json!(id));
+                set("ExitNodeIP", json!(""));
+                set("AutoExitNode", json!(""));
+            }
+            Some(ExitNode::Ip(ip)) => {
+                set("ExitNodeIP", json!(ip.to_string()));
+                set("ExitNodeID", json!(""));
+                set("AutoExitNode", json!(""));
+            }
+            Some(ExitNode::Auto(expr)) => {
+                set("AutoExitNode", json!(expr));
+                set("ExitNodeID", json!(""));
+                set("ExitNodeIP", json!(""));
+            }
+            None => {}
+        }
+        if let Some(v) = self.exit_node_allow_lan_access {
+            set("ExitNodeAllowLANAccess", json!(v));
+        }
+        if let Some(v) = self.run_web_client {
+            set("RunWebClient", json!(v));
+        }
+        Value::Object(map)
+    }
+}
+
+const DEFAULT_ROUTES: [&str; 2] = ["0.0.0.0/0", "::/0"];
+
+/// The preferences set at start. The exit node is left to
+/// [`exit_node`], which may need the tailnet's peers to resolve a name.
+pub fn at_start(plan: &TailscalePlan) -> MaskedPrefs {
+    let mut routes = plan.advertise.routes.clone();
+    if plan.advertise.exit_node {
+        routes.extend(DEFAULT_ROUTES.map(|r| r.parse::<IpNet>().expect("valid prefix")));
+    }
+    MaskedPrefs {
+        control_url: plan.login_server.clone(),
+        want_running: Some(true),
+        route_all: Some(plan.accept_routes),
+        corp_dns: Some(plan.accept_dns),
+        hostname: plan.hostname.clone(),
+        advertise_routes: Some(routes),
+        ..MaskedPrefs::default()
+    }
+}
+
+/// The exit node to use (client mode), with LAN access kept, as the
+/// reference's `--exit-node-allow-lan-access`. `auto:EXPR` becomes
+/// tailscaled's `AutoExitNode`; an IP is passed as is; a name is looked up
+/// among the tailnet's peers, which needs `status`.
+pub fn exit_node(selector: &str, status: Option<&Status>) -> Result<MaskedPrefs, String> {
+    let node = if let Some(expr) = selector.strip_prefix("auto:") {
+        ExitNode::Auto(expr.to_string())
+    } else if let Ok(ip) = selector.parse::<IpAddr>() {
+        ExitNode::Ip(ip)
+    } else {
+        let status = status.ok_or_else(|| {
+            format!("TS_EXIT_NODE={selector}: the tailnet's peers are not known yet")
+        })?;
+        let peer = status.find_peer(selector).ok_or_else(|| {
+            format!("TS_EXIT_NODE={selector}: no peer of that name in the tailnet")
+        })?;
+        ExitNode::Id(peer.id.clone())
+    };
+    Ok(MaskedPrefs {
+        exit_node: Some(node),
+        exit_node_allow_lan_access: Some(true),
+        ..MaskedPrefs::default()
+    })
+}
+
+/// What the reference does once the node is healthy: set the exit node
+/// again (so `auto:any` and names resolve against a full netmap) and start
+/// the web client.
+pub fn once_healthy(plan: &TailscalePlan, status: &Status) -> Result<Option<MaskedPrefs>, String> {
+    let mut prefs = match &plan.exit_node {
+        Some(selector) => exit_node(selector, Some(status))?,
+        None => MaskedPrefs::default(),
+    };
+    if plan.web_client {
+        prefs.run_web_client = Some(true);
+    }
+    Ok((prefs != MaskedPrefs::default()).then_some(prefs))
+}
+
+/// The body of `POST /localapi/v0/start`: log in with the auth key.
+/// `UpdatePrefs` is left out so the node's saved preferences stay; ours
+/// follow as masked preferences.
+pub fn start_body(auth_key: &str) -> Value {
+    json!({ "AuthKey": auth_key })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{plan::Plan, settings::parse_args, wgconf};
+
+    fn plan(args: &[&str], allowed: &str) -> TailscalePlan {
+        let text = format!(
+            "[Interface]\nPrivateKey=yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n\
+             [Peer]\nPublicKey=xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\nAllowedIPs={allowed}\n"
+        );
+        let config = wgconf::parse(&text, Path::new("wg0.conf")).unwrap();
+        Plan::new(&parse_args(args).unwrap().0, &config).tailscale
+    }
+
+    fn status() -> Status {
+        serde_json::from_value(json!({
+            "BackendState": "Running",
+            "Peer": {"nodekey:cccc": {"ID": "nExit3CNTRL", "HostName": "exit-fra",
+                     "DNSName": "exit-fra.tail1234.ts.net.", "TailscaleIPs": ["100.64.0.9"]}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn pattern_1_wireguard_as_exit_node() {
+        // Peer with 0.0.0.0/0, ::/0 and a LAN; not client mode.
+        let json = at_start(&plan(
+            &["--ts-hostname=bridge"],
+            "0.0.0.0/0,::/0,192.168.8.0/24",
+        ))
+        .to_json();
+        assert_eq!(
+            json,
+            json!({
+                "WantRunning": true, "WantRunningSet": true,
+                "RouteAll": true, "RouteAllSet": true,
+                "CorpDNS": false, "CorpDNSSet": true,
+                "Hostname": "bridge", "HostnameSet": true,
+                "AdvertiseRoutes": ["192.168.8.0/24", "0.0.0.0/0", "::/0"], "AdvertiseRoutesSet": true,
+            })
+        );
+    }
+
+    #[test]
+    fn pattern_2_simple_server_in_client_mode_advertises_nothing() {
+        let p = plan(
+            &["--client-mode=1", "--expose-host=1", "--wg-isolate-peers=1"],
+            "10.8.0.2/32",
+        );
+        let json = at_start(&p).to_json();
+        assert_eq!(json["AdvertiseRoutes"], json!([]));
+        assert_eq!(
+            json["AdvertiseRoutesSet"],
+            json!(true),
+            "an empty list withdraws earlier routes"
+        );
+        assert_eq!(json["CorpDNS"], json!(true));
+        assert_eq!(once_healthy(&p, &status()), Ok(None));
+    }
+
+    #[test]
+    fn pattern_3_simple_bridge_advertises_the_wireguard_subnets() {
+        let json = at_start(&plan(&[], "10.8.0.0/24,fd00:8::/64")).to_json();
+        assert_eq!(
+            json["AdvertiseRoutes"],
+            json!(["10.8.0.0/24", "fd00:8::/64"])
+        );
+        assert_eq!(json["CorpDNS"], json!(false));
+    }
+
+    #[test]
+    fn pattern_4_tailscale_exit_node_for_wireguard_clients() {
+        let p = plan(
+            &["--client-mode=1", "--ts-exit-node=auto:any"],
+            "10.8.0.2/32",
+        );
+        let prefs = once_healthy(&p, &status()).unwrap().unwrap();
+        assert_eq!(
+            prefs.to_json(),
+            json!({
+                "AutoExitNode": "any", "AutoExitNodeSet": true,
+                "ExitNodeID": "", "ExitNodeIDSet": true,
+                "ExitNodeIP": "", "ExitNodeIPSet": true,
+                "ExitNodeAllowLANAccess": true, "ExitNodeAllowLANAccessSet": true,
+            })
+        );
+    }
+
+    #[test]
+    fn exit_node_by_ip_or_by_name() {
+        let by_ip = exit_node("100.64.0.9", None).unwrap();
+        assert_eq!(
+            by_ip.exit_node,
+            Some(ExitNode::Ip("100.64.0.9".parse().unwrap()))
+        );
+        let by_name = exit_node("exit-fra.tail1234.ts.net", Some(&status())).unwrap();
+        assert_eq!(by_name.exit_node, Some(ExitNode::Id("nExit3CNTRL".into())));
+        assert_eq!(by_name.to_json()["ExitNodeID"], json!("nExit3CNTRL"));
+        assert!(
+            exit_node("exit-fra", None)
+                .unwrap_err()
+                .contains("not known yet")
+        );
+        assert!(
+            exit_node("nowhere", Some(&status()))
+                .unwrap_err()
+                .contains("TS_EXIT_NODE=nowhere: no peer")
+        );
+    }
+
+    #[test]
+    fn login_server_web_client_and_explicit_routes() {
+        let p = plan(
+            &[
+                "--ts-login-server=https://hs.example.com",
+                "--ts-webclient=1",
+                "--ts-routes=10.9.0.0/16",
+            ],
+            "0.0.0.0/0,192.168.8.0/24",
+        );
+        let json = at_start(&p).to_json();
+        assert_eq!(json["ControlURL"], json!("https://hs.example.com"));
+        assert_eq!(
+            json["AdvertiseRoutes"],
+            json!(["10.9.0.0/16", "0.0.0.0/0", "::/0"])
+        );
+        let later = once_healthy(&p, &status()).unwrap().unwrap().to_json();
+        assert_eq!(
+            later,
+            json!({"RunWebClient": true, "RunWebClientSet": true})
+        );
+    }
+
+    #[test]
+    fn start_body_carries_only_the_auth_key() {
+        assert_eq!(start_body("tskey-abc"), json!({"AuthKey": "tskey-abc"}));
+    }
+}
