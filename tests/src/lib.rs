@@ -8,6 +8,7 @@
 
 pub mod netns;
 pub mod packets;
+pub mod standin;
 pub mod tun;
 pub mod wg;
 

@@ -1,0 +1,234 @@
+//! A typed client for tailscaled's LocalAPI: HTTP/1.1 over its unix socket
+//! (`/var/run/tailscale/tailscaled.sock` by default). Requests carry
+//! `Host: local-tailscaled.sock` and no Origin/Referer, as tailscaled
+//! requires; over the socket, root may read and write.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request, StatusCode, body::Incoming};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::UnixStream;
+
+use super::{prefs::MaskedPrefs, status::Status};
+
+/// tailscaled's default socket on Linux.
+pub const DEFAULT_SOCKET: &str = "/var/run/tailscale/tailscaled.sock";
+const HOST: &str = "local-tailscaled.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalApiError {
+    #[error("cannot reach tailscaled at {}: {source}", socket.display())]
+    Connect {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("LocalAPI {path}: {message}")]
+    Http { path: String, message: String },
+    #[error("LocalAPI {path} answered {status}: {body}")]
+    Status {
+        path: String,
+        status: StatusCode,
+        body: String,
+    },
+    #[error("LocalAPI {path}: unexpected answer: {message}")]
+    Decode { path: String, message: String },
+}
+
+type Result<T> = std::result::Result<T, LocalApiError>;
+
+/// Which notifications `watch-ipn-bus` sends (tailscaled's `ipn.NotifyWatchOpt`).
+pub mod watch {
+    /// Send the current state first, then changes.
+    pub const INITIAL_STATE: u64 = 1 << 1;
+    /// Include the current prefs in the first message.
+    pub const INITIAL_PREFS: u64 = 1 << 2;
+    /// Include the network map in the first message.
+    pub const INITIAL_NETMAP: u64 = 1 << 3;
+    /// Leave out private keys and other secrets.
+    pub const NO_PRIVATE_KEYS: u64 = 1 << 4;
+}
+
+/// The LocalAPI of one tailscaled.
+#[derive(Clone, Debug)]
+pub struct LocalApi {
+    socket: PathBuf,
+}
+
+impl LocalApi {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// `GET status`, without the peer map when `peers` is false.
+    pub async fn status(&self, peers: bool) -> Result<Status> {
+        let path = if peers {
+            "status"
+        } else {
+            "status?peers=false"
+        };
+        self.json(Method::GET, path, None).await
+    }
+
+    /// `GET prefs`: the preferences as tailscaled holds them.
+    pub async fn prefs(&self) -> Result<Value> {
+        self.json(Method::GET, "prefs", None).await
+    }
+
+    /// `PATCH prefs` with masked preferences; returns the resulting prefs.
+    pub async fn edit_prefs(&self, prefs: &MaskedPrefs) -> Result<Value> {
+        self.json(Method::PATCH, "prefs", Some(prefs.to_json()))
+            .await
+    }
+
+    /// `POST start`: start the backend, logging in with `body`'s auth key.
+    pub async fn start(&self, body: Value) -> Result<()> {
+        self.send(Method::POST, "start", Some(body)).await.map(drop)
+    }
+
+    /// `POST login-interactive`: ask for a login URL (it arrives as the
+    /// status's `AuthURL` and on the IPN bus).
+    pub async fn login_interactive(&self) -> Result<()> {
+        self.send(Method::POST, "login-interactive", None)
+            .await
+            .map(drop)
+    }
+
+    /// `GET whois?addr=`: who is behind a tailnet address.
+    pub async fn whois(&self, addr: &str) -> Result<Value> {
+        self.json(Method::GET, &format!("whois?addr={addr}"), None)
+            .await
+    }
+
+    /// `GET watch-ipn-bus?mask=`: a stream of notifications (one JSON object
+    /// each) until tailscaled closes it or the stream is dropped.
+    pub async fn watch(&self, mask: u64) -> Result<impl Stream<Item = Result<Value>> + use<>> {
+        let path = format!("watch-ipn-bus?mask={mask}");
+        let response = self.request(Method::GET, &path, None).await?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = collect(&path, response.into_body()).await?;
+            return Err(LocalApiError::Status {
+                path,
+                status,
+                body: String::from_utf8_lossy(&body).into(),
+            });
+        }
+        let body = response.into_body();
+        Ok(futures_util::stream::unfold(
+            (body, Vec::<u8>::new(), path),
+            |(mut body, mut buffer, path)| async move {
+                loop {
+                    // One JSON object per line (tailscaled flushes after each).
+                    if let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = buffer.drain(..=end).collect();
+                        if line.iter().all(u8::is_ascii_whitespace) {
+                            continue;
+                        }
+                        let item =
+                            serde_json::from_slice(&line).map_err(|e| LocalApiError::Decode {
+                                path: path.clone(),
+                                message: e.to_string(),
+                            });
+                        return Some((item, (body, buffer, path)));
+                    }
+                    match body.frame().await {
+                        Some(Ok(frame)) => {
+                            if let Ok(data) = frame.into_data() {
+                                buffer.extend_from_slice(&data);
+                            }
+                        }
+                        Some(Err(e)) => {
+                            let e = LocalApiError::Http {
+                                path: path.clone(),
+                                message: e.to_string(),
+                            };
+                            return Some((Err(e), (body, Vec::new(), path)));
+                        }
+                        None => return None,
+                    }
+                }
+            },
+        ))
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<T> {
+        let bytes = self.send(method, path, body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| LocalApiError::Decode {
+            path: path.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// One request; the whole body of a successful answer.
+    async fn send(&self, method: Method, path: &str, body: Option<Value>) -> Result<Bytes> {
+        let response = self.request(method, path, body).await?;
+        let status = response.status();
+        let bytes = collect(path, response.into_body()).await?;
+        if status.is_success() {
+            Ok(bytes)
+        } else {
+            Err(LocalApiError::Status {
+                path: path.into(),
+                status,
+                body: String::from_utf8_lossy(&bytes).trim().to_string(),
+            })
+        }
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<hyper::Response<Incoming>> {
+        let http = |e: hyper::Error| LocalApiError::Http {
+            path: path.into(),
+            message: e.to_string(),
+        };
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| LocalApiError::Connect {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(http)?;
+        tokio::spawn(connection);
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("/localapi/v0/{path}"))
+            .header(hyper::header::HOST, HOST)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid request");
+        sender.send_request(request).await.map_err(http)
+    }
+}
+
+async fn collect(path: &str, body: Incoming) -> Result<Bytes> {
+    body.collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| LocalApiError::Http {
+            path: path.into(),
+            message: e.to_string(),
+        })
+}

@@ -1,0 +1,292 @@
+//! The Tailscale stand-in: plays tailscaled's part in tests, since neither
+//! tailscaled nor a control server can be installed here. It serves the
+//! LocalAPI endpoints TailGuard uses with tailscaled's JSON shapes, so the
+//! daemon cannot tell it from the real one, and records every preference
+//! change so tests can assert them. Test-only controls live under
+//! `/standin/` (never used by TailGuard).
+//!
+//! Login: an auth key logs in at once; `login-interactive` offers an
+//! AuthURL that a test "visits" with `POST /standin/approve`.
+
+use std::{
+    convert::Infallible,
+    net::IpAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
+use hyper::{Method, Request, Response, StatusCode, body::Frame, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::{Map, Value, json};
+use tokio::{net::UnixListener, sync::watch};
+
+/// tailscaled's `ipn.State` numbers, as the IPN bus sends them.
+fn state_number(state: &str) -> u64 {
+    match state {
+        "NeedsLogin" => 1,
+        "NeedsMachineAuth" => 2,
+        "Stopped" => 3,
+        "Starting" => 4,
+        "Running" => 5,
+        _ => 0,
+    }
+}
+
+/// Everything the stand-in knows and has been told.
+#[derive(Clone, Debug)]
+pub struct State {
+    pub backend_state: String,
+    pub auth_url: String,
+    /// The node's tailnet addresses, given once logged in.
+    pub addresses: Vec<IpAddr>,
+    pub online: bool,
+    /// Current preferences (tailscaled's field names).
+    pub prefs: Map<String, Value>,
+    /// Every `start` and `PATCH prefs` body, in order.
+    pub log: Vec<Value>,
+    /// Peers for `Status.Peer`, keyed by node key.
+    pub peers: Map<String, Value>,
+}
+
+impl State {
+    pub fn new(addresses: Vec<IpAddr>) -> Self {
+        let prefs = json!({
+            "ControlURL": "", "RouteAll": false, "ExitNodeID": "", "ExitNodeIP": "", "AutoExitNode": "",
+            "ExitNodeAllowLANAccess": false, "CorpDNS": true, "RunWebClient": false, "WantRunning": false,
+            "Hostname": "", "AdvertiseRoutes": null, "NoSNAT": false, "NetfilterMode": 2
+        });
+        Self {
+            backend_state: "NeedsLogin".into(),
+            auth_url: String::new(),
+            addresses,
+            online: false,
+            prefs: prefs.as_object().cloned().unwrap_or_default(),
+            log: Vec::new(),
+            peers: Map::new(),
+        }
+    }
+
+    fn log_in(&mut self) {
+        self.backend_state = "Running".into();
+        self.auth_url.clear();
+        self.online = true;
+    }
+
+    fn status(&self) -> Value {
+        let logged_in = self.backend_state == "Running";
+        let ips: Vec<String> = if logged_in {
+            self.addresses.iter().map(ToString::to_string).collect()
+        } else {
+            vec![]
+        };
+        let allowed: Vec<String> = self
+            .addresses
+            .iter()
+            .filter(|_| logged_in)
+            .map(|a| format!("{a}/{}", if a.is_ipv4() { 32 } else { 128 }))
+            .collect();
+        json!({
+            "Version": "1.84.0-standin",
+            "TUN": true,
+            "BackendState": self.backend_state,
+            "HaveNodeKey": true,
+            "AuthURL": self.auth_url,
+            "TailscaleIPs": if ips.is_empty() { Value::Null } else { json!(ips) },
+            "Self": {
+                "ID": "nStandin1CNTRL", "PublicKey": "nodekey:standin", "HostName": self.prefs["Hostname"],
+                "DNSName": "tailguard.standin.ts.net.", "OS": "linux",
+                "TailscaleIPs": ips, "AllowedIPs": allowed, "Online": self.online && logged_in,
+                "KeyExpiry": "2099-01-01T00:00:00Z"
+            },
+            "Health": null,
+            "CurrentTailnet": {"Name": "standin.example", "MagicDNSSuffix": "standin.ts.net", "MagicDNSEnabled": true},
+            "Peer": self.peers,
+        })
+    }
+
+    fn notification(&self) -> Value {
+        json!({"State": state_number(&self.backend_state), "Prefs": self.prefs, "BrowseToURL": self.auth_url})
+    }
+}
+
+/// A running stand-in LocalAPI.
+pub struct StandIn {
+    state: Arc<Mutex<State>>,
+    changed: watch::Sender<()>,
+}
+
+impl StandIn {
+    pub fn new(state: State) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(state)),
+            changed: watch::channel(()).0,
+        }
+    }
+
+    /// A snapshot of the state, for assertions.
+    pub fn state(&self) -> State {
+        self.state.lock().unwrap().clone()
+    }
+
+    /// Changes the state and tells IPN bus watchers.
+    pub fn update(&self, f: impl FnOnce(&mut State)) {
+        f(&mut self.state.lock().unwrap());
+        self.changed.send_replace(());
+    }
+
+    /// Serves the LocalAPI on `socket` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, socket: &Path) -> std::io::Result<()> {
+        let _ = std::fs::remove_file(socket);
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let listener = UnixListener::bind(socket)?;
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let me = self.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let me = me.clone();
+                    async move { Ok::<_, Infallible>(me.handle(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+
+    async fn handle(
+        &self,
+        req: Request<hyper::body::Incoming>,
+    ) -> Response<BoxBody<Bytes, Infallible>> {
+        let method = req.method().clone();
+        let uri = req.uri().clone();
+        let host_ok = req
+            .headers()
+            .get(hyper::header::HOST)
+            .is_none_or(|h| h == "local-tailscaled.sock");
+        if !host_ok || req.headers().contains_key(hyper::header::ORIGIN) {
+            return reply(StatusCode::FORBIDDEN, json!("invalid Host or Origin"));
+        }
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let path = uri.path();
+        let query = uri.query().unwrap_or("");
+        match (method, path) {
+            (Method::GET, "/localapi/v0/status") => {
+                let mut status = self.state.lock().unwrap().status();
+                if query.contains("peers=false") {
+                    status["Peer"] = Value::Null;
+                }
+                reply(StatusCode::OK, status)
+            }
+            (Method::GET, "/localapi/v0/prefs") => {
+                reply(StatusCode::OK, json!(self.state.lock().unwrap().prefs))
+            }
+            (Method::PATCH, "/localapi/v0/prefs") => {
+                let Some(masked) = body.as_object().cloned() else {
+                    return reply(StatusCode::BAD_REQUEST, json!("expected masked prefs"));
+                };
+                self.update(|s| {
+                    for (key, value) in &masked {
+                        if key.ends_with("Set") {
+                            continue;
+                        }
+                        if masked.get(&format!("{key}Set")) == Some(&Value::Bool(true)) {
+                            s.prefs.insert(key.clone(), value.clone());
+                        }
+                    }
+                    s.log.push(json!({"PATCH prefs": masked}));
+                });
+                reply(StatusCode::OK, json!(self.state.lock().unwrap().prefs))
+            }
+            (Method::POST, "/localapi/v0/start") => {
+                self.update(|s| {
+                    // Never keep the key itself in the log: tests assert it was sent.
+                    let has_key = body
+                        .get("AuthKey")
+                        .and_then(Value::as_str)
+                        .is_some_and(|k| !k.is_empty());
+                    s.log
+                        .push(json!({"start": {"AuthKey": if has_key { "<given>" } else { "" }}}));
+                    if has_key {
+                        s.log_in();
+                    }
+                });
+                reply(StatusCode::NO_CONTENT, Value::Null)
+            }
+            (Method::POST, "/localapi/v0/login-interactive") => {
+                self.update(|s| {
+                    s.auth_url = "https://login.standin.invalid/a/0123456789".into();
+                    s.log.push(json!({"login-interactive": true}));
+                });
+                reply(StatusCode::NO_CONTENT, Value::Null)
+            }
+            (Method::GET, "/localapi/v0/whois") => {
+                let addr = query.strip_prefix("addr=").unwrap_or("");
+                let state = self.state.lock().unwrap();
+                if state
+                    .addresses
+                    .iter()
+                    .any(|a| addr.starts_with(&a.to_string()))
+                {
+                    reply(
+                        StatusCode::OK,
+                        json!({"Node": {"ID": "nStandin1CNTRL"}, "UserProfile": {"LoginName": "standin@example"}}),
+                    )
+                } else {
+                    reply(StatusCode::NOT_FOUND, json!("no match for IP:port"))
+                }
+            }
+            (Method::GET, "/localapi/v0/watch-ipn-bus") => self.watch(),
+            (Method::POST, "/standin/approve") => {
+                self.update(State::log_in);
+                reply(StatusCode::NO_CONTENT, Value::Null)
+            }
+            _ => reply(StatusCode::NOT_FOUND, json!(format!("stand-in: no {path}"))),
+        }
+    }
+
+    /// A never-ending body: the state now, then again on every change.
+    fn watch(&self) -> Response<BoxBody<Bytes, Infallible>> {
+        let state = self.state.clone();
+        let mut changed = self.changed.subscribe();
+        changed.mark_changed();
+        let stream =
+            futures_util::stream::unfold((state, changed), |(state, mut changed)| async move {
+                changed.changed().await.ok()?;
+                let mut line = state.lock().unwrap().notification().to_string();
+                line.push('\n');
+                Some((
+                    Ok::<_, Infallible>(Frame::data(Bytes::from(line))),
+                    (state, changed),
+                ))
+            });
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(BoxBody::new(StreamBody::new(stream)))
+            .expect("a valid response")
+    }
+}
+
+fn reply(status: StatusCode, body: Value) -> Response<BoxBody<Bytes, Infallible>> {
+    let text = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(BoxBody::new(Full::new(Bytes::from(text))))
+        .expect("a valid response")
+}

@@ -1,0 +1,121 @@
+//! TailGuard's LocalAPI client against the Tailscale stand-in (which serves
+//! tailscaled's JSON shapes on a unix socket).
+
+use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use futures_util::StreamExt as _;
+use serde_json::json;
+use tailguard::tailscale::{
+    localapi::{LocalApi, LocalApiError, watch},
+    prefs::{MaskedPrefs, start_body},
+};
+use tailguard_tests::standin::{StandIn, State};
+
+fn addresses() -> Vec<IpAddr> {
+    vec![
+        "100.64.0.1".parse().unwrap(),
+        "fd7a:115c:a1e0::1".parse().unwrap(),
+    ]
+}
+
+/// A stand-in serving on a fresh socket, and a client for it.
+async fn serve(name: &str) -> (Arc<StandIn>, LocalApi, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("tg-localapi-{name}-{}", std::process::id()));
+    let socket = dir.join("tailscaled.sock");
+    let standin = Arc::new(StandIn::new(State::new(addresses())));
+    let server = standin.clone();
+    let path = socket.clone();
+    tokio::spawn(async move { server.serve(&path).await });
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (standin, LocalApi::new(&socket), dir)
+}
+
+#[tokio::test]
+async fn login_with_an_auth_key_then_preferences() {
+    let (standin, api, dir) = serve("key").await;
+    let status = api.status(true).await.unwrap();
+    assert_eq!(status.backend_state, "NeedsLogin");
+    assert!(status.tailscale_ips.is_empty());
+
+    api.start(start_body("tskey-auth-secret")).await.unwrap();
+    let status = api.status(false).await.unwrap();
+    assert_eq!(status.backend_state, "Running");
+    assert_eq!(status.tailscale_ips, addresses());
+    assert_eq!(status.ready(), Ok(()));
+
+    let prefs = MaskedPrefs {
+        route_all: Some(true),
+        corp_dns: Some(false),
+        advertise_routes: Some(vec!["192.168.8.0/24".parse().unwrap()]),
+        ..MaskedPrefs::default()
+    };
+    let after = api.edit_prefs(&prefs).await.unwrap();
+    assert_eq!(after["RouteAll"], json!(true));
+    assert_eq!(after["CorpDNS"], json!(false));
+    assert_eq!(after["AdvertiseRoutes"], json!(["192.168.8.0/24"]));
+    assert_eq!(
+        api.prefs().await.unwrap()["AdvertiseRoutes"],
+        json!(["192.168.8.0/24"])
+    );
+    let log = standin.state().log;
+    assert_eq!(log[0], json!({"start": {"AuthKey": "<given>"}}));
+    assert_eq!(log[1]["PATCH prefs"]["AdvertiseRoutesSet"], json!(true));
+    assert_eq!(
+        api.whois("100.64.0.1:80").await.unwrap()["Node"]["ID"],
+        json!("nStandin1CNTRL")
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn interactive_login_offers_a_url_and_the_bus_tells_the_outcome() {
+    let (standin, api, dir) = serve("interactive").await;
+    let mut bus = Box::pin(
+        api.watch(watch::INITIAL_STATE | watch::INITIAL_PREFS)
+            .await
+            .unwrap(),
+    );
+    let first = bus.next().await.unwrap().unwrap();
+    assert_eq!(first["State"], json!(1), "NeedsLogin");
+
+    api.login_interactive().await.unwrap();
+    let offered = bus.next().await.unwrap().unwrap();
+    assert_eq!(
+        offered["BrowseToURL"],
+        json!("https://login.standin.invalid/a/0123456789")
+    );
+    assert_eq!(
+        api.status(false).await.unwrap().auth_url,
+        "https://login.standin.invalid/a/0123456789"
+    );
+
+    standin.update(|s| s.backend_state = "Running".into());
+    let running = bus.next().await.unwrap().unwrap();
+    assert_eq!(running["State"], json!(5));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn errors_say_what_failed() {
+    let missing = LocalApi::new("/nonexistent/tailscaled.sock");
+    let e = missing.status(false).await.unwrap_err();
+    assert!(matches!(e, LocalApiError::Connect { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("cannot reach tailscaled at /nonexistent/tailscaled.sock"),
+        "{e}"
+    );
+
+    let (_standin, api, dir) = serve("errors").await;
+    let e = api.whois("100.99.0.1").await.unwrap_err();
+    assert!(
+        e.to_string().contains("whois?addr=100.99.0.1 answered 404"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
