@@ -107,6 +107,47 @@ pub struct SettingsArgs {
     #[arg(long, env = "TS_ROUTES", value_name = "TS_ROUTES", value_parser = routes)]
     pub ts_routes: Option<RouteList>,
 
+    /// The tailscaled to start (a path, or a name found on PATH).
+    #[arg(
+        long,
+        env = "TS_TAILSCALED",
+        value_name = "TS_TAILSCALED",
+        default_value = "tailscaled"
+    )]
+    pub ts_tailscaled: String,
+
+    /// Where tailscaled keeps its state (node key, login).
+    #[arg(
+        long,
+        env = "TS_STATE_DIR",
+        value_name = "TS_STATE_DIR",
+        default_value = "/tailguard/state"
+    )]
+    pub ts_state_dir: PathBuf,
+
+    /// tailscaled's LocalAPI socket. If a tailscaled already answers there,
+    /// TailGuard uses it (and its device) and starts none.
+    #[arg(
+        long,
+        env = "TS_SOCKET",
+        value_name = "TS_SOCKET",
+        default_value = "/var/run/tailscale/tailscaled.sock"
+    )]
+    pub ts_socket: PathBuf,
+
+    /// Extra arguments for tailscaled, split at white space.
+    #[arg(
+        long,
+        env = "TS_TAILSCALED_EXTRA_ARGS",
+        value_name = "TS_TAILSCALED_EXTRA_ARGS",
+        default_value = ""
+    )]
+    pub ts_tailscaled_extra_args: String,
+
+    /// Address of the health endpoint (`/healthz`, used by `tailguard health`).
+    #[arg(long, env = "TG_HEALTH_ADDR", value_name = "TG_HEALTH_ADDR", default_value = "127.0.0.1:9002", value_parser = socket_addr)]
+    pub health_addr: std::net::SocketAddr,
+
     /// Exit node to use (IP, name, or `auto:any`); client mode only.
     #[arg(long, env = "TS_EXIT_NODE", value_name = "TS_EXIT_NODE", value_parser = non_empty)]
     pub ts_exit_node: Option<OrUnset<String>>,
@@ -154,6 +195,11 @@ pub struct Settings {
     pub endpoint_refresh: std::time::Duration,
     pub ts_device: String,
     pub ts_port: u16,
+    pub ts_tailscaled: String,
+    pub ts_state_dir: PathBuf,
+    pub ts_socket: PathBuf,
+    pub ts_tailscaled_extra_args: Vec<String>,
+    pub health_addr: std::net::SocketAddr,
     pub ts_login_server: Option<String>,
     pub ts_authkey: Option<Secret>,
     pub ts_hostname: Option<String>,
@@ -213,6 +259,15 @@ impl SettingsArgs {
             endpoint_refresh: std::time::Duration::from_secs(self.endpoint_refresh),
             ts_device: self.ts_device,
             ts_port: self.ts_port,
+            ts_tailscaled: self.ts_tailscaled,
+            ts_state_dir: self.ts_state_dir,
+            ts_socket: self.ts_socket,
+            ts_tailscaled_extra_args: self
+                .ts_tailscaled_extra_args
+                .split_whitespace()
+                .map(String::from)
+                .collect(),
+            health_addr: self.health_addr,
             ts_login_server: self.ts_login_server.and_then(OrUnset::get),
             ts_authkey: self.ts_authkey.and_then(OrUnset::get),
             ts_hostname: self.ts_hostname.and_then(OrUnset::get),
@@ -314,6 +369,12 @@ fn interface_name(value: &str) -> Result<String, String> {
         return Err(format!("an interface name cannot contain {c:?}"));
     }
     Ok(value.to_string())
+}
+
+fn socket_addr(value: &str) -> Result<std::net::SocketAddr, String> {
+    value
+        .parse()
+        .map_err(|_| "expected an address and port, like 127.0.0.1:9002 or [::]:9002".into())
 }
 
 fn seconds(value: &str) -> Result<u64, String> {
@@ -500,6 +561,14 @@ mod tests {
         assert_eq!(s.webui_port, None);
         assert_eq!(s.resolv_conf, Some(PathBuf::from("/etc/resolv.conf")));
         assert_eq!(s.endpoint_refresh, std::time::Duration::from_secs(60));
+        assert_eq!(s.ts_tailscaled, "tailscaled");
+        assert_eq!(s.ts_state_dir, PathBuf::from("/tailguard/state"));
+        assert_eq!(
+            s.ts_socket,
+            PathBuf::from("/var/run/tailscale/tailscaled.sock")
+        );
+        assert!(s.ts_tailscaled_extra_args.is_empty());
+        assert_eq!(s.health_addr, "127.0.0.1:9002".parse().unwrap());
         assert_eq!(s.tc_attach, AttachMode::Auto);
     }
 
@@ -625,6 +694,24 @@ mod tests {
         let e = error(&["--endpoint-refresh=0"]);
         assert!(
             e.contains("TG_ENDPOINT_REFRESH") && e.contains("1 to 86400"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tailscaled_settings() {
+        let s = settings(&[
+            "--ts-tailscaled-extra-args=--verbose=1  --no-logs-no-support",
+            "--health-addr=[::]:9999",
+        ]);
+        assert_eq!(
+            s.ts_tailscaled_extra_args,
+            ["--verbose=1", "--no-logs-no-support"]
+        );
+        assert_eq!(s.health_addr, "[::]:9999".parse().unwrap());
+        let e = error(&["--health-addr=9002"]);
+        assert!(
+            e.contains("TG_HEALTH_ADDR") && e.contains("like 127.0.0.1:9002"),
             "{e}"
         );
     }

@@ -215,8 +215,13 @@ impl StandIn {
                         .get("AuthKey")
                         .and_then(Value::as_str)
                         .is_some_and(|k| !k.is_empty());
+                    let update = body.get("UpdatePrefs").cloned().unwrap_or(Value::Null);
+                    if let Some(prefs) = update.as_object() {
+                        s.prefs.extend(prefs.clone());
+                    }
+                    let key = if has_key { "<given>" } else { "" };
                     s.log
-                        .push(json!({"start": {"AuthKey": if has_key { "<given>" } else { "" }}}));
+                        .push(json!({"start": {"AuthKey": key, "UpdatePrefs": update}}));
                     if has_key {
                         s.log_in();
                     }

@@ -42,7 +42,12 @@ async fn login_with_an_auth_key_then_preferences() {
     assert_eq!(status.backend_state, "NeedsLogin");
     assert!(status.tailscale_ips.is_empty());
 
-    api.start(start_body("tskey-auth-secret")).await.unwrap();
+    api.start(start_body(
+        Some("tskey-auth-secret"),
+        &MaskedPrefs::default(),
+    ))
+    .await
+    .unwrap();
     let status = api.status(false).await.unwrap();
     assert_eq!(status.backend_state, "Running");
     assert_eq!(status.tailscale_ips, addresses());
@@ -63,7 +68,7 @@ async fn login_with_an_auth_key_then_preferences() {
         json!(["192.168.8.0/24"])
     );
     let log = standin.state().log;
-    assert_eq!(log[0], json!({"start": {"AuthKey": "<given>"}}));
+    assert_eq!(log[0]["start"]["AuthKey"], json!("<given>"));
     assert_eq!(log[1]["PATCH prefs"]["AdvertiseRoutesSet"], json!(true));
     assert_eq!(
         api.whois("100.64.0.1:80").await.unwrap()["Node"]["ID"],

@@ -161,12 +161,28 @@ pub fn once_healthy(plan: &TailscalePlan, status: &Status) -> Result<Option<Mask
     Ok((prefs != MaskedPrefs::default()).then_some(prefs))
 }
 
-/// The body of `POST /localapi/v0/start`: log in with the auth key.
-/// `UpdatePrefs` is left out so the node's saved preferences stay; ours
-/// follow as masked preferences.
-pub fn start_body(auth_key: &str) -> Value {
-    json!({ "AuthKey": auth_key })
+/// The body of `POST /localapi/v0/start`, used when the node must log in:
+/// the auth key (if any) and the initial preferences, as `tailscale up`
+/// sends them. tailscaled takes the control server only here, at start.
+/// Netfilter stays on (`NetfilterMode` 2), as for `tailscale up`.
+pub fn start_body(auth_key: Option<&str>, prefs: &MaskedPrefs) -> Value {
+    let mut update = prefs.to_json();
+    if let Some(map) = update.as_object_mut() {
+        map.retain(|key, _| !key.ends_with("Set"));
+        map.entry("ControlURL")
+            .or_insert(json!(DEFAULT_CONTROL_URL));
+        map.insert("NetfilterMode".into(), json!(2));
+        map.insert("WantRunning".into(), json!(true));
+    }
+    let mut body = json!({ "UpdatePrefs": update });
+    if let Some(key) = auth_key {
+        body["AuthKey"] = json!(key);
+    }
+    body
 }
+
+/// Tailscale's own control server.
+pub const DEFAULT_CONTROL_URL: &str = "https://controlplane.tailscale.com";
 
 #[cfg(test)]
 mod tests {
@@ -304,7 +320,24 @@ mod tests {
     }
 
     #[test]
-    fn start_body_carries_only_the_auth_key() {
-        assert_eq!(start_body("tskey-abc"), json!({"AuthKey": "tskey-abc"}));
+    fn start_body_carries_the_key_and_the_initial_prefs() {
+        let p = plan(&["--ts-login-server=https://hs.example.com"], "10.8.0.0/24");
+        let body = start_body(Some("tskey-abc"), &at_start(&p));
+        assert_eq!(body["AuthKey"], json!("tskey-abc"));
+        let update = &body["UpdatePrefs"];
+        assert_eq!(update["ControlURL"], json!("https://hs.example.com"));
+        assert_eq!(update["AdvertiseRoutes"], json!(["10.8.0.0/24"]));
+        assert_eq!(update["WantRunning"], json!(true));
+        assert_eq!(update["NetfilterMode"], json!(2));
+        assert!(
+            update.get("RouteAllSet").is_none(),
+            "UpdatePrefs is a whole Prefs, not a masked one"
+        );
+        let interactive = start_body(None, &at_start(&plan(&[], "10.8.0.0/24")));
+        assert!(interactive.get("AuthKey").is_none());
+        assert_eq!(
+            interactive["UpdatePrefs"]["ControlURL"],
+            json!(DEFAULT_CONTROL_URL)
+        );
     }
 }
