@@ -6,16 +6,19 @@ use std::{future::Future, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow};
 use tailguard_common::{Device, Direction};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
     datapath::{Datapath, LoadOptions},
     endpoints,
     gro::GroSetup,
+    health::{self, Health},
     netlink::Netlink,
     plan::Plan,
     resolver::ResolverSetup,
     settings::Settings,
+    tailscale::supervisor::Supervisor,
     wg_setup::WgSetup,
     wgconf::WgConfig,
 };
@@ -42,10 +45,13 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
     let nl = Netlink::connect().context("opening rtnetlink")?;
     let mut running = Running {
         nl,
+        health: Health::new(),
         gro: None,
         wg: None,
         resolver: None,
         datapath: None,
+        supervisor: None,
+        tasks: Vec::new(),
     };
     let result = match running.start(settings, &plan).await {
         Ok(()) => running.serve(settings, &plan, shutdown).await,
@@ -58,6 +64,13 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
 /// Everything set up so far, each part removed by [`Running::teardown`].
 struct Running {
     nl: Netlink,
+    /// Health as of the start (the time it began); the live value is a
+    /// watch channel owned by `serve`.
+    health: Health,
+    /// tailscaled's supervisor: its stop switch and task.
+    supervisor: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    /// Background tasks (the health endpoint), aborted at teardown.
+    tasks: Vec<JoinHandle<()>>,
     gro: Option<GroSetup>,
     wg: Option<WgSetup>,
     resolver: Option<ResolverSetup>,
@@ -82,6 +95,16 @@ impl Running {
         plan: &Plan,
         shutdown: impl Future<Output = ()>,
     ) -> Result<()> {
+        let (health, health_rx) = watch::channel(Health {
+            wireguard_up: true,
+            ..self.health.clone()
+        });
+        let listener = TcpListener::bind(settings.health_addr)
+            .await
+            .with_context(|| format!("TG_HEALTH_ADDR={}: cannot listen", settings.health_addr))?;
+        self.tasks
+            .push(tokio::spawn(health::serve(listener, health_rx)));
+
         let mode = settings.tc_attach;
         let datapath = self
             .datapath
@@ -90,11 +113,20 @@ impl Running {
             .attach(Device::WireGuard, &settings.wg_device, mode)
             .await
             .context("attaching the eBPF programs")?;
+        health.send_modify(|h| h.wireguard_attached = true);
+
+        // tailscaled comes after the WireGuard side and its programs, so the
+        // policy is in place before the tailnet device exists.
+        let (supervisor, mut tailscale) = Supervisor::new(settings, &plan.tailscale);
+        let (stop_supervisor, stopped) = watch::channel(false);
+        self.supervisor = Some((stop_supervisor, tokio::spawn(supervisor.run(stopped))));
         info!(wg = %settings.wg_device, ts = %settings.ts_device, "running; SIGINT or SIGTERM stops");
 
         tokio::pin!(shutdown);
         let mut ts_attached = attach_if_present(&self.nl, datapath, settings).await?;
-        if !ts_attached {
+        if ts_attached {
+            health.send_modify(|h| h.tailscale_attached = true);
+        } else {
             info!(device = %settings.ts_device, "waiting for the Tailscale device");
         }
         let dynamic = endpoints::any_dynamic(&plan.wireguard);
@@ -105,6 +137,13 @@ impl Running {
                 () = &mut shutdown => return Ok(()),
                 () = tokio::time::sleep(TS_DEVICE_POLL), if !ts_attached => {
                     ts_attached = attach_if_present(&self.nl, datapath, settings).await?;
+                    if ts_attached {
+                        health.send_modify(|h| { h.tailscale_attached = true; h.mark(); });
+                    }
+                }
+                Ok(()) = tailscale.changed() => {
+                    let state = tailscale.borrow_and_update().clone();
+                    health.send_modify(|h| { h.tailscale = state.ready.clone(); h.mark(); });
                 }
                 _ = refresh.tick(), if dynamic => {
                     if let Some(device) = self.wg.as_ref().and_then(WgSetup::device)
@@ -120,6 +159,18 @@ impl Running {
     /// Takes down everything, collecting errors instead of stopping at one.
     async fn teardown(&mut self) -> Result<()> {
         let mut errors: Vec<String> = Vec::new();
+        if let Some((stop, task)) = self.supervisor.take() {
+            let _ = stop.send(true);
+            if tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .is_err()
+            {
+                errors.push("tailscaled's supervisor did not stop within 10 s".into());
+            }
+        }
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
         if let Some(datapath) = self.datapath.take() {
             log_counters(&datapath);
             if let Err(e) = datapath.detach().await {

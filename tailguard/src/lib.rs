@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod endpoints;
 pub mod gro;
+pub mod health;
 pub mod netlink;
 pub mod plan;
 pub mod resolver;

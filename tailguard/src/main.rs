@@ -26,6 +26,9 @@ enum Command {
     /// Check the settings and the WireGuard configuration and print what
     /// the daemon would set up; touches nothing.
     Check,
+    /// Ask the running daemon whether it is healthy (for Docker's
+    /// HEALTHCHECK): exit status 0 if so, 1 with the reason if not.
+    Health,
     /// Load the eBPF programs through the kernel verifier and list them with
     /// their instruction counts; attaches nothing.
     Programs,
@@ -44,6 +47,7 @@ async fn main() -> Result<()> {
         Command::Run => run(&validated(cli.settings)?).await,
         Command::Check => check(&validated(cli.settings)?),
         Command::Programs => programs(),
+        Command::Health => health(&validated(cli.settings)?).await,
     }
 }
 
@@ -55,6 +59,19 @@ fn validated(args: SettingsArgs) -> Result<Settings> {
         warn!("{warning}");
     }
     Ok(settings)
+}
+
+async fn health(settings: &Settings) -> Result<()> {
+    match tailguard::health::check(settings.health_addr).await {
+        Ok(report) => {
+            print!("{report}");
+            Ok(())
+        }
+        Err(report) => {
+            print!("{report}");
+            std::process::exit(1);
+        }
+    }
 }
 
 fn check(settings: &Settings) -> Result<()> {

@@ -252,6 +252,23 @@ impl StandIn {
                 }
             }
             (Method::GET, "/localapi/v0/watch-ipn-bus") => self.watch(),
+            (Method::GET, "/standin/log") => {
+                reply(StatusCode::OK, json!(self.state.lock().unwrap().log))
+            }
+            (Method::POST, "/standin/set") => {
+                self.update(|s| {
+                    if let Some(addrs) = body.get("addresses").and_then(Value::as_array) {
+                        s.addresses = addrs
+                            .iter()
+                            .filter_map(|a| a.as_str()?.parse().ok())
+                            .collect();
+                    }
+                    if let Some(online) = body.get("online").and_then(Value::as_bool) {
+                        s.online = online;
+                    }
+                });
+                reply(StatusCode::NO_CONTENT, Value::Null)
+            }
             (Method::POST, "/standin/approve") => {
                 self.update(State::log_in);
                 reply(StatusCode::NO_CONTENT, Value::Null)
@@ -294,4 +311,49 @@ fn reply(status: StatusCode, body: Value) -> Response<BoxBody<Bytes, Infallible>
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(BoxBody::new(Full::new(Bytes::from(text))))
         .expect("a valid response")
+}
+
+/// A test's request to a stand-in's socket (LocalAPI or `/standin/`
+/// controls): the status and the JSON answer (`null` if none; 503 when
+/// nothing listens on the socket).
+pub async fn request(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Value,
+) -> (StatusCode, Value) {
+    // Not listening (yet): say so rather than panic, tests poll with this.
+    let Ok(stream) = tokio::net::UnixStream::connect(socket).await else {
+        return (StatusCode::SERVICE_UNAVAILABLE, Value::Null);
+    };
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    let text = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "local-tailscaled.sock")
+        .body(Full::new(Bytes::from(text)))
+        .expect("a valid request");
+    let response = sender
+        .send_request(req)
+        .await
+        .expect("the stand-in answers");
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }

@@ -5,3 +5,4 @@
 pub mod localapi;
 pub mod prefs;
 pub mod status;
+pub mod supervisor;

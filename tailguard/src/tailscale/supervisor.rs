@@ -1,0 +1,407 @@
+//! Supervising tailscaled: start it (or use one that already answers on the
+//! socket: attach mode), log it in, set the preferences, follow its status,
+//! and start it again with back-off when it exits. The rest of TailGuard
+//! (the forwarding plane, health) keeps running meanwhile; it learns what
+//! Tailscale is doing from the [`TailscaleState`] this publishes.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    process::Stdio,
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt as _, BufReader},
+    process::{Child, Command},
+    sync::watch,
+    time::{Instant, sleep},
+};
+use tracing::{error, info, warn};
+
+use super::{localapi::LocalApi, prefs, status::Status};
+use crate::{plan::TailscalePlan, settings::Settings};
+
+/// What the rest of the daemon needs to know about Tailscale.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TailscaleState {
+    /// The node's own tailnet addresses.
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+    /// `Ok` once Running, with addresses, online; else why not.
+    pub ready: Result<(), String>,
+}
+
+impl Default for TailscaleState {
+    fn default() -> Self {
+        Self {
+            v4: None,
+            v6: None,
+            ready: Err("tailscaled has not answered yet".into()),
+        }
+    }
+}
+
+/// How often to read tailscaled's status.
+const POLL: Duration = Duration::from_secs(1);
+/// How long tailscaled may take to open its socket.
+const SOCKET_WAIT: Duration = Duration::from_secs(30);
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+pub struct Supervisor {
+    settings: Settings,
+    plan: TailscalePlan,
+    api: LocalApi,
+    state: watch::Sender<TailscaleState>,
+}
+
+impl Supervisor {
+    pub fn new(
+        settings: &Settings,
+        plan: &TailscalePlan,
+    ) -> (Self, watch::Receiver<TailscaleState>) {
+        let (state, receiver) = watch::channel(TailscaleState::default());
+        let supervisor = Self {
+            settings: settings.clone(),
+            plan: plan.clone(),
+            api: LocalApi::new(&settings.ts_socket),
+            state,
+        };
+        (supervisor, receiver)
+    }
+
+    /// Runs until `shutdown` turns true; then stops the tailscaled it started.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let attach = self.api.status(false).await.is_ok();
+        if attach {
+            info!(socket = %self.settings.ts_socket.display(), "a tailscaled already answers: using it (attach mode)");
+        }
+        let mut backoff = BACKOFF_FIRST;
+        loop {
+            let mut child = if attach {
+                None
+            } else {
+                match self.spawn() {
+                    Ok(child) => Some(child),
+                    Err(e) => {
+                        error!("{e}");
+                        if wait_or_shutdown(&mut shutdown, backoff).await {
+                            return;
+                        }
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
+                    }
+                }
+            };
+            let started = Instant::now();
+            let outcome = self.serve(child.as_mut(), &mut shutdown).await;
+            if let Some(child) = child.as_mut() {
+                stop(child).await;
+            }
+            match outcome {
+                Outcome::Shutdown => return,
+                Outcome::Exited(why) => {
+                    self.state.send_replace(TailscaleState {
+                        ready: Err(why.clone()),
+                        ..TailscaleState::default()
+                    });
+                    if started.elapsed() > BACKOFF_MAX {
+                        backoff = BACKOFF_FIRST;
+                    }
+                    warn!("{why}; starting it again in {} s", backoff.as_secs());
+                    if wait_or_shutdown(&mut shutdown, backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    fn spawn(&self) -> Result<Child, String> {
+        let s = &self.settings;
+        let mut cmd = Command::new(&s.ts_tailscaled);
+        cmd.arg(format!("--tun={}", s.ts_device))
+            .arg(format!("--port={}", s.ts_port))
+            .arg(format!("--statedir={}", s.ts_state_dir.display()))
+            .arg(format!("--socket={}", s.ts_socket.display()))
+            .args(&s.ts_tailscaled_extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("starting tailscaled `{}`: {e}", s.ts_tailscaled))?;
+        // Its log becomes ours.
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(pipe).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    info!(target: "tailscaled", "{line}");
+                }
+            });
+        }
+        info!(
+            program = s.ts_tailscaled,
+            device = s.ts_device,
+            port = s.ts_port,
+            "tailscaled started"
+        );
+        Ok(child)
+    }
+
+    /// One life of tailscaled: wait for it, log in, set preferences, follow
+    /// it. Returns when it exits or when told to shut down.
+    async fn serve(
+        &self,
+        mut child: Option<&mut Child>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Outcome {
+        let mut login = Login::default();
+        let mut prefs_set = false;
+        let mut healthy_prefs_set = false;
+        let mut socket_deadline = Some(Instant::now() + SOCKET_WAIT);
+        loop {
+            if let Some(child) = child.as_deref_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Outcome::Exited(format!("tailscaled exited ({status})"));
+            }
+            match self.api.status(true).await {
+                Ok(status) => {
+                    socket_deadline = None;
+                    self.follow(&status, &mut login, &mut prefs_set, &mut healthy_prefs_set)
+                        .await;
+                }
+                Err(e) => {
+                    if socket_deadline.is_some_and(|d| Instant::now() > d) {
+                        return Outcome::Exited(format!(
+                            "tailscaled did not answer within {} s: {e}",
+                            SOCKET_WAIT.as_secs()
+                        ));
+                    }
+                    if socket_deadline.is_none() {
+                        self.publish(
+                            Err(format!("tailscaled does not answer: {e}")),
+                            (None, None),
+                        );
+                    }
+                }
+            }
+            if wait_or_shutdown(shutdown, POLL).await {
+                return Outcome::Shutdown;
+            }
+        }
+    }
+
+    /// Acts on one status: log in if needed, set preferences once running,
+    /// the once-healthy ones once healthy, and publish the state.
+    async fn follow(
+        &self,
+        status: &Status,
+        login: &mut Login,
+        prefs_set: &mut bool,
+        healthy_prefs_set: &mut bool,
+    ) {
+        match status.backend_state.as_str() {
+            "NeedsLogin" | "NoState" => {
+                login
+                    .advance(&self.api, &self.settings, &self.plan, status)
+                    .await
+            }
+            "NeedsMachineAuth" if !login.machine_auth_said => {
+                warn!("the node waits for approval in the tailnet's admin console");
+                login.machine_auth_said = true;
+            }
+            "Running" if !*prefs_set => {
+                match self.api.edit_prefs(&prefs::at_start(&self.plan)).await {
+                    Ok(_) => {
+                        info!(routes = ?self.plan.advertise.routes, exit_node = self.plan.advertise.exit_node, "Tailscale preferences set");
+                        *prefs_set = true;
+                    }
+                    Err(e) => warn!("setting Tailscale preferences: {e}"),
+                }
+            }
+            _ => {}
+        }
+        let ready = status.ready();
+        if ready.is_ok() && *prefs_set && !*healthy_prefs_set {
+            match prefs::once_healthy(&self.plan, status) {
+                Ok(None) => *healthy_prefs_set = true,
+                Ok(Some(later)) => match self.api.edit_prefs(&later).await {
+                    Ok(_) => {
+                        info!(exit_node = ?self.plan.exit_node, web_client = self.plan.web_client, "preferences for a healthy node set");
+                        *healthy_prefs_set = true;
+                    }
+                    Err(e) => warn!("setting the exit node / web client: {e}"),
+                },
+                // A named exit node may appear in a later netmap: try again.
+                Err(e) => warn!("{e}"),
+            }
+        }
+        self.publish(ready, status.own_addresses());
+    }
+
+    fn publish(&self, ready: Result<(), String>, (v4, v6): (Option<Ipv4Addr>, Option<Ipv6Addr>)) {
+        let new = TailscaleState { v4, v6, ready };
+        self.state.send_if_modified(|old| {
+            if *old == new {
+                return false;
+            }
+            if (old.v4, old.v6) != (new.v4, new.v6) {
+                info!(v4 = ?new.v4, v6 = ?new.v6, "tailnet addresses");
+            }
+            if old.ready != new.ready {
+                match &new.ready {
+                    Ok(()) => info!("Tailscale is up"),
+                    Err(why) => info!("Tailscale is not ready: {why}"),
+                }
+            }
+            *old = new;
+            true
+        });
+    }
+}
+
+enum Outcome {
+    Shutdown,
+    Exited(String),
+}
+
+/// Where the login stands, so each step happens once per tailscaled life.
+#[derive(Default)]
+struct Login {
+    started: bool,
+    interactive_requested: bool,
+    url_shown: Option<String>,
+    machine_auth_said: bool,
+}
+
+impl Login {
+    async fn advance(
+        &mut self,
+        api: &LocalApi,
+        settings: &Settings,
+        plan: &TailscalePlan,
+        status: &Status,
+    ) {
+        if !self.started {
+            let key = match &settings.ts_authkey {
+                None => None,
+                Some(secret) => match auth_key(secret.expose()) {
+                    Ok(key) => Some(key),
+                    Err(e) => {
+                        error!("{e}");
+                        return;
+                    }
+                },
+            };
+            match api
+                .start(prefs::start_body(key.as_deref(), &prefs::at_start(plan)))
+                .await
+            {
+                Ok(()) => {
+                    self.started = true;
+                    if key.is_some() {
+                        info!("logging in with the auth key (TS_AUTHKEY)");
+                    }
+                }
+                Err(e) => {
+                    warn!("starting tailscaled's login: {e}");
+                    return;
+                }
+            }
+            if key.is_some() {
+                return;
+            }
+        }
+        if settings.ts_authkey.is_none() && !self.interactive_requested {
+            match api.login_interactive().await {
+                Ok(()) => self.interactive_requested = true,
+                Err(e) => warn!("asking for a login URL: {e}"),
+            }
+        }
+        if !status.auth_url.is_empty() && self.url_shown.as_deref() != Some(&status.auth_url) {
+            let line = "=".repeat(72);
+            warn!(
+                "\n{line}\nTo connect TailGuard to your tailnet, log in at:\n\n    {}\n\n{line}",
+                status.auth_url
+            );
+            self.url_shown = Some(status.auth_url.clone());
+        }
+    }
+}
+
+/// `TS_AUTHKEY`, or with a `file:` prefix the (trimmed) content of that file.
+pub fn auth_key(value: &str) -> Result<String, String> {
+    match value.strip_prefix("file:") {
+        None => Ok(value.to_string()),
+        Some(path) => std::fs::read_to_string(path)
+            .map(|k| k.trim().to_string())
+            .map_err(|e| format!("TS_AUTHKEY=file:{path}: cannot read the key: {e}")),
+    }
+}
+
+/// SIGTERM, then SIGKILL if it does not go within 5 s.
+async fn stop(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .is_err()
+    {
+        warn!("tailscaled did not stop within 5 s; killing it");
+        let _ = child.kill().await;
+    }
+}
+
+/// Sleeps `duration` unless shutdown comes first; true means shut down.
+async fn wait_or_shutdown(shutdown: &mut watch::Receiver<bool>, duration: Duration) -> bool {
+    if *shutdown.borrow() {
+        return true;
+    }
+    tokio::select! {
+        () = sleep(duration) => false,
+        _ = shutdown.changed() => *shutdown.borrow(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_key_from_a_file_is_trimmed_and_a_missing_file_is_named() {
+        let path = std::env::temp_dir().join(format!("tg-authkey-{}", std::process::id()));
+        std::fs::write(&path, "tskey-auth-123\n").unwrap();
+        assert_eq!(
+            auth_key(&format!("file:{}", path.display())),
+            Ok("tskey-auth-123".into())
+        );
+        assert_eq!(auth_key("tskey-direct"), Ok("tskey-direct".into()));
+        std::fs::remove_file(&path).unwrap();
+        let e = auth_key(&format!("file:{}", path.display())).unwrap_err();
+        assert!(
+            e.starts_with("TS_AUTHKEY=file:") && e.contains("cannot read the key"),
+            "{e}"
+        );
+        assert!(!e.contains("tskey"), "{e}");
+    }
+}
