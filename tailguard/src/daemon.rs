@@ -35,7 +35,11 @@ pub fn plan(settings: &Settings) -> Result<Plan> {
     for warning in warnings {
         warn!("{warning}");
     }
-    Ok(Plan::new(settings, &config))
+    let plan = Plan::new(settings, &config);
+    for warning in crate::tailscale::prefs::extra_args_warnings(&plan.tailscale) {
+        warn!("{warning}");
+    }
+    Ok(plan)
 }
 
 /// Runs until `shutdown` completes, then tears down. A failure at any step

@@ -129,6 +129,8 @@ pub struct TailscalePlan {
     pub advertise: Advertisement,
     pub exit_node: Option<String>,
     pub web_client: bool,
+    /// `TS_EXTRA_ARGS`, applied over the preferences above.
+    pub extra_args: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -273,6 +275,7 @@ fn tailscale(settings: &Settings, config: &WgConfig) -> TailscalePlan {
         advertise: routes::advertisement(settings, &config.peers),
         exit_node: settings.ts_exit_node.clone(),
         web_client: settings.ts_webclient,
+        extra_args: settings.ts_extra_args.clone(),
     }
 }
 

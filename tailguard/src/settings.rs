@@ -144,6 +144,16 @@ pub struct SettingsArgs {
     )]
     pub ts_tailscaled_extra_args: String,
 
+    /// `tailscale up` flags that are preferences (tags, SSH, shields-up...),
+    /// split at white space.
+    #[arg(
+        long,
+        env = "TS_EXTRA_ARGS",
+        value_name = "TS_EXTRA_ARGS",
+        default_value = ""
+    )]
+    pub ts_extra_args: String,
+
     /// Address of the health endpoint (`/healthz`, used by `tailguard health`).
     #[arg(long, env = "TG_HEALTH_ADDR", value_name = "TG_HEALTH_ADDR", default_value = "127.0.0.1:9002", value_parser = socket_addr)]
     pub health_addr: std::net::SocketAddr,
@@ -199,6 +209,7 @@ pub struct Settings {
     pub ts_state_dir: PathBuf,
     pub ts_socket: PathBuf,
     pub ts_tailscaled_extra_args: Vec<String>,
+    pub ts_extra_args: Vec<String>,
     pub health_addr: std::net::SocketAddr,
     pub ts_login_server: Option<String>,
     pub ts_authkey: Option<Secret>,
@@ -264,6 +275,11 @@ impl SettingsArgs {
             ts_socket: self.ts_socket,
             ts_tailscaled_extra_args: self
                 .ts_tailscaled_extra_args
+                .split_whitespace()
+                .map(String::from)
+                .collect(),
+            ts_extra_args: self
+                .ts_extra_args
                 .split_whitespace()
                 .map(String::from)
                 .collect(),

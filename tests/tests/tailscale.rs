@@ -331,3 +331,65 @@ fn address_changes_and_going_offline_reach_the_daemon() {
         daemon.stop();
     });
 }
+
+/// A tailscaled already running (e.g. on the host) is used as it is: no
+/// second one is started, preferences are still set, and stopping TailGuard
+/// leaves it running.
+#[test]
+fn attach_mode_uses_a_running_tailscaled_and_leaves_it_running() {
+    let bed = Testbed::new("ts-attach");
+    let dir = bed.config_dir(&bed.config("", "10.66.0.1/32, 192.168.8.0/24"));
+    let socket = dir.0.join("host-tailscaled.sock");
+    bed.ours.run(|| {
+        let host_device = unique_ifname("ts");
+        let mut host = Command::new(STANDIN)
+            .args([
+                format!("--tun={host_device}"),
+                format!("--socket={}", socket.display()),
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the host's stand-in");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ask(&socket, Method::GET, "/localapi/v0/status", Value::Null).is_null() {
+            assert!(
+                Instant::now() < deadline,
+                "the host's stand-in did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let socket_text = socket.display().to_string();
+        let env = [
+            ("TS_SOCKET", socket_text.as_str()),
+            ("TS_DEVICE", host_device.as_str()),
+            ("TS_TAILSCALED", "/nonexistent/tailscaled"),
+            ("TS_AUTHKEY", "tskey-x"),
+        ];
+        let mut daemon = Daemon::start(&bed, &dir, &env);
+        daemon.wait_for("health", |_| health().0);
+        assert!(
+            daemon
+                .log()
+                .contains("already answers: using it (attach mode)"),
+            "{}",
+            daemon.log()
+        );
+        assert!(
+            !daemon.log().contains("/nonexistent/tailscaled"),
+            "no tailscaled may be started:\n{}",
+            daemon.log()
+        );
+        assert_eq!(
+            prefs(&socket)["AdvertiseRoutes"],
+            json!(["10.66.0.1/32", "192.168.8.0/24"])
+        );
+        daemon.stop();
+        assert!(
+            host.try_wait().unwrap().is_none(),
+            "the host's tailscaled must keep running"
+        );
+        assert!(run(Command::new("ip").args(["-br", "link"])).contains(&host_device));
+        kill(Pid::from_raw(host.id() as i32), Signal::SIGTERM).unwrap();
+        host.wait().unwrap();
+    });
+}

@@ -32,6 +32,13 @@ pub struct MaskedPrefs {
     pub exit_node: Option<ExitNode>,
     pub exit_node_allow_lan_access: Option<bool>,
     pub run_web_client: Option<bool>,
+    // Only set through TS_EXTRA_ARGS:
+    pub advertise_tags: Option<Vec<String>>,
+    pub shields_up: Option<bool>,
+    pub run_ssh: Option<bool>,
+    /// The inverse of `--snat-subnet-routes`.
+    pub no_snat: Option<bool>,
+    pub operator_user: Option<String>,
 }
 
 /// How the exit node is named to tailscaled.
@@ -98,11 +105,105 @@ impl MaskedPrefs {
         if let Some(v) = self.run_web_client {
             set("RunWebClient", json!(v));
         }
+        if let Some(v) = &self.advertise_tags {
+            set("AdvertiseTags", json!(v));
+        }
+        if let Some(v) = self.shields_up {
+            set("ShieldsUp", json!(v));
+        }
+        if let Some(v) = self.run_ssh {
+            set("RunSSH", json!(v));
+        }
+        if let Some(v) = self.no_snat {
+            set("NoSNAT", json!(v));
+        }
+        if let Some(v) = &self.operator_user {
+            set("OperatorUser", json!(v));
+        }
         Value::Object(map)
     }
 }
 
 const DEFAULT_ROUTES: [&str; 2] = ["0.0.0.0/0", "::/0"];
+
+/// `TS_EXTRA_ARGS`: the `tailscale up` flags that are preferences, applied
+/// over `prefs` (they win, as they would on the reference's command line).
+/// Returns a warning for every argument that is not one.
+pub fn apply_extra_args(prefs: &mut MaskedPrefs, args: &[String]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for arg in args {
+        let (flag, value) = match arg.trim_start_matches('-').split_once('=') {
+            Some((f, v)) => (f, Some(v)),
+            None => (arg.trim_start_matches('-'), None),
+        };
+        let flag_bool = || match value {
+            None | Some("true") => Some(true),
+            Some("false") => Some(false),
+            Some(_) => None,
+        };
+        let list = || {
+            value.map(|v| {
+                v.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+        };
+        let ok = match flag {
+            "advertise-tags" => list()
+                .map(|tags| prefs.advertise_tags = Some(tags))
+                .is_some(),
+            "shields-up" => flag_bool().map(|b| prefs.shields_up = Some(b)).is_some(),
+            "ssh" => flag_bool().map(|b| prefs.run_ssh = Some(b)).is_some(),
+            "accept-dns" => flag_bool().map(|b| prefs.corp_dns = Some(b)).is_some(),
+            "accept-routes" => flag_bool().map(|b| prefs.route_all = Some(b)).is_some(),
+            "snat-subnet-routes" => flag_bool().map(|b| prefs.no_snat = Some(!b)).is_some(),
+            "exit-node-allow-lan-access" => flag_bool()
+                .map(|b| prefs.exit_node_allow_lan_access = Some(b))
+                .is_some(),
+            "webclient" => flag_bool()
+                .map(|b| prefs.run_web_client = Some(b))
+                .is_some(),
+            "hostname" => value
+                .map(|h| prefs.hostname = Some(h.to_string()))
+                .is_some(),
+            "operator" => value
+                .map(|u| prefs.operator_user = Some(u.to_string()))
+                .is_some(),
+            "login-server" => value
+                .map(|u| prefs.control_url = Some(u.to_string()))
+                .is_some(),
+            "advertise-routes" => list()
+                .and_then(|routes| {
+                    routes
+                        .iter()
+                        .map(|r| r.parse::<IpNet>().ok())
+                        .collect::<Option<Vec<_>>>()
+                })
+                .map(|routes| prefs.advertise_routes = Some(routes))
+                .is_some(),
+            "auth-key" | "authkey" => {
+                // Never echo it: it is a secret.
+                warnings.push(
+                    "TS_EXTRA_ARGS: --auth-key is ignored; give the key as TS_AUTHKEY".into(),
+                );
+                continue;
+            }
+            _ => {
+                warnings.push(format!(
+                    "TS_EXTRA_ARGS: {arg} is not a preference TailGuard can set; ignored"
+                ));
+                continue;
+            }
+        };
+        if !ok {
+            warnings.push(format!(
+                "TS_EXTRA_ARGS: {arg} has a value TailGuard cannot read; ignored"
+            ));
+        }
+    }
+    warnings
+}
 
 /// The preferences set at start. The exit node is left to
 /// [`exit_node`], which may need the tailnet's peers to resolve a name.
@@ -111,7 +212,7 @@ pub fn at_start(plan: &TailscalePlan) -> MaskedPrefs {
     if plan.advertise.exit_node {
         routes.extend(DEFAULT_ROUTES.map(|r| r.parse::<IpNet>().expect("valid prefix")));
     }
-    MaskedPrefs {
+    let mut prefs = MaskedPrefs {
         control_url: plan.login_server.clone(),
         want_running: Some(true),
         route_all: Some(plan.accept_routes),
@@ -119,7 +220,15 @@ pub fn at_start(plan: &TailscalePlan) -> MaskedPrefs {
         hostname: plan.hostname.clone(),
         advertise_routes: Some(routes),
         ..MaskedPrefs::default()
-    }
+    };
+    // Warnings were given when the plan was made (`extra_args_warnings`).
+    let _ = apply_extra_args(&mut prefs, &plan.extra_args);
+    prefs
+}
+
+/// What is wrong with `TS_EXTRA_ARGS`, to say once at start.
+pub fn extra_args_warnings(plan: &TailscalePlan) -> Vec<String> {
+    apply_extra_args(&mut MaskedPrefs::default(), &plan.extra_args)
 }
 
 /// The exit node to use (client mode), with LAN access kept, as the
@@ -317,6 +426,47 @@ mod tests {
             later,
             json!({"RunWebClient": true, "RunWebClientSet": true})
         );
+    }
+
+    #[test]
+    fn extra_args_that_are_preferences_are_applied_and_the_rest_named() {
+        let mut prefs = at_start(&plan(&[], "10.8.0.0/24"));
+        let args: Vec<String> = [
+            "--advertise-tags=tag:bridge,tag:vps",
+            "--shields-up",
+            "--ssh=false",
+            "--snat-subnet-routes=false",
+            "--accept-dns=true",
+            "--operator=alice",
+            "--auth-key=tskey-SECRET",
+            "--reset",
+            "--ssh=maybe",
+        ]
+        .map(String::from)
+        .to_vec();
+        let warnings = apply_extra_args(&mut prefs, &args);
+        let json = prefs.to_json();
+        assert_eq!(json["AdvertiseTags"], json!(["tag:bridge", "tag:vps"]));
+        assert_eq!(
+            (&json["ShieldsUp"], &json["RunSSH"], &json["NoSNAT"]),
+            (&json!(true), &json!(false), &json!(true))
+        );
+        assert_eq!(
+            json["CorpDNS"],
+            json!(true),
+            "the extra args win over the mode's default"
+        );
+        assert_eq!(json["OperatorUser"], json!("alice"));
+        assert_eq!(json["OperatorUserSet"], json!(true));
+        assert_eq!(
+            warnings,
+            [
+                "TS_EXTRA_ARGS: --auth-key is ignored; give the key as TS_AUTHKEY",
+                "TS_EXTRA_ARGS: --reset is not a preference TailGuard can set; ignored",
+                "TS_EXTRA_ARGS: --ssh=maybe has a value TailGuard cannot read; ignored",
+            ]
+        );
+        assert!(!warnings.concat().contains("SECRET"));
     }
 
     #[test]
