@@ -393,3 +393,56 @@ fn attach_mode_uses_a_running_tailscaled_and_leaves_it_running() {
         host.wait().unwrap();
     });
 }
+
+/// The stand-in's Tailscale device is a real WireGuard link to a "tailnet
+/// peer" namespace: once logged in, the peer's tailnet address is reached
+/// through table 52, as with tailscaled.
+#[test]
+fn the_tailnet_peer_is_reached_through_the_tailscale_device() {
+    use tailguard_tests::{
+        netns::{NetNs, veth},
+        wg::{KeyPair, WgPeer, ping},
+    };
+    let bed = Testbed::new("ts-peer");
+    let dir = bed.config_dir(&bed.config("", "10.66.0.1/32"));
+    let tailnet = NetNs::new("ts-peer-tailnet");
+    veth(&bed.ours, "10.210.0.1/24", &tailnet, "10.210.0.2/24");
+    let (node, peer) = (KeyPair::generate(), KeyPair::generate());
+    let peer_device = unique_ifname("tpr");
+    let _peer = tailnet.run(|| {
+        WgPeer::start(
+            &peer_device,
+            &peer,
+            41641,
+            "100.64.0.2/10,fd7a:115c:a1e0::2/48",
+            &[(
+                &node.public,
+                "100.64.0.1/32,fd7a:115c:a1e0::1/128",
+                Some("10.210.0.1:41641"),
+            )],
+        )
+    });
+    bed.ours.run(|| {
+        let env = [
+            ("TS_AUTHKEY", "tskey-x"),
+            ("STANDIN_WG_PRIVATE_KEY", node.private.as_str()),
+            ("STANDIN_WG_LISTEN_PORT", "41641"),
+            ("STANDIN_PEER_PUBLIC_KEY", peer.public.as_str()),
+            ("STANDIN_PEER_ENDPOINT", "10.210.0.2:41641"),
+            (
+                "STANDIN_PEER_ALLOWED_IPS",
+                "100.64.0.2/32,fd7a:115c:a1e0::2/128",
+            ),
+        ];
+        let mut daemon = Daemon::start(&bed, &dir, &env);
+        daemon.wait_for("health", |_| health().0);
+        let route = run(Command::new("ip").args(["route", "get", "100.64.0.2"]));
+        assert!(
+            route.contains(&format!("dev {} table 52", daemon.ts_device)),
+            "{route}"
+        );
+        ping("100.64.0.2");
+        ping("fd7a:115c:a1e0::2");
+        daemon.stop();
+    });
+}
