@@ -1,8 +1,12 @@
 //! The daemon's life: check everything, set up the WireGuard side, attach
-//! the programs (to the Tailscale device as soon as it exists), run until
-//! told to stop, then take down everything it set up.
+//! the programs, start and supervise tailscaled (attaching to its device as
+//! soon as it exists), serve health, run until told to stop, then take down
+//! everything it set up.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::{Context as _, Result, anyhow};
 use tailguard_common::{Device, Direction};
@@ -49,7 +53,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
     let nl = Netlink::connect().context("opening rtnetlink")?;
     let mut running = Running {
         nl,
-        health: Health::new(),
+        started_at: SystemTime::now(),
         gro: None,
         wg: None,
         resolver: None,
@@ -68,9 +72,8 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
 /// Everything set up so far, each part removed by [`Running::teardown`].
 struct Running {
     nl: Netlink,
-    /// Health as of the start (the time it began); the live value is a
-    /// watch channel owned by `serve`.
-    health: Health,
+    /// When the daemon started (reported by `/healthz`).
+    started_at: SystemTime,
     /// tailscaled's supervisor: its stop switch and task.
     supervisor: Option<(watch::Sender<bool>, JoinHandle<()>)>,
     /// Background tasks (the health endpoint), aborted at teardown.
@@ -100,8 +103,9 @@ impl Running {
         shutdown: impl Future<Output = ()>,
     ) -> Result<()> {
         let (health, health_rx) = watch::channel(Health {
+            started_at: self.started_at,
             wireguard_up: true,
-            ..self.health.clone()
+            ..Health::new()
         });
         let listener = TcpListener::bind(settings.health_addr)
             .await
