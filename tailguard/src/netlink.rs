@@ -8,7 +8,7 @@ use futures_util::TryStreamExt as _;
 use ipnet::IpNet;
 use netlink_packet_route::{
     AddressFamily,
-    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
     route::{RouteAttribute, RouteMessage},
     rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
 };
@@ -127,17 +127,7 @@ impl Netlink {
                 format!("looking up link {index}"),
             ),
         };
-        match request.execute().try_next().await {
-            Ok(link) => Ok(link),
-            Err(e) => {
-                let e = NetlinkError::new(what, e);
-                if e.errno == Some(Errno::ENODEV) {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        tolerate(request.execute().try_next().await, Errno::ENODEV, || what)
     }
 
     pub async fn link_index(&self, name: &str) -> Result<Option<u32>> {
@@ -174,43 +164,26 @@ impl Netlink {
         }))
     }
 
-    /// `ip link add NAME type wireguard`. `Ok(false)`: it existed already.
-    /// EOPNOTSUPP means the kernel has no WireGuard.
-    pub async fn add_wireguard(&self, name: &str) -> Result<bool> {
-        match self
+    /// `ip link add NAME type wireguard`. EOPNOTSUPP means the kernel has
+    /// no WireGuard; a device that exists already is fine.
+    pub async fn add_wireguard(&self, name: &str) -> Result<()> {
+        let result = self
             .handle
             .link()
             .add(LinkWireguard::new(name).build())
             .execute()
-            .await
-        {
-            Ok(()) => Ok(true),
-            Err(e) => {
-                let e = NetlinkError::new(format!("creating WireGuard device {name}"), e);
-                if e.errno == Some(Errno::EEXIST) {
-                    Ok(false)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+            .await;
+        tolerate(result, Errno::EEXIST, || {
+            format!("creating WireGuard device {name}")
+        })
     }
 
     pub async fn delete_link(&self, name: &str) -> Result<()> {
         let Some(index) = self.link_index(name).await? else {
             return Ok(());
         };
-        match self.handle.link().del(index).execute().await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let e = NetlinkError::new(format!("deleting {name}"), e);
-                if e.errno == Some(Errno::ENODEV) {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        let result = self.handle.link().del(index).execute().await;
+        tolerate(result, Errno::ENODEV, || format!("deleting {name}"))
     }
 
     /// Sets the MTU (if given) and brings the link up.
@@ -227,8 +200,8 @@ impl Netlink {
             .map_err(|e| NetlinkError::new(format!("bringing up link {index}"), e))
     }
 
-    /// The MTU of a link and whether it is up.
-    pub async fn link_state(&self, index: u32) -> Result<(u32, bool)> {
+    /// The MTU of a link.
+    pub async fn link_mtu(&self, index: u32) -> Result<u32> {
         let link = self
             .link(LinkQuery::Index(index))
             .await?
@@ -237,15 +210,14 @@ impl Netlink {
                 errno: Some(Errno::ENODEV),
                 message: "no such device".into(),
             })?;
-        let mtu = link
+        Ok(link
             .attributes
             .iter()
             .find_map(|a| match a {
                 LinkAttribute::Mtu(m) => Some(*m),
                 _ => None,
             })
-            .unwrap_or(0);
-        Ok((mtu, link.header.flags.contains(LinkFlags::Up)))
+            .unwrap_or(0))
     }
 
     pub async fn add_address(&self, index: u32, net: IpNet) -> Result<()> {
@@ -256,57 +228,6 @@ impl Netlink {
             .execute()
             .await;
         tolerate(result, Errno::EEXIST, || format!("adding address {net}"))
-    }
-
-    pub async fn delete_address(&self, index: u32, net: IpNet) -> Result<()> {
-        let mut found = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute();
-        while let Some(msg) = found
-            .try_next()
-            .await
-            .map_err(|e| NetlinkError::new(format!("listing addresses of link {index}"), e))?
-        {
-            let same = msg.header.prefix_len == net.prefix_len()
-                && msg.attributes.iter().any(|a| {
-                    matches!(a, netlink_packet_route::address::AddressAttribute::Address(addr) if *addr == net.addr())
-                });
-            if same {
-                let result = self.handle.address().del(msg).execute().await;
-                return tolerate(result, Errno::EADDRNOTAVAIL, || {
-                    format!("removing address {net}")
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// The addresses of a link, with their prefix lengths.
-    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
-        let mut found = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute();
-        let mut out = Vec::new();
-        while let Some(msg) = found
-            .try_next()
-            .await
-            .map_err(|e| NetlinkError::new(format!("listing addresses of link {index}"), e))?
-        {
-            for a in &msg.attributes {
-                if let netlink_packet_route::address::AddressAttribute::Address(addr) = a
-                    && let Ok(net) = IpNet::new(*addr, msg.header.prefix_len)
-                {
-                    out.push(net);
-                }
-            }
-        }
-        Ok(out)
     }
 
     pub async fn add_route(&self, route: DeviceRoute) -> Result<()> {
@@ -431,58 +352,21 @@ impl Netlink {
         let result = self.handle.rule().del(rule_message(rule)).execute().await;
         tolerate(result, Errno::ENOENT, || format!("removing rule {rule}"))
     }
-
-    /// Every rule of a family, as far as [`Rule`] describes them.
-    pub async fn rules(&self, ipv6: bool) -> Result<Vec<Rule>> {
-        let version = if ipv6 {
-            rtnetlink::IpVersion::V6
-        } else {
-            rtnetlink::IpVersion::V4
-        };
-        let mut found = self.handle.rule().get(version).execute();
-        let mut out = Vec::new();
-        while let Some(msg) = found
-            .try_next()
-            .await
-            .map_err(|e| NetlinkError::new("listing rules", e))?
-        {
-            let mut rule = Rule {
-                ipv6,
-                priority: 0,
-                fwmark: None,
-                invert: msg.header.flags.contains(RuleFlags::Invert),
-                table: u32::from(msg.header.table),
-                suppress_prefixlength: None,
-            };
-            for a in &msg.attributes {
-                match a {
-                    RuleAttribute::Priority(p) => rule.priority = *p,
-                    RuleAttribute::FwMark(m) => rule.fwmark = Some(*m),
-                    RuleAttribute::Table(t) => rule.table = *t,
-                    RuleAttribute::SuppressPrefixLen(l) if *l != u32::MAX => {
-                        rule.suppress_prefixlength = Some(*l)
-                    }
-                    _ => {}
-                }
-            }
-            out.push(rule);
-        }
-        Ok(out)
-    }
 }
 
-/// Treats `ok_errno` (EEXIST for adds, ENOENT-like for deletes) as success.
-fn tolerate(
-    result: std::result::Result<(), rtnetlink::Error>,
+/// Treats `ok_errno` (EEXIST for adds, ENOENT-like for deletes and look-ups)
+/// as success, answering `T::default()` for it.
+fn tolerate<T: Default>(
+    result: std::result::Result<T, rtnetlink::Error>,
     ok_errno: Errno,
     what: impl FnOnce() -> String,
-) -> Result<()> {
+) -> Result<T> {
     match result {
-        Ok(()) => Ok(()),
+        Ok(value) => Ok(value),
         Err(e) => {
             let e = NetlinkError::new(what(), e);
             if e.errno == Some(ok_errno) {
-                Ok(())
+                Ok(T::default())
             } else {
                 Err(e)
             }

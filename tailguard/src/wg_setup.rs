@@ -234,7 +234,7 @@ async fn auto_mtu(nl: &Netlink, endpoints: &[IpAddr]) -> u32 {
     }
     let mut largest = None;
     for oif in devices {
-        if let Ok((mtu, _)) = nl.link_state(oif).await {
+        if let Ok(mtu) = nl.link_mtu(oif).await {
             largest = Some(largest.map_or(mtu, |m: u32| m.max(mtu)));
         }
     }

@@ -82,7 +82,7 @@ impl WgDevice {
             None => {}
         }
         match nl.add_wireguard(name).await {
-            Ok(_) => {
+            Ok(()) => {
                 info!(device = name, "created kernel WireGuard device");
                 Self::found(nl, name, Implementation::Kernel).await
             }
