@@ -45,8 +45,6 @@ pub struct WgSetup {
     rules: Vec<Rule>,
     pre_down: Vec<String>,
     post_down: Vec<String>,
-    /// The fwmark the device ended up with.
-    pub fwmark: Option<u32>,
 }
 
 impl WgSetup {
@@ -68,7 +66,6 @@ impl WgSetup {
             rules: Vec::new(),
             pre_down: wg.hooks.pre_down.clone(),
             post_down: wg.hooks.post_down.clone(),
-            fwmark: None,
         };
         match setup.steps(nl, wg, userspace_program).await {
             Ok(()) => Ok(setup),
@@ -96,7 +93,10 @@ impl WgSetup {
         self.device = Some(device);
         let device = self.device.as_ref().expect("just set");
         device.configure(wg).await?;
-        self.fwmark = device.info().await?.fwmark;
+        // What the device ended up with: its fwmark (the listen port when
+        // neither was fixed) and its peers' endpoints (for the MTU rule).
+        let state = device.info().await?;
+        let fwmark = state.fwmark;
 
         for address in &wg.addresses {
             nl.add_address(ifindex, *address).await?;
@@ -104,9 +104,7 @@ impl WgSetup {
         let mtu = match wg.mtu {
             Mtu::Fixed(mtu) => mtu,
             Mtu::Auto => {
-                let endpoints: Vec<IpAddr> = device
-                    .info()
-                    .await?
+                let endpoints: Vec<IpAddr> = state
                     .peers
                     .iter()
                     .filter_map(|p| p.config.endpoint)
@@ -158,7 +156,7 @@ impl WgSetup {
                 }
             }
         }
-        if let Some(mark) = self.fwmark {
+        if let Some(mark) = fwmark {
             for ipv6 in [false, true] {
                 let rule = Rule {
                     ipv6,
@@ -173,7 +171,7 @@ impl WgSetup {
             }
         }
         run_hooks("PostUp", &wg.hooks.post_up).await?;
-        info!(device = wg.device, mtu, fwmark = ?self.fwmark, "WireGuard is up");
+        info!(device = wg.device, mtu, fwmark = ?fwmark, "WireGuard is up");
         Ok(())
     }
 

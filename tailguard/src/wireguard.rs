@@ -45,18 +45,12 @@ pub enum WireGuardError {
 
 type Result<T> = std::result::Result<T, WireGuardError>;
 
-/// Which implementation runs the device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Implementation {
-    Kernel,
-    Userspace,
-}
-
 /// A WireGuard device that is up (or being brought up).
 pub struct WgDevice {
     pub name: String,
     pub ifindex: u32,
-    pub implementation: Implementation,
+    /// Kernel, or the userspace implementation's UAPI socket.
+    pub backend: Backend,
     /// The userspace implementation we started (none if it was running
     /// already, or for the kernel's device).
     child: Option<Child>,
@@ -68,10 +62,10 @@ impl WgDevice {
     pub async fn create(nl: &Netlink, name: &str, userspace_program: &str) -> Result<Self> {
         match nl.link_kind(name).await? {
             Some(kind) if kind == "wireguard" => {
-                return Self::found(nl, name, Implementation::Kernel).await;
+                return Self::found(nl, name, Backend::Kernel).await;
             }
             Some(_) if uapi_socket(name).exists() => {
-                return Self::found(nl, name, Implementation::Userspace).await;
+                return Self::found(nl, name, Backend::Userspace).await;
             }
             Some(kind) => {
                 return Err(WireGuardError::NotWireGuard {
@@ -84,7 +78,7 @@ impl WgDevice {
         match nl.add_wireguard(name).await {
             Ok(()) => {
                 info!(device = name, "created kernel WireGuard device");
-                Self::found(nl, name, Implementation::Kernel).await
+                Self::found(nl, name, Backend::Kernel).await
             }
             Err(e) if e.errno == Some(Errno::EOPNOTSUPP) => {
                 info!(
@@ -93,7 +87,7 @@ impl WgDevice {
                     "the kernel has no WireGuard: using userspace WireGuard"
                 );
                 let child = start_userspace(name, userspace_program).await?;
-                let mut device = Self::found(nl, name, Implementation::Userspace).await?;
+                let mut device = Self::found(nl, name, Backend::Userspace).await?;
                 device.child = Some(child);
                 Ok(device)
             }
@@ -101,7 +95,7 @@ impl WgDevice {
         }
     }
 
-    async fn found(nl: &Netlink, name: &str, implementation: Implementation) -> Result<Self> {
+    async fn found(nl: &Netlink, name: &str, backend: Backend) -> Result<Self> {
         let ifindex = nl
             .link_index(name)
             .await?
@@ -112,16 +106,9 @@ impl WgDevice {
         Ok(Self {
             name: name.into(),
             ifindex,
-            implementation,
+            backend,
             child: None,
         })
-    }
-
-    fn backend(&self) -> Backend {
-        match self.implementation {
-            Implementation::Kernel => Backend::Kernel,
-            Implementation::Userspace => Backend::Userspace,
-        }
     }
 
     /// Sets the private key, listen port, fwmark and exactly the planned peers
@@ -185,7 +172,7 @@ impl WgDevice {
 
     /// The device as WireGuard reports it.
     pub async fn info(&self) -> Result<wireguard_control::Device> {
-        let (name, backend) = (self.interface_name()?, self.backend());
+        let (name, backend) = (self.interface_name()?, self.backend);
         tokio::task::spawn_blocking(move || wireguard_control::Device::get(&name, backend))
             .await
             .expect("the WireGuard query does not panic")
@@ -200,7 +187,7 @@ impl WgDevice {
     }
 
     async fn apply(&self, update: DeviceUpdate) -> Result<()> {
-        let (name, backend) = (self.interface_name()?, self.backend());
+        let (name, backend) = (self.interface_name()?, self.backend);
         tokio::task::spawn_blocking(move || update.apply(&name, backend))
             .await
             .expect("the WireGuard update does not panic")
