@@ -101,8 +101,9 @@ pub struct Route {
 /// carries WireGuard's encrypted packets to the uplink.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PolicyRouting {
+    /// The table holding the default route, and also the fwmark on
+    /// WireGuard's own packets (wg-quick uses one number for both).
     pub table: u32,
-    pub fwmark: u32,
     pub ipv4: bool,
     pub ipv6: bool,
 }
@@ -197,7 +198,6 @@ fn wireguard(settings: &Settings, config: &WgConfig) -> WireGuardPlan {
             Table::Auto if routes::is_default_route(&destination) => {
                 let p = policy_routing.get_or_insert(PolicyRouting {
                     table: policy_table,
-                    fwmark: policy_table,
                     ipv4: false,
                     ipv6: false,
                 });
@@ -218,7 +218,7 @@ fn wireguard(settings: &Settings, config: &WgConfig) -> WireGuardPlan {
     }
     let fwmark = match (i.fwmark, policy_routing, i.listen_port) {
         (Some(mark), _, _) => FwMark::Config(mark),
-        (None, Some(p), _) => FwMark::PolicyTable(p.fwmark),
+        (None, Some(p), _) => FwMark::PolicyTable(p.table),
         (None, None, Some(port)) if port != 0 => FwMark::ListenPort(port),
         (None, None, _) => FwMark::ActualListenPort,
     };
@@ -353,7 +353,7 @@ impl fmt::Display for Plan {
             writeln!(
                 f,
                 "  policy routing: {families}: not fwmark {:#x} -> table {}; main with suppress_prefixlength 0",
-                p.fwmark, p.table
+                p.table, p.table
             )?;
         }
         let r = &self.resolver;
@@ -494,7 +494,6 @@ mod tests {
             wg.policy_routing,
             Some(PolicyRouting {
                 table: 51820,
-                fwmark: 51820,
                 ipv4: true,
                 ipv6: true
             })

@@ -137,7 +137,7 @@ impl WgSetup {
                     Rule {
                         ipv6,
                         priority: NOT_FWMARK_RULE_PRIORITY,
-                        fwmark: Some(policy.fwmark),
+                        fwmark: Some(policy.table),
                         invert: true,
                         table: policy.table,
                         suppress_prefixlength: None,
