@@ -10,7 +10,7 @@ use crate::{
     datapath::AttachMode,
     resolver,
     routes::{self, Advertisement},
-    settings::{DestIps, Settings},
+    settings::{DestIps, Secret, Settings},
     wgconf::{Endpoint, PublicKey, SecretKey, Table, WgConfig},
 };
 
@@ -134,12 +134,33 @@ pub struct TailscalePlan {
     pub extra_args: Vec<String>,
 }
 
+/// How the node logs in to the tailnet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Login {
-    AuthKey,
+    /// `TS_AUTHKEY` (never shown: a [`Secret`]).
+    AuthKey(Secret),
+    /// `TS_AUTHKEY=file:PATH`, read when it is needed.
     AuthKeyFile(PathBuf),
     /// Print the login URL and wait.
     Interactive,
+}
+
+impl Login {
+    /// The auth key to log in with; `None` for an interactive login.
+    pub fn key(&self) -> Result<Option<String>, String> {
+        match self {
+            Self::AuthKey(key) => Ok(Some(key.expose().to_string())),
+            Self::AuthKeyFile(path) => std::fs::read_to_string(path)
+                .map(|k| Some(k.trim().to_string()))
+                .map_err(|e| {
+                    format!(
+                        "TS_AUTHKEY=file:{}: cannot read the key: {e}",
+                        path.display()
+                    )
+                }),
+            Self::Interactive => Ok(None),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -261,7 +282,7 @@ fn tailscale(settings: &Settings, config: &WgConfig) -> TailscalePlan {
         None => Login::Interactive,
         Some(key) => match key.expose().strip_prefix("file:") {
             Some(path) => Login::AuthKeyFile(PathBuf::from(path)),
-            None => Login::AuthKey,
+            None => Login::AuthKey(key.clone()),
         },
     };
     TailscalePlan {
@@ -397,7 +418,7 @@ impl fmt::Display for Plan {
             ts.hostname.as_deref().unwrap_or("the system's")
         )?;
         match &ts.login {
-            Login::AuthKey => writeln!(f, "  login:          auth key (TS_AUTHKEY)")?,
+            Login::AuthKey(_) => writeln!(f, "  login:          auth key (TS_AUTHKEY)")?,
             Login::AuthKeyFile(p) => {
                 writeln!(f, "  login:          auth key from {}", p.display())?
             }
@@ -564,7 +585,7 @@ mod tests {
     fn tailscale_side_follows_the_mode() {
         let p = plan(&["--ts-authkey=tskey-abc"], "", "0.0.0.0/0,192.168.8.0/24");
         let ts = &p.tailscale;
-        assert_eq!(ts.login, Login::AuthKey);
+        assert_eq!(ts.login, Login::AuthKey(Secret::new("tskey-abc")));
         assert!(!ts.accept_dns && ts.accept_routes);
         assert_eq!(
             ts.advertise.routes,
@@ -615,5 +636,25 @@ mod tests {
             !text.contains("SECRET") && !text.contains("yAnz5TF"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn auth_key_from_a_file_is_trimmed_and_a_missing_file_is_named() {
+        let path = std::env::temp_dir().join(format!("tg-authkey-{}", std::process::id()));
+        std::fs::write(&path, "tskey-auth-123\n").unwrap();
+        let from_file = Login::AuthKeyFile(path.clone());
+        assert_eq!(from_file.key(), Ok(Some("tskey-auth-123".into())));
+        assert_eq!(
+            Login::AuthKey(Secret::new("tskey-direct")).key(),
+            Ok(Some("tskey-direct".into()))
+        );
+        assert_eq!(Login::Interactive.key(), Ok(None));
+        std::fs::remove_file(&path).unwrap();
+        let e = from_file.key().unwrap_err();
+        assert!(
+            e.starts_with("TS_AUTHKEY=file:") && e.contains("cannot read the key"),
+            "{e}"
+        );
+        assert!(!e.contains("tskey"), "{e}");
     }
 }

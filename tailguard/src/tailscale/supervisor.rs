@@ -19,7 +19,10 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use super::{localapi::LocalApi, prefs, status::Status};
-use crate::{plan::TailscalePlan, settings::Settings};
+use crate::{
+    plan::{Login, TailscalePlan},
+    settings::Settings,
+};
 
 /// What the rest of the daemon needs to know about Tailscale.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -170,7 +173,7 @@ impl Supervisor {
         mut child: Option<&mut Child>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Outcome {
-        let mut login = Login::default();
+        let mut login = LoginProgress::default();
         let mut prefs_set = false;
         let mut healthy_prefs_set = false;
         let mut socket_deadline = Some(Instant::now() + SOCKET_WAIT);
@@ -212,16 +215,12 @@ impl Supervisor {
     async fn follow(
         &self,
         status: &Status,
-        login: &mut Login,
+        login: &mut LoginProgress,
         prefs_set: &mut bool,
         healthy_prefs_set: &mut bool,
     ) {
         match status.backend_state.as_str() {
-            "NeedsLogin" | "NoState" => {
-                login
-                    .advance(&self.api, &self.settings, &self.plan, status)
-                    .await
-            }
+            "NeedsLogin" | "NoState" => login.advance(&self.api, &self.plan, status).await,
             "NeedsMachineAuth" if !login.machine_auth_said => {
                 warn!("the node waits for approval in the tailnet's admin console");
                 login.machine_auth_said = true;
@@ -283,31 +282,22 @@ enum Outcome {
 
 /// Where the login stands, so each step happens once per tailscaled life.
 #[derive(Default)]
-struct Login {
+struct LoginProgress {
     started: bool,
     interactive_requested: bool,
     url_shown: Option<String>,
     machine_auth_said: bool,
 }
 
-impl Login {
-    async fn advance(
-        &mut self,
-        api: &LocalApi,
-        settings: &Settings,
-        plan: &TailscalePlan,
-        status: &Status,
-    ) {
+impl LoginProgress {
+    async fn advance(&mut self, api: &LocalApi, plan: &TailscalePlan, status: &Status) {
         if !self.started {
-            let key = match &settings.ts_authkey {
-                None => None,
-                Some(secret) => match auth_key(secret.expose()) {
-                    Ok(key) => Some(key),
-                    Err(e) => {
-                        error!("{e}");
-                        return;
-                    }
-                },
+            let key = match plan.login.key() {
+                Ok(key) => key,
+                Err(e) => {
+                    error!("{e}");
+                    return;
+                }
             };
             match api
                 .start(prefs::start_body(key.as_deref(), &prefs::at_start(plan)))
@@ -328,7 +318,7 @@ impl Login {
                 return;
             }
         }
-        if settings.ts_authkey.is_none() && !self.interactive_requested {
+        if plan.login == Login::Interactive && !self.interactive_requested {
             match api.login_interactive().await {
                 Ok(()) => self.interactive_requested = true,
                 Err(e) => warn!("asking for a login URL: {e}"),
@@ -342,16 +332,6 @@ impl Login {
             );
             self.url_shown = Some(status.auth_url.clone());
         }
-    }
-}
-
-/// `TS_AUTHKEY`, or with a `file:` prefix the (trimmed) content of that file.
-pub fn auth_key(value: &str) -> Result<String, String> {
-    match value.strip_prefix("file:") {
-        None => Ok(value.to_string()),
-        Some(path) => std::fs::read_to_string(path)
-            .map(|k| k.trim().to_string())
-            .map_err(|e| format!("TS_AUTHKEY=file:{path}: cannot read the key: {e}")),
     }
 }
 
@@ -380,28 +360,5 @@ async fn wait_or_shutdown(shutdown: &mut watch::Receiver<bool>, duration: Durati
     tokio::select! {
         () = sleep(duration) => false,
         _ = shutdown.changed() => *shutdown.borrow(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn auth_key_from_a_file_is_trimmed_and_a_missing_file_is_named() {
-        let path = std::env::temp_dir().join(format!("tg-authkey-{}", std::process::id()));
-        std::fs::write(&path, "tskey-auth-123\n").unwrap();
-        assert_eq!(
-            auth_key(&format!("file:{}", path.display())),
-            Ok("tskey-auth-123".into())
-        );
-        assert_eq!(auth_key("tskey-direct"), Ok("tskey-direct".into()));
-        std::fs::remove_file(&path).unwrap();
-        let e = auth_key(&format!("file:{}", path.display())).unwrap_err();
-        assert!(
-            e.starts_with("TS_AUTHKEY=file:") && e.contains("cannot read the key"),
-            "{e}"
-        );
-        assert!(!e.contains("tskey"), "{e}");
     }
 }
