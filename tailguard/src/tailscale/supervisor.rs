@@ -173,9 +173,7 @@ impl Supervisor {
         mut child: Option<&mut Child>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Outcome {
-        let mut login = LoginProgress::default();
-        let mut prefs_set = false;
-        let mut healthy_prefs_set = false;
+        let mut life = Life::default();
         let mut socket_deadline = Some(Instant::now() + SOCKET_WAIT);
         loop {
             if let Some(child) = child.as_deref_mut()
@@ -186,8 +184,7 @@ impl Supervisor {
             match self.api.status(true).await {
                 Ok(status) => {
                     socket_deadline = None;
-                    self.follow(&status, &mut login, &mut prefs_set, &mut healthy_prefs_set)
-                        .await;
+                    self.follow(&status, &mut life).await;
                 }
                 Err(e) => {
                     if socket_deadline.is_some_and(|d| Instant::now() > d) {
@@ -212,13 +209,12 @@ impl Supervisor {
 
     /// Acts on one status: log in if needed, set preferences once running,
     /// the once-healthy ones once healthy, and publish the state.
-    async fn follow(
-        &self,
-        status: &Status,
-        login: &mut LoginProgress,
-        prefs_set: &mut bool,
-        healthy_prefs_set: &mut bool,
-    ) {
+    async fn follow(&self, status: &Status, life: &mut Life) {
+        let Life {
+            login,
+            prefs_set,
+            healthy_prefs_set,
+        } = life;
         match status.backend_state.as_str() {
             "NeedsLogin" | "NoState" => login.advance(&self.api, &self.plan, status).await,
             "NeedsMachineAuth" if !login.machine_auth_said => {
@@ -280,7 +276,17 @@ enum Outcome {
     Exited(String),
 }
 
-/// Where the login stands, so each step happens once per tailscaled life.
+/// What has been done in one life of tailscaled, so each step happens once.
+#[derive(Default)]
+struct Life {
+    login: LoginProgress,
+    /// The preferences of the plan are set.
+    prefs_set: bool,
+    /// The once-healthy ones (exit node, web client) too.
+    healthy_prefs_set: bool,
+}
+
+/// Where the login stands.
 #[derive(Default)]
 struct LoginProgress {
     started: bool,
