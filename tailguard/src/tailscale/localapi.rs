@@ -3,7 +3,7 @@
 //! `Host: local-tailscaled.sock` and no Origin/Referer, as tailscaled
 //! requires; over the socket, root may read and write.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -65,10 +65,6 @@ impl LocalApi {
         }
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
     /// `GET status`, without the peer map when `peers` is false.
     pub async fn status(&self, peers: bool) -> Result<Status> {
         let path = if peers {
@@ -113,17 +109,7 @@ impl LocalApi {
     /// each) until tailscaled closes it or the stream is dropped.
     pub async fn watch(&self, mask: u64) -> Result<impl Stream<Item = Result<Value>> + use<>> {
         let path = format!("watch-ipn-bus?mask={mask}");
-        let response = self.request(Method::GET, &path, None).await?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = collect(&path, response.into_body()).await?;
-            return Err(LocalApiError::Status {
-                path,
-                status,
-                body: String::from_utf8_lossy(&body).into(),
-            });
-        }
-        let body = response.into_body();
+        let body = self.request(Method::GET, &path, None).await?;
         Ok(futures_util::stream::unfold(
             (body, Vec::<u8>::new(), path),
             |(mut body, mut buffer, path)| async move {
@@ -177,25 +163,12 @@ impl LocalApi {
     /// One request; the whole body of a successful answer.
     async fn send(&self, method: Method, path: &str, body: Option<Value>) -> Result<Bytes> {
         let response = self.request(method, path, body).await?;
-        let status = response.status();
-        let bytes = collect(path, response.into_body()).await?;
-        if status.is_success() {
-            Ok(bytes)
-        } else {
-            Err(LocalApiError::Status {
-                path: path.into(),
-                status,
-                body: String::from_utf8_lossy(&bytes).trim().to_string(),
-            })
-        }
+        collect(path, response).await
     }
 
-    async fn request(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<hyper::Response<Incoming>> {
+    /// One request; the body of a successful (2xx) answer, unread. Any other
+    /// answer is an error carrying what tailscaled said.
+    async fn request(&self, method: Method, path: &str, body: Option<Value>) -> Result<Incoming> {
         let http = |e: hyper::Error| LocalApiError::Http {
             path: path.into(),
             message: e.to_string(),
@@ -219,7 +192,17 @@ impl LocalApi {
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .expect("a valid request");
-        sender.send_request(request).await.map_err(http)
+        let response = sender.send_request(request).await.map_err(http)?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response.into_body());
+        }
+        let said = collect(path, response.into_body()).await?;
+        Err(LocalApiError::Status {
+            path: path.into(),
+            status,
+            body: String::from_utf8_lossy(&said).trim().to_string(),
+        })
     }
 }
 
