@@ -36,6 +36,45 @@ impl KeyPair {
     }
 }
 
+/// Starts wireguard-go for device `name` in the foreground (so it stays a
+/// child that can be stopped) and waits for its UAPI socket.
+pub fn spawn_wireguard_go(name: &str) -> Child {
+    let child = Command::new("wireguard-go")
+        .args(["-f", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting wireguard-go (`cargo xtask setup` installs it)");
+    let socket = format!("/var/run/wireguard/{name}.sock");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::path::Path::new(&socket).exists() {
+        assert!(Instant::now() < deadline, "wireguard-go made no {socket}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// `wg set NAME private-key … listen-port PORT` plus `peer_args`, the key
+/// going through a file of its own (as `wg` wants it) that is removed after.
+pub fn set_key_port_peers(name: &str, private_key: &str, port: u16, peer_args: &[&str]) {
+    let key_file = std::env::temp_dir().join(format!("{name}-{}.key", std::process::id()));
+    std::fs::write(&key_file, private_key).expect("writing the key file");
+    let mut set = Command::new("wg");
+    set.args(["set", name, "private-key"])
+        .arg(&key_file)
+        .args(["listen-port", &port.to_string()]);
+    set.args(peer_args);
+    let out = set
+        .output()
+        .expect("running wg (`cargo xtask setup` installs wireguard-tools)");
+    let _ = std::fs::remove_file(&key_file);
+    assert!(
+        out.status.success(),
+        "wg set {name} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// wireguard-go running a device in the current thread's namespace. Killed
 /// on drop (and by the namespace's drop, should this leak).
 pub struct WgPeer {
@@ -52,32 +91,15 @@ impl WgPeer {
         address: &str,
         peers: &[(&str, &str, Option<&str>)],
     ) -> Self {
-        let child = Command::new("wireguard-go")
-            .args(["-f", name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting wireguard-go (`cargo xtask setup` installs it)");
-        let socket = format!("/var/run/wireguard/{name}.sock");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !std::path::Path::new(&socket).exists() {
-            assert!(Instant::now() < deadline, "wireguard-go made no {socket}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let key_file = std::env::temp_dir().join(format!("{name}.key"));
-        std::fs::write(&key_file, &keys.private).unwrap();
-        let mut set = Command::new("wg");
-        set.args(["set", name, "private-key"])
-            .arg(&key_file)
-            .args(["listen-port", &port.to_string()]);
+        let child = spawn_wireguard_go(name);
+        let mut peer_args = Vec::new();
         for (public, allowed, endpoint) in peers {
-            set.args(["peer", public, "allowed-ips", allowed]);
+            peer_args.extend(["peer", public, "allowed-ips", allowed]);
             if let Some(endpoint) = endpoint {
-                set.args(["endpoint", endpoint]);
+                peer_args.extend(["endpoint", endpoint]);
             }
         }
-        run(&mut set);
-        let _ = std::fs::remove_file(&key_file);
+        set_key_port_peers(name, &keys.private, port, &peer_args);
         for addr in address.split(',') {
             run(Command::new("ip").args(["addr", "add", addr, "dev", name]));
         }

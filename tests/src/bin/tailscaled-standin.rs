@@ -18,16 +18,12 @@
 //! - `STANDIN_ROUTES`: prefixes routed to the tailnet in table 52 (default
 //!   100.64.0.0/10, fd7a:115c:a1e0::/48).
 
-use std::{
-    env,
-    net::IpAddr,
-    path::PathBuf,
-    process::{Command, Stdio},
-    sync::Arc,
-    time::Duration,
-};
+use std::{env, net::IpAddr, path::PathBuf, process::Command, sync::Arc, time::Duration};
 
-use tailguard_tests::standin::{StandIn, State};
+use tailguard_tests::{
+    standin::{StandIn, State},
+    wg::{set_key_port_peers, spawn_wireguard_go},
+};
 use tokio::signal::unix::{SignalKind, signal};
 
 struct Args {
@@ -77,39 +73,19 @@ fn run(args: &[&str]) {
 /// The device: wireguard-go for `--tun`, keyed and peered from the
 /// environment.
 fn create_device(tun: &str) -> std::process::Child {
-    let child = Command::new("wireguard-go")
-        .args(["-f", tun])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tailscaled-standin: starting wireguard-go");
-    let socket = format!("/var/run/wireguard/{tun}.sock");
-    for _ in 0..250 {
-        if std::path::Path::new(&socket).exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = spawn_wireguard_go(tun);
     if let Ok(key) = env::var("STANDIN_WG_PRIVATE_KEY") {
-        let key_file = env::temp_dir().join(format!("standin-{tun}-{}.key", std::process::id()));
-        std::fs::write(&key_file, key).expect("writing the stand-in's key");
-        let port = env::var("STANDIN_WG_LISTEN_PORT").unwrap_or_else(|_| "41641".into());
-        let key_path = key_file.display().to_string();
-        let mut set = vec![
-            "wg",
-            "set",
-            tun,
-            "private-key",
-            &key_path,
-            "listen-port",
-            &port,
-        ];
+        let port: u16 = env::var("STANDIN_WG_LISTEN_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(41641);
         let peer = env::var("STANDIN_PEER_PUBLIC_KEY").unwrap_or_default();
         let allowed = env::var("STANDIN_PEER_ALLOWED_IPS")
             .unwrap_or_else(|_| "100.64.0.0/10,fd7a:115c:a1e0::/48".into());
         let endpoint = env::var("STANDIN_PEER_ENDPOINT").unwrap_or_default();
+        let mut peer_args = Vec::new();
         if !peer.is_empty() {
-            set.extend([
+            peer_args.extend([
                 "peer",
                 &peer,
                 "allowed-ips",
@@ -118,11 +94,10 @@ fn create_device(tun: &str) -> std::process::Child {
                 "1",
             ]);
             if !endpoint.is_empty() {
-                set.extend(["endpoint", &endpoint]);
+                peer_args.extend(["endpoint", &endpoint]);
             }
         }
-        run(&set);
-        let _ = std::fs::remove_file(&key_file);
+        set_key_port_peers(tun, &key, port, &peer_args);
     }
     run(&["ip", "link", "set", tun, "mtu", "1280", "up"]);
     child
