@@ -6,6 +6,7 @@
 //! A test that lacks something it needs (root, a kernel feature, a tool)
 //! panics saying what is missing: it never passes silently.
 
+pub mod daemon;
 pub mod netns;
 pub mod packets;
 pub mod standin;

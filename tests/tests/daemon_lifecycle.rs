@@ -3,18 +3,11 @@
 //! it brings WireGuard up, attaches its programs (to the Tailscale device as
 //! soon as that exists), and on SIGTERM leaves the namespace as it found it.
 
-use std::{
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{process::Command, time::Duration};
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
 use tailguard_tests::{
+    daemon::Daemon,
     netns::{routing_state, run},
     require_root, tailguard_bin,
     tun::Tun,
@@ -38,66 +31,14 @@ fn attached_programs(ifname: &str) -> Vec<String> {
         .collect()
 }
 
-fn start(bed: &Testbed, config_dir: &Path, tc_attach: &str) -> Child {
-    Command::new(tailguard_bin())
-        .arg("run")
-        .env("WG_DEVICE", &bed.device)
-        .env("WG_CONFIG_DIR", config_dir)
-        .env("TS_DEVICE", TS)
-        .env("TG_TC_ATTACH", tc_attach)
-        // Never the host's /etc/resolv.conf: a file of the test's own.
-        .env("TG_RESOLV_CONF", config_dir.join("resolv.conf"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting tailguard")
-}
-
-/// Waits until `done`, failing with the daemon's log if it exits first.
-fn wait_until(daemon: &mut Child, what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !done() {
-        if let Some(status) = daemon.try_wait().unwrap() {
-            let mut log = String::new();
-            use std::io::Read as _;
-            daemon
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut log)
-                .unwrap();
-            panic!("tailguard exited ({status}) before {what}:\n{log}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tailguard did not reach {what} within 15 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// SIGTERM, then the exit status must be success; returns the log.
-fn stop(daemon: Child) -> String {
-    kill(Pid::from_raw(daemon.id() as i32), Signal::SIGTERM).unwrap();
-    let out = daemon.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "tailguard failed on SIGTERM ({}):\n{log}",
-        out.status
-    );
-    log
-}
-
 #[test]
 fn daemon_brings_up_wireguard_waits_for_tailscale_and_removes_everything_on_sigterm() {
     let bed = Testbed::new("daemon");
     let dir = bed.config_dir(&bed.config("ListenPort = 51821", "10.66.0.1/32, fd66::1/128"));
     bed.ours.run(|| {
         let before = routing_state();
-        let mut daemon = start(&bed, &dir.0, "auto");
-        wait_until(&mut daemon, "attaching to WireGuard", || {
+        let mut daemon = Daemon::start(&bed, &dir, &[("TS_DEVICE", TS)]);
+        daemon.wait_for("attaching to WireGuard", |_| {
             attached_programs(&bed.device).len() == 2
         });
         assert_eq!(
@@ -108,12 +49,12 @@ fn daemon_brings_up_wireguard_waits_for_tailscale_and_removes_everything_on_sigt
 
         // tailscaled creates its device later; the programs follow it.
         let _ts = Tun::create(TS);
-        wait_until(&mut daemon, "attaching to the Tailscale device", || {
+        daemon.wait_for("attaching to the Tailscale device", |_| {
             attached_programs(TS).len() == 2
         });
         assert_eq!(attached_programs(TS), ["tg_ts_ingress", "tg_ts_egress"]);
 
-        let log = stop(daemon);
+        let log = daemon.stop();
         assert!(log.contains("waiting for the Tailscale device"), "{log}");
         assert!(log.contains("everything set up was removed"), "{log}");
         assert!(attached_programs(TS).is_empty(), "programs left on {TS}");
@@ -133,9 +74,8 @@ fn a_config_error_stops_the_daemon_before_it_touches_anything() {
     let dir = bed.config_dir(&broken);
     bed.ours.run(|| {
         let before = routing_state();
-        let out = start(&bed, &dir.0, "auto").wait_with_output().unwrap();
-        let log = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{log}");
+        let (status, log) = Daemon::start(&bed, &dir, &[("TS_DEVICE", TS)]).exit();
+        assert!(!status.success(), "{log}");
         assert!(
             log.contains(&format!("{}.conf:4: MTU: \"tall\"", bed.device)),
             "{log}"
@@ -151,9 +91,8 @@ fn a_device_that_is_not_wireguard_is_refused_and_nothing_is_left() {
     bed.ours.run(|| {
         let _squatter = Tun::create(&bed.device);
         let before = routing_state();
-        let out = start(&bed, &dir.0, "auto").wait_with_output().unwrap();
-        let log = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{log}");
+        let (status, log) = Daemon::start(&bed, &dir, &[("TS_DEVICE", TS)]).exit();
+        assert!(!status.success(), "{log}");
         assert!(
             log.contains(&format!(
                 "{} exists but is a tun device, not WireGuard",
@@ -176,20 +115,18 @@ fn restart_after_sigkill_takes_over_and_then_cleans_up() {
     bed.ours.run(|| {
         let _ts = Tun::create(TS);
         let before = routing_state();
-        let mut first = start(&bed, &dir.0, "clsact");
-        wait_until(&mut first, "attaching", || clsact_filters(TS).len() == 2);
-        first.kill().unwrap();
-        first.wait().unwrap();
+        let clsact = [("TS_DEVICE", TS), ("TG_TC_ATTACH", "clsact")];
+        let mut first = Daemon::start(&bed, &dir, &clsact);
+        first.wait_for("attaching", |_| clsact_filters(TS).len() == 2);
+        first.kill();
         let left = routing_state();
         assert!(
             left.contains("not from all fwmark 0xca6c lookup 51820"),
             "the kill leaves the rules:\n{left}"
         );
 
-        let mut second = start(&bed, &dir.0, "clsact");
-        wait_until(&mut second, "attaching again", || {
-            clsact_filters(TS).len() == 2
-        });
+        let mut second = Daemon::start(&bed, &dir, &clsact);
+        second.wait_for("attaching again", |_| clsact_filters(TS).len() == 2);
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(
             clsact_filters(&bed.device),
@@ -206,7 +143,7 @@ fn restart_after_sigkill_takes_over_and_then_cleans_up() {
         );
         ping("10.66.0.1");
 
-        let log = stop(second);
+        let log = second.stop();
         assert!(
             log.contains("removed a stale tg_ts_ingress filter"),
             "{log}"
@@ -304,7 +241,8 @@ fn endpoint_host_names_are_resolved_again() {
     )
     .unwrap();
     bed.ours.run(|| {
-        let mut daemon = Command::new("unshare")
+        let mut unshare = Command::new("unshare");
+        unshare
             .args([
                 "--mount",
                 "--propagation",
@@ -319,12 +257,8 @@ fn endpoint_host_names_are_resolved_again() {
             .env("WG_DEVICE", &bed.device)
             .env("WG_CONFIG_DIR", &dir.0)
             .env("TG_RESOLV_CONF", "")
-            .env("TG_ENDPOINT_REFRESH", "1")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting tailguard under unshare");
+            .env("TG_ENDPOINT_REFRESH", "1");
+        let mut daemon = Daemon::spawn(unshare);
         // Empty until the device exists.
         let endpoint = || {
             let out = Command::new("wg")
@@ -334,7 +268,7 @@ fn endpoint_host_names_are_resolved_again() {
             String::from_utf8_lossy(&out.stdout).into_owned()
         };
         // Fully up (programs attach last), with the name's first address.
-        wait_until(&mut daemon, "using the first address", || {
+        daemon.wait_for("using the first address", |_| {
             attached_programs(&bed.device).len() == 2 && endpoint().contains("10.200.0.2:51820")
         });
         ping("10.66.0.1");
@@ -344,12 +278,12 @@ fn endpoint_host_names_are_resolved_again() {
             "127.0.0.1 localhost\n10.201.0.2 peer.tailguard.test\n",
         )
         .unwrap();
-        wait_until(&mut daemon, "following the name to the new address", || {
+        daemon.wait_for("following the name to the new address", |_| {
             endpoint().contains("10.201.0.2:51820")
         });
         ping("10.66.0.1");
 
-        let log = stop(daemon);
+        let log = daemon.stop();
         assert!(
             log.contains("peer endpoint re-resolved to a new address"),
             "{log}"

@@ -3,10 +3,8 @@
 //! preferences of each mode, health, restarts, address changes.
 
 use std::{
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -17,6 +15,7 @@ use nix::{
 };
 use serde_json::{Value, json};
 use tailguard_tests::{
+    daemon::Daemon,
     netns::{routing_state, run, unique_ifname},
     standin, tailguard_bin,
     wg::{ConfigDir, Testbed},
@@ -24,83 +23,31 @@ use tailguard_tests::{
 
 const STANDIN: &str = env!("CARGO_BIN_EXE_tailscaled-standin");
 
-/// A daemon in TailGuard's namespace of a testbed, with its log collected.
-struct Daemon {
-    child: Child,
-    log: Arc<Mutex<String>>,
+/// A daemon whose "tailscaled" is the stand-in: its LocalAPI socket and
+/// Tailscale device are the test's own.
+struct WithStandIn {
+    daemon: Daemon,
     socket: PathBuf,
     ts_device: String,
 }
 
-impl Daemon {
-    fn start(bed: &Testbed, dir: &ConfigDir, env: &[(&str, &str)]) -> Self {
-        let socket = dir.0.join("tailscaled.sock");
-        let ts_device = unique_ifname("ts");
-        let mut cmd = Command::new(tailguard_bin());
-        cmd.arg("run")
-            .env("WG_DEVICE", &bed.device)
-            .env("WG_CONFIG_DIR", &dir.0)
-            .env("TG_RESOLV_CONF", dir.0.join("resolv.conf"))
-            .env("TS_DEVICE", &ts_device)
-            .env("TS_TAILSCALED", STANDIN)
-            .env("TS_SOCKET", &socket)
-            .env("TS_STATE_DIR", dir.0.join("state"))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("starting tailguard");
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        Self {
-            child,
-            log,
-            socket,
-            ts_device,
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Waits for `done`, failing with the log if the daemon exits or time runs out.
-    fn wait_for(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !done(self) {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("tailguard exited ({status}) before {what}:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {what} within 20 s:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn stop(mut self) -> String {
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
-        let status = self.child.wait().unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        let log = self.log();
-        assert!(
-            status.success(),
-            "tailguard failed on SIGTERM ({status}):\n{log}"
-        );
-        log
+fn start(bed: &Testbed, dir: &ConfigDir, env: &[(&str, &str)]) -> WithStandIn {
+    let socket = dir.0.join("tailscaled.sock");
+    let ts_device = unique_ifname("ts");
+    let socket_text = socket.display().to_string();
+    let state_dir = dir.0.join("state").display().to_string();
+    let mut all = vec![
+        ("TS_DEVICE", ts_device.as_str()),
+        ("TS_TAILSCALED", STANDIN),
+        ("TS_SOCKET", socket_text.as_str()),
+        ("TS_STATE_DIR", state_dir.as_str()),
+    ];
+    all.extend_from_slice(env);
+    let daemon = Daemon::start(bed, dir, &all);
+    WithStandIn {
+        daemon,
+        socket,
+        ts_device,
     }
 }
 
@@ -140,7 +87,7 @@ fn auth_key_login_sets_the_reference_preferences_and_turns_healthy() {
     let dir = bed.config_dir(&bed.config("", "0.0.0.0/0, ::/0, 192.168.8.0/24"));
     bed.ours.run(|| {
         let before = routing_state();
-        let mut daemon = Daemon::start(
+        let mut node = start(
             &bed,
             &dir,
             &[
@@ -148,14 +95,14 @@ fn auth_key_login_sets_the_reference_preferences_and_turns_healthy() {
                 ("TS_HOSTNAME", "bridge"),
             ],
         );
-        daemon.wait_for("health", |_| health().0);
+        node.daemon.wait_for("health", |_| health().0);
         let (_, report) = health();
         assert!(
             report.starts_with("healthy") && !report.contains("first_healthy_at: never"),
             "{report}"
         );
 
-        let p = prefs(&daemon.socket);
+        let p = prefs(&node.socket);
         assert_eq!(
             p["AdvertiseRoutes"],
             json!(["192.168.8.0/24", "0.0.0.0/0", "::/0"]),
@@ -166,7 +113,7 @@ fn auth_key_login_sets_the_reference_preferences_and_turns_healthy() {
             (&json!(true), &json!(false), &json!(true))
         );
         assert_eq!(p["Hostname"], json!("bridge"));
-        let log = ask(&daemon.socket, Method::GET, "/standin/log", Value::Null);
+        let log = ask(&node.socket, Method::GET, "/standin/log", Value::Null);
         assert_eq!(log[0]["start"]["AuthKey"], json!("<given>"), "{log}");
         assert_eq!(
             log[0]["start"]["UpdatePrefs"]["ControlURL"],
@@ -179,7 +126,7 @@ fn auth_key_login_sets_the_reference_preferences_and_turns_healthy() {
             rules.contains("5270:\tfrom all lookup 52") && rules.contains("5200:\tfrom all fwmark"),
             "{rules}"
         );
-        let text = daemon.log();
+        let text = node.daemon.log();
         assert!(
             text.contains("tailnet addresses") && text.contains("100.64.0.1"),
             "{text}"
@@ -189,13 +136,12 @@ fn auth_key_login_sets_the_reference_preferences_and_turns_healthy() {
             "the auth key must never be logged:\n{text}"
         );
 
-        let ts_device = daemon.ts_device.clone();
-        let log = daemon.stop();
+        let log = node.daemon.stop();
         assert!(log.contains("everything set up was removed"), "{log}");
         assert!(
             run(Command::new("ip").args(["-br", "link"]))
                 .lines()
-                .all(|l| !l.starts_with(&ts_device))
+                .all(|l| !l.starts_with(&node.ts_device))
         );
         assert_eq!(
             routing_state(),
@@ -210,14 +156,15 @@ fn interactive_login_prints_the_url_and_health_waits_for_it() {
     let bed = Testbed::new("ts-url");
     let dir = bed.config_dir(&bed.config("", "10.66.0.1/32"));
     bed.ours.run(|| {
-        let mut daemon = Daemon::start(&bed, &dir, &[]);
-        daemon.wait_for("the login URL", |d| d.log().contains("log in at:"));
+        let mut node = start(&bed, &dir, &[]);
+        node.daemon
+            .wait_for("the login URL", |d| d.log().contains("log in at:"));
         assert!(
-            daemon
+            node.daemon
                 .log()
                 .contains("https://login.standin.invalid/a/0123456789"),
             "{}",
-            daemon.log()
+            node.daemon.log()
         );
         let (healthy, report) = health();
         assert!(
@@ -225,14 +172,10 @@ fn interactive_login_prints_the_url_and_health_waits_for_it() {
             "{report}"
         );
 
-        ask(
-            &daemon.socket,
-            Method::POST,
-            "/standin/approve",
-            Value::Null,
-        );
-        daemon.wait_for("health after the login", |_| health().0);
-        daemon.stop();
+        ask(&node.socket, Method::POST, "/standin/approve", Value::Null);
+        node.daemon
+            .wait_for("health after the login", |_| health().0);
+        node.daemon.stop();
     });
 }
 
@@ -248,11 +191,11 @@ fn client_mode_uses_the_exit_node_with_lan_access_and_advertises_nothing() {
             ("TS_EXIT_NODE", "auto:any"),
             ("TS_WEBCLIENT", "1"),
         ];
-        let mut daemon = Daemon::start(&bed, &dir, &env);
-        daemon.wait_for("the exit node set", |d| {
-            prefs(&d.socket)["AutoExitNode"] == json!("any")
+        let mut node = start(&bed, &dir, &env);
+        node.daemon.wait_for("the exit node set", |_| {
+            prefs(&node.socket)["AutoExitNode"] == json!("any")
         });
-        let p = prefs(&daemon.socket);
+        let p = prefs(&node.socket);
         assert_eq!(p["ExitNodeAllowLANAccess"], json!(true), "{p}");
         assert_eq!(p["CorpDNS"], json!(true), "client mode accepts tailnet DNS");
         assert_eq!(
@@ -261,7 +204,7 @@ fn client_mode_uses_the_exit_node_with_lan_access_and_advertises_nothing() {
             "client mode advertises nothing"
         );
         assert_eq!(p["RunWebClient"], json!(true), "web client once healthy");
-        daemon.stop();
+        node.daemon.stop();
     });
 }
 
@@ -270,9 +213,9 @@ fn a_dead_tailscaled_is_restarted_and_health_follows() {
     let bed = Testbed::new("ts-restart");
     let dir = bed.config_dir(&bed.config("", "10.66.0.1/32"));
     bed.ours.run(|| {
-        let mut daemon = Daemon::start(&bed, &dir, &[("TS_AUTHKEY", "tskey-x")]);
-        daemon.wait_for("health", |_| health().0);
-        let daemon_pid = daemon.child.id().to_string();
+        let mut node = start(&bed, &dir, &[("TS_AUTHKEY", "tskey-x")]);
+        node.daemon.wait_for("health", |_| health().0);
+        let daemon_pid = node.daemon.pid().to_string();
         let standin_pid = || {
             let out = Command::new("pgrep")
                 .args(["-P", &daemon_pid, "-f", "tailscaled-standin"])
@@ -283,18 +226,19 @@ fn a_dead_tailscaled_is_restarted_and_health_follows() {
         let first = standin_pid();
         assert!(!first.is_empty(), "the stand-in runs as the daemon's child");
         run(Command::new("kill").args(["-9", &first]));
-        daemon.wait_for("unhealthy with the reason", |_| {
+        node.daemon.wait_for("unhealthy with the reason", |_| {
             health().1.contains("tailscaled exited")
         });
-        daemon.wait_for("a new tailscaled and health again", |_| health().0);
+        node.daemon
+            .wait_for("a new tailscaled and health again", |_| health().0);
         let second = standin_pid();
         assert!(!second.is_empty() && second != first, "{first} -> {second}");
         assert!(
-            daemon.log().contains("starting it again in"),
+            node.daemon.log().contains("starting it again in"),
             "{}",
-            daemon.log()
+            node.daemon.log()
         );
-        daemon.stop();
+        node.daemon.stop();
     });
 }
 
@@ -303,32 +247,33 @@ fn address_changes_and_going_offline_reach_the_daemon() {
     let bed = Testbed::new("ts-addr");
     let dir = bed.config_dir(&bed.config("", "10.66.0.1/32"));
     bed.ours.run(|| {
-        let mut daemon = Daemon::start(&bed, &dir, &[("TS_AUTHKEY", "tskey-x")]);
-        daemon.wait_for("health", |_| health().0);
+        let mut node = start(&bed, &dir, &[("TS_AUTHKEY", "tskey-x")]);
+        node.daemon.wait_for("health", |_| health().0);
         ask(
-            &daemon.socket,
+            &node.socket,
             Method::POST,
             "/standin/set",
             json!({"addresses": ["100.64.0.42", "fd7a:115c:a1e0::42"]}),
         );
-        daemon.wait_for("the new addresses", |d| d.log().contains("100.64.0.42"));
+        node.daemon
+            .wait_for("the new addresses", |d| d.log().contains("100.64.0.42"));
         ask(
-            &daemon.socket,
+            &node.socket,
             Method::POST,
             "/standin/set",
             json!({"online": false}),
         );
-        daemon.wait_for("unhealthy: offline", |_| {
+        node.daemon.wait_for("unhealthy: offline", |_| {
             health().1.contains("does not see the node online")
         });
         ask(
-            &daemon.socket,
+            &node.socket,
             Method::POST,
             "/standin/set",
             json!({"online": true}),
         );
-        daemon.wait_for("healthy again", |_| health().0);
-        daemon.stop();
+        node.daemon.wait_for("healthy again", |_| health().0);
+        node.daemon.stop();
     });
 }
 
@@ -365,25 +310,25 @@ fn attach_mode_uses_a_running_tailscaled_and_leaves_it_running() {
             ("TS_TAILSCALED", "/nonexistent/tailscaled"),
             ("TS_AUTHKEY", "tskey-x"),
         ];
-        let mut daemon = Daemon::start(&bed, &dir, &env);
-        daemon.wait_for("health", |_| health().0);
+        let mut node = start(&bed, &dir, &env);
+        node.daemon.wait_for("health", |_| health().0);
         assert!(
-            daemon
+            node.daemon
                 .log()
                 .contains("already answers: using it (attach mode)"),
             "{}",
-            daemon.log()
+            node.daemon.log()
         );
         assert!(
-            !daemon.log().contains("/nonexistent/tailscaled"),
+            !node.daemon.log().contains("/nonexistent/tailscaled"),
             "no tailscaled may be started:\n{}",
-            daemon.log()
+            node.daemon.log()
         );
         assert_eq!(
             prefs(&socket)["AdvertiseRoutes"],
             json!(["10.66.0.1/32", "192.168.8.0/24"])
         );
-        daemon.stop();
+        node.daemon.stop();
         assert!(
             host.try_wait().unwrap().is_none(),
             "the host's tailscaled must keep running"
@@ -434,15 +379,15 @@ fn the_tailnet_peer_is_reached_through_the_tailscale_device() {
                 "100.64.0.2/32,fd7a:115c:a1e0::2/128",
             ),
         ];
-        let mut daemon = Daemon::start(&bed, &dir, &env);
-        daemon.wait_for("health", |_| health().0);
+        let mut node = start(&bed, &dir, &env);
+        node.daemon.wait_for("health", |_| health().0);
         let route = run(Command::new("ip").args(["route", "get", "100.64.0.2"]));
         assert!(
-            route.contains(&format!("dev {} table 52", daemon.ts_device)),
+            route.contains(&format!("dev {} table 52", node.ts_device)),
             "{route}"
         );
         ping("100.64.0.2");
         ping("fd7a:115c:a1e0::2");
-        daemon.stop();
+        node.daemon.stop();
     });
 }

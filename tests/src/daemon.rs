@@ -1,0 +1,129 @@
+//! A `tailguard run` started by a test (from its namespace thread, so the
+//! daemon runs in that namespace), its log collected as it goes.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+use crate::{
+    tailguard_bin,
+    wg::{ConfigDir, Testbed},
+};
+
+/// How long a daemon may take to reach what a test waits for.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+pub struct Daemon {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// `tailguard run` for a testbed's WireGuard device and configuration,
+    /// with a resolver file of its own (never the host's), and `env` on top.
+    pub fn start(bed: &Testbed, dir: &ConfigDir, env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(tailguard_bin());
+        cmd.arg("run")
+            .env("WG_DEVICE", &bed.device)
+            .env("WG_CONFIG_DIR", &dir.0)
+            .env("TG_RESOLV_CONF", dir.0.join("resolv.conf"))
+            .envs(env.iter().copied());
+        Self::spawn(cmd)
+    }
+
+    /// Runs `cmd` — a `tailguard run`, perhaps wrapped in another command —
+    /// collecting its log.
+    pub fn spawn(mut cmd: Command) -> Self {
+        cmd.env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("starting tailguard");
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        let stderr = child.stderr.take().expect("piped stderr");
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Self {
+            child,
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for `done`, failing with the log if the daemon exits first or
+    /// time runs out.
+    pub fn wait_for(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + PATIENCE;
+        while !done(self) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("tailguard exited ({status}) before {what}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within {} s:\n{}",
+                PATIENCE.as_secs(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the daemon to end by itself (a start that fails): its exit
+    /// status and its whole log.
+    pub fn exit(mut self) -> (ExitStatus, String) {
+        let status = self.child.wait().unwrap();
+        (status, self.finish())
+    }
+
+    /// SIGTERM; the daemon must then exit successfully. Returns its log.
+    pub fn stop(mut self) -> String {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
+        let status = self.child.wait().unwrap();
+        let log = self.finish();
+        assert!(
+            status.success(),
+            "tailguard failed on SIGTERM ({status}):\n{log}"
+        );
+        log
+    }
+
+    /// SIGKILL: the daemon gets no chance to clean up.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.finish();
+    }
+
+    /// The whole log, once the process is gone and its pipe drained.
+    fn finish(&mut self) -> String {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        self.log()
+    }
+}
