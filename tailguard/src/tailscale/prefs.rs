@@ -55,71 +55,51 @@ impl MaskedPrefs {
     /// The JSON body, in tailscaled's field names.
     pub fn to_json(&self) -> Value {
         let mut map = Map::new();
-        let mut set = |name: &str, value: Value| {
-            map.insert(name.to_string(), value);
-            map.insert(format!("{name}Set"), Value::Bool(true));
+        // A field that is set goes with its `…Set: true`; others are left out.
+        let mut put = |name: &str, value: Option<Value>| {
+            if let Some(value) = value {
+                map.insert(name.to_string(), value);
+                map.insert(format!("{name}Set"), Value::Bool(true));
+            }
         };
-        if let Some(v) = &self.control_url {
-            set("ControlURL", json!(v));
+        let routes =
+            |routes: &Vec<IpNet>| json!(routes.iter().map(ToString::to_string).collect::<Vec<_>>());
+        put("ControlURL", self.control_url.as_ref().map(|v| json!(v)));
+        put("WantRunning", self.want_running.map(|v| json!(v)));
+        put("RouteAll", self.route_all.map(|v| json!(v)));
+        put("CorpDNS", self.corp_dns.map(|v| json!(v)));
+        put("Hostname", self.hostname.as_ref().map(|v| json!(v)));
+        put(
+            "AdvertiseRoutes",
+            self.advertise_routes.as_ref().map(routes),
+        );
+        if let Some(node) = &self.exit_node {
+            // Naming the node one way clears the other two, as the CLI does.
+            let (id, ip, auto) = match node {
+                ExitNode::Id(id) => (id.clone(), String::new(), String::new()),
+                ExitNode::Ip(ip) => (String::new(), ip.to_string(), String::new()),
+                ExitNode::Auto(expr) => (String::new(), String::new(), expr.clone()),
+            };
+            put("ExitNodeID", Some(json!(id)));
+            put("ExitNodeIP", Some(json!(ip)));
+            put("AutoExitNode", Some(json!(auto)));
         }
-        if let Some(v) = self.want_running {
-            set("WantRunning", json!(v));
-        }
-        if let Some(v) = self.route_all {
-            set("RouteAll", json!(v));
-        }
-        if let Some(v) = self.corp_dns {
-            set("CorpDNS", json!(v));
-        }
-        if let Some(v) = &self.hostname {
-            set("Hostname", json!(v));
-        }
-        if let Some(routes) = &self.advertise_routes {
-            set(
-                "AdvertiseRoutes",
-                json!(routes.iter().map(ToString::to_string).collect::<Vec<_>>()),
-            );
-        }
-        match &self.exit_node {
-            // Naming the node one way clears the others, as the CLI does.
-            Some(ExitNode::Id(id)) => {
-                set("ExitNodeID", json!(id));
-                set("ExitNodeIP", json!(""));
-                set("AutoExitNode", json!(""));
-            }
-            Some(ExitNode::Ip(ip)) => {
-                set("ExitNodeIP", json!(ip.to_string()));
-                set("ExitNodeID", json!(""));
-                set("AutoExitNode", json!(""));
-            }
-            Some(ExitNode::Auto(expr)) => {
-                set("AutoExitNode", json!(expr));
-                set("ExitNodeID", json!(""));
-                set("ExitNodeIP", json!(""));
-            }
-            None => {}
-        }
-        if let Some(v) = self.exit_node_allow_lan_access {
-            set("ExitNodeAllowLANAccess", json!(v));
-        }
-        if let Some(v) = self.run_web_client {
-            set("RunWebClient", json!(v));
-        }
-        if let Some(v) = &self.advertise_tags {
-            set("AdvertiseTags", json!(v));
-        }
-        if let Some(v) = self.shields_up {
-            set("ShieldsUp", json!(v));
-        }
-        if let Some(v) = self.run_ssh {
-            set("RunSSH", json!(v));
-        }
-        if let Some(v) = self.no_snat {
-            set("NoSNAT", json!(v));
-        }
-        if let Some(v) = &self.operator_user {
-            set("OperatorUser", json!(v));
-        }
+        put(
+            "ExitNodeAllowLANAccess",
+            self.exit_node_allow_lan_access.map(|v| json!(v)),
+        );
+        put("RunWebClient", self.run_web_client.map(|v| json!(v)));
+        put(
+            "AdvertiseTags",
+            self.advertise_tags.as_ref().map(|v| json!(v)),
+        );
+        put("ShieldsUp", self.shields_up.map(|v| json!(v)));
+        put("RunSSH", self.run_ssh.map(|v| json!(v)));
+        put("NoSNAT", self.no_snat.map(|v| json!(v)));
+        put(
+            "OperatorUser",
+            self.operator_user.as_ref().map(|v| json!(v)),
+        );
         Value::Object(map)
     }
 }
