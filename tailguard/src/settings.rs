@@ -131,7 +131,7 @@ pub struct SettingsArgs {
         long,
         env = "TS_SOCKET",
         value_name = "TS_SOCKET",
-        default_value = "/var/run/tailscale/tailscaled.sock"
+        default_value = crate::tailscale::localapi::DEFAULT_SOCKET
     )]
     pub ts_socket: PathBuf,
 

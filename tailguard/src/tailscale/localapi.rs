@@ -46,10 +46,6 @@ pub mod watch {
     pub const INITIAL_STATE: u64 = 1 << 1;
     /// Include the current prefs in the first message.
     pub const INITIAL_PREFS: u64 = 1 << 2;
-    /// Include the network map in the first message.
-    pub const INITIAL_NETMAP: u64 = 1 << 3;
-    /// Leave out private keys and other secrets.
-    pub const NO_PRIVATE_KEYS: u64 = 1 << 4;
 }
 
 /// The LocalAPI of one tailscaled.
