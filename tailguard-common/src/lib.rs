@@ -6,6 +6,8 @@
 #![no_std]
 
 pub mod classify;
+pub mod config;
 pub mod counters;
 
+pub use config::{Config, Route};
 pub use counters::{Counter, CounterSlot, Device, Direction, PacketClass};

@@ -9,6 +9,7 @@
 // `__sk_buff` pointer; that is the BPF calling convention, not our API.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+mod config;
 mod counters;
 mod link_layer;
 mod parse;

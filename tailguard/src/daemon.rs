@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow};
+use futures_util::{FutureExt as _, StreamExt as _};
 use tailguard_common::{Device, Direction};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{info, warn};
@@ -16,13 +17,14 @@ use tracing::{info, warn};
 use crate::{
     datapath::{Datapath, LoadOptions},
     endpoints,
+    forwarding::{self, Facts},
     gro::GroSetup,
     health::{self, Health},
     netlink::Netlink,
     plan::Plan,
     resolver::ResolverSetup,
     settings::Settings,
-    tailscale::supervisor::Supervisor,
+    tailscale::supervisor::{Supervisor, TailscaleState},
     wg_setup::WgSetup,
     wgconf::WgConfig,
 };
@@ -30,8 +32,8 @@ use crate::{
 /// Said with every load failure: the usual cause is missing privileges.
 pub const LOAD_HINT: &str = "loading the eBPF programs (needs root, or CAP_BPF and CAP_NET_ADMIN)";
 
-/// How often to look for the Tailscale device until it exists.
-const TS_DEVICE_POLL: Duration = Duration::from_millis(250);
+/// How often the maps are checked against the kernel without a notification.
+const RESYNC: Duration = Duration::from_secs(5);
 
 /// Reads the configuration and computes the plan; touches nothing.
 pub fn plan(settings: &Settings) -> Result<Plan> {
@@ -58,6 +60,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         wg: None,
         resolver: None,
         datapath: None,
+        facts: None,
         supervisor: None,
         tasks: Vec::new(),
     };
@@ -82,6 +85,8 @@ struct Running {
     wg: Option<WgSetup>,
     resolver: Option<ResolverSetup>,
     datapath: Option<Datapath>,
+    /// What the maps were last filled from.
+    facts: Option<Facts>,
 }
 
 impl Running {
@@ -113,15 +118,25 @@ impl Running {
         self.tasks
             .push(tokio::spawn(health::serve(listener, health_rx)));
 
-        let mode = settings.tc_attach;
-        let datapath = self
-            .datapath
-            .insert(Datapath::load(&LoadOptions::default()).context(LOAD_HINT)?);
+        let datapath = Datapath::load(&LoadOptions::default()).context(LOAD_HINT)?;
+        let datapath = self.datapath.insert(datapath);
         datapath
-            .attach(Device::WireGuard, &settings.wg_device, mode)
+            .attach(Device::WireGuard, &settings.wg_device, settings.tc_attach)
             .await
             .context("attaching the eBPF programs")?;
         health.send_modify(|h| h.wireguard_attached = true);
+        // Every link or route change may move the Tailscale device or table
+        // 52: both are re-read on each one, and on a slow timer in case a
+        // notification was lost (the socket drops them when it overflows).
+        let mut kernel_changes =
+            Netlink::watch_links_and_routes().context("watching links and routes")?;
+        let mut tailscale_state = TailscaleState::default();
+        self.refresh(settings, plan, &tailscale_state, &health)
+            .await
+            .context("filling the forwarding plane's maps")?;
+        if !health.borrow().tailscale_attached {
+            info!(device = %settings.ts_device, "waiting for the Tailscale device");
+        }
 
         // tailscaled comes after the WireGuard side and its programs, so the
         // policy is in place before the tailnet device exists.
@@ -131,37 +146,111 @@ impl Running {
         info!(wg = %settings.wg_device, ts = %settings.ts_device, "running; SIGINT or SIGTERM stops");
 
         tokio::pin!(shutdown);
-        let mut ts_attached = attach_if_present(&self.nl, datapath, settings).await?;
-        if ts_attached {
-            health.send_modify(|h| h.tailscale_attached = true);
-        } else {
-            info!(device = %settings.ts_device, "waiting for the Tailscale device");
-        }
         let dynamic = endpoints::any_dynamic(&plan.wireguard);
-        let mut refresh = tokio::time::interval(settings.endpoint_refresh);
-        refresh.tick().await; // the first tick is now; bring-up just resolved them
+        let mut endpoint_refresh = tokio::time::interval(settings.endpoint_refresh);
+        endpoint_refresh.tick().await; // the first tick is now; bring-up just resolved them
+        let mut resync = tokio::time::interval(RESYNC);
         loop {
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
-                () = tokio::time::sleep(TS_DEVICE_POLL), if !ts_attached => {
-                    ts_attached = attach_if_present(&self.nl, datapath, settings).await?;
-                    if ts_attached {
-                        health.send_modify(|h| { h.tailscale_attached = true; h.mark(); });
-                    }
+                Some(()) = kernel_changes.next() => {
+                    // A burst (tailscaled adding its routes) is read once.
+                    while let Some(Some(())) = kernel_changes.next().now_or_never() {}
                 }
+                _ = resync.tick() => {}
                 Ok(()) = tailscale.changed() => {
-                    let state = tailscale.borrow_and_update().clone();
-                    health.send_modify(|h| { h.tailscale = state.ready.clone(); h.mark(); });
+                    tailscale_state = tailscale.borrow_and_update().clone();
+                    health.send_modify(|h| { h.tailscale = tailscale_state.ready.clone(); h.mark(); });
                 }
-                _ = refresh.tick(), if dynamic => {
+                _ = endpoint_refresh.tick(), if dynamic => {
                     if let Some(device) = self.wg.as_ref().and_then(WgSetup::device)
                         && let Err(e) = endpoints::refresh(device, &plan.wireguard).await
                     {
                         warn!("re-resolving peer endpoints: {e}");
                     }
+                    continue;
                 }
             }
+            if let Err(e) = self
+                .refresh(settings, plan, &tailscale_state, &health)
+                .await
+            {
+                warn!("updating the forwarding plane: {e:#}");
+            }
         }
+    }
+
+    /// Attaches to the Tailscale device if it exists (again, if it was made
+    /// anew), then brings the maps in line with the kernel and Tailscale.
+    async fn refresh(
+        &mut self,
+        settings: &Settings,
+        plan: &Plan,
+        tailscale: &TailscaleState,
+        health: &watch::Sender<Health>,
+    ) -> Result<()> {
+        let datapath = self.datapath.as_mut().expect("loaded before refreshing");
+        let ts_device = match self.nl.link_index(&settings.ts_device).await? {
+            Some(index) => {
+                datapath
+                    .attach(Device::Tailscale, &settings.ts_device, settings.tc_attach)
+                    .await
+                    .context("attaching the eBPF programs")?;
+                Some((index, self.nl.link_mtu(index).await?))
+            }
+            None => None,
+        };
+        health.send_if_modified(|h| {
+            let attached = ts_device.is_some();
+            let changed = h.tailscale_attached != attached;
+            h.tailscale_attached = attached;
+            h.mark();
+            changed
+        });
+        let wg_ifindex = self
+            .nl
+            .link_index(&settings.wg_device)
+            .await?
+            .with_context(|| format!("the WireGuard device {} is gone", settings.wg_device))?;
+        let mut table52 = Vec::new();
+        if let Some((ts_index, _)) = ts_device {
+            for ipv6 in [false, true] {
+                let routes = self
+                    .nl
+                    .routes(ipv6, Some(forwarding::TAILSCALE_TABLE))
+                    .await?;
+                table52.extend(
+                    routes
+                        .into_iter()
+                        .filter(|(_, oif, _)| *oif == Some(ts_index))
+                        .map(|(net, _, _)| net),
+                );
+            }
+        }
+        let facts = Facts {
+            wg_ifindex,
+            wg_mtu: self.nl.link_mtu(wg_ifindex).await?,
+            ts_device,
+            ts_v4: tailscale.v4,
+            ts_v6: tailscale.v6,
+            table52,
+        };
+        if self.facts.as_ref() == Some(&facts) {
+            return Ok(());
+        }
+        datapath.write_config(&forwarding::config(plan, &facts))?;
+        datapath.sync_routes(&forwarding::routes(plan, &facts.table52))?;
+        // What the kernel now holds, read back, is what `/status` shows.
+        let view = forwarding::describe(&datapath.config()?, &datapath.routes()?);
+        info!(
+            ts_v4 = ?facts.ts_v4,
+            ts_v6 = ?facts.ts_v6,
+            table52 = facts.table52.len(),
+            "forwarding plane updated"
+        );
+        health.send_modify(|h| h.forwarding = view);
+        self.facts = Some(facts);
+        Ok(())
     }
 
     /// Takes down everything, collecting errors instead of stopping at one.
@@ -211,22 +300,6 @@ impl Running {
             ))
         }
     }
-}
-
-/// Attaches the Tailscale device's programs if the device exists yet.
-async fn attach_if_present(
-    nl: &Netlink,
-    datapath: &mut Datapath,
-    settings: &Settings,
-) -> Result<bool> {
-    if nl.link_index(&settings.ts_device).await?.is_none() {
-        return Ok(false);
-    }
-    datapath
-        .attach(Device::Tailscale, &settings.ts_device, settings.tc_attach)
-        .await
-        .context("attaching the eBPF programs")?;
-    Ok(true)
 }
 
 fn log_counters(datapath: &Datapath) {

@@ -29,6 +29,8 @@ pub struct Health {
     pub tailscale_attached: bool,
     /// `Err`: why Tailscale is not ready.
     pub tailscale: Result<(), String>,
+    /// The forwarding plane's maps as last read back from the kernel.
+    pub forwarding: serde_json::Value,
 }
 
 impl Health {
@@ -40,6 +42,7 @@ impl Health {
             wireguard_attached: false,
             tailscale_attached: false,
             tailscale: Err("tailscaled has not answered yet".into()),
+            forwarding: serde_json::Value::Null,
         }
     }
 
@@ -75,13 +78,12 @@ impl Health {
     }
 
     fn report(&self) -> (StatusCode, String) {
-        let since = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let first = self
             .first_healthy_at
-            .map_or("never".to_string(), |t| since(t).to_string());
+            .map_or("never".to_string(), |t| unix_seconds(t).to_string());
         let times = format!(
             "started_at: {}\nfirst_healthy_at: {first}\n",
-            since(self.started_at)
+            unix_seconds(self.started_at)
         );
         match self.verdict() {
             Ok(()) => (StatusCode::OK, format!("healthy\n{times}")),
@@ -91,6 +93,21 @@ impl Health {
             ),
         }
     }
+
+    /// `/status`: the health and what the forwarding plane holds, as JSON.
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "healthy": self.verdict().is_ok(),
+            "reason": self.verdict().err(),
+            "started_at": unix_seconds(self.started_at),
+            "first_healthy_at": self.first_healthy_at.map(unix_seconds),
+            "forwarding": self.forwarding,
+        })
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
 impl Default for Health {
@@ -108,10 +125,13 @@ pub async fn serve(listener: TcpListener, health: watch::Receiver<Health>) {
         let health = health.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (status, body) = if req.uri().path() == "/healthz" {
-                    health.borrow().report()
-                } else {
-                    (StatusCode::NOT_FOUND, "only /healthz here\n".to_string())
+                let (status, body) = match req.uri().path() {
+                    "/healthz" => health.borrow().report(),
+                    "/status" => (StatusCode::OK, format!("{:#}\n", health.borrow().status())),
+                    _ => (
+                        StatusCode::NOT_FOUND,
+                        "/healthz and /status here\n".to_string(),
+                    ),
                 };
                 async move {
                     Ok::<_, Infallible>(
@@ -132,6 +152,15 @@ pub async fn serve(listener: TcpListener, health: watch::Receiver<Health>) {
 /// Asks a running daemon (`tailguard health`): `Ok(report)` when healthy,
 /// `Err(report or why it could not ask)` otherwise.
 pub async fn check(addr: SocketAddr) -> Result<String, String> {
+    match get(addr, "/healthz").await? {
+        (StatusCode::OK, body) => Ok(body),
+        (_, body) => Err(body),
+    }
+}
+
+/// `GET path` from a running daemon's health server: the status and body,
+/// or why it could not be asked.
+pub async fn get(addr: SocketAddr, path: &str) -> Result<(StatusCode, String), String> {
     let ask = async {
         let stream = TcpStream::connect(addr)
             .await
@@ -140,7 +169,7 @@ pub async fn check(addr: SocketAddr) -> Result<String, String> {
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(connection);
-        let request = Request::get("/healthz")
+        let request = Request::get(path)
             .header(hyper::header::HOST, addr.to_string())
             .body(Empty::<Bytes>::new())
             .expect("valid");
@@ -155,12 +184,7 @@ pub async fn check(addr: SocketAddr) -> Result<String, String> {
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        let body = String::from_utf8_lossy(&body).into_owned();
-        if status == StatusCode::OK {
-            Ok(body)
-        } else {
-            Err(body)
-        }
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(Duration::from_secs(5), ask)
         .await

@@ -5,6 +5,7 @@
 pub mod daemon;
 pub mod datapath;
 pub mod endpoints;
+pub mod forwarding;
 pub mod gro;
 pub mod health;
 pub mod netlink;

@@ -29,6 +29,9 @@ enum Command {
     /// Ask the running daemon whether it is healthy (for Docker's
     /// HEALTHCHECK): exit status 0 if so, 1 with the reason if not.
     Health,
+    /// Print the running daemon's status as JSON: health, and the
+    /// forwarding plane's maps as the kernel holds them.
+    Status,
     /// Load the eBPF programs through the kernel verifier and list them with
     /// their instruction counts; attaches nothing.
     Programs,
@@ -48,6 +51,7 @@ async fn main() -> Result<()> {
         Command::Check => check(&validated(cli.settings)?),
         Command::Programs => programs(),
         Command::Health => health(&validated(cli.settings)?).await,
+        Command::Status => status(&validated(cli.settings)?).await,
     }
 }
 
@@ -72,6 +76,14 @@ async fn health(settings: &Settings) -> Result<()> {
             std::process::exit(1);
         }
     }
+}
+
+async fn status(settings: &Settings) -> Result<()> {
+    let (_, body) = tailguard::health::get(settings.health_addr, "/status")
+        .await
+        .map_err(anyhow::Error::msg)?;
+    print!("{body}");
+    Ok(())
 }
 
 fn check(settings: &Settings) -> Result<()> {

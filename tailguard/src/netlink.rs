@@ -96,6 +96,30 @@ enum LinkQuery<'a> {
     Index(u32),
 }
 
+/// A stream with one `()` per link or route change. Dropping it closes the
+/// socket (the connection task would otherwise go on reading for nobody).
+pub struct KernelChanges {
+    messages: std::pin::Pin<Box<dyn futures_util::Stream<Item = ()> + Send>>,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+impl futures_util::Stream for KernelChanges {
+    type Item = ();
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<()>> {
+        self.messages.as_mut().poll_next(cx)
+    }
+}
+
+impl Drop for KernelChanges {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
 /// Main routing table.
 pub const MAIN_TABLE: u32 = 254;
 
@@ -112,6 +136,22 @@ impl Netlink {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
         Ok(Self { handle })
+    }
+
+    /// Notifications of link and route changes (`ip monitor link route`),
+    /// for callers that re-read what they need. Opened in the current
+    /// namespace, like [`Netlink::connect`].
+    pub fn watch_links_and_routes() -> std::io::Result<KernelChanges> {
+        use rtnetlink::MulticastGroup;
+        let (connection, _, messages) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Link,
+            MulticastGroup::Ipv4Route,
+            MulticastGroup::Ipv6Route,
+        ])?;
+        Ok(KernelChanges {
+            messages: Box::pin(futures_util::StreamExt::map(messages, drop)),
+            connection: tokio::spawn(connection),
+        })
     }
 
     /// A link by name or index; `None` when there is no such link.

@@ -167,6 +167,8 @@ impl Login {
 pub struct ForwardingPlan {
     pub dest_ip: DestIps,
     pub isolate_peers: bool,
+    /// Source-NAT tailnet traffic towards wg to the node's WireGuard address.
+    pub snat_to_wg: bool,
     pub expose_host: bool,
     pub status_page_port: Option<u16>,
     pub attach: AttachMode,
@@ -180,6 +182,7 @@ impl Plan {
             forwarding: ForwardingPlan {
                 dest_ip: settings.ts_dest_ip,
                 isolate_peers: settings.wg_isolate_peers,
+                snat_to_wg: settings.ts_snat_subnet_routes,
                 expose_host: settings.expose_host,
                 status_page_port: settings.webui_port,
                 attach: settings.tc_attach,

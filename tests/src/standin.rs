@@ -48,6 +48,10 @@ pub struct State {
     pub log: Vec<Value>,
     /// Peers for `Status.Peer`, keyed by node key.
     pub peers: Map<String, Value>,
+    /// Logging in leads to `Starting`, and whoever sets up the node's
+    /// routing moves it on to `Running`, as tailscaled's engine does; when
+    /// false, logging in leads straight to `Running`.
+    pub starting_until_routed: bool,
 }
 
 impl State {
@@ -65,11 +69,17 @@ impl State {
             prefs: prefs.as_object().cloned().unwrap_or_default(),
             log: Vec::new(),
             peers: Map::new(),
+            starting_until_routed: false,
         }
     }
 
     fn log_in(&mut self) {
-        self.backend_state = "Running".into();
+        self.backend_state = if self.starting_until_routed {
+            "Starting"
+        } else {
+            "Running"
+        }
+        .into();
         self.auth_url.clear();
         self.online = true;
     }
@@ -251,7 +261,10 @@ impl StandIn {
                     reply(StatusCode::NOT_FOUND, json!("no match for IP:port"))
                 }
             }
-            (Method::GET, "/localapi/v0/watch-ipn-bus") => self.watch(),
+            (Method::GET, "/localapi/v0/watch-ipn-bus") => {
+                self.update(|s| s.log.push(json!({"watch-ipn-bus": query})));
+                self.watch()
+            }
             (Method::GET, "/standin/log") => {
                 reply(StatusCode::OK, json!(self.state.lock().unwrap().log))
             }

@@ -63,6 +63,20 @@ fn health() -> (bool, String) {
     )
 }
 
+/// `tailguard status`: the daemon's JSON status, or `null` before it answers.
+fn status() -> Value {
+    let out = Command::new(tailguard_bin())
+        .arg("status")
+        .output()
+        .expect("tailguard status");
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// The forwarding plane's maps as the daemon read them back from the kernel.
+fn maps() -> Value {
+    status()["forwarding"].clone()
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -243,20 +257,80 @@ fn a_dead_tailscaled_is_restarted_and_health_follows() {
 }
 
 #[test]
-fn address_changes_and_going_offline_reach_the_daemon() {
+fn address_and_route_changes_reach_the_maps_and_going_offline_the_health() {
     let bed = Testbed::new("ts-addr");
     let dir = bed.config_dir(&bed.config("", "10.66.0.1/32"));
     bed.ours.run(|| {
-        let mut node = start(&bed, &dir, &[("TS_AUTHKEY", "tskey-x")]);
+        let env = [
+            ("TS_AUTHKEY", "tskey-x"),
+            ("TS_DEST_IP", "10.66.0.1"),
+            (
+                "STANDIN_ROUTES",
+                "100.64.0.0/10,fd7a:115c:a1e0::/48,192.168.77.0/24",
+            ),
+        ];
+        let mut node = start(&bed, &dir, &env);
         node.daemon.wait_for("health", |_| health().0);
+        node.daemon
+            .wait_for("the tailnet addresses in the maps", |_| {
+                maps()["ts_v4"] == "100.64.0.1" && maps()["ts_v6"] == "fd7a:115c:a1e0::1"
+            });
+        let m = maps();
+        let index = nix::net::if_::if_nametoindex(node.ts_device.as_str()).unwrap();
+        assert_eq!(m["ts_ifindex"], index, "{m:#}");
+        assert_eq!(m["ts_mtu"], 1280, "{m:#}");
+        assert_eq!(m["dest_v4"], "10.66.0.1", "{m:#}");
+        assert_eq!(
+            m["routes"]["192.168.77.0/24"], "tailscale",
+            "table 52: {m:#}"
+        );
+        assert_eq!(m["routes"]["100.64.0.0/10"], "tailscale", "{m:#}");
+
+        // Changes are followed on tailscaled's IPN bus.
+        let log = ask(&node.socket, Method::GET, "/standin/log", Value::Null);
+        assert!(
+            log.as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e.get("watch-ipn-bus").is_some()),
+            "{log:#}"
+        );
+        // Tailscale gives the node new addresses.
         ask(
             &node.socket,
             Method::POST,
             "/standin/set",
             json!({"addresses": ["100.64.0.42", "fd7a:115c:a1e0::42"]}),
         );
+        node.daemon.wait_for("the new addresses in the maps", |_| {
+            maps()["ts_v4"] == "100.64.0.42" && maps()["ts_v6"] == "fd7a:115c:a1e0::42"
+        });
+
+        // A route tailscaled accepts later (table 52) is seen live, and
+        // forgotten when it goes.
+        let extra = "192.168.78.0/24";
+        let table52 = |verb: &str| {
+            run(Command::new("ip").args([
+                "route",
+                verb,
+                extra,
+                "dev",
+                &node.ts_device,
+                "table",
+                "52",
+            ]))
+        };
+        table52("add");
         node.daemon
-            .wait_for("the new addresses", |d| d.log().contains("100.64.0.42"));
+            .wait_for("the new table-52 route in the maps", |_| {
+                maps()["routes"][extra] == "tailscale"
+            });
+        table52("del");
+        node.daemon
+            .wait_for("the removed route gone from the maps", |_| {
+                maps()["routes"].get(extra).is_none()
+            });
+
         ask(
             &node.socket,
             Method::POST,
@@ -266,6 +340,7 @@ fn address_changes_and_going_offline_reach_the_daemon() {
         node.daemon.wait_for("unhealthy: offline", |_| {
             health().1.contains("does not see the node online")
         });
+        assert_eq!(status()["healthy"], false);
         ask(
             &node.socket,
             Method::POST,

@@ -68,9 +68,18 @@ impl Attachments {
     ) -> Result<Backend, Error> {
         let ifindex = ifindex(ifname)?;
         // Attaching twice is harmless: the same device keeps its programs.
-        if let Some(existing) = self.0.iter().find(|a| a.device == device) {
+        if let Some(at) = self.0.iter().position(|a| a.device == device) {
+            let existing = &self.0[at];
             if existing.ifindex == ifindex {
                 return Ok(existing.backend);
+            }
+            if existing.ifname == ifname {
+                // The device was deleted and made again (tailscaled does
+                // that when it restarts); its programs went with it.
+                let gone = self.0.remove(at);
+                let _ = detach_links(ebpf, gone.links);
+                info!(ifname, "device re-created: attaching again");
+                return Box::pin(self.attach(ebpf, device, ifname, mode)).await;
             }
             return Err(device_error(
                 ifname,

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use aya::{Ebpf, maps::PerCpuArray};
 use tailguard_common::{Counter, CounterSlot, Device, Direction, PacketClass};
 
-use super::Error;
+use super::{Error, maps};
 
 const MAP: &str = "COUNTERS";
 
@@ -43,20 +43,13 @@ impl Counters {
 }
 
 pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
-    let map_error = |e| Error::Map {
-        name: MAP,
-        source: Box::new(e),
-    };
-    let map: PerCpuArray<_, Counter> = PerCpuArray::try_from(ebpf.map(MAP).ok_or_else(|| {
-        map_error(aya::maps::MapError::InvalidName {
-            name: MAP.to_string(),
-        })
-    })?)
-    .map_err(map_error)?;
+    let map_error = maps::map_error(MAP);
+    let map: PerCpuArray<_, Counter> =
+        PerCpuArray::try_from(maps::get(ebpf, MAP)?).map_err(&map_error)?;
     let mut sums = BTreeMap::new();
     for slot in CounterSlot::all() {
         let index = slot.index();
-        let per_cpu = map.get(&index, 0).map_err(map_error)?;
+        let per_cpu = map.get(&index, 0).map_err(&map_error)?;
         let sum = per_cpu
             .iter()
             .copied()

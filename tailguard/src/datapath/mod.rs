@@ -3,14 +3,16 @@
 
 mod attach;
 mod counters;
+mod maps;
 mod object;
 
 pub use attach::{AttachMode, Backend};
 pub use counters::Counters;
+pub use maps::Routes;
 pub use object::{LinkLayer, LoadOptions, Program};
 
 use aya::{Ebpf, programs::SchedClassifier};
-use tailguard_common::{Device, Direction};
+use tailguard_common::{Config, Device, Direction};
 
 /// The loaded programs and everything they are attached to. Dropping it
 /// detaches the programs; [`Datapath::detach`] also removes any clsact qdisc
@@ -75,6 +77,26 @@ impl Datapath {
     /// The counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, Error> {
         counters::read(&self.ebpf)
+    }
+
+    /// Writes the configuration entry the programs read.
+    pub fn write_config(&mut self, config: &Config) -> Result<(), Error> {
+        maps::write_config(&mut self.ebpf, config)
+    }
+
+    /// The configuration entry as the kernel holds it.
+    pub fn config(&self) -> Result<Config, Error> {
+        maps::read_config(&self.ebpf)
+    }
+
+    /// Makes the route tries hold exactly `routes`.
+    pub fn sync_routes(&mut self, routes: &Routes) -> Result<(), Error> {
+        maps::sync_routes(&mut self.ebpf, routes)
+    }
+
+    /// The route tries as the kernel holds them.
+    pub fn routes(&self) -> Result<Routes, Error> {
+        maps::read_routes(&self.ebpf)
     }
 
     /// Detaches every program and removes the clsact qdiscs this datapath

@@ -18,11 +18,16 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-use super::{localapi::LocalApi, prefs, status::Status};
+use super::{
+    localapi::{self, LocalApi, LocalApiError},
+    prefs,
+    status::Status,
+};
 use crate::{
     plan::{Login, TailscalePlan},
     settings::Settings,
 };
+use futures_util::{FutureExt as _, Stream, StreamExt as _};
 
 /// What the rest of the daemon needs to know about Tailscale.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,8 +49,10 @@ impl Default for TailscaleState {
     }
 }
 
-/// How often to read tailscaled's status.
+/// How often to read tailscaled's status until its IPN bus is followed.
 const POLL: Duration = Duration::from_secs(1);
+/// How often to read it while following the bus.
+const RESYNC: Duration = Duration::from_secs(10);
 /// How long tailscaled may take to open its socket.
 const SOCKET_WAIT: Duration = Duration::from_secs(30);
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
@@ -168,6 +175,10 @@ impl Supervisor {
 
     /// One life of tailscaled: wait for it, log in, set preferences, follow
     /// it. Returns when it exits or when told to shut down.
+    ///
+    /// Once tailscaled answers, its IPN bus says when something changed and
+    /// each notification leads to a fresh status; a slow timer re-reads the
+    /// status too, in case the bus is not there or stays quiet.
     async fn serve(
         &self,
         mut child: Option<&mut Child>,
@@ -175,18 +186,15 @@ impl Supervisor {
     ) -> Outcome {
         let mut life = Life::default();
         let mut socket_deadline = Some(Instant::now() + SOCKET_WAIT);
+        let mut bus: Option<Bus> = None;
         loop {
-            if let Some(child) = child.as_deref_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                return Outcome::Exited(format!("tailscaled exited ({status})"));
-            }
             match self.api.status(true).await {
                 Ok(status) => {
                     socket_deadline = None;
                     self.follow(&status, &mut life).await;
                 }
                 Err(e) => {
+                    bus = None;
                     if socket_deadline.is_some_and(|d| Instant::now() > d) {
                         return Outcome::Exited(format!(
                             "tailscaled did not answer within {} s: {e}",
@@ -201,7 +209,30 @@ impl Supervisor {
                     }
                 }
             }
-            if wait_or_shutdown(shutdown, POLL).await {
+            if bus.is_none() && socket_deadline.is_none() {
+                match self.api.watch(localapi::watch::INITIAL_STATE).await {
+                    Ok(stream) => bus = Some(Box::pin(stream) as Bus),
+                    Err(e) => warn!(
+                        "following tailscaled's IPN bus: {e}; reading its status every {} s instead",
+                        RESYNC.as_secs()
+                    ),
+                }
+            }
+            let wait = if bus.is_some() { RESYNC } else { POLL };
+            tokio::select! {
+                status = exited(child.as_deref_mut()) => {
+                    return Outcome::Exited(format!("tailscaled exited ({status})"));
+                }
+                note = next_notification(&mut bus) => match note {
+                    // A burst of notifications leads to one status read.
+                    Some(Ok(_)) => while let Some(Some(Ok(_))) = next_notification(&mut bus).now_or_never() {},
+                    Some(Err(e)) => { warn!("tailscaled's IPN bus: {e}"); bus = None; }
+                    None => bus = None,
+                },
+                () = sleep(wait) => {}
+                _ = shutdown.changed() => {}
+            }
+            if *shutdown.borrow() || shutdown.has_changed().is_err() {
                 return Outcome::Shutdown;
             }
         }
@@ -338,6 +369,30 @@ impl LoginProgress {
             );
             self.url_shown = Some(status.auth_url.clone());
         }
+    }
+}
+
+/// The IPN bus, once subscribed to.
+type Bus = std::pin::Pin<Box<dyn Stream<Item = Result<serde_json::Value, LocalApiError>> + Send>>;
+
+/// The next notification; never, when there is no bus.
+async fn next_notification(
+    bus: &mut Option<Bus>,
+) -> Option<Result<serde_json::Value, LocalApiError>> {
+    match bus {
+        Some(bus) => bus.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When the child exits; never, in attach mode (no child).
+async fn exited(child: Option<&mut Child>) -> String {
+    match child {
+        Some(child) => match child.wait().await {
+            Ok(status) => status.to_string(),
+            Err(e) => e.to_string(),
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -166,7 +166,10 @@ async fn main() {
         .map(|a| a.parse().expect("STANDIN_ADDRESSES holds addresses"))
         .collect();
     let mut wireguard = create_device(&args.tun);
-    let standin = Arc::new(StandIn::new(State::new(addresses.clone())));
+    let standin = Arc::new(StandIn::new(State {
+        starting_until_routed: true,
+        ..State::new(addresses.clone())
+    }));
     let server = standin.clone();
     let socket = args.socket.clone();
     tokio::spawn(async move {
@@ -190,10 +193,13 @@ async fn main() {
             _ = int.recv() => break,
             _ = tick.tick() => {
                 let state = standin.state();
-                let running = state.backend_state == "Running";
-                if running && undo.is_empty() {
+                let logged_in = ["Starting", "Running"].contains(&state.backend_state.as_str());
+                if logged_in && undo.is_empty() {
                     undo = install_routing(&args.tun, &state.addresses);
-                } else if !running && !undo.is_empty() {
+                }
+                if state.backend_state == "Starting" {
+                    standin.update(|s| s.backend_state = "Running".into());
+                } else if !logged_in && !undo.is_empty() {
                     for cmd in undo.drain(..) {
                         run(&cmd.iter().map(String::as_str).collect::<Vec<_>>());
                     }

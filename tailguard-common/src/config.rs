@@ -1,0 +1,163 @@
+//! What the daemon tells the programs: one [`Config`] entry (devices, own
+//! addresses, `TS_DEST_IP`, policy flags) and the route tries' values.
+//!
+//! Addresses are kept as network-order bytes, the way they sit in packets,
+//! so the programs compare them without conversion.
+
+use core::net::{Ipv4Addr, Ipv6Addr};
+
+use bytemuck::{Pod, Zeroable};
+
+/// The single entry of the `CONFIG` array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Config {
+    /// Interface indexes of the WireGuard and Tailscale devices (0: absent).
+    pub wg_ifindex: u32,
+    pub ts_ifindex: u32,
+    /// [`flag`] bits: which addresses below are set, and the policy switches.
+    pub flags: u32,
+    /// MTUs of the two devices, for clamping the MSS of SYNs sent out of them.
+    pub wg_mtu: u16,
+    pub ts_mtu: u16,
+    /// The node's own tailnet address (the masquerade source towards ts, and
+    /// what tailnet peers address to reach `TS_DEST_IP`).
+    pub ts_v4: [u8; 4],
+    /// The node's WireGuard address (the source NAT towards wg).
+    pub wg_v4: [u8; 4],
+    /// `TS_DEST_IP`'s IPv4 address.
+    pub dest_v4: [u8; 4],
+    pub ts_v6: [u8; 16],
+    pub wg_v6: [u8; 16],
+    pub dest_v6: [u8; 16],
+}
+
+/// The bits of [`Config::flags`].
+pub mod flag {
+    pub const TS_V4: u32 = 1 << 0;
+    pub const TS_V6: u32 = 1 << 1;
+    pub const WG_V4: u32 = 1 << 2;
+    pub const WG_V6: u32 = 1 << 3;
+    pub const DEST_V4: u32 = 1 << 4;
+    pub const DEST_V6: u32 = 1 << 5;
+    /// `WG_ISOLATE_PEERS=1`: WireGuard-to-WireGuard traffic is dropped.
+    pub const ISOLATE_PEERS: u32 = 1 << 6;
+    /// Source-NAT tailnet traffic towards wg to the node's WireGuard address.
+    pub const SNAT_TO_WG: u32 = 1 << 7;
+    /// `TG_EXPOSE_HOST=1`: new connections from ts to the host are accepted.
+    pub const EXPOSE_HOST: u32 = 1 << 8;
+}
+
+impl Config {
+    pub const fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// Sets or clears `flag`.
+    pub const fn set(&mut self, flag: u32, on: bool) {
+        if on {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
+        }
+    }
+
+    pub fn ts_v4(&self) -> Option<Ipv4Addr> {
+        self.has(flag::TS_V4).then(|| self.ts_v4.into())
+    }
+
+    pub fn ts_v6(&self) -> Option<Ipv6Addr> {
+        self.has(flag::TS_V6).then(|| self.ts_v6.into())
+    }
+
+    pub fn wg_v4(&self) -> Option<Ipv4Addr> {
+        self.has(flag::WG_V4).then(|| self.wg_v4.into())
+    }
+
+    pub fn wg_v6(&self) -> Option<Ipv6Addr> {
+        self.has(flag::WG_V6).then(|| self.wg_v6.into())
+    }
+
+    pub fn dest_v4(&self) -> Option<Ipv4Addr> {
+        self.has(flag::DEST_V4).then(|| self.dest_v4.into())
+    }
+
+    pub fn dest_v6(&self) -> Option<Ipv6Addr> {
+        self.has(flag::DEST_V6).then(|| self.dest_v6.into())
+    }
+
+    /// Sets the node's tailnet addresses (`None` clears one).
+    pub fn set_ts(&mut self, v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) {
+        self.set(flag::TS_V4, v4.is_some());
+        self.ts_v4 = v4.map_or([0; 4], |a| a.octets());
+        self.set(flag::TS_V6, v6.is_some());
+        self.ts_v6 = v6.map_or([0; 16], |a| a.octets());
+    }
+
+    pub fn set_wg(&mut self, v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) {
+        self.set(flag::WG_V4, v4.is_some());
+        self.wg_v4 = v4.map_or([0; 4], |a| a.octets());
+        self.set(flag::WG_V6, v6.is_some());
+        self.wg_v6 = v6.map_or([0; 16], |a| a.octets());
+    }
+
+    pub fn set_dest(&mut self, v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) {
+        self.set(flag::DEST_V4, v4.is_some());
+        self.dest_v4 = v4.map_or([0; 4], |a| a.octets());
+        self.set(flag::DEST_V6, v6.is_some());
+        self.dest_v6 = v6.map_or([0; 16], |a| a.octets());
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `Pod` per bytemuck's derive (no padding, any bit pattern valid).
+unsafe impl aya::Pod for Config {}
+
+/// The value of the route tries (`ROUTES_V4`, `ROUTES_V6`): which device a
+/// destination is routed out of.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Route {
+    pub egress: u32,
+}
+
+impl Route {
+    /// Routed out of the WireGuard device (a peer's allowed IPs).
+    pub const WIREGUARD: Self = Self { egress: 1 };
+    /// Routed out of the Tailscale device (tailnet ranges, table 52).
+    pub const TAILSCALE: Self = Self { egress: 2 };
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `Pod` per bytemuck's derive.
+unsafe impl aya::Pod for Route {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip_and_absent_ones_read_as_none() {
+        let mut c = Config::default();
+        assert_eq!(c.ts_v4(), None);
+        c.set_ts(Some(Ipv4Addr::new(100, 64, 0, 7)), None);
+        assert_eq!(c.ts_v4(), Some(Ipv4Addr::new(100, 64, 0, 7)));
+        assert_eq!(c.ts_v4, [100, 64, 0, 7], "network order, as in packets");
+        assert_eq!(c.ts_v6(), None);
+        c.set_ts(None, Some("fd7a:115c:a1e0::7".parse().unwrap()));
+        assert_eq!(c.ts_v4(), None);
+        assert_eq!(c.ts_v4, [0; 4], "a cleared address leaves no trace");
+        assert_eq!(c.ts_v6(), Some("fd7a:115c:a1e0::7".parse().unwrap()));
+    }
+
+    #[test]
+    fn flags_are_independent() {
+        let mut c = Config::default();
+        c.set(flag::ISOLATE_PEERS, true);
+        c.set_dest(Some(Ipv4Addr::new(10, 0, 0, 2)), None);
+        assert!(c.has(flag::ISOLATE_PEERS) && c.has(flag::DEST_V4));
+        c.set(flag::ISOLATE_PEERS, false);
+        assert!(!c.has(flag::ISOLATE_PEERS) && c.has(flag::DEST_V4));
+        assert_eq!(core::mem::size_of::<Config>(), 76);
+    }
+}

@@ -1,0 +1,201 @@
+//! What the forwarding plane's maps should hold, computed from the plan and
+//! what the kernel and Tailscale report; no side effects, so every case is a
+//! unit test. The daemon writes the result with [`crate::datapath`].
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+use tailguard_common::{Config, Route, config::flag};
+
+use crate::{datapath::Routes, plan::Plan};
+
+/// The tailnet's address ranges: Tailscale's CGNAT range and its ULA prefix.
+/// They always lead to the Tailscale device, whatever table 52 holds yet.
+pub const TAILNET_RANGES: [&str; 2] = ["100.64.0.0/10", "fd7a:115c:a1e0::/48"];
+
+/// tailscaled's routing table: its routes to peers, their subnets and the
+/// exit node.
+pub const TAILSCALE_TABLE: u32 = 52;
+
+/// What the kernel and Tailscale say at a given moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    pub wg_ifindex: u32,
+    pub wg_mtu: u32,
+    /// `None` until tailscaled has created its device.
+    pub ts_device: Option<(u32, u32)>,
+    /// The node's own tailnet addresses.
+    pub ts_v4: Option<Ipv4Addr>,
+    pub ts_v6: Option<Ipv6Addr>,
+    /// Table 52's routes out of the Tailscale device (peers, their subnets,
+    /// and the exit node's default routes when one is used).
+    pub table52: Vec<IpNet>,
+}
+
+/// The configuration entry for `facts`.
+pub fn config(plan: &Plan, facts: &Facts) -> Config {
+    let mut config = Config {
+        wg_ifindex: facts.wg_ifindex,
+        wg_mtu: clamp_mtu(facts.wg_mtu),
+        ..Config::default()
+    };
+    if let Some((index, mtu)) = facts.ts_device {
+        config.ts_ifindex = index;
+        config.ts_mtu = clamp_mtu(mtu);
+    }
+    config.set_ts(facts.ts_v4, facts.ts_v6);
+    let (wg_v4, wg_v6) = first_of_each_family(plan.wireguard.addresses.iter().map(IpNet::addr));
+    config.set_wg(wg_v4, wg_v6);
+    let dest = plan.forwarding.dest_ip;
+    config.set_dest(dest.v4, dest.v6);
+    config.set(flag::ISOLATE_PEERS, plan.forwarding.isolate_peers);
+    config.set(flag::EXPOSE_HOST, plan.forwarding.expose_host);
+    config.set(flag::SNAT_TO_WG, plan.forwarding.snat_to_wg);
+    config
+}
+
+/// The route tries for `table52`: the WireGuard side's routes (the plan's
+/// routes and the networks of the device's own addresses, as the kernel's
+/// connected routes), then the tailnet ranges and table 52, which win a tie
+/// the way tailscaled's rule 5270 comes before the main table.
+pub fn routes(plan: &Plan, table52: &[IpNet]) -> Routes {
+    let mut routes = Routes::new();
+    let wireguard = plan
+        .wireguard
+        .routes
+        .iter()
+        .map(|r| r.destination)
+        .chain(plan.wireguard.addresses.iter().map(IpNet::trunc));
+    for net in wireguard {
+        routes.insert(net.trunc(), Route::WIREGUARD);
+    }
+    let tailnet = TAILNET_RANGES
+        .iter()
+        .map(|r| r.parse::<IpNet>().expect("a valid prefix"));
+    for net in tailnet.chain(table52.iter().copied()) {
+        routes.insert(net.trunc(), Route::TAILSCALE);
+    }
+    routes
+}
+
+/// The maps' contents as JSON, for `/status` and the log.
+pub fn describe(config: &Config, routes: &Routes) -> serde_json::Value {
+    let egress = |r: &Route| match *r {
+        Route::WIREGUARD => "wireguard",
+        Route::TAILSCALE => "tailscale",
+        _ => "unknown",
+    };
+    serde_json::json!({
+        "wg_ifindex": config.wg_ifindex,
+        "ts_ifindex": config.ts_ifindex,
+        "wg_mtu": config.wg_mtu,
+        "ts_mtu": config.ts_mtu,
+        "ts_v4": config.ts_v4(),
+        "ts_v6": config.ts_v6(),
+        "wg_v4": config.wg_v4(),
+        "wg_v6": config.wg_v6(),
+        "dest_v4": config.dest_v4(),
+        "dest_v6": config.dest_v6(),
+        "isolate_peers": config.has(flag::ISOLATE_PEERS),
+        "snat_to_wg": config.has(flag::SNAT_TO_WG),
+        "expose_host": config.has(flag::EXPOSE_HOST),
+        "routes": routes.iter().map(|(net, r)| (net.to_string(), egress(r).into())).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
+fn first_of_each_family(
+    addrs: impl Iterator<Item = IpAddr>,
+) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+    let (mut v4, mut v6) = (None, None);
+    for addr in addrs {
+        match addr {
+            IpAddr::V4(a) => _ = v4.get_or_insert(a),
+            IpAddr::V6(a) => _ = v6.get_or_insert(a),
+        }
+    }
+    (v4, v6)
+}
+
+fn clamp_mtu(mtu: u32) -> u16 {
+    u16::try_from(mtu).unwrap_or(u16::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{settings::parse_args, wgconf};
+
+    const CONF: &str = "[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n\
+        Address = 10.8.0.1/24, fd00:8::1/64\n\
+        [Peer]\nPublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\n\
+        AllowedIPs = 10.8.0.2/32, 192.168.8.0/24\n";
+
+    fn plan(args: &[&str]) -> Plan {
+        let config = wgconf::parse(CONF, "wg0.conf".as_ref()).unwrap();
+        Plan::new(&parse_args(args).unwrap().0, &config)
+    }
+
+    #[test]
+    fn config_carries_devices_addresses_and_switches() {
+        let plan = plan(&["--ts-dest-ip=10.8.0.2", "--wg-isolate-peers=1"]);
+        let facts = Facts {
+            wg_ifindex: 7,
+            wg_mtu: 1420,
+            ts_device: Some((9, 1280)),
+            ts_v4: Some(Ipv4Addr::new(100, 64, 0, 5)),
+            ..Facts::default()
+        };
+        let c = config(&plan, &facts);
+        assert_eq!(
+            (c.wg_ifindex, c.wg_mtu, c.ts_ifindex, c.ts_mtu),
+            (7, 1420, 9, 1280)
+        );
+        assert_eq!(c.ts_v4(), Some(Ipv4Addr::new(100, 64, 0, 5)));
+        assert_eq!(c.ts_v6(), None);
+        assert_eq!(c.wg_v4(), Some(Ipv4Addr::new(10, 8, 0, 1)));
+        assert_eq!(c.wg_v6(), Some("fd00:8::1".parse().unwrap()));
+        assert_eq!(c.dest_v4(), Some(Ipv4Addr::new(10, 8, 0, 2)));
+        assert_eq!(c.dest_v6(), None);
+        assert!(c.has(flag::ISOLATE_PEERS) && c.has(flag::SNAT_TO_WG));
+        assert!(!c.has(flag::EXPOSE_HOST));
+    }
+
+    #[test]
+    fn before_tailscale_answers_its_side_is_empty() {
+        let c = config(
+            &plan(&[]),
+            &Facts {
+                wg_ifindex: 3,
+                wg_mtu: 1420,
+                ..Facts::default()
+            },
+        );
+        assert_eq!((c.ts_ifindex, c.ts_v4(), c.ts_v6()), (0, None, None));
+        assert!(!c.has(flag::ISOLATE_PEERS));
+    }
+
+    #[test]
+    fn routes_join_both_sides_and_table_52_wins_a_tie() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let table52 = [
+            net("100.101.102.103/32"),
+            net("192.168.8.0/24"),
+            net("0.0.0.0/0"),
+        ];
+        let r = routes(&plan(&[]), &table52);
+        let expect = [
+            ("10.8.0.0/24", Route::WIREGUARD),
+            ("fd00:8::/64", Route::WIREGUARD),
+            ("10.8.0.2/32", Route::WIREGUARD),
+            ("100.64.0.0/10", Route::TAILSCALE),
+            ("fd7a:115c:a1e0::/48", Route::TAILSCALE),
+            ("100.101.102.103/32", Route::TAILSCALE),
+            ("192.168.8.0/24", Route::TAILSCALE),
+            ("0.0.0.0/0", Route::TAILSCALE),
+        ];
+        assert_eq!(r.len(), expect.len(), "{r:?}");
+        for (prefix, route) in expect {
+            assert_eq!(r.get(&net(prefix)), Some(&route), "{prefix}");
+        }
+    }
+}
