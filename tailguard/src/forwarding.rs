@@ -161,6 +161,16 @@ mod tests {
     }
 
     #[test]
+    fn tailscales_snat_switch_also_turns_off_ours() {
+        let facts = Facts::default();
+        assert!(config(&plan(&[]), &facts).has(flag::SNAT_TO_WG));
+        let off = plan(&["--ts-extra-args=--snat-subnet-routes=false"]);
+        assert!(!config(&off, &facts).has(flag::SNAT_TO_WG));
+        let on = plan(&["--ts-extra-args=--snat-subnet-routes=true"]);
+        assert!(config(&on, &facts).has(flag::SNAT_TO_WG));
+    }
+
+    #[test]
     fn before_tailscale_answers_its_side_is_empty() {
         let c = config(
             &plan(&[]),

@@ -167,7 +167,9 @@ impl Login {
 pub struct ForwardingPlan {
     pub dest_ip: DestIps,
     pub isolate_peers: bool,
-    /// Source-NAT tailnet traffic towards wg to the node's WireGuard address.
+    /// Source-NAT tailnet traffic towards wg to the node's WireGuard address
+    /// (off with `--snat-subnet-routes=false` in `TS_EXTRA_ARGS`, the same
+    /// switch that turns off tailscaled's own).
     pub snat_to_wg: bool,
     pub expose_host: bool,
     pub status_page_port: Option<u16>,
@@ -182,7 +184,7 @@ impl Plan {
             forwarding: ForwardingPlan {
                 dest_ip: settings.ts_dest_ip,
                 isolate_peers: settings.wg_isolate_peers,
-                snat_to_wg: settings.ts_snat_subnet_routes,
+                snat_to_wg: crate::tailscale::prefs::snat_subnet_routes(&settings.ts_extra_args),
                 expose_host: settings.expose_host,
                 status_page_port: settings.webui_port,
                 attach: settings.tc_attach,

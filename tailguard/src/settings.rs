@@ -62,13 +62,6 @@ pub struct SettingsArgs {
     #[arg(long, env = "WG_ISOLATE_PEERS", value_name = "WG_ISOLATE_PEERS", default_value = "0", value_parser = flag, action = ArgAction::Set)]
     pub wg_isolate_peers: bool,
 
-    /// `1` (default): tailnet traffic towards the WireGuard side leaves with
-    /// the node's WireGuard address as source, as Tailscale's
-    /// `--snat-subnet-routes` does, so WireGuard hosts need no route back.
-    /// `0` for networks that route the tailnet ranges back to TailGuard.
-    #[arg(long, env = "TS_SNAT_SUBNET_ROUTES", value_name = "TS_SNAT_SUBNET_ROUTES", default_value = "1", value_parser = flag, action = ArgAction::Set)]
-    pub ts_snat_subnet_routes: bool,
-
     /// Userspace WireGuard used when the kernel has no WireGuard module.
     #[arg(
         long,
@@ -208,7 +201,6 @@ pub struct Settings {
     pub wg_device: String,
     pub wg_config_dir: PathBuf,
     pub wg_isolate_peers: bool,
-    pub ts_snat_subnet_routes: bool,
     pub wg_userspace: String,
     pub endpoint_refresh: std::time::Duration,
     pub ts_device: String,
@@ -274,7 +266,6 @@ impl SettingsArgs {
             wg_device: self.wg_device,
             wg_config_dir: self.wg_config_dir,
             wg_isolate_peers: self.wg_isolate_peers,
-            ts_snat_subnet_routes: self.ts_snat_subnet_routes,
             wg_userspace: self.wg_userspace,
             endpoint_refresh: std::time::Duration::from_secs(self.endpoint_refresh),
             ts_device: self.ts_device,
@@ -607,8 +598,6 @@ mod tests {
         ]);
         assert!(s.expose_host && s.client_mode && s.wg_isolate_peers && s.ts_webclient);
         assert!(!settings(&["--expose-host=0"]).expose_host);
-        assert!(settings(&[]).ts_snat_subnet_routes, "on unless turned off");
-        assert!(!settings(&["--ts-snat-subnet-routes=0"]).ts_snat_subnet_routes);
         assert!(
             !settings(&["--expose-host="]).expose_host,
             "empty means unset"
@@ -617,7 +606,6 @@ mod tests {
             ("--expose-host", "TG_EXPOSE_HOST"),
             ("--client-mode", "TG_CLIENT_MODE"),
             ("--wg-isolate-peers", "WG_ISOLATE_PEERS"),
-            ("--ts-snat-subnet-routes", "TS_SNAT_SUBNET_ROUTES"),
             ("--ts-webclient", "TS_WEBCLIENT"),
         ] {
             let e = error(&[&format!("{flag}=yes")]);

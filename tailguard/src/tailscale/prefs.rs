@@ -206,6 +206,14 @@ pub fn at_start(plan: &TailscalePlan) -> MaskedPrefs {
     prefs
 }
 
+/// Whether tailnet traffic to the advertised routes is source-NATed: yes,
+/// unless `TS_EXTRA_ARGS` says `--snat-subnet-routes=false`.
+pub fn snat_subnet_routes(extra_args: &[String]) -> bool {
+    let mut prefs = MaskedPrefs::default();
+    let _ = apply_extra_args(&mut prefs, extra_args);
+    prefs.no_snat != Some(true)
+}
+
 /// What is wrong with `TS_EXTRA_ARGS`, to say once at start.
 pub fn extra_args_warnings(plan: &TailscalePlan) -> Vec<String> {
     apply_extra_args(&mut MaskedPrefs::default(), &plan.extra_args)
