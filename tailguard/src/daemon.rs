@@ -12,18 +12,20 @@ use anyhow::{Context as _, Result, anyhow};
 use futures_util::{FutureExt as _, StreamExt as _};
 use tailguard_common::{Device, Direction};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     datapath::{Datapath, LoadOptions},
     endpoints,
+    firewall::Firewall,
     forwarding::{self, Facts},
     gro::GroSetup,
     health::{self, Health},
+    ip_forwarding::IpForwarding,
     netlink::Netlink,
     plan::Plan,
     resolver::ResolverSetup,
-    settings::Settings,
+    settings::{DatapathMode, Settings},
     tailscale::supervisor::{Supervisor, TailscaleState},
     wg_setup::WgSetup,
     wgconf::WgConfig,
@@ -60,6 +62,8 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         wg: None,
         resolver: None,
         datapath: None,
+        firewall: None,
+        ip_forwarding: None,
         facts: None,
         supervisor: None,
         tasks: Vec::new(),
@@ -84,8 +88,11 @@ struct Running {
     gro: Option<GroSetup>,
     wg: Option<WgSetup>,
     resolver: Option<ResolverSetup>,
+    /// `None` with the netfilter datapath (chosen, or fallen back to).
     datapath: Option<Datapath>,
-    /// What the maps were last filled from.
+    firewall: Option<Firewall>,
+    ip_forwarding: Option<IpForwarding>,
+    /// What the maps and the table were last made from.
     facts: Option<Facts>,
 }
 
@@ -98,6 +105,13 @@ impl Running {
         self.wg = Some(wg.context("bringing up WireGuard")?);
         let resolver = ResolverSetup::apply(&self.nl, &plan.resolver).await;
         self.resolver = Some(resolver.context("configuring name resolution")?);
+        // The table before forwarding is switched on: its default is drop.
+        let facts = self
+            .facts(settings, &TailscaleState::default(), None)
+            .await?;
+        let firewall = self.firewall.insert(Firewall::default());
+        firewall.apply(&forwarding::firewall(plan, &facts)).await?;
+        self.ip_forwarding = Some(IpForwarding::enable().context("turning on IP forwarding")?);
         Ok(())
     }
 
@@ -118,13 +132,16 @@ impl Running {
         self.tasks
             .push(tokio::spawn(health::serve(listener, health_rx)));
 
-        let datapath = Datapath::load(&LoadOptions::default()).context(LOAD_HINT)?;
-        let datapath = self.datapath.insert(datapath);
-        datapath
-            .attach(Device::WireGuard, &settings.wg_device, settings.tc_attach)
-            .await
-            .context("attaching the eBPF programs")?;
-        health.send_modify(|h| h.wireguard_attached = true);
+        if plan.forwarding.datapath == DatapathMode::Ebpf {
+            match self.load_datapath(settings).await {
+                Ok(()) => health.send_modify(|h| h.wireguard_attached = true),
+                Err(e) => error!(
+                    "THE eBPF FAST PATH IS OFF: {e:#}. Falling back to the netfilter datapath: \
+                     the same policy, forwarded by the kernel (slower)."
+                ),
+            }
+        }
+        health.send_modify(|h| h.programs_required = self.datapath.is_some());
         // Every link or route change may move the Tailscale device or table
         // 52: both are re-read on each one, and on a slow timer in case a
         // notification was lost (the socket drops them when it overflows).
@@ -180,33 +197,25 @@ impl Running {
         }
     }
 
-    /// Attaches to the Tailscale device if it exists (again, if it was made
-    /// anew), then brings the maps in line with the kernel and Tailscale.
-    async fn refresh(
-        &mut self,
+    /// Loads the programs and attaches them to the WireGuard device; on
+    /// failure nothing of them is left.
+    async fn load_datapath(&mut self, settings: &Settings) -> Result<()> {
+        let mut datapath = Datapath::load(&LoadOptions::default()).context(LOAD_HINT)?;
+        datapath
+            .attach(Device::WireGuard, &settings.wg_device, settings.tc_attach)
+            .await
+            .context("attaching the eBPF programs")?;
+        self.datapath = Some(datapath);
+        Ok(())
+    }
+
+    /// What the kernel and Tailscale say now; `ts_device` as found.
+    async fn facts(
+        &self,
         settings: &Settings,
-        plan: &Plan,
         tailscale: &TailscaleState,
-        health: &watch::Sender<Health>,
-    ) -> Result<()> {
-        let datapath = self.datapath.as_mut().expect("loaded before refreshing");
-        let ts_device = match self.nl.link_index(&settings.ts_device).await? {
-            Some(index) => {
-                datapath
-                    .attach(Device::Tailscale, &settings.ts_device, settings.tc_attach)
-                    .await
-                    .context("attaching the eBPF programs")?;
-                Some((index, self.nl.link_mtu(index).await?))
-            }
-            None => None,
-        };
-        health.send_if_modified(|h| {
-            let attached = ts_device.is_some();
-            let changed = h.tailscale_attached != attached;
-            h.tailscale_attached = attached;
-            h.mark();
-            changed
-        });
+        ts_device: Option<(u32, u32)>,
+    ) -> Result<Facts> {
         let wg_ifindex = self
             .nl
             .link_index(&settings.wg_device)
@@ -227,21 +236,66 @@ impl Running {
                 );
             }
         }
-        let facts = Facts {
+        let wg_port = match self.wg.as_ref().and_then(WgSetup::device) {
+            Some(device) => Some(device.listen_port().await?),
+            None => None,
+        };
+        Ok(Facts {
             wg_ifindex,
             wg_mtu: self.nl.link_mtu(wg_ifindex).await?,
+            wg_port,
             ts_device,
             ts_v4: tailscale.v4,
             ts_v6: tailscale.v6,
             table52,
+        })
+    }
+
+    /// Attaches to the Tailscale device if it exists (again, if it was made
+    /// anew), then brings the maps and the table in line with the kernel and
+    /// Tailscale.
+    async fn refresh(
+        &mut self,
+        settings: &Settings,
+        plan: &Plan,
+        tailscale: &TailscaleState,
+        health: &watch::Sender<Health>,
+    ) -> Result<()> {
+        let ts_device = match self.nl.link_index(&settings.ts_device).await? {
+            Some(index) => {
+                if let Some(datapath) = self.datapath.as_mut() {
+                    datapath
+                        .attach(Device::Tailscale, &settings.ts_device, settings.tc_attach)
+                        .await
+                        .context("attaching the eBPF programs")?;
+                }
+                Some((index, self.nl.link_mtu(index).await?))
+            }
+            None => None,
         };
+        health.send_if_modified(|h| {
+            let attached = ts_device.is_some();
+            let changed = h.tailscale_attached != attached;
+            h.tailscale_attached = attached;
+            h.mark();
+            changed
+        });
+        let facts = self.facts(settings, tailscale, ts_device).await?;
         if self.facts.as_ref() == Some(&facts) {
             return Ok(());
         }
-        datapath.write_config(&forwarding::config(plan, &facts))?;
-        datapath.sync_routes(&forwarding::routes(plan, &facts.table52))?;
-        // What the kernel now holds, read back, is what `/status` shows.
-        let view = forwarding::describe(&datapath.config()?, &datapath.routes()?);
+        if let Some(firewall) = self.firewall.as_mut() {
+            firewall.apply(&forwarding::firewall(plan, &facts)).await?;
+        }
+        let view = match self.datapath.as_mut() {
+            Some(datapath) => {
+                datapath.write_config(&forwarding::config(plan, &facts))?;
+                datapath.sync_routes(&forwarding::routes(plan, &facts.table52))?;
+                // What the kernel now holds, read back, is what `/status` shows.
+                forwarding::describe(&datapath.config()?, &datapath.routes()?)
+            }
+            None => serde_json::json!({"datapath": "netfilter"}),
+        };
         info!(
             ts_v4 = ?facts.ts_v4,
             ts_v6 = ?facts.ts_v6,
@@ -273,6 +327,16 @@ impl Running {
             if let Err(e) = datapath.detach().await {
                 errors.extend(e.iter().map(ToString::to_string));
             }
+        }
+        if let Some(forwarding) = self.ip_forwarding.take()
+            && let Err(e) = forwarding.restore()
+        {
+            errors.push(e.to_string());
+        }
+        if let Some(mut firewall) = self.firewall.take()
+            && let Err(e) = firewall.remove().await
+        {
+            errors.push(format!("{e:#}"));
         }
         if let Some(resolver) = self.resolver.take()
             && let Err(e) = resolver.teardown(&self.nl).await

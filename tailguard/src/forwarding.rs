@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use tailguard_common::{Config, Route, config::flag};
 
-use crate::{datapath::Routes, plan::Plan};
+use crate::{datapath::Routes, firewall::FirewallPlan, plan::Plan};
 
 /// The tailnet's address ranges: Tailscale's CGNAT range and its ULA prefix.
 /// They always lead to the Tailscale device, whatever table 52 holds yet.
@@ -22,6 +22,8 @@ pub const TAILSCALE_TABLE: u32 = 52;
 pub struct Facts {
     pub wg_ifindex: u32,
     pub wg_mtu: u32,
+    /// WireGuard's actual listen port.
+    pub wg_port: Option<u16>,
     /// `None` until tailscaled has created its device.
     pub ts_device: Option<(u32, u32)>,
     /// The node's own tailnet addresses.
@@ -52,6 +54,24 @@ pub fn config(plan: &Plan, facts: &Facts) -> Config {
     config.set(flag::EXPOSE_HOST, plan.forwarding.expose_host);
     config.set(flag::SNAT_TO_WG, plan.forwarding.snat_to_wg);
     config
+}
+
+/// The nftables table for `facts`.
+pub fn firewall(plan: &Plan, facts: &Facts) -> FirewallPlan {
+    let f = &plan.forwarding;
+    FirewallPlan {
+        wg_device: plan.wireguard.device.clone(),
+        ts_device: plan.tailscale.device.clone(),
+        wg_port: facts.wg_port,
+        ts_port: plan.tailscale.port,
+        status_port: f.status_page_port,
+        expose_host: f.expose_host,
+        isolate_peers: f.isolate_peers,
+        snat_to_wg: f.snat_to_wg,
+        dest: f.dest_ip,
+        ts_v4: facts.ts_v4,
+        ts_v6: facts.ts_v6,
+    }
 }
 
 /// The route tries for `table52`: the WireGuard side's routes (the plan's

@@ -27,6 +27,9 @@ pub struct Health {
     pub wireguard_up: bool,
     pub wireguard_attached: bool,
     pub tailscale_attached: bool,
+    /// The eBPF datapath runs, so both devices need the programs; with the
+    /// netfilter datapath the devices need only exist.
+    pub programs_required: bool,
     /// `Err`: why Tailscale is not ready.
     pub tailscale: Result<(), String>,
     /// The forwarding plane's maps as last read back from the kernel.
@@ -41,6 +44,7 @@ impl Health {
             wireguard_up: false,
             wireguard_attached: false,
             tailscale_attached: false,
+            programs_required: true,
             tailscale: Err("tailscaled has not answered yet".into()),
             forwarding: serde_json::Value::Null,
         }
@@ -55,8 +59,10 @@ impl Health {
         if !self.wireguard_up {
             reasons.push("the WireGuard device is not up".into());
         }
-        if !self.wireguard_attached || !self.tailscale_attached {
+        if self.programs_required && !(self.wireguard_attached && self.tailscale_attached) {
             reasons.push("the eBPF programs are not attached to both devices".into());
+        } else if !self.tailscale_attached {
+            reasons.push("the Tailscale device does not exist".into());
         }
         if reasons.is_empty() {
             Ok(())

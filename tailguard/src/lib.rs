@@ -5,9 +5,11 @@
 pub mod daemon;
 pub mod datapath;
 pub mod endpoints;
+pub mod firewall;
 pub mod forwarding;
 pub mod gro;
 pub mod health;
+pub mod ip_forwarding;
 pub mod netlink;
 pub mod plan;
 pub mod resolver;

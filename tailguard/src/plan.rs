@@ -10,7 +10,7 @@ use crate::{
     datapath::AttachMode,
     resolver,
     routes::{self, Advertisement},
-    settings::{DestIps, Secret, Settings},
+    settings::{DatapathMode, DestIps, Secret, Settings},
     wgconf::{Endpoint, PublicKey, SecretKey, Table, WgConfig},
 };
 
@@ -174,6 +174,7 @@ pub struct ForwardingPlan {
     pub expose_host: bool,
     pub status_page_port: Option<u16>,
     pub attach: AttachMode,
+    pub datapath: DatapathMode,
 }
 
 impl Plan {
@@ -188,6 +189,7 @@ impl Plan {
                 expose_host: settings.expose_host,
                 status_page_port: settings.webui_port,
                 attach: settings.tc_attach,
+                datapath: settings.datapath,
             },
             resolver: ResolverPlan {
                 file: settings.resolv_conf.clone(),
@@ -455,10 +457,17 @@ impl fmt::Display for Plan {
         let dest = [fw.dest_ip.v4.map(IpAddr::V4), fw.dest_ip.v6.map(IpAddr::V6)];
         let dest: Vec<IpAddr> = dest.into_iter().flatten().collect();
         writeln!(f, "  own tailnet address forwarded to: {}", list(&dest))?;
-        writeln!(
-            f,
-            "  tailnet -> WireGuard: masqueraded to this node's WireGuard address"
-        )?;
+        if fw.snat_to_wg {
+            writeln!(
+                f,
+                "  tailnet -> WireGuard: masqueraded to this node's WireGuard address"
+            )?;
+        } else {
+            writeln!(
+                f,
+                "  tailnet -> WireGuard: tailnet source addresses kept (--snat-subnet-routes=false)"
+            )?;
+        }
         writeln!(
             f,
             "  WireGuard -> tailnet: masqueraded to this node's tailnet address"
@@ -473,7 +482,19 @@ impl fmt::Display for Plan {
             Some(p) => writeln!(f, "  status page:              port {p}")?,
             None => writeln!(f, "  status page:              off")?,
         }
-        writeln!(f, "  TC attach:                {:?}", fw.attach)
+        match fw.datapath {
+            DatapathMode::Ebpf => writeln!(
+                f,
+                "  datapath:                 eBPF fast path (TC attach {:?}), nftables for the rest",
+                fw.attach
+            ),
+            DatapathMode::Netfilter => {
+                writeln!(
+                    f,
+                    "  datapath:                 the kernel with nftables alone"
+                )
+            }
+        }
     }
 }
 

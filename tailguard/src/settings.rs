@@ -170,6 +170,19 @@ pub struct SettingsArgs {
     /// TCX with clsact as the fallback.
     #[arg(long, env = "TG_TC_ATTACH", value_name = "TG_TC_ATTACH", value_enum, default_value_t = TcAttach::Auto)]
     pub tc_attach: TcAttach,
+
+    /// `ebpf`: the TC/eBPF fast path between the two devices, with the
+    /// nftables table for what it hands to the kernel; `netfilter`: the
+    /// kernel forwards everything, with the nftables table alone.
+    #[arg(long, env = "TG_DATAPATH", value_name = "TG_DATAPATH", value_enum, default_value_t = DatapathMode::Ebpf)]
+    pub datapath: DatapathMode,
+}
+
+/// How packets are forwarded between the two devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DatapathMode {
+    Ebpf,
+    Netfilter,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -221,6 +234,7 @@ pub struct Settings {
     pub ts_exit_node: Option<String>,
     pub ts_webclient: bool,
     pub tc_attach: AttachMode,
+    pub datapath: DatapathMode,
 }
 
 /// A setting that is accepted but will not do what its value says.
@@ -292,6 +306,7 @@ impl SettingsArgs {
             ts_exit_node,
             ts_webclient: self.ts_webclient,
             tc_attach: self.tc_attach.into(),
+            datapath: self.datapath,
         };
         Ok((settings, warnings))
     }
@@ -550,6 +565,16 @@ mod tests {
     }
 
     #[test]
+    fn datapath_is_ebpf_or_netfilter() {
+        assert_eq!(
+            settings(&["--datapath=netfilter"]).datapath,
+            DatapathMode::Netfilter
+        );
+        let e = error(&["--datapath=iptables"]);
+        assert!(e.contains("TG_DATAPATH") && e.contains("iptables"), "{e}");
+    }
+
+    #[test]
     fn defaults_match_the_reference() {
         let s = settings(&[]);
         assert!(!s.expose_host && !s.client_mode && !s.wg_isolate_peers && !s.ts_webclient);
@@ -586,6 +611,7 @@ mod tests {
         assert!(s.ts_tailscaled_extra_args.is_empty());
         assert_eq!(s.health_addr, "127.0.0.1:9002".parse().unwrap());
         assert_eq!(s.tc_attach, AttachMode::Auto);
+        assert_eq!(s.datapath, DatapathMode::Ebpf);
     }
 
     #[test]

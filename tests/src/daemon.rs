@@ -22,6 +22,14 @@ use crate::{
 /// How long a daemon may take to reach what a test waits for.
 const PATIENCE: Duration = Duration::from_secs(20);
 
+/// A daemon whose "tailscaled" is the stand-in.
+pub struct WithStandIn {
+    pub daemon: Daemon,
+    /// The stand-in's LocalAPI socket.
+    pub socket: std::path::PathBuf,
+    pub ts_device: String,
+}
+
 pub struct Daemon {
     child: Child,
     log: Arc<Mutex<String>>,
@@ -39,6 +47,28 @@ impl Daemon {
             .env("TG_RESOLV_CONF", dir.0.join("resolv.conf"))
             .envs(env.iter().copied());
         Self::spawn(cmd)
+    }
+
+    /// [`Daemon::start`] with the Tailscale stand-in as its tailscaled: its
+    /// LocalAPI socket in `dir`, its device uniquely named.
+    pub fn with_standin(bed: &Testbed, dir: &ConfigDir, env: &[(&str, &str)]) -> WithStandIn {
+        let socket = dir.0.join("tailscaled.sock");
+        let ts_device = crate::netns::unique_ifname("ts");
+        let standin = crate::standin_bin().display().to_string();
+        let socket_text = socket.display().to_string();
+        let state_dir = dir.0.join("state").display().to_string();
+        let mut all = vec![
+            ("TS_DEVICE", ts_device.as_str()),
+            ("TS_TAILSCALED", standin.as_str()),
+            ("TS_SOCKET", socket_text.as_str()),
+            ("TS_STATE_DIR", state_dir.as_str()),
+        ];
+        all.extend_from_slice(env);
+        WithStandIn {
+            daemon: Self::start(bed, dir, &all),
+            socket,
+            ts_device,
+        }
     }
 
     /// Runs `cmd` — a `tailguard run`, perhaps wrapped in another command —

@@ -6,6 +6,7 @@
 //! A test that lacks something it needs (root, a kernel feature, a tool)
 //! panics saying what is missing: it never passes silently.
 
+pub mod bridge;
 pub mod daemon;
 pub mod netns;
 pub mod packets;
@@ -26,16 +27,26 @@ pub fn require_root() {
 /// The `tailguard` binary built beside this test (`target/<profile>/`).
 /// `cargo xtask test` builds it before the privileged tests run.
 pub fn tailguard_bin() -> std::path::PathBuf {
+    built_bin("tailguard", "cargo build -p tailguard")
+}
+
+/// The Tailscale stand-in (`tests/src/bin/tailscaled-standin.rs`), built
+/// with the tests.
+pub fn standin_bin() -> std::path::PathBuf {
+    built_bin("tailscaled-standin", "cargo build -p tailguard-tests")
+}
+
+fn built_bin(name: &str, build: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test>-<hash> -> target/<profile>/tailguard
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
     let bin = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("test executable sits in target/<profile>/deps")
-        .join("tailguard");
+        .join(name);
     assert!(
         bin.exists(),
-        "{} is missing: build the daemon first (`cargo build -p tailguard`; `cargo xtask test` does)",
+        "{} is missing: build it first (`{build}`; `cargo xtask test` does)",
         bin.display()
     );
     bin

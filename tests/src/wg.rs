@@ -131,12 +131,18 @@ pub struct Testbed {
     pub device: String,
     /// The veth ends: ours, the peer's.
     pub links: (String, String),
-    _peer: WgPeer,
+    pub peer: WgPeer,
     pub theirs: crate::netns::NetNs,
 }
 
 impl Testbed {
     pub fn new(purpose: &str) -> Self {
+        Self::with_peer_allowed_ips(purpose, "10.66.0.2/32,fd66::2/128,192.168.99.0/24")
+    }
+
+    /// As [`Testbed::new`], with what the peer accepts from TailGuard (and
+    /// routes to it) given by `allowed`.
+    pub fn with_peer_allowed_ips(purpose: &str, allowed: &str) -> Self {
         crate::require_root();
         let ours = crate::netns::NetNs::new(purpose);
         let theirs = crate::netns::NetNs::new(&format!("{purpose}-peer"));
@@ -144,7 +150,6 @@ impl Testbed {
         let keys = KeyPair::generate();
         let peer_keys = KeyPair::generate();
         let peer_device = crate::netns::unique_ifname("wgp");
-        let allowed = "10.66.0.2/32,fd66::2/128,192.168.99.0/24";
         let peer = theirs.run(|| {
             WgPeer::start(
                 &peer_device,
@@ -160,7 +165,7 @@ impl Testbed {
             peer_public: peer_keys.public,
             device: crate::netns::unique_ifname("wgt"),
             links,
-            _peer: peer,
+            peer,
             theirs,
         }
     }

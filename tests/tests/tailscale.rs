@@ -3,7 +3,7 @@
 //! preferences of each mode, health, restarts, address changes.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -15,40 +15,14 @@ use nix::{
 };
 use serde_json::{Value, json};
 use tailguard_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, WithStandIn},
     netns::{routing_state, run, unique_ifname},
     standin, tailguard_bin,
     wg::{ConfigDir, Testbed},
 };
 
-const STANDIN: &str = env!("CARGO_BIN_EXE_tailscaled-standin");
-
-/// A daemon whose "tailscaled" is the stand-in: its LocalAPI socket and
-/// Tailscale device are the test's own.
-struct WithStandIn {
-    daemon: Daemon,
-    socket: PathBuf,
-    ts_device: String,
-}
-
 fn start(bed: &Testbed, dir: &ConfigDir, env: &[(&str, &str)]) -> WithStandIn {
-    let socket = dir.0.join("tailscaled.sock");
-    let ts_device = unique_ifname("ts");
-    let socket_text = socket.display().to_string();
-    let state_dir = dir.0.join("state").display().to_string();
-    let mut all = vec![
-        ("TS_DEVICE", ts_device.as_str()),
-        ("TS_TAILSCALED", STANDIN),
-        ("TS_SOCKET", socket_text.as_str()),
-        ("TS_STATE_DIR", state_dir.as_str()),
-    ];
-    all.extend_from_slice(env);
-    let daemon = Daemon::start(bed, dir, &all);
-    WithStandIn {
-        daemon,
-        socket,
-        ts_device,
-    }
+    Daemon::with_standin(bed, dir, env)
 }
 
 /// `tailguard health`: exit status and report.
@@ -362,7 +336,7 @@ fn attach_mode_uses_a_running_tailscaled_and_leaves_it_running() {
     let socket = dir.0.join("host-tailscaled.sock");
     bed.ours.run(|| {
         let host_device = unique_ifname("ts");
-        let mut host = Command::new(STANDIN)
+        let mut host = Command::new(tailguard_tests::standin_bin())
             .args([
                 format!("--tun={host_device}"),
                 format!("--socket={}", socket.display()),

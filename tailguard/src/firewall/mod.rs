@@ -1,0 +1,49 @@
+//! TailGuard's nftables table: applied as one atomic batch through the
+//! `nftables` crate (which drives `nft -j`), replaced whole when what it
+//! depends on changes, removed at teardown.
+
+mod rules;
+
+pub use rules::{FirewallPlan, TABLE};
+
+use anyhow::{Context as _, Result};
+use nftables::{helper, schema::Nftables};
+use tracing::info;
+
+/// The table as last applied.
+#[derive(Default)]
+pub struct Firewall {
+    applied: Option<FirewallPlan>,
+}
+
+impl Firewall {
+    /// Makes the table match `plan`; nothing happens when it already does.
+    pub async fn apply(&mut self, plan: &FirewallPlan) -> Result<()> {
+        if self.applied.as_ref() == Some(plan) {
+            return Ok(());
+        }
+        run(rules::replace(plan))
+            .await
+            .with_context(|| format!("applying the nftables table inet {TABLE}"))?;
+        info!(table = TABLE, ts_v4 = ?plan.ts_v4, ts_v6 = ?plan.ts_v6, "nftables table applied");
+        self.applied = Some(plan.clone());
+        Ok(())
+    }
+
+    /// Removes the table (harmless when it is not there).
+    pub async fn remove(&mut self) -> Result<()> {
+        run(rules::remove())
+            .await
+            .with_context(|| format!("removing the nftables table inet {TABLE}"))?;
+        self.applied = None;
+        Ok(())
+    }
+}
+
+async fn run(commands: serde_json::Value) -> Result<()> {
+    let batch: Nftables = serde_json::from_value(commands)
+        .context("the rule set does not fit nftables' JSON schema")?;
+    helper::apply_ruleset_async(&batch)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}

@@ -1,0 +1,181 @@
+//! The bridge as users run it, in four namespaces:
+//!
+//! ```text
+//!  wg side (Testbed's peer)   TailGuard (Testbed's ours)        tailnet peer
+//!  10.66.0.1, fd66::1  ==wg==  10.66.0.2, fd66::2               100.64.0.2
+//!                              stand-in device ==wg (tailnet)== fd7a:115c:a1e0::2
+//!                              100.64.0.1, fd7a:115c:a1e0::1
+//!                              uplink 10.201.0.1 --veth-- internet 10.201.0.2
+//! ```
+//!
+//! The WireGuard side routes the tailnet ranges to TailGuard (the reference's
+//! "simple bridge"); the tailnet peer routes the WireGuard side's networks
+//! to the node, as Tailscale does for advertised routes. Both links are real
+//! userspace WireGuard.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::{
+    daemon::{Daemon, WithStandIn},
+    netns::{NetNs, run, unique_ifname, veth},
+    wg::{ConfigDir, KeyPair, Testbed, WgPeer},
+};
+
+pub const WG_SERVER: &str = "10.66.0.1";
+pub const WG_SERVER_V6: &str = "fd66::1";
+pub const NODE_WG: &str = "10.66.0.2";
+pub const NODE_WG_V6: &str = "fd66::2";
+pub const NODE_TS: &str = "100.64.0.1";
+pub const NODE_TS_V6: &str = "fd7a:115c:a1e0::1";
+pub const TAILNET_PEER: &str = "100.64.0.2";
+pub const TAILNET_PEER_V6: &str = "fd7a:115c:a1e0::2";
+pub const INTERNET: &str = "10.201.0.2";
+
+pub struct Bridge {
+    pub bed: Testbed,
+    pub dir: ConfigDir,
+    pub tailnet: NetNs,
+    pub internet: NetNs,
+    node_keys: KeyPair,
+    peer_keys: KeyPair,
+    _tailnet_peer: WgPeer,
+}
+
+impl Bridge {
+    pub fn new(purpose: &str) -> Self {
+        let tailnet_ranges = "100.64.0.0/10,fd7a:115c:a1e0::/48";
+        let bed = Testbed::with_peer_allowed_ips(
+            purpose,
+            &format!("10.66.0.2/32,fd66::2/128,{tailnet_ranges},10.201.0.0/24"),
+        );
+        bed.theirs.run(|| {
+            for range in tailnet_ranges.split(',').chain(["10.201.0.0/24"]) {
+                run(Command::new("ip").args(["route", "add", range, "dev", &bed.peer.name]));
+            }
+        });
+        // The keepalive makes the first handshake early: the server side
+        // has no endpoint for TailGuard until TailGuard has spoken.
+        let peer = "10.66.0.1/32, fd66::1/128\nPersistentKeepalive = 1";
+        let dir = bed.config_dir(&bed.config("", peer));
+
+        let tailnet = NetNs::new(&format!("{purpose}-tn"));
+        veth(&bed.ours, "10.210.0.1/24", &tailnet, "10.210.0.2/24");
+        let (node_keys, peer_keys) = (KeyPair::generate(), KeyPair::generate());
+        let device = unique_ifname("tpr");
+        let tailnet_peer = tailnet.run(|| {
+            let peer = WgPeer::start(
+                &device,
+                &peer_keys,
+                41641,
+                "100.64.0.2/10,fd7a:115c:a1e0::2/48",
+                &[(
+                    &node_keys.public,
+                    "100.64.0.1/32,fd7a:115c:a1e0::1/128,10.66.0.0/24,fd66::/64,10.201.0.0/24",
+                    Some("10.210.0.1:41641"),
+                )],
+            );
+            // The node's advertised routes, as Tailscale installs them.
+            // (10.201.0.0/24 too, to show it is refused rather than unrouted.)
+            for net in ["10.66.0.0/24", "fd66::/64", "10.201.0.0/24"] {
+                run(Command::new("ip").args(["route", "add", net, "dev", &device]));
+            }
+            peer
+        });
+
+        let internet = NetNs::new(&format!("{purpose}-net"));
+        veth(&bed.ours, "10.201.0.1/24", &internet, "10.201.0.2/24");
+        // It answers everyone through TailGuard's uplink, so that only
+        // TailGuard's policy can stop traffic from the two sides reaching it.
+        internet
+            .run(|| run(Command::new("ip").args(["route", "add", "default", "via", "10.201.0.1"])));
+        Self {
+            bed,
+            dir,
+            tailnet,
+            internet,
+            node_keys,
+            peer_keys,
+            _tailnet_peer: tailnet_peer,
+        }
+    }
+
+    /// Starts TailGuard (from the calling thread, which must be in the
+    /// node's namespace) with the stand-in logged in, and `env` on top.
+    pub fn start(&self, env: &[(&str, &str)]) -> WithStandIn {
+        let mut all = vec![
+            ("TS_AUTHKEY", "tskey-bridge"),
+            ("STANDIN_WG_PRIVATE_KEY", self.node_keys.private.as_str()),
+            ("STANDIN_WG_LISTEN_PORT", "41641"),
+            ("STANDIN_PEER_PUBLIC_KEY", self.peer_keys.public.as_str()),
+            ("STANDIN_PEER_ENDPOINT", "10.210.0.2:41641"),
+            (
+                "STANDIN_PEER_ALLOWED_IPS",
+                "100.64.0.2/32,fd7a:115c:a1e0::2/128",
+            ),
+        ];
+        all.extend_from_slice(env);
+        Daemon::with_standin(&self.bed, &self.dir, &all)
+    }
+}
+
+/// A TCP server in the calling thread's namespace that tells each client the
+/// address it sees the client coming from, and reports them in turn.
+pub struct WhoAmI {
+    pub port: u16,
+    seen: std::sync::mpsc::Receiver<String>,
+    _thread: JoinHandle<()>,
+}
+
+impl WhoAmI {
+    pub fn listen(ipv6: bool) -> Self {
+        let any = if ipv6 { "[::]:0" } else { "0.0.0.0:0" };
+        let listener = TcpListener::bind(any).expect("binding the test server");
+        let port = listener.local_addr().unwrap().port();
+        let (tx, seen) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { break };
+                let peer = stream
+                    .peer_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
+                let _ = stream.write_all(peer.as_bytes());
+                if tx.send(peer).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            port,
+            seen,
+            _thread: thread,
+        }
+    }
+
+    /// The source address the last client came from, as the server saw it.
+    pub fn last_seen(&self) -> Option<String> {
+        self.seen.try_iter().last()
+    }
+}
+
+/// Connects to `addr:port` from the calling thread's namespace: the source
+/// address the server saw, or why it failed (dropped traffic times out).
+pub fn who_am_i(addr: &str, port: u16) -> Result<String, String> {
+    let target = SocketAddr::new(addr.parse().expect("an address"), port);
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))
+        .map_err(|e| format!("connecting to {target}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut seen = String::new();
+    stream
+        .read_to_string(&mut seen)
+        .map_err(|e| format!("reading from {target}: {e}"))?;
+    Ok(seen)
+}

@@ -1,0 +1,154 @@
+//! The forwarding policy of the reference (§3) with real traffic: a
+//! WireGuard server namespace and a tailnet peer on either side of the
+//! daemon, every check run once per datapath, expecting the same results.
+
+use std::process::Command;
+
+use tailguard_tests::{
+    bridge::*,
+    daemon::WithStandIn,
+    netns::{routing_state, run},
+    tailguard_bin,
+};
+
+const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
+
+fn healthy() -> bool {
+    Command::new(tailguard_bin())
+        .arg("health")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn start(bridge: &Bridge, env: &[(&str, &str)]) -> WithStandIn {
+    let mut node = bridge.start(env);
+    node.daemon.wait_for("health", |_| healthy());
+    node
+}
+
+#[test]
+fn forwarding_rows_nat_and_dest_ip() {
+    for datapath in DATAPATHS {
+        let b = Bridge::new(&format!("fwd-{datapath}"));
+        let wg4 = b.bed.theirs.run(|| WhoAmI::listen(false));
+        let wg6 = b.bed.theirs.run(|| WhoAmI::listen(true));
+        let tn4 = b.tailnet.run(|| WhoAmI::listen(false));
+        let tn6 = b.tailnet.run(|| WhoAmI::listen(true));
+        let inet = b.internet.run(|| WhoAmI::listen(false));
+        let host = b.bed.ours.run(|| WhoAmI::listen(false));
+        let node = b.bed.ours.run(|| {
+            start(
+                &b,
+                &[
+                    ("TG_DATAPATH", datapath),
+                    ("TS_DEST_IP", "10.66.0.1,fd66::1"),
+                ],
+            )
+        });
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+
+        // wg -> ts: masqueraded to the node's tailnet address.
+        let seen = b.bed.theirs.run(|| who_am_i(TAILNET_PEER, tn4.port));
+        assert_eq!(seen.as_deref(), Ok(NODE_TS), "{}", ctx("wg -> ts, IPv4"));
+        let seen = b.bed.theirs.run(|| who_am_i(TAILNET_PEER_V6, tn6.port));
+        assert_eq!(seen.as_deref(), Ok(NODE_TS_V6), "{}", ctx("wg -> ts, IPv6"));
+
+        // ts -> wg: source-NATed to the node's WireGuard address.
+        let seen = b.tailnet.run(|| who_am_i(WG_SERVER, wg4.port));
+        assert_eq!(seen.as_deref(), Ok(NODE_WG), "{}", ctx("ts -> wg, IPv4"));
+        let seen = b.tailnet.run(|| who_am_i(WG_SERVER_V6, wg6.port));
+        assert_eq!(seen.as_deref(), Ok(NODE_WG_V6), "{}", ctx("ts -> wg, IPv6"));
+
+        // TS_DEST_IP: the node's own tailnet address leads to the WG server.
+        let seen = b.tailnet.run(|| who_am_i(NODE_TS, wg4.port));
+        assert_eq!(seen.as_deref(), Ok(NODE_WG), "{}", ctx("TS_DEST_IP, IPv4"));
+        let seen = b.tailnet.run(|| who_am_i(NODE_TS_V6, wg6.port));
+        assert_eq!(
+            seen.as_deref(),
+            Ok(NODE_WG_V6),
+            "{}",
+            ctx("TS_DEST_IP, IPv6")
+        );
+
+        // Neither side reaches the uplink, which the node itself does reach.
+        let seen = b.bed.ours.run(|| who_am_i(INTERNET, inet.port));
+        assert_eq!(
+            seen.as_deref(),
+            Ok("10.201.0.1"),
+            "{}",
+            ctx("the node to the uplink")
+        );
+        let refused = b.bed.theirs.run(|| who_am_i(INTERNET, inet.port));
+        assert!(refused.is_err(), "{}", ctx("wg -> uplink must be dropped"));
+        let refused = b.tailnet.run(|| who_am_i(INTERNET, inet.port));
+        assert!(refused.is_err(), "{}", ctx("ts -> uplink must be dropped"));
+        assert_eq!(
+            inet.last_seen(),
+            Some("10.201.0.1".into()),
+            "only the node got through"
+        );
+
+        // The host is not exposed: new connections from either side dropped.
+        let refused = b.bed.theirs.run(|| who_am_i(NODE_WG, host.port));
+        assert!(refused.is_err(), "{}", ctx("wg -> host must be dropped"));
+        let refused = b.tailnet.run(|| who_am_i(NODE_WG, host.port));
+        assert!(refused.is_err(), "{}", ctx("ts -> host must be dropped"));
+
+        b.bed.ours.run(|| {
+            let table = run(Command::new("nft").args(["list", "table", "inet", "tailguard"]));
+            assert!(table.contains("policy drop"), "{table}");
+            node.daemon.stop();
+            let tables = run(Command::new("nft").args(["list", "tables"]));
+            assert!(
+                !tables.contains("tailguard"),
+                "{datapath}: table left behind: {tables}"
+            );
+            let forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+            assert_eq!(forwarding.trim(), "0", "{datapath}: IP forwarding restored");
+        });
+    }
+}
+
+#[test]
+fn exposed_host_and_tailnet_sources_kept() {
+    for datapath in DATAPATHS {
+        let b = Bridge::new(&format!("fwx-{datapath}"));
+        let wg4 = b.bed.theirs.run(|| WhoAmI::listen(false));
+        let host = b.bed.ours.run(|| WhoAmI::listen(false));
+        let before = b.bed.ours.run(routing_state);
+        let node = b.bed.ours.run(|| {
+            start(
+                &b,
+                &[
+                    ("TG_DATAPATH", datapath),
+                    ("TG_EXPOSE_HOST", "1"),
+                    ("TS_EXTRA_ARGS", "--snat-subnet-routes=false"),
+                ],
+            )
+        });
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+
+        // TG_EXPOSE_HOST=1: the host answers both sides.
+        let seen = b.bed.theirs.run(|| who_am_i(NODE_WG, host.port));
+        assert_eq!(seen.as_deref(), Ok(WG_SERVER), "{}", ctx("wg -> host"));
+        let seen = b.tailnet.run(|| who_am_i(NODE_TS, host.port));
+        assert_eq!(seen.as_deref(), Ok(TAILNET_PEER), "{}", ctx("ts -> host"));
+
+        // --snat-subnet-routes=false: the WireGuard side sees tailnet sources
+        // (it routes the tailnet back through TailGuard).
+        let seen = b.tailnet.run(|| who_am_i(WG_SERVER, wg4.port));
+        assert_eq!(
+            seen.as_deref(),
+            Ok(TAILNET_PEER),
+            "{}",
+            ctx("ts -> wg without SNAT")
+        );
+
+        b.bed.ours.run(|| node.daemon.stop());
+        assert_eq!(
+            b.bed.ours.run(routing_state),
+            before,
+            "{datapath}: routing as before"
+        );
+    }
+}
