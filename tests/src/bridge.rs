@@ -15,7 +15,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::Command,
     thread::JoinHandle,
     time::Duration,
@@ -178,4 +178,104 @@ pub fn who_am_i(addr: &str, port: u16) -> Result<String, String> {
         .read_to_string(&mut seen)
         .map_err(|e| format!("reading from {target}: {e}"))?;
     Ok(seen)
+}
+
+/// A TCP server that counts the bytes each client sends and answers with
+/// the count once the client has finished sending.
+pub struct Sink {
+    pub port: u16,
+    _thread: JoinHandle<()>,
+}
+
+impl Sink {
+    pub fn listen() -> Self {
+        let listener = TcpListener::bind("[::]:0").expect("binding the test server");
+        let port = listener.local_addr().unwrap().port();
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { break };
+                let mut count = 0u64;
+                let mut buffer = [0u8; 65536];
+                while let Ok(n) = stream.read(&mut buffer) {
+                    if n == 0 {
+                        break;
+                    }
+                    count += n as u64;
+                }
+                let _ = stream.write_all(count.to_string().as_bytes());
+            }
+        });
+        Self {
+            port,
+            _thread: thread,
+        }
+    }
+}
+
+/// Sends `bytes` to a [`Sink`] and returns how many it says arrived.
+pub fn send_bulk(addr: &str, port: u16, bytes: usize) -> Result<u64, String> {
+    let target = SocketAddr::new(addr.parse().expect("an address"), port);
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))
+        .map_err(|e| format!("connecting to {target}: {e}"))?;
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let chunk = vec![0x5au8; 16384];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        stream
+            .write_all(&chunk[..n])
+            .map_err(|e| format!("sending to {target}: {e}"))?;
+        left -= n;
+    }
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| format!("reading from {target}: {e}"))?;
+    answer.parse().map_err(|e| format!("{answer:?}: {e}"))
+}
+
+/// A UDP socket that reports the size of each datagram it receives.
+pub struct UdpSink {
+    pub port: u16,
+    socket: UdpSocket,
+}
+
+impl UdpSink {
+    pub fn bind() -> Self {
+        let socket = UdpSocket::bind("[::]:0").expect("binding the test socket");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        Self {
+            port: socket.local_addr().unwrap().port(),
+            socket,
+        }
+    }
+
+    /// The size of the next datagram, if one comes within 3 s.
+    pub fn receive(&self) -> Option<usize> {
+        let mut buffer = vec![0u8; 65536];
+        self.socket.recv_from(&mut buffer).ok().map(|(n, _)| n)
+    }
+}
+
+/// A UDP socket to send from, in the calling thread's namespace. Keep it
+/// for the next datagram: the kernel applies a "packet too big" to the
+/// socket the datagram came from, and forgets it if that socket is gone.
+pub fn udp_sender() -> UdpSocket {
+    UdpSocket::bind("[::]:0").expect("binding")
+}
+
+/// Sends one UDP datagram of `size` bytes (the kernel fragments it).
+pub fn send_datagram(socket: &UdpSocket, addr: &str, port: u16, size: usize) {
+    let target = SocketAddr::new(addr.parse().expect("an address"), port);
+    socket.send_to(&vec![0xa5; size], target).expect("sending");
 }

@@ -152,3 +152,70 @@ fn exposed_host_and_tailnet_sources_kept() {
         );
     }
 }
+
+/// Bulk TCP across both MTUs (1420 on WireGuard, 1280 on Tailscale) in both
+/// directions, and a UDP datagram larger than either, sent fragmented.
+#[test]
+fn bulk_transfers_and_fragmented_datagrams_cross_both_mtus() {
+    const BULK: usize = 2 << 20;
+    for datapath in DATAPATHS {
+        let b = Bridge::new(&format!("fwm-{datapath}"));
+        let wg_sink = b.bed.theirs.run(Sink::listen);
+        let tn_sink = b.tailnet.run(Sink::listen);
+        let wg_udp = b.bed.theirs.run(UdpSink::bind);
+        let tn_udp = b.tailnet.run(UdpSink::bind);
+        let node = b.bed.ours.run(|| start(&b, &[("TG_DATAPATH", datapath)]));
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+
+        let sent = b
+            .bed
+            .theirs
+            .run(|| send_bulk(TAILNET_PEER, tn_sink.port, BULK));
+        assert_eq!(sent, Ok(BULK as u64), "{}", ctx("wg -> ts bulk"));
+        let sent = b
+            .tailnet
+            .run(|| send_bulk(WG_SERVER_V6, wg_sink.port, BULK));
+        assert_eq!(sent, Ok(BULK as u64), "{}", ctx("ts -> wg bulk, IPv6"));
+
+        // IPv4: fragmented by the sender, whole at the receiver.
+        let wg_sender = b.bed.theirs.run(udp_sender);
+        let tn_sender = b.tailnet.run(udp_sender);
+        send_datagram(&wg_sender, TAILNET_PEER, tn_udp.port, 4000);
+        assert_eq!(
+            tn_udp.receive(),
+            Some(4000),
+            "{}",
+            ctx("wg -> ts, fragmented UDP")
+        );
+        send_datagram(&tn_sender, WG_SERVER, wg_udp.port, 4000);
+        assert_eq!(
+            wg_udp.receive(),
+            Some(4000),
+            "{}",
+            ctx("ts -> wg, fragmented UDP")
+        );
+        // IPv6: the sender fragments for its 1420-byte link; TailGuard may
+        // not fragment again for the 1280-byte tailnet, so the first
+        // datagram comes back as "packet too big", translated back to the
+        // sender, which learns the path MTU; the next one arrives whole.
+        send_datagram(&wg_sender, TAILNET_PEER_V6, tn_udp.port, 4000);
+        let first = tn_udp.receive();
+        let route = b
+            .bed
+            .theirs
+            .run(|| run(Command::new("ip").args(["-6", "route", "get", TAILNET_PEER_V6])));
+        assert!(
+            first.is_none() && route.contains("mtu 1280"),
+            "{}",
+            ctx(&format!("path MTU learned from packet too big: {route}"))
+        );
+        send_datagram(&wg_sender, TAILNET_PEER_V6, tn_udp.port, 4000);
+        assert_eq!(
+            tn_udp.receive(),
+            Some(4000),
+            "{}",
+            ctx("wg -> ts, fragmented UDP, IPv6")
+        );
+        b.bed.ours.run(|| node.daemon.stop());
+    }
+}
