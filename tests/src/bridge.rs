@@ -3,10 +3,14 @@
 //! ```text
 //!  wg side (Testbed's peer)   TailGuard (Testbed's ours)        tailnet peer
 //!  10.66.0.1, fd66::1  ==wg==  10.66.0.2, fd66::2               100.64.0.2
+//!  second WG peer      ==wg==  (listens on 51821)
 //!                              stand-in device ==wg (tailnet)== fd7a:115c:a1e0::2
 //!                              100.64.0.1, fd7a:115c:a1e0::1
 //!                              uplink 10.201.0.1 --veth-- internet 10.201.0.2
 //! ```
+//!
+//! The second WireGuard peer (10.66.0.3, fd66::3) is a client of TailGuard,
+//! for traffic between WireGuard peers.
 //!
 //! The WireGuard side routes the tailnet ranges to TailGuard (the reference's
 //! "simple bridge"); the tailnet peer routes the WireGuard side's networks
@@ -36,15 +40,19 @@ pub const NODE_TS_V6: &str = "fd7a:115c:a1e0::1";
 pub const TAILNET_PEER: &str = "100.64.0.2";
 pub const TAILNET_PEER_V6: &str = "fd7a:115c:a1e0::2";
 pub const INTERNET: &str = "10.201.0.2";
+pub const WG_CLIENT: &str = "10.66.0.3";
 
 pub struct Bridge {
     pub bed: Testbed,
     pub dir: ConfigDir,
     pub tailnet: NetNs,
     pub internet: NetNs,
+    /// The second WireGuard peer's namespace.
+    pub client: NetNs,
     node_keys: KeyPair,
     peer_keys: KeyPair,
     _tailnet_peer: WgPeer,
+    client_peer: WgPeer,
 }
 
 impl Bridge {
@@ -52,7 +60,7 @@ impl Bridge {
         let tailnet_ranges = "100.64.0.0/10,fd7a:115c:a1e0::/48";
         let bed = Testbed::with_peer_allowed_ips(
             purpose,
-            &format!("10.66.0.2/32,fd66::2/128,{tailnet_ranges},10.201.0.0/24"),
+            &format!("10.66.0.2/32,10.66.0.3/32,fd66::2/128,{tailnet_ranges},10.201.0.0/24"),
         );
         bed.theirs.run(|| {
             for range in tailnet_ranges.split(',').chain(["10.201.0.0/24"]) {
@@ -62,7 +70,40 @@ impl Bridge {
         // The keepalive makes the first handshake early: the server side
         // has no endpoint for TailGuard until TailGuard has spoken.
         let peer = "10.66.0.1/32, fd66::1/128\nPersistentKeepalive = 1";
-        let dir = bed.config_dir(&bed.config("", peer));
+        let client_keys = KeyPair::generate();
+        let config = format!(
+            "{}\n[Peer]\nPublicKey = {}\nAllowedIPs = 10.66.0.3/32, fd66::3/128\n",
+            bed.config("ListenPort = 51821", peer),
+            client_keys.public
+        );
+        let dir = bed.config_dir(&config);
+        let client = NetNs::new(&format!("{purpose}-cl"));
+        veth(&bed.ours, "10.202.0.1/24", &client, "10.202.0.2/24");
+        let client_device = unique_ifname("wgc");
+        let client_peer = client.run(|| {
+            WgPeer::start(
+                &client_device,
+                &client_keys,
+                51821,
+                "10.66.0.3/24,fd66::3/64",
+                &[(
+                    &bed.keys.public,
+                    "10.66.0.0/24,fd66::/64",
+                    Some("10.202.0.1:51821"),
+                )],
+            )
+        });
+        // It speaks first, so TailGuard learns where it is.
+        client.run(|| {
+            run(Command::new("wg").args([
+                "set",
+                &client_device,
+                "peer",
+                &bed.keys.public,
+                "persistent-keepalive",
+                "1",
+            ]))
+        });
 
         let tailnet = NetNs::new(&format!("{purpose}-tn"));
         veth(&bed.ours, "10.210.0.1/24", &tailnet, "10.210.0.2/24");
@@ -99,9 +140,11 @@ impl Bridge {
             dir,
             tailnet,
             internet,
+            client,
             node_keys,
             peer_keys,
             _tailnet_peer: tailnet_peer,
+            client_peer,
         }
     }
 
@@ -121,6 +164,19 @@ impl Bridge {
         ];
         all.extend_from_slice(env);
         Daemon::with_standin(&self.bed, &self.dir, &all)
+    }
+}
+
+impl Bridge {
+    /// The second WireGuard peer has a handshake with TailGuard. It retries
+    /// only every 5 s, so after TailGuard starts this can take a while.
+    pub fn client_connected(&self) -> bool {
+        self.client.run(|| {
+            run(Command::new("wg").args(["show", &self.client_peer.name, "latest-handshakes"]))
+                .split_whitespace()
+                .nth(1)
+                .is_some_and(|t| t != "0")
+        })
     }
 }
 

@@ -23,6 +23,10 @@ fn healthy() -> bool {
 fn start(bridge: &Bridge, env: &[(&str, &str)]) -> WithStandIn {
     let mut node = bridge.start(env);
     node.daemon.wait_for("health", |_| healthy());
+    node.daemon
+        .wait_for("the second WireGuard peer's handshake", |_| {
+            bridge.client_connected()
+        });
     node
 }
 
@@ -70,6 +74,10 @@ fn forwarding_rows_nat_and_dest_ip() {
             ctx("TS_DEST_IP, IPv6")
         );
 
+        // wg -> wg: forwarded as it is (WG_ISOLATE_PEERS=0).
+        let seen = b.client.run(|| who_am_i(WG_SERVER, wg4.port));
+        assert_eq!(seen.as_deref(), Ok(WG_CLIENT), "{}", ctx("wg -> wg"));
+
         // Neither side reaches the uplink, which the node itself does reach.
         let seen = b.bed.ours.run(|| who_am_i(INTERNET, inet.port));
         assert_eq!(
@@ -110,7 +118,7 @@ fn forwarding_rows_nat_and_dest_ip() {
 }
 
 #[test]
-fn exposed_host_and_tailnet_sources_kept() {
+fn exposed_host_isolated_peers_and_tailnet_sources_kept() {
     for datapath in DATAPATHS {
         let b = Bridge::new(&format!("fwx-{datapath}"));
         let wg4 = b.bed.theirs.run(|| WhoAmI::listen(false));
@@ -122,6 +130,7 @@ fn exposed_host_and_tailnet_sources_kept() {
                 &[
                     ("TG_DATAPATH", datapath),
                     ("TG_EXPOSE_HOST", "1"),
+                    ("WG_ISOLATE_PEERS", "1"),
                     ("TS_EXTRA_ARGS", "--snat-subnet-routes=false"),
                 ],
             )
@@ -144,6 +153,21 @@ fn exposed_host_and_tailnet_sources_kept() {
             ctx("ts -> wg without SNAT")
         );
 
+        // WG_ISOLATE_PEERS=1: no traffic between WireGuard peers, though
+        // each still reaches the (exposed) host.
+        let refused = b.client.run(|| who_am_i(WG_SERVER, wg4.port));
+        assert!(
+            refused.is_err(),
+            "{}",
+            ctx("wg -> wg must be dropped when isolated")
+        );
+        let seen = b.client.run(|| who_am_i(NODE_WG, host.port));
+        assert_eq!(
+            seen.as_deref(),
+            Ok(WG_CLIENT),
+            "{}",
+            ctx("second peer -> host")
+        );
         b.bed.ours.run(|| node.daemon.stop());
         assert_eq!(
             b.bed.ours.run(routing_state),
