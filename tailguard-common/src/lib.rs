@@ -8,6 +8,9 @@
 pub mod classify;
 pub mod config;
 pub mod counters;
+pub mod nat;
+pub mod outcome;
 
 pub use config::{Config, Route};
 pub use counters::{Counter, CounterSlot, Device, Direction, PacketClass};
+pub use outcome::Outcome;

@@ -3,10 +3,6 @@
 //! the egress from these, never from a per-packet kernel route lookup: that
 //! lookup is what makes the kernel's own path no faster than ours.
 
-// The forwarding policy that reads these is being written; until then only
-// the daemon uses the maps.
-#![allow(dead_code)]
-
 use aya_ebpf::{
     macros::map,
     maps::{Array, LpmTrie, lpm_trie::Key},

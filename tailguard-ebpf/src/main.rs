@@ -12,14 +12,19 @@
 mod config;
 mod counters;
 mod link_layer;
+mod nat;
+mod packet;
 mod parse;
+mod policy;
+mod rewrite;
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 use tailguard_common::{CounterSlot, Device, Direction};
 
 #[classifier]
 pub fn tg_wg_ingress(ctx: TcContext) -> i32 {
-    observe(&ctx, Device::WireGuard, Direction::Ingress)
+    observe(&ctx, Device::WireGuard, Direction::Ingress);
+    policy::ingress(&ctx, Device::WireGuard)
 }
 
 #[classifier]
@@ -29,7 +34,8 @@ pub fn tg_wg_egress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn tg_ts_ingress(ctx: TcContext) -> i32 {
-    observe(&ctx, Device::Tailscale, Direction::Ingress)
+    observe(&ctx, Device::Tailscale, Direction::Ingress);
+    policy::ingress(&ctx, Device::Tailscale)
 }
 
 #[classifier]

@@ -36,6 +36,8 @@ pub const LOAD_HINT: &str = "loading the eBPF programs (needs root, or CAP_BPF a
 
 /// How often the maps are checked against the kernel without a notification.
 const RESYNC: Duration = Duration::from_secs(5);
+/// How often the counters shown by `/status` are read.
+const COUNTERS: Duration = Duration::from_secs(1);
 
 /// Reads the configuration and computes the plan; touches nothing.
 pub fn plan(settings: &Settings) -> Result<Plan> {
@@ -167,6 +169,7 @@ impl Running {
         let mut endpoint_refresh = tokio::time::interval(settings.endpoint_refresh);
         endpoint_refresh.tick().await; // the first tick is now; bring-up just resolved them
         let mut resync = tokio::time::interval(RESYNC);
+        let mut counters = tokio::time::interval(COUNTERS);
         loop {
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
@@ -178,6 +181,12 @@ impl Running {
                 Ok(()) = tailscale.changed() => {
                     tailscale_state = tailscale.borrow_and_update().clone();
                     health.send_modify(|h| { h.tailscale = tailscale_state.ready.clone(); h.mark(); });
+                }
+                _ = counters.tick(), if self.datapath.is_some() => {
+                    if let Some(Ok(outcomes)) = self.datapath.as_ref().map(Datapath::outcomes) {
+                        health.send_modify(|h| h.counters = outcomes.to_json());
+                    }
+                    continue;
                 }
                 _ = endpoint_refresh.tick(), if dynamic => {
                     if let Some(device) = self.wg.as_ref().and_then(WgSetup::device)

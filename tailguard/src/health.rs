@@ -34,6 +34,8 @@ pub struct Health {
     pub tailscale: Result<(), String>,
     /// The forwarding plane's maps as last read back from the kernel.
     pub forwarding: serde_json::Value,
+    /// The fast path's outcome counters, read each second.
+    pub counters: serde_json::Value,
 }
 
 impl Health {
@@ -47,6 +49,7 @@ impl Health {
             programs_required: true,
             tailscale: Err("tailscaled has not answered yet".into()),
             forwarding: serde_json::Value::Null,
+            counters: serde_json::Value::Null,
         }
     }
 
@@ -107,7 +110,9 @@ impl Health {
             "reason": self.verdict().err(),
             "started_at": unix_seconds(self.started_at),
             "first_healthy_at": self.first_healthy_at.map(unix_seconds),
+            "datapath": if self.programs_required { "ebpf" } else { "netfilter" },
             "forwarding": self.forwarding,
+            "counters": self.counters,
         })
     }
 }

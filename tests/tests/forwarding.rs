@@ -20,6 +20,40 @@ fn healthy() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// `tailguard status` of the daemon in the calling thread's namespace.
+fn status() -> serde_json::Value {
+    let out = Command::new(tailguard_bin())
+        .arg("status")
+        .output()
+        .expect("tailguard status");
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// Packets the fast path counted for `device` with `outcome` (0 with the
+/// netfilter datapath, which has no counters).
+fn counted(device: &str, outcome: &str) -> u64 {
+    status()["counters"][device][outcome]["packets"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// With the eBPF datapath, the fast path carried traffic entering from both
+/// devices (and, with `dropped`, dropped isolated peers' traffic itself);
+/// with netfilter, there are no programs at all.
+fn assert_path(node: &mut WithStandIn, datapath: &str, dropped: Option<&str>) {
+    let s = status();
+    assert_eq!(s["datapath"], datapath, "{s:#}");
+    if datapath == "ebpf" {
+        node.daemon.wait_for("the fast path's counters", |_| {
+            counted("wireguard", "redirected") > 0
+                && counted("tailscale", "redirected") > 0
+                && dropped.is_none_or(|reason| counted("wireguard", reason) > 0)
+        });
+    } else {
+        assert!(s["counters"].is_null(), "{s:#}");
+    }
+}
+
 fn start(bridge: &Bridge, env: &[(&str, &str)]) -> WithStandIn {
     let mut node = bridge.start(env);
     node.daemon.wait_for("health", |_| healthy());
@@ -40,7 +74,7 @@ fn forwarding_rows_nat_and_dest_ip() {
         let tn6 = b.tailnet.run(|| WhoAmI::listen(true));
         let inet = b.internet.run(|| WhoAmI::listen(false));
         let host = b.bed.ours.run(|| WhoAmI::listen(false));
-        let node = b.bed.ours.run(|| {
+        let mut node = b.bed.ours.run(|| {
             start(
                 &b,
                 &[
@@ -103,6 +137,7 @@ fn forwarding_rows_nat_and_dest_ip() {
         assert!(refused.is_err(), "{}", ctx("ts -> host must be dropped"));
 
         b.bed.ours.run(|| {
+            assert_path(&mut node, datapath, None);
             let table = run(Command::new("nft").args(["list", "table", "inet", "tailguard"]));
             assert!(table.contains("policy drop"), "{table}");
             node.daemon.stop();
@@ -124,7 +159,7 @@ fn exposed_host_isolated_peers_and_tailnet_sources_kept() {
         let wg4 = b.bed.theirs.run(|| WhoAmI::listen(false));
         let host = b.bed.ours.run(|| WhoAmI::listen(false));
         let before = b.bed.ours.run(routing_state);
-        let node = b.bed.ours.run(|| {
+        let mut node = b.bed.ours.run(|| {
             start(
                 &b,
                 &[
@@ -168,7 +203,10 @@ fn exposed_host_isolated_peers_and_tailnet_sources_kept() {
             "{}",
             ctx("second peer -> host")
         );
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| {
+            assert_path(&mut node, datapath, Some("drop:isolated-peers"));
+            node.daemon.stop()
+        });
         assert_eq!(
             b.bed.ours.run(routing_state),
             before,

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use aya::{Ebpf, maps::PerCpuArray};
-use tailguard_common::{Counter, CounterSlot, Device, Direction, PacketClass};
+use tailguard_common::{Counter, CounterSlot, Device, Direction, Outcome, PacketClass};
 
 use super::{Error, maps};
 
@@ -43,12 +43,20 @@ impl Counters {
 }
 
 pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
-    let map_error = maps::map_error(MAP);
+    sum_per_cpu(ebpf, MAP, CounterSlot::all().map(|slot| slot.index())).map(Counters)
+}
+
+/// Each index of the per-CPU counter array `name`, summed over CPUs.
+fn sum_per_cpu(
+    ebpf: &Ebpf,
+    name: &'static str,
+    indexes: impl Iterator<Item = u32>,
+) -> Result<BTreeMap<u32, Counter>, Error> {
+    let map_error = maps::map_error(name);
     let map: PerCpuArray<_, Counter> =
-        PerCpuArray::try_from(maps::get(ebpf, MAP)?).map_err(&map_error)?;
+        PerCpuArray::try_from(maps::get(ebpf, name)?).map_err(&map_error)?;
     let mut sums = BTreeMap::new();
-    for slot in CounterSlot::all() {
-        let index = slot.index();
+    for index in indexes {
         let per_cpu = map.get(&index, 0).map_err(&map_error)?;
         let sum = per_cpu
             .iter()
@@ -56,5 +64,43 @@ pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
             .fold(Counter::default(), Counter::add);
         sums.insert(index, sum);
     }
-    Ok(Counters(sums))
+    Ok(sums)
+}
+
+/// What the ingress programs did, per device and outcome, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcomes(BTreeMap<u32, Counter>);
+
+impl Outcomes {
+    pub fn get(&self, device: Device, outcome: Outcome) -> Counter {
+        self.0
+            .get(&outcome.index(device))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// `{"wireguard": {"redirected": {"packets": .., "bytes": ..}, ..}, ..}`,
+    /// leaving out outcomes that never happened.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut devices = serde_json::Map::new();
+        for device in Device::ALL {
+            let mut outcomes = serde_json::Map::new();
+            for outcome in Outcome::ALL {
+                let c = self.get(device, outcome);
+                if c.packets > 0 {
+                    outcomes.insert(
+                        outcome.name().into(),
+                        serde_json::json!({"packets": c.packets, "bytes": c.bytes}),
+                    );
+                }
+            }
+            devices.insert(device.name().into(), outcomes.into());
+        }
+        devices.into()
+    }
+}
+
+pub(super) fn read_outcomes(ebpf: &Ebpf) -> Result<Outcomes, Error> {
+    let slots = 0..tailguard_common::outcome::OUTCOME_SLOTS;
+    sum_per_cpu(ebpf, "OUTCOMES", slots).map(Outcomes)
 }

@@ -7,7 +7,7 @@ mod maps;
 mod object;
 
 pub use attach::{AttachMode, Backend};
-pub use counters::Counters;
+pub use counters::{Counters, Outcomes};
 pub use maps::Routes;
 pub use object::{LinkLayer, LoadOptions, Program};
 
@@ -77,6 +77,11 @@ impl Datapath {
     /// The counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, Error> {
         counters::read(&self.ebpf)
+    }
+
+    /// What the ingress programs did, summed over CPUs.
+    pub fn outcomes(&self) -> Result<Outcomes, Error> {
+        counters::read_outcomes(&self.ebpf)
     }
 
     /// Writes the configuration entry the programs read.

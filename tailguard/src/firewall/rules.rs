@@ -81,6 +81,29 @@ fn established() -> Value {
     json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}})
 }
 
+/// Masquerade rules for traffic matching `matches`. For protocols with ports
+/// (and ICMP identifiers) the kernel keeps to the ports below the fast
+/// path's range (`tailguard_common::nat::NAT_PORT_FIRST`), so the two never
+/// hand out the same port on the same address.
+fn masquerade(comment: &str, matches: [Value; 2]) -> [Value; 2] {
+    let last = tailguard_common::nat::NAT_PORT_FIRST - 1;
+    let ported = is(meta("l4proto"), set(&["tcp", "udp", "icmp", "ipv6-icmp"]));
+    let [a, b] = matches;
+    [
+        rule(
+            "srcnat",
+            comment,
+            vec![
+                a.clone(),
+                b.clone(),
+                ported,
+                json!({"masquerade": {"port": {"range": [1024, last]}}}),
+            ],
+        ),
+        rule("srcnat", comment, vec![a, b, json!({"masquerade": null})]),
+    ]
+}
+
 fn accept() -> Value {
     json!({"accept": null})
 }
@@ -246,16 +269,14 @@ fn nat(p: &FirewallPlan) -> Vec<Value> {
             ],
         ));
     }
-    rules.push(rule(
-        "srcnat",
+    rules.extend(masquerade(
         "wg -> ts leaves with the node's tailnet address",
-        vec![iif(wg), oif(ts), json!({"masquerade": null})],
+        [iif(wg), oif(ts)],
     ));
     if p.snat_to_wg {
-        rules.push(rule(
-            "srcnat",
+        rules.extend(masquerade(
             "ts -> wg leaves with the node's WireGuard address (--snat-subnet-routes)",
-            vec![iif(ts), oif(wg), json!({"masquerade": null})],
+            [iif(ts), oif(wg)],
         ));
     }
     rules
@@ -346,7 +367,11 @@ mod tests {
                 .iter()
                 .any(|c| c.starts_with("wg -> wg"))
         );
-        assert_eq!(comments(&plan(), "srcnat").len(), 2);
+        assert_eq!(
+            comments(&plan(), "srcnat").len(),
+            4,
+            "two rules per direction"
+        );
         let mut p = plan();
         p.isolate_peers = true;
         p.snat_to_wg = false;
@@ -357,7 +382,7 @@ mod tests {
         );
         assert_eq!(
             comments(&p, "srcnat"),
-            ["wg -> ts leaves with the node's tailnet address"]
+            ["wg -> ts leaves with the node's tailnet address"; 2]
         );
     }
 

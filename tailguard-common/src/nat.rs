@@ -1,0 +1,132 @@
+//! Connection state of the fast path: one LRU hash map (`NAT`) holds both
+//! directions of every flow the programs own, keyed by the packet as it
+//! arrives and telling what it must look like when it leaves.
+//!
+//! A flow is owned by the fast path from its first packet (TCP SYN, UDP, ICMP
+//! echo request) to the end; everything else goes to the kernel, whose
+//! conntrack owns it. So no flow is ever translated by both.
+
+use bytemuck::{Pod, Zeroable};
+
+/// A flow as seen arriving on one device. IPv4 addresses use the first four
+/// bytes of each address field; for ICMP echo, `sport` is the identifier and
+/// `dport` is 0. Ports are kept in network byte order, as in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// IP protocol number (6, 17, 1 or 58).
+    pub proto: u8,
+    /// The [`crate::Device`] it arrives on.
+    pub ingress: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// What a packet of the flow becomes, and where it goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NatEntry {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// The device to send it out of.
+    pub egress_ifindex: u32,
+    /// `bpf_ktime_get_boot_ns` of the last packet.
+    pub last_seen: u64,
+    /// [`state`] bits.
+    pub state: u32,
+    /// The MTU of the egress device, for the MSS clamp and the size check.
+    pub egress_mtu: u32,
+}
+
+/// The bits of [`NatEntry::state`].
+pub mod state {
+    /// A TCP FIN or RST was seen: the flow ends soon.
+    pub const CLOSING: u32 = 1 << 0;
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `Pod` per bytemuck's derive (no padding, any bit pattern valid).
+unsafe impl aya::Pod for FlowKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for NatEntry {}
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// Source ports (and ICMP identifiers) the fast path translates to: above
+/// Linux's ephemeral range (32768-60999), which the daemon also reserves, so
+/// they never collide with the host's own connections from the same
+/// address; the nftables masquerade uses the ports below.
+pub const NAT_PORT_FIRST: u16 = 61000;
+pub const NAT_PORT_COUNT: u16 = 65535 - NAT_PORT_FIRST + 1;
+/// How many free ports to try before leaving the flow to the kernel.
+pub const NAT_PORT_TRIES: u32 = 16;
+
+/// Flows in the map (each takes two entries).
+pub const NAT_MAX_ENTRIES: u32 = 131_072;
+
+const SECOND: u64 = 1_000_000_000;
+
+/// How long a flow lives without packets, by protocol and state (in the
+/// spirit of conntrack's defaults, shorter where those are generous).
+pub const fn timeout_ns(proto: u8, state_bits: u32) -> u64 {
+    match proto {
+        IPPROTO_TCP if state_bits & state::CLOSING != 0 => 10 * SECOND,
+        IPPROTO_TCP => 7200 * SECOND,
+        IPPROTO_UDP => 120 * SECOND,
+        _ => 30 * SECOND,
+    }
+}
+
+/// The `attempt`th candidate port from a random start.
+pub const fn nat_port(random: u32, attempt: u32) -> u16 {
+    NAT_PORT_FIRST + ((random.wrapping_add(attempt) % NAT_PORT_COUNT as u32) as u16)
+}
+
+/// The largest TCP MSS that fits `mtu` for the family.
+pub const fn mss_for(mtu: u32, ipv6: bool) -> u16 {
+    let headers = if ipv6 { 60 } else { 40 };
+    if mtu <= headers {
+        0
+    } else {
+        (mtu - headers) as u16
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_stay_in_the_range_and_wrap() {
+        assert_eq!(nat_port(0, 0), 61000);
+        assert_eq!(nat_port(u32::from(NAT_PORT_COUNT) - 1, 0), 65535);
+        assert_eq!(nat_port(u32::from(NAT_PORT_COUNT) - 1, 1), 61000);
+        assert!(nat_port(u32::MAX, 3) >= NAT_PORT_FIRST);
+    }
+
+    #[test]
+    fn closing_tcp_flows_expire_sooner() {
+        assert!(timeout_ns(IPPROTO_TCP, state::CLOSING) < timeout_ns(IPPROTO_TCP, 0));
+        assert!(timeout_ns(IPPROTO_ICMP, 0) < timeout_ns(IPPROTO_UDP, 0));
+    }
+
+    #[test]
+    fn mss_leaves_room_for_the_headers() {
+        assert_eq!(mss_for(1280, true), 1220);
+        assert_eq!(mss_for(1420, false), 1380);
+        assert_eq!(mss_for(30, false), 0);
+        assert_eq!(core::mem::size_of::<FlowKey>(), 40);
+        assert_eq!(core::mem::size_of::<NatEntry>(), 56);
+    }
+}

@@ -1,0 +1,154 @@
+//! The fields the policy needs, read with `bpf_skb_load_bytes` (through
+//! `TcContext::load`), so offsets may vary without pointer proofs.
+
+use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
+use tailguard_common::nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, mss_for};
+
+/// ICMP echo request / reply types, per family.
+pub const ECHO_REQUEST_V4: u8 = 8;
+pub const ECHO_REPLY_V4: u8 = 0;
+pub const ECHO_REQUEST_V6: u8 = 128;
+pub const ECHO_REPLY_V6: u8 = 129;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A packet the fast path can handle: IPv4 without fragmentation or IPv6
+/// without extension headers, carrying TCP, UDP or an ICMP echo.
+pub struct Packet {
+    pub ipv6: bool,
+    /// Where the IP header starts (after Ethernet, if any).
+    pub l3: usize,
+    /// Where the TCP/UDP/ICMP header starts.
+    pub l4: usize,
+    pub proto: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Network byte order; for ICMP echo, `sport` is the identifier.
+    pub sport: u16,
+    pub dport: u16,
+    pub ttl: u8,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    /// Length from the IP header on.
+    pub len: u32,
+    /// For a GSO packet (one that stands for several, cut up when sent),
+    /// the payload size of each; 0 otherwise.
+    pub gso_size: u32,
+}
+
+impl Packet {
+    /// Reads the packet; `None` for anything the fast path leaves alone.
+    #[inline(always)]
+    pub fn read(ctx: &TcContext, l3: usize) -> Option<Self> {
+        let first: u8 = ctx.load(l3).ok()?;
+        let len = ctx.len().checked_sub(l3 as u32)?;
+        let mut p = match first >> 4 {
+            4 => {
+                let ihl = usize::from(first & 0x0f) * 4;
+                if ihl < 20 {
+                    return None;
+                }
+                // MF set or a fragment offset: the kernel reassembles.
+                let frag: u16 = ctx.load(l3 + 6).ok()?;
+                if u16::from_be(frag) & 0x3fff != 0 {
+                    return None;
+                }
+                let mut src = [0u8; 16];
+                let mut dst = [0u8; 16];
+                let s: [u8; 4] = ctx.load(l3 + 12).ok()?;
+                let d: [u8; 4] = ctx.load(l3 + 16).ok()?;
+                src[..4].copy_from_slice(&s);
+                dst[..4].copy_from_slice(&d);
+                Self {
+                    ipv6: false,
+                    l3,
+                    l4: l3 + ihl,
+                    proto: ctx.load(l3 + 9).ok()?,
+                    src,
+                    dst,
+                    sport: 0,
+                    dport: 0,
+                    ttl: ctx.load(l3 + 8).ok()?,
+                    tcp_flags: 0,
+                    icmp_type: 0,
+                    len,
+                    gso_size: 0,
+                }
+            }
+            6 => Self {
+                ipv6: true,
+                l3,
+                l4: l3 + 40,
+                // Extension headers (fragments among them) are not ours.
+                proto: ctx.load(l3 + 6).ok()?,
+                src: ctx.load(l3 + 8).ok()?,
+                dst: ctx.load(l3 + 24).ok()?,
+                sport: 0,
+                dport: 0,
+                ttl: ctx.load(l3 + 7).ok()?,
+                tcp_flags: 0,
+                icmp_type: 0,
+                len,
+                gso_size: 0,
+            },
+            _ => return None,
+        };
+        // SAFETY: the context points at the kernel's `__sk_buff` for this run.
+        p.gso_size = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).gso_size };
+        match p.proto {
+            IPPROTO_TCP | IPPROTO_UDP => {
+                p.sport = ctx.load(p.l4).ok()?;
+                p.dport = ctx.load(p.l4 + 2).ok()?;
+                if p.proto == IPPROTO_TCP {
+                    p.tcp_flags = ctx.load(p.l4 + 13).ok()?;
+                }
+            }
+            IPPROTO_ICMP if !p.ipv6 => p.read_echo(ctx, ECHO_REQUEST_V4, ECHO_REPLY_V4)?,
+            IPPROTO_ICMPV6 if p.ipv6 => p.read_echo(ctx, ECHO_REQUEST_V6, ECHO_REPLY_V6)?,
+            _ => return None,
+        }
+        Some(p)
+    }
+
+    /// ICMP: only echo requests and replies; errors go to the kernel.
+    #[inline(always)]
+    fn read_echo(&mut self, ctx: &TcContext, request: u8, reply: u8) -> Option<()> {
+        self.icmp_type = ctx.load(self.l4).ok()?;
+        if self.icmp_type != request && self.icmp_type != reply {
+            return None;
+        }
+        self.sport = ctx.load(self.l4 + 4).ok()?;
+        Some(())
+    }
+
+    pub fn is_icmp(&self) -> bool {
+        self.proto == IPPROTO_ICMP || self.proto == IPPROTO_ICMPV6
+    }
+
+    /// The first packet of a flow: a TCP SYN, any UDP datagram, an echo request.
+    pub fn starts_flow(&self) -> bool {
+        match self.proto {
+            IPPROTO_TCP => self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+            IPPROTO_UDP => true,
+            _ => self.icmp_type == ECHO_REQUEST_V4 || self.icmp_type == ECHO_REQUEST_V6,
+        }
+    }
+
+    /// Fits a device of `mtu`: by length, or for GSO packets by the size of
+    /// the packets they will be cut into.
+    pub fn fits(&self, mtu: u32) -> bool {
+        if self.gso_size != 0 {
+            self.gso_size <= u32::from(mss_for(mtu, self.ipv6))
+        } else {
+            self.len <= mtu
+        }
+    }
+
+    /// The address size of the family.
+    pub fn addr_len(&self) -> usize {
+        if self.ipv6 { 16 } else { 4 }
+    }
+}

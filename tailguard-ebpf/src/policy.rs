@@ -1,0 +1,311 @@
+//! The forwarding policy of the reference (§3) for packets entering either
+//! device. Each rule names its nftables twin (`tailguard/src/firewall/rules.rs`);
+//! whatever this does not take goes to the kernel, where that twin applies.
+//!
+//! Stack is scarce (512 bytes for the whole program), so keys, entries and
+//! addresses live in the per-CPU scratch space, not in locals.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_redirect,
+    programs::TcContext,
+};
+use tailguard_common::{
+    Config, Device, Outcome, Route,
+    config::flag,
+    nat::{NatEntry, state},
+};
+
+use crate::{
+    config::{config, route_v4, route_v6},
+    link_layer::has_ethernet,
+    nat::{self, Scratch, Sides},
+    packet::{Packet, TCP_FIN, TCP_RST},
+    rewrite,
+};
+
+/// Decides, translates and redirects, or hands the packet to the kernel.
+#[inline(always)]
+pub fn ingress(ctx: &TcContext, device: Device) -> i32 {
+    let (verdict, outcome) = decide(ctx, device);
+    nat::count(device, outcome, ctx.len());
+    verdict
+}
+
+fn kernel(outcome: Outcome) -> (i32, Outcome) {
+    (TC_ACT_UNSPEC, outcome)
+}
+
+#[inline(always)]
+fn decide(ctx: &TcContext, device: Device) -> (i32, Outcome) {
+    let Some(cfg) = config() else {
+        return kernel(Outcome::KernelNotConfigured);
+    };
+    let l3 = if has_ethernet(device) { 14 } else { 0 };
+    let Some(mut p) = Packet::read(ctx, l3) else {
+        return kernel(Outcome::KernelNotHandled);
+    };
+    let Some(s) = nat::scratch() else {
+        return kernel(Outcome::KernelNotConfigured);
+    };
+    s.key = nat::key_of(&p, device);
+    let now = nat::now();
+    // A packet of a flow we own: translated the way its flow is.
+    if let Some(entry) = nat::lookup(&s.key, now) {
+        // SAFETY: from the map lookup, valid for this program run.
+        let entry = unsafe { &mut *entry };
+        if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            entry.state |= state::CLOSING;
+        }
+        entry.last_seen = now;
+        return send(ctx, &mut p, entry);
+    }
+    if !p.starts_flow() {
+        // nft: the kernel's conntrack owns it ("ct state established").
+        return kernel(Outcome::KernelNotOurFlow);
+    }
+    match device {
+        Device::WireGuard => from_wireguard(ctx, cfg, &mut p, s, now),
+        Device::Tailscale => from_tailscale(ctx, cfg, &mut p, s, now),
+    }
+}
+
+/// Which of the node's own addresses (of the packet's family) to use.
+#[derive(Clone, Copy)]
+enum Own {
+    Tailnet,
+    WireGuard,
+    DestIp,
+}
+
+/// The address, if the daemon set it (as the 4 or 16 bytes of the family).
+#[inline(always)]
+fn own_v4(cfg: &Config, which: Own) -> Option<&[u8; 4]> {
+    match which {
+        Own::Tailnet => cfg.has(flag::TS_V4).then_some(&cfg.ts_v4),
+        Own::WireGuard => cfg.has(flag::WG_V4).then_some(&cfg.wg_v4),
+        Own::DestIp => cfg.has(flag::DEST_V4).then_some(&cfg.dest_v4),
+    }
+}
+
+#[inline(always)]
+fn own_v6(cfg: &Config, which: Own) -> Option<&[u8; 16]> {
+    match which {
+        Own::Tailnet => cfg.has(flag::TS_V6).then_some(&cfg.ts_v6),
+        Own::WireGuard => cfg.has(flag::WG_V6).then_some(&cfg.wg_v6),
+        Own::DestIp => cfg.has(flag::DEST_V6).then_some(&cfg.dest_v6),
+    }
+}
+
+/// `addr` is the node's `which` address.
+#[inline(always)]
+fn is_own(cfg: &Config, p: &Packet, which: Own, addr: &[u8; 16]) -> bool {
+    if p.ipv6 {
+        own_v6(cfg, which).is_some_and(|own| *own == *addr)
+    } else {
+        own_v4(cfg, which).is_some_and(|own| {
+            own[0] == addr[0] && own[1] == addr[1] && own[2] == addr[2] && own[3] == addr[3]
+        })
+    }
+}
+
+/// Copies the node's `which` address into `out`; false if it has none.
+#[inline(always)]
+fn copy_own(cfg: &Config, p: &Packet, which: Own, out: &mut [u8; 16]) -> bool {
+    if p.ipv6 {
+        match own_v6(cfg, which) {
+            Some(own) => {
+                *out = *own;
+                true
+            }
+            None => false,
+        }
+    } else {
+        match own_v4(cfg, which) {
+            Some(own) => {
+                *out = [0; 16];
+                out[0] = own[0];
+                out[1] = own[1];
+                out[2] = own[2];
+                out[3] = own[3];
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn route(p: &Packet) -> Option<Route> {
+    if p.ipv6 {
+        route_v6(p.dst)
+    } else {
+        route_v4([p.dst[0], p.dst[1], p.dst[2], p.dst[3]])
+    }
+}
+
+fn towards_ts(cfg: &Config) -> Sides {
+    Sides {
+        egress_ifindex: cfg.ts_ifindex,
+        egress_mtu: u32::from(cfg.ts_mtu),
+        back_ifindex: cfg.wg_ifindex,
+        back_mtu: u32::from(cfg.wg_mtu),
+        back_device: Device::Tailscale,
+    }
+}
+
+fn towards_wg(cfg: &Config) -> Sides {
+    Sides {
+        egress_ifindex: cfg.wg_ifindex,
+        egress_mtu: u32::from(cfg.wg_mtu),
+        back_ifindex: cfg.ts_ifindex,
+        back_mtu: u32::from(cfg.ts_mtu),
+        back_device: Device::WireGuard,
+    }
+}
+
+#[inline(always)]
+fn from_wireguard(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &mut Packet,
+    s: &mut Scratch,
+    now: u64,
+) -> (i32, Outcome) {
+    if is_own(cfg, p, Own::Tailnet, &p.dst) || is_own(cfg, p, Own::WireGuard, &p.dst) {
+        // nft: chain input.
+        return kernel(Outcome::KernelLocal);
+    }
+    match route(p) {
+        // nft: "wg -> ts" accepted, and masqueraded in srcnat.
+        Some(Route::TAILSCALE) => {
+            if cfg.ts_ifindex == 0 || !copy_own(cfg, p, Own::Tailnet, &mut s.src) {
+                return kernel(Outcome::KernelNoRoute);
+            }
+            s.dst = p.dst;
+            start(ctx, p, s, true, &towards_ts(cfg), now)
+        }
+        // nft: "wg -> wg" accepted unless WG_ISOLATE_PEERS=1 (then the
+        // forward chain's policy drops it).
+        Some(Route::WIREGUARD) => {
+            if cfg.has(flag::ISOLATE_PEERS) {
+                return (TC_ACT_SHOT, Outcome::DropIsolated);
+            }
+            s.entry = NatEntry {
+                src: p.src,
+                dst: p.dst,
+                sport: p.sport,
+                dport: p.dport,
+                egress_ifindex: cfg.wg_ifindex,
+                last_seen: now,
+                state: 0,
+                egress_mtu: u32::from(cfg.wg_mtu),
+            };
+            send(ctx, p, &s.entry)
+        }
+        // nft: the forward chain's policy drops the rest (wg -> uplink).
+        _ => kernel(Outcome::KernelNoRoute),
+    }
+}
+
+#[inline(always)]
+fn from_tailscale(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &mut Packet,
+    s: &mut Scratch,
+    now: u64,
+) -> (i32, Outcome) {
+    if is_own(cfg, p, Own::Tailnet, &p.dst) {
+        // nft: dstnat "TS_DEST_IP", then "ts -> wg" and its srcnat.
+        if !copy_own(cfg, p, Own::DestIp, &mut s.dst) {
+            return kernel(Outcome::KernelLocal);
+        }
+        return to_wireguard(ctx, cfg, p, s, now);
+    }
+    if is_own(cfg, p, Own::WireGuard, &p.dst) {
+        return kernel(Outcome::KernelLocal);
+    }
+    match route(p) {
+        Some(Route::WIREGUARD) => {
+            s.dst = p.dst;
+            to_wireguard(ctx, cfg, p, s, now)
+        }
+        // nft: the forward chain's policy drops ts -> anything but wg.
+        _ => kernel(Outcome::KernelNoRoute),
+    }
+}
+
+/// ts -> wg (to `s.dst`): source-NATed to the node's WireGuard address
+/// unless turned off (nft: srcnat "ts -> wg ... (--snat-subnet-routes)").
+#[inline(always)]
+fn to_wireguard(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &mut Packet,
+    s: &mut Scratch,
+    now: u64,
+) -> (i32, Outcome) {
+    let snat = cfg.has(flag::SNAT_TO_WG);
+    if snat {
+        if !copy_own(cfg, p, Own::WireGuard, &mut s.src) {
+            return kernel(Outcome::KernelNoRoute);
+        }
+    } else {
+        s.src = p.src;
+    }
+    start(ctx, p, s, snat, &towards_wg(cfg), now)
+}
+
+/// The first packet of a flow: checks what would make the kernel answer
+/// instead, records the flow, sends the packet.
+#[inline(always)]
+fn start(
+    ctx: &TcContext,
+    p: &mut Packet,
+    s: &mut Scratch,
+    allocate: bool,
+    sides: &Sides,
+    now: u64,
+) -> (i32, Outcome) {
+    if p.ttl <= 1 {
+        return kernel(Outcome::KernelTtl);
+    }
+    if !p.fits(sides.egress_mtu) {
+        return kernel(Outcome::KernelTooBig);
+    }
+    if !nat::create(p, s, allocate, sides, now) {
+        return kernel(Outcome::KernelNoPort);
+    }
+    send(ctx, p, &s.entry)
+}
+
+/// Rewrites `p` as `entry` says, takes one from its TTL, clamps the MSS of a
+/// SYN to the egress MTU (nft: chain mss), and redirects it.
+#[inline(always)]
+fn send(ctx: &TcContext, p: &mut Packet, entry: &NatEntry) -> (i32, Outcome) {
+    if p.ttl <= 1 {
+        return kernel(Outcome::KernelTtl);
+    }
+    if !p.fits(entry.egress_mtu) {
+        return kernel(Outcome::KernelTooBig);
+    }
+    let icmp = p.is_icmp();
+    let rewritten = rewrite::set_addr(ctx, p, true, &entry.src)
+        .and_then(|()| rewrite::set_addr(ctx, p, false, &entry.dst))
+        .and_then(|()| rewrite::set_port(ctx, p, true, entry.sport))
+        .and_then(|()| {
+            if icmp {
+                Ok(())
+            } else {
+                rewrite::set_port(ctx, p, false, entry.dport)
+            }
+        })
+        .and_then(|()| rewrite::decrement_ttl(ctx, p))
+        .and_then(|()| rewrite::clamp_mss(ctx, p, entry.egress_mtu));
+    if rewritten.is_err() {
+        return (TC_ACT_SHOT, Outcome::DropHelperFailed);
+    }
+    // SAFETY: a plain helper call; it returns TC_ACT_REDIRECT or TC_ACT_SHOT.
+    let verdict = unsafe { bpf_redirect(entry.egress_ifindex, 0) } as i32;
+    (verdict, Outcome::Redirected)
+}
