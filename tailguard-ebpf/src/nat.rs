@@ -106,12 +106,15 @@ pub struct Sides {
 #[inline(always)]
 pub fn create(p: &Packet, s: &mut Scratch, allocate: bool, sides: &Sides, now: u64) -> bool {
     let icmp = p.is_icmp();
+    // The ports of the reply: swapped, except that an echo reply carries
+    // the request's identifier in the same place.
+    let (reply_sport, reply_dport) = if icmp { (p.sport, 0) } else { (p.dport, p.sport) };
     // The reply, as it will arrive, turns back into what `p` came from.
     s.back = NatEntry {
         src: p.dst,
         dst: p.src,
-        sport: if icmp { p.sport } else { p.dport },
-        dport: if icmp { 0 } else { p.sport },
+        sport: reply_sport,
+        dport: reply_dport,
         egress_ifindex: sides.back_ifindex,
         last_seen: now,
         state: 0,
@@ -120,8 +123,8 @@ pub fn create(p: &Packet, s: &mut Scratch, allocate: bool, sides: &Sides, now: u
     s.reply = FlowKey {
         src: s.dst,
         dst: s.src,
-        sport: if icmp { p.sport } else { p.dport },
-        dport: if icmp { 0 } else { p.sport },
+        sport: reply_sport,
+        dport: reply_dport,
         proto: p.proto,
         ingress: sides.back_device as u8,
         family: s.key.family,
