@@ -108,7 +108,11 @@ pub fn create(p: &Packet, s: &mut Scratch, allocate: bool, sides: &Sides, now: u
     let icmp = p.is_icmp();
     // The ports of the reply: swapped, except that an echo reply carries
     // the request's identifier in the same place.
-    let (reply_sport, reply_dport) = if icmp { (p.sport, 0) } else { (p.dport, p.sport) };
+    let (reply_sport, reply_dport) = if icmp {
+        (p.sport, 0)
+    } else {
+        (p.dport, p.sport)
+    };
     // The reply, as it will arrive, turns back into what `p` came from.
     s.back = NatEntry {
         src: p.dst,

@@ -1,0 +1,450 @@
+//! The forwarding policy run by the kernel on crafted frames
+//! (`BPF_PROG_TEST_RUN`, Ethernet mode): for each row, the verdict, and the
+//! packet that leaves, parsed and checksum-verified with etherparse (not our
+//! code). Replies are crafted from what left, so NAT state is followed both
+//! ways.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use etherparse::{
+    Icmpv4Header, Icmpv6Header, NetHeaders, PacketBuilder, PacketHeaders, TcpOptionElement,
+    TransportHeader,
+};
+use ipnet::IpNet;
+use tailguard::datapath::{Datapath, LinkLayer, LoadOptions, Routes};
+use tailguard_common::{Config, Device, Direction, Outcome, Route, config::flag};
+use tailguard_tests::{
+    packets::{MAC_A, MAC_B},
+    require_root,
+};
+
+const CONTINUE: u32 = u32::MAX; // TC_ACT_UNSPEC
+const SHOT: u32 = 2; // TC_ACT_SHOT
+const REDIRECT: u32 = 7; // TC_ACT_REDIRECT
+const WG_IFINDEX: u32 = 11;
+const TS_IFINDEX: u32 = 12;
+
+const TS4: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+const WG4: Ipv4Addr = Ipv4Addr::new(10, 66, 0, 2);
+const DEST4: Ipv4Addr = Ipv4Addr::new(10, 66, 0, 1);
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 66, 0, 7);
+const PEER4: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 9);
+
+fn v6(s: &str) -> Ipv6Addr {
+    s.parse().unwrap()
+}
+
+/// The programs, configured as the daemon would for a bridge with
+/// `TS_DEST_IP=10.66.0.1,fd66::1`.
+fn datapath(isolate: bool) -> Datapath {
+    require_root();
+    let mut dp =
+        Datapath::load(&LoadOptions::uniform(LinkLayer::Ethernet)).expect("loading programs");
+    let mut c = Config {
+        wg_ifindex: WG_IFINDEX,
+        ts_ifindex: TS_IFINDEX,
+        wg_mtu: 1420,
+        ts_mtu: 1280,
+        ..Config::default()
+    };
+    c.set_ts(Some(TS4), Some(v6("fd7a:115c:a1e0::1")));
+    c.set_wg(Some(WG4), Some(v6("fd66::2")));
+    c.set_dest(Some(DEST4), Some(v6("fd66::1")));
+    c.set(flag::SNAT_TO_WG, true);
+    c.set(flag::ISOLATE_PEERS, isolate);
+    dp.write_config(&c).unwrap();
+    let mut routes = Routes::new();
+    for (net, route) in [
+        ("10.66.0.0/24", Route::WIREGUARD),
+        ("fd66::/64", Route::WIREGUARD),
+        ("100.64.0.0/10", Route::TAILSCALE),
+        ("fd7a:115c:a1e0::/48", Route::TAILSCALE),
+    ] {
+        routes.insert(net.parse::<IpNet>().unwrap(), route);
+    }
+    dp.sync_routes(&routes).unwrap();
+    dp
+}
+
+/// What left: verdict, and the frame's headers with their checksums checked.
+struct Out {
+    verdict: u32,
+    frame: Vec<u8>,
+}
+
+impl Out {
+    fn ip(&self) -> (IpAddr, IpAddr, u8) {
+        let h = PacketHeaders::from_ethernet_slice(&self.frame).expect("a valid frame");
+        match h.net.expect("an IP header") {
+            NetHeaders::Ipv4(ip, _) => (ip.source.into(), ip.destination.into(), ip.time_to_live),
+            NetHeaders::Ipv6(ip, _) => (ip.source.into(), ip.destination.into(), ip.hop_limit),
+            NetHeaders::Arp(_) => panic!("ARP"),
+        }
+    }
+
+    /// Source and destination port (the echo identifier twice for ICMP).
+    fn ports(&self) -> (u16, u16) {
+        let h = PacketHeaders::from_ethernet_slice(&self.frame).unwrap();
+        match h.transport.expect("a transport header") {
+            TransportHeader::Udp(u) => (u.source_port, u.destination_port),
+            TransportHeader::Tcp(t) => (t.source_port, t.destination_port),
+            TransportHeader::Icmpv4(i) => match i.icmp_type {
+                etherparse::Icmpv4Type::EchoRequest(e) | etherparse::Icmpv4Type::EchoReply(e) => {
+                    (e.id, e.id)
+                }
+                other => panic!("{other:?}"),
+            },
+            TransportHeader::Icmpv6(i) => match i.icmp_type {
+                etherparse::Icmpv6Type::EchoRequest(e) | etherparse::Icmpv6Type::EchoReply(e) => {
+                    (e.id, e.id)
+                }
+                other => panic!("{other:?}"),
+            },
+            TransportHeader::Igmp(_) => panic!("IGMP"),
+        }
+    }
+
+    fn mss(&self) -> Option<u16> {
+        let h = PacketHeaders::from_ethernet_slice(&self.frame).unwrap();
+        let Some(TransportHeader::Tcp(t)) = h.transport else {
+            return None;
+        };
+        t.options_iterator().find_map(|o| match o {
+            Ok(TcpOptionElement::MaximumSegmentSize(m)) => Some(m),
+            _ => None,
+        })
+    }
+
+    /// Every checksum in the frame is what etherparse computes for it.
+    fn assert_checksums(&self) {
+        let h = PacketHeaders::from_ethernet_slice(&self.frame).expect("a valid frame");
+        let payload = h.payload.slice();
+        match (h.net.unwrap(), h.transport.unwrap()) {
+            (NetHeaders::Ipv4(ip, _), transport) => {
+                assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "IPv4 header");
+                match transport {
+                    TransportHeader::Udp(u) => {
+                        assert_eq!(
+                            u.checksum,
+                            u.calc_checksum_ipv4(&ip, payload).unwrap(),
+                            "UDP"
+                        )
+                    }
+                    TransportHeader::Tcp(t) => {
+                        assert_eq!(
+                            t.checksum,
+                            t.calc_checksum_ipv4(&ip, payload).unwrap(),
+                            "TCP"
+                        )
+                    }
+                    TransportHeader::Icmpv4(i) => assert_eq!(
+                        i.checksum,
+                        Icmpv4Header::with_checksum(i.icmp_type.clone(), payload).checksum,
+                        "ICMP"
+                    ),
+                    other => panic!("{other:?}"),
+                }
+            }
+            (NetHeaders::Ipv6(ip, _), transport) => match transport {
+                TransportHeader::Udp(u) => {
+                    assert_eq!(
+                        u.checksum,
+                        u.calc_checksum_ipv6(&ip, payload).unwrap(),
+                        "UDP"
+                    )
+                }
+                TransportHeader::Tcp(t) => {
+                    assert_eq!(
+                        t.checksum,
+                        t.calc_checksum_ipv6(&ip, payload).unwrap(),
+                        "TCP"
+                    )
+                }
+                TransportHeader::Icmpv6(i) => assert_eq!(
+                    i.checksum,
+                    Icmpv6Header::with_checksum(
+                        i.icmp_type.clone(),
+                        ip.source,
+                        ip.destination,
+                        payload
+                    )
+                    .unwrap()
+                    .checksum,
+                    "ICMPv6"
+                ),
+                other => panic!("{other:?}"),
+            },
+            (net, _) => panic!("{net:?}"),
+        }
+    }
+}
+
+fn run(dp: &Datapath, device: Device, frame: &[u8]) -> Out {
+    let program = dp.program(device, Direction::Ingress).unwrap();
+    let mut output = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut output),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    output.truncate(result.data_size_out as usize);
+    Out {
+        verdict: result.return_value,
+        frame: output,
+    }
+}
+
+enum L4 {
+    Udp,
+    Syn(u16),
+    Ack,
+    Echo(bool),
+}
+
+/// A frame from `src:sport` to `dst:dport` with `ttl`.
+fn frame(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, l4: L4, ttl: u8) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(MAC_A, MAC_B);
+    let ip = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), ttl),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), ttl),
+        _ => panic!("mixed families"),
+    };
+    let payload = b"tailguard policy test";
+    let mut out = Vec::new();
+    match l4 {
+        L4::Udp => ip.udp(sport, dport).write(&mut out, payload),
+        L4::Syn(mss) => ip
+            .tcp(sport, dport, 1000, 64240)
+            .syn()
+            .options(&[TcpOptionElement::MaximumSegmentSize(mss)])
+            .unwrap()
+            .write(&mut out, &[]),
+        L4::Ack => ip
+            .tcp(sport, dport, 1000, 64240)
+            .ack(1)
+            .write(&mut out, payload),
+        L4::Echo(reply) => match (src, reply) {
+            (IpAddr::V4(_), false) => ip.icmpv4_echo_request(sport, 1).write(&mut out, payload),
+            (IpAddr::V4(_), true) => ip.icmpv4_echo_reply(sport, 1).write(&mut out, payload),
+            (IpAddr::V6(_), false) => ip.icmpv6_echo_request(sport, 1).write(&mut out, payload),
+            (IpAddr::V6(_), true) => ip.icmpv6_echo_reply(sport, 1).write(&mut out, payload),
+        },
+    }
+    .unwrap();
+    out
+}
+
+fn outcome_count(dp: &Datapath, device: Device, outcome: Outcome) -> u64 {
+    dp.outcomes().unwrap().get(device, outcome).packets
+}
+
+/// wg -> ts, both families, UDP, TCP and echo: masqueraded to the node's
+/// tailnet address from the fast path's port range, TTL less one, and the
+/// reply translated back.
+#[test]
+fn wireguard_to_tailnet_is_masqueraded_and_replies_come_back() {
+    let dp = datapath(false);
+    let cases: [(IpAddr, IpAddr, IpAddr, fn() -> L4, fn() -> L4); 6] = [
+        (
+            CLIENT4.into(),
+            PEER4.into(),
+            TS4.into(),
+            || L4::Udp,
+            || L4::Udp,
+        ),
+        (
+            CLIENT4.into(),
+            PEER4.into(),
+            TS4.into(),
+            || L4::Syn(1460),
+            || L4::Ack,
+        ),
+        (
+            CLIENT4.into(),
+            PEER4.into(),
+            TS4.into(),
+            || L4::Echo(false),
+            || L4::Echo(true),
+        ),
+        (
+            v6("fd66::7").into(),
+            v6("fd7a:115c:a1e0::9").into(),
+            v6("fd7a:115c:a1e0::1").into(),
+            || L4::Udp,
+            || L4::Udp,
+        ),
+        (
+            v6("fd66::7").into(),
+            v6("fd7a:115c:a1e0::9").into(),
+            v6("fd7a:115c:a1e0::1").into(),
+            || L4::Syn(1440),
+            || L4::Ack,
+        ),
+        (
+            v6("fd66::7").into(),
+            v6("fd7a:115c:a1e0::9").into(),
+            v6("fd7a:115c:a1e0::1").into(),
+            || L4::Echo(false),
+            || L4::Echo(true),
+        ),
+    ];
+    for (i, (client, peer, own, first, reply)) in cases.into_iter().enumerate() {
+        let sport = 40000 + i as u16;
+        let out = run(
+            &dp,
+            Device::WireGuard,
+            &frame(client, peer, sport, 443, first(), 64),
+        );
+        assert_eq!(out.verdict, REDIRECT, "case {i}");
+        out.assert_checksums();
+        let (src, dst, ttl) = out.ip();
+        assert_eq!((src, dst, ttl), (own, peer, 63), "case {i}");
+        let (nat_port, dport) = out.ports();
+        assert!(
+            nat_port >= 61000,
+            "case {i}: port {nat_port} from the fast path's range"
+        );
+        if let Some(mss) = out.mss() {
+            let limit = if client.is_ipv4() { 1240 } else { 1220 };
+            assert_eq!(mss, limit, "case {i}: MSS clamped to the 1280-byte tailnet");
+        }
+        // The reply, as the peer would send it.
+        let (reply_sport, reply_dport) = if dport == nat_port {
+            (nat_port, 0)
+        } else {
+            (dport, nat_port)
+        };
+        let back = run(
+            &dp,
+            Device::Tailscale,
+            &frame(peer, own, reply_sport, reply_dport, reply(), 64),
+        );
+        assert_eq!(back.verdict, REDIRECT, "case {i}: the reply");
+        back.assert_checksums();
+        assert_eq!(back.ip(), (peer, client, 63), "case {i}: the reply");
+        let expected = if dport == nat_port {
+            (sport, sport)
+        } else {
+            (443, sport)
+        };
+        assert_eq!(back.ports(), expected, "case {i}: the reply's ports");
+    }
+    assert!(outcome_count(&dp, Device::WireGuard, Outcome::Redirected) >= 6);
+}
+
+/// ts -> own tailnet address: translated to TS_DEST_IP and source-NATed to
+/// the node's WireGuard address; the reply comes from the tailnet address.
+#[test]
+fn dest_ip_translation_both_families() {
+    let dp = datapath(false);
+    let cases: [(IpAddr, IpAddr, IpAddr, IpAddr); 2] = [
+        (PEER4.into(), TS4.into(), DEST4.into(), WG4.into()),
+        (
+            v6("fd7a:115c:a1e0::9").into(),
+            v6("fd7a:115c:a1e0::1").into(),
+            v6("fd66::1").into(),
+            v6("fd66::2").into(),
+        ),
+    ];
+    for (peer, own_ts, dest, own_wg) in cases {
+        let out = run(
+            &dp,
+            Device::Tailscale,
+            &frame(peer, own_ts, 5000, 80, L4::Syn(1240), 64),
+        );
+        assert_eq!(out.verdict, REDIRECT);
+        out.assert_checksums();
+        assert_eq!(out.ip(), (own_wg, dest, 63));
+        let (nat_port, dport) = out.ports();
+        assert!(nat_port >= 61000 && dport == 80);
+        let back = run(
+            &dp,
+            Device::WireGuard,
+            &frame(dest, own_wg, 80, nat_port, L4::Ack, 64),
+        );
+        assert_eq!(back.verdict, REDIRECT);
+        back.assert_checksums();
+        assert_eq!(back.ip(), (own_ts, peer, 63));
+        assert_eq!(back.ports(), (80, 5000));
+    }
+}
+
+/// What the fast path leaves to the kernel, or drops.
+#[test]
+fn the_rest_goes_to_the_kernel_or_is_dropped() {
+    let dp = datapath(true);
+    let cases: [(&str, Device, Vec<u8>, u32, Outcome); 6] = [
+        (
+            "wg -> wg, isolated",
+            Device::WireGuard,
+            frame(CLIENT4.into(), DEST4.into(), 1, 2, L4::Udp, 64),
+            SHOT,
+            Outcome::DropIsolated,
+        ),
+        (
+            "TTL 1",
+            Device::WireGuard,
+            frame(CLIENT4.into(), PEER4.into(), 1, 2, L4::Udp, 1),
+            CONTINUE,
+            Outcome::KernelTtl,
+        ),
+        (
+            "to the host",
+            Device::WireGuard,
+            frame(CLIENT4.into(), WG4.into(), 1, 2, L4::Udp, 64),
+            CONTINUE,
+            Outcome::KernelLocal,
+        ),
+        (
+            "wg -> uplink",
+            Device::WireGuard,
+            frame(
+                CLIENT4.into(),
+                Ipv4Addr::new(8, 8, 8, 8).into(),
+                1,
+                2,
+                L4::Udp,
+                64,
+            ),
+            CONTINUE,
+            Outcome::KernelNoRoute,
+        ),
+        (
+            "ts -> uplink",
+            Device::Tailscale,
+            frame(
+                PEER4.into(),
+                Ipv4Addr::new(8, 8, 8, 8).into(),
+                1,
+                2,
+                L4::Udp,
+                64,
+            ),
+            CONTINUE,
+            Outcome::KernelNoRoute,
+        ),
+        (
+            "TCP not from its start",
+            Device::WireGuard,
+            frame(CLIENT4.into(), PEER4.into(), 1, 2, L4::Ack, 64),
+            CONTINUE,
+            Outcome::KernelNotOurFlow,
+        ),
+    ];
+    for (what, device, input, verdict, outcome) in cases {
+        let before = outcome_count(&dp, device, outcome);
+        let out = run(&dp, device, &input);
+        assert_eq!(out.verdict, verdict, "{what}");
+        if verdict == CONTINUE {
+            assert_eq!(out.frame, input, "{what}: the kernel gets it unchanged");
+        }
+        assert_eq!(
+            outcome_count(&dp, device, outcome),
+            before + 1,
+            "{what}: counted as {outcome:?}"
+        );
+    }
+}
