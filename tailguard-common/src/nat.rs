@@ -35,14 +35,15 @@ pub struct NatEntry {
     pub dst: [u8; 16],
     pub sport: u16,
     pub dport: u16,
-    /// The device to send it out of.
-    pub egress_ifindex: u32,
+    /// The [`crate::Device`] to send it out of, by role: its index and MTU
+    /// come from the configuration, so entries stay right when tailscaled
+    /// makes its device anew (and across a restart of the daemon).
+    pub egress: u32,
     /// `bpf_ktime_get_boot_ns` of the last packet.
     pub last_seen: u64,
     /// [`state`] bits.
     pub state: u32,
-    /// The MTU of the egress device, for the MSS clamp and the size check.
-    pub egress_mtu: u32,
+    pub _pad: u32,
 }
 
 /// The bits of [`NatEntry::state`].

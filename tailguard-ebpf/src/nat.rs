@@ -91,11 +91,11 @@ pub fn lookup(key: &FlowKey, now: u64) -> Option<*mut NatEntry> {
 
 /// Where a new flow's packets go, and where its replies go.
 pub struct Sides {
-    pub egress_ifindex: u32,
+    /// Where the flow's packets go, and its MTU.
+    pub egress: Device,
     pub egress_mtu: u32,
-    pub back_ifindex: u32,
-    pub back_mtu: u32,
-    pub back_device: Device,
+    /// Where its replies go (and so the device they arrive on is `egress`).
+    pub back: Device,
 }
 
 /// Records a new flow: `p` (keyed `s.key`) leaves with `s.src`/`s.dst`
@@ -119,10 +119,10 @@ pub fn create(p: &Packet, s: &mut Scratch, allocate: bool, sides: &Sides, now: u
         dst: p.src,
         sport: reply_sport,
         dport: reply_dport,
-        egress_ifindex: sides.back_ifindex,
+        egress: sides.back as u32,
         last_seen: now,
         state: 0,
-        egress_mtu: sides.back_mtu,
+        _pad: 0,
     };
     s.reply = FlowKey {
         src: s.dst,
@@ -130,7 +130,7 @@ pub fn create(p: &Packet, s: &mut Scratch, allocate: bool, sides: &Sides, now: u
         sport: reply_sport,
         dport: reply_dport,
         proto: p.proto,
-        ingress: sides.back_device as u8,
+        ingress: sides.egress as u8,
         family: s.key.family,
         _pad: 0,
     };
@@ -166,10 +166,10 @@ pub fn create(p: &Packet, s: &mut Scratch, allocate: bool, sides: &Sides, now: u
         dst: s.dst,
         sport,
         dport: if icmp { 0 } else { p.dport },
-        egress_ifindex: sides.egress_ifindex,
+        egress: sides.egress as u32,
         last_seen: now,
         state: 0,
-        egress_mtu: sides.egress_mtu,
+        _pad: 0,
     };
     if NAT.insert(&s.key, &s.entry, 0).is_err() {
         let _ = NAT.remove(&s.reply);

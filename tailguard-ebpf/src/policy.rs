@@ -58,7 +58,7 @@ fn decide(ctx: &TcContext, device: Device) -> (i32, Outcome) {
             entry.state |= state::CLOSING;
         }
         entry.last_seen = now;
-        return send(ctx, &mut p, entry);
+        return send(ctx, cfg, &mut p, entry);
     }
     if !p.starts_flow() {
         // nft: the kernel's conntrack owns it ("ct state established").
@@ -143,23 +143,25 @@ fn route(p: &Packet) -> Option<Route> {
     }
 }
 
-fn towards_ts(cfg: &Config) -> Sides {
-    Sides {
-        egress_ifindex: cfg.ts_ifindex,
-        egress_mtu: u32::from(cfg.ts_mtu),
-        back_ifindex: cfg.wg_ifindex,
-        back_mtu: u32::from(cfg.wg_mtu),
-        back_device: Device::Tailscale,
+/// A device's index and MTU, by role.
+#[inline(always)]
+fn device(cfg: &Config, role: u32) -> (u32, u32) {
+    if role == Device::Tailscale as u32 {
+        (cfg.ts_ifindex, u32::from(cfg.ts_mtu))
+    } else {
+        (cfg.wg_ifindex, u32::from(cfg.wg_mtu))
     }
 }
 
-fn towards_wg(cfg: &Config) -> Sides {
+fn towards(cfg: &Config, egress: Device) -> Sides {
+    let back = match egress {
+        Device::WireGuard => Device::Tailscale,
+        Device::Tailscale => Device::WireGuard,
+    };
     Sides {
-        egress_ifindex: cfg.wg_ifindex,
-        egress_mtu: u32::from(cfg.wg_mtu),
-        back_ifindex: cfg.ts_ifindex,
-        back_mtu: u32::from(cfg.ts_mtu),
-        back_device: Device::WireGuard,
+        egress,
+        egress_mtu: device(cfg, egress as u32).1,
+        back,
     }
 }
 
@@ -182,7 +184,7 @@ fn from_wireguard(
                 return kernel(Outcome::KernelNoRoute);
             }
             s.dst = p.dst;
-            start(ctx, p, s, true, &towards_ts(cfg), now)
+            start(ctx, cfg, p, s, true, &towards(cfg, Device::Tailscale), now)
         }
         // nft: "wg -> wg" accepted unless WG_ISOLATE_PEERS=1 (then the
         // forward chain's policy drops it).
@@ -195,12 +197,12 @@ fn from_wireguard(
                 dst: p.dst,
                 sport: p.sport,
                 dport: p.dport,
-                egress_ifindex: cfg.wg_ifindex,
+                egress: Device::WireGuard as u32,
                 last_seen: now,
                 state: 0,
-                egress_mtu: u32::from(cfg.wg_mtu),
+                _pad: 0,
             };
-            send(ctx, p, &s.entry)
+            send(ctx, cfg, p, &s.entry)
         }
         // nft: the forward chain's policy drops the rest (wg -> uplink).
         _ => kernel(Outcome::KernelNoRoute),
@@ -253,7 +255,7 @@ fn to_wireguard(
     } else {
         s.src = p.src;
     }
-    start(ctx, p, s, snat, &towards_wg(cfg), now)
+    start(ctx, cfg, p, s, snat, &towards(cfg, Device::WireGuard), now)
 }
 
 /// The first packet of a flow: checks what would make the kernel answer
@@ -261,6 +263,7 @@ fn to_wireguard(
 #[inline(always)]
 fn start(
     ctx: &TcContext,
+    cfg: &Config,
     p: &mut Packet,
     s: &mut Scratch,
     allocate: bool,
@@ -276,17 +279,21 @@ fn start(
     if !nat::create(p, s, allocate, sides, now) {
         return kernel(Outcome::KernelNoPort);
     }
-    send(ctx, p, &s.entry)
+    send(ctx, cfg, p, &s.entry)
 }
 
 /// Rewrites `p` as `entry` says, takes one from its TTL, clamps the MSS of a
 /// SYN to the egress MTU (nft: chain mss), and redirects it.
 #[inline(always)]
-fn send(ctx: &TcContext, p: &mut Packet, entry: &NatEntry) -> (i32, Outcome) {
+fn send(ctx: &TcContext, cfg: &Config, p: &mut Packet, entry: &NatEntry) -> (i32, Outcome) {
+    let (ifindex, mtu) = device(cfg, entry.egress);
+    if ifindex == 0 {
+        return kernel(Outcome::KernelNoRoute);
+    }
     if p.ttl <= 1 {
         return kernel(Outcome::KernelTtl);
     }
-    if !p.fits(entry.egress_mtu) {
+    if !p.fits(mtu) {
         return kernel(Outcome::KernelTooBig);
     }
     let icmp = p.is_icmp();
@@ -301,11 +308,11 @@ fn send(ctx: &TcContext, p: &mut Packet, entry: &NatEntry) -> (i32, Outcome) {
             }
         })
         .and_then(|()| rewrite::decrement_ttl(ctx, p))
-        .and_then(|()| rewrite::clamp_mss(ctx, p, entry.egress_mtu));
+        .and_then(|()| rewrite::clamp_mss(ctx, p, mtu));
     if rewritten.is_err() {
         return (TC_ACT_SHOT, Outcome::DropHelperFailed);
     }
     // SAFETY: a plain helper call; it returns TC_ACT_REDIRECT or TC_ACT_SHOT.
-    let verdict = unsafe { bpf_redirect(entry.egress_ifindex, 0) } as i32;
+    let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;
     (verdict, Outcome::Redirected)
 }

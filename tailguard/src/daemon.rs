@@ -15,7 +15,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{error, info, warn};
 
 use crate::{
-    datapath::{Datapath, LoadOptions},
+    datapath::{Datapath, LoadOptions, pin},
     endpoints,
     firewall::Firewall,
     forwarding::{self, Facts},
@@ -209,7 +209,13 @@ impl Running {
     /// Loads the programs and attaches them to the WireGuard device; on
     /// failure nothing of them is left.
     async fn load_datapath(&mut self, settings: &Settings) -> Result<()> {
-        let mut datapath = Datapath::load(&LoadOptions::default()).context(LOAD_HINT)?;
+        let dir = pin::state_dir(&settings.bpf_dir, &settings.wg_device);
+        let nat_pin = pin::prepare(&dir).context("preparing the pinned connection state")?;
+        let options = LoadOptions {
+            nat_pin: Some(nat_pin),
+            ..LoadOptions::default()
+        };
+        let mut datapath = Datapath::load(&options).context(LOAD_HINT)?;
         datapath
             .attach(Device::WireGuard, &settings.wg_device, settings.tc_attach)
             .await

@@ -32,6 +32,9 @@ enum Command {
     /// Print the running daemon's status as JSON: health, and the
     /// forwarding plane's maps as the kernel holds them.
     Status,
+    /// Remove what a stopped (or killed) TailGuard leaves behind on purpose
+    /// or by accident: its pinned connection state and its nftables table.
+    Cleanup,
     /// Load the eBPF programs through the kernel verifier and list them with
     /// their instruction counts; attaches nothing.
     Programs,
@@ -52,6 +55,7 @@ async fn main() -> Result<()> {
         Command::Programs => programs(),
         Command::Health => health(&validated(cli.settings)?).await,
         Command::Status => status(&validated(cli.settings)?).await,
+        Command::Cleanup => cleanup(&validated(cli.settings)?).await,
     }
 }
 
@@ -83,6 +87,19 @@ async fn status(settings: &Settings) -> Result<()> {
         .await
         .map_err(anyhow::Error::msg)?;
     print!("{body}");
+    Ok(())
+}
+
+async fn cleanup(settings: &Settings) -> Result<()> {
+    let dir = tailguard::datapath::pin::state_dir(&settings.bpf_dir, &settings.wg_device);
+    if tailguard::datapath::pin::remove(&dir)? {
+        println!("removed the pinned connection state in {}", dir.display());
+    }
+    tailguard::firewall::Firewall::default().remove().await?;
+    println!(
+        "removed the nftables table inet {}",
+        tailguard::firewall::TABLE
+    );
     Ok(())
 }
 

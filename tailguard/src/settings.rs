@@ -171,6 +171,17 @@ pub struct SettingsArgs {
     #[arg(long, env = "TG_TC_ATTACH", value_name = "TG_TC_ATTACH", value_enum, default_value_t = TcAttach::Auto)]
     pub tc_attach: TcAttach,
 
+    /// Where the fast path's connection state is pinned (a directory per
+    /// WireGuard device), so flows survive a restart; on a bpffs, which is
+    /// mounted on /sys/fs/bpf when nothing is.
+    #[arg(
+        long,
+        env = "TG_BPF_DIR",
+        value_name = "TG_BPF_DIR",
+        default_value = "/sys/fs/bpf/tailguard"
+    )]
+    pub bpf_dir: PathBuf,
+
     /// `ebpf`: the TC/eBPF fast path between the two devices, with the
     /// nftables table for what it hands to the kernel; `netfilter`: the
     /// kernel forwards everything, with the nftables table alone.
@@ -235,6 +246,7 @@ pub struct Settings {
     pub ts_webclient: bool,
     pub tc_attach: AttachMode,
     pub datapath: DatapathMode,
+    pub bpf_dir: PathBuf,
 }
 
 /// A setting that is accepted but will not do what its value says.
@@ -307,6 +319,7 @@ impl SettingsArgs {
             ts_webclient: self.ts_webclient,
             tc_attach: self.tc_attach.into(),
             datapath: self.datapath,
+            bpf_dir: self.bpf_dir,
         };
         Ok((settings, warnings))
     }

@@ -335,3 +335,58 @@ pub fn send_datagram(socket: &UdpSocket, addr: &str, port: u16, size: usize) {
     let target = SocketAddr::new(addr.parse().expect("an address"), port);
     socket.send_to(&vec![0xa5; size], target).expect("sending");
 }
+
+/// A TCP server that echoes every line back, for connections that must
+/// last (across a restart of the daemon).
+pub struct Echo {
+    pub port: u16,
+    _thread: JoinHandle<()>,
+}
+
+impl Echo {
+    pub fn listen() -> Self {
+        let listener = TcpListener::bind("[::]:0").expect("binding the test server");
+        let port = listener.local_addr().unwrap().port();
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { break };
+                std::thread::spawn(move || {
+                    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                    let mut writer = stream;
+                    let mut line = String::new();
+                    while std::io::BufRead::read_line(&mut reader, &mut line).is_ok_and(|n| n > 0) {
+                        if writer.write_all(line.as_bytes()).is_err() {
+                            break;
+                        }
+                        line.clear();
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            _thread: thread,
+        }
+    }
+}
+
+/// One line sent on `stream` and read back (waiting up to 30 s, long
+/// enough for TCP to retransmit across a restart).
+pub fn echo_line(stream: &mut TcpStream, line: &str) -> Result<String, String> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while answer.last() != Some(&b'\n') {
+        let n = stream.read(&mut byte).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed".into());
+        }
+        answer.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&answer).trim_end().to_string())
+}

@@ -40,11 +40,13 @@ impl Daemon {
     /// `tailguard run` for a testbed's WireGuard device and configuration,
     /// with a resolver file of its own (never the host's), and `env` on top.
     pub fn start(bed: &Testbed, dir: &ConfigDir, env: &[(&str, &str)]) -> Self {
+        crate::ensure_bpffs();
         let mut cmd = Command::new(tailguard_bin());
         cmd.arg("run")
             .env("WG_DEVICE", &bed.device)
             .env("WG_CONFIG_DIR", &dir.0)
             .env("TG_RESOLV_CONF", dir.0.join("resolv.conf"))
+            .env("TG_BPF_DIR", dir.bpf_dir())
             .envs(env.iter().copied());
         Self::spawn(cmd)
     }

@@ -24,6 +24,27 @@ pub fn require_root() {
     );
 }
 
+/// Mounts bpffs on /sys/fs/bpf unless it is there (the daemon would, but
+/// parallel daemons must not each stack a mount of their own), once per
+/// test process.
+pub fn ensure_bpffs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mounted = std::process::Command::new("mountpoint")
+            .args(["-q", "/sys/fs/bpf"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            netns::run(std::process::Command::new("mount").args([
+                "-t",
+                "bpf",
+                "bpffs",
+                "/sys/fs/bpf",
+            ]));
+        }
+    });
+}
+
 /// The `tailguard` binary built beside this test (`target/<profile>/`).
 /// `cargo xtask test` builds it before the privileged tests run.
 pub fn tailguard_bin() -> std::path::PathBuf {

@@ -195,9 +195,19 @@ impl Testbed {
 /// A configuration directory, removed on drop.
 pub struct ConfigDir(pub std::path::PathBuf);
 
+impl ConfigDir {
+    /// The daemon's `TG_BPF_DIR` for this test: its pinned connection state
+    /// goes there (bpffs is shared by all namespaces), and with it on drop.
+    pub fn bpf_dir(&self) -> std::path::PathBuf {
+        let name = self.0.file_name().expect("a named directory");
+        std::path::Path::new("/sys/fs/bpf/tailguard-test").join(name)
+    }
+}
+
 impl Drop for ConfigDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(self.bpf_dir());
     }
 }
 

@@ -257,6 +257,7 @@ fn endpoint_host_names_are_resolved_again() {
             .env("WG_DEVICE", &bed.device)
             .env("WG_CONFIG_DIR", &dir.0)
             .env("TG_RESOLV_CONF", "")
+            .env("TG_BPF_DIR", dir.bpf_dir())
             .env("TG_ENDPOINT_REFRESH", "1");
         let mut daemon = Daemon::spawn(unshare);
         // Empty until the device exists.

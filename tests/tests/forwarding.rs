@@ -281,3 +281,61 @@ fn bulk_transfers_and_fragmented_datagrams_cross_both_mtus() {
         b.bed.ours.run(|| node.daemon.stop());
     }
 }
+
+/// An established TCP connection through the bridge survives a stop and a
+/// start of the daemon (with the eBPF datapath, through the pinned
+/// connection state; with netfilter, through the kernel's conntrack).
+#[test]
+fn an_established_connection_survives_a_restart() {
+    for datapath in DATAPATHS {
+        let b = Bridge::new(&format!("fwr-{datapath}"));
+        let echo = b.tailnet.run(Echo::listen);
+        let env = [("TG_DATAPATH", datapath)];
+        let node = b.bed.ours.run(|| start(&b, &env));
+        let mut stream = b.bed.theirs.run(|| {
+            let target = std::net::SocketAddr::new(TAILNET_PEER.parse().unwrap(), echo.port);
+            std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(3))
+                .expect("connecting through the bridge")
+        });
+        assert_eq!(echo_line(&mut stream, "before").as_deref(), Ok("before"));
+        b.bed.ours.run(|| node.daemon.stop());
+        let pinned = b.dir.bpf_dir().join(&b.bed.device).join("NAT");
+        assert_eq!(pinned.exists(), datapath == "ebpf", "{}", pinned.display());
+
+        let mut node = b.bed.ours.run(|| start(&b, &env));
+        let answer = echo_line(&mut stream, "after");
+        assert_eq!(
+            answer.as_deref(),
+            Ok("after"),
+            "{datapath}:\n{}",
+            node.daemon.log()
+        );
+        if datapath == "ebpf" {
+            b.bed.ours.run(|| {
+                node.daemon
+                    .wait_for("the pinned flow carrying the reply", |_| {
+                        counted("tailscale", "redirected") > 0
+                    });
+            });
+        }
+        b.bed.ours.run(|| {
+            node.daemon.stop();
+            // `tailguard cleanup` removes what stop leaves on purpose.
+            let out = Command::new(tailguard_bin())
+                .arg("cleanup")
+                .env("WG_DEVICE", &b.bed.device)
+                .env("TG_BPF_DIR", b.dir.bpf_dir())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        });
+        assert!(
+            !pinned.exists(),
+            "{datapath}: cleanup removes the pinned state"
+        );
+    }
+}

@@ -163,14 +163,9 @@ impl Out {
                 }
                 TransportHeader::Icmpv6(i) => assert_eq!(
                     i.checksum,
-                    Icmpv6Header::with_checksum(
-                        i.icmp_type.clone(),
-                        ip.source,
-                        ip.destination,
-                        payload
-                    )
-                    .unwrap()
-                    .checksum,
+                    Icmpv6Header::with_checksum(i.icmp_type, ip.source, ip.destination, payload)
+                        .unwrap()
+                        .checksum,
                     "ICMPv6"
                 ),
                 other => panic!("{other:?}"),
@@ -241,13 +236,17 @@ fn outcome_count(dp: &Datapath, device: Device, outcome: Outcome) -> u64 {
     dp.outcomes().unwrap().get(device, outcome).packets
 }
 
+/// Client, tailnet peer, the node's tailnet address, the first packet and
+/// the reply's kind.
+type Case = (IpAddr, IpAddr, IpAddr, fn() -> L4, fn() -> L4);
+
 /// wg -> ts, both families, UDP, TCP and echo: masqueraded to the node's
 /// tailnet address from the fast path's port range, TTL less one, and the
 /// reply translated back.
 #[test]
 fn wireguard_to_tailnet_is_masqueraded_and_replies_come_back() {
     let dp = datapath(false);
-    let cases: [(IpAddr, IpAddr, IpAddr, fn() -> L4, fn() -> L4); 6] = [
+    let cases: [Case; 6] = [
         (
             CLIENT4.into(),
             PEER4.into(),

@@ -5,6 +5,7 @@ mod attach;
 mod counters;
 mod maps;
 mod object;
+pub mod pin;
 
 pub use attach::{AttachMode, Backend};
 pub use counters::{Counters, Outcomes};

@@ -23,10 +23,13 @@ pub enum LinkLayer {
 }
 
 /// Settings fixed when the object is loaded.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
     pub wireguard: LinkLayer,
     pub tailscale: LinkLayer,
+    /// Where the connection-state map is pinned (reused if it is there);
+    /// `None`: an unpinned map that goes with the programs.
+    pub nat_pin: Option<std::path::PathBuf>,
 }
 
 impl LoadOptions {
@@ -35,6 +38,7 @@ impl LoadOptions {
         Self {
             wireguard: link_layer,
             tailscale: link_layer,
+            nat_pin: None,
         }
     }
 }
@@ -84,9 +88,14 @@ pub struct ProgramSummary {
 pub(super) fn load(options: &LoadOptions) -> Result<Ebpf, Error> {
     let flag = |layer: LinkLayer| u8::from(layer == LinkLayer::Ethernet);
     let (wg, ts) = (flag(options.wireguard), flag(options.tailscale));
-    let mut ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .override_global("WG_ETHERNET", &wg, true)
-        .override_global("TS_ETHERNET", &ts, true)
+        .override_global("TS_ETHERNET", &ts, true);
+    if let Some(pin) = &options.nat_pin {
+        loader.map_pin_path("NAT", pin.as_path());
+    }
+    let mut ebpf = loader
         .load(OBJECT)
         .map_err(|e| Error::Object(Box::new(e)))?;
     for program in Program::ALL {

@@ -1,0 +1,80 @@
+//! Where connection state outlives the daemon: the `NAT` map pinned on a
+//! bpffs (`TG_BPF_DIR/<WG_DEVICE>/NAT`), so established flows through the
+//! fast path survive a restart. A pin whose layout does not match this
+//! build's is discarded, with a warning, rather than misread.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::MapData;
+use tailguard_common::nat::{FlowKey, NAT_MAX_ENTRIES, NatEntry};
+use tracing::{info, warn};
+
+/// Where bpffs is normally mounted.
+const BPFFS: &str = "/sys/fs/bpf";
+/// `BPF_FS_MAGIC` from the kernel's `magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// `BPF_MAP_TYPE_LRU_HASH`.
+const LRU_HASH: u32 = 9;
+
+/// The directory of one TailGuard's pinned state.
+pub fn state_dir(base: &Path, wg_device: &str) -> PathBuf {
+    base.join(wg_device)
+}
+
+/// Makes `dir` ready for pins (mounting bpffs on /sys/fs/bpf when nothing
+/// is mounted there, as in many containers) and returns the path for the
+/// `NAT` pin, after discarding an incompatible one.
+pub fn prepare(dir: &Path) -> io::Result<PathBuf> {
+    if dir.starts_with(BPFFS) && !is_bpffs(Path::new(BPFFS)) {
+        nix::mount::mount(
+            Some("bpffs"),
+            BPFFS,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| io::Error::other(format!("mounting bpffs on {BPFFS}: {e}")))?;
+        info!(path = BPFFS, "mounted bpffs for pinned connection state");
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
+    let pin = dir.join("NAT");
+    if pin.exists() && !compatible(&pin) {
+        warn!(
+            pin = %pin.display(),
+            "connection state from an incompatible TailGuard version: discarded (its flows start over)"
+        );
+        std::fs::remove_file(&pin)?;
+    }
+    Ok(pin)
+}
+
+/// Removes the pinned state of one TailGuard (`tailguard cleanup`).
+pub fn remove(dir: &Path) -> io::Result<bool> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("removing {}: {e}", dir.display()),
+        )),
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+/// The pinned map has this build's type, key, value and size.
+fn compatible(pin: &Path) -> bool {
+    let Ok(info) = MapData::from_pin(pin).and_then(|m| m.info()) else {
+        return false;
+    };
+    info.map_type().ok().map(|t| t as u32) == Some(LRU_HASH)
+        && info.key_size() as usize == size_of::<FlowKey>()
+        && info.value_size() as usize == size_of::<NatEntry>()
+        && info.max_entries() == NAT_MAX_ENTRIES
+}
