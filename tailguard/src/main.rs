@@ -32,6 +32,10 @@ enum Command {
     /// Print the running daemon's status as JSON: health, and the
     /// forwarding plane's maps as the kernel holds them.
     Status,
+    /// Print the fast path's counters (packets and bytes per device and
+    /// outcome: redirected, handed to the kernel and why, dropped and why)
+    /// and how full its connection table is.
+    Stats,
     /// Remove what a stopped (or killed) TailGuard leaves behind on purpose
     /// or by accident: its pinned connection state and its nftables table.
     Cleanup,
@@ -56,6 +60,7 @@ async fn main() -> Result<()> {
         Command::Health => health(&validated(cli.settings)?).await,
         Command::Status => status(&validated(cli.settings)?).await,
         Command::Cleanup => cleanup(&validated(cli.settings)?).await,
+        Command::Stats => stats(&validated(cli.settings)?).await,
     }
 }
 
@@ -87,6 +92,42 @@ async fn status(settings: &Settings) -> Result<()> {
         .await
         .map_err(anyhow::Error::msg)?;
     print!("{body}");
+    Ok(())
+}
+
+async fn stats(settings: &Settings) -> Result<()> {
+    let dir = tailguard::datapath::pin::state_dir(&settings.bpf_dir, &settings.wg_device);
+    match tailguard::datapath::pin::occupancy(&dir)? {
+        Some(o) => println!(
+            "connection table: {} entries, {} live, of {} (two per flow)",
+            o.entries,
+            o.live,
+            tailguard_common::nat::NAT_MAX_ENTRIES
+        ),
+        None => println!("connection table: none pinned in {}", dir.display()),
+    }
+    let (_, body) = tailguard::health::get(settings.health_addr, "/status")
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let status: serde_json::Value = serde_json::from_str(&body)?;
+    println!(
+        "datapath: {}",
+        status["datapath"].as_str().unwrap_or("unknown")
+    );
+    println!(
+        "{:<10} {:<24} {:>12} {:>14}",
+        "device", "outcome", "packets", "bytes"
+    );
+    if let Some(devices) = status["counters"].as_object() {
+        for (device, outcomes) in devices {
+            for (outcome, c) in outcomes.as_object().into_iter().flatten() {
+                println!(
+                    "{device:<10} {outcome:<24} {:>12} {:>14}",
+                    c["packets"], c["bytes"]
+                );
+            }
+        }
+    }
     Ok(())
 }
 

@@ -291,13 +291,34 @@ fn an_established_connection_survives_a_restart() {
         let b = Bridge::new(&format!("fwr-{datapath}"));
         let echo = b.tailnet.run(Echo::listen);
         let env = [("TG_DATAPATH", datapath)];
-        let node = b.bed.ours.run(|| start(&b, &env));
+        let mut node = b.bed.ours.run(|| start(&b, &env));
         let mut stream = b.bed.theirs.run(|| {
             let target = std::net::SocketAddr::new(TAILNET_PEER.parse().unwrap(), echo.port);
             std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(3))
                 .expect("connecting through the bridge")
         });
         assert_eq!(echo_line(&mut stream, "before").as_deref(), Ok("before"));
+        if datapath == "ebpf" {
+            // `tailguard stats`: the flow's two entries, live, and the
+            // counters (which the daemon publishes each second).
+            let stats = || {
+                let out = Command::new(tailguard_bin())
+                    .arg("stats")
+                    .env("WG_DEVICE", &b.bed.device)
+                    .env("TG_BPF_DIR", b.dir.bpf_dir())
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            b.bed.ours.run(|| {
+                node.daemon.wait_for("the flow in tailguard stats", |_| {
+                    let s = stats();
+                    s.contains("connection table: 2 entries, 2 live")
+                        && s.contains("wireguard  redirected")
+                        && s.contains("tailscale  redirected")
+                })
+            });
+        }
         b.bed.ours.run(|| node.daemon.stop());
         let pinned = b.dir.bpf_dir().join(&b.bed.device).join("NAT");
         assert_eq!(pinned.exists(), datapath == "ebpf", "{}", pinned.display());

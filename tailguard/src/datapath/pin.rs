@@ -78,3 +78,39 @@ fn compatible(pin: &Path) -> bool {
         && info.value_size() as usize == size_of::<NatEntry>()
         && info.max_entries() == NAT_MAX_ENTRIES
 }
+
+/// How full the pinned connection state is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Entries in the map (two per flow: one per direction).
+    pub entries: usize,
+    /// Of those, the ones not yet idle past their timeout.
+    pub live: usize,
+}
+
+/// Counts the entries of the pinned `NAT` map in `dir`; `None` when there
+/// is none (netfilter datapath, or never started).
+pub fn occupancy(dir: &Path) -> io::Result<Option<Occupancy>> {
+    use aya::maps::{HashMap, Map};
+    use tailguard_common::nat::timeout_ns;
+
+    let pin = dir.join("NAT");
+    if !pin.exists() {
+        return Ok(None);
+    }
+    let data = MapData::from_pin(&pin).map_err(io::Error::other)?;
+    let map: HashMap<MapData, FlowKey, NatEntry> =
+        HashMap::try_from(Map::LruHashMap(data)).map_err(io::Error::other)?;
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .map_err(io::Error::other)?;
+    let mut counted = Occupancy::default();
+    for item in map.iter() {
+        let (key, entry) = item.map_err(io::Error::other)?;
+        counted.entries += 1;
+        if now.saturating_sub(entry.last_seen) <= timeout_ns(key.proto, entry.state) {
+            counted.live += 1;
+        }
+    }
+    Ok(Some(counted))
+}
