@@ -151,6 +151,11 @@ impl Bridge {
     /// Starts TailGuard (from the calling thread, which must be in the
     /// node's namespace) with the stand-in logged in, and `env` on top.
     pub fn start(&self, env: &[(&str, &str)]) -> WithStandIn {
+        self.start_via(&[], env)
+    }
+
+    /// [`Bridge::start`] through a wrapper command (see [`Daemon::start_via`]).
+    pub fn start_via(&self, wrapper: &[&str], env: &[(&str, &str)]) -> WithStandIn {
         let mut all = vec![
             ("TS_AUTHKEY", "tskey-bridge"),
             ("STANDIN_WG_PRIVATE_KEY", self.node_keys.private.as_str()),
@@ -163,7 +168,7 @@ impl Bridge {
             ),
         ];
         all.extend_from_slice(env);
-        Daemon::with_standin(&self.bed, &self.dir, &all)
+        Daemon::with_standin_via(wrapper, &self.bed, &self.dir, &all)
     }
 }
 

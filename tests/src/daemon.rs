@@ -40,8 +40,27 @@ impl Daemon {
     /// `tailguard run` for a testbed's WireGuard device and configuration,
     /// with a resolver file of its own (never the host's), and `env` on top.
     pub fn start(bed: &Testbed, dir: &ConfigDir, env: &[(&str, &str)]) -> Self {
+        Self::start_via(&[], bed, dir, env)
+    }
+
+    /// [`Daemon::start`] through `wrapper` (a command and its arguments, to
+    /// which the daemon's command line is appended), e.g. to drop privileges.
+    pub fn start_via(
+        wrapper: &[&str],
+        bed: &Testbed,
+        dir: &ConfigDir,
+        env: &[(&str, &str)],
+    ) -> Self {
         crate::ensure_bpffs();
-        let mut cmd = Command::new(tailguard_bin());
+        let daemon = tailguard_bin();
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(daemon);
+                cmd
+            }
+            None => Command::new(daemon),
+        };
         cmd.arg("run")
             .env("WG_DEVICE", &bed.device)
             .env("WG_CONFIG_DIR", &dir.0)
@@ -54,6 +73,16 @@ impl Daemon {
     /// [`Daemon::start`] with the Tailscale stand-in as its tailscaled: its
     /// LocalAPI socket in `dir`, its device uniquely named.
     pub fn with_standin(bed: &Testbed, dir: &ConfigDir, env: &[(&str, &str)]) -> WithStandIn {
+        Self::with_standin_via(&[], bed, dir, env)
+    }
+
+    /// [`Daemon::with_standin`] through a wrapper (see [`Daemon::start_via`]).
+    pub fn with_standin_via(
+        wrapper: &[&str],
+        bed: &Testbed,
+        dir: &ConfigDir,
+        env: &[(&str, &str)],
+    ) -> WithStandIn {
         let socket = dir.0.join("tailscaled.sock");
         let ts_device = crate::netns::unique_ifname("ts");
         let standin = crate::standin_bin().display().to_string();
@@ -67,7 +96,7 @@ impl Daemon {
         ];
         all.extend_from_slice(env);
         WithStandIn {
-            daemon: Self::start(bed, dir, &all),
+            daemon: Self::start_via(wrapper, bed, dir, &all),
             socket,
             ts_device,
         }

@@ -360,3 +360,31 @@ fn an_established_connection_survives_a_restart() {
         );
     }
 }
+
+/// When the programs cannot be loaded (here: no CAP_BPF or CAP_SYS_ADMIN),
+/// the daemon says so loudly and forwards with the netfilter datapath: the
+/// same policy, the same results.
+#[test]
+fn without_the_fast_path_it_falls_back_to_netfilter() {
+    let b = Bridge::new("fwf");
+    let tn4 = b.tailnet.run(|| WhoAmI::listen(false));
+    let mut node = b.bed.ours.run(|| {
+        let wrapper = [
+            "setpriv",
+            "--inh-caps=-bpf,-sys_admin",
+            "--bounding-set=-bpf,-sys_admin",
+        ];
+        b.start_via(&wrapper, &[])
+    });
+    b.bed
+        .ours
+        .run(|| node.daemon.wait_for("health", |_| healthy()));
+    let log = node.daemon.log();
+    assert!(log.contains("THE eBPF FAST PATH IS OFF"), "{log}");
+    let seen = b.bed.theirs.run(|| who_am_i(TAILNET_PEER, tn4.port));
+    assert_eq!(seen.as_deref(), Ok(NODE_TS), "{}", node.daemon.log());
+    b.bed.ours.run(|| {
+        assert_eq!(status()["datapath"], "netfilter");
+        node.daemon.stop()
+    });
+}
