@@ -146,10 +146,13 @@ pub fn create(p: &Packet, s: &mut Scratch, allocate: bool, sides: &Sides, now: u
             } else {
                 s.reply.dport = port;
             }
-            if NAT
+            // Free, or held by a flow that has gone idle past its timeout
+            // (the LRU has not evicted it yet): ours.
+            let free = NAT
                 .insert(&s.reply, &s.back, u64::from(BPF_NOEXIST))
                 .is_ok()
-            {
+                || (lookup(&s.reply, now).is_none() && NAT.insert(&s.reply, &s.back, 0).is_ok());
+            if free {
                 sport = port;
                 found = true;
                 break;

@@ -13,7 +13,11 @@ use etherparse::{
 };
 use ipnet::IpNet;
 use tailguard::datapath::{Datapath, LinkLayer, LoadOptions, Routes};
-use tailguard_common::{Config, Device, Direction, Outcome, Route, config::flag};
+use tailguard_common::{
+    Config, Device, Direction, Outcome, Route,
+    config::flag,
+    nat::{FlowKey, NAT_PORT_FIRST, NatEntry},
+};
 use tailguard_tests::{
     packets::{MAC_A, MAC_B},
     require_root,
@@ -446,4 +450,96 @@ fn the_rest_goes_to_the_kernel_or_is_dropped() {
             "{what}: counted as {outcome:?}"
         );
     }
+}
+
+/// The reply key a masqueraded UDP flow from anywhere to PEER4:443 would
+/// get with `port`.
+fn reply_key(port: u16) -> FlowKey {
+    let mut key = FlowKey {
+        sport: 443u16.to_be(),
+        dport: port.to_be(),
+        proto: 17,
+        ingress: Device::Tailscale as u8,
+        family: 4,
+        ..FlowKey::default()
+    };
+    key.src[..4].copy_from_slice(&PEER4.octets());
+    key.dst[..4].copy_from_slice(&TS4.octets());
+    key
+}
+
+/// Ports taken by live flows (here: inserted by hand) are never handed out
+/// again; the port of a flow idle past its timeout is.
+#[test]
+fn translation_ports_never_collide_and_idle_ones_are_reused() {
+    let mut dp = datapath(false);
+    let live = NatEntry {
+        last_seen: u64::MAX / 2,
+        ..NatEntry::default()
+    };
+    {
+        let mut nat = dp.nat().unwrap();
+        for port in (NAT_PORT_FIRST..=u16::MAX).step_by(2) {
+            nat.insert(&reply_key(port), &live, 0).unwrap();
+        }
+    }
+    for i in 0..40u16 {
+        let input = frame(CLIENT4.into(), PEER4.into(), 30000 + i, 443, L4::Udp, 64);
+        let out = run(&dp, Device::WireGuard, &input);
+        assert_eq!(out.verdict, REDIRECT, "flow {i}");
+        let (port, _) = out.ports();
+        assert!(
+            port >= NAT_PORT_FIRST && (port - NAT_PORT_FIRST) % 2 == 1,
+            "flow {i} got a taken port {port}"
+        );
+    }
+    // Every port held by a flow that went idle long ago (last seen at
+    // boot): their ports are handed out again, to the new flow's reply.
+    {
+        let mut nat = dp.nat().unwrap();
+        for port in NAT_PORT_FIRST..=u16::MAX {
+            nat.insert(&reply_key(port), &NatEntry::default(), 0)
+                .unwrap();
+        }
+    }
+    let out = run(
+        &dp,
+        Device::WireGuard,
+        &frame(CLIENT4.into(), PEER4.into(), 31001, 443, L4::Udp, 64),
+    );
+    assert_eq!(out.verdict, REDIRECT, "an idle flow's port is free again");
+    let reply = dp.nat().unwrap().get(&reply_key(out.ports().0), 0).unwrap();
+    assert_eq!(
+        reply.dst[..4],
+        CLIENT4.octets(),
+        "the port's reply now leads to the new flow"
+    );
+}
+
+/// With every port held by a live flow, a new flow is left to the kernel.
+#[test]
+fn a_full_range_of_live_flows_leaves_new_ones_to_the_kernel() {
+    let mut dp = datapath(false);
+    let live = NatEntry {
+        last_seen: u64::MAX / 2,
+        ..NatEntry::default()
+    };
+    {
+        let mut nat = dp.nat().unwrap();
+        for port in NAT_PORT_FIRST..=u16::MAX {
+            nat.insert(&reply_key(port), &live, 0).unwrap();
+        }
+    }
+    let before = outcome_count(&dp, Device::WireGuard, Outcome::KernelNoPort);
+    let input = frame(CLIENT4.into(), PEER4.into(), 31000, 443, L4::Udp, 64);
+    let out = run(&dp, Device::WireGuard, &input);
+    assert_eq!(
+        (out.verdict, &out.frame),
+        (CONTINUE, &input),
+        "no port left: the kernel's"
+    );
+    assert_eq!(
+        outcome_count(&dp, Device::WireGuard, Outcome::KernelNoPort),
+        before + 1
+    );
 }

@@ -13,7 +13,10 @@ pub use maps::Routes;
 pub use object::{LinkLayer, LoadOptions, Program};
 
 use aya::{Ebpf, programs::SchedClassifier};
-use tailguard_common::{Config, Device, Direction};
+use tailguard_common::{
+    Config, Device, Direction,
+    nat::{FlowKey, NatEntry},
+};
 
 /// The loaded programs and everything they are attached to. Dropping it
 /// detaches the programs; [`Datapath::detach`] also removes any clsact qdisc
@@ -103,6 +106,13 @@ impl Datapath {
     /// The route tries as the kernel holds them.
     pub fn routes(&self) -> Result<Routes, Error> {
         maps::read_routes(&self.ebpf)
+    }
+
+    /// The connection-state map, to read (or, in tests, to fill).
+    pub fn nat(
+        &mut self,
+    ) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, FlowKey, NatEntry>, Error> {
+        maps::nat(&mut self.ebpf)
     }
 
     /// Detaches every program and removes the clsact qdiscs this datapath
