@@ -34,10 +34,13 @@ pub enum Outcome {
     DropIsolated = 9,
     /// Dropped: a rewrite or redirect helper failed.
     DropHelperFailed = 10,
+    /// An ICMP error about a flow of ours, translated back (quote and all)
+    /// and redirected to the flow's sender.
+    ErrorTranslated = 11,
 }
 
 impl Outcome {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::Redirected,
@@ -51,6 +54,7 @@ impl Outcome {
         Self::KernelNoPort,
         Self::DropIsolated,
         Self::DropHelperFailed,
+        Self::ErrorTranslated,
     ];
 
     /// The index of (`device`, `self`) in `OUTCOMES`.
@@ -71,6 +75,7 @@ impl Outcome {
             Self::KernelNoPort => "kernel:no-port",
             Self::DropIsolated => "drop:isolated-peers",
             Self::DropHelperFailed => "drop:helper-failed",
+            Self::ErrorTranslated => "icmp-error-translated",
         }
     }
 }

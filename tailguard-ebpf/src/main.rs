@@ -11,6 +11,7 @@
 
 mod config;
 mod counters;
+mod icmp;
 mod link_layer;
 mod nat;
 mod packet;

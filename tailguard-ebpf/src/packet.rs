@@ -146,9 +146,4 @@ impl Packet {
             self.len <= mtu
         }
     }
-
-    /// The address size of the family.
-    pub fn addr_len(&self) -> usize {
-        if self.ipv6 { 16 } else { 4 }
-    }
 }

@@ -13,11 +13,12 @@ use aya_ebpf::{
 use tailguard_common::{
     Config, Device, Outcome, Route,
     config::flag,
-    nat::{NatEntry, state},
+    nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, NatEntry, state},
 };
 
 use crate::{
     config::{config, route_v4, route_v6},
+    icmp::{self, IcmpError},
     link_layer::has_ethernet,
     nat::{self, Scratch, Sides},
     packet::{Packet, TCP_FIN, TCP_RST},
@@ -43,7 +44,10 @@ fn decide(ctx: &TcContext, device: Device) -> (i32, Outcome) {
     };
     let l3 = if has_ethernet(device) { 14 } else { 0 };
     let Some(mut p) = Packet::read(ctx, l3) else {
-        return kernel(Outcome::KernelNotHandled);
+        // An ICMP error about a flow of ours is translated back; anything
+        // else unusual is the kernel's.
+        return icmp::translate(ctx, cfg, device, l3)
+            .unwrap_or_else(|| kernel(Outcome::KernelNotHandled));
     };
     let Some(s) = nat::scratch() else {
         return kernel(Outcome::KernelNotConfigured);
@@ -315,4 +319,33 @@ fn send(ctx: &TcContext, cfg: &Config, p: &mut Packet, entry: &NatEntry) -> (i32
     // SAFETY: a plain helper call; it returns TC_ACT_REDIRECT or TC_ACT_SHOT.
     let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;
     (verdict, Outcome::Redirected)
+}
+
+/// Sends a translated ICMP error (see `icmp`) the way its flow's replies go.
+#[inline(always)]
+pub fn send_error(
+    ctx: &TcContext,
+    cfg: &Config,
+    mut e: IcmpError,
+    entry: &NatEntry,
+) -> (i32, Outcome) {
+    let (ifindex, mtu) = device(cfg, entry.egress);
+    if ifindex == 0 {
+        return kernel(Outcome::KernelNoRoute);
+    }
+    if e.ttl <= 1 {
+        return kernel(Outcome::KernelTtl);
+    }
+    if e.len > mtu {
+        return kernel(Outcome::KernelTooBig);
+    }
+    let proto = if e.ipv6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
+    let rewritten = icmp::rewrite_error(ctx, &mut e, entry)
+        .and_then(|()| rewrite::decrement_ttl_at(ctx, e.l3, e.ipv6, e.ttl, proto));
+    if rewritten.is_err() {
+        return (TC_ACT_SHOT, Outcome::DropHelperFailed);
+    }
+    // SAFETY: a plain helper call; it returns TC_ACT_REDIRECT or TC_ACT_SHOT.
+    let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;
+    (verdict, Outcome::ErrorTranslated)
 }

@@ -9,7 +9,10 @@ use aya_ebpf::{
 };
 use tailguard_common::nat::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, mss_for};
 
-use crate::packet::{Packet, TCP_SYN};
+use crate::{
+    icmp::IcmpError,
+    packet::{Packet, TCP_SYN},
+};
 
 /// A helper refused: the packet can no longer be trusted and is dropped.
 pub struct Failed;
@@ -32,14 +35,10 @@ fn l4_checksum(p: &Packet) -> (usize, u64) {
     }
 }
 
-/// Replaces the source (`source` true) or destination address.
+/// The checksum difference of replacing `old` by `new` (the first `n`
+/// bytes: 4 or 16).
 #[inline(always)]
-pub fn set_addr(ctx: &TcContext, p: &mut Packet, source: bool, new: &[u8; 16]) -> Result {
-    let old = if source { p.src } else { p.dst };
-    if old == *new {
-        return Ok(());
-    }
-    let n = p.addr_len();
+fn addr_diff(old: &[u8; 16], new: &[u8; 16], n: usize) -> core::result::Result<u64, Failed> {
     let mut from = [0u32; 4];
     let mut to = [0u32; 4];
     for i in 0..4 {
@@ -49,32 +48,136 @@ pub fn set_addr(ctx: &TcContext, p: &mut Packet, source: bool, new: &[u8; 16]) -
     // SAFETY: both buffers are on our stack and `n` bytes long (4 or 16).
     let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), n as u32, to.as_mut_ptr(), n as u32, 0) };
     if diff < 0 {
-        return Err(Failed);
+        Err(Failed)
+    } else {
+        Ok(diff as u64)
     }
-    let diff = diff as u64;
-    let (l4_sum, l4_flags) = l4_checksum(p);
+}
+
+/// Where an IP header starting at `l3` keeps its source or destination.
+fn addr_offset(l3: usize, ipv6: bool, source: bool) -> usize {
+    match (ipv6, source) {
+        (false, true) => l3 + 12,
+        (false, false) => l3 + 16,
+        (true, true) => l3 + 8,
+        (true, false) => l3 + 24,
+    }
+}
+
+/// Writes `new` over the address at `offset` (4 or 16 bytes).
+#[inline(always)]
+fn store_addr(ctx: &TcContext, offset: usize, ipv6: bool, new: &[u8; 16]) -> Result {
+    if ipv6 {
+        ok(ctx.store(offset, new, 0))
+    } else {
+        ok(ctx.store(offset, &[new[0], new[1], new[2], new[3]], 0))
+    }
+}
+
+/// Replaces an address of the IP header at `l3`, updating the IPv4 header
+/// checksum and, at `l4_sum` with `l4_flags`, the transport checksum when
+/// it covers the address (`BPF_F_PSEUDO_HDR` in the flags).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn replace_addr(
+    ctx: &TcContext,
+    l3: usize,
+    ipv6: bool,
+    source: bool,
+    old: &[u8; 16],
+    new: &[u8; 16],
+    l4_sum: usize,
+    l4_flags: u64,
+) -> Result {
+    let diff = addr_diff(old, new, if ipv6 { 16 } else { 4 })?;
     if l4_flags & u64::from(BPF_F_PSEUDO_HDR) != 0 {
         ok(ctx.l4_csum_replace(l4_sum, 0, diff, l4_flags))?;
     }
-    let offset = match (p.ipv6, source) {
-        (false, true) => p.l3 + 12,
-        (false, false) => p.l3 + 16,
-        (true, true) => p.l3 + 8,
-        (true, false) => p.l3 + 24,
-    };
-    if p.ipv6 {
-        ok(ctx.store(offset, new, 0))?;
-    } else {
-        let four = [new[0], new[1], new[2], new[3]];
-        ok(ctx.l3_csum_replace(p.l3 + 10, 0, diff, 0))?;
-        ok(ctx.store(offset, &four, 0))?;
+    if !ipv6 {
+        ok(ctx.l3_csum_replace(l3 + 10, 0, diff, 0))?;
     }
+    store_addr(ctx, addr_offset(l3, ipv6, source), ipv6, new)
+}
+
+/// Replaces the source (`source` true) or destination address.
+#[inline(always)]
+pub fn set_addr(ctx: &TcContext, p: &mut Packet, source: bool, new: &[u8; 16]) -> Result {
+    let old = if source { p.src } else { p.dst };
+    if old == *new {
+        return Ok(());
+    }
+    let (l4_sum, l4_flags) = l4_checksum(p);
+    replace_addr(ctx, p.l3, p.ipv6, source, &old, new, l4_sum, l4_flags)?;
     if source {
         p.src = *new;
     } else {
         p.dst = *new;
     }
     Ok(())
+}
+
+/// Replaces an address of an ICMP error's outer header (ICMPv6's checksum
+/// covers it through the pseudo header, ICMPv4's does not).
+#[inline(always)]
+pub fn set_outer_addr(ctx: &TcContext, e: &mut IcmpError, source: bool, new: &[u8; 16]) -> Result {
+    let old = if source { e.src } else { e.dst };
+    if old == *new {
+        return Ok(());
+    }
+    let flags = if e.ipv6 {
+        u64::from(BPF_F_PSEUDO_HDR)
+    } else {
+        0
+    };
+    replace_addr(ctx, e.l3, e.ipv6, source, &old, new, e.l4 + 2, flags)?;
+    if source {
+        e.src = *new;
+    } else {
+        e.dst = *new;
+    }
+    Ok(())
+}
+
+/// Replaces an address of the packet an ICMP error quotes (its IP header at
+/// `inner_l3`; the ICMP checksum at `icmp_sum`). For IPv4 the quoted header
+/// checksum is updated with it, which leaves the ICMP checksum's sum over
+/// that header unchanged; ICMPv6 checksums the address itself.
+#[inline(always)]
+pub fn set_quoted_addr(
+    ctx: &TcContext,
+    icmp_sum: usize,
+    inner_l3: usize,
+    ipv6: bool,
+    source: bool,
+    old: &[u8; 16],
+    new: &[u8; 16],
+) -> Result {
+    if old == new {
+        return Ok(());
+    }
+    let diff = addr_diff(old, new, if ipv6 { 16 } else { 4 })?;
+    if ipv6 {
+        ok(ctx.l4_csum_replace(icmp_sum, 0, diff, 0))?;
+    } else {
+        ok(ctx.l3_csum_replace(inner_l3 + 10, 0, diff, 0))?;
+    }
+    store_addr(ctx, addr_offset(inner_l3, ipv6, source), ipv6, new)
+}
+
+/// Replaces a port (or echo identifier) of the quoted packet at `offset`.
+#[inline(always)]
+pub fn set_quoted_port(
+    ctx: &TcContext,
+    icmp_sum: usize,
+    offset: usize,
+    old: u16,
+    new: u16,
+) -> Result {
+    if old == new {
+        return Ok(());
+    }
+    ok(ctx.l4_csum_replace(icmp_sum, u64::from(old), u64::from(new), 2))?;
+    ok(ctx.store(offset, &new, 0))
 }
 
 /// Replaces the source (`source` true) or destination port; for ICMP echo
@@ -107,18 +210,24 @@ pub fn set_port(ctx: &TcContext, p: &mut Packet, source: bool, new: u16) -> Resu
 /// Takes one from the TTL / hop limit (the caller has checked it is > 1).
 #[inline(always)]
 pub fn decrement_ttl(ctx: &TcContext, p: &mut Packet) -> Result {
-    let ttl = p.ttl - 1;
-    if p.ipv6 {
-        ok(ctx.store(p.l3 + 7, &ttl, 0))?;
+    decrement_ttl_at(ctx, p.l3, p.ipv6, p.ttl, p.proto)?;
+    p.ttl -= 1;
+    Ok(())
+}
+
+/// Takes one from the TTL / hop limit `ttl` of the IP header at `l3`.
+#[inline(always)]
+pub fn decrement_ttl_at(ctx: &TcContext, l3: usize, ipv6: bool, ttl: u8, proto: u8) -> Result {
+    let new_ttl = ttl - 1;
+    if ipv6 {
+        ok(ctx.store(l3 + 7, &new_ttl, 0))
     } else {
         // The checksum covers TTL and protocol as one 16-bit word.
-        let old = u16::from_be_bytes([p.ttl, p.proto]).to_be();
-        let new = u16::from_be_bytes([ttl, p.proto]).to_be();
-        ok(ctx.l3_csum_replace(p.l3 + 10, u64::from(old), u64::from(new), 2))?;
-        ok(ctx.store(p.l3 + 8, &ttl, 0))?;
+        let old = u16::from_be_bytes([ttl, proto]).to_be();
+        let new = u16::from_be_bytes([new_ttl, proto]).to_be();
+        ok(ctx.l3_csum_replace(l3 + 10, u64::from(old), u64::from(new), 2))?;
+        ok(ctx.store(l3 + 8, &new_ttl, 0))
     }
-    p.ttl = ttl;
-    Ok(())
 }
 
 /// Lowers the MSS option of a SYN (or SYN-ACK) so segments fit `mtu`.

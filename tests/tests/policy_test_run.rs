@@ -543,3 +543,114 @@ fn a_full_range_of_live_flows_leaves_new_ones_to_the_kernel() {
         before + 1
     );
 }
+
+/// The IP packet (header and first 8 bytes after it) an ICMP error quotes.
+fn quote(frame: &[u8], ipv6: bool) -> Vec<u8> {
+    let header = if ipv6 { 40 } else { 20 };
+    frame[14..14 + header + 8].to_vec()
+}
+
+/// An ICMP error sent from `from` to `to`: IPv4 "fragmentation needed"
+/// (next-hop MTU 1000) or IPv6 "packet too big" (MTU 1200), quoting `quoted`.
+fn icmp_error(from: IpAddr, to: IpAddr, quoted: &[u8]) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(MAC_A, MAC_B);
+    let mut out = Vec::new();
+    match (from, to) {
+        (IpAddr::V4(f), IpAddr::V4(t)) => eth
+            .ipv4(f.octets(), t.octets(), 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1000,
+                },
+            ))
+            .write(&mut out, quoted),
+        (IpAddr::V6(f), IpAddr::V6(t)) => eth
+            .ipv6(f.octets(), t.octets(), 64)
+            .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1200 })
+            .write(&mut out, quoted),
+        _ => panic!("mixed families"),
+    }
+    .unwrap();
+    out
+}
+
+/// The quoted packet in an ICMP error frame: addresses, ports, and for IPv4
+/// whether its header checksum is valid.
+fn quoted(frame: &[u8], ipv6: bool) -> (IpAddr, IpAddr, u16, u16, bool) {
+    let header = if ipv6 { 40 } else { 20 };
+    let q = &frame[14 + header + 8..];
+    let ports = |at: usize| {
+        (
+            u16::from_be_bytes([q[at], q[at + 1]]),
+            u16::from_be_bytes([q[at + 2], q[at + 3]]),
+        )
+    };
+    if ipv6 {
+        let ip = etherparse::Ipv6Header::from_slice(q).unwrap().0;
+        let (s, d) = ports(40);
+        (ip.source.into(), ip.destination.into(), s, d, true)
+    } else {
+        let ip = etherparse::Ipv4Header::from_slice(q).unwrap().0;
+        let (s, d) = ports(20);
+        let valid = ip.header_checksum == ip.calc_header_checksum();
+        (ip.source.into(), ip.destination.into(), s, d, valid)
+    }
+}
+
+/// A router on the tailnet side says a masqueraded packet was too big: the
+/// error is translated back, quote and all, and sent to the WireGuard
+/// client, with valid checksums (outer, ICMP, quoted IPv4 header).
+#[test]
+fn icmp_errors_about_our_flows_are_translated_back() {
+    let dp = datapath(false);
+    let cases: [(IpAddr, IpAddr, IpAddr, IpAddr); 2] = [
+        (
+            CLIENT4.into(),
+            PEER4.into(),
+            TS4.into(),
+            Ipv4Addr::new(100, 64, 0, 50).into(),
+        ),
+        (
+            v6("fd66::7").into(),
+            v6("fd7a:115c:a1e0::9").into(),
+            v6("fd7a:115c:a1e0::1").into(),
+            v6("fd7a:115c:a1e0::50").into(),
+        ),
+    ];
+    for (client, peer, own, router) in cases {
+        let ipv6 = client.is_ipv6();
+        let out = run(
+            &dp,
+            Device::WireGuard,
+            &frame(client, peer, 40000, 443, L4::Udp, 64),
+        );
+        assert_eq!(out.verdict, REDIRECT);
+        let (nat_port, _) = out.ports();
+        let error = icmp_error(router, own, &quote(&out.frame, ipv6));
+        let back = run(&dp, Device::Tailscale, &error);
+        assert_eq!(
+            back.verdict, REDIRECT,
+            "{router}: the error goes to the client"
+        );
+        back.assert_checksums();
+        assert_eq!(back.ip(), (router, client, 63), "outer header");
+        let (src, dst, sport, dport, header_valid) = quoted(&back.frame, ipv6);
+        assert_eq!(
+            (src, dst, sport, dport),
+            (client, peer, 40000, 443),
+            "the quote, as the client sent it"
+        );
+        assert!(header_valid, "quoted IPv4 header checksum");
+        assert_ne!(nat_port, 40000);
+        assert!(outcome_count(&dp, Device::Tailscale, Outcome::ErrorTranslated) > 0);
+    }
+    // An error about a flow that is not ours is the kernel's.
+    let stranger = frame(CLIENT4.into(), PEER4.into(), 9, 9, L4::Udp, 64);
+    let error = icmp_error(
+        Ipv4Addr::new(100, 64, 0, 50).into(),
+        TS4.into(),
+        &quote(&stranger, false),
+    );
+    let out = run(&dp, Device::Tailscale, &error);
+    assert_eq!((out.verdict, &out.frame), (CONTINUE, &error));
+}

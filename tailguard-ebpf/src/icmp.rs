@@ -1,0 +1,224 @@
+//! ICMP errors about flows the fast path owns (destination unreachable,
+//! fragmentation needed / packet too big, time exceeded, parameter problem):
+//! the packet they quote is one we translated, so the error is translated
+//! back, quote and all, and sent to whoever sent the original. That is what
+//! makes path-MTU discovery work across the 1420/1280-byte MTUs.
+
+use aya_ebpf::programs::TcContext;
+use tailguard_common::{
+    Config, Device, Outcome,
+    nat::{FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
+};
+
+use crate::{
+    nat,
+    packet::{ECHO_REQUEST_V4, ECHO_REQUEST_V6},
+    rewrite::{self, Failed},
+};
+
+/// The outer packet's fields that change, and where the quote starts.
+pub struct IcmpError {
+    pub ipv6: bool,
+    pub l3: usize,
+    /// Where the ICMP header starts (its checksum is at +2).
+    pub l4: usize,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub ttl: u8,
+    pub len: u32,
+    /// The quoted packet: its IP header, transport header, protocol.
+    pub inner_l3: usize,
+    pub inner_l4: usize,
+    pub inner_proto: u8,
+    pub inner_src: [u8; 16],
+    pub inner_dst: [u8; 16],
+    /// Ports, or the echo identifier in `inner_sport` (and 0).
+    pub inner_sport: u16,
+    pub inner_dport: u16,
+}
+
+fn is_error(ipv6: bool, icmp_type: u8) -> bool {
+    if ipv6 {
+        // Destination unreachable, packet too big, time exceeded, parameter problem.
+        (1..=4).contains(&icmp_type)
+    } else {
+        icmp_type == 3 || icmp_type == 11 || icmp_type == 12
+    }
+}
+
+impl IcmpError {
+    /// Reads an ICMP error and the header it quotes; `None` for anything else.
+    #[inline(always)]
+    pub fn read(ctx: &TcContext, l3: usize) -> Option<Self> {
+        let first: u8 = ctx.load(l3).ok()?;
+        let ipv6 = first >> 4 == 6;
+        let mut e = Self {
+            ipv6,
+            l3,
+            l4: 0,
+            src: [0; 16],
+            dst: [0; 16],
+            ttl: 0,
+            len: ctx.len().checked_sub(l3 as u32)?,
+            inner_l3: 0,
+            inner_l4: 0,
+            inner_proto: 0,
+            inner_src: [0; 16],
+            inner_dst: [0; 16],
+            inner_sport: 0,
+            inner_dport: 0,
+        };
+        if ipv6 {
+            if ctx.load::<u8>(l3 + 6).ok()? != IPPROTO_ICMPV6 {
+                return None;
+            }
+            e.l4 = l3 + 40;
+            e.ttl = ctx.load(l3 + 7).ok()?;
+            e.src = ctx.load(l3 + 8).ok()?;
+            e.dst = ctx.load(l3 + 24).ok()?;
+        } else {
+            if first >> 4 != 4 || ctx.load::<u8>(l3 + 9).ok()? != IPPROTO_ICMP {
+                return None;
+            }
+            let frag: u16 = ctx.load(l3 + 6).ok()?;
+            if u16::from_be(frag) & 0x3fff != 0 {
+                return None;
+            }
+            e.l4 = l3 + usize::from(first & 0x0f) * 4;
+            e.ttl = ctx.load(l3 + 8).ok()?;
+            let s: [u8; 4] = ctx.load(l3 + 12).ok()?;
+            let d: [u8; 4] = ctx.load(l3 + 16).ok()?;
+            e.src[..4].copy_from_slice(&s);
+            e.dst[..4].copy_from_slice(&d);
+        }
+        if !is_error(ipv6, ctx.load(e.l4).ok()?) {
+            return None;
+        }
+        // The quote: the same family, its header and the first 8 bytes after.
+        e.inner_l3 = e.l4 + 8;
+        let inner_first: u8 = ctx.load(e.inner_l3).ok()?;
+        if ipv6 {
+            if inner_first >> 4 != 6 {
+                return None;
+            }
+            e.inner_proto = ctx.load(e.inner_l3 + 6).ok()?;
+            e.inner_l4 = e.inner_l3 + 40;
+            e.inner_src = ctx.load(e.inner_l3 + 8).ok()?;
+            e.inner_dst = ctx.load(e.inner_l3 + 24).ok()?;
+        } else {
+            if inner_first >> 4 != 4 {
+                return None;
+            }
+            e.inner_proto = ctx.load(e.inner_l3 + 9).ok()?;
+            e.inner_l4 = e.inner_l3 + usize::from(inner_first & 0x0f) * 4;
+            let s: [u8; 4] = ctx.load(e.inner_l3 + 12).ok()?;
+            let d: [u8; 4] = ctx.load(e.inner_l3 + 16).ok()?;
+            e.inner_src[..4].copy_from_slice(&s);
+            e.inner_dst[..4].copy_from_slice(&d);
+        }
+        match e.inner_proto {
+            IPPROTO_TCP | IPPROTO_UDP => {
+                e.inner_sport = ctx.load(e.inner_l4).ok()?;
+                e.inner_dport = ctx.load(e.inner_l4 + 2).ok()?;
+            }
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+                let t: u8 = ctx.load(e.inner_l4).ok()?;
+                if t != ECHO_REQUEST_V4 && t != ECHO_REQUEST_V6 {
+                    return None;
+                }
+                e.inner_sport = ctx.load(e.inner_l4 + 4).ok()?;
+            }
+            _ => return None,
+        }
+        Some(e)
+    }
+
+    fn inner_icmp(&self) -> bool {
+        self.inner_proto == IPPROTO_ICMP || self.inner_proto == IPPROTO_ICMPV6
+    }
+
+    /// The quoted packet left us; its reply would arrive with this key,
+    /// and the reply's entry says how to turn it back.
+    #[inline(always)]
+    pub fn reply_key(&self, device: Device) -> FlowKey {
+        let icmp = self.inner_icmp();
+        FlowKey {
+            src: self.inner_dst,
+            dst: self.inner_src,
+            sport: if icmp {
+                self.inner_sport
+            } else {
+                self.inner_dport
+            },
+            dport: if icmp { 0 } else { self.inner_sport },
+            proto: self.inner_proto,
+            ingress: device as u8,
+            family: if self.ipv6 { 6 } else { 4 },
+            _pad: 0,
+        }
+    }
+}
+
+/// Translates an ICMP error about one of our flows and redirects it, or
+/// `None` when it is not one (the kernel has it then).
+#[inline(always)]
+pub fn translate(
+    ctx: &TcContext,
+    cfg: &Config,
+    device: Device,
+    l3: usize,
+) -> Option<(i32, Outcome)> {
+    let e = IcmpError::read(ctx, l3)?;
+    let s = nat::scratch()?;
+    s.key = e.reply_key(device);
+    let entry = nat::lookup(&s.key, nat::now())?;
+    // SAFETY: from the map lookup, valid for this program run.
+    let entry = unsafe { &*entry };
+    Some(crate::policy::send_error(ctx, cfg, e, entry))
+}
+
+/// Rewrites the error as `entry` (the flow's reply entry) says: the quote
+/// becomes the packet its sender sent, the error goes to that sender, and an
+/// error from the flow's far end itself comes from the address the sender
+/// talked to.
+#[inline(always)]
+pub fn rewrite_error(
+    ctx: &TcContext,
+    e: &mut IcmpError,
+    entry: &tailguard_common::nat::NatEntry,
+) -> Result<(), Failed> {
+    let csum = e.l4 + 2;
+    let icmp = e.inner_icmp();
+    // The quote: source back to the original sender, destination back to
+    // what it addressed, ports likewise.
+    rewrite::set_quoted_addr(
+        ctx,
+        csum,
+        e.inner_l3,
+        e.ipv6,
+        true,
+        &e.inner_src,
+        &entry.dst,
+    )?;
+    rewrite::set_quoted_addr(
+        ctx,
+        csum,
+        e.inner_l3,
+        e.ipv6,
+        false,
+        &e.inner_dst,
+        &entry.src,
+    )?;
+    if icmp {
+        rewrite::set_quoted_port(ctx, csum, e.inner_l4 + 4, e.inner_sport, entry.sport)?;
+    } else {
+        rewrite::set_quoted_port(ctx, csum, e.inner_l4, e.inner_sport, entry.dport)?;
+        rewrite::set_quoted_port(ctx, csum, e.inner_l4 + 2, e.inner_dport, entry.sport)?;
+    }
+    // The outer header.
+    let from_far_end = e.src == e.inner_dst;
+    let new_src = if from_far_end { entry.src } else { e.src };
+    rewrite::set_outer_addr(ctx, e, true, &new_src)?;
+    rewrite::set_outer_addr(ctx, e, false, &entry.dst)?;
+    Ok(())
+}
