@@ -20,8 +20,8 @@ pub enum Outcome {
     KernelNotOurFlow = 3,
     /// Handed to the kernel: addressed to the host itself (input policy).
     KernelLocal = 4,
-    /// Handed to the kernel: no route of ours leads there (its policy drops
-    /// what may not be forwarded).
+    /// Handed to the kernel: the device its route needs is not there yet
+    /// (the Tailscale device before tailscaled made it, or no own address).
     KernelNoRoute = 5,
     /// Handed to the kernel: the TTL / hop limit would expire, so it answers.
     KernelTtl = 6,
@@ -37,10 +37,13 @@ pub enum Outcome {
     /// An ICMP error about a flow of ours, translated back (quote and all)
     /// and redirected to the flow's sender.
     ErrorTranslated = 11,
+    /// Dropped: bound for neither side nor the host (the uplink, the
+    /// internet), which the policy does not forward.
+    DropNoRoute = 12,
 }
 
 impl Outcome {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::Redirected,
@@ -55,6 +58,7 @@ impl Outcome {
         Self::DropIsolated,
         Self::DropHelperFailed,
         Self::ErrorTranslated,
+        Self::DropNoRoute,
     ];
 
     /// The index of (`device`, `self`) in `OUTCOMES`.
@@ -76,6 +80,7 @@ impl Outcome {
             Self::DropIsolated => "drop:isolated-peers",
             Self::DropHelperFailed => "drop:helper-failed",
             Self::ErrorTranslated => "icmp-error-translated",
+            Self::DropNoRoute => "drop:not-forwarded",
         }
     }
 }

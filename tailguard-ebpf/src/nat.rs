@@ -1,7 +1,7 @@
 //! The connection-state map and the outcome counters.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, bpf_fib_lookup},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
     macros::map,
     maps::{LruHashMap, PerCpuArray},
@@ -31,6 +31,8 @@ pub struct Scratch {
     pub reply: FlowKey,
     pub back: NatEntry,
     pub entry: NatEntry,
+    /// The kernel's FIB lookup for destinations outside our routes.
+    pub fib: bpf_fib_lookup,
 }
 
 #[map]

@@ -6,8 +6,13 @@
 //! addresses live in the per-CPU scratch space, not in locals.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_redirect,
+    EbpfContext as _,
+    bindings::{
+        __sk_buff, BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LKUP_RET_UNREACHABLE, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect},
     programs::TcContext,
 };
 use tailguard_common::{
@@ -209,7 +214,7 @@ fn from_wireguard(
             send(ctx, cfg, p, &s.entry)
         }
         // nft: the forward chain's policy drops the rest (wg -> uplink).
-        _ => kernel(Outcome::KernelNoRoute),
+        _ => elsewhere(ctx, p, s),
     }
 }
 
@@ -237,8 +242,67 @@ fn from_tailscale(
             to_wireguard(ctx, cfg, p, s, now)
         }
         // nft: the forward chain's policy drops ts -> anything but wg.
-        _ => kernel(Outcome::KernelNoRoute),
+        _ => elsewhere(ctx, p, s),
     }
+}
+
+/// A destination outside our routes: the host's own (another address of
+/// it, e.g. on the uplink) goes to the kernel's input policy; anything the
+/// kernel would forward (the uplink, the internet) is dropped, as the
+/// forward chain's policy would. The kernel's FIB says which, and only
+/// these packets pay for asking it.
+#[inline(always)]
+fn elsewhere(ctx: &TcContext, p: &Packet, s: &mut Scratch) -> (i32, Outcome) {
+    let f = &mut s.fib;
+    // SAFETY: an all-zero `bpf_fib_lookup` is valid (plain integers).
+    *f = unsafe { core::mem::zeroed() };
+    // SAFETY: the context points at the kernel's `__sk_buff` for this run.
+    f.ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
+    f.__bindgen_anon_1.tot_len = p.len as u16;
+    let word = |a: &[u8; 16], i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    if p.ipv6 {
+        f.family = 10; // AF_INET6
+        f.__bindgen_anon_3.ipv6_src = [
+            word(&p.src, 0),
+            word(&p.src, 4),
+            word(&p.src, 8),
+            word(&p.src, 12),
+        ];
+        f.__bindgen_anon_4.ipv6_dst = [
+            word(&p.dst, 0),
+            word(&p.dst, 4),
+            word(&p.dst, 8),
+            word(&p.dst, 12),
+        ];
+    } else {
+        f.family = 2; // AF_INET
+        f.__bindgen_anon_3.ipv4_src = word(&p.src, 0);
+        f.__bindgen_anon_4.ipv4_dst = word(&p.dst, 0);
+    }
+    // SAFETY: `f` is a whole `bpf_fib_lookup` in map memory.
+    let ret = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            f as *mut bpf_fib_lookup,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    // Forwardable (success, no neighbour yet, needs fragmenting) or refused
+    // by a route (blackhole, unreachable, prohibit): not ours to forward.
+    // Anything else (local, forwarding off, an error): the kernel decides.
+    let forwardable = [
+        BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LKUP_RET_BLACKHOLE,
+        BPF_FIB_LKUP_RET_UNREACHABLE,
+        BPF_FIB_LKUP_RET_PROHIBIT,
+        BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED,
+    ];
+    if ret >= 0 && forwardable.contains(&(ret as u32)) {
+        return (TC_ACT_SHOT, Outcome::DropNoRoute);
+    }
+    kernel(Outcome::KernelLocal)
 }
 
 /// ts -> wg (to `s.dst`): source-NATed to the node's WireGuard address

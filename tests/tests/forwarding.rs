@@ -137,7 +137,7 @@ fn forwarding_rows_nat_and_dest_ip() {
         assert!(refused.is_err(), "{}", ctx("ts -> host must be dropped"));
 
         b.bed.ours.run(|| {
-            assert_path(&mut node, datapath, None);
+            assert_path(&mut node, datapath, Some("drop:not-forwarded"));
             let table = run(Command::new("nft").args(["list", "table", "inet", "tailguard"]));
             assert!(table.contains("policy drop"), "{table}");
             node.daemon.stop();

@@ -375,81 +375,101 @@ fn dest_ip_translation_both_families() {
     }
 }
 
-/// What the fast path leaves to the kernel, or drops.
+/// What the fast path leaves to the kernel, or drops. Run in a namespace
+/// of its own with an uplink (198.51.100.1/24, default route) and
+/// forwarding on, since the fast path asks the kernel's FIB about
+/// destinations outside its routes.
 #[test]
 fn the_rest_goes_to_the_kernel_or_is_dropped() {
-    let dp = datapath(true);
-    let cases: [(&str, Device, Vec<u8>, u32, Outcome); 6] = [
-        (
-            "wg -> wg, isolated",
-            Device::WireGuard,
-            frame(CLIENT4.into(), DEST4.into(), 1, 2, L4::Udp, 64),
-            SHOT,
-            Outcome::DropIsolated,
-        ),
-        (
-            "TTL 1",
-            Device::WireGuard,
-            frame(CLIENT4.into(), PEER4.into(), 1, 2, L4::Udp, 1),
-            CONTINUE,
-            Outcome::KernelTtl,
-        ),
-        (
-            "to the host",
-            Device::WireGuard,
-            frame(CLIENT4.into(), WG4.into(), 1, 2, L4::Udp, 64),
-            CONTINUE,
-            Outcome::KernelLocal,
-        ),
-        (
-            "wg -> uplink",
-            Device::WireGuard,
-            frame(
-                CLIENT4.into(),
-                Ipv4Addr::new(8, 8, 8, 8).into(),
-                1,
-                2,
-                L4::Udp,
-                64,
-            ),
-            CONTINUE,
-            Outcome::KernelNoRoute,
-        ),
-        (
-            "ts -> uplink",
-            Device::Tailscale,
-            frame(
-                PEER4.into(),
-                Ipv4Addr::new(8, 8, 8, 8).into(),
-                1,
-                2,
-                L4::Udp,
-                64,
-            ),
-            CONTINUE,
-            Outcome::KernelNoRoute,
-        ),
-        (
-            "TCP not from its start",
-            Device::WireGuard,
-            frame(CLIENT4.into(), PEER4.into(), 1, 2, L4::Ack, 64),
-            CONTINUE,
-            Outcome::KernelNotOurFlow,
-        ),
-    ];
-    for (what, device, input, verdict, outcome) in cases {
-        let before = outcome_count(&dp, device, outcome);
-        let out = run(&dp, device, &input);
-        assert_eq!(out.verdict, verdict, "{what}");
-        if verdict == CONTINUE {
-            assert_eq!(out.frame, input, "{what}: the kernel gets it unchanged");
+    require_root();
+    let ns = tailguard_tests::netns::NetNs::new("policy-rest");
+    ns.run(|| {
+        for args in [
+            "link set lo up",
+            "link add up0 type veth peer name up1",
+            "link set up1 up",
+            "link set up0 up",
+            "addr add 198.51.100.1/24 dev up0",
+            "route add default via 198.51.100.254",
+        ] {
+            tailguard_tests::netns::run(std::process::Command::new("ip").args(args.split(' ')));
         }
-        assert_eq!(
-            outcome_count(&dp, device, outcome),
-            before + 1,
-            "{what}: counted as {outcome:?}"
-        );
-    }
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+        let dp = datapath(true);
+        let uplink = Ipv4Addr::new(8, 8, 8, 8);
+        let host = Ipv4Addr::new(198, 51, 100, 1);
+        let cases: [(&str, Device, Vec<u8>, u32, Outcome); 8] = [
+            (
+                "wg -> wg, isolated",
+                Device::WireGuard,
+                frame(CLIENT4.into(), DEST4.into(), 1, 2, L4::Udp, 64),
+                SHOT,
+                Outcome::DropIsolated,
+            ),
+            (
+                "TTL 1",
+                Device::WireGuard,
+                frame(CLIENT4.into(), PEER4.into(), 1, 2, L4::Udp, 1),
+                CONTINUE,
+                Outcome::KernelTtl,
+            ),
+            (
+                "to the host's WireGuard address",
+                Device::WireGuard,
+                frame(CLIENT4.into(), WG4.into(), 1, 2, L4::Udp, 64),
+                CONTINUE,
+                Outcome::KernelLocal,
+            ),
+            (
+                "to the host's uplink address",
+                Device::WireGuard,
+                frame(CLIENT4.into(), host.into(), 1, 2, L4::Udp, 64),
+                CONTINUE,
+                Outcome::KernelLocal,
+            ),
+            (
+                "wg -> uplink",
+                Device::WireGuard,
+                frame(CLIENT4.into(), uplink.into(), 1, 2, L4::Udp, 64),
+                SHOT,
+                Outcome::DropNoRoute,
+            ),
+            (
+                "ts -> uplink",
+                Device::Tailscale,
+                frame(PEER4.into(), uplink.into(), 1, 2, L4::Udp, 64),
+                SHOT,
+                Outcome::DropNoRoute,
+            ),
+            (
+                "ts -> the host's uplink address",
+                Device::Tailscale,
+                frame(PEER4.into(), host.into(), 1, 2, L4::Udp, 64),
+                CONTINUE,
+                Outcome::KernelLocal,
+            ),
+            (
+                "TCP not from its start",
+                Device::WireGuard,
+                frame(CLIENT4.into(), PEER4.into(), 1, 2, L4::Ack, 64),
+                CONTINUE,
+                Outcome::KernelNotOurFlow,
+            ),
+        ];
+        for (what, device, input, verdict, outcome) in cases {
+            let before = outcome_count(&dp, device, outcome);
+            let out = run(&dp, device, &input);
+            assert_eq!(out.verdict, verdict, "{what}");
+            if verdict == CONTINUE {
+                assert_eq!(out.frame, input, "{what}: the kernel gets it unchanged");
+            }
+            assert_eq!(
+                outcome_count(&dp, device, outcome),
+                before + 1,
+                "{what}: counted as {outcome:?}"
+            );
+        }
+    });
 }
 
 /// The reply key a masqueraded UDP flow from anywhere to PEER4:443 would
