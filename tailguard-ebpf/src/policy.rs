@@ -12,6 +12,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS,
         BPF_FIB_LKUP_RET_UNREACHABLE, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup,
     },
+    cty::c_void,
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::TcContext,
 };
@@ -380,9 +381,7 @@ fn send(ctx: &TcContext, cfg: &Config, p: &mut Packet, entry: &NatEntry) -> (i32
     if rewritten.is_err() {
         return (TC_ACT_SHOT, Outcome::DropHelperFailed);
     }
-    // SAFETY: a plain helper call; it returns TC_ACT_REDIRECT or TC_ACT_SHOT.
-    let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;
-    (verdict, Outcome::Redirected)
+    (redirect(entry.egress, ifindex), Outcome::Redirected)
 }
 
 /// Sends a translated ICMP error (see `icmp`) the way its flow's replies go.
@@ -409,7 +408,32 @@ pub fn send_error(
     if rewritten.is_err() {
         return (TC_ACT_SHOT, Outcome::DropHelperFailed);
     }
-    // SAFETY: a plain helper call; it returns TC_ACT_REDIRECT or TC_ACT_SHOT.
-    let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;
-    (verdict, Outcome::ErrorTranslated)
+    (redirect(entry.egress, ifindex), Outcome::ErrorTranslated)
+}
+
+/// Sends the packet out of `ifindex`, the device of role `egress`. On L3
+/// devices it goes as it is; on Ethernet devices (veth) the kernel fills in
+/// the link-layer addresses of the next hop (`bpf_redirect_neigh`, which
+/// aya-ebpf does not wrap yet: helper 152, as the kernel's UAPI numbers it).
+/// Returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the helper refused.
+#[inline(always)]
+fn redirect(egress: u32, ifindex: u32) -> i32 {
+    let role = if egress == Device::Tailscale as u32 {
+        Device::Tailscale
+    } else {
+        Device::WireGuard
+    };
+    if has_ethernet(role) {
+        // SAFETY: helper 152 is `long bpf_redirect_neigh(u32 ifindex, struct
+        // bpf_redir_neigh *params, int plen, u64 flags)`; no params means
+        // "look the next hop up".
+        unsafe {
+            let redirect_neigh: unsafe extern "C" fn(u32, *mut c_void, i32, u64) -> i64 =
+                core::mem::transmute(152usize);
+            redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+        }
+    } else {
+        // SAFETY: a plain helper call.
+        unsafe { bpf_redirect(ifindex, 0) as i32 }
+    }
 }

@@ -1,0 +1,81 @@
+//! The fast path on Ethernet devices (veth), as the benchmarks use it: a
+//! client and a server namespace joined through a router namespace whose two
+//! veth ends carry the programs in the WireGuard and Tailscale roles. The
+//! router's kernel does not forward at all, so whatever arrives came through
+//! the programs, with the next hop's MAC filled in by the kernel.
+
+use std::process::Command;
+
+use tailguard::datapath::{AttachMode, Datapath, LinkLayer, LoadOptions, Routes};
+use tailguard_common::{Config, Device, Outcome, Route, config::flag};
+use tailguard_tests::{
+    bridge::{WhoAmI, who_am_i},
+    netns::{NetNs, run, veth},
+    require_root,
+};
+
+#[test]
+fn the_fast_path_forwards_and_masquerades_between_veth_links() {
+    require_root();
+    let client = NetNs::new("eth-client");
+    let router = NetNs::new("eth-router");
+    let server = NetNs::new("eth-server");
+    let (_, wg_side) = veth(&client, "10.1.0.2/24", &router, "10.1.0.1/24");
+    let (ts_side, _) = veth(&router, "100.64.0.1/10", &server, "100.64.0.9/10");
+    client
+        .run(|| run(Command::new("ip").args(["route", "add", "100.64.0.0/10", "via", "10.1.0.1"])));
+    router.run(|| {
+        assert_eq!(
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+                .unwrap()
+                .trim(),
+            "0",
+            "the router's kernel must not forward: only the programs may"
+        );
+    });
+    let server_app = server.run(|| WhoAmI::listen(false));
+
+    router.run(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut dp =
+            Datapath::load(&LoadOptions::uniform(LinkLayer::Ethernet)).expect("loading programs");
+        for (device, ifname) in [(Device::WireGuard, &wg_side), (Device::Tailscale, &ts_side)] {
+            runtime
+                .block_on(dp.attach(device, ifname, AttachMode::Auto))
+                .expect("attach");
+        }
+        let index = |name: &str| nix::net::if_::if_nametoindex(name).unwrap();
+        let mut c = Config {
+            wg_ifindex: index(&wg_side),
+            ts_ifindex: index(&ts_side),
+            wg_mtu: 1500,
+            ts_mtu: 1500,
+            ..Config::default()
+        };
+        c.set_ts(Some("100.64.0.1".parse().unwrap()), None);
+        c.set_wg(Some("10.1.0.1".parse().unwrap()), None);
+        c.set(flag::SNAT_TO_WG, true);
+        dp.write_config(&c).unwrap();
+        let mut routes = Routes::new();
+        routes.insert("10.1.0.0/24".parse().unwrap(), Route::WIREGUARD);
+        routes.insert("100.64.0.0/10".parse().unwrap(), Route::TAILSCALE);
+        dp.sync_routes(&routes).unwrap();
+
+        let seen = client.run(|| who_am_i("100.64.0.9", server_app.port));
+        assert_eq!(
+            seen.as_deref(),
+            Ok("100.64.0.1"),
+            "masqueraded by the programs"
+        );
+        let outcomes = dp.outcomes().unwrap();
+        assert!(outcomes.get(Device::WireGuard, Outcome::Redirected).packets > 0);
+        assert!(outcomes.get(Device::Tailscale, Outcome::Redirected).packets > 0);
+        runtime
+            .block_on(dp.detach())
+            .map_err(|e| format!("{e:?}"))
+            .unwrap();
+    });
+}
