@@ -296,3 +296,43 @@ fn endpoint_host_names_are_resolved_again() {
         );
     });
 }
+
+/// Connection state pinned by an incompatible version (here: a map of
+/// another layout made with bpftool) is discarded with a warning, and the
+/// daemon pins its own in its place.
+#[test]
+fn an_incompatible_pinned_state_is_discarded_and_said() {
+    let bed = Testbed::new("daemon-pin");
+    let dir = bed.config_dir(&bed.config("", "10.66.0.1/32"));
+    let state = dir.bpf_dir().join(&bed.device);
+    let pin = state.join("NAT");
+    bed.ours.run(|| {
+        tailguard_tests::ensure_bpffs();
+        std::fs::create_dir_all(&state).unwrap();
+        let pin_text = pin.display().to_string();
+        run(Command::new("bpftool").args([
+            "map", "create", &pin_text, "type", "hash", "key", "4", "value", "4", "entries", "8",
+            "name", "NAT",
+        ]));
+        let mut daemon = Daemon::start(&bed, &dir, &[("TS_DEVICE", TS)]);
+        daemon.wait_for("attaching to WireGuard", |_| {
+            attached_programs(&bed.device).len() == 2
+        });
+        let log = daemon.stop();
+        assert!(
+            log.contains("incompatible TailGuard version: discarded"),
+            "{log}"
+        );
+        let shown = run(Command::new("bpftool").args(["-j", "map", "show", "pinned", &pin_text]));
+        let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        assert_eq!(
+            (&shown["type"], &shown["bytes_key"], &shown["bytes_value"]),
+            (
+                &serde_json::json!("lru_hash"),
+                &serde_json::json!(40),
+                &serde_json::json!(56)
+            ),
+            "the daemon's own map is pinned now: {shown}"
+        );
+    });
+}

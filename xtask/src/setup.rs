@@ -22,6 +22,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "0"),
     ("ethtool", "0"),
     ("procps", "0"),
+    // Tests make foreign pinned maps with it (the daemon must discard them).
+    ("bpftool", "0"),
 ];
 const BACKPORTS_PACKAGES: &[&str] = &["wireguard-go", "wireguard-tools"];
 const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/tailguard-bookworm-backports.sources";
