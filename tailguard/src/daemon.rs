@@ -21,11 +21,11 @@ use crate::{
     forwarding::{self, Facts},
     gro::GroSetup,
     health::{self, Health},
-    ip_forwarding::IpForwarding,
     netlink::Netlink,
     plan::Plan,
     resolver::ResolverSetup,
     settings::{DatapathMode, Settings},
+    sysctls::Sysctls,
     tailscale::supervisor::{Supervisor, TailscaleState},
     wg_setup::WgSetup,
     wgconf::WgConfig,
@@ -65,7 +65,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         resolver: None,
         datapath: None,
         firewall: None,
-        ip_forwarding: None,
+        sysctls: None,
         facts: None,
         supervisor: None,
         tasks: Vec::new(),
@@ -93,7 +93,7 @@ struct Running {
     /// `None` with the netfilter datapath (chosen, or fallen back to).
     datapath: Option<Datapath>,
     firewall: Option<Firewall>,
-    ip_forwarding: Option<IpForwarding>,
+    sysctls: Option<Sysctls>,
     /// What the maps and the table were last made from.
     facts: Option<Facts>,
 }
@@ -113,7 +113,7 @@ impl Running {
             .await?;
         let firewall = self.firewall.insert(Firewall::default());
         firewall.apply(&forwarding::firewall(plan, &facts)).await?;
-        self.ip_forwarding = Some(IpForwarding::enable().context("turning on IP forwarding")?);
+        self.sysctls = Some(Sysctls::apply().context("setting the kernel's switches")?);
         Ok(())
     }
 
@@ -343,8 +343,8 @@ impl Running {
                 errors.extend(e.iter().map(ToString::to_string));
             }
         }
-        if let Some(forwarding) = self.ip_forwarding.take()
-            && let Err(e) = forwarding.restore()
+        if let Some(sysctls) = self.sysctls.take()
+            && let Err(e) = sysctls.restore()
         {
             errors.push(e.to_string());
         }

@@ -140,6 +140,13 @@ fn forwarding_rows_nat_and_dest_ip() {
             assert_path(&mut node, datapath, Some("drop:not-forwarded"));
             let table = run(Command::new("nft").args(["list", "table", "inet", "tailguard"]));
             assert!(table.contains("policy drop"), "{table}");
+            let reserved = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+            let ports = std::fs::read_to_string(reserved).unwrap();
+            assert_eq!(
+                ports.trim(),
+                "61000-65535",
+                "the fast path's ports reserved"
+            );
             node.daemon.stop();
             let tables = run(Command::new("nft").args(["list", "tables"]));
             assert!(
@@ -148,6 +155,8 @@ fn forwarding_rows_nat_and_dest_ip() {
             );
             let forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
             assert_eq!(forwarding.trim(), "0", "{datapath}: IP forwarding restored");
+            let ports = std::fs::read_to_string(reserved).unwrap();
+            assert_eq!(ports.trim(), "", "{datapath}: reserved ports restored");
         });
     }
 }

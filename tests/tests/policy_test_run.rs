@@ -375,6 +375,41 @@ fn dest_ip_translation_both_families() {
     }
 }
 
+/// ts -> wg (a WireGuard-side host, not the node): source-NATed to the
+/// node's WireGuard address, both families, and the reply comes back.
+#[test]
+fn tailnet_to_wireguard_is_source_natted() {
+    let dp = datapath(false);
+    let cases: [(IpAddr, IpAddr, IpAddr); 2] = [
+        (PEER4.into(), CLIENT4.into(), WG4.into()),
+        (
+            v6("fd7a:115c:a1e0::9").into(),
+            v6("fd66::7").into(),
+            v6("fd66::2").into(),
+        ),
+    ];
+    for (peer, host, own_wg) in cases {
+        let out = run(
+            &dp,
+            Device::Tailscale,
+            &frame(peer, host, 5000, 22, L4::Syn(1240), 64),
+        );
+        assert_eq!(out.verdict, REDIRECT);
+        out.assert_checksums();
+        assert_eq!(out.ip(), (own_wg, host, 63));
+        let (nat_port, dport) = out.ports();
+        assert!(nat_port >= 61000 && dport == 22);
+        let back = run(
+            &dp,
+            Device::WireGuard,
+            &frame(host, own_wg, 22, nat_port, L4::Ack, 64),
+        );
+        assert_eq!(back.verdict, REDIRECT);
+        back.assert_checksums();
+        assert_eq!((back.ip(), back.ports()), ((host, peer, 63), (22, 5000)));
+    }
+}
+
 /// What the fast path leaves to the kernel, or drops. Run in a namespace
 /// of its own with an uplink (198.51.100.1/24, default route) and
 /// forwarding on, since the fast path asks the kernel's FIB about
@@ -391,14 +426,83 @@ fn the_rest_goes_to_the_kernel_or_is_dropped() {
             "link set up0 up",
             "addr add 198.51.100.1/24 dev up0",
             "route add default via 198.51.100.254",
+            "-6 addr add 2001:db8::1/64 dev up0 nodad",
+            "-6 route add default via 2001:db8::fe",
         ] {
             tailguard_tests::netns::run(std::process::Command::new("ip").args(args.split(' ')));
         }
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").unwrap();
         let dp = datapath(true);
         let uplink = Ipv4Addr::new(8, 8, 8, 8);
         let host = Ipv4Addr::new(198, 51, 100, 1);
-        let cases: [(&str, Device, Vec<u8>, u32, Outcome); 8] = [
+        let client6: IpAddr = v6("fd66::7").into();
+        let peer6: IpAddr = v6("fd7a:115c:a1e0::9").into();
+        let uplink6: IpAddr = v6("2001:4860::8888").into();
+        let cases: [(&str, Device, Vec<u8>, u32, Outcome); 17] = [
+            (
+                "wg -> uplink, IPv6",
+                Device::WireGuard,
+                frame(client6, uplink6, 1, 2, L4::Udp, 64),
+                SHOT,
+                Outcome::DropNoRoute,
+            ),
+            (
+                "ts -> uplink, IPv6",
+                Device::Tailscale,
+                frame(peer6, uplink6, 1, 2, L4::Udp, 64),
+                SHOT,
+                Outcome::DropNoRoute,
+            ),
+            (
+                "to the host's uplink address, IPv6",
+                Device::WireGuard,
+                frame(client6, v6("2001:db8::1").into(), 1, 2, L4::Udp, 64),
+                CONTINUE,
+                Outcome::KernelLocal,
+            ),
+            (
+                "wg -> wg, isolated, IPv6",
+                Device::WireGuard,
+                frame(client6, v6("fd66::1").into(), 1, 2, L4::Udp, 64),
+                SHOT,
+                Outcome::DropIsolated,
+            ),
+            (
+                "hop limit 1",
+                Device::WireGuard,
+                frame(client6, peer6, 1, 2, L4::Udp, 1),
+                CONTINUE,
+                Outcome::KernelTtl,
+            ),
+            (
+                "to the host's WireGuard address, IPv6",
+                Device::WireGuard,
+                frame(client6, v6("fd66::2").into(), 1, 2, L4::Udp, 64),
+                CONTINUE,
+                Outcome::KernelLocal,
+            ),
+            (
+                "ts -> the host's WireGuard address, IPv6",
+                Device::Tailscale,
+                frame(peer6, v6("fd66::2").into(), 1, 2, L4::Udp, 64),
+                CONTINUE,
+                Outcome::KernelLocal,
+            ),
+            (
+                "TCP not from its start, IPv6",
+                Device::WireGuard,
+                frame(client6, peer6, 1, 2, L4::Ack, 64),
+                CONTINUE,
+                Outcome::KernelNotOurFlow,
+            ),
+            (
+                "echo reply that answers nothing of ours",
+                Device::Tailscale,
+                frame(PEER4.into(), TS4.into(), 77, 77, L4::Echo(true), 64),
+                CONTINUE,
+                Outcome::KernelNotOurFlow,
+            ),
             (
                 "wg -> wg, isolated",
                 Device::WireGuard,
