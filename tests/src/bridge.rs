@@ -9,8 +9,8 @@
 //!                              uplink 10.201.0.1 --veth-- internet 10.201.0.2
 //! ```
 //!
-//! The second WireGuard peer (10.66.0.3, fd66::3) is a client of TailGuard,
-//! for traffic between WireGuard peers.
+//! The second WireGuard peer (10.66.0.3, fd66::3) is a client of TailGuard
+//! that routes the tailnet ranges to it, as in the reference's simple bridge.
 //!
 //! The WireGuard side routes the tailnet ranges to TailGuard (the reference's
 //! "simple bridge"); the tailnet peer routes the WireGuard side's networks
@@ -41,6 +41,7 @@ pub const TAILNET_PEER: &str = "100.64.0.2";
 pub const TAILNET_PEER_V6: &str = "fd7a:115c:a1e0::2";
 pub const INTERNET: &str = "10.201.0.2";
 pub const WG_CLIENT: &str = "10.66.0.3";
+pub const WG_CLIENT_V6: &str = "fd66::3";
 
 pub struct Bridge {
     pub bed: Testbed,
@@ -88,10 +89,16 @@ impl Bridge {
                 "10.66.0.3/24,fd66::3/64",
                 &[(
                     &bed.keys.public,
-                    "10.66.0.0/24,fd66::/64",
+                    &format!("10.66.0.0/24,fd66::/64,{tailnet_ranges}"),
                     Some("10.202.0.1:51821"),
                 )],
             )
+        });
+        // It routes the tailnet to TailGuard (the reference's simple bridge).
+        client.run(|| {
+            for range in tailnet_ranges.split(',') {
+                run(Command::new("ip").args(["route", "add", range, "dev", &client_device]));
+            }
         });
         // It speaks first, so TailGuard learns where it is.
         client.run(|| {
@@ -204,7 +211,7 @@ impl WhoAmI {
                 let Ok(mut stream) = stream else { break };
                 let peer = stream
                     .peer_addr()
-                    .map(|a| a.ip().to_string())
+                    .map(|a| a.ip().to_canonical().to_string())
                     .unwrap_or_default();
                 let _ = stream.write_all(peer.as_bytes());
                 if tx.send(peer).is_err() {

@@ -98,6 +98,10 @@ fn create_device(tun: &str) -> std::process::Child {
             }
         }
         set_key_port_peers(tun, &key, port, &peer_args);
+        // tailscaled marks its own packets 0x80000 so that its rule 5210
+        // keeps them in the main table, out of table 52 (whose default
+        // route, with an exit node in use, leads back into the tunnel).
+        run(&["wg", "set", tun, "fwmark", "0x80000"]);
     }
     run(&["ip", "link", "set", tun, "mtu", "1280", "up"]);
     child

@@ -1,0 +1,225 @@
+//! The reference's usage patterns (§6), each as a user would check it: the
+//! whole daemon started from the environment and `wg0.conf`, between real
+//! userspace WireGuard peers and the Tailscale stand-in's tailnet peer
+//! (`tests/src/bridge.rs` draws the topology), once per datapath.
+
+use std::process::Command;
+
+use hyper::Method;
+use serde_json::{Value, json};
+use tailguard_tests::{bridge::*, daemon::WithStandIn, standin, tailguard_bin, wg::ping};
+
+const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
+
+fn healthy() -> bool {
+    Command::new(tailguard_bin())
+        .arg("health")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn start(bridge: &Bridge, env: &[(&str, &str)]) -> WithStandIn {
+    let mut node = bridge.start(env);
+    node.daemon.wait_for("health", |_| healthy());
+    node.daemon
+        .wait_for("the second WireGuard peer's handshake", |_| {
+            bridge.client_connected()
+        });
+    node
+}
+
+/// The preferences the daemon left in the stand-in.
+fn prefs(node: &WithStandIn) -> Value {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime
+        .block_on(standin::request(
+            &node.socket,
+            Method::GET,
+            "/localapi/v0/prefs",
+            Value::Null,
+        ))
+        .1
+}
+
+const BULK: usize = 1 << 20;
+
+/// Pattern 3, simple bridge: WireGuard clients reach tailnet peers and the
+/// other way round, both families, each side seeing the node's address.
+#[test]
+fn simple_bridge() {
+    for datapath in DATAPATHS {
+        let b = Bridge::new(&format!("sc3-{datapath}"));
+        let tn4 = b.tailnet.run(|| WhoAmI::listen(false));
+        let tn6 = b.tailnet.run(|| WhoAmI::listen(true));
+        let tn_sink = b.tailnet.run(Sink::listen);
+        let cl4 = b.client.run(|| WhoAmI::listen(false));
+        let cl6 = b.client.run(|| WhoAmI::listen(true));
+        let cl_sink = b.client.run(Sink::listen);
+        let inet = b.internet.run(|| WhoAmI::listen(false));
+        let node = b.bed.ours.run(|| start(&b, &[("TG_DATAPATH", datapath)]));
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+
+        // WireGuard client -> tailnet.
+        b.client.run(|| {
+            ping(TAILNET_PEER);
+            ping(TAILNET_PEER_V6);
+        });
+        let seen = b.client.run(|| who_am_i(TAILNET_PEER, tn4.port));
+        assert_eq!(seen.as_deref(), Ok(NODE_TS), "{}", ctx("client -> tailnet"));
+        let seen = b.client.run(|| who_am_i(TAILNET_PEER_V6, tn6.port));
+        assert_eq!(
+            seen.as_deref(),
+            Ok(NODE_TS_V6),
+            "{}",
+            ctx("client -> tailnet, IPv6")
+        );
+        let sent = b.client.run(|| send_bulk(TAILNET_PEER, tn_sink.port, BULK));
+        assert_eq!(
+            sent,
+            Ok(BULK as u64),
+            "{}",
+            ctx("client -> tailnet, TCP transfer")
+        );
+
+        // Tailnet -> WireGuard client.
+        b.tailnet.run(|| {
+            ping(WG_CLIENT);
+            ping(WG_CLIENT_V6);
+        });
+        let seen = b.tailnet.run(|| who_am_i(WG_CLIENT, cl4.port));
+        assert_eq!(seen.as_deref(), Ok(NODE_WG), "{}", ctx("tailnet -> client"));
+        let seen = b.tailnet.run(|| who_am_i(WG_CLIENT_V6, cl6.port));
+        assert_eq!(
+            seen.as_deref(),
+            Ok(NODE_WG_V6),
+            "{}",
+            ctx("tailnet -> client, IPv6")
+        );
+        let sent = b
+            .tailnet
+            .run(|| send_bulk(WG_CLIENT_V6, cl_sink.port, BULK));
+        assert_eq!(
+            sent,
+            Ok(BULK as u64),
+            "{}",
+            ctx("tailnet -> client, TCP transfer")
+        );
+
+        // Refused: the internet through the node, from either side.
+        assert!(
+            b.client.run(|| who_am_i(INTERNET, inet.port)).is_err(),
+            "{}",
+            ctx("client -> internet")
+        );
+        assert!(
+            b.tailnet.run(|| who_am_i(INTERNET, inet.port)).is_err(),
+            "{}",
+            ctx("tailnet -> internet")
+        );
+
+        // What Tailscale was told: the WireGuard side's routes, routes
+        // accepted, DNS left alone, no exit node.
+        let p = prefs(&node);
+        assert_eq!(
+            p["AdvertiseRoutes"],
+            json!(["10.66.0.1/32", "fd66::1/128", "10.66.0.3/32", "fd66::3/128"]),
+            "{p}"
+        );
+        assert_eq!(
+            (&p["RouteAll"], &p["CorpDNS"]),
+            (&json!(true), &json!(false)),
+            "{p}"
+        );
+        b.bed.ours.run(|| node.daemon.stop());
+    }
+}
+
+/// Pattern 2, simple server: the host is reachable from both networks,
+/// which reach nothing through it: peers isolated, nothing advertised to the
+/// tailnet, and the WireGuard client routes only its own network to it.
+#[test]
+fn simple_server() {
+    for datapath in DATAPATHS {
+        let b = Bridge::new(&format!("sc2-{datapath}"));
+        // As such a client is configured: no tailnet routes; and a tailnet
+        // that was told nothing has no route to the WireGuard side.
+        b.client.run(|| {
+            for range in ["100.64.0.0/10", "fd7a:115c:a1e0::/48"] {
+                tailguard_tests::netns::run(Command::new("ip").args(["route", "del", range]));
+            }
+        });
+        b.tailnet.run(|| {
+            for net in ["10.66.0.0/24", "fd66::/64"] {
+                tailguard_tests::netns::run(Command::new("ip").args(["route", "del", net]));
+            }
+        });
+        let host = b.bed.ours.run(|| WhoAmI::listen(true));
+        let host_sink = b.bed.ours.run(Sink::listen);
+        let server = b.bed.theirs.run(|| WhoAmI::listen(false));
+        let tn4 = b.tailnet.run(|| WhoAmI::listen(false));
+        let env = [
+            ("TG_DATAPATH", datapath),
+            ("TG_EXPOSE_HOST", "1"),
+            ("TG_CLIENT_MODE", "1"),
+            ("WG_ISOLATE_PEERS", "1"),
+        ];
+        let node = b.bed.ours.run(|| start(&b, &env));
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+
+        // The host, from both sides.
+        b.client.run(|| ping(NODE_WG));
+        b.tailnet.run(|| {
+            ping(NODE_TS);
+            ping(NODE_TS_V6);
+        });
+        let seen = b.client.run(|| who_am_i(NODE_WG, host.port));
+        assert_eq!(seen.as_deref(), Ok(WG_CLIENT), "{}", ctx("client -> host"));
+        let seen = b.tailnet.run(|| who_am_i(NODE_TS_V6, host.port));
+        assert_eq!(
+            seen.as_deref(),
+            Ok(TAILNET_PEER_V6),
+            "{}",
+            ctx("tailnet -> host, IPv6")
+        );
+        let sent = b.tailnet.run(|| send_bulk(NODE_TS, host_sink.port, BULK));
+        assert_eq!(
+            sent,
+            Ok(BULK as u64),
+            "{}",
+            ctx("tailnet -> host, TCP transfer")
+        );
+        let sent = b.client.run(|| send_bulk(NODE_WG, host_sink.port, BULK));
+        assert_eq!(
+            sent,
+            Ok(BULK as u64),
+            "{}",
+            ctx("client -> host, TCP transfer")
+        );
+
+        // Nothing between them.
+        assert!(
+            b.client.run(|| who_am_i(WG_SERVER, server.port)).is_err(),
+            "{}",
+            ctx("peers isolated")
+        );
+        assert!(
+            b.client.run(|| who_am_i(TAILNET_PEER, tn4.port)).is_err(),
+            "{}",
+            ctx("client -> tailnet")
+        );
+        assert!(
+            b.tailnet.run(|| who_am_i(WG_SERVER, server.port)).is_err(),
+            "{}",
+            ctx("tailnet -> WireGuard")
+        );
+
+        // Tailscale: a client that accepts DNS and advertises nothing.
+        let p = prefs(&node);
+        assert_eq!(p["AdvertiseRoutes"], json!([]), "{p}");
+        assert_eq!(p["CorpDNS"], json!(true), "{p}");
+        b.bed.ours.run(|| node.daemon.stop());
+    }
+}
