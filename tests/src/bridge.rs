@@ -1,6 +1,7 @@
 //! The bridge as users run it, in four namespaces:
 //!
 //! ```text
+//!  LAN 192.168.8.10 --veth-- wg server (Testbed's peer)
 //!  wg side (Testbed's peer)   TailGuard (Testbed's ours)        tailnet peer
 //!  10.66.0.1, fd66::1  ==wg==  10.66.0.2, fd66::2               100.64.0.2
 //!  second WG peer      ==wg==  (listens on 51821)
@@ -41,6 +42,7 @@ pub const TAILNET_PEER: &str = "100.64.0.2";
 pub const TAILNET_PEER_V6: &str = "fd7a:115c:a1e0::2";
 pub const INTERNET: &str = "10.201.0.2";
 pub const WG_CLIENT: &str = "10.66.0.3";
+pub const LAN_HOST: &str = "192.168.8.10";
 pub const WG_CLIENT_V6: &str = "fd66::3";
 
 pub struct Bridge {
@@ -48,6 +50,8 @@ pub struct Bridge {
     pub dir: ConfigDir,
     pub tailnet: NetNs,
     pub internet: NetNs,
+    /// A LAN behind the WireGuard server (192.168.8.0/24; its host .10).
+    pub lan: NetNs,
     /// The second WireGuard peer's namespace.
     pub client: NetNs,
     node_keys: KeyPair,
@@ -58,6 +62,13 @@ pub struct Bridge {
 
 impl Bridge {
     pub fn new(purpose: &str) -> Self {
+        Self::with_server_allowed_ips(purpose, "10.66.0.1/32, fd66::1/128")
+    }
+
+    /// As [`Bridge::new`], with TailGuard's `AllowedIPs` for the WireGuard
+    /// server given (e.g. `0.0.0.0/0, ::/0, 192.168.8.0/24`: the reference's
+    /// "WireGuard as exit node" with the LAN behind the server).
+    pub fn with_server_allowed_ips(purpose: &str, allowed: &str) -> Self {
         let tailnet_ranges = "100.64.0.0/10,fd7a:115c:a1e0::/48";
         let bed = Testbed::with_peer_allowed_ips(
             purpose,
@@ -70,11 +81,11 @@ impl Bridge {
         });
         // The keepalive makes the first handshake early: the server side
         // has no endpoint for TailGuard until TailGuard has spoken.
-        let peer = "10.66.0.1/32, fd66::1/128\nPersistentKeepalive = 1";
+        let peer = format!("{allowed}\nPersistentKeepalive = 1");
         let client_keys = KeyPair::generate();
         let config = format!(
             "{}\n[Peer]\nPublicKey = {}\nAllowedIPs = 10.66.0.3/32, fd66::3/128\n",
-            bed.config("ListenPort = 51821", peer),
+            bed.config("ListenPort = 51821", &peer),
             client_keys.public
         );
         let dir = bed.config_dir(&config);
@@ -124,17 +135,25 @@ impl Bridge {
                 "100.64.0.2/10,fd7a:115c:a1e0::2/48",
                 &[(
                     &node_keys.public,
-                    "100.64.0.1/32,fd7a:115c:a1e0::1/128,10.66.0.0/24,fd66::/64,10.201.0.0/24",
+                    "100.64.0.1/32,fd7a:115c:a1e0::1/128,10.66.0.0/24,fd66::/64,10.201.0.0/24,192.168.8.0/24",
                     Some("10.210.0.1:41641"),
                 )],
             );
             // The node's advertised routes, as Tailscale installs them.
             // (10.201.0.0/24 too, to show it is refused rather than unrouted.)
-            for net in ["10.66.0.0/24", "fd66::/64", "10.201.0.0/24"] {
+            for net in ["10.66.0.0/24", "fd66::/64", "10.201.0.0/24", "192.168.8.0/24"] {
                 run(Command::new("ip").args(["route", "add", net, "dev", &device]));
             }
             peer
         });
+
+        // The server's LAN: the server forwards to it, its hosts answer
+        // through the server.
+        let lan = NetNs::new(&format!("{purpose}-lan"));
+        veth(&bed.theirs, "192.168.8.1/24", &lan, "192.168.8.10/24");
+        bed.theirs
+            .run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap());
+        lan.run(|| run(Command::new("ip").args(["route", "add", "default", "via", "192.168.8.1"])));
 
         let internet = NetNs::new(&format!("{purpose}-net"));
         veth(&bed.ours, "10.201.0.1/24", &internet, "10.201.0.2/24");
@@ -147,6 +166,7 @@ impl Bridge {
             dir,
             tailnet,
             internet,
+            lan,
             client,
             node_keys,
             peer_keys,

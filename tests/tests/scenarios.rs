@@ -223,3 +223,74 @@ fn simple_server() {
         b.bed.ours.run(|| node.daemon.stop());
     }
 }
+
+/// Pattern 1, WireGuard as exit node: TailGuard is a client of a WireGuard
+/// server with `AllowedIPs = 0.0.0.0/0, ::/0` and the server's LAN;
+/// `TS_DEST_IP` makes the server reachable at the node's tailnet address.
+#[test]
+fn wireguard_as_exit_node() {
+    for datapath in DATAPATHS {
+        let b = Bridge::with_server_allowed_ips(
+            &format!("sc1-{datapath}"),
+            "0.0.0.0/0, ::/0, 192.168.8.0/24",
+        );
+        let server = b.bed.theirs.run(|| WhoAmI::listen(false));
+        let server_sink = b.bed.theirs.run(Sink::listen);
+        let lan = b.lan.run(|| WhoAmI::listen(false));
+        let tn_sink = b.tailnet.run(Sink::listen);
+        let env = [("TG_DATAPATH", datapath), ("TS_DEST_IP", WG_SERVER)];
+        let node = b.bed.ours.run(|| start(&b, &env));
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+
+        // The WireGuard server, at the node's own tailnet address.
+        b.tailnet.run(|| ping(NODE_TS));
+        let seen = b.tailnet.run(|| who_am_i(NODE_TS, server.port));
+        assert_eq!(
+            seen.as_deref(),
+            Ok(NODE_WG),
+            "{}",
+            ctx("tailnet -> TS_DEST_IP")
+        );
+        let sent = b.tailnet.run(|| send_bulk(NODE_TS, server_sink.port, BULK));
+        assert_eq!(
+            sent,
+            Ok(BULK as u64),
+            "{}",
+            ctx("tailnet -> TS_DEST_IP, TCP transfer")
+        );
+
+        // The LAN behind it, advertised and reachable.
+        b.tailnet.run(|| ping(LAN_HOST));
+        let seen = b.tailnet.run(|| who_am_i(LAN_HOST, lan.port));
+        assert_eq!(seen.as_deref(), Ok(NODE_WG), "{}", ctx("tailnet -> LAN"));
+
+        // And the other way: the WireGuard side reaches the tailnet.
+        let sent = b
+            .bed
+            .theirs
+            .run(|| send_bulk(TAILNET_PEER, tn_sink.port, BULK));
+        assert_eq!(
+            sent,
+            Ok(BULK as u64),
+            "{}",
+            ctx("WireGuard server -> tailnet")
+        );
+
+        // Tailscale was told: the LAN (and the second peer's addresses),
+        // and both default routes: an exit node.
+        let p = prefs(&node);
+        assert_eq!(
+            p["AdvertiseRoutes"],
+            json!([
+                "192.168.8.0/24",
+                "10.66.0.3/32",
+                "fd66::3/128",
+                "0.0.0.0/0",
+                "::/0"
+            ]),
+            "{p}"
+        );
+        assert_eq!(p["CorpDNS"], json!(false), "{p}");
+        b.bed.ours.run(|| node.daemon.stop());
+    }
+}
