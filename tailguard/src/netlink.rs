@@ -56,6 +56,8 @@ pub struct Rule {
     pub table: u32,
     /// Ignore routes with a prefix this short or shorter (`suppress_prefixlength`).
     pub suppress_prefixlength: Option<u32>,
+    /// Match only packets to this prefix (`to`).
+    pub destination: Option<IpNet>,
 }
 
 impl std::fmt::Display for Rule {
@@ -72,6 +74,9 @@ impl std::fmt::Display for Rule {
                 "{}fwmark {mark:#x} ",
                 if self.invert { "not " } else { "" }
             )?;
+        }
+        if let Some(to) = self.destination {
+            write!(f, "to {to} ")?;
         }
         write!(f, "lookup {}", self.table)?;
         if let Some(len) = self.suppress_prefixlength {
@@ -483,6 +488,11 @@ fn rule_message(rule: Rule) -> RuleMessage {
     }
     if let Some(len) = rule.suppress_prefixlength {
         msg.attributes.push(RuleAttribute::SuppressPrefixLen(len));
+    }
+    if let Some(to) = rule.destination {
+        msg.header.dst_len = to.prefix_len();
+        msg.attributes
+            .push(RuleAttribute::Destination(to.network()));
     }
     msg
 }

@@ -18,9 +18,34 @@ use crate::{
 /// main table before tailscaled's rules (5210-5270) can send them into its
 /// table 52 — where a tailnet exit node would swallow the tunnel itself.
 pub const WG_MARK_RULE_PRIORITY: u32 = 5200;
+/// Priority of our rules that send traffic for the WireGuard side's routes
+/// (and its own network) to their table after tailscaled's mark rules
+/// (5210-5250) but before its table 52 (5270): with an exit node in use,
+/// table 52's default route would otherwise take the WireGuard side's
+/// traffic (forwarded replies among it) into the tailnet.
+pub const WG_ROUTES_RULE_PRIORITY: u32 = 5260;
 /// wg-quick's two rules for a default route end up just before main (32766).
 pub const SUPPRESS_RULE_PRIORITY: u32 = 32764;
 pub const NOT_FWMARK_RULE_PRIORITY: u32 = 32765;
+/// The WireGuard side's destinations and the tables their routes are in:
+/// the routes (default routes aside: wg-quick's policy routing has them)
+/// and the networks of the device's own addresses.
+fn wireguard_side(wg: &WireGuardPlan) -> Vec<(ipnet::IpNet, u32)> {
+    let mut side: Vec<(ipnet::IpNet, u32)> = Vec::new();
+    let routes = wg
+        .routes
+        .iter()
+        .filter(|r| r.destination.prefix_len() > 0)
+        .map(|r| (r.destination.trunc(), r.table.unwrap_or(MAIN_TABLE)));
+    let own = wg.addresses.iter().map(|a| (a.trunc(), MAIN_TABLE));
+    for entry in routes.chain(own) {
+        if !side.contains(&entry) {
+            side.push(entry);
+        }
+    }
+    side
+}
+
 /// WireGuard's largest overhead: IPv6 (40) + UDP (8) + WireGuard (32).
 pub const WG_OVERHEAD: u32 = 80;
 
@@ -125,6 +150,19 @@ impl WgSetup {
             self.routes.push(route);
             nl.add_route(route).await?;
         }
+        for (destination, table) in wireguard_side(wg) {
+            let rule = Rule {
+                ipv6: destination.addr().is_ipv6(),
+                priority: WG_ROUTES_RULE_PRIORITY,
+                fwmark: None,
+                invert: false,
+                table,
+                suppress_prefixlength: None,
+                destination: Some(destination),
+            };
+            self.rules.push(rule);
+            nl.add_rule(rule).await?;
+        }
         if let Some(policy) = wg.policy_routing {
             if policy.ipv4 {
                 enable_src_valid_mark();
@@ -141,6 +179,7 @@ impl WgSetup {
                         invert: true,
                         table: policy.table,
                         suppress_prefixlength: None,
+                        destination: None,
                     },
                     Rule {
                         ipv6,
@@ -149,6 +188,7 @@ impl WgSetup {
                         invert: false,
                         table: MAIN_TABLE,
                         suppress_prefixlength: Some(0),
+                        destination: None,
                     },
                 ] {
                     self.rules.push(rule);
@@ -165,6 +205,7 @@ impl WgSetup {
                     invert: false,
                     table: MAIN_TABLE,
                     suppress_prefixlength: None,
+                    destination: None,
                 };
                 self.rules.push(rule);
                 nl.add_rule(rule).await?;

@@ -200,6 +200,26 @@ impl Bridge {
 }
 
 impl Bridge {
+    /// The second WireGuard peer sends everything to TailGuard (its
+    /// default route), as a client using a Tailscale exit node through
+    /// TailGuard does.
+    pub fn client_routes_everything_to_tailguard(&self) {
+        self.client.run(|| {
+            let allowed = "10.66.0.0/24,fd66::/64,100.64.0.0/10,fd7a:115c:a1e0::/48,0.0.0.0/0";
+            let device = &self.client_peer.name;
+            let tailguard = &self.bed.keys.public;
+            run(Command::new("wg").args([
+                "set",
+                device,
+                "peer",
+                tailguard,
+                "allowed-ips",
+                allowed,
+            ]));
+            run(Command::new("ip").args(["route", "add", "default", "dev", device]));
+        });
+    }
+
     /// The second WireGuard peer has a handshake with TailGuard. It retries
     /// only every 5 s, so after TailGuard starts this can take a while.
     pub fn client_connected(&self) -> bool {

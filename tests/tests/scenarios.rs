@@ -30,18 +30,16 @@ fn start(bridge: &Bridge, env: &[(&str, &str)]) -> WithStandIn {
 
 /// The preferences the daemon left in the stand-in.
 fn prefs(node: &WithStandIn) -> Value {
+    prefs_at(&node.socket)
+}
+
+fn prefs_at(socket: &std::path::Path) -> Value {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    runtime
-        .block_on(standin::request(
-            &node.socket,
-            Method::GET,
-            "/localapi/v0/prefs",
-            Value::Null,
-        ))
-        .1
+    let request = standin::request(socket, Method::GET, "/localapi/v0/prefs", Value::Null);
+    runtime.block_on(request).1
 }
 
 const BULK: usize = 1 << 20;
@@ -291,6 +289,77 @@ fn wireguard_as_exit_node() {
             "{p}"
         );
         assert_eq!(p["CorpDNS"], json!(false), "{p}");
+        b.bed.ours.run(|| node.daemon.stop());
+    }
+}
+
+/// Pattern 4, a Tailscale exit node for WireGuard clients: client mode with
+/// `TS_EXIT_NODE=auto:any`; a WireGuard client's internet traffic leaves
+/// through the tailnet peer acting as exit node.
+#[test]
+fn tailscale_exit_node_for_wireguard_clients() {
+    use tailguard_tests::netns::{NetNs, run, veth};
+    for datapath in DATAPATHS {
+        let b = Bridge::new(&format!("sc4-{datapath}"));
+        // The exit node's internet, reachable only through the tailnet peer,
+        // which forwards and masquerades like a Tailscale exit node.
+        let internet = NetNs::new(&format!("sc4-{datapath}-inet"));
+        veth(&b.tailnet, "10.220.0.1/24", &internet, "10.220.0.2/24");
+        b.tailnet.run(|| {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+            for rule in [
+                "add table ip exit",
+                "add chain ip exit post { type nat hook postrouting priority srcnat; }",
+                "add rule ip exit post ip daddr 10.220.0.0/24 masquerade",
+            ] {
+                run(Command::new("nft").args(rule.split(' ')));
+            }
+        });
+        let site = internet.run(|| WhoAmI::listen(false));
+        // The client sends everything to TailGuard.
+        b.client_routes_everything_to_tailguard();
+
+        let env = [
+            ("TG_DATAPATH", datapath),
+            ("TG_CLIENT_MODE", "1"),
+            ("TS_EXIT_NODE", "auto:any"),
+            // The stand-in's tailnet, with the peer as exit node: its
+            // default route in table 52 and through the tunnel to the peer.
+            (
+                "STANDIN_ROUTES",
+                "100.64.0.0/10,fd7a:115c:a1e0::/48,0.0.0.0/0",
+            ),
+            (
+                "STANDIN_PEER_ALLOWED_IPS",
+                "100.64.0.2/32,fd7a:115c:a1e0::2/128,0.0.0.0/0",
+            ),
+        ];
+        let mut node = b.bed.ours.run(|| start(&b, &env));
+
+        let seen = b.client.run(|| who_am_i("10.220.0.2", site.port));
+        assert_eq!(
+            seen.as_deref(),
+            Ok("10.220.0.1"),
+            "{datapath}: client -> internet via the exit node\n{}",
+            node.daemon.log()
+        );
+        b.client.run(|| ping("10.220.0.2"));
+
+        // Tailscale was told: DNS accepted, nothing advertised, any exit
+        // node with LAN access (set once healthy).
+        let socket = node.socket.clone();
+        b.bed.ours.run(|| {
+            node.daemon.wait_for("the exit node preference", |_| {
+                prefs_at(&socket)["AutoExitNode"] == "any"
+            })
+        });
+        let p = prefs(&node);
+        assert_eq!(p["AdvertiseRoutes"], json!([]), "{p}");
+        assert_eq!(
+            (&p["CorpDNS"], &p["ExitNodeAllowLANAccess"]),
+            (&json!(true), &json!(true)),
+            "{p}"
+        );
         b.bed.ours.run(|| node.daemon.stop());
     }
 }

@@ -112,6 +112,17 @@ fn device_comes_up_as_planned_and_leaves_no_trace() {
             !rules.contains("suppress_prefixlength"),
             "no policy routing without a default route:\n{rules}"
         );
+        // The WireGuard side's routes and own networks ahead of table 52.
+        for to in [
+            "10.66.0.1",
+            "192.168.77.0/24",
+            "10.66.0.0/24",
+            "fd66::1",
+            "fd66::/64",
+        ] {
+            let rule = format!("5260:\tfrom all to {to} lookup main");
+            assert!(rules.contains(&rule), "{rule:?} missing:\n{rules}");
+        }
 
         // A handshake happens and traffic crosses, both families.
         ping("10.66.0.1");
