@@ -121,9 +121,11 @@ async fn stats(settings: &Settings) -> Result<()> {
     if let Some(devices) = status["counters"].as_object() {
         for (device, outcomes) in devices {
             for (outcome, c) in outcomes.as_object().into_iter().flatten() {
+                let (packets, bytes) = (c["packets"].as_u64(), c["bytes"].as_u64());
                 println!(
                     "{device:<10} {outcome:<24} {:>12} {:>14}",
-                    c["packets"], c["bytes"]
+                    packets.unwrap_or(0),
+                    bytes.unwrap_or(0)
                 );
             }
         }

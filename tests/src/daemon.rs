@@ -105,6 +105,9 @@ impl Daemon {
     /// Runs `cmd` — a `tailguard run`, perhaps wrapped in another command —
     /// collecting its log.
     pub fn spawn(mut cmd: Command) -> Self {
+        // A process group of its own: a Ctrl-C at the terminal (the demo)
+        // is for the caller, which then stops the daemon in order.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

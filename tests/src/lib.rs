@@ -58,13 +58,14 @@ pub fn standin_bin() -> std::path::PathBuf {
 }
 
 fn built_bin(name: &str, build: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executable sits in target/<profile>/deps")
-        .join(name);
+    let exe = std::env::current_exe().expect("executable path");
+    // A test runs from target/<profile>/deps/, a binary (the demo) from
+    // target/<profile>/: the others sit in target/<profile>/.
+    let mut dir = exe.parent().expect("executable in a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>/deps has a parent");
+    }
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
         "{} is missing: build it first (`{build}`; `cargo xtask test` does)",

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's tasks. Run `cargo xtask --help`.
 mod build_ebpf;
 mod command;
+mod demo;
 mod run;
 mod setup;
 mod test;
@@ -23,6 +24,11 @@ enum Task {
     /// Build the daemon with its embedded eBPF object, load every program
     /// through the kernel verifier and print its instruction count (as root).
     BuildEbpf,
+    /// Setup, build, and show TailGuard working (as root): the real daemon
+    /// between a WireGuard network and a stand-in tailnet, in namespaces of
+    /// its own, traffic both ways and live counters until Ctrl-C; then it
+    /// removes everything it made.
+    Demo,
     /// Setup, then build and run the daemon (as root); arguments after `--`
     /// go to `tailguard`, e.g. `cargo xtask run -- --help`.
     Run {
@@ -39,6 +45,7 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(),
         Task::BuildEbpf => build_ebpf::run(),
         Task::Run { args } => run::run(&args),
+        Task::Demo => demo::run(),
         Task::Test => test::run(),
     }
 }
