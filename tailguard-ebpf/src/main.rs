@@ -1,8 +1,10 @@
 //! TailGuard's TC programs, one per device role and hook.
 //!
-//! Each program parses the packet (IPv4, IPv6, or something else), counts it
-//! in the per-CPU `COUNTERS` map and lets it continue. The forwarding policy
-//! will sit between the parse and the verdict.
+//! Every program counts the packet by class (IPv4, IPv6, not IP, malformed)
+//! in the per-CPU `COUNTERS` map. The ingress programs then apply the
+//! forwarding policy (`policy`): translate and redirect the packet to the
+//! other device, drop it, or leave it to the kernel and its nftables twin.
+//! The egress programs only count.
 #![no_std]
 #![no_main]
 // aya's `#[classifier]` generates a public wrapper taking the kernel's raw

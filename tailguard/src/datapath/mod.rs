@@ -1,5 +1,7 @@
 //! The eBPF datapath: the TC programs embedded in this binary, loaded with
-//! aya, attached to the WireGuard and Tailscale devices, and their counters.
+//! aya and attached to the WireGuard and Tailscale devices; the maps the
+//! daemon fills (configuration, route tries), the connection state (pinned,
+//! `pin`), and the counters.
 
 mod attach;
 mod counters;
