@@ -1,4 +1,5 @@
 //! `cargo xtask`: the project's tasks. Run `cargo xtask --help`.
+mod bench;
 mod build_ebpf;
 mod command;
 mod demo;
@@ -35,6 +36,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Setup, then the benchmarks (as root): so far the per-packet cost of
+    /// each main path next to a redirect-only program; results in
+    /// `benches/results/`. Measures, never asserts.
+    Bench,
     /// Setup, formatting and lint checks, then every test: unit tests,
     /// BPF_PROG_TEST_RUN tests and the privileged namespace tests (as root).
     Test,
@@ -46,6 +51,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => build_ebpf::run(),
         Task::Run { args } => run::run(&args),
         Task::Demo => demo::run(),
+        Task::Bench => bench::run(),
         Task::Test => test::run(),
     }
 }

@@ -63,6 +63,22 @@ impl Datapath {
         object::program(&self.ebpf, Program::new(device, direction))
     }
 
+    /// The benchmarks' floor (`tg_bench_floor`: a program that only
+    /// redirects), loaded on first use; the daemon never uses it.
+    pub fn bench_floor(&mut self) -> Result<&SchedClassifier, Error> {
+        const NAME: &str = "tg_bench_floor";
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(NAME)
+            .ok_or_else(|| object::program_error(NAME, aya::programs::ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(|e| object::program_error(NAME, e))?;
+        if program.fd().is_err() {
+            program.load().map_err(|e| object::program_error(NAME, e))?;
+        }
+        Ok(program)
+    }
+
     /// Summaries of every loaded program, as the kernel reports them.
     pub fn programs(&self) -> Result<Vec<object::ProgramSummary>, Error> {
         object::summaries(&self.ebpf)

@@ -1,0 +1,201 @@
+//! Per-packet cost of the fast path's main paths, IPv4 and IPv6.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+use etherparse::PacketBuilder;
+use ipnet::IpNet;
+use tailguard::datapath::{Datapath, LinkLayer, LoadOptions, Routes};
+use tailguard_common::{Config, Device, Direction, Route, config::flag};
+
+/// Runs per path: enough for a stable median on 2 cores in seconds.
+const RUNS: usize = 20_000;
+
+pub struct Row {
+    pub path: &'static str,
+    pub family: &'static str,
+    pub verdict: u32,
+    pub median_ns: u64,
+    pub p90_ns: u64,
+    /// The median over the floor's.
+    pub ratio: f64,
+}
+
+impl Row {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "path": self.path, "family": self.family, "verdict": self.verdict,
+            "median_ns": self.median_ns, "p90_ns": self.p90_ns, "ratio_to_floor": self.ratio,
+        })
+    }
+}
+
+pub fn markdown(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| path | family | verdict | median ns | p90 ns | x floor |\n|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.1} |\n",
+            r.path, r.family, r.verdict, r.median_ns, r.p90_ns, r.ratio
+        ));
+    }
+    out
+}
+
+const MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+
+fn udp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(MAC, MAC);
+    let ip = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+        _ => unreachable!("one family per packet"),
+    };
+    let mut out = Vec::new();
+    ip.udp(sport, dport)
+        .write(&mut out, &[0u8; 18])
+        .expect("writing to a Vec");
+    out
+}
+
+/// Kernel-measured ns of single runs of `program` on `frames` (cycled).
+fn time(program: &SchedClassifier, frames: &[Vec<u8>]) -> Result<(u32, Vec<u64>)> {
+    let mut out = vec![0u8; 256];
+    let mut verdict = 0;
+    let mut samples = Vec::with_capacity(RUNS);
+    for i in 0..RUNS {
+        let frame = &frames[i % frames.len()];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        verdict = result.return_value;
+        samples.push(result.duration.as_nanos() as u64);
+    }
+    samples.sort_unstable();
+    Ok((verdict, samples))
+}
+
+fn v6(s: &str) -> Ipv6Addr {
+    s.parse().expect("a valid address")
+}
+
+pub fn run() -> Result<Vec<Row>> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the benchmarks load eBPF programs: run them as root (cargo xtask bench does)");
+    }
+    let mut dp = Datapath::load(&LoadOptions::uniform(LinkLayer::Ethernet))
+        .context("loading the programs")?;
+    let mut c = Config {
+        wg_ifindex: 1,
+        ts_ifindex: 1,
+        wg_mtu: 1420,
+        ts_mtu: 1280,
+        ..Config::default()
+    };
+    c.set_ts(
+        Some(Ipv4Addr::new(100, 64, 0, 1)),
+        Some(v6("fd7a:115c:a1e0::1")),
+    );
+    c.set_wg(Some(Ipv4Addr::new(10, 66, 0, 2)), Some(v6("fd66::2")));
+    c.set_dest(Some(Ipv4Addr::new(10, 66, 0, 1)), Some(v6("fd66::1")));
+    c.set(flag::SNAT_TO_WG, true);
+    c.set(flag::ISOLATE_PEERS, true);
+    dp.write_config(&c)?;
+    let mut routes = Routes::new();
+    for (net, route) in [
+        ("10.66.0.0/24", Route::WIREGUARD),
+        ("fd66::/64", Route::WIREGUARD),
+        ("100.64.0.0/10", Route::TAILSCALE),
+        ("fd7a:115c:a1e0::/48", Route::TAILSCALE),
+    ] {
+        routes.insert(net.parse::<IpNet>()?, route);
+    }
+    dp.sync_routes(&routes)?;
+
+    struct Family {
+        name: &'static str,
+        client: IpAddr,
+        peer: IpAddr,
+        own_ts: IpAddr,
+        other_client: IpAddr,
+    }
+    let families = [
+        Family {
+            name: "IPv4",
+            client: Ipv4Addr::new(10, 66, 0, 7).into(),
+            peer: Ipv4Addr::new(100, 64, 0, 9).into(),
+            own_ts: Ipv4Addr::new(100, 64, 0, 1).into(),
+            other_client: Ipv4Addr::new(10, 66, 0, 8).into(),
+        },
+        Family {
+            name: "IPv6",
+            client: v6("fd66::7").into(),
+            peer: v6("fd7a:115c:a1e0::9").into(),
+            own_ts: v6("fd7a:115c:a1e0::1").into(),
+            other_client: v6("fd66::8").into(),
+        },
+    ];
+    let mut rows = Vec::new();
+    for f in families {
+        let established = vec![udp(f.client, f.peer, 40000, 443)];
+        // One packet first, so the flow exists; its reply is the packet the
+        // peer would send back to the port it was given.
+        let first = run_once(&dp, Device::WireGuard, &established[0])?;
+        let nat_port = u16::from_be_bytes(
+            first[14 + if f.own_ts.is_ipv4() { 20 } else { 40 }..][..2].try_into()?,
+        );
+        let reply = vec![udp(f.peer, f.own_ts, 443, nat_port)];
+        let dest_ip = vec![udp(f.peer, f.own_ts, 5000, 80)];
+        run_once(&dp, Device::Tailscale, &dest_ip[0])?;
+        // New flows: a different source and destination port each run (one
+        // peer address and port can hold only as many flows as the
+        // translation range has ports).
+        let new: Vec<Vec<u8>> = (0..RUNS as u16)
+            .map(|i| udp(f.client, f.peer, 1024 + i, 20000 + i))
+            .collect();
+        let drop = vec![udp(f.client, f.other_client, 1, 2)];
+
+        let (_, floor) = time(dp.bench_floor()?, &established)?;
+        let floor_median = floor[floor.len() / 2].max(1);
+        let row = |path, (verdict, s): (u32, Vec<u64>)| Row {
+            path,
+            family: f.name,
+            verdict,
+            median_ns: s[s.len() / 2],
+            p90_ns: s[s.len() * 9 / 10],
+            ratio: s[s.len() / 2] as f64 / floor_median as f64,
+        };
+        rows.push(row("floor: redirect only", (7, floor.clone())));
+        let wg = dp.program(Device::WireGuard, Direction::Ingress)?;
+        rows.push(row("new flow (wg->ts, masquerade)", time(wg, &new)?));
+        rows.push(row(
+            "established (wg->ts, masquerade)",
+            time(wg, &established)?,
+        ));
+        rows.push(row("drop (wg->wg, isolated)", time(wg, &drop)?));
+        let ts = dp.program(Device::Tailscale, Direction::Ingress)?;
+        rows.push(row("reply (ts->wg, translated back)", time(ts, &reply)?));
+        rows.push(row("TS_DEST_IP (ts->own address)", time(ts, &dest_ip)?));
+    }
+    Ok(rows)
+}
+
+fn run_once(dp: &Datapath, device: Device, frame: &[u8]) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; 256];
+    let result = dp
+        .program(device, Direction::Ingress)?
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })?;
+    out.truncate(result.data_size_out as usize);
+    Ok(out)
+}

@@ -1,0 +1,25 @@
+//! `cargo xtask bench`: setup, then the benchmarks in release mode (as
+//! root). They measure and write `benches/results/`; they assert nothing.
+
+use anyhow::Result;
+
+use crate::{
+    command::{cargo, exec, stage},
+    setup,
+};
+
+pub fn run() -> Result<()> {
+    stage("setup", setup::run)?;
+    exec(
+        "tailguard-bench",
+        cargo().args([
+            "run",
+            "--release",
+            "--quiet",
+            "--package",
+            "tailguard-benches",
+            "--bin",
+            "tailguard-bench",
+        ]),
+    )
+}
