@@ -200,6 +200,39 @@ impl Bridge {
 }
 
 impl Bridge {
+    /// [`Bridge::start`], then waits until the node is healthy and the
+    /// second WireGuard peer has its handshake (it retries only every 5 s).
+    pub fn start_healthy(&self, env: &[(&str, &str)]) -> WithStandIn {
+        let mut node = self.start(env);
+        node.daemon
+            .wait_for("health", |_| crate::daemon::health().0);
+        node.daemon
+            .wait_for("the second WireGuard peer's handshake", |_| {
+                self.client_connected()
+            });
+        node
+    }
+
+    /// `tailguard <command>` for this bridge's daemon (its device and pinned
+    /// state), run in TailGuard's namespace: its standard output.
+    pub fn tailguard(&self, command: &str) -> String {
+        let out = self.bed.ours.run(|| {
+            crate::daemon::tailguard(
+                &[command],
+                &[
+                    ("WG_DEVICE", self.bed.device.as_ref()),
+                    ("TG_BPF_DIR", self.dir.bpf_dir().as_os_str()),
+                ],
+            )
+        });
+        assert!(
+            out.status.success(),
+            "tailguard {command} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The second WireGuard peer sends everything to TailGuard (its
     /// default route), as a client using a Tailscale exit node through
     /// TailGuard does.

@@ -191,3 +191,28 @@ impl Daemon {
         self.log()
     }
 }
+
+/// `tailguard <args>` in the calling thread's namespace, with `env` on top.
+pub fn tailguard(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> std::process::Output {
+    Command::new(tailguard_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("running tailguard {args:?}: {e}"))
+}
+
+/// `tailguard health` in the calling thread's namespace: healthy or not,
+/// and the report.
+pub fn health() -> (bool, String) {
+    let out = tailguard(&["health"], &[]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `tailguard status` in the calling thread's namespace: the daemon's JSON
+/// status, or `null` before it answers.
+pub fn status() -> serde_json::Value {
+    serde_json::from_slice(&tailguard(&["status"], &[]).stdout).unwrap_or_default()
+}

@@ -370,3 +370,18 @@ pub async fn request(
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     )
 }
+
+/// [`request`] from synchronous test code: the JSON answer.
+pub fn ask(socket: &Path, method: Method, path: &str, body: Value) -> Value {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(request(socket, method, path, body))
+        .1
+}
+
+/// The preferences the stand-in holds (what the daemon set).
+pub fn prefs(socket: &Path) -> Value {
+    ask(socket, Method::GET, "/localapi/v0/prefs", Value::Null)
+}

@@ -6,28 +6,11 @@ use std::process::Command;
 
 use tailguard_tests::{
     bridge::*,
-    daemon::WithStandIn,
+    daemon::{WithStandIn, health, status},
     netns::{routing_state, run},
-    tailguard_bin,
 };
 
 const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
-
-fn healthy() -> bool {
-    Command::new(tailguard_bin())
-        .arg("health")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// `tailguard status` of the daemon in the calling thread's namespace.
-fn status() -> serde_json::Value {
-    let out = Command::new(tailguard_bin())
-        .arg("status")
-        .output()
-        .expect("tailguard status");
-    serde_json::from_slice(&out.stdout).unwrap_or_default()
-}
 
 /// Packets the fast path counted for `device` with `outcome` (0 with the
 /// netfilter datapath, which has no counters).
@@ -54,16 +37,6 @@ fn assert_path(node: &mut WithStandIn, datapath: &str, dropped: Option<&str>) {
     }
 }
 
-fn start(bridge: &Bridge, env: &[(&str, &str)]) -> WithStandIn {
-    let mut node = bridge.start(env);
-    node.daemon.wait_for("health", |_| healthy());
-    node.daemon
-        .wait_for("the second WireGuard peer's handshake", |_| {
-            bridge.client_connected()
-        });
-    node
-}
-
 #[test]
 fn forwarding_rows_nat_and_dest_ip() {
     for datapath in DATAPATHS {
@@ -75,13 +48,10 @@ fn forwarding_rows_nat_and_dest_ip() {
         let inet = b.internet.run(|| WhoAmI::listen(false));
         let host = b.bed.ours.run(|| WhoAmI::listen(false));
         let mut node = b.bed.ours.run(|| {
-            start(
-                &b,
-                &[
-                    ("TG_DATAPATH", datapath),
-                    ("TS_DEST_IP", "10.66.0.1,fd66::1"),
-                ],
-            )
+            b.start_healthy(&[
+                ("TG_DATAPATH", datapath),
+                ("TS_DEST_IP", "10.66.0.1,fd66::1"),
+            ])
         });
         let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
 
@@ -169,15 +139,12 @@ fn exposed_host_isolated_peers_and_tailnet_sources_kept() {
         let host = b.bed.ours.run(|| WhoAmI::listen(false));
         let before = b.bed.ours.run(routing_state);
         let mut node = b.bed.ours.run(|| {
-            start(
-                &b,
-                &[
-                    ("TG_DATAPATH", datapath),
-                    ("TG_EXPOSE_HOST", "1"),
-                    ("WG_ISOLATE_PEERS", "1"),
-                    ("TS_EXTRA_ARGS", "--snat-subnet-routes=false"),
-                ],
-            )
+            b.start_healthy(&[
+                ("TG_DATAPATH", datapath),
+                ("TG_EXPOSE_HOST", "1"),
+                ("WG_ISOLATE_PEERS", "1"),
+                ("TS_EXTRA_ARGS", "--snat-subnet-routes=false"),
+            ])
         });
         let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
 
@@ -235,7 +202,10 @@ fn bulk_transfers_and_fragmented_datagrams_cross_both_mtus() {
         let tn_sink = b.tailnet.run(Sink::listen);
         let wg_udp = b.bed.theirs.run(UdpSink::bind);
         let tn_udp = b.tailnet.run(UdpSink::bind);
-        let node = b.bed.ours.run(|| start(&b, &[("TG_DATAPATH", datapath)]));
+        let node = b
+            .bed
+            .ours
+            .run(|| b.start_healthy(&[("TG_DATAPATH", datapath)]));
         let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
 
         let sent = b
@@ -300,7 +270,7 @@ fn an_established_connection_survives_a_restart() {
         let b = Bridge::new(&format!("fwr-{datapath}"));
         let echo = b.tailnet.run(Echo::listen);
         let env = [("TG_DATAPATH", datapath)];
-        let mut node = b.bed.ours.run(|| start(&b, &env));
+        let mut node = b.bed.ours.run(|| b.start_healthy(&env));
         let mut stream = b.bed.theirs.run(|| {
             let target = std::net::SocketAddr::new(TAILNET_PEER.parse().unwrap(), echo.port);
             std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(3))
@@ -310,18 +280,9 @@ fn an_established_connection_survives_a_restart() {
         if datapath == "ebpf" {
             // `tailguard stats`: the flow's two entries, live, and the
             // counters (which the daemon publishes each second).
-            let stats = || {
-                let out = Command::new(tailguard_bin())
-                    .arg("stats")
-                    .env("WG_DEVICE", &b.bed.device)
-                    .env("TG_BPF_DIR", b.dir.bpf_dir())
-                    .output()
-                    .unwrap();
-                String::from_utf8_lossy(&out.stdout).into_owned()
-            };
             b.bed.ours.run(|| {
                 node.daemon.wait_for("the flow in tailguard stats", |_| {
-                    let s = stats();
+                    let s = b.tailguard("stats");
                     s.contains("connection table: 2 entries, 2 live")
                         && s.contains("wireguard  redirected")
                         && s.contains("tailscale  redirected")
@@ -332,7 +293,7 @@ fn an_established_connection_survives_a_restart() {
         let pinned = b.dir.bpf_dir().join(&b.bed.device).join("NAT");
         assert_eq!(pinned.exists(), datapath == "ebpf", "{}", pinned.display());
 
-        let mut node = b.bed.ours.run(|| start(&b, &env));
+        let mut node = b.bed.ours.run(|| b.start_healthy(&env));
         let answer = echo_line(&mut stream, "after");
         assert_eq!(
             answer.as_deref(),
@@ -348,21 +309,9 @@ fn an_established_connection_survives_a_restart() {
                     });
             });
         }
-        b.bed.ours.run(|| {
-            node.daemon.stop();
-            // `tailguard cleanup` removes what stop leaves on purpose.
-            let out = Command::new(tailguard_bin())
-                .arg("cleanup")
-                .env("WG_DEVICE", &b.bed.device)
-                .env("TG_BPF_DIR", b.dir.bpf_dir())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        });
+        b.bed.ours.run(|| node.daemon.stop());
+        // `tailguard cleanup` removes what stop leaves on purpose.
+        b.tailguard("cleanup");
         assert!(
             !pinned.exists(),
             "{datapath}: cleanup removes the pinned state"
@@ -387,7 +336,7 @@ fn without_the_fast_path_it_falls_back_to_netfilter() {
     });
     b.bed
         .ours
-        .run(|| node.daemon.wait_for("health", |_| healthy()));
+        .run(|| node.daemon.wait_for("health", |_| health().0));
     let log = node.daemon.log();
     assert!(log.contains("THE eBPF FAST PATH IS OFF"), "{log}");
     let seen = b.bed.theirs.run(|| who_am_i(TAILNET_PEER, tn4.port));

@@ -5,42 +5,10 @@
 
 use std::process::Command;
 
-use hyper::Method;
-use serde_json::{Value, json};
-use tailguard_tests::{bridge::*, daemon::WithStandIn, standin, tailguard_bin, wg::ping};
+use serde_json::json;
+use tailguard_tests::{bridge::*, standin, wg::ping};
 
 const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
-
-fn healthy() -> bool {
-    Command::new(tailguard_bin())
-        .arg("health")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn start(bridge: &Bridge, env: &[(&str, &str)]) -> WithStandIn {
-    let mut node = bridge.start(env);
-    node.daemon.wait_for("health", |_| healthy());
-    node.daemon
-        .wait_for("the second WireGuard peer's handshake", |_| {
-            bridge.client_connected()
-        });
-    node
-}
-
-/// The preferences the daemon left in the stand-in.
-fn prefs(node: &WithStandIn) -> Value {
-    prefs_at(&node.socket)
-}
-
-fn prefs_at(socket: &std::path::Path) -> Value {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let request = standin::request(socket, Method::GET, "/localapi/v0/prefs", Value::Null);
-    runtime.block_on(request).1
-}
 
 const BULK: usize = 1 << 20;
 
@@ -57,7 +25,10 @@ fn simple_bridge() {
         let cl6 = b.client.run(|| WhoAmI::listen(true));
         let cl_sink = b.client.run(Sink::listen);
         let inet = b.internet.run(|| WhoAmI::listen(false));
-        let node = b.bed.ours.run(|| start(&b, &[("TG_DATAPATH", datapath)]));
+        let node = b
+            .bed
+            .ours
+            .run(|| b.start_healthy(&[("TG_DATAPATH", datapath)]));
         let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
 
         // WireGuard client -> tailnet.
@@ -120,7 +91,7 @@ fn simple_bridge() {
 
         // What Tailscale was told: the WireGuard side's routes, routes
         // accepted, DNS left alone, no exit node.
-        let p = prefs(&node);
+        let p = standin::prefs(&node.socket);
         assert_eq!(
             p["AdvertiseRoutes"],
             json!(["10.66.0.1/32", "fd66::1/128", "10.66.0.3/32", "fd66::3/128"]),
@@ -164,7 +135,7 @@ fn simple_server() {
             ("TG_CLIENT_MODE", "1"),
             ("WG_ISOLATE_PEERS", "1"),
         ];
-        let node = b.bed.ours.run(|| start(&b, &env));
+        let node = b.bed.ours.run(|| b.start_healthy(&env));
         let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
 
         // The host, from both sides.
@@ -215,7 +186,7 @@ fn simple_server() {
         );
 
         // Tailscale: a client that accepts DNS and advertises nothing.
-        let p = prefs(&node);
+        let p = standin::prefs(&node.socket);
         assert_eq!(p["AdvertiseRoutes"], json!([]), "{p}");
         assert_eq!(p["CorpDNS"], json!(true), "{p}");
         b.bed.ours.run(|| node.daemon.stop());
@@ -237,7 +208,7 @@ fn wireguard_as_exit_node() {
         let lan = b.lan.run(|| WhoAmI::listen(false));
         let tn_sink = b.tailnet.run(Sink::listen);
         let env = [("TG_DATAPATH", datapath), ("TS_DEST_IP", WG_SERVER)];
-        let node = b.bed.ours.run(|| start(&b, &env));
+        let node = b.bed.ours.run(|| b.start_healthy(&env));
         let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
 
         // The WireGuard server, at the node's own tailnet address.
@@ -276,7 +247,7 @@ fn wireguard_as_exit_node() {
 
         // Tailscale was told: the LAN (and the second peer's addresses),
         // and both default routes: an exit node.
-        let p = prefs(&node);
+        let p = standin::prefs(&node.socket);
         assert_eq!(
             p["AdvertiseRoutes"],
             json!([
@@ -334,7 +305,7 @@ fn tailscale_exit_node_for_wireguard_clients() {
                 "100.64.0.2/32,fd7a:115c:a1e0::2/128,0.0.0.0/0",
             ),
         ];
-        let mut node = b.bed.ours.run(|| start(&b, &env));
+        let mut node = b.bed.ours.run(|| b.start_healthy(&env));
 
         let seen = b.client.run(|| who_am_i("10.220.0.2", site.port));
         assert_eq!(
@@ -350,10 +321,10 @@ fn tailscale_exit_node_for_wireguard_clients() {
         let socket = node.socket.clone();
         b.bed.ours.run(|| {
             node.daemon.wait_for("the exit node preference", |_| {
-                prefs_at(&socket)["AutoExitNode"] == "any"
+                standin::prefs(&socket)["AutoExitNode"] == "any"
             })
         });
-        let p = prefs(&node);
+        let p = standin::prefs(&node.socket);
         assert_eq!(p["AdvertiseRoutes"], json!([]), "{p}");
         assert_eq!(
             (&p["CorpDNS"], &p["ExitNodeAllowLANAccess"]),

@@ -3,7 +3,6 @@
 //! preferences of each mode, health, restarts, address changes.
 
 use std::{
-    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -15,9 +14,9 @@ use nix::{
 };
 use serde_json::{Value, json};
 use tailguard_tests::{
-    daemon::{Daemon, WithStandIn},
+    daemon::{Daemon, WithStandIn, health, status},
     netns::{routing_state, run, unique_ifname},
-    standin, tailguard_bin,
+    standin,
     wg::{ConfigDir, Testbed},
 };
 
@@ -25,47 +24,9 @@ fn start(bed: &Testbed, dir: &ConfigDir, env: &[(&str, &str)]) -> WithStandIn {
     Daemon::with_standin(bed, dir, env)
 }
 
-/// `tailguard health`: exit status and report.
-fn health() -> (bool, String) {
-    let out = Command::new(tailguard_bin())
-        .arg("health")
-        .output()
-        .expect("tailguard health");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
-/// `tailguard status`: the daemon's JSON status, or `null` before it answers.
-fn status() -> Value {
-    let out = Command::new(tailguard_bin())
-        .arg("status")
-        .output()
-        .expect("tailguard status");
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-}
-
 /// The forwarding plane's maps as the daemon read them back from the kernel.
 fn maps() -> Value {
     status()["forwarding"].clone()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn ask(socket: &Path, method: Method, path: &str, body: Value) -> Value {
-    runtime()
-        .block_on(standin::request(socket, method, path, body))
-        .1
-}
-
-fn prefs(socket: &Path) -> Value {
-    ask(socket, Method::GET, "/localapi/v0/prefs", Value::Null)
 }
 
 #[test]
@@ -90,7 +51,7 @@ fn auth_key_login_sets_the_reference_preferences_and_turns_healthy() {
             "{report}"
         );
 
-        let p = prefs(&node.socket);
+        let p = standin::prefs(&node.socket);
         assert_eq!(
             p["AdvertiseRoutes"],
             json!(["192.168.8.0/24", "0.0.0.0/0", "::/0"]),
@@ -101,7 +62,7 @@ fn auth_key_login_sets_the_reference_preferences_and_turns_healthy() {
             (&json!(true), &json!(false), &json!(true))
         );
         assert_eq!(p["Hostname"], json!("bridge"));
-        let log = ask(&node.socket, Method::GET, "/standin/log", Value::Null);
+        let log = standin::ask(&node.socket, Method::GET, "/standin/log", Value::Null);
         assert_eq!(log[0]["start"]["AuthKey"], json!("<given>"), "{log}");
         assert_eq!(
             log[0]["start"]["UpdatePrefs"]["ControlURL"],
@@ -160,7 +121,7 @@ fn interactive_login_prints_the_url_and_health_waits_for_it() {
             "{report}"
         );
 
-        ask(&node.socket, Method::POST, "/standin/approve", Value::Null);
+        standin::ask(&node.socket, Method::POST, "/standin/approve", Value::Null);
         node.daemon
             .wait_for("health after the login", |_| health().0);
         node.daemon.stop();
@@ -181,9 +142,9 @@ fn client_mode_uses_the_exit_node_with_lan_access_and_advertises_nothing() {
         ];
         let mut node = start(&bed, &dir, &env);
         node.daemon.wait_for("the exit node set", |_| {
-            prefs(&node.socket)["AutoExitNode"] == json!("any")
+            standin::prefs(&node.socket)["AutoExitNode"] == json!("any")
         });
-        let p = prefs(&node.socket);
+        let p = standin::prefs(&node.socket);
         assert_eq!(p["ExitNodeAllowLANAccess"], json!(true), "{p}");
         assert_eq!(p["CorpDNS"], json!(true), "client mode accepts tailnet DNS");
         assert_eq!(
@@ -261,7 +222,7 @@ fn address_and_route_changes_reach_the_maps_and_going_offline_the_health() {
         assert_eq!(m["routes"]["100.64.0.0/10"], "tailscale", "{m:#}");
 
         // Changes are followed on tailscaled's IPN bus.
-        let log = ask(&node.socket, Method::GET, "/standin/log", Value::Null);
+        let log = standin::ask(&node.socket, Method::GET, "/standin/log", Value::Null);
         assert!(
             log.as_array()
                 .unwrap()
@@ -270,7 +231,7 @@ fn address_and_route_changes_reach_the_maps_and_going_offline_the_health() {
             "{log:#}"
         );
         // Tailscale gives the node new addresses.
-        ask(
+        standin::ask(
             &node.socket,
             Method::POST,
             "/standin/set",
@@ -305,7 +266,7 @@ fn address_and_route_changes_reach_the_maps_and_going_offline_the_health() {
                 maps()["routes"].get(extra).is_none()
             });
 
-        ask(
+        standin::ask(
             &node.socket,
             Method::POST,
             "/standin/set",
@@ -315,7 +276,7 @@ fn address_and_route_changes_reach_the_maps_and_going_offline_the_health() {
             health().1.contains("does not see the node online")
         });
         assert_eq!(status()["healthy"], false);
-        ask(
+        standin::ask(
             &node.socket,
             Method::POST,
             "/standin/set",
@@ -345,7 +306,7 @@ fn attach_mode_uses_a_running_tailscaled_and_leaves_it_running() {
             .spawn()
             .expect("starting the host's stand-in");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while ask(&socket, Method::GET, "/localapi/v0/status", Value::Null).is_null() {
+        while standin::ask(&socket, Method::GET, "/localapi/v0/status", Value::Null).is_null() {
             assert!(
                 Instant::now() < deadline,
                 "the host's stand-in did not come up"
@@ -374,7 +335,7 @@ fn attach_mode_uses_a_running_tailscaled_and_leaves_it_running() {
             node.daemon.log()
         );
         assert_eq!(
-            prefs(&socket)["AdvertiseRoutes"],
+            standin::prefs(&socket)["AdvertiseRoutes"],
             json!(["10.66.0.1/32", "192.168.8.0/24"])
         );
         node.daemon.stop();

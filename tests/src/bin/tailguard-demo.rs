@@ -4,14 +4,13 @@
 //! `TG_DEMO_SECONDS`); then everything is taken down.
 
 use std::{
-    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
-use tailguard_tests::{bridge::*, tailguard_bin};
+use tailguard_tests::bridge::*;
 
 fn main() {
     if !nix::unistd::geteuid().is_root() {
@@ -36,17 +35,10 @@ fn main() {
     let tn = b.tailnet.run(|| WhoAmI::listen(false));
     let client = b.client.run(|| WhoAmI::listen(false));
     let server = b.bed.theirs.run(|| WhoAmI::listen(false));
-    let mut node = b.bed.ours.run(|| b.start(&[("TS_DEST_IP", WG_SERVER)]));
-    b.bed.ours.run(|| {
-        node.daemon.wait_for("health", |_| {
-            Command::new(tailguard_bin())
-                .arg("health")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
-        node.daemon
-            .wait_for("the WireGuard client", |_| b.client_connected());
-    });
+    let node = b
+        .bed
+        .ours
+        .run(|| b.start_healthy(&[("TS_DEST_IP", WG_SERVER)]));
 
     println!(
         "
@@ -89,15 +81,7 @@ Ctrl-C stops the demo and removes everything it made.
             show(d)
         );
         if round % 5 == 2 {
-            let stats = b.bed.ours.run(|| {
-                Command::new(tailguard_bin())
-                    .arg("stats")
-                    .env("WG_DEVICE", &b.bed.device)
-                    .env("TG_BPF_DIR", b.dir.bpf_dir())
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_default()
-            });
+            let stats = b.tailguard("stats");
             println!("\n`tailguard stats` in TailGuard's namespace:\n{stats}");
         }
         round += 1;
@@ -106,16 +90,7 @@ Ctrl-C stops the demo and removes everything it made.
 
     println!("stopping: the daemon takes down what it set up ...");
     b.bed.ours.run(|| node.daemon.stop());
-    let cleanup = b.bed.ours.run(|| {
-        Command::new(tailguard_bin())
-            .arg("cleanup")
-            .env("WG_DEVICE", &b.bed.device)
-            .env("TG_BPF_DIR", b.dir.bpf_dir())
-            .output()
-    });
-    if !cleanup.is_ok_and(|o| o.status.success()) {
-        eprintln!("tailguard cleanup failed");
-    }
+    b.tailguard("cleanup");
     drop(b);
     println!("done: the demo's namespaces, links and programs are gone");
 }
