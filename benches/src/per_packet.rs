@@ -162,8 +162,8 @@ pub fn run() -> Result<Vec<Row>> {
             .collect();
         let drop = vec![udp(f.client, f.other_client, 1, 2)];
 
-        let (_, floor) = time(dp.bench_floor()?, &established)?;
-        let floor_median = floor[floor.len() / 2].max(1);
+        let floor = time(dp.bench_floor()?, &established)?;
+        let floor_median = floor.1[floor.1.len() / 2].max(1);
         let row = |path, (verdict, s): (u32, Vec<u64>)| Row {
             path,
             family: f.name,
@@ -172,7 +172,7 @@ pub fn run() -> Result<Vec<Row>> {
             p90_ns: s[s.len() * 9 / 10],
             ratio: s[s.len() / 2] as f64 / floor_median as f64,
         };
-        rows.push(row("floor: redirect only", (7, floor.clone())));
+        rows.push(row("floor: redirect only", floor));
         let wg = dp.program(Device::WireGuard, Direction::Ingress)?;
         rows.push(row("new flow (wg->ts, masquerade)", time(wg, &new)?));
         rows.push(row(
