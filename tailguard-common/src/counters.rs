@@ -67,6 +67,24 @@ impl Device {
             Self::Tailscale => "tailscale",
         }
     }
+
+    /// The device on the other side of the bridge.
+    pub const fn other(self) -> Self {
+        match self {
+            Self::WireGuard => Self::Tailscale,
+            Self::Tailscale => Self::WireGuard,
+        }
+    }
+
+    /// The device with this role number (`as u32`); anything else reads as
+    /// WireGuard.
+    pub const fn from_role(role: u32) -> Self {
+        if role == Self::Tailscale as u32 {
+            Self::Tailscale
+        } else {
+            Self::WireGuard
+        }
+    }
 }
 
 impl Direction {

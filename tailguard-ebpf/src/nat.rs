@@ -91,22 +91,15 @@ pub fn lookup(key: &FlowKey, now: u64) -> Option<*mut NatEntry> {
     Some(entry)
 }
 
-/// Where a new flow's packets go, and where its replies go.
-pub struct Sides {
-    /// Where the flow's packets go, and its MTU.
-    pub egress: Device,
-    pub egress_mtu: u32,
-    /// Where its replies go (and so the device they arrive on is `egress`).
-    pub back: Device,
-}
-
-/// Records a new flow: `p` (keyed `s.key`) leaves with `s.src`/`s.dst`
-/// and, when `allocate`, a fresh source port from the fast path's range.
+/// Records a new flow: `p` (keyed `s.key`) leaves through `egress` with
+/// `s.src`/`s.dst` and, when `allocate`, a fresh source port from the fast
+/// path's range; its replies arrive on `egress` and go back through the
+/// other device.
 /// The reply entry is inserted first and only if free, which is what makes
 /// a port ours alone. Leaves the entry for `p` in `s.entry`; false when no
 /// port was free.
 #[inline(always)]
-pub fn create(p: &Packet, s: &mut Scratch, allocate: bool, sides: &Sides, now: u64) -> bool {
+pub fn create(p: &Packet, s: &mut Scratch, allocate: bool, egress: Device, now: u64) -> bool {
     let icmp = p.is_icmp();
     // The ports of the reply: swapped, except that an echo reply carries
     // the request's identifier in the same place.
@@ -121,7 +114,7 @@ pub fn create(p: &Packet, s: &mut Scratch, allocate: bool, sides: &Sides, now: u
         dst: p.src,
         sport: reply_sport,
         dport: reply_dport,
-        egress: sides.back as u32,
+        egress: egress.other() as u32,
         last_seen: now,
         state: 0,
         _pad: 0,
@@ -132,7 +125,7 @@ pub fn create(p: &Packet, s: &mut Scratch, allocate: bool, sides: &Sides, now: u
         sport: reply_sport,
         dport: reply_dport,
         proto: p.proto,
-        ingress: sides.egress as u8,
+        ingress: egress as u8,
         family: s.key.family,
         _pad: 0,
     };
@@ -171,7 +164,7 @@ pub fn create(p: &Packet, s: &mut Scratch, allocate: bool, sides: &Sides, now: u
         dst: s.dst,
         sport,
         dport: if icmp { 0 } else { p.dport },
-        egress: sides.egress as u32,
+        egress: egress as u32,
         last_seen: now,
         state: 0,
         _pad: 0,

@@ -26,7 +26,7 @@ use crate::{
     config::{config, route_v4, route_v6},
     icmp::{self, IcmpError},
     link_layer::has_ethernet,
-    nat::{self, Scratch, Sides},
+    nat::{self, Scratch},
     packet::{Packet, TCP_FIN, TCP_RST},
     rewrite,
 };
@@ -153,26 +153,32 @@ fn route(p: &Packet) -> Option<Route> {
     }
 }
 
-/// A device's index and MTU, by role.
+/// Where a packet leaves through `egress` (a device role), if the fast
+/// path may send it: the device's index and MTU. Else what the kernel must
+/// do with it: the device is not there yet, the TTL would expire (the kernel
+/// answers "time exceeded"), or it is too big (the kernel fragments it or
+/// answers "too big").
 #[inline(always)]
-fn device(cfg: &Config, role: u32) -> (u32, u32) {
-    if role == Device::Tailscale as u32 {
-        (cfg.ts_ifindex, u32::from(cfg.ts_mtu))
-    } else {
-        (cfg.wg_ifindex, u32::from(cfg.wg_mtu))
-    }
-}
-
-fn towards(cfg: &Config, egress: Device) -> Sides {
-    let back = match egress {
-        Device::WireGuard => Device::Tailscale,
-        Device::Tailscale => Device::WireGuard,
+fn egress(
+    cfg: &Config,
+    egress: Device,
+    ttl: u8,
+    fits: impl Fn(u32) -> bool,
+) -> Result<(u32, u32), (i32, Outcome)> {
+    let (ifindex, mtu) = match egress {
+        Device::Tailscale => (cfg.ts_ifindex, u32::from(cfg.ts_mtu)),
+        Device::WireGuard => (cfg.wg_ifindex, u32::from(cfg.wg_mtu)),
     };
-    Sides {
-        egress,
-        egress_mtu: device(cfg, egress as u32).1,
-        back,
+    if ifindex == 0 {
+        return Err(kernel(Outcome::KernelNoRoute));
     }
+    if ttl <= 1 {
+        return Err(kernel(Outcome::KernelTtl));
+    }
+    if !fits(mtu) {
+        return Err(kernel(Outcome::KernelTooBig));
+    }
+    Ok((ifindex, mtu))
 }
 
 #[inline(always)]
@@ -190,11 +196,11 @@ fn from_wireguard(
     match route(p) {
         // nft: "wg -> ts" accepted, and masqueraded in srcnat.
         Some(Route::TAILSCALE) => {
-            if cfg.ts_ifindex == 0 || !copy_own(cfg, p, Own::Tailnet, &mut s.src) {
+            if !copy_own(cfg, p, Own::Tailnet, &mut s.src) {
                 return kernel(Outcome::KernelNoRoute);
             }
             s.dst = p.dst;
-            start(ctx, cfg, p, s, true, &towards(cfg, Device::Tailscale), now)
+            start(ctx, cfg, p, s, true, Device::Tailscale, now)
         }
         // nft: "wg -> wg" accepted unless WG_ISOLATE_PEERS=1 (then the
         // forward chain's policy drops it).
@@ -324,7 +330,7 @@ fn to_wireguard(
     } else {
         s.src = p.src;
     }
-    start(ctx, cfg, p, s, snat, &towards(cfg, Device::WireGuard), now)
+    start(ctx, cfg, p, s, snat, Device::WireGuard, now)
 }
 
 /// The first packet of a flow: checks what would make the kernel answer
@@ -336,35 +342,40 @@ fn start(
     p: &mut Packet,
     s: &mut Scratch,
     allocate: bool,
-    sides: &Sides,
+    to: Device,
     now: u64,
 ) -> (i32, Outcome) {
-    if p.ttl <= 1 {
-        return kernel(Outcome::KernelTtl);
-    }
-    if !p.fits(sides.egress_mtu) {
-        return kernel(Outcome::KernelTooBig);
-    }
-    if !nat::create(p, s, allocate, sides, now) {
+    let (ifindex, mtu) = match egress(cfg, to, p.ttl, |mtu| p.fits(mtu)) {
+        Ok(device) => device,
+        Err(verdict) => return verdict,
+    };
+    if !nat::create(p, s, allocate, to, now) {
         return kernel(Outcome::KernelNoPort);
     }
-    send(ctx, cfg, p, &s.entry)
+    translate(ctx, p, &s.entry, to, ifindex, mtu)
+}
+
+/// Sends a packet of a flow we own, as its `entry` says.
+#[inline(always)]
+fn send(ctx: &TcContext, cfg: &Config, p: &mut Packet, entry: &NatEntry) -> (i32, Outcome) {
+    let to = Device::from_role(entry.egress);
+    match egress(cfg, to, p.ttl, |mtu| p.fits(mtu)) {
+        Ok((ifindex, mtu)) => translate(ctx, p, entry, to, ifindex, mtu),
+        Err(verdict) => verdict,
+    }
 }
 
 /// Rewrites `p` as `entry` says, takes one from its TTL, clamps the MSS of a
 /// SYN to the egress MTU (nft: chain mss), and redirects it.
 #[inline(always)]
-fn send(ctx: &TcContext, cfg: &Config, p: &mut Packet, entry: &NatEntry) -> (i32, Outcome) {
-    let (ifindex, mtu) = device(cfg, entry.egress);
-    if ifindex == 0 {
-        return kernel(Outcome::KernelNoRoute);
-    }
-    if p.ttl <= 1 {
-        return kernel(Outcome::KernelTtl);
-    }
-    if !p.fits(mtu) {
-        return kernel(Outcome::KernelTooBig);
-    }
+fn translate(
+    ctx: &TcContext,
+    p: &mut Packet,
+    entry: &NatEntry,
+    to: Device,
+    ifindex: u32,
+    mtu: u32,
+) -> (i32, Outcome) {
     let icmp = p.is_icmp();
     let rewritten = rewrite::set_addr(ctx, p, true, &entry.src)
         .and_then(|()| rewrite::set_addr(ctx, p, false, &entry.dst))
@@ -381,7 +392,7 @@ fn send(ctx: &TcContext, cfg: &Config, p: &mut Packet, entry: &NatEntry) -> (i32
     if rewritten.is_err() {
         return (TC_ACT_SHOT, Outcome::DropHelperFailed);
     }
-    (redirect(entry.egress, ifindex), Outcome::Redirected)
+    (redirect(to, ifindex), Outcome::Redirected)
 }
 
 /// Sends a translated ICMP error (see `icmp`) the way its flow's replies go.
@@ -392,38 +403,28 @@ pub fn send_error(
     mut e: IcmpError,
     entry: &NatEntry,
 ) -> (i32, Outcome) {
-    let (ifindex, mtu) = device(cfg, entry.egress);
-    if ifindex == 0 {
-        return kernel(Outcome::KernelNoRoute);
-    }
-    if e.ttl <= 1 {
-        return kernel(Outcome::KernelTtl);
-    }
-    if e.len > mtu {
-        return kernel(Outcome::KernelTooBig);
-    }
+    let to = Device::from_role(entry.egress);
+    let (ifindex, _) = match egress(cfg, to, e.ttl, |mtu| e.len <= mtu) {
+        Ok(device) => device,
+        Err(verdict) => return verdict,
+    };
     let proto = if e.ipv6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
     let rewritten = icmp::rewrite_error(ctx, &mut e, entry)
         .and_then(|()| rewrite::decrement_ttl_at(ctx, e.l3, e.ipv6, e.ttl, proto));
     if rewritten.is_err() {
         return (TC_ACT_SHOT, Outcome::DropHelperFailed);
     }
-    (redirect(entry.egress, ifindex), Outcome::ErrorTranslated)
+    (redirect(to, ifindex), Outcome::ErrorTranslated)
 }
 
-/// Sends the packet out of `ifindex`, the device of role `egress`. On L3
+/// Sends the packet out of `ifindex`, the device `to`. On L3
 /// devices it goes as it is; on Ethernet devices (veth) the kernel fills in
 /// the link-layer addresses of the next hop (`bpf_redirect_neigh`, which
 /// aya-ebpf does not wrap yet: helper 152, as the kernel's UAPI numbers it).
 /// Returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the helper refused.
 #[inline(always)]
-fn redirect(egress: u32, ifindex: u32) -> i32 {
-    let role = if egress == Device::Tailscale as u32 {
-        Device::Tailscale
-    } else {
-        Device::WireGuard
-    };
-    if has_ethernet(role) {
+fn redirect(to: Device, ifindex: u32) -> i32 {
+    if has_ethernet(to) {
         // SAFETY: helper 152 is `long bpf_redirect_neigh(u32 ifindex, struct
         // bpf_redir_neigh *params, int plen, u64 flags)`; no params means
         // "look the next hop up".
