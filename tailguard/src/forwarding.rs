@@ -2,7 +2,7 @@
 //! what the kernel and Tailscale report; no side effects, so every case is a
 //! unit test. The daemon writes the result with [`crate::datapath`].
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use tailguard_common::{Config, Route, config::flag};
@@ -46,7 +46,8 @@ pub fn config(plan: &Plan, facts: &Facts) -> Config {
         config.ts_mtu = clamp_mtu(mtu);
     }
     config.set_ts(facts.ts_v4, facts.ts_v6);
-    let (wg_v4, wg_v6) = first_of_each_family(plan.wireguard.addresses.iter().map(IpNet::addr));
+    let (wg_v4, wg_v6) =
+        crate::family::first_of_each(plan.wireguard.addresses.iter().map(IpNet::addr));
     config.set_wg(wg_v4, wg_v6);
     let dest = plan.forwarding.dest_ip;
     config.set_dest(dest.v4, dest.v6);
@@ -121,19 +122,6 @@ pub fn describe(config: &Config, routes: &Routes) -> serde_json::Value {
         "expose_host": config.has(flag::EXPOSE_HOST),
         "routes": routes.iter().map(|(net, r)| (net.to_string(), egress(r).into())).collect::<serde_json::Map<_, _>>(),
     })
-}
-
-fn first_of_each_family(
-    addrs: impl Iterator<Item = IpAddr>,
-) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
-    let (mut v4, mut v6) = (None, None);
-    for addr in addrs {
-        match addr {
-            IpAddr::V4(a) => _ = v4.get_or_insert(a),
-            IpAddr::V6(a) => _ = v6.get_or_insert(a),
-        }
-    }
-    (v4, v6)
 }
 
 fn clamp_mtu(mtu: u32) -> u16 {

@@ -5,6 +5,7 @@
 pub mod daemon;
 pub mod datapath;
 pub mod endpoints;
+pub mod family;
 pub mod firewall;
 pub mod forwarding;
 pub mod gro;

@@ -90,15 +90,7 @@ where
 impl Status {
     /// The node's own tailnet addresses, one per family at most.
     pub fn own_addresses(&self) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
-        let v4 = self.tailscale_ips.iter().find_map(|a| match a {
-            IpAddr::V4(a) => Some(*a),
-            IpAddr::V6(_) => None,
-        });
-        let v6 = self.tailscale_ips.iter().find_map(|a| match a {
-            IpAddr::V6(a) => Some(*a),
-            IpAddr::V4(_) => None,
-        });
-        (v4, v6)
+        crate::family::first_of_each(self.tailscale_ips.iter().copied())
     }
 
     /// Healthy for TailGuard's purposes: running, with addresses, and online
