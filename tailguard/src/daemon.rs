@@ -131,6 +131,16 @@ impl Running {
         let listener = TcpListener::bind(settings.health_addr)
             .await
             .with_context(|| format!("TG_HEALTH_ADDR={}: cannot listen", settings.health_addr))?;
+        // The status page: the same `/status` and `/healthz`, on all
+        // addresses, for both sides (the firewall opens it to them).
+        if let Some(port) = plan.forwarding.status_page_port {
+            let page = std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+            let listener = TcpListener::bind(page)
+                .await
+                .with_context(|| format!("TG_WEBUI_PORT={port}: cannot listen"))?;
+            self.tasks
+                .push(tokio::spawn(health::serve(listener, health_rx.clone())));
+        }
         self.tasks
             .push(tokio::spawn(health::serve(listener, health_rx)));
 

@@ -475,3 +475,21 @@ pub fn echo_line(stream: &mut TcpStream, line: &str) -> Result<String, String> {
     }
     Ok(String::from_utf8_lossy(&answer).trim_end().to_string())
 }
+
+/// `GET path` over plain HTTP/1.1 from the calling thread's namespace: the
+/// whole response (status line, headers, body), or why it failed.
+pub fn http_get(addr: &str, port: u16, path: &str) -> String {
+    let target = SocketAddr::new(addr.parse().expect("an address"), port);
+    let attempt = || -> std::io::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    };
+    attempt().unwrap_or_else(|e| format!("GET {target}{path} failed: {e}"))
+}

@@ -51,6 +51,7 @@ fn forwarding_rows_nat_and_dest_ip() {
             b.start_healthy(&[
                 ("TG_DATAPATH", datapath),
                 ("TS_DEST_IP", "10.66.0.1,fd66::1"),
+                ("TG_WEBUI_PORT", "8088"),
             ])
         });
         let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
@@ -105,6 +106,19 @@ fn forwarding_rows_nat_and_dest_ip() {
         assert!(refused.is_err(), "{}", ctx("wg -> host must be dropped"));
         let refused = b.tailnet.run(|| who_am_i(NODE_WG, host.port));
         assert!(refused.is_err(), "{}", ctx("ts -> host must be dropped"));
+        // ... but the status page is open to both sides.
+        let page = b.bed.theirs.run(|| http_get(NODE_WG, 8088, "/status"));
+        assert!(
+            page.contains("\"forwarding\""),
+            "{}",
+            ctx(&format!("status page from wg: {page}"))
+        );
+        let page = b.tailnet.run(|| http_get(NODE_WG, 8088, "/healthz"));
+        assert!(
+            page.contains("healthy"),
+            "{}",
+            ctx(&format!("status page from ts: {page}"))
+        );
 
         b.bed.ours.run(|| {
             assert_path(&mut node, datapath, Some("drop:not-forwarded"));
