@@ -73,8 +73,17 @@ pub const NAT_PORT_COUNT: u16 = 65535 - NAT_PORT_FIRST + 1;
 /// How many free ports to try before leaving the flow to the kernel.
 pub const NAT_PORT_TRIES: u32 = 16;
 
-/// Flows in the map (each takes two entries).
-pub const NAT_MAX_ENTRIES: u32 = 131_072;
+/// Entries of the map as compiled; the daemon sizes it at load time from
+/// `TG_NAT_FLOWS` (two entries per flow, see [`nat_entries`]).
+pub const NAT_MAX_ENTRIES: u32 = nat_entries(NAT_DEFAULT_FLOWS);
+/// Flows the fast path tracks at once unless `TG_NAT_FLOWS` says otherwise:
+/// about 19 MiB of kernel memory (the LRU map is allocated whole up front).
+pub const NAT_DEFAULT_FLOWS: u32 = 65_536;
+
+/// Map entries for `flows` flows: one per direction.
+pub const fn nat_entries(flows: u32) -> u32 {
+    flows.saturating_mul(2)
+}
 
 const SECOND: u64 = 1_000_000_000;
 

@@ -220,11 +220,14 @@ impl Running {
     /// failure nothing of them is left.
     async fn load_datapath(&mut self, settings: &Settings) -> Result<()> {
         let dir = pin::state_dir(&settings.bpf_dir, &settings.wg_device);
-        let nat_pin = pin::prepare(&dir).context("preparing the pinned connection state")?;
-        let options = LoadOptions {
-            nat_pin: Some(nat_pin),
+        let mut options = LoadOptions {
+            nat_flows: settings.nat_flows,
             ..LoadOptions::default()
         };
+        options.nat_pin = Some(
+            pin::prepare(&dir, options.nat_entries())
+                .context("preparing the pinned connection state")?,
+        );
         let mut datapath = Datapath::load(&options).context(LOAD_HINT)?;
         datapath
             .attach(Device::WireGuard, &settings.wg_device, settings.tc_attach)

@@ -102,7 +102,7 @@ async fn stats(settings: &Settings) -> Result<()> {
             "connection table: {} entries, {} live, of {} (two per flow)",
             o.entries,
             o.live,
-            tailguard_common::nat::NAT_MAX_ENTRIES
+            o.capacity
         ),
         None => println!("connection table: none pinned in {}", dir.display()),
     }

@@ -182,6 +182,11 @@ pub struct SettingsArgs {
     )]
     pub bpf_dir: PathBuf,
 
+    /// Flows the fast path tracks at once (the least recently used give way
+    /// beyond that); its map is allocated whole, about 300 bytes per flow.
+    #[arg(long, env = "TG_NAT_FLOWS", value_name = "TG_NAT_FLOWS", default_value_t = tailguard_common::nat::NAT_DEFAULT_FLOWS, value_parser = nat_flows)]
+    pub nat_flows: u32,
+
     /// `ebpf`: the TC/eBPF fast path between the two devices, with the
     /// nftables table for what it hands to the kernel; `netfilter`: the
     /// kernel forwards everything, with the nftables table alone.
@@ -247,6 +252,7 @@ pub struct Settings {
     pub tc_attach: AttachMode,
     pub datapath: DatapathMode,
     pub bpf_dir: PathBuf,
+    pub nat_flows: u32,
 }
 
 /// A setting that is accepted but will not do what its value says.
@@ -320,6 +326,7 @@ impl SettingsArgs {
             tc_attach: self.tc_attach.into(),
             datapath: self.datapath,
             bpf_dir: self.bpf_dir,
+            nat_flows: self.nat_flows,
         };
         Ok((settings, warnings))
     }
@@ -425,6 +432,14 @@ fn seconds(value: &str) -> Result<u64, String> {
     match value.parse::<u64>() {
         Ok(s) if (1..=86_400).contains(&s) => Ok(s),
         _ => Err("expected a number of seconds from 1 to 86400".into()),
+    }
+}
+
+/// Between a small site's needs and what fits a large server's memory.
+fn nat_flows(value: &str) -> Result<u32, String> {
+    match value.parse::<u32>() {
+        Ok(n) if (1024..=4_194_304).contains(&n) => Ok(n),
+        _ => Err("expected a number of flows from 1024 to 4194304".into()),
     }
 }
 
@@ -625,6 +640,16 @@ mod tests {
         assert_eq!(s.health_addr, "127.0.0.1:9002".parse().unwrap());
         assert_eq!(s.tc_attach, AttachMode::Auto);
         assert_eq!(s.datapath, DatapathMode::Ebpf);
+        assert_eq!(s.nat_flows, 65_536);
+    }
+
+    #[test]
+    fn nat_flows_are_bounded() {
+        assert_eq!(settings(&["--nat-flows=1000000"]).nat_flows, 1_000_000);
+        for bad in ["100", "5000000", "many", ""] {
+            let e = error(&[&format!("--nat-flows={bad}")]);
+            assert!(e.contains("TG_NAT_FLOWS") && e.contains("1024 to 4194304"), "{e}");
+        }
     }
 
     #[test]

@@ -283,7 +283,7 @@ fn an_established_connection_survives_a_restart() {
     for datapath in DATAPATHS {
         let b = Bridge::new(&format!("fwr-{datapath}"));
         let echo = b.tailnet.run(Echo::listen);
-        let env = [("TG_DATAPATH", datapath)];
+        let env = [("TG_DATAPATH", datapath), ("TG_NAT_FLOWS", "4096")];
         let mut node = b.bed.ours.run(|| b.start_healthy(&env));
         let mut stream = b.bed.theirs.run(|| {
             let target = std::net::SocketAddr::new(TAILNET_PEER.parse().unwrap(), echo.port);
@@ -297,7 +297,7 @@ fn an_established_connection_survives_a_restart() {
             b.bed.ours.run(|| {
                 node.daemon.wait_for("the flow in tailguard stats", |_| {
                     let s = b.tailguard("stats");
-                    s.contains("connection table: 2 entries, 2 live")
+                    s.contains("connection table: 2 entries, 2 live, of 8192")
                         && s.contains("wireguard  redirected")
                         && s.contains("tailscale  redirected")
                 })

@@ -202,7 +202,7 @@ fn link_layer_is_chosen_per_device() {
     let options = LoadOptions {
         wireguard: LinkLayer::Ethernet,
         tailscale: LinkLayer::Ip,
-        nat_pin: None,
+        ..LoadOptions::default()
     };
     let datapath = Datapath::load(&options).expect("loading programs");
     let framed = packets::ethernet(0x0800, &udp4());

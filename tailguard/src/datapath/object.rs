@@ -4,7 +4,10 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{ProgramError, SchedClassifier},
 };
-use tailguard_common::{Device, Direction};
+use tailguard_common::{
+    Device, Direction,
+    nat::{NAT_MAX_ENTRIES, nat_entries},
+};
 
 use super::Error;
 
@@ -30,6 +33,8 @@ pub struct LoadOptions {
     /// Where the connection-state map is pinned (reused if it is there);
     /// `None`: an unpinned map that goes with the programs.
     pub nat_pin: Option<std::path::PathBuf>,
+    /// Flows the connection-state map holds; 0: the compiled default.
+    pub nat_flows: u32,
 }
 
 impl LoadOptions {
@@ -39,6 +44,16 @@ impl LoadOptions {
             wireguard: link_layer,
             tailscale: link_layer,
             nat_pin: None,
+            nat_flows: 0,
+        }
+    }
+
+    /// Entries of the connection-state map (two per flow).
+    pub const fn nat_entries(&self) -> u32 {
+        if self.nat_flows == 0 {
+            NAT_MAX_ENTRIES
+        } else {
+            nat_entries(self.nat_flows)
         }
     }
 }
@@ -92,6 +107,7 @@ pub(super) fn load(options: &LoadOptions) -> Result<Ebpf, Error> {
     loader
         .override_global("WG_ETHERNET", &wg, true)
         .override_global("TS_ETHERNET", &ts, true);
+    loader.map_max_entries("NAT", options.nat_entries());
     if let Some(pin) = &options.nat_pin {
         loader.map_pin_path("NAT", pin.as_path());
     }

@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::maps::MapData;
-use tailguard_common::nat::{FlowKey, NAT_MAX_ENTRIES, NatEntry};
+use tailguard_common::nat::{FlowKey, NatEntry};
 use tracing::{info, warn};
 
 /// Where bpffs is normally mounted.
@@ -26,8 +26,8 @@ pub fn state_dir(base: &Path, wg_device: &str) -> PathBuf {
 
 /// Makes `dir` ready for pins (mounting bpffs on /sys/fs/bpf when nothing
 /// is mounted there, as in many containers) and returns the path for the
-/// `NAT` pin, after discarding an incompatible one.
-pub fn prepare(dir: &Path) -> io::Result<PathBuf> {
+/// `NAT` pin, after discarding one of another layout or size (`entries`).
+pub fn prepare(dir: &Path, entries: u32) -> io::Result<PathBuf> {
     if dir.starts_with(BPFFS) && !is_bpffs(Path::new(BPFFS)) {
         nix::mount::mount(
             Some("bpffs"),
@@ -42,10 +42,10 @@ pub fn prepare(dir: &Path) -> io::Result<PathBuf> {
     std::fs::create_dir_all(dir)
         .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
     let pin = dir.join("NAT");
-    if pin.exists() && !compatible(&pin) {
+    if pin.exists() && !compatible(&pin, entries) {
         warn!(
             pin = %pin.display(),
-            "connection state from an incompatible TailGuard version: discarded (its flows start over)"
+            "connection state of another layout or size (TailGuard version or TG_NAT_FLOWS changed): discarded (its flows start over)"
         );
         std::fs::remove_file(&pin)?;
     }
@@ -68,15 +68,15 @@ fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
-/// The pinned map has this build's type, key, value and size.
-fn compatible(pin: &Path) -> bool {
+/// The pinned map has this build's type, key and value, and `entries`.
+fn compatible(pin: &Path, entries: u32) -> bool {
     let Ok(info) = MapData::from_pin(pin).and_then(|m| m.info()) else {
         return false;
     };
     info.map_type().ok().map(|t| t as u32) == Some(LRU_HASH)
         && info.key_size() as usize == size_of::<FlowKey>()
         && info.value_size() as usize == size_of::<NatEntry>()
-        && info.max_entries() == NAT_MAX_ENTRIES
+        && info.max_entries() == entries
 }
 
 /// How full the pinned connection state is.
@@ -86,6 +86,8 @@ pub struct Occupancy {
     pub entries: usize,
     /// Of those, the ones not yet idle past their timeout.
     pub live: usize,
+    /// Entries the map can hold.
+    pub capacity: u32,
 }
 
 /// Counts the entries of the pinned `NAT` map in `dir`; `None` when there
@@ -99,12 +101,16 @@ pub fn occupancy(dir: &Path) -> io::Result<Option<Occupancy>> {
         return Ok(None);
     }
     let data = MapData::from_pin(&pin).map_err(io::Error::other)?;
+    let capacity = data.info().map_err(io::Error::other)?.max_entries();
     let map: HashMap<MapData, FlowKey, NatEntry> =
         HashMap::try_from(Map::LruHashMap(data)).map_err(io::Error::other)?;
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .map_err(io::Error::other)?;
-    let mut counted = Occupancy::default();
+    let mut counted = Occupancy {
+        capacity,
+        ..Occupancy::default()
+    };
     for item in map.iter() {
         let (key, entry) = item.map_err(io::Error::other)?;
         counted.entries += 1;
