@@ -100,9 +100,7 @@ async fn stats(settings: &Settings) -> Result<()> {
     match tailguard::datapath::pin::occupancy(&dir)? {
         Some(o) => println!(
             "connection table: {} entries, {} live, of {} (two per flow)",
-            o.entries,
-            o.live,
-            o.capacity
+            o.entries, o.live, o.capacity
         ),
         None => println!("connection table: none pinned in {}", dir.display()),
     }

@@ -648,7 +648,10 @@ mod tests {
         assert_eq!(settings(&["--nat-flows=1000000"]).nat_flows, 1_000_000);
         for bad in ["100", "5000000", "many", ""] {
             let e = error(&[&format!("--nat-flows={bad}")]);
-            assert!(e.contains("TG_NAT_FLOWS") && e.contains("1024 to 4194304"), "{e}");
+            assert!(
+                e.contains("TG_NAT_FLOWS") && e.contains("1024 to 4194304"),
+                "{e}"
+            );
         }
     }
 
