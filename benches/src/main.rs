@@ -1,26 +1,103 @@
-//! `tailguard-bench` (run by `cargo xtask bench`, as root): measures, never
-//! asserts. So far the per-packet cost of each main path of the fast path,
-//! by `BPF_PROG_TEST_RUN`, next to a program that only redirects (the floor).
+//! `tailguard-bench` (run by `cargo xtask bench`, as root): the eBPF fast
+//! path against the kernel path (the original's design: the kernel forwards,
+//! netfilter translates), measured side by side in one run. It measures and
+//! writes `benches/results/`; it asserts nothing.
 //!
-//! Each measurement is one run of the program on a fresh copy of the packet
-//! (`repeat = 1`): with a larger repeat the kernel runs the program again on
-//! the same, already rewritten packet, which would measure other paths. The
-//! kernel times the run itself (its `duration` excludes the system call);
-//! the median of many runs is reported.
+//! 1. Per-packet cost by `BPF_PROG_TEST_RUN` (`per_packet`), next to a
+//!    program that only redirects (the floor).
+//! 2. Forwarding throughput through a TailGuard namespace, both datapaths in
+//!    turn: over veth (`hop`), and as users run it, the daemon between
+//!    userspace WireGuard on both sides (`wireguard`).
+//! 3. Scale: the same with 10, 1,000 and 10,000 routes and 1,000, 100,000
+//!    and 1,000,000 live flows, and the memory their tables take.
 
+mod chart;
+mod hop;
+mod load;
 mod per_packet;
+mod report;
+mod throughput;
+mod wireguard;
 
-use anyhow::Result;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+
+/// Rounds of each throughput comparison (medians of these).
+const ROUNDS: usize = 5;
+const SCALE_ROUNDS: usize = 3;
+const WIREGUARD_ROUNDS: usize = 3;
+const ROUTE_POINTS: [usize; 3] = [10, 1_000, 10_000];
+const FLOW_POINTS: [usize; 3] = [1_000, 100_000, 1_000_000];
 
 fn main() -> Result<()> {
-    let results = per_packet::run()?;
-    let json = serde_json::json!({ "per_packet": results.iter().map(per_packet::Row::to_json).collect::<Vec<_>>() });
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the benchmarks load eBPF programs and make namespaces: run them as root (cargo xtask bench does)");
+    }
+    let started = Instant::now();
+    let _conntrack = ConntrackMax::raise(1 << 21)?;
+
+    eprintln!("per-packet cost (BPF_PROG_TEST_RUN)");
+    let per_packet = per_packet::run()?;
+    let mut per_packet_scale = Vec::new();
+    for routes in ROUTE_POINTS {
+        per_packet_scale.push(per_packet::scale_point(routes, 1_000)?);
+    }
+    for flows in FLOW_POINTS {
+        per_packet_scale.push(per_packet::scale_point(10, flows)?);
+    }
+
+    eprintln!("forwarding over veth: direct, eBPF, netfilter in turn");
+    let veth = throughput::veth(ROUNDS)?;
+    eprintln!("scale over veth");
+    let mut scale = Vec::new();
+    for routes in ROUTE_POINTS {
+        scale.push(throughput::veth_scale(routes, 1_000, SCALE_ROUNDS)?);
+    }
+    for flows in FLOW_POINTS {
+        scale.push(throughput::veth_scale(10, flows, SCALE_ROUNDS)?);
+    }
+    eprintln!("forwarding between userspace WireGuard: the daemon with each datapath in turn");
+    let wireguard = throughput::wireguard(WIREGUARD_ROUNDS);
+
+    let results = report::Results {
+        machine: report::machine(),
+        seconds: started.elapsed().as_secs(),
+        per_packet,
+        per_packet_scale,
+        veth,
+        scale,
+        wireguard,
+    };
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("per-packet.json"), format!("{json:#}\n"))?;
-    let table = per_packet::markdown(&results);
-    std::fs::write(dir.join("per-packet.md"), &table)?;
+    std::fs::write(dir.join("results.json"), format!("{:#}\n", results.to_json()))?;
+    let table = results.markdown();
+    std::fs::write(dir.join("results.md"), &table)?;
+    chart::draw(&results, &dir.join("results.png"))?;
     print!("{table}");
-    println!("\n(written to {})", dir.display());
+    println!("\n(written to {}: results.json, results.md, results.png)", dir.display());
     Ok(())
+}
+
+/// conntrack's limit, raised for the run (the million-flow point) and put
+/// back afterwards. It can only be set from the first network namespace.
+struct ConntrackMax(String);
+
+const CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+
+impl ConntrackMax {
+    fn raise(to: u64) -> Result<Self> {
+        let before = std::fs::read_to_string(CONNTRACK_MAX)?;
+        if before.trim().parse::<u64>().unwrap_or(0) < to {
+            std::fs::write(CONNTRACK_MAX, to.to_string())?;
+        }
+        Ok(Self(before))
+    }
+}
+
+impl Drop for ConntrackMax {
+    fn drop(&mut self) {
+        let _ = std::fs::write(CONNTRACK_MAX, self.0.trim());
+    }
 }

@@ -86,12 +86,15 @@ fn v6(s: &str) -> Ipv6Addr {
     s.parse().expect("a valid address")
 }
 
-pub fn run() -> Result<Vec<Row>> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("the benchmarks load eBPF programs: run them as root (cargo xtask bench does)");
-    }
-    let mut dp = Datapath::load(&LoadOptions::uniform(LinkLayer::Ethernet))
-        .context("loading the programs")?;
+/// The programs loaded with a connection table for `nat_flows` flows
+/// (0: the default), configured as a node with both families, and their
+/// routes (the sides' networks, and `extra_routes` more to the tailnet).
+fn loaded(nat_flows: u32, extra_routes: usize) -> Result<Datapath> {
+    let mut dp = Datapath::load(&LoadOptions {
+        nat_flows,
+        ..LoadOptions::uniform(LinkLayer::Ethernet)
+    })
+    .context("loading the programs")?;
     let mut c = Config {
         wg_ifindex: 1,
         ts_ifindex: 1,
@@ -117,7 +120,18 @@ pub fn run() -> Result<Vec<Row>> {
     ] {
         routes.insert(net.parse::<IpNet>()?, route);
     }
+    for net in crate::load::unused_routes(extra_routes) {
+        routes.insert(IpNet::V4(net), Route::TAILSCALE);
+    }
     dp.sync_routes(&routes)?;
+    Ok(dp)
+}
+
+pub fn run() -> Result<Vec<Row>> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the benchmarks load eBPF programs: run them as root (cargo xtask bench does)");
+    }
+    let mut dp = loaded(0, 0)?;
 
     struct Family {
         name: &'static str,
@@ -198,4 +212,59 @@ fn run_once(dp: &Datapath, device: Device, frame: &[u8]) -> Result<Vec<u8>> {
         })?;
     out.truncate(result.data_size_out as usize);
     Ok(out)
+}
+
+/// One point of the scale runs: established IPv4 flows' cost with the route
+/// tries or the connection table at a size.
+pub struct ScalePoint {
+    pub routes: usize,
+    pub nat_flows: usize,
+    /// Entries found in the table after filling it (two per flow).
+    pub nat_entries: usize,
+    pub median_ns: u64,
+    pub p90_ns: u64,
+    /// Kernel memory of the connection table (the whole preallocated map).
+    pub nat_bytes: u64,
+}
+
+impl ScalePoint {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "routes": self.routes, "nat_flows": self.nat_flows, "nat_entries": self.nat_entries,
+            "median_ns": self.median_ns, "p90_ns": self.p90_ns, "nat_bytes": self.nat_bytes,
+            "nat_bytes_per_flow": self.nat_bytes as f64 / self.nat_flows.max(1) as f64,
+        })
+    }
+}
+
+/// Flows measured at each scale point, spread over the whole table so that
+/// lookups do not all hit the same few cache lines.
+const SAMPLE: usize = 256;
+
+/// Established-flow cost with `routes` routes and `nat_flows` live flows
+/// (a table sized for them, filled by the programs themselves: each flow's
+/// first packet run once).
+pub fn scale_point(routes: usize, nat_flows: usize) -> Result<ScalePoint> {
+    let mut dp = loaded(u32::try_from(nat_flows)?, routes)?;
+    let client = IpAddr::V4(Ipv4Addr::new(10, 66, 0, 7));
+    let peer = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 9));
+    let frame = |i: usize| {
+        let f = crate::load::flow(i);
+        udp(client, peer, f.sport, f.dport)
+    };
+    for i in 0..nat_flows {
+        run_once(&dp, Device::WireGuard, &frame(i))?;
+    }
+    let sample: Vec<Vec<u8>> = (0..SAMPLE).map(|k| frame(k * nat_flows / SAMPLE)).collect();
+    let (_, s) = time(dp.program(Device::WireGuard, Direction::Ingress)?, &sample)?;
+    let nat_bytes = dp.map_memory()?.get("NAT").copied().unwrap_or(0);
+    let nat_entries = dp.nat()?.keys().count();
+    Ok(ScalePoint {
+        routes,
+        nat_flows,
+        nat_entries,
+        median_ns: s[s.len() / 2],
+        p90_ns: s[s.len() * 9 / 10],
+        nat_bytes,
+    })
 }

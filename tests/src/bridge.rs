@@ -56,7 +56,8 @@ pub struct Bridge {
     pub client: NetNs,
     node_keys: KeyPair,
     peer_keys: KeyPair,
-    _tailnet_peer: WgPeer,
+    /// The tailnet peer's WireGuard device (in `tailnet`).
+    pub tailnet_peer: WgPeer,
     client_peer: WgPeer,
 }
 
@@ -170,7 +171,7 @@ impl Bridge {
             client,
             node_keys,
             peer_keys,
-            _tailnet_peer: tailnet_peer,
+            tailnet_peer,
             client_peer,
         }
     }

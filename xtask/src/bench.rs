@@ -10,6 +10,19 @@ use crate::{
 
 pub fn run() -> Result<()> {
     stage("setup", setup::run)?;
+    // The throughput runs start the daemon and the Tailscale stand-in.
+    exec(
+        "build the daemon and the stand-in",
+        cargo().args([
+            "build",
+            "--release",
+            "--package",
+            "tailguard",
+            "--package",
+            "tailguard-tests",
+            "--bins",
+        ]),
+    )?;
     exec(
         "tailguard-bench",
         cargo().args([

@@ -139,3 +139,39 @@ fn read_trie<const N: usize, E>(
     }
     Ok(())
 }
+
+/// `memlock` of every map's fdinfo.
+pub(super) fn memory(ebpf: &Ebpf) -> Result<BTreeMap<String, u64>, Error> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+
+    let mut out = BTreeMap::new();
+    for (name, data) in ebpf.maps().filter_map(|(n, m)| Some((n, map_data(m)?))) {
+        let fd = data.fd().as_fd().as_raw_fd();
+        let path = format!("/proc/self/fdinfo/{fd}");
+        let memlock = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("memlock:"))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .ok_or_else(|| Error::Device {
+                device: name.to_string(),
+                message: format!("no memlock in {path}"),
+            })?;
+        out.insert(name.to_string(), memlock);
+    }
+    Ok(out)
+}
+
+/// The map types this object has (others are skipped).
+fn map_data(map: &Map) -> Option<&aya::maps::MapData> {
+    match map {
+        Map::Array(m)
+        | Map::HashMap(m)
+        | Map::LpmTrie(m)
+        | Map::LruHashMap(m)
+        | Map::PerCpuArray(m) => Some(m),
+        _ => None,
+    }
+}

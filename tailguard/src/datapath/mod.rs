@@ -14,6 +14,8 @@ pub use counters::{Counters, Outcomes};
 pub use maps::Routes;
 pub use object::{LinkLayer, LoadOptions, Program};
 
+use std::collections::BTreeMap;
+
 use aya::{Ebpf, programs::SchedClassifier};
 use tailguard_common::{
     Config, Device, Direction,
@@ -131,6 +133,13 @@ impl Datapath {
         &mut self,
     ) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, FlowKey, NatEntry>, Error> {
         maps::nat(&mut self.ebpf)
+    }
+
+    /// Kernel memory of each map, in bytes, as the kernel accounts it
+    /// (`memlock` in the map's fdinfo: the whole preallocated table for the
+    /// LRU connection state, however full it is).
+    pub fn map_memory(&self) -> Result<BTreeMap<String, u64>, Error> {
+        maps::memory(&self.ebpf)
     }
 
     /// Detaches every program and removes the clsact qdiscs this datapath

@@ -1,0 +1,254 @@
+//! The throughput runs: each datapath in turn, round after round, so that
+//! whatever else the machine does falls on both alike; medians, and the
+//! spread of the per-round ratios.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+
+use crate::{
+    hop::{Hop, Path},
+    load,
+    wireguard::{self, Bed},
+};
+
+/// Median, least and greatest of some measurements.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    pub fn of(values: &[f64]) -> Self {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return Self::default();
+        }
+        v.sort_by(f64::total_cmp);
+        Self {
+            median: v[v.len() / 2],
+            min: v[0],
+            max: v[v.len() - 1],
+        }
+    }
+
+    pub fn to_json(self) -> Value {
+        json!({"median": self.median, "min": self.min, "max": self.max})
+    }
+}
+
+/// One measurement compared across datapaths.
+pub struct Compared {
+    pub metric: &'static str,
+    pub direct: Option<Spread>,
+    pub ebpf: Spread,
+    pub netfilter: Spread,
+    /// eBPF / netfilter, per round.
+    pub ratio: Spread,
+    pub target: &'static str,
+}
+
+impl Compared {
+    fn new(metric: &'static str, target: &'static str, ebpf: &[f64], netfilter: &[f64]) -> Self {
+        let ratios: Vec<f64> = ebpf.iter().zip(netfilter).map(|(e, n)| e / n).collect();
+        Self {
+            metric,
+            direct: None,
+            ebpf: Spread::of(ebpf),
+            netfilter: Spread::of(netfilter),
+            ratio: Spread::of(&ratios),
+            target,
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "metric": self.metric,
+            "direct": self.direct.map(Spread::to_json),
+            "ebpf": self.ebpf.to_json(),
+            "netfilter": self.netfilter.to_json(),
+            "ratio_ebpf_to_netfilter": self.ratio.to_json(),
+            "target": self.target,
+        })
+    }
+}
+
+/// Flows of the small-packet floods (1000: each translated once, then
+/// established).
+const FLOWS: usize = 1000;
+const UDP_SECONDS: Duration = Duration::from_secs(2);
+const TCP_SECONDS: Duration = Duration::from_secs(3);
+
+/// The forwarding hop over veth, each path in turn for `rounds` rounds.
+pub fn veth(rounds: usize) -> Result<Vec<Compared>> {
+    let hop = Hop::new(10, 0)?;
+    let paths = [Path::Direct, Path::Ebpf, Path::Netfilter];
+    // Per path: datagrams/s, hop ns per datagram, Gbit/s, hop and machine
+    // CPU s per GB.
+    let mut m: [[Vec<f64>; 5]; 3] = Default::default();
+    for round in 0..rounds {
+        // A different order each round, so none always goes first.
+        for k in 0..paths.len() {
+            let i = (k + round) % paths.len();
+            let path = paths[i];
+            let frames = hop.frames(path, (0..FLOWS).map(load::flow));
+            let ((pps, ns), (gbps, hop_cpu, cpu)) = hop.with(path, |h| {
+                h.open_flows(path, &frames);
+                (h.udp_rate(path, &frames, UDP_SECONDS), h.tcp(path, TCP_SECONDS))
+            })?;
+            eprintln!(
+                "  veth round {round} {:9}: {pps:>10.0} datagrams/s ({ns:4.0} hop ns each), {gbps:6.2} Gbit/s ({hop_cpu:5.3} hop, {cpu:5.3} machine CPU s/GB)",
+                path.name(),
+            );
+            for (values, v) in m[i].iter_mut().zip([pps, ns, gbps, hop_cpu, cpu]) {
+                values.push(v);
+            }
+        }
+    }
+    let metrics = [
+        ("small UDP datagrams per second, 1000 flows", ">= 2x"),
+        ("the hop's CPU ns per datagram", ""),
+        ("bulk TCP Gbit/s, one stream", ""),
+        ("the hop's CPU s per GB, bulk TCP", "<= 0.5x"),
+        ("machine CPU s per GB, bulk TCP", ""),
+    ];
+    Ok(metrics
+        .iter()
+        .enumerate()
+        .map(|(k, (metric, target))| Compared {
+            direct: Some(Spread::of(&m[0][k])),
+            ..Compared::new(metric, target, &m[1][k], &m[2][k])
+        })
+        .collect())
+}
+
+/// The veth hop's small-packet rate at one size of the route tables or the
+/// connection tables.
+pub struct ScaleRun {
+    pub routes: usize,
+    pub nat_flows: usize,
+    pub ebpf_pps: Spread,
+    pub netfilter_pps: Spread,
+    /// Kernel memory of the eBPF connection table per flow it was sized
+    /// for, and the entries it held.
+    pub ebpf_bytes_per_flow: f64,
+    pub ebpf_entries: usize,
+    /// Connections in the router's conntrack after filling.
+    pub conntrack: u64,
+}
+
+impl ScaleRun {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "routes": self.routes, "nat_flows": self.nat_flows,
+            "ebpf_pps": self.ebpf_pps.to_json(), "netfilter_pps": self.netfilter_pps.to_json(),
+            "ebpf_nat_bytes_per_flow": self.ebpf_bytes_per_flow, "ebpf_nat_entries": self.ebpf_entries,
+            "conntrack_entries": self.conntrack,
+        })
+    }
+}
+
+/// `routes` unused routes more, `nat_flows` live flows opened through each
+/// datapath (the eBPF table sized for them), then floods over the first
+/// 1000 of them, each datapath in turn.
+pub fn veth_scale(routes: usize, nat_flows: usize, rounds: usize) -> Result<ScaleRun> {
+    let hop = Hop::new(routes, u32::try_from(nat_flows)?)?;
+    let all = hop.frames(Path::Ebpf, (0..nat_flows).map(load::flow));
+    let measured = &all[..FLOWS.min(all.len())];
+    for path in [Path::Ebpf, Path::Netfilter] {
+        hop.with(path, |h| h.open_flows(path, &all))?;
+    }
+    let (ebpf_bytes, ebpf_entries) = hop.ebpf_nat_memory()?;
+    let conntrack = hop.conntrack_count();
+    let (mut ebpf, mut netfilter) = (vec![], vec![]);
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [Path::Ebpf, Path::Netfilter]
+        } else {
+            [Path::Netfilter, Path::Ebpf]
+        };
+        for path in order {
+            let (rate, _) = hop.with(path, |h| h.udp_rate(path, measured, UDP_SECONDS))?;
+            match path {
+                Path::Ebpf => ebpf.push(rate),
+                _ => netfilter.push(rate),
+            }
+        }
+    }
+    let run = ScaleRun {
+        routes,
+        nat_flows,
+        ebpf_pps: Spread::of(&ebpf),
+        netfilter_pps: Spread::of(&netfilter),
+        ebpf_bytes_per_flow: ebpf_bytes as f64 / nat_flows as f64,
+        ebpf_entries,
+        conntrack,
+    };
+    eprintln!(
+        "  scale: {routes} routes, {nat_flows} flows: eBPF {:.0}/s ({} entries, {:.0} B/flow), netfilter {:.0}/s ({} conntrack entries)",
+        run.ebpf_pps.median,
+        run.ebpf_entries,
+        run.ebpf_bytes_per_flow,
+        run.netfilter_pps.median,
+        run.conntrack
+    );
+    Ok(run)
+}
+
+/// The daemon between userspace WireGuard on both sides, each datapath in
+/// turn.
+pub fn wireguard(rounds: usize) -> Vec<Compared> {
+    let bed = Bed::new();
+    let (mut ebpf, mut netfilter) = (vec![], vec![]);
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            ["ebpf", "netfilter"]
+        } else {
+            ["netfilter", "ebpf"]
+        };
+        for datapath in order {
+            let r = bed.round(datapath, TCP_SECONDS);
+            eprintln!(
+                "  wireguard round {round} {datapath:9}: {:>8.0} datagrams/s, {:5.2} Gbit/s, {:5.2} CPU s/GB in TailGuard's namespace, {:5.2} machine",
+                r.udp_pps, r.tcp_gbps, r.namespace_cpu_per_gb, r.machine_cpu_per_gb
+            );
+            if datapath == "ebpf" {
+                ebpf.push(r);
+            } else {
+                netfilter.push(r);
+            }
+        }
+    }
+    let field = |rounds: &[wireguard::Round], f: fn(&wireguard::Round) -> f64| -> Vec<f64> {
+        rounds.iter().map(f).collect()
+    };
+    vec![
+        Compared::new(
+            "small UDP datagrams per second, 64 flows",
+            ">= 1x",
+            &field(&ebpf, |r| r.udp_pps),
+            &field(&netfilter, |r| r.udp_pps),
+        ),
+        Compared::new(
+            "bulk TCP Gbit/s, one stream",
+            ">= 1x",
+            &field(&ebpf, |r| r.tcp_gbps),
+            &field(&netfilter, |r| r.tcp_gbps),
+        ),
+        Compared::new(
+            "CPU s per GB of TailGuard's namespace's processes, bulk TCP",
+            "< 1x",
+            &field(&ebpf, |r| r.namespace_cpu_per_gb),
+            &field(&netfilter, |r| r.namespace_cpu_per_gb),
+        ),
+        Compared::new(
+            "machine CPU s per GB, bulk TCP",
+            "< 1x",
+            &field(&ebpf, |r| r.machine_cpu_per_gb),
+            &field(&netfilter, |r| r.machine_cpu_per_gb),
+        ),
+    ]
+}
