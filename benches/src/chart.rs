@@ -62,12 +62,19 @@ pub fn draw(results: &Results, file: &Path) -> Result<()> {
         .draw()?;
     chart.draw_series(rows.iter().enumerate().map(|(i, (_, c))| {
         let y = i as f64;
-        let colour = if c.metric.contains("CPU") { RGBColor(214, 120, 40) } else { RGBColor(40, 110, 200) };
+        let colour = if c.metric.contains("CPU") {
+            RGBColor(214, 120, 40)
+        } else {
+            RGBColor(40, 110, 200)
+        };
         Rectangle::new([(0.0, y - 0.3), (c.ratio.median, y + 0.3)], colour.filled())
     }))?;
     chart.draw_series(rows.iter().enumerate().map(|(i, (_, c))| {
         let y = i as f64;
-        PathElement::new(vec![(c.ratio.min, y), (c.ratio.max, y)], BLACK.stroke_width(2))
+        PathElement::new(
+            vec![(c.ratio.min, y), (c.ratio.max, y)],
+            BLACK.stroke_width(2),
+        )
     }))?;
     chart.draw_series(rows.iter().enumerate().map(|(i, (_, c))| {
         Text::new(

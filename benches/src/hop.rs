@@ -58,6 +58,7 @@ const PIN_BASE: &str = "/sys/fs/bpf/tailguard-bench";
 pub struct Hop {
     // Fields drop in order: the counter before the namespaces it lives in.
     counter: UdpCounter,
+    _soaker: load::Soaker,
     client: NetNs,
     router: NetNs,
     _server: NetNs,
@@ -87,8 +88,7 @@ impl Hop {
         let (client_to_router, router_wg) = veth(&client, "10.1.0.2/24", &router, "10.1.0.1/24");
         let (router_ts, server_to_router) =
             veth(&router, "100.64.0.1/10", &server, "100.64.0.9/10");
-        let (client_direct, server_direct) =
-            veth(&client, "10.9.0.2/24", &server, "10.9.0.9/24");
+        let (client_direct, server_direct) = veth(&client, "10.9.0.2/24", &server, "10.9.0.9/24");
         run(Command::new("ip").args([
             "-n",
             client.name(),
@@ -158,6 +158,7 @@ impl Hop {
         std::fs::create_dir_all(&pin).with_context(|| format!("creating {}", pin.display()))?;
         Ok(Self {
             counter,
+            _soaker: load::Soaker::start(load::HOP_CPU),
             client,
             router,
             _server: server,
@@ -213,7 +214,10 @@ impl Hop {
             ..LoadOptions::uniform(LinkLayer::Ethernet)
         };
         let mut dp = Datapath::load(&options)?;
-        for (device, ifname) in [(Device::WireGuard, &self.router_wg), (Device::Tailscale, &self.router_ts)] {
+        for (device, ifname) in [
+            (Device::WireGuard, &self.router_wg),
+            (Device::Tailscale, &self.router_ts),
+        ] {
             self.runtime
                 .block_on(dp.attach(device, ifname, AttachMode::Auto))?;
         }
@@ -279,9 +283,9 @@ impl Hop {
         (arrived / elapsed.as_secs_f64(), used.hop * 1e9 / arrived)
     }
 
-    /// One TCP stream to the server along `path`: Gbit/s, and the CPU
-    /// seconds per GB carried of the hop and of the whole machine.
-    pub fn tcp(&self, path: Path, duration: Duration) -> (f64, f64, f64) {
+    /// One TCP stream to the server along `path`: Gbit/s, and the hop's
+    /// CPU seconds per GB carried.
+    pub fn tcp(&self, path: Path, duration: Duration) -> (f64, f64) {
         let target = match path {
             Path::Direct => SERVER_DIRECT,
             _ => SERVER,
@@ -293,7 +297,7 @@ impl Hop {
         let elapsed = start.elapsed().as_secs_f64();
         let used = CpuTime::now().since(cpu);
         let gb = bytes as f64 / 1e9;
-        (gb * 8.0 / elapsed, used.hop / gb, used.machine / gb)
+        (gb * 8.0 / elapsed, used.hop / gb)
     }
 }
 
@@ -315,6 +319,8 @@ fn ip_batch(ns: &NetNs, batch: &str) {
     }
     let file = std::env::temp_dir().join(format!("{}.routes", ns.name()));
     std::fs::write(&file, batch).expect("writing the route batch");
-    run(Command::new("ip").args(["-n", ns.name(), "-batch"]).arg(&file));
+    run(Command::new("ip")
+        .args(["-n", ns.name(), "-batch"])
+        .arg(&file));
     let _ = std::fs::remove_file(file);
 }

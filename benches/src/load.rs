@@ -137,7 +137,11 @@ fn packet_socket(device: &str) -> OwnedFd {
     // pointer passed is to a live local of the right size.
     unsafe {
         let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
         let fd = OwnedFd::from_raw_fd(fd);
         let one: libc::c_int = 1;
         libc::setsockopt(
@@ -156,7 +160,12 @@ fn packet_socket(device: &str) -> OwnedFd {
             (&raw const address).cast(),
             size_of::<libc::sockaddr_ll>() as u32,
         );
-        assert_eq!(bound, 0, "binding to {device}: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            bound,
+            0,
+            "binding to {device}: {}",
+            std::io::Error::last_os_error()
+        );
         fd
     }
 }
@@ -226,7 +235,11 @@ impl UdpCounter {
 
     /// Datagrams counted so far.
     pub fn count(&self) -> u64 {
-        let out = nft(&self.ns, &["-j", "list", "table", "netdev", self.table], None);
+        let out = nft(
+            &self.ns,
+            &["-j", "list", "table", "netdev", self.table],
+            None,
+        );
         let json: serde_json::Value = serde_json::from_str(&out).expect("nft -j prints JSON");
         json["nftables"]
             .as_array()
@@ -242,7 +255,9 @@ impl UdpCounter {
 impl Drop for UdpCounter {
     fn drop(&mut self) {
         let _ = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "nft", "delete", "table", "netdev", self.table])
+            .args([
+                "netns", "exec", &self.ns, "nft", "delete", "table", "netdev", self.table,
+            ])
             .status();
     }
 }
@@ -274,18 +289,59 @@ fn nft(ns: &str, args: &[&str], stdin: Option<&str>) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// CPU time so far, from /proc/stat: everything but idle and iowait, in
-/// seconds, for the whole machine and for [`HOP_CPU`].
+/// CPU time so far, from /proc/stat, in seconds: the whole machine's
+/// (everything but idle and iowait), and the kernel's on [`HOP_CPU`]
+/// (system, irq, softirq: the hop's work, beside a [`Soaker`]'s user time).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuTime {
     pub machine: f64,
     pub hop: f64,
 }
 
+/// A busy loop at the lowest priority on one CPU, so that the CPU never
+/// idles while it runs. An idle CPU with its tick stopped books the
+/// interrupts and softirqs it serves as idle time; a busy one books them
+/// right, and the soaker yields to all of them.
+pub struct Soaker {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Soaker {
+    pub fn start(cpu: usize) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            pin_to_cpu(cpu);
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: sets the calling thread's own policy; `param` is valid.
+            unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &raw const param) };
+            while !flag.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Soaker {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 impl CpuTime {
     pub fn now() -> Self {
         let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
-        let busy = |name: &str| -> f64 {
+        // Fields: user nice system idle iowait irq softirq steal ...
+        let seconds = |name: &str, fields: &[usize]| -> f64 {
             let ticks: Vec<u64> = stat
                 .lines()
                 .find(|l| l.split_whitespace().next() == Some(name))
@@ -294,13 +350,12 @@ impl CpuTime {
                 .skip(1)
                 .map(|v| v.parse().unwrap_or(0))
                 .collect();
-            // user nice system idle iowait irq softirq steal ...
-            let sum = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| ticks.get(i)).sum::<u64>();
+            let sum: u64 = fields.iter().filter_map(|&i| ticks.get(i)).sum();
             sum as f64 / clock_ticks()
         };
         Self {
-            machine: busy("cpu"),
-            hop: busy(&format!("cpu{HOP_CPU}")),
+            machine: seconds("cpu", &[0, 1, 2, 5, 6, 7]),
+            hop: seconds(&format!("cpu{HOP_CPU}"), &[2, 5, 6]),
         }
     }
 
@@ -308,6 +363,20 @@ impl CpuTime {
         Self {
             machine: self.machine - start.machine,
             hop: self.hop - start.hop,
+        }
+    }
+}
+
+/// Waits (up to 20 s) until the machine is nearly idle: namespaces and
+/// big maps of a previous run are torn down by kernel workers in the
+/// background, and must not be measured with the next.
+pub fn settle() {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let before = CpuTime::now();
+        std::thread::sleep(Duration::from_millis(500));
+        if CpuTime::now().since(before).machine < 0.05 {
+            return;
         }
     }
 }
@@ -374,7 +443,6 @@ pub fn tcp_stream(target: SocketAddr, duration: Duration) -> u64 {
     }
     sent
 }
-
 
 /// `n` host routes inside the tailnet range that no traffic uses: they only
 /// make the tables bigger.

@@ -32,7 +32,15 @@ const FLOW_POINTS: [usize; 3] = [1_000, 100_000, 1_000_000];
 
 fn main() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
-        bail!("the benchmarks load eBPF programs and make namespaces: run them as root (cargo xtask bench does)");
+        bail!(
+            "the benchmarks load eBPF programs and make namespaces: run them as root (cargo xtask bench does)"
+        );
+    }
+    // `tailguard-bench veth` (or any of the sections' names) runs only
+    // those and writes nothing: for looking at one part, e.g. under perf.
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    if !only.is_empty() {
+        return sections(&only);
     }
     let started = Instant::now();
     let _conntrack = ConntrackMax::raise(1 << 21)?;
@@ -71,12 +79,38 @@ fn main() -> Result<()> {
     };
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("results.json"), format!("{:#}\n", results.to_json()))?;
+    std::fs::write(
+        dir.join("results.json"),
+        format!("{:#}\n", results.to_json()),
+    )?;
     let table = results.markdown();
     std::fs::write(dir.join("results.md"), &table)?;
     chart::draw(&results, &dir.join("results.png"))?;
     print!("{table}");
-    println!("\n(written to {}: results.json, results.md, results.png)", dir.display());
+    println!(
+        "\n(written to {}: results.json, results.md, results.png)",
+        dir.display()
+    );
+    Ok(())
+}
+
+fn sections(only: &[String]) -> Result<()> {
+    for section in only {
+        match section.as_str() {
+            "per-packet" => print!("{}", per_packet::markdown(&per_packet::run()?)),
+            "veth" => {
+                for c in throughput::veth(ROUNDS)? {
+                    println!("{}: ratio {:.2}", c.metric, c.ratio.median);
+                }
+            }
+            "wireguard" => {
+                for c in throughput::wireguard(WIREGUARD_ROUNDS) {
+                    println!("{}: ratio {:.2}", c.metric, c.ratio.median);
+                }
+            }
+            other => bail!("no section {other:?}: per-packet, veth or wireguard"),
+        }
+    }
     Ok(())
 }
 

@@ -294,11 +294,20 @@ fn an_established_connection_survives_a_restart() {
         if datapath == "ebpf" {
             // `tailguard stats`: the flow's two entries, live, and the
             // counters (which the daemon publishes each second).
+            // TG_NAT_FLOWS sized the table: two entries per flow, and the
+            // LRU's room per CPU.
+            let capacity = tailguard::datapath::LoadOptions {
+                nat_flows: 4096,
+                ..Default::default()
+            }
+            .nat_entries();
+            assert!(capacity >= 8192);
             b.bed.ours.run(|| {
                 node.daemon.wait_for("the flow in tailguard stats", |_| {
                     let s = b.tailguard("stats");
-                    s.contains("connection table: 2 entries, 2 live, of 8192")
-                        && s.contains("wireguard  redirected")
+                    s.contains(&format!(
+                        "connection table: 2 entries, 2 live, of {capacity}"
+                    )) && s.contains("wireguard  redirected")
                         && s.contains("tailscale  redirected")
                 })
             });
