@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use plotters::prelude::*;
 
-use crate::{report::Results, throughput::Compared};
+use crate::{report::Results, throughput::Spread};
 
 /// Debian's fonts-dejavu-core (installed by `cargo xtask setup`).
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -16,20 +16,22 @@ pub fn draw(results: &Results, file: &Path) -> Result<()> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into()))
         .map_err(|_| anyhow::anyhow!("{FONT} is not a usable font"))?;
 
-    let rows: Vec<(String, &Compared)> = results
-        .veth
-        .iter()
-        .map(|c| (format!("veth: {}", c.metric), c))
-        .chain(
-            results
-                .wireguard
-                .iter()
-                .map(|c| (format!("WireGuard: {}", c.metric), c)),
-        )
-        .collect();
+    // Bars: label, ratio, and whether less is better.
+    let mut rows: Vec<(String, Spread, bool)> = Vec::new();
+    for c in results.veth.iter().chain(&results.wireguard) {
+        rows.push((c.short.to_string(), c.ratio, c.lower_is_better));
+    }
+    if let Some(big) = results.scale.last() {
+        let ratio = big.ebpf_ns.median / big.netfilter_ns.median;
+        rows.push((
+            format!("veth: hop CPU per datagram, {} flows", big.nat_flows),
+            Spread { median: ratio, min: ratio, max: ratio },
+            true,
+        ));
+    }
     let top = rows
         .iter()
-        .map(|(_, c)| c.ratio.max)
+        .map(|(_, s, _)| s.max)
         .fold(2.0_f64, f64::max)
         .ceil();
 
@@ -42,9 +44,9 @@ pub fn draw(results: &Results, file: &Path) -> Result<()> {
         )
         .margin(16)
         .x_label_area_size(36)
-        .y_label_area_size(560)
+        .y_label_area_size(380)
         .build_cartesian_2d(0.0..top, -0.5..(rows.len() as f64 - 0.5))?;
-    let labels: Vec<String> = rows.iter().map(|(l, _)| l.clone()).collect();
+    let labels: Vec<String> = rows.iter().map(|(l, _, _)| l.clone()).collect();
     chart
         .configure_mesh()
         .disable_y_mesh()
@@ -57,29 +59,26 @@ pub fn draw(results: &Results, file: &Path) -> Result<()> {
                 String::new()
             }
         })
-        .x_desc("ratio eBPF / netfilter (higher is better for rates, lower for CPU)")
+        .x_desc("eBPF / netfilter: blue, rates (more is better); orange, CPU time (less is better)")
         .label_style(("sans-serif", 15))
         .draw()?;
-    chart.draw_series(rows.iter().enumerate().map(|(i, (_, c))| {
+    chart.draw_series(rows.iter().enumerate().map(|(i, (_, s, lower))| {
         let y = i as f64;
-        let colour = if c.metric.contains("CPU") {
+        let colour = if *lower {
             RGBColor(214, 120, 40)
         } else {
             RGBColor(40, 110, 200)
         };
-        Rectangle::new([(0.0, y - 0.3), (c.ratio.median, y + 0.3)], colour.filled())
+        Rectangle::new([(0.0, y - 0.3), (s.median, y + 0.3)], colour.filled())
     }))?;
-    chart.draw_series(rows.iter().enumerate().map(|(i, (_, c))| {
+    chart.draw_series(rows.iter().enumerate().map(|(i, (_, s, _))| {
         let y = i as f64;
-        PathElement::new(
-            vec![(c.ratio.min, y), (c.ratio.max, y)],
-            BLACK.stroke_width(2),
-        )
+        PathElement::new(vec![(s.min, y), (s.max, y)], BLACK.stroke_width(2))
     }))?;
-    chart.draw_series(rows.iter().enumerate().map(|(i, (_, c))| {
+    chart.draw_series(rows.iter().enumerate().map(|(i, (_, s, _))| {
         Text::new(
-            format!("{:.2}", c.ratio.median),
-            (c.ratio.max + 0.03 * top, i as f64 + 0.1),
+            format!("{:.2}", s.median),
+            (s.max + 0.03 * top, i as f64 + 0.1),
             ("sans-serif", 15),
         )
     }))?;

@@ -143,3 +143,17 @@ fn value(s: Spread) -> String {
         format!("{:.2}", s.median)
     }
 }
+
+const BEGIN: &str = "<!-- benchmark results: begin (written by cargo xtask bench) -->";
+const END: &str = "<!-- benchmark results: end -->";
+
+/// Puts `table` between README's markers, so that it shows the latest run.
+pub fn into_readme(readme: &std::path::Path, table: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(readme)?;
+    let (Some(begin), Some(end)) = (text.find(BEGIN), text.find(END)) else {
+        anyhow::bail!("{} has no benchmark markers ({BEGIN})", readme.display());
+    };
+    let updated = format!("{}{BEGIN}\n{table}{}", &text[..begin], &text[end..]);
+    std::fs::write(readme, updated)?;
+    Ok(())
+}

@@ -39,9 +39,16 @@ impl Spread {
     }
 }
 
+/// A measurement's name, its chart label, and whether less is better.
+type Metric = (&'static str, &'static str, bool);
+
 /// One measurement compared across datapaths.
 pub struct Compared {
     pub metric: &'static str,
+    /// The chart's label.
+    pub short: &'static str,
+    /// CPU time: less is better (rates: more is).
+    pub lower_is_better: bool,
     pub direct: Option<Spread>,
     pub ebpf: Spread,
     pub netfilter: Spread,
@@ -51,10 +58,17 @@ pub struct Compared {
 }
 
 impl Compared {
-    fn new(metric: &'static str, target: &'static str, ebpf: &[f64], netfilter: &[f64]) -> Self {
+    fn new(
+        (metric, short, lower_is_better): Metric,
+        target: &'static str,
+        ebpf: &[f64],
+        netfilter: &[f64],
+    ) -> Self {
         let ratios: Vec<f64> = ebpf.iter().zip(netfilter).map(|(e, n)| e / n).collect();
         Self {
             metric,
+            short,
+            lower_is_better,
             direct: None,
             ebpf: Spread::of(ebpf),
             netfilter: Spread::of(netfilter),
@@ -110,21 +124,42 @@ pub fn veth(rounds: usize) -> Result<Vec<Compared>> {
             }
         }
     }
-    let metrics = [
+    let metrics: [(Metric, &str); 4] = [
         (
-            "small UDP datagrams per second, 1000 flows (one sending CPU)",
+            (
+                "small UDP datagrams per second, 1000 flows (one sending CPU)",
+                "veth: UDP datagrams/s",
+                false,
+            ),
             "",
         ),
-        ("the hop's CPU ns per datagram", "<= 0.5x"),
-        ("bulk TCP Gbit/s, one stream", ""),
-        ("the hop's CPU s per GB, bulk TCP", "<= 0.5x"),
+        (
+            (
+                "the hop's CPU ns per datagram",
+                "veth: hop CPU per datagram",
+                true,
+            ),
+            "<= 0.5x",
+        ),
+        (
+            ("bulk TCP Gbit/s, one stream", "veth: TCP Gbit/s", false),
+            "",
+        ),
+        (
+            (
+                "the hop's CPU s per GB, bulk TCP",
+                "veth: hop CPU per GB (TCP)",
+                true,
+            ),
+            "<= 0.5x",
+        ),
     ];
     Ok(metrics
         .iter()
         .enumerate()
         .map(|(k, (metric, target))| Compared {
             direct: Some(Spread::of(&m[0][k])),
-            ..Compared::new(metric, target, &m[1][k], &m[2][k])
+            ..Compared::new(*metric, target, &m[1][k], &m[2][k])
         })
         .collect())
 }
@@ -243,19 +278,27 @@ pub fn wireguard(rounds: usize) -> Vec<Compared> {
     };
     vec![
         Compared::new(
-            "small UDP datagrams per second, 64 flows",
+            (
+                "small UDP datagrams per second, 64 flows",
+                "WireGuard: UDP datagrams/s",
+                false,
+            ),
             ">= 1x",
             &field(&ebpf, |r| r.udp_pps),
             &field(&netfilter, |r| r.udp_pps),
         ),
         Compared::new(
-            "bulk TCP Gbit/s, one stream",
+            ("bulk TCP Gbit/s, one stream", "WireGuard: TCP Gbit/s", false),
             ">= 1x",
             &field(&ebpf, |r| r.tcp_gbps),
             &field(&netfilter, |r| r.tcp_gbps),
         ),
         Compared::new(
-            "CPU s per GB in TailGuard's namespace (processes and its devices' kernel work), bulk TCP",
+            (
+                "CPU s per GB in TailGuard's namespace (processes and its devices' kernel work), bulk TCP",
+                "WireGuard: TailGuard's CPU per GB (TCP)",
+                true,
+            ),
             "< 1x",
             &field(&ebpf, |r| r.namespace_cpu_per_gb),
             &field(&netfilter, |r| r.namespace_cpu_per_gb),

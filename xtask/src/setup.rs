@@ -24,6 +24,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("procps", "0"),
     // Tests make foreign pinned maps with it (the daemon must discard them).
     ("bpftool", "0"),
+    // The benchmarks: `taskset`, and the chart's font.
+    ("util-linux", "0"),
+    ("fonts-dejavu-core", "0"),
 ];
 const BACKPORTS_PACKAGES: &[&str] = &["wireguard-go", "wireguard-tools"];
 const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/tailguard-bookworm-backports.sources";
