@@ -25,7 +25,11 @@ pub fn draw(results: &Results, file: &Path) -> Result<()> {
         let ratio = big.ebpf_ns.median / big.netfilter_ns.median;
         rows.push((
             format!("veth: hop CPU per datagram, {} flows", big.nat_flows),
-            Spread { median: ratio, min: ratio, max: ratio },
+            Spread {
+                median: ratio,
+                min: ratio,
+                max: ratio,
+            },
             true,
         ));
     }

@@ -111,7 +111,11 @@ fn sections(only: &[String]) -> Result<()> {
             }
             // One path's flood for 10 s, to profile (`perf record -C 1`).
             "flood-ebpf" | "flood-netfilter" => {
-                let path = if section == "flood-ebpf" { hop::Path::Ebpf } else { hop::Path::Netfilter };
+                let path = if section == "flood-ebpf" {
+                    hop::Path::Ebpf
+                } else {
+                    hop::Path::Netfilter
+                };
                 let hop = hop::Hop::new(10, 0)?;
                 let frames = hop.frames(path, (0..1000).map(load::flow));
                 let (pps, ns) = hop.with(path, |h| {
@@ -120,7 +124,9 @@ fn sections(only: &[String]) -> Result<()> {
                 })?;
                 println!("{section}: {pps:.0} datagrams/s, {ns:.0} hop CPU ns each");
             }
-            other => bail!("no section {other:?}: per-packet, veth, wireguard, flood-ebpf or flood-netfilter"),
+            other => bail!(
+                "no section {other:?}: per-packet, veth, wireguard, flood-ebpf or flood-netfilter"
+            ),
         }
     }
     Ok(())

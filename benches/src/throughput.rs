@@ -288,7 +288,11 @@ pub fn wireguard(rounds: usize) -> Vec<Compared> {
             &field(&netfilter, |r| r.udp_pps),
         ),
         Compared::new(
-            ("bulk TCP Gbit/s, one stream", "WireGuard: TCP Gbit/s", false),
+            (
+                "bulk TCP Gbit/s, one stream",
+                "WireGuard: TCP Gbit/s",
+                false,
+            ),
             ">= 1x",
             &field(&ebpf, |r| r.tcp_gbps),
             &field(&netfilter, |r| r.tcp_gbps),

@@ -320,7 +320,7 @@ fn an_incompatible_pinned_state_is_discarded_and_said() {
         });
         let log = daemon.stop();
         assert!(
-            log.contains("incompatible TailGuard version: discarded"),
+            log.contains("connection state of another layout or size (TailGuard version or TG_NAT_FLOWS changed): discarded"),
             "{log}"
         );
         let shown = run(Command::new("bpftool").args(["-j", "map", "show", "pinned", &pin_text]));
