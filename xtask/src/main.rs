@@ -36,9 +36,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Setup, then the benchmarks (as root): so far the per-packet cost of
-    /// each main path next to a redirect-only program; results in
-    /// `benches/results/`. Measures, never asserts.
+    /// Setup, then the benchmarks (as root, ~5 minutes): per-packet cost,
+    /// forwarding over veth and between userspace WireGuard with each
+    /// datapath in turn, scale; results in `benches/results/` and README.
+    /// Measures, never asserts.
     Bench,
     /// Setup, formatting and lint checks, then every test: unit tests,
     /// BPF_PROG_TEST_RUN tests and the privileged namespace tests (as root).
