@@ -56,6 +56,11 @@ pub fn plan(settings: &Settings) -> Result<Plan> {
 /// of the start tears down what the earlier steps set up.
 pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
     let plan = plan(settings)?;
+    crate::privileges::check(
+        crate::privileges::Capabilities::of_this_process(),
+        std::path::Path::new("/dev/net/tun"),
+        settings.datapath == crate::settings::DatapathMode::Ebpf,
+    )?;
     let nl = Netlink::connect().context("opening rtnetlink")?;
     let mut running = Running {
         nl,
@@ -224,10 +229,16 @@ impl Running {
             nat_flows: settings.nat_flows,
             ..LoadOptions::default()
         };
-        options.nat_pin = Some(
-            pin::prepare(&dir, options.nat_entries())
-                .context("preparing the pinned connection state")?,
-        );
+        // Without a place to pin it (no bpffs, and no CAP_SYS_ADMIN to
+        // mount one: a container), the fast path still runs; its flows
+        // just start over with the daemon.
+        options.nat_pin = match pin::prepare(&dir, options.nat_entries()) {
+            Ok(pin) => Some(pin),
+            Err(e) => {
+                warn!("connection state not pinned, flows will not survive a restart: {e}");
+                None
+            }
+        };
         let mut datapath = Datapath::load(&options).context(LOAD_HINT)?;
         datapath
             .attach(Device::WireGuard, &settings.wg_device, settings.tc_attach)

@@ -42,6 +42,21 @@ enum Command {
     /// Load the eBPF programs through the kernel verifier and list them with
     /// their instruction counts; attaches nothing.
     Programs,
+    /// Write a matching pair of wg-quick files with fresh keys for one of
+    /// the usage patterns: `wg0.conf` (TailGuard's) and `peer.conf` (the
+    /// WireGuard host's at the other end).
+    WgPair {
+        #[arg(value_enum)]
+        pattern: tailguard::wgpair::Pattern,
+        /// Where the listening side is reached: TailGuard for `server`,
+        /// `bridge` and `tailnet-exit`, the WireGuard server for
+        /// `exit-node` (host or host:port; port 51820 by default).
+        #[arg(long)]
+        endpoint: String,
+        /// Directory to write the two files to (made if missing).
+        #[arg(long, default_value = ".")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -61,6 +76,11 @@ async fn main() -> Result<()> {
         Command::Status => status(&validated(cli.settings)?).await,
         Command::Cleanup => cleanup(&validated(cli.settings)?).await,
         Command::Stats => stats(&validated(cli.settings)?).await,
+        Command::WgPair {
+            pattern,
+            endpoint,
+            out,
+        } => wg_pair(pattern, &endpoint, &out),
     }
 }
 
@@ -187,4 +207,31 @@ async fn run(settings: &Settings) -> Result<()> {
         }
     };
     daemon::run(settings, shutdown).await
+}
+
+fn wg_pair(
+    pattern: tailguard::wgpair::Pattern,
+    endpoint: &str,
+    out: &std::path::Path,
+) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use tailguard::wgpair::{Keys, pair};
+
+    let (wg0, peer) = pair(pattern, endpoint, &Keys::generate(), &Keys::generate());
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    for (name, text) in [("wg0.conf", wg0), ("peer.conf", peer)] {
+        let path = out.join(name);
+        // Private keys inside: readable by the owner only, and never
+        // written over.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        std::io::Write::write_all(&mut file, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
 }

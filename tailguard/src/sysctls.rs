@@ -81,8 +81,14 @@ fn read(path: &str) -> io::Result<String> {
 fn write(path: &str, value: &str) -> io::Result<()> {
     // With a newline: an empty write would change nothing (an empty list
     // is written as just the newline).
-    fs::write(path, format!("{value}\n"))
-        .map_err(|e| io::Error::new(e.kind(), format!("writing {path}: {e}")))
+    fs::write(path, format!("{value}\n")).map_err(|e| {
+        // A container's /proc/sys is read-only: the engine sets them.
+        let key = path.trim_start_matches("/proc/sys/").replace('/', ".");
+        io::Error::new(
+            e.kind(),
+            format!("writing {path}: {e} (in a container, start it with --sysctl {key}={value})"),
+        )
+    })
 }
 
 #[cfg(test)]

@@ -21,7 +21,12 @@ struct Cli {
 enum Task {
     /// Bring this machine to a working build and test environment (as root):
     /// Debian packages, the pinned Rust toolchains, bpf-linker. Idempotent.
-    Setup,
+    Setup {
+        /// Only the Rust toolchains and bpf-linker: what building needs
+        /// (the container image's build stage).
+        #[arg(long)]
+        toolchains_only: bool,
+    },
     /// Build the daemon with its embedded eBPF object, load every program
     /// through the kernel verifier and print its instruction count (as root).
     BuildEbpf,
@@ -48,7 +53,13 @@ enum Task {
 
 fn main() -> Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup::run(),
+        Task::Setup { toolchains_only } => {
+            if toolchains_only {
+                setup::toolchains()
+            } else {
+                setup::run()
+            }
+        }
         Task::BuildEbpf => build_ebpf::run(),
         Task::Run { args } => run::run(&args),
         Task::Demo => demo::run(),

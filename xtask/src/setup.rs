@@ -33,6 +33,11 @@ const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/tailguard-bookworm-back
 
 pub fn run() -> Result<()> {
     stage("setup: Debian packages", debian_packages)?;
+    toolchains()
+}
+
+/// The pinned Rust toolchains and bpf-linker: all that building needs.
+pub fn toolchains() -> Result<()> {
     stage("setup: Rust toolchains", rust_toolchains)?;
     stage("setup: bpf-linker", bpf_linker)?;
     Ok(())

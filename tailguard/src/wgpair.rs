@@ -1,0 +1,176 @@
+//! `tailguard wg-pair`: a matching pair of wg-quick files for one of the
+//! four usage patterns, with fresh keys: `wg0.conf` for TailGuard and
+//! `peer.conf` for the WireGuard host on the other end. Runs anywhere the
+//! image runs; nothing else is needed.
+
+use std::fmt::Write as _;
+
+use clap::ValueEnum;
+
+/// The reference's four usage patterns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Pattern {
+    /// TailGuard is a client of a WireGuard server that routes everything;
+    /// it advertises itself as an exit node (`TS_DEST_IP` can expose the
+    /// server).
+    ExitNode,
+    /// TailGuard is a WireGuard server for hosts that reach only it.
+    Server,
+    /// TailGuard is a WireGuard server whose clients reach the tailnet.
+    Bridge,
+    /// TailGuard is a WireGuard server whose clients use a tailnet exit
+    /// node for the internet.
+    TailnetExit,
+}
+
+/// The WireGuard network the pair shares.
+const NET4: &str = "10.66.0";
+const NET6: &str = "fd66::";
+const PORT: u16 = 51820;
+const TAILNET: &str = "100.64.0.0/10, fd7a:115c:a1e0::/48";
+
+/// One side's keys, as wg-quick writes them.
+pub struct Keys {
+    pub private: String,
+    pub public: String,
+}
+
+impl Keys {
+    pub fn generate() -> Self {
+        let private = wireguard_control::Key::generate_private();
+        Self {
+            public: private.get_public().to_base64(),
+            private: private.to_base64(),
+        }
+    }
+}
+
+/// `(wg0.conf, peer.conf)` for `pattern`. `endpoint` is where the side
+/// that listens is reached (`host:port`; the port defaults to 51820).
+pub fn pair(pattern: Pattern, endpoint: &str, ours: &Keys, theirs: &Keys) -> (String, String) {
+    let endpoint = if endpoint
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !endpoint.ends_with(']')
+    {
+        endpoint.to_string()
+    } else {
+        format!("{endpoint}:{PORT}")
+    };
+    // Who listens: the WireGuard server is TailGuard, except when TailGuard
+    // is the client of a server that routes everything.
+    let tailguard_listens = pattern != Pattern::ExitNode;
+    let (ours_host, theirs_host) = if tailguard_listens { (1, 2) } else { (2, 1) };
+    let address = |host: u8| format!("{NET4}.{host}/24, {NET6}{host}/64");
+    let host_routes = |host: u8| format!("{NET4}.{host}/32, {NET6}{host}/128");
+
+    // What each side sends to the other.
+    let (to_theirs, to_ours) = match pattern {
+        // The server routes everything; its LAN must be listed too for
+        // TailGuard to advertise it (add it next to the defaults).
+        Pattern::ExitNode => ("0.0.0.0/0, ::/0".to_string(), host_routes(ours_host)),
+        Pattern::Server => (host_routes(theirs_host), host_routes(ours_host)),
+        Pattern::Bridge => (
+            host_routes(theirs_host),
+            format!("{NET4}.0/24, {NET6}/64, {TAILNET}"),
+        ),
+        Pattern::TailnetExit => (host_routes(theirs_host), "0.0.0.0/0, ::/0".to_string()),
+    };
+
+    let side = |host: u8, keys: &Keys, listens: bool| {
+        let mut text = format!(
+            "[Interface]\nPrivateKey = {}\nAddress = {}\n",
+            keys.private,
+            address(host)
+        );
+        if listens {
+            let _ = writeln!(text, "ListenPort = {PORT}");
+        }
+        text
+    };
+    let peer = |keys: &Keys, allowed: &str, endpoint: Option<&str>| {
+        let mut text = format!(
+            "\n[Peer]\nPublicKey = {}\nAllowedIPs = {allowed}\n",
+            keys.public
+        );
+        if let Some(endpoint) = endpoint {
+            let _ = writeln!(text, "Endpoint = {endpoint}\nPersistentKeepalive = 25");
+        }
+        text
+    };
+    let (ours_endpoint, theirs_endpoint) = if tailguard_listens {
+        (None, Some(endpoint.as_str()))
+    } else {
+        (Some(endpoint.as_str()), None)
+    };
+    let wg0 = side(ours_host, ours, tailguard_listens) + &peer(theirs, &to_theirs, ours_endpoint);
+    let other =
+        side(theirs_host, theirs, !tailguard_listens) + &peer(ours, &to_ours, theirs_endpoint);
+    (wg0, other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wgconf;
+    use std::path::Path;
+
+    fn keys(n: u8) -> Keys {
+        let private = wireguard_control::Key([n; 32]);
+        Keys {
+            public: private.get_public().to_base64(),
+            private: private.to_base64(),
+        }
+    }
+
+    #[test]
+    fn every_pattern_gives_two_files_our_parser_accepts_and_that_match() {
+        for pattern in Pattern::value_variants() {
+            let (ours, theirs) = (keys(1), keys(2));
+            let (wg0, peer) = pair(*pattern, "vpn.example.com", &ours, &theirs);
+            let a = wgconf::parse(&wg0, Path::new("wg0.conf"))
+                .unwrap_or_else(|e| panic!("{pattern:?} wg0.conf: {e}\n{wg0}"));
+            let b = wgconf::parse(&peer, Path::new("peer.conf"))
+                .unwrap_or_else(|e| panic!("{pattern:?} peer.conf: {e}\n{peer}"));
+            assert!(wg0.contains(&format!("PublicKey = {}", theirs.public)));
+            assert!(peer.contains(&format!("PublicKey = {}", ours.public)));
+            assert_eq!(a.peers.len(), 1);
+            assert_eq!(b.peers.len(), 1);
+            let listens = *pattern != Pattern::ExitNode;
+            assert_eq!(
+                wg0.contains("ListenPort = 51820"),
+                listens,
+                "{pattern:?}\n{wg0}"
+            );
+            assert_eq!(
+                peer.contains("Endpoint = vpn.example.com:51820"),
+                listens,
+                "{peer}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_patterns_route_what_the_reference_says() {
+        let (ours, theirs) = (keys(1), keys(2));
+        let (wg0, _) = pair(Pattern::ExitNode, "10.0.0.1:4000", &ours, &theirs);
+        assert!(wg0.contains("AllowedIPs = 0.0.0.0/0, ::/0"), "{wg0}");
+        assert!(wg0.contains("Endpoint = 10.0.0.1:4000"), "{wg0}");
+        let (_, client) = pair(Pattern::Bridge, "h", &ours, &theirs);
+        assert!(
+            client.contains("100.64.0.0/10, fd7a:115c:a1e0::/48"),
+            "{client}"
+        );
+        let (_, client) = pair(Pattern::TailnetExit, "h", &ours, &theirs);
+        assert!(client.contains("AllowedIPs = 0.0.0.0/0, ::/0"), "{client}");
+        let (wg0, client) = pair(Pattern::Server, "h", &ours, &theirs);
+        assert!(
+            client.contains("AllowedIPs = 10.66.0.1/32, fd66::1/128"),
+            "{client}"
+        );
+        assert!(
+            wg0.contains("AllowedIPs = 10.66.0.2/32, fd66::2/128"),
+            "{wg0}"
+        );
+    }
+}
