@@ -43,13 +43,13 @@ FROM ${RUNTIME_BASE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # nftables: TailGuard's rule set; iptables, iproute2: tailscaled's firewall
 # and routes; wireguard-go (bookworm-backports: TUN offloads): WireGuard
-# where the kernel has none; ca-certificates: tailscaled reaching its
-# control server.
+# where the kernel has none, and wireguard-tools' `wg` to look at it;
+# ca-certificates: tailscaled reaching its control server.
 # hadolint ignore=DL3008
 RUN echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/backports.list \
  && apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates iproute2 iptables nftables \
- && apt-get install -y --no-install-recommends -t bookworm-backports wireguard-go \
+ && apt-get install -y --no-install-recommends -t bookworm-backports wireguard-go wireguard-tools \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=tailscale /usr/local/bin/tailscaled /usr/local/bin/tailscale /usr/local/bin/
 COPY --from=build /out/tailguard /usr/local/bin/tailguard

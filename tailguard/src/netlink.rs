@@ -272,7 +272,21 @@ impl Netlink {
             .add(index, net.addr(), net.prefix_len())
             .execute()
             .await;
-        tolerate(result, Errno::EEXIST, || format!("adding address {net}"))
+        tolerate(result, Errno::EEXIST, || {
+            // The kernel says only "permission denied" when IPv6 is off,
+            // as Docker leaves it in containers without an IPv6 network.
+            let ipv6_off = std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+                .is_ok_and(|v| v.trim() == "1");
+            if net.addr().is_ipv6() && ipv6_off {
+                format!(
+                    "adding address {net}: IPv6 is disabled here (net.ipv6.conf.all.disable_ipv6=1; \
+                     in a container, start it with --sysctl net.ipv6.conf.all.disable_ipv6=0 or on \
+                     an IPv6 network)"
+                )
+            } else {
+                format!("adding address {net}")
+            }
+        })
     }
 
     pub async fn add_route(&self, route: DeviceRoute) -> Result<()> {

