@@ -16,7 +16,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl gcc libc6-dev \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*
 ENV RUSTUP_HOME=/opt/rustup CARGO_HOME=/opt/cargo TAILGUARD_TOOLS_DIR=/opt/tailguard-tools \
     PATH=/opt/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 WORKDIR /src
@@ -50,7 +50,7 @@ RUN echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/s
  && apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates iproute2 iptables nftables \
  && apt-get install -y --no-install-recommends -t bookworm-backports wireguard-go wireguard-tools \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*
 COPY --from=tailscale /usr/local/bin/tailscaled /usr/local/bin/tailscale /usr/local/bin/
 COPY --from=build /out/tailguard /usr/local/bin/tailguard
 VOLUME ["/etc/wireguard", "/tailguard/state"]
