@@ -1,17 +1,6 @@
 #!/bin/sh
-# Writes config/wg0.conf (TailGuard) and peer.conf (the other WireGuard
-# host) for this pattern, with fresh keys, using only the image.
-# Usage: ./generate.sh HOST[:PORT]   (TailGuard's public address)
+# Usage: ./generate.sh HOST[:PORT]  (TailGuard's public address)
+# Writes config/wg0.conf (TailGuard's) and peer.conf (the other side's).
 set -eu
-cd "$(dirname "$0")"
-if [ $# -ne 1 ]; then
-  echo "usage: $0 HOST[:PORT]  (TailGuard's public address)" >&2
-  exit 2
-fi
-mkdir -p config
-docker run --rm --user "$(id -u):$(id -g)" -v "$PWD:/out" --entrypoint tailguard \
-  "${TAILGUARD_IMAGE:-tailguard:latest}" wg-pair tailnet-exit --endpoint "$1" --out /out/pair
-mv pair/wg0.conf config/wg0.conf
-mv pair/peer.conf peer.conf
-rmdir pair
-echo "config/wg0.conf is TailGuard's; import peer.conf on the other WireGuard host."
+[ $# -eq 1 ] || { echo "usage: $0 HOST[:PORT]  (TailGuard's public address)" >&2; exit 2; }
+exec "$(dirname "$0")/../wg-pair.sh" tailnet-exit "$(dirname "$0")" "$1"

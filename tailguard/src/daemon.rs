@@ -55,12 +55,14 @@ pub fn plan(settings: &Settings) -> Result<Plan> {
 /// Runs until `shutdown` completes, then tears down. A failure at any step
 /// of the start tears down what the earlier steps set up.
 pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let plan = plan(settings)?;
+    // What the process may do first: in a container started without a
+    // grant, that is the one thing to fix, whatever else is wrong.
     crate::privileges::check(
         crate::privileges::Capabilities::of_this_process(),
         std::path::Path::new("/dev/net/tun"),
         settings.datapath == crate::settings::DatapathMode::Ebpf,
     )?;
+    let plan = plan(settings)?;
     let nl = Netlink::connect().context("opening rtnetlink")?;
     let mut running = Running {
         nl,

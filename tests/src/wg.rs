@@ -18,22 +18,27 @@ pub struct KeyPair {
 impl KeyPair {
     pub fn generate() -> Self {
         let private = run(Command::new("wg").arg("genkey")).trim().to_string();
-        let mut child = Command::new("wg")
-            .arg("pubkey")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("running wg pubkey (is wireguard-tools installed? `cargo xtask setup`)");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(private.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        let public = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let public = public_key(&private);
         Self { private, public }
     }
+}
+
+/// The public key of a private one, by `wg pubkey`.
+pub fn public_key(private: &str) -> String {
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("running wg pubkey (is wireguard-tools installed? `cargo xtask setup`)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(private.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Starts wireguard-go for device `name` in the foreground (so it stays a

@@ -73,9 +73,9 @@ fn host_state() -> String {
     state
 }
 
-#[test]
-fn the_image_joins_the_networks_healthy_through_the_fast_path_and_stops_clean() {
-    require_root();
+/// Fails the test with a clear reason when the engine or the image is
+/// missing.
+fn require_engine_and_image() {
     let version = docker(&["version", "--format", "{{.Server.Version}}"]);
     assert!(
         version.status.success(),
@@ -87,6 +87,105 @@ fn the_image_joins_the_networks_healthy_through_the_fast_path_and_stops_clean() 
         docker(&["image", "inspect", IMAGE]).status.success(),
         "no image {IMAGE}: `cargo xtask image` (or `cargo xtask test`) builds it"
     );
+}
+
+/// Started without the grants it needs, the container says which, with
+/// the flag that gives it, and stops.
+#[test]
+fn without_its_grants_the_container_names_them() {
+    require_root();
+    require_engine_and_image();
+    let out = docker(&["run", "--rm", "--network", "none", IMAGE]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains("missing CAP_NET_ADMIN") && log.contains("--cap-add NET_ADMIN"),
+        "{log}"
+    );
+    let out = docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--cap-add",
+        "NET_ADMIN",
+        IMAGE,
+    ]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("--device /dev/net/tun"), "{log}");
+}
+
+/// An example's generate.sh makes a matching pair with nothing but the
+/// image: private keys readable by the owner only, each side's public key
+/// in the other's file.
+#[test]
+fn an_examples_generator_writes_a_matching_pair_with_only_the_image() {
+    require_root();
+    require_engine_and_image();
+    let dir = std::env::temp_dir().join(format!("tg-example-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // A copy of the examples (the script and the one it calls).
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    std::fs::create_dir_all(dir.join("bridge")).unwrap();
+    std::fs::copy(examples.join("wg-pair.sh"), dir.join("wg-pair.sh")).unwrap();
+    std::fs::copy(
+        examples.join("bridge/generate.sh"),
+        dir.join("bridge/generate.sh"),
+    )
+    .unwrap();
+    let script = dir.join("bridge/generate.sh");
+    let dir = dir.join("bridge");
+    let out = Command::new(&script)
+        .arg("vpn.example.com")
+        .env("TAILGUARD_IMAGE", IMAGE)
+        .env(
+            "PATH",
+            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wg0 = std::fs::read_to_string(dir.join("config/wg0.conf")).unwrap();
+    let peer = std::fs::read_to_string(dir.join("peer.conf")).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    for file in [dir.join("config/wg0.conf"), dir.join("peer.conf")] {
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", file.display());
+    }
+    let private = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("PrivateKey = "))
+            .expect("a private key")
+            .to_string()
+    };
+    let public_of = |key: String| tailguard_tests::wg::public_key(&key);
+    assert!(
+        wg0.contains(&format!("PublicKey = {}", public_of(private(&peer)))),
+        "{wg0}"
+    );
+    assert!(
+        peer.contains(&format!("PublicKey = {}", public_of(private(&wg0)))),
+        "{peer}"
+    );
+    assert!(peer.contains("Endpoint = vpn.example.com:51820"), "{peer}");
+    assert!(
+        peer.contains("100.64.0.0/10"),
+        "the client routes the tailnet: {peer}"
+    );
+    let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+}
+
+#[test]
+fn the_image_joins_the_networks_healthy_through_the_fast_path_and_stops_clean() {
+    require_root();
+    require_engine_and_image();
     let host_before = host_state();
 
     // The namespace's holder: sleeps, owns the network namespace and its
