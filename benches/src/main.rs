@@ -30,7 +30,30 @@ const WIREGUARD_ROUNDS: usize = 3;
 const ROUTE_POINTS: [usize; 3] = [10, 1_000, 10_000];
 const FLOW_POINTS: [usize; 3] = [1_000, 100_000, 1_000_000];
 
+/// Set by SIGINT/SIGTERM: the runs stop at the next round and everything
+/// they made is taken down as usual (namespaces, programs, conntrack's
+/// limit), rather than left behind by a killed process.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: i32) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// An error once a stop was asked for.
+pub fn interrupted() -> Result<()> {
+    if STOP.load(std::sync::atomic::Ordering::Relaxed) {
+        bail!("interrupted: stopped after cleaning up");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    for signal in [nix::sys::signal::SIGINT, nix::sys::signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe {
+            nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::Handler(on_signal))
+        }?;
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "the benchmarks load eBPF programs and make namespaces: run them as root (cargo xtask bench does)"
@@ -66,7 +89,7 @@ fn main() -> Result<()> {
         scale.push(throughput::veth_scale(10, flows, SCALE_ROUNDS)?);
     }
     eprintln!("forwarding between userspace WireGuard: the daemon with each datapath in turn");
-    let wireguard = throughput::wireguard(WIREGUARD_ROUNDS);
+    let wireguard = throughput::wireguard(WIREGUARD_ROUNDS)?;
 
     let results = report::Results {
         machine: report::machine(),
@@ -105,7 +128,7 @@ fn sections(only: &[String]) -> Result<()> {
                 }
             }
             "wireguard" => {
-                for c in throughput::wireguard(WIREGUARD_ROUNDS) {
+                for c in throughput::wireguard(WIREGUARD_ROUNDS)? {
                     println!("{}: ratio {:.2}", c.metric, c.ratio.median);
                 }
             }

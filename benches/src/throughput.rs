@@ -103,6 +103,7 @@ pub fn veth(rounds: usize) -> Result<Vec<Compared>> {
     // Per path: datagrams/s, hop ns per datagram, Gbit/s, hop CPU s per GB.
     let mut m: [[Vec<f64>; 4]; 3] = Default::default();
     for round in 0..rounds {
+        crate::interrupted()?;
         // A different order each round, so none always goes first.
         for k in 0..paths.len() {
             let i = (k + round) % paths.len();
@@ -210,6 +211,7 @@ pub fn veth_scale(routes: usize, nat_flows: usize, rounds: usize) -> Result<Scal
     // Per datapath: datagrams/s and the hop's ns per datagram.
     let (mut ebpf, mut netfilter) = ((vec![], vec![]), (vec![], vec![]));
     for round in 0..rounds {
+        crate::interrupted()?;
         let order = if round % 2 == 0 {
             [Path::Ebpf, Path::Netfilter]
         } else {
@@ -252,9 +254,10 @@ pub fn veth_scale(routes: usize, nat_flows: usize, rounds: usize) -> Result<Scal
 
 /// The daemon between userspace WireGuard on both sides, each datapath in
 /// turn.
-pub fn wireguard(rounds: usize) -> Vec<Compared> {
+pub fn wireguard(rounds: usize) -> Result<Vec<Compared>> {
     let (mut ebpf, mut netfilter) = (vec![], vec![]);
     for round in 0..rounds {
+        crate::interrupted()?;
         let order = if round % 2 == 0 {
             ["ebpf", "netfilter"]
         } else {
@@ -276,7 +279,7 @@ pub fn wireguard(rounds: usize) -> Vec<Compared> {
     let field = |rounds: &[wireguard::Round], f: fn(&wireguard::Round) -> f64| -> Vec<f64> {
         rounds.iter().map(f).collect()
     };
-    vec![
+    Ok(vec![
         Compared::new(
             (
                 "small UDP datagrams per second, 64 flows",
@@ -307,5 +310,5 @@ pub fn wireguard(rounds: usize) -> Vec<Compared> {
             &field(&ebpf, |r| r.namespace_cpu_per_gb),
             &field(&netfilter, |r| r.namespace_cpu_per_gb),
         ),
-    ]
+    ])
 }

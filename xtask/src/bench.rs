@@ -23,6 +23,7 @@ pub fn run() -> Result<()> {
             "--bins",
         ]),
     )?;
+    crate::command::outlive_ctrl_c()?;
     exec(
         "tailguard-bench",
         cargo().args([

@@ -62,3 +62,20 @@ fn display(cmd: &Command) -> String {
     }
     s
 }
+
+/// Ctrl-C reaches every process of the terminal's group: a child that
+/// stops on it and takes everything down (the demo, the benchmarks) must
+/// be waited for rather than orphaned, so the task itself ignores it. (The
+/// child installs its own handler; an ignored signal would otherwise stay
+/// ignored in it.)
+pub fn outlive_ctrl_c() -> Result<()> {
+    // SAFETY: setting a signal's disposition to "ignore" has no handler to
+    // run unsafely.
+    unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGINT,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    }?;
+    Ok(())
+}

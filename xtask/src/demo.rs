@@ -25,18 +25,7 @@ pub fn run() -> Result<()> {
         )
     })?;
     let demo = cargo_target_dir().join("debug").join("tailguard-demo");
-    // Ctrl-C reaches every process of the terminal's group: the demo stops
-    // on it and takes everything down, so we wait for it rather than die
-    // before it has. (It installs its own handler; an ignored signal would
-    // otherwise stay ignored in it.)
-    // SAFETY: setting a signal's disposition to "ignore" has no handler to
-    // run unsafely.
-    unsafe {
-        nix::sys::signal::signal(
-            nix::sys::signal::Signal::SIGINT,
-            nix::sys::signal::SigHandler::SigIgn,
-        )
-    }?;
+    crate::command::outlive_ctrl_c()?;
     exec("tailguard-demo", &mut std::process::Command::new(demo))
 }
 
