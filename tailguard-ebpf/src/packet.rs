@@ -45,66 +45,75 @@ impl Packet {
     pub fn read(ctx: &TcContext, l3: usize) -> Option<Self> {
         let first: u8 = ctx.load(l3).ok()?;
         let len = ctx.len().checked_sub(l3 as u32)?;
+        // Each load is a helper call: whole headers at once, not field by
+        // field.
         let mut p = match first >> 4 {
             4 => {
                 let ihl = usize::from(first & 0x0f) * 4;
                 if ihl < 20 {
                     return None;
                 }
+                let h: [u8; 20] = ctx.load(l3).ok()?;
                 // MF set or a fragment offset: the kernel reassembles.
-                let frag: u16 = ctx.load(l3 + 6).ok()?;
-                if u16::from_be(frag) & 0x3fff != 0 {
+                if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
                     return None;
                 }
                 let mut src = [0u8; 16];
                 let mut dst = [0u8; 16];
-                let s: [u8; 4] = ctx.load(l3 + 12).ok()?;
-                let d: [u8; 4] = ctx.load(l3 + 16).ok()?;
-                src[..4].copy_from_slice(&s);
-                dst[..4].copy_from_slice(&d);
+                src[..4].copy_from_slice(&h[12..16]);
+                dst[..4].copy_from_slice(&h[16..20]);
                 Self {
                     ipv6: false,
                     l3,
                     l4: l3 + ihl,
-                    proto: ctx.load(l3 + 9).ok()?,
+                    proto: h[9],
                     src,
                     dst,
                     sport: 0,
                     dport: 0,
-                    ttl: ctx.load(l3 + 8).ok()?,
+                    ttl: h[8],
                     tcp_flags: 0,
                     icmp_type: 0,
                     len,
                     gso_size: 0,
                 }
             }
-            6 => Self {
-                ipv6: true,
-                l3,
-                l4: l3 + 40,
-                // Extension headers (fragments among them) are not ours.
-                proto: ctx.load(l3 + 6).ok()?,
-                src: ctx.load(l3 + 8).ok()?,
-                dst: ctx.load(l3 + 24).ok()?,
-                sport: 0,
-                dport: 0,
-                ttl: ctx.load(l3 + 7).ok()?,
-                tcp_flags: 0,
-                icmp_type: 0,
-                len,
-                gso_size: 0,
-            },
+            6 => {
+                // Version to hop limit; extension headers (fragments among
+                // them) are not ours.
+                let h: [u8; 8] = ctx.load(l3).ok()?;
+                Self {
+                    ipv6: true,
+                    l3,
+                    l4: l3 + 40,
+                    proto: h[6],
+                    src: ctx.load(l3 + 8).ok()?,
+                    dst: ctx.load(l3 + 24).ok()?,
+                    sport: 0,
+                    dport: 0,
+                    ttl: h[7],
+                    tcp_flags: 0,
+                    icmp_type: 0,
+                    len,
+                    gso_size: 0,
+                }
+            }
             _ => return None,
         };
         // SAFETY: the context points at the kernel's `__sk_buff` for this run.
         p.gso_size = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).gso_size };
         match p.proto {
-            IPPROTO_TCP | IPPROTO_UDP => {
-                p.sport = ctx.load(p.l4).ok()?;
-                p.dport = ctx.load(p.l4 + 2).ok()?;
-                if p.proto == IPPROTO_TCP {
-                    p.tcp_flags = ctx.load(p.l4 + 13).ok()?;
-                }
+            IPPROTO_TCP => {
+                // Ports (kept in network byte order) through the flags.
+                let h: [u8; 14] = ctx.load(p.l4).ok()?;
+                p.sport = u16::from_ne_bytes([h[0], h[1]]);
+                p.dport = u16::from_ne_bytes([h[2], h[3]]);
+                p.tcp_flags = h[13];
+            }
+            IPPROTO_UDP => {
+                let h: [u8; 4] = ctx.load(p.l4).ok()?;
+                p.sport = u16::from_ne_bytes([h[0], h[1]]);
+                p.dport = u16::from_ne_bytes([h[2], h[3]]);
             }
             IPPROTO_ICMP if !p.ipv6 => p.read_echo(ctx, ECHO_REQUEST_V4, ECHO_REPLY_V4)?,
             IPPROTO_ICMPV6 if p.ipv6 => p.read_echo(ctx, ECHO_REQUEST_V6, ECHO_REPLY_V6)?,
