@@ -67,18 +67,14 @@ pub fn check(caps: Capabilities, tun: &Path, ebpf: bool) -> Result<()> {
              (docker: --cap-add PERFMON)"
         );
     }
-    if ebpf && !caps.has(CAP_SYS_ADMIN) && !is_bpffs("/sys/fs/bpf") {
+    if ebpf && !caps.has(CAP_SYS_ADMIN) && !crate::datapath::pin::is_bpffs(Path::new("/sys/fs/bpf"))
+    {
         warn!(
             "no bpffs on /sys/fs/bpf and no CAP_SYS_ADMIN to mount one: flows through the fast \
              path will not survive a restart (docker: -v /sys/fs/bpf:/sys/fs/bpf)"
         );
     }
     Ok(())
-}
-
-fn is_bpffs(path: &str) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 #[cfg(test)]

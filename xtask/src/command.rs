@@ -79,3 +79,12 @@ pub fn outlive_ctrl_c() -> Result<()> {
     }?;
     Ok(())
 }
+
+/// Where cargo puts its output (`CARGO_TARGET_DIR`, else `target/` at the
+/// workspace root).
+pub fn cargo_target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || xtask::toolchain::workspace_root().join("target"),
+        std::path::PathBuf::from,
+    )
+}

@@ -241,7 +241,7 @@ fn standin(engine: &Engine) -> Result<()> {
     )?;
     let dir = tempdir()?;
     std::fs::copy(
-        target_dir().join("release/tailscaled-standin"),
+        crate::command::cargo_target_dir().join("release/tailscaled-standin"),
         dir.join("tailscaled"),
     )?;
     std::fs::write(
@@ -266,12 +266,6 @@ fn standin(engine: &Engine) -> Result<()> {
     );
     let _ = std::fs::remove_dir_all(&dir);
     result
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| xtask::toolchain::workspace_root().join("target"))
 }
 
 fn tempdir() -> Result<PathBuf> {

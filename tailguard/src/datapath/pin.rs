@@ -64,7 +64,8 @@ pub fn remove(dir: &Path) -> io::Result<bool> {
     }
 }
 
-fn is_bpffs(path: &Path) -> bool {
+/// A bpffs is mounted at `path`.
+pub fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
