@@ -46,8 +46,8 @@ pub fn round(datapath: &str, duration: Duration) -> Round {
         .bed
         .ours
         .run(|| b.start_healthy(&[("TG_DATAPATH", datapath)]));
-    for device in devices(&b.bed.ours) {
-        load::steer(&b.bed.ours, &device, load::HOP_CPU);
+    for device in b.bed.ours.devices().iter().filter(|d| *d != "lo") {
+        load::steer(&b.bed.ours, device, load::HOP_CPU);
     }
     for ns in [&b.bed.ours, &b.bed.theirs, &b.client, &b.tailnet] {
         keep_on_endpoint_cpu(ns);
@@ -79,16 +79,6 @@ pub fn round(datapath: &str, duration: Duration) -> Round {
         tcp_gbps: gb * 8.0 / elapsed,
         namespace_cpu_per_gb: (ns_used + used.hop) / gb,
     }
-}
-
-/// The namespace's devices but loopback.
-fn devices(ns: &NetNs) -> Vec<String> {
-    run(Command::new("ip").args(["-n", ns.name(), "-br", "link"]))
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .map(|name| name.split('@').next().unwrap_or(name).to_string())
-        .filter(|name| name != "lo")
-        .collect()
 }
 
 /// Every thread of every process in `ns` onto [`load::ENDPOINT_CPU`].

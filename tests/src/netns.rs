@@ -45,6 +45,22 @@ impl NetNs {
         &self.name
     }
 
+    /// The names of the namespace's devices (`lo` among them); none if it
+    /// cannot be read.
+    pub fn devices(&self) -> Vec<String> {
+        Command::new("ip")
+            .args(["-n", &self.name, "-br", "link"])
+            .output()
+            .map(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().next())
+                    .map(|name| name.split('@').next().unwrap_or(name).to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Runs `f` on a fresh thread that has entered this namespace, and
     /// returns its result (re-raising its panic). Only that thread moves:
     /// the test's other threads stay where they were. Processes it starts
@@ -68,17 +84,7 @@ impl NetNs {
 impl Drop for NetNs {
     fn drop(&mut self) {
         // The namespace's devices, for their userspace WireGuard sockets.
-        let devices: Vec<String> = Command::new("ip")
-            .args(["-n", &self.name, "-br", "link"])
-            .output()
-            .map(|out| {
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .filter_map(|l| l.split_whitespace().next())
-                    .map(|name| name.split('@').next().unwrap_or(name).to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let devices = self.devices();
         // A process left inside keeps the namespace (and its devices) alive
         // after `ip netns del`: end them first.
         if let Ok(out) = Command::new("ip")
