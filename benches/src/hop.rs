@@ -18,11 +18,11 @@ use std::{net::Ipv4Addr, path::PathBuf, process::Command, time::Duration};
 use anyhow::{Context as _, Result};
 use ipnet::IpNet;
 use tailguard::{
-    datapath::{AttachMode, Datapath, LinkLayer, LoadOptions, Routes},
+    datapath::{AttachMode, Datapath, LinkLayer, LoadOptions},
     firewall::{Firewall, FirewallPlan},
     sysctls::Sysctls,
 };
-use tailguard_common::{Config, Device, Route, config::flag};
+use tailguard_common::Device;
 use tailguard_tests::netns::{NetNs, run, sysctl, veth};
 
 use crate::load::{self, CpuTime, UdpCounter};
@@ -47,7 +47,7 @@ impl Path {
 }
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
-const NODE_TS: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+const NODE_TS: Ipv4Addr = tailguard_tests::node::TS4;
 const SERVER: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 9);
 const CLIENT_DIRECT: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 2);
 const SERVER_DIRECT: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 9);
@@ -69,7 +69,8 @@ pub struct Hop {
     macs_via_router: ([u8; 6], [u8; 6]),
     macs_direct: ([u8; 6], [u8; 6]),
     discard_port: u16,
-    routes: Routes,
+    /// Unused routes to the tailnet, on top of the router's own.
+    extra_routes: usize,
     nat_flows: u32,
     pin: PathBuf,
     runtime: tokio::runtime::Runtime,
@@ -114,12 +115,9 @@ impl Hop {
         let counter = UdpCounter::install(&server, &[&server_to_router, &server_direct]);
         let discard_port = server.run(load::tcp_discard);
 
-        let mut routes = Routes::new();
-        routes.insert("10.1.0.0/24".parse()?, Route::WIREGUARD);
-        routes.insert("100.64.0.0/10".parse()?, Route::TAILSCALE);
+        // The same routes in the router's kernel as in the programs' trie.
         let mut batch = String::new();
         for net in load::unused_routes(extra_routes) {
-            routes.insert(IpNet::V4(net), Route::TAILSCALE);
             batch.push_str(&format!("route add {net} dev {router_ts}\n"));
         }
         ip_batch(&router, &batch);
@@ -169,7 +167,7 @@ impl Hop {
             macs_via_router,
             macs_direct,
             discard_port,
-            routes,
+            extra_routes,
             nat_flows,
             pin: pin.join("NAT"),
             runtime,
@@ -222,18 +220,12 @@ impl Hop {
                 .block_on(dp.attach(device, ifname, AttachMode::Auto))?;
         }
         let index = |name: &str| nix::net::if_::if_nametoindex(name);
-        let mut c = Config {
-            wg_ifindex: index(self.router_wg.as_str())?,
-            ts_ifindex: index(self.router_ts.as_str())?,
-            wg_mtu: 1500,
-            ts_mtu: 1500,
-            ..Config::default()
-        };
-        c.set_ts(Some(NODE_TS), None);
-        c.set_wg(Some(Ipv4Addr::new(10, 1, 0, 1)), None);
-        c.set(flag::SNAT_TO_WG, true);
-        dp.write_config(&c)?;
-        dp.sync_routes(&self.routes)?;
+        let ifindexes = (
+            index(self.router_wg.as_str())?,
+            index(self.router_ts.as_str())?,
+        );
+        let extra = load::unused_routes(self.extra_routes).map(IpNet::V4);
+        tailguard_tests::node::veth_router(&mut dp, ifindexes, extra)?;
         Ok(dp)
     }
 

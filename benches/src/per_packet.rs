@@ -6,8 +6,8 @@ use anyhow::{Context as _, Result, bail};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use etherparse::PacketBuilder;
 use ipnet::IpNet;
-use tailguard::datapath::{Datapath, LinkLayer, LoadOptions, Routes};
-use tailguard_common::{Config, Device, Direction, Route, config::flag};
+use tailguard::datapath::{Datapath, LinkLayer, LoadOptions};
+use tailguard_common::{Device, Direction};
 
 /// Runs per path: enough for a stable median on 2 cores in seconds.
 const RUNS: usize = 20_000;
@@ -95,35 +95,13 @@ fn loaded(nat_flows: u32, extra_routes: usize) -> Result<Datapath> {
         ..LoadOptions::uniform(LinkLayer::Ethernet)
     })
     .context("loading the programs")?;
-    let mut c = Config {
-        wg_ifindex: 1,
-        ts_ifindex: 1,
-        wg_mtu: 1420,
-        ts_mtu: 1280,
-        ..Config::default()
-    };
-    c.set_ts(
-        Some(Ipv4Addr::new(100, 64, 0, 1)),
-        Some(v6("fd7a:115c:a1e0::1")),
-    );
-    c.set_wg(Some(Ipv4Addr::new(10, 66, 0, 2)), Some(v6("fd66::2")));
-    c.set_dest(Some(Ipv4Addr::new(10, 66, 0, 1)), Some(v6("fd66::1")));
-    c.set(flag::SNAT_TO_WG, true);
-    c.set(flag::ISOLATE_PEERS, true);
-    dp.write_config(&c)?;
-    let mut routes = Routes::new();
-    for (net, route) in [
-        ("10.66.0.0/24", Route::WIREGUARD),
-        ("fd66::/64", Route::WIREGUARD),
-        ("100.64.0.0/10", Route::TAILSCALE),
-        ("fd7a:115c:a1e0::/48", Route::TAILSCALE),
-    ] {
-        routes.insert(net.parse::<IpNet>()?, route);
-    }
-    for net in crate::load::unused_routes(extra_routes) {
-        routes.insert(IpNet::V4(net), Route::TAILSCALE);
-    }
-    dp.sync_routes(&routes)?;
+    // The ifindexes only name the redirect's target: test runs never send.
+    tailguard_tests::node::bridge(
+        &mut dp,
+        (1, 1),
+        true,
+        crate::load::unused_routes(extra_routes).map(IpNet::V4),
+    )?;
     Ok(dp)
 }
 

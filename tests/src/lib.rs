@@ -9,6 +9,7 @@
 pub mod bridge;
 pub mod daemon;
 pub mod netns;
+pub mod node;
 pub mod packets;
 pub mod standin;
 pub mod tun;

@@ -6,12 +6,12 @@
 
 use std::process::Command;
 
-use tailguard::datapath::{AttachMode, Datapath, LinkLayer, LoadOptions, Routes};
-use tailguard_common::{Config, Device, Outcome, Route, config::flag};
+use tailguard::datapath::{AttachMode, Datapath, LinkLayer, LoadOptions};
+use tailguard_common::{Device, Outcome};
 use tailguard_tests::{
     bridge::{WhoAmI, who_am_i},
     netns::{NetNs, run, veth},
-    require_root,
+    node, require_root,
 };
 
 #[test]
@@ -48,21 +48,7 @@ fn the_fast_path_forwards_and_masquerades_between_veth_links() {
                 .expect("attach");
         }
         let index = |name: &str| nix::net::if_::if_nametoindex(name).unwrap();
-        let mut c = Config {
-            wg_ifindex: index(&wg_side),
-            ts_ifindex: index(&ts_side),
-            wg_mtu: 1500,
-            ts_mtu: 1500,
-            ..Config::default()
-        };
-        c.set_ts(Some("100.64.0.1".parse().unwrap()), None);
-        c.set_wg(Some("10.1.0.1".parse().unwrap()), None);
-        c.set(flag::SNAT_TO_WG, true);
-        dp.write_config(&c).unwrap();
-        let mut routes = Routes::new();
-        routes.insert("10.1.0.0/24".parse().unwrap(), Route::WIREGUARD);
-        routes.insert("100.64.0.0/10".parse().unwrap(), Route::TAILSCALE);
-        dp.sync_routes(&routes).unwrap();
+        node::veth_router(&mut dp, (index(&wg_side), index(&ts_side)), []).unwrap();
 
         let seen = client.run(|| who_am_i("100.64.0.9", server_app.port));
         assert_eq!(

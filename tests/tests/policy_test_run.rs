@@ -11,14 +11,13 @@ use etherparse::{
     Icmpv4Header, Icmpv6Header, NetHeaders, PacketBuilder, PacketHeaders, TcpOptionElement,
     TransportHeader,
 };
-use ipnet::IpNet;
-use tailguard::datapath::{Datapath, LinkLayer, LoadOptions, Routes};
+use tailguard::datapath::{Datapath, LinkLayer, LoadOptions};
 use tailguard_common::{
-    Config, Device, Direction, Outcome, Route,
-    config::flag,
+    Device, Direction, Outcome,
     nat::{FlowKey, NAT_PORT_FIRST, NatEntry},
 };
 use tailguard_tests::{
+    node::{self, DEST4, TS4, WG4},
     packets::{MAC_A, MAC_B},
     require_root,
 };
@@ -29,9 +28,6 @@ const REDIRECT: u32 = 7; // TC_ACT_REDIRECT
 const WG_IFINDEX: u32 = 11;
 const TS_IFINDEX: u32 = 12;
 
-const TS4: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
-const WG4: Ipv4Addr = Ipv4Addr::new(10, 66, 0, 2);
-const DEST4: Ipv4Addr = Ipv4Addr::new(10, 66, 0, 1);
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 66, 0, 7);
 const PEER4: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 9);
 
@@ -45,29 +41,7 @@ fn datapath(isolate: bool) -> Datapath {
     require_root();
     let mut dp =
         Datapath::load(&LoadOptions::uniform(LinkLayer::Ethernet)).expect("loading programs");
-    let mut c = Config {
-        wg_ifindex: WG_IFINDEX,
-        ts_ifindex: TS_IFINDEX,
-        wg_mtu: 1420,
-        ts_mtu: 1280,
-        ..Config::default()
-    };
-    c.set_ts(Some(TS4), Some(v6("fd7a:115c:a1e0::1")));
-    c.set_wg(Some(WG4), Some(v6("fd66::2")));
-    c.set_dest(Some(DEST4), Some(v6("fd66::1")));
-    c.set(flag::SNAT_TO_WG, true);
-    c.set(flag::ISOLATE_PEERS, isolate);
-    dp.write_config(&c).unwrap();
-    let mut routes = Routes::new();
-    for (net, route) in [
-        ("10.66.0.0/24", Route::WIREGUARD),
-        ("fd66::/64", Route::WIREGUARD),
-        ("100.64.0.0/10", Route::TAILSCALE),
-        ("fd7a:115c:a1e0::/48", Route::TAILSCALE),
-    ] {
-        routes.insert(net.parse::<IpNet>().unwrap(), route);
-    }
-    dp.sync_routes(&routes).unwrap();
+    node::bridge(&mut dp, (WG_IFINDEX, TS_IFINDEX), isolate, []).expect("configuring");
     dp
 }
 
