@@ -48,15 +48,7 @@ impl Keys {
 /// `(wg0.conf, peer.conf)` for `pattern`. `endpoint` is where the side
 /// that listens is reached (`host:port`; the port defaults to 51820).
 pub fn pair(pattern: Pattern, endpoint: &str, ours: &Keys, theirs: &Keys) -> (String, String) {
-    let endpoint = if endpoint
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        && !endpoint.ends_with(']')
-    {
-        endpoint.to_string()
-    } else {
-        format!("{endpoint}:{PORT}")
-    };
+    let endpoint = with_port(endpoint);
     // Who listens: the WireGuard server is TailGuard, except when TailGuard
     // is the client of a server that routes everything.
     let tailguard_listens = pattern != Pattern::ExitNode;
@@ -109,6 +101,22 @@ pub fn pair(pattern: Pattern, endpoint: &str, ours: &Keys, theirs: &Keys) -> (St
     (wg0, other)
 }
 
+/// `host:port`, with WireGuard's usual port when none is given; a bare
+/// IPv6 address gets its brackets (`fd00::1` is not host `fd00:` port 1).
+fn with_port(endpoint: &str) -> String {
+    let has_port = match endpoint.strip_prefix('[') {
+        Some(rest) => rest.contains("]:"),
+        None => endpoint.matches(':').count() == 1,
+    };
+    if has_port {
+        endpoint.to_string()
+    } else if endpoint.contains(':') && !endpoint.starts_with('[') {
+        format!("[{endpoint}]:{PORT}")
+    } else {
+        format!("{endpoint}:{PORT}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +156,15 @@ mod tests {
                 "{peer}"
             );
         }
+    }
+
+    #[test]
+    fn endpoints_get_the_default_port_and_ipv6_brackets() {
+        assert_eq!(with_port("vpn.example.com"), "vpn.example.com:51820");
+        assert_eq!(with_port("10.0.0.1:4000"), "10.0.0.1:4000");
+        assert_eq!(with_port("fd00::1"), "[fd00::1]:51820");
+        assert_eq!(with_port("[fd00::1]"), "[fd00::1]:51820");
+        assert_eq!(with_port("[fd00::1]:4000"), "[fd00::1]:4000");
     }
 
     #[test]
