@@ -15,6 +15,7 @@ pub mod plan;
 pub mod privileges;
 pub mod resolver;
 pub mod routes;
+pub mod secrets;
 pub mod settings;
 pub mod sysctls;
 pub mod tailscale;

@@ -13,6 +13,7 @@ use clap::{ArgAction, Args, ValueEnum};
 use ipnet::IpNet;
 
 use crate::datapath::AttachMode;
+pub use crate::secrets::Secret;
 
 /// Settings as given. [`SettingsArgs::validate`] turns them into [`Settings`].
 #[derive(Args, Debug, Clone)]
@@ -336,34 +337,6 @@ impl Settings {
     /// `WG_CONFIG_DIR/WG_DEVICE.conf`.
     pub fn wg_config_path(&self) -> PathBuf {
         self.wg_config_dir.join(format!("{}.conf", self.wg_device))
-    }
-}
-
-/// A value that must never be printed: its `Debug` and `Display` say so
-/// instead of showing it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The value itself, for the one place that must send it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<secret>")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<secret>")
     }
 }
 
