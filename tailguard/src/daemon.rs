@@ -45,8 +45,8 @@ pub fn plan(settings: &Settings) -> Result<Plan> {
     for warning in warnings {
         warn!("{warning}");
     }
-    let plan = Plan::new(settings, &config);
-    for warning in crate::tailscale::prefs::extra_args_warnings(&plan.tailscale) {
+    let (plan, warnings) = Plan::checked(settings, &config)?;
+    for warning in warnings {
         warn!("{warning}");
     }
     Ok(plan)
