@@ -64,6 +64,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
     )?;
     let plan = plan(settings)?;
     let nl = Netlink::connect().context("opening rtnetlink")?;
+    crate::preflight::devices(&nl, settings).await?;
     let mut running = Running {
         nl,
         started_at: SystemTime::now(),

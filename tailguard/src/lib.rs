@@ -12,6 +12,7 @@ pub mod gro;
 pub mod health;
 pub mod netlink;
 pub mod plan;
+pub mod preflight;
 pub mod privileges;
 pub mod resolver;
 pub mod routes;

@@ -70,7 +70,7 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(&validated(cli.settings)?).await,
-        Command::Check => check(&validated(cli.settings)?),
+        Command::Check => check(&validated(cli.settings)?).await,
         Command::Programs => programs(),
         Command::Health => health(&validated(cli.settings)?).await,
         Command::Status => status(&validated(cli.settings)?).await,
@@ -164,8 +164,12 @@ async fn cleanup(settings: &Settings) -> Result<()> {
     Ok(())
 }
 
-fn check(settings: &Settings) -> Result<()> {
-    print!("{}", daemon::plan(settings)?);
+async fn check(settings: &Settings) -> Result<()> {
+    let plan = daemon::plan(settings)?;
+    // Read-only, as `check` promises: the devices are what they must be.
+    let nl = tailguard::netlink::Netlink::connect().context("opening rtnetlink")?;
+    tailguard::preflight::devices(&nl, settings).await?;
+    print!("{plan}");
     Ok(())
 }
 
@@ -217,7 +221,8 @@ fn wg_pair(
     use std::os::unix::fs::OpenOptionsExt as _;
     use tailguard::wgpair::{Keys, pair};
 
-    let (wg0, peer) = pair(pattern, endpoint, &Keys::generate(), &Keys::generate());
+    let (wg0, peer) = pair(pattern, endpoint, &Keys::generate(), &Keys::generate())
+        .map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     for (name, text) in [("wg0.conf", wg0), ("peer.conf", peer)] {
         let path = out.join(name);

@@ -64,7 +64,7 @@ impl WgDevice {
             Some(kind) if kind == "wireguard" => {
                 return Self::found(nl, name, Backend::Kernel).await;
             }
-            Some(_) if uapi_socket(name).exists() => {
+            Some(_) if is_userspace_device(name) => {
                 return Self::found(nl, name, Backend::Userspace).await;
             }
             Some(kind) => {
@@ -226,6 +226,11 @@ impl WgDevice {
         info!(device = self.name, "WireGuard device removed");
         Ok(())
     }
+}
+
+/// Whether `name` is a userspace WireGuard's device: its UAPI socket is there.
+pub fn is_userspace_device(name: &str) -> bool {
+    uapi_socket(name).exists()
 }
 
 fn uapi_socket(name: &str) -> PathBuf {
