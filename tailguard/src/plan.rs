@@ -710,7 +710,8 @@ mod tests {
             "Address=10.1.0.2/24",
             "0.0.0.0/0,192.168.8.0/24",
         );
-        let text = p.to_string();
+        // Its Debug form (a log line or a panic may show it) too.
+        let text = format!("{p}\n{p:?}");
         for expected in [
             "WireGuard device wg0",
             "route:          192.168.8.0/24 dev wg0",

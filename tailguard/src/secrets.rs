@@ -195,4 +195,87 @@ mod tests {
         assert!(!is_secret(&format!("x {KEY}")));
         assert!(!is_secret("vpn.example.com"));
     }
+
+    /// `wireguard_control`'s keys print themselves in `Debug` (and so does
+    /// everything holding one: `Device`, `PeerConfig`, `DeviceUpdate`). In
+    /// the files that use that crate, no value is formatted with `{:?}` or
+    /// tracing's `?field`, and nothing derives `Debug`, unless a
+    /// `debug-ok:` comment on the line before says why it holds no key.
+    #[test]
+    fn nothing_near_wireguard_control_keys_is_debug_formatted() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = vec![src.clone()];
+        let mut offenders = Vec::new();
+        let mut checked = 0;
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            if !code.contains("wireguard_control") {
+                continue;
+            }
+            checked += 1;
+            let lines: Vec<&str> = code.lines().collect();
+            for (i, line) in lines.iter().enumerate() {
+                let allowed = i > 0 && lines[i - 1].contains("debug-ok:");
+                if is_debug_formatting(line) && !allowed {
+                    offenders.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
+                }
+            }
+        }
+        assert!(
+            checked >= 2,
+            "the files using wireguard_control were not found"
+        );
+        assert!(
+            offenders.is_empty(),
+            "Debug formatting beside key types:\n{}",
+            offenders.join("\n")
+        );
+    }
+
+    fn is_debug_formatting(line: &str) -> bool {
+        let code = line.split("//").next().unwrap_or_default();
+        if code.contains(":?}")
+            || code.contains(":#?}")
+            || code.contains("derive(Debug")
+            || code.contains(", Debug")
+        {
+            return true;
+        }
+        // tracing's Debug sigil: `field = ?value` or a bare `?value` argument.
+        let bytes = code.as_bytes();
+        bytes.windows(2).enumerate().any(|(i, w)| {
+            w[0] == b'?'
+                && (w[1].is_ascii_alphabetic() || w[1] == b'&' || w[1] == b'_')
+                && code[..i].trim_end().ends_with(['=', ',', '('])
+        })
+    }
+
+    #[test]
+    fn the_debug_scan_sees_each_form() {
+        for line in [
+            r#"info!("{device:?}")"#,
+            r#"format!("{:#?}", update)"#,
+            "info!(peer = ?peer, \"configured\")",
+            "warn!(?update)",
+            "#[derive(Clone, Debug)]",
+        ] {
+            assert!(is_debug_formatting(line), "{line}");
+        }
+        for line in [
+            "let x = y?;",
+            "foo(a)?.bar()",
+            "// {x:?}",
+            "match e { Some(x) => x? }",
+        ] {
+            assert!(!is_debug_formatting(line), "{line}");
+        }
+    }
 }

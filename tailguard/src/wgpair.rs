@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use clap::ValueEnum;
 
 /// The reference's four usage patterns.
+// debug-ok: a choice among four patterns, no key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Pattern {
     /// TailGuard is a client of a WireGuard server that routes everything;
@@ -114,8 +115,8 @@ fn checked_endpoint(endpoint: &str) -> Result<String, String> {
     match crate::wgconf::parse_endpoint(&with_port) {
         Ok(_) if !with_port.chars().any(|c| c.is_whitespace() || c == '#') => Ok(with_port),
         _ => Err(format!(
-            "--endpoint {:?}: expected a host name or address, optionally with :port",
-            crate::secrets::redact(endpoint)
+            "--endpoint \"{}\": expected a host name or address, optionally with :port",
+            crate::secrets::redact(endpoint).escape_debug()
         )),
     }
 }

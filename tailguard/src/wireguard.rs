@@ -27,6 +27,7 @@ use crate::{
 /// Where userspace implementations put their UAPI sockets.
 pub const UAPI_DIR: &str = "/var/run/wireguard";
 
+// debug-ok: names and messages only, no key.
 #[derive(Debug, thiserror::Error)]
 pub enum WireGuardError {
     #[error(transparent)]
@@ -197,6 +198,7 @@ impl WgDevice {
     fn interface_name(&self) -> Result<InterfaceName> {
         self.name
             .parse()
+            // debug-ok: an interface-name parse error, no key.
             .map_err(|e| self.configure_error(format!("{e:?}")))
     }
 
