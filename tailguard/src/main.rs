@@ -67,7 +67,7 @@ async fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| exit_redacted(&e));
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(&validated(cli.settings)?).await,
         Command::Check => check(&validated(cli.settings)?).await,
@@ -82,6 +82,20 @@ async fn main() -> Result<()> {
             out,
         } => wg_pair(pattern, &endpoint, &out),
     }
+}
+
+/// Prints clap's message (an error, or the help) and exits as clap would,
+/// redacted: clap quotes a bad value back, and its help shows the
+/// environment's values, where a key pasted into the wrong variable (or
+/// TS_EXTRA_ARGS) must not be shown.
+fn exit_redacted(e: &clap::Error) -> ! {
+    let text = tailguard::secrets::redact(&e.render().to_string()).into_owned();
+    if e.use_stderr() {
+        eprint!("{text}");
+    } else {
+        print!("{text}");
+    }
+    std::process::exit(e.exit_code())
 }
 
 /// Checks the settings as a whole, logs what will be ignored, and stops on
