@@ -328,6 +328,77 @@ fn sigterm_during_a_hanging_preup_tears_down_within_the_grace_period() {
     });
 }
 
+/// SIGTERM while a peer's endpoint name is being resolved by a name server
+/// that does not answer (the daemon's /etc/resolv.conf, in a mount
+/// namespace of its own, names the peer namespace, which drops DNS): the
+/// start is abandoned and the look-up, which cannot be cut short, does not
+/// hold up the exit.
+#[test]
+fn sigterm_during_a_slow_name_lookup_tears_down_within_the_grace_period() {
+    let bed = Testbed::new("life-dns");
+    bed.theirs.run(|| {
+        run(Command::new("nft").args([
+            "add table inet drop_dns { chain input { type filter hook input priority 0; udp dport 53 drop; tcp dport 53 drop; }; }",
+        ]))
+    });
+    let text = bed
+        .config("DNS = 10.66.0.1", "10.66.0.1/32")
+        .replace("10.200.0.2:51820", "peer.tailguard.test:51820");
+    let dir = bed.config_dir(&text);
+    std::fs::write(dir.0.join("resolv.conf"), RESOLV).unwrap();
+    let host_resolv = dir.0.join("host-resolv.conf");
+    std::fs::write(
+        &host_resolv,
+        "nameserver 10.200.0.2\noptions timeout:30 attempts:1\n",
+    )
+    .unwrap();
+    let host_resolv = host_resolv.display().to_string();
+    bed.ours.run(|| {
+        let before = full_state(&dir);
+        let wrapper = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"",
+            &host_resolv,
+        ];
+        let mut daemon = Daemon::start_via(&wrapper, &bed, &dir, &[("TS_DEVICE", TS)]);
+        // The device exists before its peers are configured (and their
+        // endpoints resolved).
+        daemon.wait_for("the device", |_| link_exists(&bed.device));
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            !daemon.log().contains("WireGuard is up"),
+            "the look-up was expected to hang:\n{}",
+            daemon.log()
+        );
+        let asked = Instant::now();
+        daemon.signal(Signal::SIGTERM);
+        while daemon.exited().is_none() && asked.elapsed() < PATIENCE {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let took = asked.elapsed();
+        let (status, log) = daemon.exit();
+        assert!(
+            took < DOCKER_GRACE,
+            "the stop took {took:?}, past Docker's grace:\n{log}"
+        );
+        assert!(status.success(), "{status}:\n{log}");
+        assert!(log.contains("told to stop during the start"), "{log}");
+        assert_eq!(full_state(&dir), before, "as before:\n{log}");
+        assert!(
+            processes()
+                .iter()
+                .all(|(_, _, cmd)| !cmd.contains(&bed.device)),
+            "a process of ours is left"
+        );
+        println!("SIGTERM to exit during a hanging name look-up: {took:?}");
+    });
+}
+
 /// tailscaled (the stand-in, and the wireguard-go it starts), our
 /// wireguard-go and a `PostUp` hook: none has the auth key in its
 /// environment.
