@@ -5,11 +5,12 @@
 
 use std::{
     future::Future,
+    panic::AssertUnwindSafe,
     time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, Result, anyhow};
-use futures_util::{FutureExt as _, StreamExt as _};
+use futures_util::{FutureExt as _, StreamExt as _, future::Shared};
 use tailguard_common::{Device, Direction};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{error, info, warn};
@@ -53,7 +54,9 @@ pub fn plan(settings: &Settings) -> Result<Plan> {
 }
 
 /// Runs until `shutdown` completes, then tears down. A failure at any step
-/// of the start tears down what the earlier steps set up.
+/// of the start tears down what the earlier steps set up; so do a
+/// `shutdown` during the start (which abandons it) and a panic (which is
+/// resumed once the teardown is done).
 pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
     // What the process may do first: in a container started without a
     // grant, that is the one thing to fix, whatever else is wrong.
@@ -78,12 +81,46 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         supervisor: None,
         tasks: Vec::new(),
     };
-    let result = match running.start(settings, &plan).await {
-        Ok(()) => running.serve(settings, &plan, shutdown).await,
-        Err(e) => Err(e),
-    };
+    // Everything the start and the service change is recorded in `running`
+    // as it is made, so whatever ends them — a failure, a stop, a panic —
+    // the teardown finds it there.
+    let outcome = AssertUnwindSafe(running.start_and_serve(settings, &plan, shutdown.shared()))
+        .catch_unwind()
+        .await;
     let teardown = running.teardown().await;
-    result.and(teardown)
+    match outcome {
+        Ok(result) => result.and(teardown),
+        Err(panic) => {
+            if let Err(e) = teardown {
+                error!("{e:#}");
+            }
+            std::panic::resume_unwind(panic)
+        }
+    }
+}
+
+/// How far the start went.
+#[derive(PartialEq)]
+enum Start {
+    Done,
+    /// Told to stop before it was done.
+    Stopped,
+}
+
+/// Whether `shutdown` has come (it may be polled again after it has).
+fn stop_requested<S: Future<Output = ()>>(shutdown: &Shared<S>) -> bool {
+    shutdown.clone().now_or_never().is_some()
+}
+
+/// What the table is made from before any device exists: WireGuard's
+/// port only if the config fixes it, no tailnet addresses yet, and no
+/// indexes or MTUs (which [`forwarding::firewall`] does not read: the table
+/// names devices).
+fn facts_before_devices(plan: &Plan) -> Facts {
+    Facts {
+        wg_port: plan.wireguard.listen_port,
+        ..Facts::default()
+    }
 }
 
 /// Everything set up so far, each part removed by [`Running::teardown`].
@@ -107,22 +144,70 @@ struct Running {
 }
 
 impl Running {
-    /// The start, in the reference's order: the uplink's UDP GRO forwarding
-    /// (never fatal), WireGuard, then name resolution.
-    async fn start(&mut self, settings: &Settings, plan: &Plan) -> Result<()> {
+    async fn start_and_serve<S: Future<Output = ()>>(
+        &mut self,
+        settings: &Settings,
+        plan: &Plan,
+        shutdown: Shared<S>,
+    ) -> Result<()> {
+        if self.start(settings, plan, &shutdown).await? == Start::Stopped {
+            info!("told to stop during the start");
+            return Ok(());
+        }
+        self.serve(settings, plan, shutdown).await
+    }
+
+    /// The start: the nftables table first, so that no device of ours ever
+    /// carries a packet without the policy; then, in the reference's order,
+    /// the uplink's UDP GRO forwarding (never fatal), WireGuard, name
+    /// resolution, and the kernel's switches (forwarding on) last.
+    ///
+    /// `shutdown` is heard between the steps and during the WireGuard
+    /// bring-up, which can take long (hooks, endpoint names to resolve) and
+    /// records each step as it goes, so it can be abandoned part way. The
+    /// other steps are quick and not made to be cut short.
+    async fn start<S: Future<Output = ()>>(
+        &mut self,
+        settings: &Settings,
+        plan: &Plan,
+        shutdown: &Shared<S>,
+    ) -> Result<Start> {
+        let firewall = self.firewall.insert(Firewall::default());
+        firewall
+            .apply(&forwarding::firewall(plan, &facts_before_devices(plan)))
+            .await?;
+        crate::fault::point("after-table");
+        if stop_requested(shutdown) {
+            return Ok(Start::Stopped);
+        }
         self.gro = GroSetup::enable(&self.nl).await;
-        let wg = WgSetup::bring_up(&self.nl, plan, &settings.wg_userspace).await;
-        self.wg = Some(wg.context("bringing up WireGuard")?);
-        let resolver = ResolverSetup::apply(&self.nl, &plan.resolver).await;
-        self.resolver = Some(resolver.context("configuring name resolution")?);
-        // The table before forwarding is switched on: its default is drop.
+        let wg = self.wg.insert(WgSetup::new(&plan.wireguard));
+        tokio::select! {
+            biased;
+            () = shutdown.clone() => return Ok(Start::Stopped),
+            up = wg.bring_up_in_place(&self.nl, plan, &settings.wg_userspace) => {
+                up.context("bringing up WireGuard")?;
+            }
+        }
+        crate::fault::point("after-wireguard");
+        // Now with WireGuard's actual port open.
         let facts = self
             .facts(settings, &TailscaleState::default(), None)
             .await?;
-        let firewall = self.firewall.insert(Firewall::default());
-        firewall.apply(&forwarding::firewall(plan, &facts)).await?;
+        if let Some(firewall) = self.firewall.as_mut() {
+            firewall.apply(&forwarding::firewall(plan, &facts)).await?;
+        }
+        if stop_requested(shutdown) {
+            return Ok(Start::Stopped);
+        }
+        let resolver = ResolverSetup::apply(&self.nl, &plan.resolver).await;
+        self.resolver = Some(resolver.context("configuring name resolution")?);
+        crate::fault::point("after-resolver");
+        if stop_requested(shutdown) {
+            return Ok(Start::Stopped);
+        }
         self.sysctls = Some(Sysctls::apply().context("setting the kernel's switches")?);
-        Ok(())
+        Ok(Start::Done)
     }
 
     async fn serve(
@@ -180,6 +265,7 @@ impl Running {
         let (supervisor, mut tailscale) = Supervisor::new(settings, &plan.tailscale);
         let (stop_supervisor, stopped) = watch::channel(false);
         self.supervisor = Some((stop_supervisor, tokio::spawn(supervisor.run(stopped))));
+        crate::fault::point("serving");
         info!(wg = %settings.wg_device, ts = %settings.ts_device, "running; SIGINT or SIGTERM stops");
 
         tokio::pin!(shutdown);
@@ -349,7 +435,10 @@ impl Running {
         Ok(())
     }
 
-    /// Takes down everything, collecting errors instead of stopping at one.
+    /// Takes down everything, collecting errors instead of stopping at one:
+    /// tailscaled (and its device), the programs, forwarding off, the
+    /// WireGuard side, the resolver, GRO, and the nftables table last, once
+    /// no device of ours is left to carry a packet.
     async fn teardown(&mut self) -> Result<()> {
         let mut errors: Vec<String> = Vec::new();
         if let Some((stop, task)) = self.supervisor.take() {
@@ -375,18 +464,13 @@ impl Running {
         {
             errors.push(e.to_string());
         }
-        if let Some(mut firewall) = self.firewall.take()
-            && let Err(e) = firewall.remove().await
-        {
-            errors.push(format!("{e:#}"));
-        }
-        if let Some(resolver) = self.resolver.take()
-            && let Err(e) = resolver.teardown(&self.nl).await
+        if let Some(wg) = self.wg.take()
+            && let Err(e) = wg.teardown(&self.nl).await
         {
             errors.extend(e.iter().map(ToString::to_string));
         }
-        if let Some(wg) = self.wg.take()
-            && let Err(e) = wg.teardown(&self.nl).await
+        if let Some(resolver) = self.resolver.take()
+            && let Err(e) = resolver.teardown(&self.nl).await
         {
             errors.extend(e.iter().map(ToString::to_string));
         }
@@ -394,6 +478,11 @@ impl Running {
             && let Err(e) = gro.restore().await
         {
             errors.push(e);
+        }
+        if let Some(mut firewall) = self.firewall.take()
+            && let Err(e) = firewall.remove().await
+        {
+            errors.push(format!("{e:#}"));
         }
         if errors.is_empty() {
             info!("stopped; everything set up was removed");

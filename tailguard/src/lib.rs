@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod endpoints;
 pub mod family;
+pub mod fault;
 pub mod firewall;
 pub mod forwarding;
 pub mod gro;

@@ -252,6 +252,10 @@ async fn start_userspace(name: &str, program: &str) -> Result<Child> {
         .args(["-f", name])
         // wireguard-go: log level; and no warning box about the kernel module.
         .env("LOG_LEVEL", "error")
+        // A group of its own: a signal for ours (Ctrl-C at a terminal, a
+        // SIGHUP to the group) is ours to act on; the device goes when our
+        // teardown deletes it, in order.
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -136,6 +136,10 @@ impl Supervisor {
             .arg(format!("--statedir={}", s.ts_state_dir.display()))
             .arg(format!("--socket={}", s.ts_socket.display()))
             .args(&s.ts_tailscaled_extra_args)
+            // A group of its own: a signal for ours (Ctrl-C at a terminal, a
+            // SIGHUP to the group) is ours to act on; tailscaled stops when
+            // the supervisor stops it, in the teardown's order.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
