@@ -339,13 +339,16 @@ const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Runs hook commands with `sh -c`, in order; the first failure stops.
 async fn run_hooks(stage: &'static str, commands: &[String]) -> Result<(), SetupError> {
     for command in commands {
-        info!("{stage}: {command}");
+        // A hook may carry a key (`wg set %i private-key …` from a pipe is
+        // usual, a literal one is not unheard of): shown redacted.
+        let shown = crate::secrets::redact(command).into_owned();
+        info!("{stage}: {shown}");
         run_hook(command)
             .await
             .map_err(|message| SetupError::Hook {
                 stage,
-                command: command.clone(),
-                message,
+                command: shown,
+                message: crate::secrets::redact(&message).into_owned(),
             })?;
     }
     Ok(())

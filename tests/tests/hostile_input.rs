@@ -258,3 +258,26 @@ fn wg_pair_refuses_an_endpoint_that_is_not_a_host_and_port() {
     );
     std::fs::remove_dir_all(&out_dir).unwrap();
 }
+
+/// Hook commands are logged, and named when they fail; a key in one is
+/// shown redacted in both.
+#[test]
+fn a_key_in_a_hook_command_is_not_logged() {
+    let bed = Testbed::new("hookkey");
+    let key = KeyPair::generate().private;
+    let dir = bed.config_dir(&bed.config(&format!("PreUp = test {key} = other"), "10.66.0.1/32"));
+    bed.ours.run(|| {
+        let before = routing_state();
+        let (status, log) = tailguard_tests::daemon::Daemon::start(&bed, &dir, &[]).exit();
+        assert!(!status.success(), "{log}");
+        assert!(
+            log.contains("PreUp hook `test <redacted> = other` failed"),
+            "{log}"
+        );
+        assert!(
+            !log.contains(&key) && !log.contains(key.trim_end_matches('=')),
+            "{log}"
+        );
+        assert_eq!(routing_state(), before);
+    });
+}
