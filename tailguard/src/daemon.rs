@@ -276,6 +276,15 @@ impl Running {
         loop {
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
+                ended = supervisor_ended(&mut self.supervisor) => {
+                    // It ends only when told to: this is a panic (resumed,
+                    // so that it takes the way of every other one).
+                    self.supervisor = None;
+                    return match ended {
+                        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                        _ => Err(anyhow!("tailscaled's supervisor ended unexpectedly")),
+                    };
+                }
                 Some(()) = kernel_changes.next() => {
                     // A burst (tailscaled adding its routes) is read once.
                     while let Some(Some(())) = kernel_changes.next().now_or_never() {}
@@ -493,6 +502,16 @@ impl Running {
                 errors.join("; ")
             ))
         }
+    }
+}
+
+/// When the supervisor's task ends; never, if there is none.
+async fn supervisor_ended(
+    supervisor: &mut Option<(watch::Sender<bool>, JoinHandle<()>)>,
+) -> Result<(), tokio::task::JoinError> {
+    match supervisor {
+        Some((_, task)) => task.await,
+        None => std::future::pending().await,
     }
 }
 
