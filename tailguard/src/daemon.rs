@@ -532,3 +532,34 @@ fn log_counters(datapath: &Datapath) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table applied before any device exists is the one the devices'
+    /// facts give: it depends on nothing those facts add.
+    #[test]
+    fn the_table_before_the_devices_is_the_table_with_them() {
+        let config = crate::wgconf::parse(
+            "[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n\
+             Address = 10.66.0.2/24\nListenPort = 51821\n",
+            std::path::Path::new("wg0.conf"),
+        )
+        .unwrap();
+        let (settings, _) = crate::settings::parse_args(&["--webui-port=8080"]).unwrap();
+        let plan = Plan::new(&settings, &config);
+        let with_devices = Facts {
+            wg_ifindex: 7,
+            wg_mtu: 1420,
+            wg_port: Some(51821),
+            ts_device: Some((8, 1280)),
+            table52: vec!["100.64.0.0/10".parse().unwrap()],
+            ..Facts::default()
+        };
+        assert_eq!(
+            forwarding::firewall(&plan, &facts_before_devices(&plan)),
+            forwarding::firewall(&plan, &with_devices)
+        );
+    }
+}
