@@ -277,6 +277,15 @@ impl Running {
         loop {
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
+                ended = supervisor_ended(&mut self.supervisor) => {
+                    // It ends only when told to: this is a panic (resumed,
+                    // so that it takes the way of every other one).
+                    self.supervisor = None;
+                    return match ended {
+                        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                        _ => Err(anyhow!("tailscaled's supervisor ended unexpectedly")),
+                    };
+                }
                 Some(()) = kernel_changes.next() => {
                     // A burst (tailscaled adding its routes) is read once.
                     while let Some(Some(())) = kernel_changes.next().now_or_never() {}
@@ -497,6 +506,16 @@ impl Running {
     }
 }
 
+/// When the supervisor's task ends; never, if there is none.
+async fn supervisor_ended(
+    supervisor: &mut Option<(watch::Sender<bool>, JoinHandle<()>)>,
+) -> Result<(), tokio::task::JoinError> {
+    match supervisor {
+        Some((_, task)) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
 fn log_counters(datapath: &Datapath) {
     let Ok(counters) = datapath.counters() else {
         return;
@@ -512,5 +531,36 @@ fn log_counters(datapath: &Datapath) {
                 "counted"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table applied before any device exists is the one the devices'
+    /// facts give: it depends on nothing those facts add.
+    #[test]
+    fn the_table_before_the_devices_is_the_table_with_them() {
+        let config = crate::wgconf::parse(
+            "[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n\
+             Address = 10.66.0.2/24\nListenPort = 51821\n",
+            std::path::Path::new("wg0.conf"),
+        )
+        .unwrap();
+        let (settings, _) = crate::settings::parse_args(&["--webui-port=8080"]).unwrap();
+        let plan = Plan::new(&settings, &config);
+        let with_devices = Facts {
+            wg_ifindex: 7,
+            wg_mtu: 1420,
+            wg_port: Some(51821),
+            ts_device: Some((8, 1280)),
+            table52: vec!["100.64.0.0/10".parse().unwrap()],
+            ..Facts::default()
+        };
+        assert_eq!(
+            forwarding::firewall(&plan, &facts_before_devices(&plan)),
+            forwarding::firewall(&plan, &with_devices)
+        );
     }
 }

@@ -11,7 +11,9 @@
 //!   PostUp has not run;
 //! - `after-wireguard`: the WireGuard side is up;
 //! - `after-resolver`: the resolver file is written;
-//! - `serving`: everything is up and tailscaled's supervisor started.
+//! - `serving`: everything is up and tailscaled's supervisor started;
+//! - `spawning-tailscaled`: in the supervisor's task, about to start
+//!   tailscaled (a panic in a task of its own, not in the start's).
 
 /// The variable naming the points that panic.
 pub const VARIABLE: &str = "TG_FAULT_PANIC";

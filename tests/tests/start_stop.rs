@@ -264,6 +264,7 @@ fn an_injected_panic_anywhere_in_the_start_leaves_nothing() {
             "after-wireguard",
             "after-resolver",
             "serving",
+            "spawning-tailscaled",
         ] {
             let node = Daemon::with_standin(
                 &bed,

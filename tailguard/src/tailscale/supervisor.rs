@@ -129,6 +129,7 @@ impl Supervisor {
     }
 
     fn spawn(&self) -> Result<Child, String> {
+        crate::fault::point("spawning-tailscaled");
         let s = &self.settings;
         let mut cmd = Command::new(&s.ts_tailscaled);
         cmd.arg(format!("--tun={}", s.ts_device))
