@@ -234,16 +234,16 @@ impl Site for Pages {
         match path {
             "/healthz" => {
                 let (status, body) = self.health.borrow().report();
-                server::answer(status, "text/plain; charset=utf-8", body)
+                server::response(status, "text/plain; charset=utf-8", body)
             }
             "/status" => {
                 let mut status = self.health.borrow().status();
                 if !self.audience.sees_wireguard_peers(client) {
                     status = without_wireguard_peers(status);
                 }
-                server::answer(StatusCode::OK, "application/json", format!("{status:#}\n"))
+                server::response(StatusCode::OK, "application/json", format!("{status:#}\n"))
             }
-            _ => server::answer(
+            _ => server::response(
                 StatusCode::NOT_FOUND,
                 "text/plain; charset=utf-8",
                 "/healthz and /status here\n".into(),

@@ -104,24 +104,19 @@ impl Limits {
 
 /// Raises the soft open-file limit to the hard one (systemd and many
 /// container engines start services at 1024, with a far higher hard limit)
-/// and returns the limit now in force. The daemon calls it at start.
-pub fn raise_open_file_limit() -> u64 {
+/// for the whole daemon: what is left after the HTTP servers' caps is the
+/// rest's. The daemon calls it at start, before it opens anything.
+pub fn raise_open_file_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return 1024;
+        return;
     };
     if soft >= hard {
-        return soft;
+        return;
     }
     match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-        Ok(()) => {
-            info!(from = soft, to = hard, "open-file limit raised");
-            hard
-        }
-        Err(e) => {
-            warn!("raising the open-file limit from {soft} to {hard}: {e}");
-            soft
-        }
+        Ok(()) => info!(from = soft, to = hard, "open-file limit raised"),
+        Err(e) => warn!("raising the open-file limit from {soft} to {hard}: {e}"),
     }
 }
 
@@ -154,7 +149,7 @@ pub trait Site: Send + Sync + 'static {
 }
 
 /// An answer with a body of `content_type`.
-pub fn answer(
+pub fn response(
     status: StatusCode,
     content_type: &'static str,
     body: String,
@@ -168,7 +163,7 @@ pub fn answer(
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    answer(status, "text/plain; charset=utf-8", body)
+    response(status, "text/plain; charset=utf-8", body)
 }
 
 /// Serves `site` on `listener` within `limits` until the task is dropped.
@@ -362,6 +357,27 @@ mod tests {
         // Even a tiny limit serves something.
         let (local, page) = Limits::split(100);
         assert!(local.connections >= 1 && page.connections >= 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn accept_errors_pause_longer_each_time_until_one_works() {
+        let full = std::io::Error::from_raw_os_error(nix::libc::EMFILE);
+        let mut pause = AcceptPause::default();
+        let mut waited = Vec::new();
+        for _ in 0..7 {
+            let started = Instant::now();
+            pause.after(&full, None).await;
+            waited.push(started.elapsed().as_millis());
+        }
+        assert_eq!(waited, [50, 100, 200, 400, 800, 1000, 1000]);
+        pause.accepted(None);
+        let started = Instant::now();
+        pause.after(&full, None).await;
+        assert_eq!(
+            started.elapsed(),
+            ACCEPT_PAUSE_FIRST,
+            "a new burst starts short"
+        );
     }
 
     #[test]
