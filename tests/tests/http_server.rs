@@ -296,10 +296,20 @@ fn open_files(pid: u32) -> usize {
 
 /// Lets this test process hold its side of the 2,000 connections.
 fn raise_own_open_file_limit(to: u64) {
-    let limit = libc::rlimit {
-        rlim_cur: to,
-        rlim_max: to,
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+        0,
+        "getrlimit"
+    );
+    if limit.rlim_cur >= to {
+        return;
+    }
+    limit.rlim_cur = to;
+    limit.rlim_max = limit.rlim_max.max(to);
     assert_eq!(
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) },
         0,
@@ -310,6 +320,13 @@ fn raise_own_open_file_limit(to: u64) {
 #[test]
 fn two_thousand_idle_connections_leave_health_answering_and_the_cpu_idle() {
     raise_own_open_file_limit(16384);
+    let prlimit = std::process::Command::new("prlimit")
+        .arg("--version")
+        .output();
+    assert!(
+        prlimit.is_ok_and(|out| out.status.success()),
+        "this test runs the daemon under `prlimit` (util-linux): install it"
+    );
     let b = Bridge::new("http-flood");
     // systemd's default limit, with no hard limit above it to raise to.
     let node = start(
