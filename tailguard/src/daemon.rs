@@ -65,6 +65,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         std::path::Path::new("/dev/net/tun"),
         settings.datapath == crate::settings::DatapathMode::Ebpf,
     )?;
+    health::server::raise_open_file_limit();
     let plan = plan(settings)?;
     let nl = Netlink::connect().context("opening rtnetlink")?;
     crate::preflight::devices(&nl, settings).await?;
@@ -219,8 +220,10 @@ impl Running {
         let (health, health_rx) = watch::channel(Health {
             started_at: self.started_at,
             wireguard_up: true,
+            ts_hostname: plan.tailscale.hostname.clone(),
             ..Health::new()
         });
+        let (local_limits, page_limits) = health::server::Limits::of_this_process();
         let listener = TcpListener::bind(settings.health_addr)
             .await
             .with_context(|| format!("TG_HEALTH_ADDR={}: cannot listen", settings.health_addr))?;
@@ -231,11 +234,14 @@ impl Running {
             let listener = TcpListener::bind(page)
                 .await
                 .with_context(|| format!("TG_WEBUI_PORT={port}: cannot listen"))?;
-            self.tasks
-                .push(tokio::spawn(health::serve(listener, health_rx.clone())));
+            let audience = health::Audience::Peers {
+                isolate_peers: plan.forwarding.isolate_peers,
+            };
+            let page = health::serve(listener, health_rx.clone(), audience, page_limits);
+            self.tasks.push(tokio::spawn(page));
         }
-        self.tasks
-            .push(tokio::spawn(health::serve(listener, health_rx)));
+        let local = health::serve(listener, health_rx, health::Audience::Host, local_limits);
+        self.tasks.push(tokio::spawn(local));
 
         if plan.forwarding.datapath == DatapathMode::Ebpf {
             match self.load_datapath(settings).await {
@@ -293,7 +299,11 @@ impl Running {
                 _ = resync.tick() => {}
                 Ok(()) = tailscale.changed() => {
                     tailscale_state = tailscale.borrow_and_update().clone();
-                    health.send_modify(|h| { h.tailscale = tailscale_state.ready.clone(); h.mark(); });
+                    health.send_modify(|h| {
+                        h.tailscale = tailscale_state.ready.clone();
+                        h.dns_name = tailscale_state.dns_name.clone();
+                        h.mark();
+                    });
                 }
                 _ = counters.tick(), if self.datapath.is_some() => {
                     if let Some(Ok(outcomes)) = self.datapath.as_ref().map(Datapath::outcomes) {
