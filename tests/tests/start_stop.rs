@@ -295,6 +295,26 @@ fn an_injected_panic_anywhere_in_the_start_leaves_nothing() {
     });
 }
 
+/// SIGTERM to a daemon still starting: it must exit cleanly within
+/// Docker's grace, saying it was stopped during the start. How long it
+/// took, and its log.
+fn stop_during_the_start(mut daemon: Daemon) -> (Duration, String) {
+    let asked = Instant::now();
+    daemon.signal(Signal::SIGTERM);
+    while daemon.exited().is_none() && asked.elapsed() < PATIENCE {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = asked.elapsed();
+    let (status, log) = daemon.exit();
+    assert!(
+        took < DOCKER_GRACE,
+        "the stop took {took:?}, past Docker's grace:\n{log}"
+    );
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(log.contains("told to stop during the start"), "{log}");
+    (took, log)
+}
+
 /// SIGTERM while a `PreUp` hook hangs: the start is abandoned, the hook
 /// killed with what it started, everything undone — within Docker's grace
 /// (a correctness bound: past it, the engine kills the daemon mid-teardown).
@@ -310,19 +330,7 @@ fn sigterm_during_a_hanging_preup_tears_down_within_the_grace_period() {
         let before = full_state(&dir);
         let mut daemon = Daemon::start(&bed, &dir, &[("TS_DEVICE", TS)]);
         daemon.wait_for("the PreUp hook to run", |_| sleeping());
-        let asked = Instant::now();
-        daemon.signal(Signal::SIGTERM);
-        while daemon.exited().is_none() && asked.elapsed() < PATIENCE {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let took = asked.elapsed();
-        let (status, log) = daemon.exit();
-        assert!(
-            took < DOCKER_GRACE,
-            "the stop took {took:?}, past Docker's grace:\n{log}"
-        );
-        assert!(status.success(), "{status}:\n{log}");
-        assert!(log.contains("told to stop during the start"), "{log}");
+        let (took, log) = stop_during_the_start(daemon);
         assert!(!sleeping(), "the hook's `{sleep}` is still running");
         assert_eq!(full_state(&dir), before, "as before:\n{log}");
         println!("SIGTERM to exit during a hanging PreUp: {took:?}");
@@ -376,19 +384,7 @@ fn sigterm_during_a_slow_name_lookup_tears_down_within_the_grace_period() {
             "the look-up was expected to hang:\n{}",
             daemon.log()
         );
-        let asked = Instant::now();
-        daemon.signal(Signal::SIGTERM);
-        while daemon.exited().is_none() && asked.elapsed() < PATIENCE {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let took = asked.elapsed();
-        let (status, log) = daemon.exit();
-        assert!(
-            took < DOCKER_GRACE,
-            "the stop took {took:?}, past Docker's grace:\n{log}"
-        );
-        assert!(status.success(), "{status}:\n{log}");
-        assert!(log.contains("told to stop during the start"), "{log}");
+        let (took, log) = stop_during_the_start(daemon);
         assert_eq!(full_state(&dir), before, "as before:\n{log}");
         assert!(
             processes()
