@@ -682,10 +682,11 @@ fn overlaps(a: &IpNet, b: &IpNet) -> bool {
 /// A key name from the input, as messages may show it: a plain word is
 /// shown, anything else (a value where the name should be) is not.
 fn key_as_shown(name: &str, section: Option<Section>) -> String {
+    // One word: a name with a space in it may be `Key value` with the `=`
+    // forgotten, and the value a secret.
     let name = name.trim();
-    let plain = !name.is_empty()
-        && name.len() <= 32
-        && name.chars().all(|c| c.is_ascii_alphabetic() || c == ' ');
+    let plain =
+        !name.is_empty() && name.len() <= 32 && name.chars().all(|c| c.is_ascii_alphabetic());
     match (plain, section) {
         (true, _) => name.to_string(),
         (false, Some(section)) => format!("a line that is not `Key = value` of {}", section.name()),
@@ -1157,6 +1158,10 @@ mod tests {
                 "wg0.conf:1: a line is outside of any [Interface] or [Peer] section",
             ),
             (
+                "PrivateKey lettersonlyvalue\n[Interface]\n".to_string(),
+                "wg0.conf:1: a line is outside of any [Interface] or [Peer] section",
+            ),
+            (
                 format!("[Interface]\nPrivateKey={PRIVATE}\nDNS = 1.1.1.1, {PSK}\n"),
                 "wg0.conf:3: DNS: \"<redacted>\" is neither",
             ),
@@ -1170,7 +1175,13 @@ mod tests {
         for (text, expected) in cases {
             let e = err(&text);
             assert!(e.contains(expected), "expected {expected:?} in {e:?}");
-            for secret in [PRIVATE, unpadded, PSK, PSK.trim_end_matches('=')] {
+            for secret in [
+                PRIVATE,
+                unpadded,
+                PSK,
+                PSK.trim_end_matches('='),
+                "lettersonlyvalue",
+            ] {
                 assert!(!e.contains(secret), "a key in {e:?}");
             }
         }
