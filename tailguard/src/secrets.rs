@@ -64,6 +64,26 @@ pub fn redact(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// The secret-looking tokens of `text` (as [`redact`] finds them).
+pub fn secret_tokens(text: &str) -> Vec<&str> {
+    secret_spans(text)
+        .into_iter()
+        .map(|(start, end)| &text[start..end])
+        .collect()
+}
+
+/// `text` redacted, and every occurrence of `tokens` in it hidden too:
+/// for messages about input that was reshaped before it was quoted (wg
+/// strips all whitespace from a value, which can glue a key to a word and
+/// make it a token of another shape).
+pub fn redact_with(text: &str, tokens: &[&str]) -> String {
+    let mut out = redact(text).into_owned();
+    for token in tokens {
+        out = out.replace(token, REDACTED);
+    }
+    out
+}
+
 /// Whether `token`, as a whole, is a WireGuard key or a Tailscale auth key.
 pub fn is_secret(token: &str) -> bool {
     secret_spans(token) == [(0, token.len())]

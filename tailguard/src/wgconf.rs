@@ -324,7 +324,22 @@ impl Parser<'_> {
         self.warnings.push(warning.to_string());
     }
 
+    /// Reads one line. What it says about the line hides the secrets the
+    /// line holds as written, whatever reading did to them.
     fn line(&mut self, n: usize, content: &str) -> Result<(), ConfigError> {
+        let secrets = crate::secrets::secret_tokens(content);
+        let warned = self.warnings.len();
+        let result = self.read_line(n, content);
+        for warning in &mut self.warnings[warned..] {
+            *warning = crate::secrets::redact_with(warning, &secrets);
+        }
+        result.map_err(|mut e| {
+            e.message = crate::secrets::redact_with(&e.message, &secrets);
+            e
+        })
+    }
+
+    fn read_line(&mut self, n: usize, content: &str) -> Result<(), ConfigError> {
         // Hook commands keep their spaces; everything else is read without
         // any whitespace, as `wg` does (so `Private Key` is `PrivateKey`).
         let trimmed = content.trim();
@@ -1156,6 +1171,10 @@ mod tests {
             (
                 format!("{PRIVATE}\n[Interface]\n"),
                 "wg0.conf:1: a line is outside of any [Interface] or [Peer] section",
+            ),
+            (
+                format!("[Interface]\nPrivateKey={PRIVATE}\nDNS = 1.1.1.1, lan {PSK}\n"),
+                "wg0.conf:3: DNS: \"lan<redacted>\" is neither",
             ),
             (
                 "PrivateKey lettersonlyvalue\n[Interface]\n".to_string(),
