@@ -1,0 +1,70 @@
+//! The fuzz targets' runs: each parser on the fuzzer's input, every error
+//! and warning checked by the oracle ([`tailguard_fuzz_oracle`]).
+
+use std::sync::OnceLock;
+
+use tailguard_fuzz_oracle::{Flag, Secrets, settings_arg};
+
+/// The wg-quick parser on `data`, read as a file would be (bytes that are
+/// not UTF-8 replaced).
+pub fn wgconf(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    if let Err(error) = tailguard::wgconf::parse(&text, std::path::Path::new("wg0.conf")) {
+        Secrets::of(&text).assert_not_in(&[error.to_string(), format!("{error:?}")]);
+    }
+}
+
+/// The settings parser on an argument list made of `data`'s lines (see
+/// [`settings_arg`]). `TS_EXTRA_ARGS` then goes through its own parser, as
+/// at start.
+pub fn settings(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let args: Vec<String> = text
+        .split('\n')
+        .map(|line| line.strip_suffix('\r').unwrap_or(line))
+        .filter(|line| !line.is_empty())
+        .map(|line| settings_arg(line, settings_flags()))
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let outputs = match tailguard::settings::parse_args(&args) {
+        Err(error) => vec![error],
+        Ok((settings, warnings)) => {
+            let mut outputs: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+            outputs.extend(tailguard::tailscale::prefs::apply_extra_args(
+                &mut Default::default(),
+                &settings.ts_extra_args,
+            ));
+            outputs
+        }
+    };
+    Secrets::of(&text).assert_not_in(&outputs);
+}
+
+/// The settings' flags, as clap knows them.
+fn settings_flags() -> &'static [Flag] {
+    static FLAGS: OnceLock<Vec<Flag>> = OnceLock::new();
+    FLAGS.get_or_init(|| {
+        use clap::Args as _;
+        let command =
+            tailguard::settings::SettingsArgs::augment_args(clap::Command::new("tailguard"));
+        command
+            .get_arguments()
+            .filter_map(|arg| {
+                let long = arg.get_long()?.to_string();
+                let env = arg.get_env().map_or_else(
+                    || long.clone(),
+                    |env| env.to_string_lossy().to_ascii_lowercase().replace('_', "-"),
+                );
+                Some(Flag { long, env })
+            })
+            .collect()
+    })
+}
+
+/// `TS_EXTRA_ARGS`' parser on `data`, split at white space as the setting is.
+pub fn extra_args(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let args: Vec<String> = text.split_whitespace().map(String::from).collect();
+    let warnings = tailguard::tailscale::prefs::apply_extra_args(&mut Default::default(), &args);
+    Secrets::of(&text).assert_not_in(&warnings);
+}
