@@ -8,17 +8,13 @@ use base64::{
     engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
 };
 
-/// Names whose value is a secret: wg-quick keys, `tailscale up`'s auth key
-/// flags, and TailGuard's own `TS_AUTHKEY` (as a flag and as a variable),
-/// in lower case and without leading dashes.
-const SECRET_NAMES: [&str; 6] = [
-    "privatekey",
-    "presharedkey",
-    "authkey",
-    "auth-key",
-    "ts-authkey",
-    "ts_authkey",
-];
+/// wg-quick's keys whose value is a secret, in lower case.
+const KEY_NAMES: [&str; 2] = ["privatekey", "presharedkey"];
+
+/// Arguments whose value is an auth key: `tailscale up`'s flags and
+/// TailGuard's own `TS_AUTHKEY` (as a flag and as a variable), in lower case
+/// and without leading dashes.
+const AUTH_KEY_NAMES: [&str; 4] = ["authkey", "auth-key", "ts-authkey", "ts_authkey"];
 
 /// Shorter values of secret names are not looked for: they would be found
 /// in the messages' own words.
@@ -138,11 +134,16 @@ fn compact_lower(text: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// The value of a line whose (compacted) name is a secret one: after its
+/// The value of a line that starts with a secret's name (white space
+/// inside the name ignored, as `wg` does): after its
 /// first `=`, or after its first white space, with and without a comment.
 fn line_values(line: &str) -> Vec<&str> {
     let compact = compact_lower(line);
-    if !SECRET_NAMES.iter().any(|name| compact.starts_with(name)) {
+    if !KEY_NAMES
+        .iter()
+        .chain(&AUTH_KEY_NAMES)
+        .any(|name| compact.starts_with(name))
+    {
         return Vec::new();
     }
     let trimmed = line.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
@@ -160,7 +161,7 @@ fn line_values(line: &str) -> Vec<&str> {
     values
 }
 
-/// The value of an argument with a secret name: `--name=value`, or the next
+/// The value of an auth key argument: `--name=value`, or the next
 /// word for `--name value`. An argument's value may itself be an argument
 /// (`TS_EXTRA_ARGS=--authkey`).
 fn arg_value<'a>(word: &'a str, next: Option<&'a str>) -> Option<&'a str> {
@@ -171,7 +172,7 @@ fn arg_value<'a>(word: &'a str, next: Option<&'a str>) -> Option<&'a str> {
             Some((name, value)) => (name, Some(value)),
             None => (bare, None),
         };
-        if SECRET_NAMES.contains(&name.to_ascii_lowercase().as_str()) {
+        if AUTH_KEY_NAMES.contains(&name.to_ascii_lowercase().as_str()) {
             return value.or(next.filter(|n| !n.starts_with('-')));
         }
         word = value?;
@@ -309,6 +310,9 @@ mod tests {
         let reused = format!("{input}[Interface]\nPrivateKey = {PUBLIC}\n");
         assert!(leak(&reused, &format!("peer {PUBLIC} appears twice")).is_some());
         assert_eq!(leak("--authkey=short", "a short message"), None);
+        // A key's name inside another line is no key line.
+        let header = "[Peer privatekey=not-a-key-at-all";
+        assert_eq!(leak(header, &format!("unknown section {header}")), None);
         assert_eq!(
             leak("--authkey --reset", "--reset is not a preference"),
             None
