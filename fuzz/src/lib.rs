@@ -5,18 +5,17 @@ use std::sync::OnceLock;
 
 use tailguard_fuzz_oracle::{Flag, Secrets, settings_arg};
 
-/// The wg-quick parser on `data`, read as a file would be (bytes that are
-/// not UTF-8 replaced).
+/// The wg-quick parser on `data`, as it reads a file.
 pub fn wgconf(data: &[u8]) {
-    let text = String::from_utf8_lossy(data);
-    if let Err(error) = tailguard::wgconf::parse(&text, std::path::Path::new("wg0.conf")) {
-        Secrets::of(&text).assert_not_in(&[error.to_string(), format!("{error:?}")]);
-    }
+    let outputs = match tailguard::wgconf::parse_bytes(data, std::path::Path::new("wg0.conf")) {
+        Err(error) => vec![error.to_string(), format!("{error:?}")],
+        Ok((_, warnings)) => warnings,
+    };
+    Secrets::of(&String::from_utf8_lossy(data)).assert_not_in(&outputs);
 }
 
 /// The settings parser on an argument list made of `data`'s lines (see
-/// [`settings_arg`]). `TS_EXTRA_ARGS` then goes through its own parser, as
-/// at start.
+/// [`settings_arg`]); its warnings include `TS_EXTRA_ARGS`' own.
 pub fn settings(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let args: Vec<String> = text
@@ -28,14 +27,7 @@ pub fn settings(data: &[u8]) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let outputs = match tailguard::settings::parse_args(&args) {
         Err(error) => vec![error],
-        Ok((settings, warnings)) => {
-            let mut outputs: Vec<String> = warnings.iter().map(ToString::to_string).collect();
-            outputs.extend(tailguard::tailscale::prefs::apply_extra_args(
-                &mut Default::default(),
-                &settings.ts_extra_args,
-            ));
-            outputs
-        }
+        Ok((_, warnings)) => warnings.iter().map(ToString::to_string).collect(),
     };
     Secrets::of(&text).assert_not_in(&outputs);
 }
@@ -61,10 +53,9 @@ fn settings_flags() -> &'static [Flag] {
     })
 }
 
-/// `TS_EXTRA_ARGS`' parser on `data`, split at white space as the setting is.
+/// `TS_EXTRA_ARGS`' parser on `data`.
 pub fn extra_args(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let args: Vec<String> = text.split_whitespace().map(String::from).collect();
-    let warnings = tailguard::tailscale::prefs::apply_extra_args(&mut Default::default(), &args);
+    let (_, warnings) = tailguard::tailscale::prefs::parse_extra_args(&text);
     Secrets::of(&text).assert_not_in(&warnings);
 }

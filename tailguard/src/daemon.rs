@@ -5,11 +5,12 @@
 
 use std::{
     future::Future,
+    panic::AssertUnwindSafe,
     time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, Result, anyhow};
-use futures_util::{FutureExt as _, StreamExt as _};
+use futures_util::{FutureExt as _, StreamExt as _, future::Shared};
 use tailguard_common::{Device, Direction};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{error, info, warn};
@@ -45,15 +46,17 @@ pub fn plan(settings: &Settings) -> Result<Plan> {
     for warning in warnings {
         warn!("{warning}");
     }
-    let plan = Plan::new(settings, &config);
-    for warning in crate::tailscale::prefs::extra_args_warnings(&plan.tailscale) {
+    let (plan, warnings) = Plan::checked(settings, &config)?;
+    for warning in warnings {
         warn!("{warning}");
     }
     Ok(plan)
 }
 
 /// Runs until `shutdown` completes, then tears down. A failure at any step
-/// of the start tears down what the earlier steps set up.
+/// of the start tears down what the earlier steps set up; so do a
+/// `shutdown` during the start (which abandons it) and a panic (which is
+/// resumed once the teardown is done).
 pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
     // What the process may do first: in a container started without a
     // grant, that is the one thing to fix, whatever else is wrong.
@@ -62,8 +65,10 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         std::path::Path::new("/dev/net/tun"),
         settings.datapath == crate::settings::DatapathMode::Ebpf,
     )?;
+    health::server::raise_open_file_limit();
     let plan = plan(settings)?;
     let nl = Netlink::connect().context("opening rtnetlink")?;
+    crate::preflight::devices(&nl, settings).await?;
     let mut running = Running {
         nl,
         started_at: SystemTime::now(),
@@ -77,12 +82,46 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         supervisor: None,
         tasks: Vec::new(),
     };
-    let result = match running.start(settings, &plan).await {
-        Ok(()) => running.serve(settings, &plan, shutdown).await,
-        Err(e) => Err(e),
-    };
+    // Everything the start and the service change is recorded in `running`
+    // as it is made, so whatever ends them — a failure, a stop, a panic —
+    // the teardown finds it there.
+    let outcome = AssertUnwindSafe(running.start_and_serve(settings, &plan, shutdown.shared()))
+        .catch_unwind()
+        .await;
     let teardown = running.teardown().await;
-    result.and(teardown)
+    match outcome {
+        Ok(result) => result.and(teardown),
+        Err(panic) => {
+            if let Err(e) = teardown {
+                error!("{e:#}");
+            }
+            std::panic::resume_unwind(panic)
+        }
+    }
+}
+
+/// How far the start went.
+#[derive(PartialEq)]
+enum Start {
+    Done,
+    /// Told to stop before it was done.
+    Stopped,
+}
+
+/// Whether `shutdown` has come (it may be polled again after it has).
+fn stop_requested<S: Future<Output = ()>>(shutdown: &Shared<S>) -> bool {
+    shutdown.clone().now_or_never().is_some()
+}
+
+/// What the table is made from before any device exists: WireGuard's
+/// port only if the config fixes it, no tailnet addresses yet, and no
+/// indexes or MTUs (which [`forwarding::firewall`] does not read: the table
+/// names devices).
+fn facts_before_devices(plan: &Plan) -> Facts {
+    Facts {
+        wg_port: plan.wireguard.listen_port,
+        ..Facts::default()
+    }
 }
 
 /// Everything set up so far, each part removed by [`Running::teardown`].
@@ -106,22 +145,70 @@ struct Running {
 }
 
 impl Running {
-    /// The start, in the reference's order: the uplink's UDP GRO forwarding
-    /// (never fatal), WireGuard, then name resolution.
-    async fn start(&mut self, settings: &Settings, plan: &Plan) -> Result<()> {
+    async fn start_and_serve<S: Future<Output = ()>>(
+        &mut self,
+        settings: &Settings,
+        plan: &Plan,
+        shutdown: Shared<S>,
+    ) -> Result<()> {
+        if self.start(settings, plan, &shutdown).await? == Start::Stopped {
+            info!("told to stop during the start");
+            return Ok(());
+        }
+        self.serve(settings, plan, shutdown).await
+    }
+
+    /// The start: the nftables table first, so that no device of ours ever
+    /// carries a packet without the policy; then, in the reference's order,
+    /// the uplink's UDP GRO forwarding (never fatal), WireGuard, name
+    /// resolution, and the kernel's switches (forwarding on) last.
+    ///
+    /// `shutdown` is heard between the steps and during the WireGuard
+    /// bring-up, which can take long (hooks, endpoint names to resolve) and
+    /// records each step as it goes, so it can be abandoned part way. The
+    /// other steps are quick and not made to be cut short.
+    async fn start<S: Future<Output = ()>>(
+        &mut self,
+        settings: &Settings,
+        plan: &Plan,
+        shutdown: &Shared<S>,
+    ) -> Result<Start> {
+        let firewall = self.firewall.insert(Firewall::default());
+        firewall
+            .apply(&forwarding::firewall(plan, &facts_before_devices(plan)))
+            .await?;
+        crate::fault::point("after-table");
+        if stop_requested(shutdown) {
+            return Ok(Start::Stopped);
+        }
         self.gro = GroSetup::enable(&self.nl).await;
-        let wg = WgSetup::bring_up(&self.nl, plan, &settings.wg_userspace).await;
-        self.wg = Some(wg.context("bringing up WireGuard")?);
-        let resolver = ResolverSetup::apply(&self.nl, &plan.resolver).await;
-        self.resolver = Some(resolver.context("configuring name resolution")?);
-        // The table before forwarding is switched on: its default is drop.
+        let wg = self.wg.insert(WgSetup::new(&plan.wireguard));
+        tokio::select! {
+            biased;
+            () = shutdown.clone() => return Ok(Start::Stopped),
+            up = wg.bring_up_in_place(&self.nl, plan, &settings.wg_userspace) => {
+                up.context("bringing up WireGuard")?;
+            }
+        }
+        crate::fault::point("after-wireguard");
+        // Now with WireGuard's actual port open.
         let facts = self
             .facts(settings, &TailscaleState::default(), None)
             .await?;
-        let firewall = self.firewall.insert(Firewall::default());
-        firewall.apply(&forwarding::firewall(plan, &facts)).await?;
+        if let Some(firewall) = self.firewall.as_mut() {
+            firewall.apply(&forwarding::firewall(plan, &facts)).await?;
+        }
+        if stop_requested(shutdown) {
+            return Ok(Start::Stopped);
+        }
+        let resolver = ResolverSetup::apply(&self.nl, &plan.resolver).await;
+        self.resolver = Some(resolver.context("configuring name resolution")?);
+        crate::fault::point("after-resolver");
+        if stop_requested(shutdown) {
+            return Ok(Start::Stopped);
+        }
         self.sysctls = Some(Sysctls::apply().context("setting the kernel's switches")?);
-        Ok(())
+        Ok(Start::Done)
     }
 
     async fn serve(
@@ -133,8 +220,10 @@ impl Running {
         let (health, health_rx) = watch::channel(Health {
             started_at: self.started_at,
             wireguard_up: true,
+            ts_hostname: plan.tailscale.hostname.clone(),
             ..Health::new()
         });
+        let (local_limits, page_limits) = health::server::Limits::of_this_process();
         let listener = TcpListener::bind(settings.health_addr)
             .await
             .with_context(|| format!("TG_HEALTH_ADDR={}: cannot listen", settings.health_addr))?;
@@ -145,11 +234,14 @@ impl Running {
             let listener = TcpListener::bind(page)
                 .await
                 .with_context(|| format!("TG_WEBUI_PORT={port}: cannot listen"))?;
-            self.tasks
-                .push(tokio::spawn(health::serve(listener, health_rx.clone())));
+            let audience = health::Audience::Peers {
+                isolate_peers: plan.forwarding.isolate_peers,
+            };
+            let page = health::serve(listener, health_rx.clone(), audience, page_limits);
+            self.tasks.push(tokio::spawn(page));
         }
-        self.tasks
-            .push(tokio::spawn(health::serve(listener, health_rx)));
+        let local = health::serve(listener, health_rx, health::Audience::Host, local_limits);
+        self.tasks.push(tokio::spawn(local));
 
         if plan.forwarding.datapath == DatapathMode::Ebpf {
             match self.load_datapath(settings).await {
@@ -179,6 +271,7 @@ impl Running {
         let (supervisor, mut tailscale) = Supervisor::new(settings, &plan.tailscale);
         let (stop_supervisor, stopped) = watch::channel(false);
         self.supervisor = Some((stop_supervisor, tokio::spawn(supervisor.run(stopped))));
+        crate::fault::point("serving");
         info!(wg = %settings.wg_device, ts = %settings.ts_device, "running; SIGINT or SIGTERM stops");
 
         tokio::pin!(shutdown);
@@ -190,6 +283,15 @@ impl Running {
         loop {
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
+                ended = supervisor_ended(&mut self.supervisor) => {
+                    // It ends only when told to: this is a panic (resumed,
+                    // so that it takes the way of every other one).
+                    self.supervisor = None;
+                    return match ended {
+                        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                        _ => Err(anyhow!("tailscaled's supervisor ended unexpectedly")),
+                    };
+                }
                 Some(()) = kernel_changes.next() => {
                     // A burst (tailscaled adding its routes) is read once.
                     while let Some(Some(())) = kernel_changes.next().now_or_never() {}
@@ -197,7 +299,11 @@ impl Running {
                 _ = resync.tick() => {}
                 Ok(()) = tailscale.changed() => {
                     tailscale_state = tailscale.borrow_and_update().clone();
-                    health.send_modify(|h| { h.tailscale = tailscale_state.ready.clone(); h.mark(); });
+                    health.send_modify(|h| {
+                        h.tailscale = tailscale_state.ready.clone();
+                        h.dns_name = tailscale_state.dns_name.clone();
+                        h.mark();
+                    });
                 }
                 _ = counters.tick(), if self.datapath.is_some() => {
                     if let Some(Ok(outcomes)) = self.datapath.as_ref().map(Datapath::outcomes) {
@@ -348,7 +454,10 @@ impl Running {
         Ok(())
     }
 
-    /// Takes down everything, collecting errors instead of stopping at one.
+    /// Takes down everything, collecting errors instead of stopping at one:
+    /// tailscaled (and its device), the programs, forwarding off, the
+    /// WireGuard side, the resolver, GRO, and the nftables table last, once
+    /// no device of ours is left to carry a packet.
     async fn teardown(&mut self) -> Result<()> {
         let mut errors: Vec<String> = Vec::new();
         if let Some((stop, task)) = self.supervisor.take() {
@@ -374,18 +483,13 @@ impl Running {
         {
             errors.push(e.to_string());
         }
-        if let Some(mut firewall) = self.firewall.take()
-            && let Err(e) = firewall.remove().await
-        {
-            errors.push(format!("{e:#}"));
-        }
-        if let Some(resolver) = self.resolver.take()
-            && let Err(e) = resolver.teardown(&self.nl).await
+        if let Some(wg) = self.wg.take()
+            && let Err(e) = wg.teardown(&self.nl).await
         {
             errors.extend(e.iter().map(ToString::to_string));
         }
-        if let Some(wg) = self.wg.take()
-            && let Err(e) = wg.teardown(&self.nl).await
+        if let Some(resolver) = self.resolver.take()
+            && let Err(e) = resolver.teardown(&self.nl).await
         {
             errors.extend(e.iter().map(ToString::to_string));
         }
@@ -393,6 +497,11 @@ impl Running {
             && let Err(e) = gro.restore().await
         {
             errors.push(e);
+        }
+        if let Some(mut firewall) = self.firewall.take()
+            && let Err(e) = firewall.remove().await
+        {
+            errors.push(format!("{e:#}"));
         }
         if errors.is_empty() {
             info!("stopped; everything set up was removed");
@@ -404,6 +513,16 @@ impl Running {
                 errors.join("; ")
             ))
         }
+    }
+}
+
+/// When the supervisor's task ends; never, if there is none.
+async fn supervisor_ended(
+    supervisor: &mut Option<(watch::Sender<bool>, JoinHandle<()>)>,
+) -> Result<(), tokio::task::JoinError> {
+    match supervisor {
+        Some((_, task)) => task.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -422,5 +541,36 @@ fn log_counters(datapath: &Datapath) {
                 "counted"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table applied before any device exists is the one the devices'
+    /// facts give: it depends on nothing those facts add.
+    #[test]
+    fn the_table_before_the_devices_is_the_table_with_them() {
+        let config = crate::wgconf::parse(
+            "[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n\
+             Address = 10.66.0.2/24\nListenPort = 51821\n",
+            std::path::Path::new("wg0.conf"),
+        )
+        .unwrap();
+        let (settings, _) = crate::settings::parse_args(&["--webui-port=8080"]).unwrap();
+        let plan = Plan::new(&settings, &config);
+        let with_devices = Facts {
+            wg_ifindex: 7,
+            wg_mtu: 1420,
+            wg_port: Some(51821),
+            ts_device: Some((8, 1280)),
+            table52: vec!["100.64.0.0/10".parse().unwrap()],
+            ..Facts::default()
+        };
+        assert_eq!(
+            forwarding::firewall(&plan, &facts_before_devices(&plan)),
+            forwarding::firewall(&plan, &with_devices)
+        );
     }
 }

@@ -2,23 +2,31 @@
 //! online, the WireGuard device is up, and the programs are attached on both
 //! devices. `/healthz` answers 200 or 503 with the reason (and when the
 //! node started and first became healthy); `tailguard health` asks it, for
-//! Docker's HEALTHCHECK.
+//! Docker's HEALTHCHECK. `/status` shows the health and the forwarding
+//! plane; on the status page (`TG_WEBUI_PORT`), what peers may see of it.
+
+mod host;
+mod rate;
+pub mod server;
 
 use std::{
-    convert::Infallible,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Full};
-use hyper::{Request, Response, StatusCode, service::service_fn};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use ipnet::IpNet;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
 use tracing::info;
+
+use self::server::{Client, Limits, Site};
+use crate::forwarding::TAILNET_RANGES;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Health {
@@ -36,6 +44,10 @@ pub struct Health {
     pub forwarding: serde_json::Value,
     /// The fast path's outcome counters, read each second.
     pub counters: serde_json::Value,
+    /// `TS_HOSTNAME`, and the node's MagicDNS name once tailscaled tells
+    /// it: names the node goes by, for the `Host` check.
+    pub ts_hostname: Option<String>,
+    pub dns_name: Option<String>,
 }
 
 impl Health {
@@ -50,7 +62,27 @@ impl Health {
             tailscale: Err("tailscaled has not answered yet".into()),
             forwarding: serde_json::Value::Null,
             counters: serde_json::Value::Null,
+            ts_hostname: None,
+            dns_name: None,
         }
+    }
+
+    /// The names the node goes by in the tailnet: `TS_HOSTNAME`, the
+    /// MagicDNS name and its first label (what MagicDNS resolves too).
+    fn names(&self) -> Vec<String> {
+        let dns_name = self
+            .dns_name
+            .as_deref()
+            .map(|n| n.trim_end_matches('.'))
+            .filter(|n| !n.is_empty());
+        let short = dns_name.and_then(|n| n.split('.').next());
+        self.ts_hostname
+            .as_deref()
+            .into_iter()
+            .chain(dns_name)
+            .chain(short)
+            .map(str::to_string)
+            .collect()
     }
 
     /// `Ok`, or every reason the node is not healthy.
@@ -127,37 +159,108 @@ impl Default for Health {
     }
 }
 
-/// Serves `/healthz` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, health: watch::Receiver<Health>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let health = health.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (status, body) = match req.uri().path() {
-                    "/healthz" => health.borrow().report(),
-                    "/status" => (StatusCode::OK, format!("{:#}\n", health.borrow().status())),
-                    _ => (
-                        StatusCode::NOT_FOUND,
-                        "/healthz and /status here\n".to_string(),
-                    ),
-                };
-                async move {
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .status(status)
-                            .body(Full::new(Bytes::from(body)))
-                            .expect("valid"),
-                    )
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+/// Who a listener serves, as far as the WireGuard peers' privacy goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Audience {
+    /// The health address: the host itself (`tailguard status`, `stats`).
+    Host,
+    /// The status page (`TG_WEBUI_PORT`): both sides' peers.
+    Peers { isolate_peers: bool },
+}
+
+impl Audience {
+    /// Whether `client` may see data about the WireGuard peers (their
+    /// AllowedIPs, as the WireGuard side's routes, and `TS_DEST_IP`):
+    /// always, except on the status page with `WG_ISOLATE_PEERS=1`, where
+    /// only the host itself and tailnet addresses do. Everyone else may be
+    /// a WireGuard peer (or a host behind one), so fails closed.
+    pub fn sees_wireguard_peers(self, client: &Client) -> bool {
+        match self {
+            Self::Host
+            | Self::Peers {
+                isolate_peers: false,
+            } => true,
+            Self::Peers {
+                isolate_peers: true,
+            } => {
+                let from = client.peer.ip();
+                let from_host = from.is_loopback() || from == client.local.ip();
+                from_host || in_tailnet(from)
+            }
+        }
     }
+}
+
+fn in_tailnet(ip: IpAddr) -> bool {
+    TAILNET_RANGES
+        .iter()
+        .map(|r| r.parse::<IpNet>().expect("a valid prefix"))
+        .any(|range| range.contains(&ip))
+}
+
+/// `/status` without the WireGuard peers' data (see
+/// [`Audience::sees_wireguard_peers`]): the routes to the WireGuard side
+/// (its peers' AllowedIPs) and `TS_DEST_IP`.
+fn without_wireguard_peers(mut status: serde_json::Value) -> serde_json::Value {
+    if let Some(forwarding) = status["forwarding"].as_object_mut() {
+        if let Some(routes) = forwarding
+            .get_mut("routes")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            routes.retain(|_, egress| egress != "wireguard");
+        }
+        forwarding.remove("dest_v4");
+        forwarding.remove("dest_v6");
+        forwarding.insert(
+            "wireguard_peers".into(),
+            "hidden (WG_ISOLATE_PEERS=1)".into(),
+        );
+    }
+    status
+}
+
+/// `/healthz` and `/status` for one audience.
+struct Pages {
+    health: watch::Receiver<Health>,
+    audience: Audience,
+}
+
+impl Site for Pages {
+    fn names(&self) -> Vec<String> {
+        self.health.borrow().names()
+    }
+
+    fn respond(&self, path: &str, client: &Client) -> Response<Full<Bytes>> {
+        match path {
+            "/healthz" => {
+                let (status, body) = self.health.borrow().report();
+                server::response(status, "text/plain; charset=utf-8", body)
+            }
+            "/status" => {
+                let mut status = self.health.borrow().status();
+                if !self.audience.sees_wireguard_peers(client) {
+                    status = without_wireguard_peers(status);
+                }
+                server::response(StatusCode::OK, "application/json", format!("{status:#}\n"))
+            }
+            _ => server::response(
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "/healthz and /status here\n".into(),
+            ),
+        }
+    }
+}
+
+/// Serves `/healthz` and `/status` on `listener` for `audience`, within
+/// `limits`, until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    health: watch::Receiver<Health>,
+    audience: Audience,
+    limits: Limits,
+) {
+    server::serve(listener, limits, Pages { health, audience }).await;
 }
 
 /// Asks a running daemon (`tailguard health`): `Ok(report)` when healthy,
@@ -172,6 +275,16 @@ pub async fn check(addr: SocketAddr) -> Result<String, String> {
 /// `GET path` from a running daemon's health server: the status and body,
 /// or why it could not be asked.
 pub async fn get(addr: SocketAddr, path: &str) -> Result<(StatusCode, String), String> {
+    // A server on all addresses is asked on loopback, by that address.
+    let addr = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    };
     let ask = async {
         let stream = TcpStream::connect(addr)
             .await
@@ -258,7 +371,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = watch::channel(Health::new());
-        tokio::spawn(serve(listener, rx));
+        let (local, _) = Limits::split(1024);
+        tokio::spawn(serve(listener, rx, Audience::Host, local));
         let e = check(addr).await.unwrap_err();
         assert!(
             e.starts_with("unhealthy: tailscaled has not answered yet"),
@@ -282,6 +396,185 @@ mod tests {
                 .await
                 .unwrap_err()
                 .contains("no TailGuard answers")
+        );
+    }
+
+    fn client(local: &str, peer: &str) -> Client {
+        Client::new(local.parse().unwrap(), peer.parse().unwrap())
+    }
+
+    #[test]
+    fn isolated_wireguard_peers_do_not_see_each_other() {
+        let isolated = Audience::Peers {
+            isolate_peers: true,
+        };
+        let page = |from: &str| client("10.66.0.2:8088", from);
+        for (from, sees) in [
+            ("10.66.0.1:40000", false),
+            ("192.168.8.10:40000", false),
+            ("[fd66::1]:40000", false),
+            ("[::ffff:10.66.0.3]:40000", false),
+            ("100.64.0.2:40000", true),
+            ("[fd7a:115c:a1e0::2]:40000", true),
+            ("10.66.0.2:40000", true),
+            ("127.0.0.1:40000", true),
+        ] {
+            assert_eq!(isolated.sees_wireguard_peers(&page(from)), sees, "{from}");
+        }
+        let open = Audience::Peers {
+            isolate_peers: false,
+        };
+        assert!(open.sees_wireguard_peers(&page("10.66.0.1:40000")));
+        assert!(Audience::Host.sees_wireguard_peers(&page("10.66.0.1:40000")));
+    }
+
+    fn forwarding() -> serde_json::Value {
+        serde_json::json!({
+            "ts_v4": "100.64.0.1",
+            "dest_v4": "10.66.0.1",
+            "dest_v6": "fd66::1",
+            "isolate_peers": true,
+            "routes": {
+                "10.66.0.1/32": "wireguard",
+                "192.168.8.0/24": "wireguard",
+                "100.64.0.0/10": "tailscale",
+            },
+        })
+    }
+
+    #[test]
+    fn the_peer_view_drops_the_wireguard_routes_and_the_dest_ip() {
+        let status = serde_json::json!({"healthy": true, "forwarding": forwarding()});
+        let view = without_wireguard_peers(status);
+        assert_eq!(
+            view["forwarding"]["routes"],
+            serde_json::json!({"100.64.0.0/10": "tailscale"})
+        );
+        let text = view.to_string();
+        for gone in ["10.66.0.1", "192.168.8.0", "fd66::1"] {
+            assert!(!text.contains(gone), "{gone} in {text}");
+        }
+        assert_eq!(view["forwarding"]["ts_v4"], "100.64.0.1");
+        assert_eq!(view["healthy"], true);
+    }
+
+    async fn body(response: Response<Full<Bytes>>) -> String {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[tokio::test]
+    async fn the_status_page_shows_each_client_its_view() {
+        let (_tx, rx) = watch::channel(Health {
+            forwarding: forwarding(),
+            ..healthy()
+        });
+        let pages = |audience| Pages {
+            health: rx.clone(),
+            audience,
+        };
+        let isolated = pages(Audience::Peers {
+            isolate_peers: true,
+        });
+        let from_wg = client("10.66.0.2:8088", "10.66.0.1:40000");
+        let from_tailnet = client("10.66.0.2:8088", "100.64.0.2:40000");
+        let seen = body(isolated.respond("/status", &from_wg)).await;
+        assert!(
+            !seen.contains("192.168.8.0/24") && seen.contains("hidden"),
+            "{seen}"
+        );
+        let seen = body(isolated.respond("/status", &from_tailnet)).await;
+        assert!(seen.contains("192.168.8.0/24"), "{seen}");
+        let seen = body(pages(Audience::Host).respond("/status", &from_wg)).await;
+        assert!(seen.contains("192.168.8.0/24"), "{seen}");
+    }
+
+    #[test]
+    fn the_node_goes_by_its_hostname_and_magicdns_names() {
+        let h = Health {
+            ts_hostname: Some("bridge".into()),
+            dns_name: Some("tailguard.standin.ts.net.".into()),
+            ..Health::new()
+        };
+        assert_eq!(
+            h.names(),
+            ["bridge", "tailguard.standin.ts.net", "tailguard"]
+        );
+        assert!(Health::new().names().is_empty());
+    }
+
+    /// One raw HTTP/1.1 exchange: the status line and the whole answer.
+    async fn raw(addr: SocketAddr, request: String) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
+    #[tokio::test]
+    async fn a_foreign_host_is_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_tx, rx) = watch::channel(Health {
+            dns_name: Some("tailguard.standin.ts.net.".into()),
+            ..healthy()
+        });
+        let (local, _) = Limits::split(1024);
+        tokio::spawn(serve(listener, rx, Audience::Host, local));
+        let ask = |host: String| {
+            raw(
+                addr,
+                format!("GET /status HTTP/1.1\r\n{host}Connection: close\r\n\r\n"),
+            )
+        };
+        let refused = ask("Host: evil.example\r\n".into()).await;
+        assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+        assert!(refused.contains("DNS rebinding"), "{refused}");
+        let refused = raw(
+            addr,
+            "GET http://evil.example/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                .into(),
+        )
+        .await;
+        assert!(
+            refused.starts_with("HTTP/1.1 403"),
+            "absolute target: {refused}"
+        );
+        for host in [
+            format!("Host: {addr}\r\n"),
+            "Host: localhost\r\n".into(),
+            "Host: tailguard.standin.ts.net:9002\r\n".into(),
+        ] {
+            let ok = ask(host.clone()).await;
+            assert!(ok.starts_with("HTTP/1.1 200"), "{host}: {ok}");
+        }
+        let old = raw(addr, "GET /status HTTP/1.0\r\n\r\n".into()).await;
+        assert!(old.starts_with("HTTP/1.0 200"), "no Host at all: {old}");
+    }
+
+    #[tokio::test]
+    async fn the_status_page_answers_a_client_once_a_second() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_tx, rx) = watch::channel(healthy());
+        let (_, page) = Limits::split(1024);
+        let audience = Audience::Peers {
+            isolate_peers: false,
+        };
+        tokio::spawn(serve(listener, rx, audience, page));
+        // All on one keep-alive connection, sent at once.
+        let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        let last = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let answers = raw(addr, request.repeat(29) + &last).await;
+        let ok = answers.matches("HTTP/1.1 200").count();
+        let limited = answers.matches("HTTP/1.1 429").count();
+        assert_eq!((ok, limited), (1, 29), "{answers}");
+        assert_eq!(
+            answers.matches("retry-after: 1\r\n").count(),
+            29,
+            "{answers}"
         );
     }
 }

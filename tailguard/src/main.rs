@@ -2,13 +2,14 @@
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
+use nix::sys::signal::{SigHandler, Signal};
 use tailguard::{
     daemon::{self, LOAD_HINT},
     datapath::{Datapath, LinkLayer, LoadOptions},
     settings::{Settings, SettingsArgs},
 };
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::warn;
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(version, about = "Joins a WireGuard network to a Tailscale tailnet")]
@@ -59,18 +60,57 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+/// Variables that may hold the Tailscale auth key: `TS_AUTHKEY` (ours),
+/// `TS_AUTH_KEY` (Tailscale's other spelling), and `TS_EXTRA_ARGS` (where
+/// a key given as `--authkey` ends up).
+const SECRET_VARIABLES: [&str; 3] = ["TS_AUTHKEY", "TS_AUTH_KEY", "TS_EXTRA_ARGS"];
+
+fn main() -> Result<()> {
+    // The settings are read from the environment here, once; then the
+    // variables that may hold a secret leave the environment, so that no
+    // process we start — tailscaled (which gets the key over the LocalAPI),
+    // wireguard-go, the wg-quick hooks, `nft`, and whatever is added later —
+    // inherits them. Done to the whole process, before any thread exists,
+    // so that no spawn can forget it.
+    let cli = Cli::try_parse().unwrap_or_else(|e| exit_redacted(&e));
+    for variable in SECRET_VARIABLES {
+        // SAFETY: single-threaded still: no runtime, no other thread exists
+        // yet to read the environment while it changes.
+        unsafe { std::env::remove_var(variable) };
+    }
+    // SIGPIPE ignored (std does it before `main`; said here because the
+    // daemon relies on it): a log line written to a closed stderr (a
+    // terminal gone, a log reader that died) fails that one write instead
+    // of killing the daemon with everything it set up left in place.
+    // SAFETY: no handler is installed, only the disposition `ignore`.
+    unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigIgn) }
+        .context("ignoring SIGPIPE")?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Its report of a failed write goes to stderr with `eprintln!`,
+        // which panics when that is the closed pipe the write failed on.
+        .log_internal_errors(false)
         .init();
-    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(command(cli))
+    }));
+    // Name look-ups a stop abandoned (getaddrinfo cannot be cut short) must
+    // not hold up the exit: the teardown is done by now.
+    runtime.shutdown_background();
+    result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+async fn command(cli: Cli) -> Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(&validated(cli.settings)?).await,
-        Command::Check => check(&validated(cli.settings)?),
+        Command::Check => check(&validated(cli.settings)?).await,
         Command::Programs => programs(),
         Command::Health => health(&validated(cli.settings)?).await,
         Command::Status => status(&validated(cli.settings)?).await,
@@ -82,6 +122,20 @@ async fn main() -> Result<()> {
             out,
         } => wg_pair(pattern, &endpoint, &out),
     }
+}
+
+/// Prints clap's message (an error, or the help) and exits as clap would,
+/// redacted: clap quotes a bad value back, and its help shows the
+/// environment's values, where a key pasted into the wrong variable (or
+/// TS_EXTRA_ARGS) must not be shown.
+fn exit_redacted(e: &clap::Error) -> ! {
+    let text = tailguard::secrets::redact(&e.render().to_string()).into_owned();
+    if e.use_stderr() {
+        eprint!("{text}");
+    } else {
+        print!("{text}");
+    }
+    std::process::exit(e.exit_code())
 }
 
 /// Checks the settings as a whole, logs what will be ignored, and stops on
@@ -164,8 +218,12 @@ async fn cleanup(settings: &Settings) -> Result<()> {
     Ok(())
 }
 
-fn check(settings: &Settings) -> Result<()> {
-    print!("{}", daemon::plan(settings)?);
+async fn check(settings: &Settings) -> Result<()> {
+    let plan = daemon::plan(settings)?;
+    // Read-only, as `check` promises: the devices are what they must be.
+    let nl = tailguard::netlink::Netlink::connect().context("opening rtnetlink")?;
+    tailguard::preflight::devices(&nl, settings).await?;
+    print!("{plan}");
     Ok(())
 }
 
@@ -195,15 +253,22 @@ fn programs() -> Result<()> {
 }
 
 async fn run(settings: &Settings) -> Result<()> {
-    // Listen for SIGTERM/SIGINT before changing anything: a signal that
-    // arrives during setup must still lead to a clean teardown, not to the
-    // default action that kills us with everything left in place.
+    // Listen before changing anything: a signal that arrives during the
+    // start must still lead to a clean teardown (SIGTERM, SIGINT) or to
+    // nothing (SIGHUP), not to the default action that kills us with
+    // everything left in place.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let shutdown = async move {
-        tokio::select! {
-            _ = int.recv() => {},
-            _ = term.recv() => {},
+        loop {
+            tokio::select! {
+                _ = int.recv() => return info!("SIGINT: stopping"),
+                _ = term.recv() => return info!("SIGTERM: stopping"),
+                // A closing terminal, `docker kill -s HUP`, a service
+                // manager's reload: it will reload once reload exists.
+                _ = hup.recv() => warn!("SIGHUP: reload is not supported yet; ignored"),
+            }
         }
     };
     daemon::run(settings, shutdown).await
@@ -217,7 +282,8 @@ fn wg_pair(
     use std::os::unix::fs::OpenOptionsExt as _;
     use tailguard::wgpair::{Keys, pair};
 
-    let (wg0, peer) = pair(pattern, endpoint, &Keys::generate(), &Keys::generate());
+    let (wg0, peer) = pair(pattern, endpoint, &Keys::generate(), &Keys::generate())
+        .map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     for (name, text) in [("wg0.conf", wg0), ("peer.conf", peer)] {
         let path = out.join(name);

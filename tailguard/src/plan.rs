@@ -11,6 +11,7 @@ use crate::{
     resolver,
     routes::{self, Advertisement},
     settings::{DatapathMode, DestIps, Secret, Settings},
+    tailscale::prefs::MaskedPrefs,
     wgconf::{Endpoint, PublicKey, SecretKey, Table, WgConfig},
 };
 
@@ -130,8 +131,8 @@ pub struct TailscalePlan {
     pub advertise: Advertisement,
     pub exit_node: Option<String>,
     pub web_client: bool,
-    /// `TS_EXTRA_ARGS`, applied over the preferences above.
-    pub extra_args: Vec<String>,
+    /// `TS_EXTRA_ARGS`'s preferences, applied over the ones above.
+    pub extra_prefs: MaskedPrefs,
 }
 
 /// How the node logs in to the tailnet.
@@ -177,7 +178,70 @@ pub struct ForwardingPlan {
     pub datapath: DatapathMode,
 }
 
+/// Settings that do not fit the WireGuard configuration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MismatchError {
+    #[error(
+        "TS_DEST_IP={0}: not behind WireGuard (inside no peer's AllowedIPs and no network of \
+         the device's Address): traffic for it would never reach a host there"
+    )]
+    DestNotBehindWireGuard(IpAddr),
+    #[error("TS_DEST_IP={0}: this node's own WireGuard address; name a host behind WireGuard")]
+    DestIsOwnAddress(IpAddr),
+    #[error("TG_WEBUI_PORT={0}: the same port as ListenPort in {1}; choose another")]
+    WebuiIsListenPort(u16, String),
+}
+
 impl Plan {
+    /// Checks what the settings and the configuration say together, then
+    /// makes the plan. The second value holds warnings.
+    pub fn checked(
+        settings: &Settings,
+        config: &WgConfig,
+    ) -> Result<(Self, Vec<String>), MismatchError> {
+        let interface = &config.interface;
+        for dest in [
+            settings.ts_dest_ip.v4.map(IpAddr::V4),
+            settings.ts_dest_ip.v6.map(IpAddr::V6),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if interface.addresses.iter().any(|a| a.addr() == dest) {
+                return Err(MismatchError::DestIsOwnAddress(dest));
+            }
+            let behind = config
+                .peers
+                .iter()
+                .flat_map(|p| &p.allowed_ips)
+                .chain(&interface.addresses)
+                .any(|net| net.contains(&dest));
+            if !behind {
+                return Err(MismatchError::DestNotBehindWireGuard(dest));
+            }
+        }
+        if let Some(port) = settings.webui_port
+            && interface.listen_port == Some(port)
+        {
+            return Err(MismatchError::WebuiIsListenPort(
+                port,
+                settings.wg_config_path().display().to_string(),
+            ));
+        }
+        let mut warnings = Vec::new();
+        if settings.nameservers.is_empty()
+            && interface.dns_servers.is_empty()
+            && settings.resolv_conf.is_some()
+        {
+            warnings.push(format!(
+                "TG_NAMESERVERS is empty and {} has no DNS =: the node will have no resolver \
+                 (host-name endpoints and tailscaled's control server cannot be found)",
+                settings.wg_config_path().display()
+            ));
+        }
+        Ok((Self::new(settings, config), warnings))
+    }
+
     pub fn new(settings: &Settings, config: &WgConfig) -> Self {
         Self {
             wireguard: wireguard(settings, config),
@@ -185,7 +249,8 @@ impl Plan {
             forwarding: ForwardingPlan {
                 dest_ip: settings.ts_dest_ip,
                 isolate_peers: settings.wg_isolate_peers,
-                snat_to_wg: crate::tailscale::prefs::snat_subnet_routes(&settings.ts_extra_args),
+                // `--snat-subnet-routes`, on unless TS_EXTRA_ARGS turns it off.
+                snat_to_wg: settings.ts_extra_args.prefs.no_snat != Some(true),
                 expose_host: settings.expose_host,
                 status_page_port: settings.webui_port,
                 attach: settings.tc_attach,
@@ -303,7 +368,7 @@ fn tailscale(settings: &Settings, config: &WgConfig) -> TailscalePlan {
         advertise: routes::advertisement(settings, &config.peers),
         exit_node: settings.ts_exit_node.clone(),
         web_client: settings.ts_webclient,
-        extra_args: settings.ts_extra_args.clone(),
+        extra_prefs: settings.ts_extra_args.prefs.clone(),
     }
 }
 
@@ -645,7 +710,8 @@ mod tests {
             "Address=10.1.0.2/24",
             "0.0.0.0/0,192.168.8.0/24",
         );
-        let text = p.to_string();
+        // Its Debug form (a log line or a panic may show it) too.
+        let text = format!("{p}\n{p:?}");
         for expected in [
             "WireGuard device wg0",
             "route:          192.168.8.0/24 dev wg0",
@@ -682,5 +748,80 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains("tskey"), "{e}");
+    }
+
+    fn checked(args: &[&str], interface: &str, allowed: &str) -> Result<Vec<String>, String> {
+        let settings = parse_args(args).unwrap().0;
+        let text =
+            format!("[Interface]\n{KEYS}\n{interface}\n[Peer]\n{PEER}\nAllowedIPs={allowed}\n");
+        let config = wgconf::parse(&text, Path::new("wg0.conf")).unwrap();
+        Plan::checked(&settings, &config)
+            .map(|(_, warnings)| warnings)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn settings_that_do_not_fit_the_wireguard_file_are_refused() {
+        let interface = "Address = 10.1.0.2/24\nListenPort = 51820";
+        let ok = |args: &[&str], allowed| checked(args, interface, allowed).unwrap();
+        assert!(ok(&["--ts-dest-ip=10.1.0.1"], "10.1.0.1/32").is_empty());
+        assert!(ok(&["--ts-dest-ip=192.168.8.1"], "192.168.8.0/24").is_empty());
+        assert!(
+            ok(&["--ts-dest-ip=10.1.0.9"], "192.168.8.0/24").is_empty(),
+            "on the device's network"
+        );
+        for (args, allowed, expected) in [
+            (
+                &["--ts-dest-ip=192.168.9.1"][..],
+                "192.168.8.0/24",
+                "TS_DEST_IP=192.168.9.1: not behind WireGuard",
+            ),
+            (
+                &["--ts-dest-ip=fd00::1"],
+                "0.0.0.0/0",
+                "TS_DEST_IP=fd00::1: not behind WireGuard",
+            ),
+            (
+                &["--ts-dest-ip=10.1.0.2"],
+                "0.0.0.0/0",
+                "TS_DEST_IP=10.1.0.2: this node's own WireGuard address",
+            ),
+            (
+                &["--webui-port=51820"],
+                "10.1.0.1/32",
+                "TG_WEBUI_PORT=51820: the same port as ListenPort in /etc/wireguard/wg0.conf",
+            ),
+        ] {
+            let e = checked(args, interface, allowed).unwrap_err();
+            assert!(
+                e.contains(expected),
+                "{args:?}: expected {expected:?} in {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_name_server_at_all_is_warned_about() {
+        let w = checked(&["--nameservers="], "Address = 10.1.0.2/24", "10.1.0.1/32").unwrap();
+        assert!(
+            w.len() == 1 && w[0].contains("TG_NAMESERVERS is empty and /etc/wireguard/wg0.conf has no DNS =: the node will have no resolver"),
+            "{w:?}"
+        );
+        let with_dns = "Address = 10.1.0.2/24\nDNS = 10.1.0.1";
+        assert!(
+            checked(&["--nameservers="], with_dns, "10.1.0.1/32")
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            checked(
+                &["--nameservers=", "--resolv-conf="],
+                "Address = 10.1.0.2/24",
+                "10.1.0.1/32"
+            )
+            .unwrap()
+            .is_empty(),
+            "resolution left alone: not ours to warn about"
+        );
     }
 }

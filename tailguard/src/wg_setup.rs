@@ -1,10 +1,16 @@
 //! Brings the WireGuard side up from the plan, in wg-quick's order — PreUp,
 //! device, keys and peers, addresses, MTU, up, routes, policy routing,
 //! PostUp — and takes it down again. Every step is idempotent, and what it
-//! ensured is recorded so teardown removes exactly that; a failure part way
-//! undoes the steps already done.
+//! is about to ensure is recorded before it is taken, so teardown removes
+//! exactly that: after a failure part way, and also when the bring-up is
+//! abandoned part way (its future dropped: a stop during a slow start).
 
-use std::{net::IpAddr, time::Duration};
+use std::{net::IpAddr, process::Stdio, time::Duration};
+
+use nix::{
+    sys::signal::{Signal, killpg},
+    unistd::Pid,
+};
 
 use tracing::{info, warn};
 
@@ -65,6 +71,8 @@ pub enum SetupError {
 
 /// What bring-up put in place, for teardown.
 pub struct WgSetup {
+    /// The device's name, from the moment its creation began.
+    creating: Option<String>,
     device: Option<WgDevice>,
     routes: Vec<DeviceRoute>,
     rules: Vec<Rule>,
@@ -73,6 +81,18 @@ pub struct WgSetup {
 }
 
 impl WgSetup {
+    /// The record of a bring-up of `wg` that has done nothing yet.
+    pub fn new(wg: &WireGuardPlan) -> Self {
+        Self {
+            creating: None,
+            device: None,
+            routes: Vec::new(),
+            rules: Vec::new(),
+            pre_down: wg.hooks.pre_down.clone(),
+            post_down: wg.hooks.post_down.clone(),
+        }
+    }
+
     pub fn device(&self) -> Option<&WgDevice> {
         self.device.as_ref()
     }
@@ -84,15 +104,8 @@ impl WgSetup {
         plan: &Plan,
         userspace_program: &str,
     ) -> Result<Self, SetupError> {
-        let wg = &plan.wireguard;
-        let mut setup = Self {
-            device: None,
-            routes: Vec::new(),
-            rules: Vec::new(),
-            pre_down: wg.hooks.pre_down.clone(),
-            post_down: wg.hooks.post_down.clone(),
-        };
-        match setup.steps(nl, wg, userspace_program).await {
+        let mut setup = Self::new(&plan.wireguard);
+        match setup.bring_up_in_place(nl, plan, userspace_program).await {
             Ok(()) => Ok(setup),
             Err(e) => {
                 // Nothing half-applied: undo, but report the original error.
@@ -106,13 +119,20 @@ impl WgSetup {
         }
     }
 
-    async fn steps(
+    /// Brings up the WireGuard side of `plan`, each step recorded in `self`
+    /// before it is taken. Whether this fails or is dropped part way (the
+    /// daemon abandons a start when told to stop), [`WgSetup::teardown`]
+    /// then removes what was done; a hook still running is killed with
+    /// everything it started.
+    pub async fn bring_up_in_place(
         &mut self,
         nl: &Netlink,
-        wg: &WireGuardPlan,
+        plan: &Plan,
         userspace_program: &str,
     ) -> Result<(), SetupError> {
+        let wg = &plan.wireguard;
         run_hooks("PreUp", &wg.hooks.pre_up).await?;
+        self.creating = Some(wg.device.clone());
         let device = WgDevice::create(nl, &wg.device, userspace_program).await?;
         let ifindex = device.ifindex;
         self.device = Some(device);
@@ -211,6 +231,7 @@ impl WgSetup {
                 nl.add_rule(rule).await?;
             }
         }
+        crate::fault::point("in-wireguard");
         run_hooks("PostUp", &wg.hooks.post_up).await?;
         info!(device = wg.device, mtu, fwmark = ?fwmark, "WireGuard is up");
         Ok(())
@@ -245,6 +266,10 @@ impl WgSetup {
             if let Err(e) = run_hooks("PostDown", &self.post_down).await {
                 errors.push(e);
             }
+        } else if let Some(name) = self.creating.take()
+            && let Err(e) = delete_half_made(nl, &name).await
+        {
+            errors.push(e.into());
         }
         if errors.is_empty() {
             Ok(())
@@ -296,26 +321,86 @@ fn enable_src_valid_mark() {
     }
 }
 
+/// The device of a bring-up abandoned while [`WgDevice::create`] ran. A
+/// kernel device may be there (made, or about to be taken over) and is
+/// removed; a userspace one ends with its wireguard-go, which dropping the
+/// start killed. Anything else under that name is not ours to remove.
+async fn delete_half_made(nl: &Netlink, name: &str) -> Result<(), NetlinkError> {
+    if nl.link_kind(name).await?.as_deref() == Some("wireguard") {
+        nl.delete_link(name).await?;
+        info!(device = name, "WireGuard device removed");
+    }
+    Ok(())
+}
+
+/// How long one hook command may run before it is killed.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Runs hook commands with `sh -c`, in order; the first failure stops.
 async fn run_hooks(stage: &'static str, commands: &[String]) -> Result<(), SetupError> {
     for command in commands {
-        info!("{stage}: {command}");
-        let fail = |message: String| SetupError::Hook {
-            stage,
-            command: command.clone(),
-            message,
-        };
-        let run = tokio::process::Command::new("sh")
-            .args(["-c", command])
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(60), run)
+        // A hook may carry a key (`wg set %i private-key …` from a pipe is
+        // usual, a literal one is not unheard of): shown redacted.
+        let shown = crate::secrets::redact(command).into_owned();
+        info!("{stage}: {shown}");
+        run_hook(command)
             .await
-            .map_err(|_| fail("still running after 60 s".into()))?
-            .map_err(|e| fail(e.to_string()))?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            return Err(fail(format!("{} {}", out.status, stderr.trim())));
-        }
+            .map_err(|message| SetupError::Hook {
+                stage,
+                command: shown,
+                message: crate::secrets::redact(&message).into_owned(),
+            })?;
     }
     Ok(())
+}
+
+/// One hook, `sh -c COMMAND`, in a process group of its own, so that it and
+/// everything it started can be killed together: when it outlives
+/// [`HOOK_TIMEOUT`], and when this future is dropped (the start it belongs
+/// to abandoned). What a hook that exits leaves running is its business.
+async fn run_hook(command: &str) -> Result<(), String> {
+    let child = tokio::process::Command::new("sh")
+        .args(["-c", command])
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let group = KillGroupOnDrop(child.id().map(|pid| Pid::from_raw(pid as i32)));
+    let out = tokio::time::timeout(HOOK_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| {
+            format!(
+                "still running after {} s: killed, with everything it started",
+                HOOK_TIMEOUT.as_secs()
+            )
+        })?
+        .map_err(|e| e.to_string())?;
+    group.disarm();
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("{} {}", out.status, stderr.trim()));
+    }
+    Ok(())
+}
+
+/// Kills a process group when dropped, unless disarmed (a hook that
+/// finished).
+struct KillGroupOnDrop(Option<Pid>);
+
+impl KillGroupOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if let Some(group) = self.0 {
+            // ESRCH (the group is gone already) is the one error, and harmless.
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+    }
 }

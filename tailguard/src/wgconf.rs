@@ -5,16 +5,20 @@
 //!
 //! Errors name the file, the line and what is wrong. Key material is checked
 //! (base64 of 32 bytes) but never printed: private and preshared keys are
-//! [`SecretKey`]s, whose `Debug` hides them.
+//! [`SecretKey`]s, whose `Debug` hides them, and every message is redacted
+//! ([`crate::secrets::redact`]) since a typo can put a key where a name was
+//! expected.
 
 use std::{
     fmt,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
     path::{Path, PathBuf},
 };
 
 use base64::Engine as _;
 use ipnet::IpNet;
+
+use crate::secrets::redact;
 
 /// A whole configuration file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,16 +137,25 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl ConfigError {
+    /// An error at `line` of `file`. The message is redacted here, once for
+    /// every path that builds one: it may quote the input back.
+    fn new(file: &Path, line: usize, message: impl AsRef<str>) -> Self {
+        Self {
+            file: file.to_path_buf(),
+            line,
+            message: redact(message.as_ref()).into_owned(),
+        }
+    }
+}
+
 impl WgConfig {
-    /// Reads and parses `path`. The second value holds warnings (a file
-    /// others can read, as wg-quick warns).
+    /// Reads and parses `path`. The second value holds warnings: a file
+    /// others can read (as wg-quick warns), and lines that parse but will
+    /// not do what they seem to.
     pub fn load(path: &Path) -> Result<(Self, Vec<String>), ConfigError> {
-        let whole = |message: String| ConfigError {
-            file: path.to_path_buf(),
-            line: 0,
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| whole(format!("cannot read: {e}")))?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| ConfigError::new(path, 0, format!("cannot read: {e}")))?;
         let mut warnings = Vec::new();
         if let Ok(meta) = std::fs::metadata(path) {
             use std::os::unix::fs::PermissionsExt as _;
@@ -154,7 +167,8 @@ impl WgConfig {
                 ));
             }
         }
-        let config = parse(&text, path)?;
+        let (config, parse_warnings) = parse_bytes(&bytes, path)?;
+        warnings.extend(parse_warnings);
         if config.interface.save_config {
             warnings.push(format!(
                 "{}: SaveConfig = true is ignored: TailGuard never rewrites its configuration",
@@ -163,31 +177,127 @@ impl WgConfig {
         }
         Ok((config, warnings))
     }
+
+    /// Whether any IPv6 is configured: an address or a peer's AllowedIPs.
+    fn has_ipv6(&self) -> bool {
+        self.interface.addresses.iter().any(|a| a.addr().is_ipv6())
+            || self
+                .peers
+                .iter()
+                .flat_map(|p| &p.allowed_ips)
+                .any(|n| n.addr().is_ipv6())
+    }
 }
 
 /// Parses configuration text; `file` is only used in messages.
 pub fn parse(text: &str, file: &Path) -> Result<WgConfig, ConfigError> {
+    parse_bytes(text.as_bytes(), file).map(|(config, _)| config)
+}
+
+/// Parses a file's bytes as wg-quick does: a UTF-8 byte-order mark, CRLF
+/// line ends and any bytes inside comments are accepted. The second value
+/// holds warnings ("file:line: ...").
+pub fn parse_bytes(bytes: &[u8], file: &Path) -> Result<(WgConfig, Vec<String>), ConfigError> {
+    const BOM: &[u8] = b"\xef\xbb\xbf";
+    let bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
     let mut parser = Parser {
         file,
         interface: Interface::default(),
+        interface_lines: Lines::default(),
         peers: Vec::new(),
         section: None,
+        warnings: Vec::new(),
     };
-    for (index, raw) in text.lines().enumerate() {
-        parser.line(index + 1, raw)?;
+    for (index, raw) in bytes.split(|b| *b == b'\n').enumerate() {
+        let n = index + 1;
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        // Comments may hold anything; the rest must be text.
+        let content = raw.split(|b| *b == b'#').next().unwrap_or_default();
+        let content = std::str::from_utf8(content).map_err(|_| {
+            ConfigError::new(file, n, "this line is not UTF-8 text (outside a comment)")
+        })?;
+        parser.line(n, content)?;
     }
     parser.finish()
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Section {
     Interface,
     Peer,
 }
 
+/// The keys wg-quick knows, by section, in their usual spelling.
+const INTERFACE_KEYS: [&str; 12] = [
+    "PrivateKey",
+    "ListenPort",
+    "FwMark",
+    "Address",
+    "DNS",
+    "MTU",
+    "Table",
+    "PreUp",
+    "PostUp",
+    "PreDown",
+    "PostDown",
+    "SaveConfig",
+];
+const PEER_KEYS: [&str; 5] = [
+    "PublicKey",
+    "PresharedKey",
+    "AllowedIPs",
+    "Endpoint",
+    "PersistentKeepalive",
+];
+/// Keys whose values add up when repeated; any other key may appear once.
+const LIST_KEYS: [&str; 7] = [
+    "Address",
+    "DNS",
+    "AllowedIPs",
+    "PreUp",
+    "PostUp",
+    "PreDown",
+    "PostDown",
+];
+
+impl Section {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Interface => "[Interface]",
+            Self::Peer => "[Peer]",
+        }
+    }
+
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            Self::Interface => &INTERFACE_KEYS,
+            Self::Peer => &PEER_KEYS,
+        }
+    }
+
+    /// The key as this section spells it, whatever its case.
+    fn key(self, name: &str) -> Option<&'static str> {
+        self.keys()
+            .iter()
+            .copied()
+            .find(|k| k.eq_ignore_ascii_case(name))
+    }
+}
+
+/// Lines on which a section's single-valued keys were given.
+#[derive(Default)]
+struct Lines(Vec<(&'static str, usize)>);
+
+impl Lines {
+    fn of(&self, key: &str) -> Option<usize> {
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, n)| *n)
+    }
+}
+
 /// A `[Peer]` being read: its keys may come in any order.
 struct PeerDraft {
     line: usize,
+    lines: Lines,
     public_key: Option<PublicKey>,
     preshared_key: Option<SecretKey>,
     allowed_ips: Vec<IpNet>,
@@ -198,85 +308,166 @@ struct PeerDraft {
 struct Parser<'a> {
     file: &'a Path,
     interface: Interface,
+    interface_lines: Lines,
     peers: Vec<PeerDraft>,
     section: Option<Section>,
+    warnings: Vec<String>,
 }
 
 impl Parser<'_> {
-    fn error(&self, line: usize, message: impl Into<String>) -> ConfigError {
-        ConfigError {
-            file: self.file.to_path_buf(),
-            line,
-            message: message.into(),
-        }
+    fn error(&self, line: usize, message: impl AsRef<str>) -> ConfigError {
+        ConfigError::new(self.file, line, message)
     }
 
-    fn line(&mut self, n: usize, raw: &str) -> Result<(), ConfigError> {
-        let content = raw.split('#').next().unwrap_or_default();
+    fn warn(&mut self, line: usize, message: impl AsRef<str>) {
+        let warning = ConfigError::new(self.file, line, message);
+        self.warnings.push(warning.to_string());
+    }
+
+    fn line(&mut self, n: usize, content: &str) -> Result<(), ConfigError> {
         // Hook commands keep their spaces; everything else is read without
-        // any whitespace, as `wg` does.
+        // any whitespace, as `wg` does (so `Private Key` is `PrivateKey`).
         let trimmed = content.trim();
         if trimmed.is_empty() {
             return Ok(());
         }
         if trimmed.starts_with('[') {
-            let name: String = trimmed.chars().filter(|c| !c.is_whitespace()).collect();
-            self.section = Some(match name.to_ascii_lowercase().as_str() {
-                "[interface]" => Section::Interface,
-                "[peer]" => {
-                    self.peers.push(PeerDraft {
-                        line: n,
-                        public_key: None,
-                        preshared_key: None,
-                        allowed_ips: Vec::new(),
-                        endpoint: None,
-                        persistent_keepalive: None,
-                    });
-                    Section::Peer
-                }
-                _ => return Err(self.error(n, format!("unknown section {trimmed}"))),
-            });
-            return Ok(());
+            return self.section_header(n, trimmed);
         }
-        let Some((key, value)) = trimmed.split_once('=') else {
-            return Err(self.error(n, format!("expected `Key = value`, found {trimmed:?}")));
-        };
-        let key = key.trim();
-        let hook_value = value.trim().to_string();
-        let value: String = value.chars().filter(|c| !c.is_whitespace()).collect();
-        let lower = key.to_ascii_lowercase();
-        match self.section {
-            None => Err(self.error(
+        let Some(section) = self.section else {
+            let what = key_as_shown(trimmed.split('=').next().unwrap_or_default(), None);
+            return Err(self.error(
                 n,
-                format!("{key} is outside of any [Interface] or [Peer] section"),
-            )),
-            Some(Section::Interface) => self.interface_key(n, key, &lower, &value, hook_value),
-            Some(Section::Peer) => self.peer_key(n, key, &lower, &value),
+                format!("{what} is outside of any [Interface] or [Peer] section"),
+            ));
+        };
+        let (name, value) = trimmed.split_once('=').unwrap_or((trimmed, ""));
+        let name: String = name.chars().filter(|c| !c.is_whitespace()).collect();
+        let Some(key) = section.key(&name) else {
+            return Err(self.unknown_key(n, section, &name, trimmed.contains('=')));
+        };
+        let hook = value.trim().to_string();
+        let value: String = value.chars().filter(|c| !c.is_whitespace()).collect();
+        if !LIST_KEYS.contains(&key) {
+            self.once(n, section, key)?;
         }
+        match section {
+            Section::Interface => self.interface_key(n, key, &value, hook),
+            Section::Peer => self.peer_key(n, key, &value),
+        }
+    }
+
+    fn section_header(&mut self, n: usize, trimmed: &str) -> Result<(), ConfigError> {
+        let name: String = trimmed.chars().filter(|c| !c.is_whitespace()).collect();
+        self.section = Some(match name.to_ascii_lowercase().as_str() {
+            "[interface]" => Section::Interface,
+            "[peer]" => {
+                self.peers.push(PeerDraft {
+                    line: n,
+                    lines: Lines::default(),
+                    public_key: None,
+                    preshared_key: None,
+                    allowed_ips: Vec::new(),
+                    endpoint: None,
+                    persistent_keepalive: None,
+                });
+                Section::Peer
+            }
+            _ => return Err(self.error(n, format!("unknown section {trimmed}"))),
+        });
+        Ok(())
+    }
+
+    /// Why a key name is not one. A name that only *starts* with a known
+    /// key is a missing `=` (`PrivateKey yPGF…=` splits at the key's own
+    /// padding): the rest is a value, and never shown.
+    fn unknown_key(&self, n: usize, section: Section, name: &str, has_equals: bool) -> ConfigError {
+        let known = section.keys().iter().find(|k| {
+            name.len() > k.len()
+                && name
+                    .get(..k.len())
+                    .is_some_and(|start| start.eq_ignore_ascii_case(k))
+        });
+        match known {
+            Some(key) => self.error(
+                n,
+                format!("{key}: expected `{key} = value`; is the `=` missing?"),
+            ),
+            None if !has_equals => self.error(
+                n,
+                format!(
+                    "expected `Key = value`, found {}",
+                    key_as_shown(name, Some(section))
+                ),
+            ),
+            None => self.error(
+                n,
+                format!(
+                    "unknown key {} in {}",
+                    key_as_shown(name, Some(section)),
+                    section.name()
+                ),
+            ),
+        }
+    }
+
+    /// Records a single-valued key; a second one is an error naming both
+    /// lines (wg would silently keep the last).
+    fn once(&mut self, n: usize, section: Section, key: &'static str) -> Result<(), ConfigError> {
+        let lines = match section {
+            Section::Interface => &mut self.interface_lines,
+            Section::Peer => {
+                &mut self
+                    .peers
+                    .last_mut()
+                    .expect("a [Peer] section was opened")
+                    .lines
+            }
+        };
+        let Some(first) = lines.of(key) else {
+            lines.0.push((key, n));
+            return Ok(());
+        };
+        Err(if key == "PublicKey" {
+            self.error(
+                n,
+                format!(
+                    "a second PublicKey in one [Peer] (the first on line {first}): \
+                     is a [Peer] header missing before this line?"
+                ),
+            )
+        } else {
+            self.error(
+                n,
+                format!(
+                    "{key} is given twice in one {}, on lines {first} and {n}",
+                    section.name()
+                ),
+            )
+        })
     }
 
     fn interface_key(
         &mut self,
         n: usize,
-        key: &str,
-        lower: &str,
+        key: &'static str,
         value: &str,
         hook: String,
     ) -> Result<(), ConfigError> {
         let err = key_error(self.file, n, key);
-        match lower {
-            "privatekey" => {
+        match key {
+            "PrivateKey" => {
                 self.interface.private_key = Some(SecretKey(decode_key(value).map_err(err)?))
             }
-            "listenport" => self.interface.listen_port = Some(parse_port(value).map_err(err)?),
-            "fwmark" => self.interface.fwmark = parse_fwmark(value).map_err(err)?,
-            "address" => {
+            "ListenPort" => self.interface.listen_port = Some(parse_port(value).map_err(err)?),
+            "FwMark" => self.interface.fwmark = parse_fwmark(value).map_err(err)?,
+            "Address" => {
                 for item in list(value) {
                     let net = parse_address(item).map_err(&err)?;
                     self.interface.addresses.push(net);
                 }
             }
-            "dns" => {
+            "DNS" => {
                 for item in list(value) {
                     match item.parse::<IpAddr>() {
                         Ok(addr) => self.interface.dns_servers.push(addr),
@@ -287,7 +478,7 @@ impl Parser<'_> {
                     }
                 }
             }
-            "mtu" => {
+            "MTU" => {
                 let mtu = value
                     .parse::<u32>()
                     .ok()
@@ -297,47 +488,42 @@ impl Parser<'_> {
                         err(format!("{value:?} is not an MTU from 576 to 65535"))
                     })?);
             }
-            "table" => self.interface.table = parse_table(value).map_err(err)?,
-            "preup" => self.interface.pre_up.push(hook),
-            "postup" => self.interface.post_up.push(hook),
-            "predown" => self.interface.pre_down.push(hook),
-            "postdown" => self.interface.post_down.push(hook),
-            "saveconfig" => {
+            "Table" => self.interface.table = parse_table(value).map_err(err)?,
+            "PreUp" => self.interface.pre_up.push(hook),
+            "PostUp" => self.interface.post_up.push(hook),
+            "PreDown" => self.interface.pre_down.push(hook),
+            "PostDown" => self.interface.post_down.push(hook),
+            "SaveConfig" => {
                 self.interface.save_config = match value.to_ascii_lowercase().as_str() {
                     "true" => true,
                     "false" => false,
                     _ => return Err(err(format!("{value:?} is neither true nor false"))),
                 }
             }
-            _ => return Err(self.error(n, format!("unknown key {key} in [Interface]"))),
+            _ => unreachable!("every [Interface] key is handled"),
         }
         Ok(())
     }
 
-    fn peer_key(
-        &mut self,
-        n: usize,
-        key: &str,
-        lower: &str,
-        value: &str,
-    ) -> Result<(), ConfigError> {
+    fn peer_key(&mut self, n: usize, key: &'static str, value: &str) -> Result<(), ConfigError> {
         let err = key_error(self.file, n, key);
-        let mut parsed_allowed = Vec::new();
-        let mut public_key = None;
-        let mut preshared_key = None;
-        let mut endpoint = None;
-        let mut keepalive = None;
-        match lower {
-            "publickey" => public_key = Some(PublicKey(decode_key(value).map_err(err)?)),
-            "presharedkey" => preshared_key = Some(SecretKey(decode_key(value).map_err(err)?)),
-            "allowedips" => {
+        let mut host_bits = Vec::new();
+        let peer = self.peers.last_mut().expect("a [Peer] section was opened");
+        match key {
+            "PublicKey" => peer.public_key = Some(PublicKey(decode_key(value).map_err(err)?)),
+            "PresharedKey" => peer.preshared_key = Some(SecretKey(decode_key(value).map_err(err)?)),
+            "AllowedIPs" => {
                 for item in list(value) {
-                    parsed_allowed.push(parse_prefix(item).map_err(&err)?.trunc());
+                    let net = parse_prefix(item).map_err(&err)?;
+                    if net.trunc() != net {
+                        host_bits.push(net);
+                    }
+                    peer.allowed_ips.push(net.trunc());
                 }
             }
-            "endpoint" => endpoint = Some(parse_endpoint(value).map_err(err)?),
-            "persistentkeepalive" => {
-                keepalive = Some(if value.eq_ignore_ascii_case("off") {
+            "Endpoint" => peer.endpoint = Some(parse_endpoint(value).map_err(err)?),
+            "PersistentKeepalive" => {
+                peer.persistent_keepalive = Some(if value.eq_ignore_ascii_case("off") {
                     0
                 } else {
                     value.parse::<u16>().map_err(|_| {
@@ -347,28 +533,34 @@ impl Parser<'_> {
                     })?
                 })
             }
-            _ => return Err(self.error(n, format!("unknown key {key} in [Peer]"))),
+            _ => unreachable!("every [Peer] key is handled"),
         }
-        let peer = self.peers.last_mut().expect("a [Peer] section was opened");
-        peer.allowed_ips.extend(parsed_allowed);
-        peer.public_key = public_key.or(peer.public_key);
-        peer.preshared_key = preshared_key.or(peer.preshared_key.take());
-        peer.endpoint = endpoint.or(peer.endpoint.take());
-        peer.persistent_keepalive = keepalive.or(peer.persistent_keepalive);
+        for net in host_bits {
+            self.warn(
+                n,
+                format!(
+                    "AllowedIPs: {net} has host bits set; the kernel uses {}",
+                    net.trunc()
+                ),
+            );
+        }
         Ok(())
     }
 
-    fn finish(self) -> Result<WgConfig, ConfigError> {
-        let mut peers = Vec::with_capacity(self.peers.len());
-        for draft in self.peers {
+    fn finish(mut self) -> Result<(WgConfig, Vec<String>), ConfigError> {
+        let mut peers: Vec<Peer> = Vec::with_capacity(self.peers.len());
+        for draft in std::mem::take(&mut self.peers) {
             let public_key = draft
                 .public_key
-                .ok_or_else(|| self_error(self.file, draft.line, "[Peer] has no PublicKey"))?;
-            if peers.iter().any(|p: &Peer| p.public_key == public_key) {
-                return Err(self_error(
-                    self.file,
+                .ok_or_else(|| self.error(draft.line, "[Peer] has no PublicKey"))?;
+            if let Some(first) = peers.iter().find(|p| p.public_key == public_key) {
+                return Err(self.error(
                     draft.line,
-                    &format!("peer {public_key} appears twice"),
+                    // Not the key itself: every key-like token is redacted.
+                    format!(
+                        "this peer has the same PublicKey as the peer at line {}",
+                        first.line
+                    ),
                 ));
             }
             peers.push(Peer {
@@ -381,30 +573,129 @@ impl Parser<'_> {
             });
         }
         if self.interface.private_key.is_none() {
-            return Err(self_error(self.file, 0, "[Interface] has no PrivateKey"));
+            return Err(self.error(0, "[Interface] has no PrivateKey"));
         }
-        Ok(WgConfig {
-            interface: self.interface,
+        let config = WgConfig {
+            interface: std::mem::take(&mut self.interface),
             peers,
-        })
+        };
+        self.check_interface(&config)?;
+        self.warn_about_allowed_ips(&config);
+        Ok((config, self.warnings))
+    }
+
+    /// What only the whole file can tell about the `[Interface]` keys.
+    fn check_interface(&self, config: &WgConfig) -> Result<(), ConfigError> {
+        let at = |key| self.interface_lines.of(key).unwrap_or(0);
+        let interface = &config.interface;
+        if let Some(mtu) = interface.mtu
+            && mtu < MIN_IPV6_MTU
+            && config.has_ipv6()
+        {
+            return Err(self.error(
+                at("MTU"),
+                format!("MTU: {mtu} is below 1280, the least IPv6 allows, and IPv6 is configured"),
+            ));
+        }
+        if let Some(mark) = interface.fwmark {
+            if mark & TAILSCALE_MARK_MASK != 0 {
+                return Err(self.error(
+                    at("FwMark"),
+                    format!(
+                        "FwMark: {mark:#x} uses bits of {TAILSCALE_MARK_MASK:#x}, which tailscaled \
+                         keeps for its own marks; choose a mark outside them"
+                    ),
+                ));
+            }
+            if mark == TAILSCALE_TABLE {
+                return Err(self.error(
+                    at("FwMark"),
+                    format!(
+                        "FwMark: {mark} is also the routing table of a default route, and table \
+                         {TAILSCALE_TABLE} is tailscaled's; choose another mark"
+                    ),
+                ));
+            }
+        }
+        if interface.table == Table::Id(TAILSCALE_TABLE) {
+            return Err(self.error(
+                at("Table"),
+                format!("Table: {TAILSCALE_TABLE} is tailscaled's routing table; choose another"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// AllowedIPs that route somewhere else than they seem: given to two
+    /// peers (the kernel keeps each prefix for one peer only), or inside
+    /// the tailnet's own ranges (tailnet traffic would go into WireGuard).
+    fn warn_about_allowed_ips(&mut self, config: &WgConfig) {
+        let tailnet: [IpNet; 2] = TAILNET_RANGES.map(|r| r.parse().expect("valid prefix"));
+        for (i, peer) in config.peers.iter().enumerate() {
+            for net in &peer.allowed_ips {
+                if let Some(range) = tailnet.iter().find(|r| overlaps(r, net)) {
+                    self.warn(
+                        peer.line,
+                        format!(
+                            "AllowedIPs: {net} of this peer overlaps the tailnet's range {range}: \
+                             tailnet traffic for it would go into WireGuard"
+                        ),
+                    );
+                }
+                for other in &config.peers[..i] {
+                    if let Some(theirs) = other.allowed_ips.iter().find(|o| overlaps(o, net)) {
+                        self.warn(
+                            peer.line,
+                            format!(
+                                "AllowedIPs: {net} of this peer overlaps {theirs} of the peer at \
+                                 line {}{}",
+                                other.line,
+                                if theirs == net {
+                                    ": the kernel gives it to this (the later) peer only"
+                                } else {
+                                    ": the more specific prefix wins"
+                                }
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The least MTU an IPv6 link may have (RFC 8200).
+const MIN_IPV6_MTU: u32 = 1280;
+/// The fwmark bits tailscaled uses for its own marks.
+const TAILSCALE_MARK_MASK: u32 = 0xff_0000;
+/// tailscaled's routing table.
+const TAILSCALE_TABLE: u32 = 52;
+/// The tailnet's address ranges (CGNAT for IPv4, Tailscale's ULA for IPv6).
+pub const TAILNET_RANGES: [&str; 2] = ["100.64.0.0/10", "fd7a:115c:a1e0::/48"];
+
+/// Whether one prefix holds the other. Default routes overlap everything on
+/// purpose (an exit node); they are never reported.
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.prefix_len() > 0 && b.prefix_len() > 0 && (a.contains(b) || b.contains(a))
+}
+
+/// A key name from the input, as messages may show it: a plain word is
+/// shown, anything else (a value where the name should be) is not.
+fn key_as_shown(name: &str, section: Option<Section>) -> String {
+    let name = name.trim();
+    let plain = !name.is_empty()
+        && name.len() <= 32
+        && name.chars().all(|c| c.is_ascii_alphabetic() || c == ' ');
+    match (plain, section) {
+        (true, _) => name.to_string(),
+        (false, Some(section)) => format!("a line that is not `Key = value` of {}", section.name()),
+        (false, None) => "a line".to_string(),
     }
 }
 
 /// Makes errors about one key on one line: "file:line: Key: message".
 fn key_error<'a>(file: &'a Path, line: usize, key: &'a str) -> impl Fn(String) -> ConfigError + 'a {
-    move |message| ConfigError {
-        file: file.to_path_buf(),
-        line,
-        message: format!("{key}: {message}"),
-    }
-}
-
-fn self_error(file: &Path, line: usize, message: &str) -> ConfigError {
-    ConfigError {
-        file: file.to_path_buf(),
-        line,
-        message: message.to_string(),
-    }
+    move |message| ConfigError::new(file, line, format!("{key}: {message}"))
 }
 
 fn list(value: &str) -> impl Iterator<Item = &str> {
@@ -468,10 +759,13 @@ fn parse_prefix(value: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("{value:?} is not a prefix like 10.0.0.0/24"))
 }
 
+/// A search domain or host name: DNS labels, optionally ending in a dot
+/// (fully qualified).
 fn parse_domain(value: &str) -> Result<String, String> {
-    let valid = !value.is_empty()
-        && value.len() <= 253
-        && value.split('.').all(|label| {
+    let name = value.strip_suffix('.').unwrap_or(value);
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
                 && label
@@ -504,22 +798,78 @@ fn parse_table(value: &str) -> Result<Table, String> {
     }
 }
 
-/// `host:port`, `1.2.3.4:port` or `[v6]:port`.
-fn parse_endpoint(value: &str) -> Result<Endpoint, String> {
-    if let Ok(addr) = value.parse::<SocketAddr>() {
-        return Ok(Endpoint::Address(addr));
-    }
+/// `host:port`, `1.2.3.4:port` or `[v6]:port`, where a link-local IPv6
+/// address may carry its zone (`[fe80::1%eth0]:51820`, or a zone number).
+pub fn parse_endpoint(value: &str) -> Result<Endpoint, String> {
     let bad = || format!("{value:?} is not host:port, address:port or [IPv6]:port");
-    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+    let (host, port, bracketed) = match value.strip_prefix('[') {
+        Some(rest) => {
+            let (inner, after) = rest.split_once(']').ok_or_else(bad)?;
+            (inner, after.strip_prefix(':').ok_or_else(bad)?, true)
+        }
+        None => {
+            let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+            (host, port, false)
+        }
+    };
     let port: u16 = port.parse().map_err(|_| bad())?;
-    if host.starts_with('[') || host.contains(':') || host.is_empty() {
+    if port == 0 {
+        return Err(format!("{value:?}: port 0 is not a port a peer listens on"));
+    }
+    if bracketed {
+        let (address, zone) = match host.split_once('%') {
+            Some((address, zone)) => (address, Some(zone)),
+            None => (host, None),
+        };
+        let address: Ipv6Addr = address.parse().map_err(|_| bad())?;
+        let scope_id = zone.map(zone_index).transpose()?.unwrap_or(0);
+        return Ok(Endpoint::Address(SocketAddr::V6(SocketAddrV6::new(
+            address, port, 0, scope_id,
+        ))));
+    }
+    if host.is_empty() || host.contains(':') {
         return Err(bad());
+    }
+    if let Ok(address) = host.parse::<Ipv4Addr>() {
+        return Ok(Endpoint::Address(SocketAddr::from((address, port))));
+    }
+    if looks_numeric(host) {
+        return Err(format!(
+            "{host:?} is a number in a form other than a.b.c.d (inet_aton would read it as \
+             an address of its own choosing): write the address as four decimal numbers"
+        ));
     }
     parse_domain(host).map_err(|_| bad())?;
     Ok(Endpoint::Host {
         host: host.to_string(),
         port,
     })
+}
+
+/// A name whose last label is a number (`010.1.1.1`, `0x7f000001`,
+/// `2130706433`): resolvers read those as IPv4 addresses (inet_aton's octal,
+/// hexadecimal and short forms), so it is not a host name.
+fn looks_numeric(host: &str) -> bool {
+    let last = host
+        .strip_suffix('.')
+        .unwrap_or(host)
+        .rsplit('.')
+        .next()
+        .unwrap_or_default();
+    let hex = last.strip_prefix("0x").or_else(|| last.strip_prefix("0X"));
+    match hex {
+        Some(digits) => digits.chars().all(|c| c.is_ascii_hexdigit()),
+        None => !last.is_empty() && last.chars().all(|c| c.is_ascii_digit()),
+    }
+}
+
+/// An IPv6 zone: a number, or the name of an interface of this host.
+fn zone_index(zone: &str) -> Result<u32, String> {
+    if let Ok(index) = zone.parse::<u32>() {
+        return Ok(index);
+    }
+    nix::net::if_::if_nametoindex(zone)
+        .map_err(|_| format!("the zone {zone:?} is neither a number nor an interface of this host"))
 }
 
 #[cfg(test)]
@@ -713,7 +1063,7 @@ mod tests {
             ),
             (
                 format!("{base}[Peer]\nPublicKey={PUBLIC}\n[Peer]\nPublicKey={PUBLIC}\n"),
-                "wg0.conf:5: peer xTIBA",
+                "wg0.conf:5: this peer has the same PublicKey as the peer at line 3",
             ),
             (
                 format!("{base}[Peer]\nFoo = 1\n"),
@@ -767,6 +1117,244 @@ mod tests {
                 && !e.contains("not*base64"),
             "{e}"
         );
+    }
+
+    /// The typos that used to print a key back: a missing `=` (the key's
+    /// own padding becomes the separator), a key on a line of its own, a
+    /// key before any section.
+    #[test]
+    fn a_key_where_a_name_belongs_is_never_printed() {
+        let unpadded = PRIVATE.trim_end_matches('=');
+        let cases = [
+            (
+                format!("[Interface]\nPrivateKey {PRIVATE}\n"),
+                "wg0.conf:2: PrivateKey: expected `PrivateKey = value`; is the `=` missing?",
+            ),
+            (
+                format!("[Interface]\nPrivateKey {unpadded}\n"),
+                "wg0.conf:2: PrivateKey: expected `PrivateKey = value`",
+            ),
+            (
+                format!(
+                    "[Interface]\nPrivateKey={PRIVATE}\n[Peer]\nPublicKey={PUBLIC}\nPresharedKey {PSK}\n"
+                ),
+                "wg0.conf:5: PresharedKey: expected `PresharedKey = value`",
+            ),
+            (
+                format!("[Interface]\nPrivateKey =\n{PRIVATE}\n"),
+                "wg0.conf:2: PrivateKey: not a valid key",
+            ),
+            (
+                format!("[Interface]\n{PRIVATE}\n"),
+                "wg0.conf:2: unknown key a line that is not `Key = value` of [Interface]",
+            ),
+            (
+                format!("[Interface]\n{unpadded}\n"),
+                "wg0.conf:2: expected `Key = value`, found a line that is not",
+            ),
+            (
+                format!("{PRIVATE}\n[Interface]\n"),
+                "wg0.conf:1: a line is outside of any [Interface] or [Peer] section",
+            ),
+            (
+                format!("[Interface]\nPrivateKey={PRIVATE}\nDNS = 1.1.1.1, {PSK}\n"),
+                "wg0.conf:3: DNS: \"<redacted>\" is neither",
+            ),
+            (
+                format!(
+                    "[Interface]\nPrivateKey={PRIVATE}\n[Peer]\nPublicKey={PUBLIC}\nEndpoint = {unpadded}\n"
+                ),
+                "wg0.conf:5: Endpoint: \"<redacted>\" is not host:port",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = err(&text);
+            assert!(e.contains(expected), "expected {expected:?} in {e:?}");
+            for secret in [PRIVATE, unpadded, PSK, PSK.trim_end_matches('=')] {
+                assert!(!e.contains(secret), "a key in {e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn files_as_editors_write_them() {
+        let text = seed_example();
+        let crlf = format!("\u{feff}{}", text.replace('\n', "\r\n"));
+        assert_eq!(ok(&crlf), ok(&text), "BOM and CRLF");
+        let bytes = text
+            .replace("MTU = 1420", "MTU = 1420 # caf\u{1}")
+            .into_bytes();
+        // Latin-1 in a comment: not UTF-8, and not wg-quick's business.
+        let bytes: Vec<u8> = bytes
+            .into_iter()
+            .map(|b| if b == 1 { 0xe9 } else { b })
+            .collect();
+        let (config, _) = parse_bytes(&bytes, file()).expect("non-UTF-8 in a comment");
+        assert_eq!(config, ok(&text));
+        let mut bad = text.as_bytes().to_vec();
+        bad.extend_from_slice(b"PostUp = echo \xff\n");
+        let e = parse_bytes(&bad, file()).unwrap_err().to_string();
+        assert!(
+            e.contains("wg0.conf:13: this line is not UTF-8 text"),
+            "{e}"
+        );
+        let spaced = ok(&text
+            .replace("PrivateKey", "Private Key")
+            .replace("AllowedIPs", "Allowed IPs"));
+        assert_eq!(
+            spaced,
+            ok(&text),
+            "whitespace inside key names, as wg strips it"
+        );
+    }
+
+    fn endpoint(value: &str) -> Result<Endpoint, String> {
+        parse_endpoint(value)
+    }
+
+    #[test]
+    fn endpoints_with_zones_dots_and_bad_numbers() {
+        assert_eq!(
+            endpoint("[fe80::1%7]:51820"),
+            Ok(Endpoint::Address(SocketAddr::V6(SocketAddrV6::new(
+                "fe80::1".parse().unwrap(),
+                51820,
+                0,
+                7
+            ))))
+        );
+        let lo = nix::net::if_::if_nametoindex("lo").unwrap();
+        assert!(
+            matches!(endpoint("[fe80::1%lo]:51820"), Ok(Endpoint::Address(SocketAddr::V6(a))) if a.scope_id() == lo)
+        );
+        let e = endpoint("[fe80::1%nosuchif0]:51820").unwrap_err();
+        assert!(
+            e.contains("\"nosuchif0\" is neither a number nor an interface"),
+            "{e}"
+        );
+        assert_eq!(
+            endpoint("vpn.example.com.:51820"),
+            Ok(Endpoint::Host {
+                host: "vpn.example.com.".into(),
+                port: 51820
+            })
+        );
+        for zero in ["vpn.example.com:0", "10.0.0.1:0", "[fd00::1]:0"] {
+            let e = endpoint(zero).unwrap_err();
+            assert!(e.contains("port 0 is not a port a peer listens on"), "{e}");
+        }
+        for numeric in ["010.1.1.1", "0x7f000001", "2130706433", "10.1", "1.2.3.0x4"] {
+            let e = endpoint(&format!("{numeric}:51820")).unwrap_err();
+            assert!(
+                e.contains("a number in a form other than a.b.c.d"),
+                "{numeric}: {e}"
+            );
+        }
+        assert!(endpoint("1e100.net:443").is_ok());
+    }
+
+    #[test]
+    fn a_key_given_twice_names_both_lines() {
+        let base = format!("[Interface]\nPrivateKey={PRIVATE}\n");
+        for (text, expected) in [
+            (
+                format!("{base}ListenPort = 1\nListenPort = 2\n"),
+                "wg0.conf:4: ListenPort is given twice in one [Interface], on lines 3 and 4",
+            ),
+            (
+                format!("{base}privatekey = {PSK}\n"),
+                "wg0.conf:3: PrivateKey is given twice in one [Interface], on lines 2 and 3",
+            ),
+            (
+                format!(
+                    "{base}[Peer]\nPublicKey={PUBLIC}\nAllowedIPs=10.0.0.2/32\nPublicKey={PSK}\n"
+                ),
+                "wg0.conf:6: a second PublicKey in one [Peer] (the first on line 4): is a [Peer] header missing",
+            ),
+            (
+                format!(
+                    "{base}[Peer]\nPublicKey={PUBLIC}\nEndpoint=1.2.3.4:1\nEndpoint=1.2.3.4:2\n"
+                ),
+                "wg0.conf:6: Endpoint is given twice in one [Peer], on lines 5 and 6",
+            ),
+        ] {
+            let e = err(&text);
+            assert!(e.contains(expected), "expected {expected:?} in {e:?}");
+            assert!(!e.contains(PSK), "{e}");
+        }
+        // List keys add up, in any number of lines.
+        assert_eq!(
+            ok(&format!(
+                "{base}Address = 10.0.0.1/24\nAddress = 10.0.1.1/24\n"
+            ))
+            .interface
+            .addresses
+            .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn interface_values_that_clash_with_ipv6_or_tailscaled() {
+        let base = format!("[Interface]\nPrivateKey={PRIVATE}\n");
+        for (lines, expected) in [
+            (
+                "Address = 10.0.0.1/24, fd00::1/64\nMTU = 1200\n",
+                "wg0.conf:4: MTU: 1200 is below 1280, the least IPv6 allows",
+            ),
+            (
+                "FwMark = 0x10000\n",
+                "wg0.conf:3: FwMark: 0x10000 uses bits of 0xff0000, which tailscaled keeps",
+            ),
+            (
+                "FwMark = 52\n",
+                "wg0.conf:3: FwMark: 52 is also the routing table",
+            ),
+            (
+                "Table = 52\n",
+                "wg0.conf:3: Table: 52 is tailscaled's routing table",
+            ),
+        ] {
+            let e = err(&format!("{base}{lines}"));
+            assert!(e.contains(expected), "expected {expected:?} in {e:?}");
+        }
+        // Without IPv6 anywhere, a small MTU is the user's choice.
+        assert_eq!(
+            ok(&format!("{base}Address = 10.0.0.1/24\nMTU = 1200\n"))
+                .interface
+                .mtu,
+            Some(1200)
+        );
+        let ipv6_peer =
+            format!("{base}MTU = 1200\n[Peer]\nPublicKey={PUBLIC}\nAllowedIPs = fd00::/64\n");
+        assert!(err(&ipv6_peer).contains("MTU: 1200 is below 1280"));
+    }
+
+    fn warnings(text: &str) -> Vec<String> {
+        parse_bytes(text.as_bytes(), file())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .1
+    }
+
+    #[test]
+    fn allowed_ips_that_route_elsewhere_are_warned_about() {
+        let base = format!("[Interface]\nPrivateKey={PRIVATE}\n");
+        let w = warnings(&format!(
+            "{base}[Peer]\nPublicKey={PUBLIC}\nAllowedIPs = 10.0.0.0/24, 0.0.0.0/0\n\
+             [Peer]\nPublicKey={PSK}\nAllowedIPs = 10.0.0.0/24, 10.0.0.7/16, 100.100.1.0/24\n"
+        ));
+        let expected = [
+            "wg0.conf:6: AllowedIPs: 10.0.0.0/24 of this peer overlaps 10.0.0.0/24 of the peer at line 3: the kernel gives it to this (the later) peer only",
+            "wg0.conf:8: AllowedIPs: 10.0.0.7/16 has host bits set; the kernel uses 10.0.0.0/16",
+            "wg0.conf:6: AllowedIPs: 10.0.0.0/16 of this peer overlaps 10.0.0.0/24 of the peer at line 3: the more specific prefix wins",
+            "wg0.conf:6: AllowedIPs: 100.100.1.0/24 of this peer overlaps the tailnet's range 100.64.0.0/10",
+        ];
+        for e in expected {
+            assert!(w.iter().any(|w| w.contains(e)), "expected {e:?} in {w:#?}");
+        }
+        assert_eq!(w.len(), expected.len(), "{w:#?}");
+        // Default routes (an exit node) overlap everything on purpose.
+        assert!(warnings(&seed_example()).is_empty());
     }
 
     #[test]

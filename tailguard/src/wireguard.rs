@@ -27,6 +27,7 @@ use crate::{
 /// Where userspace implementations put their UAPI sockets.
 pub const UAPI_DIR: &str = "/var/run/wireguard";
 
+// debug-ok: names and messages only, no key.
 #[derive(Debug, thiserror::Error)]
 pub enum WireGuardError {
     #[error(transparent)]
@@ -64,7 +65,7 @@ impl WgDevice {
             Some(kind) if kind == "wireguard" => {
                 return Self::found(nl, name, Backend::Kernel).await;
             }
-            Some(_) if uapi_socket(name).exists() => {
+            Some(_) if is_userspace_device(name) => {
                 return Self::found(nl, name, Backend::Userspace).await;
             }
             Some(kind) => {
@@ -197,6 +198,7 @@ impl WgDevice {
     fn interface_name(&self) -> Result<InterfaceName> {
         self.name
             .parse()
+            // debug-ok: an interface-name parse error, no key.
             .map_err(|e| self.configure_error(format!("{e:?}")))
     }
 
@@ -228,6 +230,11 @@ impl WgDevice {
     }
 }
 
+/// Whether `name` is a userspace WireGuard's device: its UAPI socket is there.
+pub fn is_userspace_device(name: &str) -> bool {
+    uapi_socket(name).exists()
+}
+
 fn uapi_socket(name: &str) -> PathBuf {
     Path::new(UAPI_DIR).join(format!("{name}.sock"))
 }
@@ -245,6 +252,10 @@ async fn start_userspace(name: &str, program: &str) -> Result<Child> {
         .args(["-f", name])
         // wireguard-go: log level; and no warning box about the kernel module.
         .env("LOG_LEVEL", "error")
+        // A group of its own: a signal for ours (Ctrl-C at a terminal, a
+        // SIGHUP to the group) is ours to act on; the device goes when our
+        // teardown deletes it, in order.
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

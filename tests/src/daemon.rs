@@ -51,7 +51,6 @@ impl Daemon {
         dir: &ConfigDir,
         env: &[(&str, &str)],
     ) -> Self {
-        crate::ensure_bpffs();
         let daemon = tailguard_bin();
         let mut cmd = match wrapper.split_first() {
             Some((program, args)) => {
@@ -61,13 +60,16 @@ impl Daemon {
             }
             None => Command::new(daemon),
         };
-        cmd.arg("run")
-            .env("WG_DEVICE", &bed.device)
-            .env("WG_CONFIG_DIR", &dir.0)
-            .env("TG_RESOLV_CONF", dir.0.join("resolv.conf"))
-            .env("TG_BPF_DIR", dir.bpf_dir())
-            .envs(env.iter().copied());
+        run_args(&mut cmd, bed, dir, env);
         Self::spawn(cmd)
+    }
+
+    /// The command [`Daemon::start`] runs, for a test that wants its own
+    /// standard streams.
+    pub fn command(bed: &Testbed, dir: &ConfigDir, env: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new(tailguard_bin());
+        run_args(&mut cmd, bed, dir, env);
+        cmd
     }
 
     /// [`Daemon::start`] with the Tailscale stand-in as its tailscaled: its
@@ -134,6 +136,16 @@ impl Daemon {
         self.child.id()
     }
 
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
+    /// The exit status, if the daemon has ended.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     /// The log so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
@@ -190,6 +202,19 @@ impl Daemon {
         }
         self.log()
     }
+}
+
+/// `run` for a testbed's WireGuard device and configuration, with a
+/// resolver file (never the host's) and a pinning directory of the test's
+/// own, and `env` on top.
+fn run_args(cmd: &mut Command, bed: &Testbed, dir: &ConfigDir, env: &[(&str, &str)]) {
+    crate::ensure_bpffs();
+    cmd.arg("run")
+        .env("WG_DEVICE", &bed.device)
+        .env("WG_CONFIG_DIR", &dir.0)
+        .env("TG_RESOLV_CONF", dir.0.join("resolv.conf"))
+        .env("TG_BPF_DIR", dir.bpf_dir())
+        .envs(env.iter().copied());
 }
 
 /// `tailguard <args>` in the calling thread's namespace, with `env` on top.

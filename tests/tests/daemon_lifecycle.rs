@@ -95,7 +95,7 @@ fn a_device_that_is_not_wireguard_is_refused_and_nothing_is_left() {
         assert!(!status.success(), "{log}");
         assert!(
             log.contains(&format!(
-                "{} exists but is a tun device, not WireGuard",
+                "{} exists and is a tun device, not WireGuard",
                 bed.device
             )),
             "{log}"

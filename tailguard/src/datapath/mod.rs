@@ -12,7 +12,7 @@ pub mod pin;
 pub use attach::{AttachMode, Backend};
 pub use counters::{Counters, Outcomes};
 pub use maps::Routes;
-pub use object::{LinkLayer, LoadOptions, Program};
+pub use object::{LinkLayer, LoadOptions, Program, nat_table_bytes};
 
 use std::collections::BTreeMap;
 

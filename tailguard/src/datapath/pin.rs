@@ -39,9 +39,15 @@ pub fn prepare(dir: &Path, entries: u32) -> io::Result<PathBuf> {
         .map_err(|e| io::Error::other(format!("mounting bpffs on {BPFFS}: {e}")))?;
         info!(path = BPFFS, "mounted bpffs for pinned connection state");
     }
+    // Nothing is made, and nothing removed, outside a bpffs: a mistyped
+    // TG_BPF_DIR must not turn into files in /etc.
+    let existing = dir.ancestors().find(|a| a.exists()).unwrap_or(dir);
+    if !is_bpffs(existing) {
+        return Err(not_bpffs(dir));
+    }
     std::fs::create_dir_all(dir)
         .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
-    let pin = dir.join("NAT");
+    let pin = dir.join(NAT_PIN);
     if pin.exists() && !compatible(&pin, entries) {
         warn!(
             pin = %pin.display(),
@@ -52,16 +58,44 @@ pub fn prepare(dir: &Path, entries: u32) -> io::Result<PathBuf> {
     Ok(pin)
 }
 
-/// Removes the pinned state of one TailGuard (`tailguard cleanup`).
+/// The pins TailGuard makes in its directory; nothing else there is ours.
+const NAT_PIN: &str = "NAT";
+const OUR_PINS: [&str; 1] = [NAT_PIN];
+
+fn not_bpffs(dir: &Path) -> io::Error {
+    io::Error::other(format!(
+        "TG_BPF_DIR: {} is not on a bpffs; TailGuard keeps its pins only there, and \
+         touches nothing elsewhere",
+        dir.display()
+    ))
+}
+
+/// Removes the pinned state of one TailGuard (`tailguard cleanup`): only
+/// the pins named as ours, only on a bpffs, and the directory if that
+/// leaves it empty. `Ok(false)`: there was none.
 pub fn remove(dir: &Path) -> io::Result<bool> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(io::Error::new(
-            e.kind(),
-            format!("removing {}: {e}", dir.display()),
-        )),
+    if !dir.exists() {
+        return Ok(false);
     }
+    if !is_bpffs(dir) {
+        return Err(not_bpffs(dir));
+    }
+    let mut removed = false;
+    for name in OUR_PINS {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => removed = true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("removing {}: {e}", dir.join(name).display()),
+                ));
+            }
+        }
+    }
+    // Left in place when something else lives there.
+    let _ = std::fs::remove_dir(dir);
+    Ok(removed)
 }
 
 /// A bpffs is mounted at `path`.
@@ -97,7 +131,7 @@ pub fn occupancy(dir: &Path) -> io::Result<Option<Occupancy>> {
     use aya::maps::{HashMap, Map};
     use tailguard_common::nat::timeout_ns;
 
-    let pin = dir.join("NAT");
+    let pin = dir.join(NAT_PIN);
     if !pin.exists() {
         return Ok(None);
     }

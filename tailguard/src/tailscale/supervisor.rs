@@ -37,6 +37,8 @@ pub struct TailscaleState {
     pub v6: Option<Ipv6Addr>,
     /// `Ok` once Running, with addresses, online; else why not.
     pub ready: Result<(), String>,
+    /// The node's MagicDNS name (`Self.DNSName`), once known.
+    pub dns_name: Option<String>,
 }
 
 impl Default for TailscaleState {
@@ -45,6 +47,7 @@ impl Default for TailscaleState {
             v4: None,
             v6: None,
             ready: Err("tailscaled has not answered yet".into()),
+            dns_name: None,
         }
     }
 }
@@ -129,6 +132,7 @@ impl Supervisor {
     }
 
     fn spawn(&self) -> Result<Child, String> {
+        crate::fault::point("spawning-tailscaled");
         let s = &self.settings;
         let mut cmd = Command::new(&s.ts_tailscaled);
         cmd.arg(format!("--tun={}", s.ts_device))
@@ -136,6 +140,10 @@ impl Supervisor {
             .arg(format!("--statedir={}", s.ts_state_dir.display()))
             .arg(format!("--socket={}", s.ts_socket.display()))
             .args(&s.ts_tailscaled_extra_args)
+            // A group of its own: a signal for ours (Ctrl-C at a terminal, a
+            // SIGHUP to the group) is ours to act on; tailscaled stops when
+            // the supervisor stops it, in the teardown's order.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -205,6 +213,7 @@ impl Supervisor {
                         self.publish(
                             Err(format!("tailscaled does not answer: {e}")),
                             (None, None),
+                            None,
                         );
                     }
                 }
@@ -278,11 +287,26 @@ impl Supervisor {
                 Err(e) => warn!("{e}"),
             }
         }
-        self.publish(ready, status.own_addresses());
+        let dns_name = status.self_node.as_ref().map(|n| n.dns_name.clone());
+        self.publish(
+            ready,
+            status.own_addresses(),
+            dns_name.filter(|n| !n.is_empty()),
+        );
     }
 
-    fn publish(&self, ready: Result<(), String>, (v4, v6): (Option<Ipv4Addr>, Option<Ipv6Addr>)) {
-        let new = TailscaleState { v4, v6, ready };
+    fn publish(
+        &self,
+        ready: Result<(), String>,
+        (v4, v6): (Option<Ipv4Addr>, Option<Ipv6Addr>),
+        dns_name: Option<String>,
+    ) {
+        let new = TailscaleState {
+            v4,
+            v6,
+            ready,
+            dns_name,
+        };
         self.state.send_if_modified(|old| {
             if *old == new {
                 return false;

@@ -169,6 +169,10 @@ async fn main() {
         .iter()
         .map(|a| a.parse().expect("STANDIN_ADDRESSES holds addresses"))
         .collect();
+    // Listening first, as tailscaled does: a stop while the device is being
+    // made still removes it.
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    let mut int = signal(SignalKind::interrupt()).expect("signal handler");
     let mut wireguard = create_device(&args.tun);
     let standin = Arc::new(StandIn::new(State {
         starting_until_routed: true,
@@ -187,8 +191,6 @@ async fn main() {
         args.socket.display()
     );
 
-    let mut term = signal(SignalKind::terminate()).expect("signal handler");
-    let mut int = signal(SignalKind::interrupt()).expect("signal handler");
     let mut undo = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
