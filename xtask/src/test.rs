@@ -93,8 +93,8 @@ pub fn run() -> Result<()> {
             ]),
         )
     })?;
-    // Long enough to find again what a longer `cargo xtask fuzz` found
-    // (the regression inputs run first), short enough for CI.
+    // Every input that once failed runs first; a short run after it keeps
+    // the stage (the instrumented build is most of it) within CI's budget.
     stage("fuzz targets (short runs)", || {
         fuzz::run(FUZZ_SECONDS_IN_TEST, None)
     })?;
