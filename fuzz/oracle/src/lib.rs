@@ -77,7 +77,7 @@ pub fn leak(
         .find_map(|((value, stand_in), shown)| {
             let repeated = shown_in(&masked_outputs, stand_in)
                 .or_else(|| shown_in(&masked_outputs, &compact(stand_in)));
-            Some((value.to_string(), shown.and(repeated)?))
+            Some((value.to_string(), repeated.and(shown)?))
         })
 }
 
