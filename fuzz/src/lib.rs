@@ -3,7 +3,7 @@
 
 use std::{path::Path, sync::OnceLock};
 
-use tailguard_fuzz_oracle::{Flag, assert_no_leak, settings_arg};
+use tailguard_fuzz_oracle::{Flag, Input, assert_no_leak, settings_arg};
 
 /// The wg-quick parser on `data`, as it reads a file.
 pub fn wgconf(data: &[u8]) {
@@ -11,16 +11,19 @@ pub fn wgconf(data: &[u8]) {
         Err(error) => vec![error.to_string(), format!("{error:?}")],
         Ok((_, warnings)) => warnings,
     };
-    assert_no_leak(&String::from_utf8_lossy(data), &run(data), |text| {
-        run(text.as_bytes())
-    });
+    assert_no_leak(
+        &String::from_utf8_lossy(data),
+        Input::WgQuick,
+        &run(data),
+        |text| run(text.as_bytes()),
+    );
 }
 
 /// The settings parser on an argument list made of `data`'s lines (see
 /// [`settings_arg`]); its warnings include `TS_EXTRA_ARGS`' own.
 pub fn settings(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    assert_no_leak(&text, &settings_run(&text), settings_run);
+    assert_no_leak(&text, Input::Args, &settings_run(&text), settings_run);
 }
 
 /// What the settings parser says about the arguments made of `text`.
@@ -63,5 +66,5 @@ fn settings_flags() -> &'static [Flag] {
 pub fn extra_args(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let run = |text: &str| tailguard::tailscale::prefs::parse_extra_args(text).1;
-    assert_no_leak(&text, &run(&text), run);
+    assert_no_leak(&text, Input::Args, &run(&text), run);
 }

@@ -29,11 +29,25 @@ const KEY_BASE64: GeneralPurpose = GeneralPurpose::new(
         .with_decode_allow_trailing_bits(true),
 );
 
+/// What an input is: which names have secret values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// A wg-quick file: `PrivateKey`, `PresharedKey`.
+    WgQuick,
+    /// Arguments or settings: the auth key flags and `TS_AUTHKEY`.
+    Args,
+}
+
 /// Panics (a crash for libFuzzer) when `outputs`, what the parser said
 /// about `input` (its errors and warnings), show one of the input's
 /// secrets (see [`leak`]; `rerun` is the same parser).
-pub fn assert_no_leak(input: &str, outputs: &[String], rerun: impl Fn(&str) -> Vec<String>) {
-    if let Some((secret, output)) = leak(input, outputs, rerun) {
+pub fn assert_no_leak(
+    input: &str,
+    kind: Input,
+    outputs: &[String],
+    rerun: impl Fn(&str) -> Vec<String>,
+) {
+    if let Some((secret, output)) = leak(input, kind, outputs, rerun) {
         panic!("secret {secret:?} leaked in: {output}");
     }
 }
@@ -44,14 +58,16 @@ pub fn assert_no_leak(input: &str, outputs: &[String], rerun: impl Fn(&str) -> V
 ///   as base64 of exactly 32 bytes, except a `PublicKey`'s value (fine to
 ///   show) where it appears nowhere else;
 /// - every token that starts with `tskey-`;
-/// - the value of each `PrivateKey`/`PresharedKey` line and of each
-///   `--authkey`/`--auth-key`/`--ts-authkey`/`TS_AUTHKEY` argument, given
-///   with `=` or after a space. Such a value leaks when a message repeats
+/// - in a wg-quick file, the value of each `PrivateKey`/`PresharedKey`
+///   line; in arguments, the value of each `--authkey`/`--auth-key`/
+///   `--ts-authkey`/`TS_AUTHKEY` argument; given with `=` (or `:`) or
+///   after a space. Such a value leaks when a message repeats
 ///   it, not when a message's own words happen to be the same (`PrivateKey
 ///   [Interface]`): the messages for the input with the values replaced by
 ///   stand-ins must show the stand-ins too.
 pub fn leak(
     input: &str,
+    kind: Input,
     outputs: &[String],
     rerun: impl Fn(&str) -> Vec<String>,
 ) -> Option<(String, String)> {
@@ -60,7 +76,7 @@ pub fn leak(
             return Some((token.to_string(), output));
         }
     }
-    let values = secret_values(input);
+    let values = secret_values(input, kind);
     let shown: Vec<Option<String>> = values
         .iter()
         .map(|value| shown_in(outputs, value).or_else(|| shown_in(outputs, &compact(value))))
@@ -98,17 +114,20 @@ fn key_tokens(input: &str) -> Vec<&str> {
 }
 
 /// The values of secret names in `input` (slices of it).
-fn secret_values(input: &str) -> Vec<&str> {
+fn secret_values(input: &str, kind: Input) -> Vec<&str> {
     let mut values = Vec::new();
+    let names: &[&str] = match kind {
+        Input::WgQuick => &KEY_NAMES,
+        Input::Args => &AUTH_KEY_NAMES,
+    };
     for line in input.split('\n') {
-        values.extend(line_values(line));
+        values.extend(line_values(line, names));
     }
-    let words: Vec<&str> = input
-        .split(|c: char| c.is_whitespace() || is_quote(c))
-        .filter(|w| !w.is_empty())
-        .collect();
-    for (i, word) in words.iter().enumerate() {
-        values.extend(arg_value(word, words.get(i + 1).copied()));
+    if kind == Input::Args {
+        let words: Vec<&str> = input.split_whitespace().collect();
+        for (i, word) in words.iter().enumerate() {
+            values.extend(arg_value(word, words.get(i + 1).copied()));
+        }
     }
     values
         .into_iter()
@@ -201,22 +220,18 @@ fn compact_lower(text: &str) -> String {
 /// The value of a line that starts with a secret's name (white space
 /// inside the name ignored, as `wg` does): after its
 /// first `=`, or after its first white space, with and without a comment.
-fn line_values(line: &str) -> Vec<&str> {
-    let compact = compact_lower(line);
-    if !KEY_NAMES
-        .iter()
-        .chain(&AUTH_KEY_NAMES)
-        .any(|name| compact.starts_with(name))
-    {
-        return Vec::new();
-    }
+fn line_values<'a>(line: &'a str, names: &[&str]) -> Vec<&'a str> {
     let trimmed = line.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
+    let is_secret_name = |name: &str| names.contains(&compact_lower(name).as_str());
     let mut values = Vec::new();
     let splits = [
-        trimmed.split_once('='),
+        trimmed.split_once(['=', ':']),
         trimmed.split_once(char::is_whitespace),
     ];
-    for (_, value) in splits.into_iter().flatten() {
+    for (name, value) in splits.into_iter().flatten() {
+        if !is_secret_name(name) {
+            continue;
+        }
         values.push(value);
         if let Some((before_comment, _)) = value.split_once('#') {
             values.push(before_comment);
@@ -229,7 +244,8 @@ fn line_values(line: &str) -> Vec<&str> {
 /// word for `--name value`. An argument's value may itself be an argument
 /// (`TS_EXTRA_ARGS=--authkey`).
 fn arg_value<'a>(word: &'a str, next: Option<&'a str>) -> Option<&'a str> {
-    let mut word = word;
+    let unquote = |text: &'a str| text.trim_matches(is_quote);
+    let mut word = unquote(word);
     loop {
         let bare = word.trim_start_matches('-');
         let (name, value) = match bare.split_once('=') {
@@ -237,9 +253,9 @@ fn arg_value<'a>(word: &'a str, next: Option<&'a str>) -> Option<&'a str> {
             None => (bare, None),
         };
         if AUTH_KEY_NAMES.contains(&name.to_ascii_lowercase().as_str()) {
-            return value.or(next.filter(|n| !n.starts_with('-')));
+            return value.or(next.map(unquote).filter(|n| !n.starts_with('-')));
         }
-        word = value?;
+        word = unquote(value?);
     }
 }
 
@@ -299,16 +315,22 @@ mod tests {
     const PRIVATE: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
     const PUBLIC: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
 
+    /// Arguments when `input` looks like them.
+    fn kind_of(input: &str) -> Input {
+        let args = ["-", "TS_", "ts-"].iter().any(|p| input.starts_with(p));
+        if args { Input::Args } else { Input::WgQuick }
+    }
+
     /// The secret found when every run says `output`.
     fn fixed(input: &str, output: &str) -> Option<String> {
         let run = |_: &str| vec![output.to_string()];
-        leak(input, &run(input), run).map(|(secret, _)| secret)
+        leak(input, kind_of(input), &run(input), run).map(|(secret, _)| secret)
     }
 
     /// The secret found when every run repeats its input as `show` makes it.
     fn echo(input: &str, show: impl Fn(&str) -> String) -> Option<String> {
         let run = |text: &str| vec![format!("found {}", show(text))];
-        leak(input, &run(input), run).map(|(secret, _)| secret)
+        leak(input, kind_of(input), &run(input), run).map(|(secret, _)| secret)
     }
 
     #[test]
@@ -319,8 +341,8 @@ mod tests {
             let key = text.lines().nth(1).unwrap().split('=').next().unwrap();
             vec![format!("wg0.conf:2: unknown key {key} in [Interface]")]
         };
-        let (secret, message) =
-            leak(&input, &old_parser(&input), old_parser).expect("the issue's leak");
+        let (secret, message) = leak(&input, Input::WgQuick, &old_parser(&input), old_parser)
+            .expect("the issue's leak");
         assert_eq!(secret, PRIVATE.trim_end_matches('='));
         assert!(message.starts_with("wg0.conf:2: unknown key PrivateKey yAnz"));
         let redacted = "wg0.conf:2: unknown key PrivateKey <redacted> in [Interface]";
