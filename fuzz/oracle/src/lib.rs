@@ -11,10 +11,17 @@ use base64::{
 /// wg-quick's keys whose value is a secret, in lower case.
 const KEY_NAMES: [&str; 2] = ["privatekey", "presharedkey"];
 
-/// Arguments whose value is an auth key: `tailscale up`'s flags and
-/// TailGuard's own `TS_AUTHKEY` (as a flag and as a variable), in lower case
-/// and without leading dashes.
-const AUTH_KEY_NAMES: [&str; 4] = ["authkey", "auth-key", "ts-authkey", "ts_authkey"];
+/// Whether `name` is an argument whose value is an auth key: `tailscale
+/// up`'s flags (`--authkey`, `--auth-key`) and TailGuard's own
+/// `TS_AUTHKEY`, as a flag or as a variable.
+fn is_auth_key_name(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    match lower.trim_start_matches('-') {
+        "ts-authkey" | "ts_authkey" => true,
+        "authkey" | "auth-key" => lower.starts_with('-'),
+        _ => false,
+    }
+}
 
 /// Shorter values of secret names are not looked for: their stand-ins could
 /// turn up by chance.
@@ -116,12 +123,13 @@ fn key_tokens(input: &str) -> Vec<&str> {
 /// The values of secret names in `input` (slices of it).
 fn secret_values(input: &str, kind: Input) -> Vec<&str> {
     let mut values = Vec::new();
-    let names: &[&str] = match kind {
-        Input::WgQuick => &KEY_NAMES,
-        Input::Args => &AUTH_KEY_NAMES,
+    let is_key_name = |name: &str| KEY_NAMES.contains(&compact_lower(name).as_str());
+    let is_secret_name: &dyn Fn(&str) -> bool = match kind {
+        Input::WgQuick => &is_key_name,
+        Input::Args => &|name: &str| is_auth_key_name(name.trim()),
     };
     for line in input.split('\n') {
-        values.extend(line_values(line, names));
+        values.extend(line_values(line, is_secret_name));
     }
     if kind == Input::Args {
         let words: Vec<&str> = input.split_whitespace().collect();
@@ -162,12 +170,9 @@ fn stand_in(input: &str, values: &[&str], tokens: &[&str]) -> (String, Vec<Strin
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
     let offset = |part: &str| part.as_ptr() as usize - input.as_ptr() as usize;
-    let letter = |at: usize, c: char| {
-        let structure =
-            c.is_whitespace() || matches!(c, '=' | ',' | '#' | '[' | ']') || is_quote(c);
-        if structure {
-            return c;
-        }
+    let is_structure =
+        |c: char| c.is_whitespace() || matches!(c, '=' | ',' | '#' | '[' | ']') || is_quote(c);
+    let letter = |at: usize| {
         let mut z = seed.wrapping_add((at as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -187,16 +192,20 @@ fn stand_in(input: &str, values: &[&str], tokens: &[&str]) -> (String, Vec<Strin
             masked[end - 1] = false;
         }
     }
-    let text: String = input
-        .char_indices()
-        .map(|(at, c)| if masked[at] { letter(at, c) } else { c })
-        .collect();
+    // A letter per byte, so that every value keeps its place.
+    let mut text = String::with_capacity(input.len());
+    for (at, c) in input.char_indices() {
+        if masked[at] && !is_structure(c) {
+            text.extend((at..at + c.len_utf8()).map(letter));
+        } else {
+            text.push(c);
+        }
+    }
     let stand_ins = values
         .iter()
         .map(|value| {
             let start = offset(value);
-            text.get(start..start + value.len())
-                .map_or_else(|| value.to_string(), str::to_string)
+            text[start..start + value.len()].to_string()
         })
         .collect();
     (text, stand_ins)
@@ -228,9 +237,8 @@ fn compact_lower(text: &str) -> String {
 /// The value of a line that starts with a secret's name (white space
 /// inside the name ignored, as `wg` does): after its
 /// first `=`, or after its first white space, with and without a comment.
-fn line_values<'a>(line: &'a str, names: &[&str]) -> Vec<&'a str> {
+fn line_values<'a>(line: &'a str, is_secret_name: &dyn Fn(&str) -> bool) -> Vec<&'a str> {
     let trimmed = line.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
-    let is_secret_name = |name: &str| names.contains(&compact_lower(name).as_str());
     let mut values = Vec::new();
     let splits = [
         trimmed.split_once(['=', ':']),
@@ -255,12 +263,11 @@ fn arg_value<'a>(word: &'a str, next: Option<&'a str>) -> Option<&'a str> {
     let unquote = |text: &'a str| text.trim_matches(is_quote);
     let mut word = unquote(word);
     loop {
-        let bare = word.trim_start_matches('-');
-        let (name, value) = match bare.split_once('=') {
+        let (name, value) = match word.split_once('=') {
             Some((name, value)) => (name, Some(value)),
-            None => (bare, None),
+            None => (word, None),
         };
-        if AUTH_KEY_NAMES.contains(&name.to_ascii_lowercase().as_str()) {
+        if is_auth_key_name(name) {
             return value.or(next.map(unquote).filter(|n| !n.starts_with('-')));
         }
         word = unquote(value?);
