@@ -64,7 +64,7 @@ pub fn assert_no_leak(
 /// - every token (split at white space, `=`, `,`, quotes, `#`) that decodes
 ///   as base64 of exactly 32 bytes, except a `PublicKey`'s value (fine to
 ///   show) where it appears nowhere else;
-/// - every token that starts with `tskey-`;
+/// - every token that starts with `tskey-` (and goes on for 8 characters);
 /// - in a wg-quick file, the value of each `PrivateKey`/`PresharedKey`
 ///   line; in arguments, the value of each `--authkey`/`--auth-key`/
 ///   `--ts-authkey`/`TS_AUTHKEY` argument; given with `=` (or `:`) or
@@ -114,7 +114,9 @@ fn key_tokens(input: &str) -> Vec<&str> {
                 .decode(token)
                 .is_ok_and(|bytes| bytes.len() == 32)
                 && public.contains(token);
-            let is_auth_key = token.len() > "tskey-".len() && token.starts_with("tskey-");
+            // Shorter ones would have stand-ins that match by chance.
+            let is_auth_key =
+                token.len() >= "tskey-".len() + MIN_VALUE_LEN && token.starts_with("tskey-");
             is_key || is_auth_key
         })
         .collect()
@@ -375,15 +377,20 @@ mod tests {
         ] {
             assert!(echo(&input, str::to_string).is_some(), "{input}");
         }
-        let escaped = echo("--hostname=tskey-a\\b", |text| format!("{text:?}"));
-        assert_eq!(escaped.as_deref(), Some("tskey-a\\b"), "as {{:?}} shows it");
+        let escaped = echo("--hostname=tskey-auth-k12\\b", |text| format!("{text:?}"));
+        assert_eq!(
+            escaped.as_deref(),
+            Some("tskey-auth-k12\\b"),
+            "as {{:?}} shows it"
+        );
         assert_eq!(echo("tskey-", str::to_string), None, "a prefix alone");
+        assert_eq!(echo("tskey-a", str::to_string), None, "too short to tell");
         assert_eq!(echo("c2hvcnQ=", str::to_string), None, "8 bytes are no key");
         // Shown by a message that names something else.
         let bad = format!("--x{PRIVATE} {PRIVATE}");
         let first_word = |text: &str| text.split(' ').next().unwrap().to_string();
         assert_eq!(echo(&bad, first_word), None);
-        assert_eq!(echo("--ttskey-aes tskey-aes", first_word), None);
+        assert_eq!(echo("--ttskey-aes1234 tskey-aes1234", first_word), None);
     }
 
     #[test]
