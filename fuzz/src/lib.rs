@@ -23,7 +23,7 @@ pub fn wgconf(data: &[u8]) {
 /// [`settings_arg`]); its warnings include `TS_EXTRA_ARGS`' own.
 pub fn settings(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    assert_no_leak(&text, Input::Args, &settings_run(&text), settings_run);
+    assert_no_leak(&text, Input::Settings, &settings_run(&text), settings_run);
 }
 
 /// What the settings parser says about the arguments made of `text`.

@@ -41,7 +41,10 @@ const KEY_BASE64: GeneralPurpose = GeneralPurpose::new(
 pub enum Input {
     /// A wg-quick file: `PrivateKey`, `PresharedKey`.
     WgQuick,
-    /// Arguments or settings: the auth key flags and `TS_AUTHKEY`.
+    /// Settings, one a line (`TS_AUTHKEY=...`, `--ts-authkey=...`), with
+    /// `TS_EXTRA_ARGS`' own arguments in its value.
+    Settings,
+    /// Arguments split at white space (`TS_EXTRA_ARGS`): the auth key flags.
     Args,
 }
 
@@ -122,22 +125,37 @@ fn key_tokens(input: &str) -> Vec<&str> {
         .collect()
 }
 
+/// The values of auth key arguments in `text`, split at white space.
+fn arg_values<'a>(text: &'a str, values: &mut Vec<&'a str>) {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    for (i, word) in words.iter().enumerate() {
+        values.extend(arg_value(word, words.get(i + 1).copied()));
+    }
+}
+
 /// The values of secret names in `input` (slices of it).
 fn secret_values(input: &str, kind: Input) -> Vec<&str> {
     let mut values = Vec::new();
     let is_key_name = |name: &str| KEY_NAMES.contains(&compact_lower(name).as_str());
-    let is_secret_name: &dyn Fn(&str) -> bool = match kind {
-        Input::WgQuick => &is_key_name,
-        Input::Args => &|name: &str| is_auth_key_name(name.trim()),
-    };
+    let is_auth_name = |name: &str| is_auth_key_name(name.trim());
     for line in input.split('\n') {
-        values.extend(line_values(line, is_secret_name));
+        match kind {
+            Input::WgQuick => values.extend(line_values(line, &is_key_name)),
+            Input::Settings => {
+                values.extend(line_values(line, &is_auth_name));
+                let is_extra_args = |name: &str| {
+                    let name = name.trim().trim_start_matches('-').to_ascii_lowercase();
+                    name == "ts-extra-args" || name == "ts_extra_args"
+                };
+                for value in line_values(line, &is_extra_args) {
+                    arg_values(value, &mut values);
+                }
+            }
+            Input::Args => {}
+        }
     }
     if kind == Input::Args {
-        let words: Vec<&str> = input.split_whitespace().collect();
-        for (i, word) in words.iter().enumerate() {
-            values.extend(arg_value(word, words.get(i + 1).copied()));
-        }
+        arg_values(input, &mut values);
     }
     values
         .into_iter()
@@ -332,10 +350,15 @@ mod tests {
     const PRIVATE: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
     const PUBLIC: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
 
-    /// Arguments when `input` looks like them.
+    /// Settings or arguments when `input` looks like them.
     fn kind_of(input: &str) -> Input {
-        let args = ["-", "TS_", "ts-"].iter().any(|p| input.starts_with(p));
-        if args { Input::Args } else { Input::WgQuick }
+        if ["TS_", "ts-"].iter().any(|p| input.starts_with(p)) {
+            Input::Settings
+        } else if input.starts_with('-') {
+            Input::Args
+        } else {
+            Input::WgQuick
+        }
     }
 
     /// The secret found when every run says `output`.
