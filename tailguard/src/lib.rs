@@ -23,5 +23,6 @@ pub mod sysctls;
 pub mod tailscale;
 pub mod wg_setup;
 pub mod wgconf;
+pub mod wgconf_render;
 pub mod wgpair;
 pub mod wireguard;

@@ -3,6 +3,7 @@ mod bench;
 mod build_ebpf;
 mod command;
 mod demo;
+mod fuzz;
 mod image;
 mod run;
 mod setup;
@@ -21,7 +22,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Bring this machine to a working build and test environment (as root):
-    /// Debian packages, the pinned Rust toolchains, bpf-linker. Idempotent.
+    /// Debian packages, the pinned Rust toolchains, bpf-linker, cargo-fuzz.
+    /// Idempotent.
     Setup {
         /// Only the Rust toolchains and bpf-linker: what building needs
         /// (the container image's build stage).
@@ -51,9 +53,20 @@ enum Task {
     /// tailscaled (`tailguard:smoke`), on this machine's Docker engine or
     /// one started for the task, from locally made bases.
     Image,
-    /// Setup, formatting and lint checks, then every test: unit tests,
-    /// BPF_PROG_TEST_RUN tests and the privileged namespace tests (as root).
+    /// Setup, formatting and lint checks, then every test: unit tests, a
+    /// short run of each fuzz target, BPF_PROG_TEST_RUN tests and the
+    /// privileged namespace tests (as root).
     Test,
+    /// The fuzz targets (the wg-quick, settings and TS_EXTRA_ARGS parsers),
+    /// each for a while: fails on a panic or a secret shown in a message.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(fuzz::TARGETS))]
+        target: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -71,5 +84,6 @@ fn main() -> Result<()> {
         Task::Bench => bench::run(),
         Task::Test => test::run(),
         Task::Image => image::run(),
+        Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
     }
 }

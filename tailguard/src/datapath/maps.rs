@@ -63,49 +63,76 @@ pub(super) fn read_config(ebpf: &Ebpf) -> Result<Config, Error> {
     map.get(&0, 0).map_err(map_error(CONFIG))
 }
 
-/// Makes the route tries hold exactly `routes`: adds and changes entries
-/// first and removes stale ones after, so a destination that stays routed
-/// never disappears in between.
+/// Makes the route tries hold exactly `routes`.
 pub(super) fn sync_routes(ebpf: &mut Ebpf, routes: &Routes) -> Result<(), Error> {
-    let v4 = routes.iter().filter_map(|(net, route)| match net {
-        IpNet::V4(net) => Some((
-            Key::new(u32::from(net.prefix_len()), net.network().octets()),
-            *route,
-        )),
-        IpNet::V6(_) => None,
-    });
-    sync_trie(ebpf, ROUTES_V4, v4.collect())?;
-    let v6 = routes.iter().filter_map(|(net, route)| match net {
-        IpNet::V6(net) => Some((
-            Key::new(u32::from(net.prefix_len()), net.network().octets()),
-            *route,
-        )),
-        IpNet::V4(_) => None,
-    });
-    sync_trie(ebpf, ROUTES_V6, v6.collect())
+    let (v4, v6) = trie_entries(routes);
+    sync_trie(ebpf, ROUTES_V4, &v4)?;
+    sync_trie(ebpf, ROUTES_V6, &v6)
+}
+
+/// A route trie's key: prefix length and network address.
+type TrieKey<const N: usize> = (u32, [u8; N]);
+
+/// `routes` as the entries of the IPv4 trie and of the IPv6 trie.
+fn trie_entries(routes: &Routes) -> (BTreeMap<TrieKey<4>, Route>, BTreeMap<TrieKey<16>, Route>) {
+    let mut v4 = BTreeMap::new();
+    let mut v6 = BTreeMap::new();
+    for (net, route) in routes {
+        match net {
+            IpNet::V4(net) => v4.insert(
+                (u32::from(net.prefix_len()), net.network().octets()),
+                *route,
+            ),
+            IpNet::V6(net) => v6.insert(
+                (u32::from(net.prefix_len()), net.network().octets()),
+                *route,
+            ),
+        };
+    }
+    (v4, v6)
+}
+
+/// What turns a trie holding the keys `present` into one holding exactly
+/// `wanted`: every wanted entry written (new and changed alike), then
+/// every present key that is not wanted removed. Applied in that order, a
+/// destination that stays routed never disappears in between.
+#[derive(Debug, PartialEq, Eq)]
+struct TrieUpdate<K, V> {
+    insert: Vec<(K, V)>,
+    remove: Vec<K>,
+}
+
+fn trie_update<K: Ord + Copy, V: Copy>(present: &[K], wanted: &BTreeMap<K, V>) -> TrieUpdate<K, V> {
+    TrieUpdate {
+        insert: wanted.iter().map(|(k, v)| (*k, *v)).collect(),
+        remove: present
+            .iter()
+            .filter(|key| !wanted.contains_key(key))
+            .copied()
+            .collect(),
+    }
 }
 
 fn sync_trie<const N: usize>(
     ebpf: &mut Ebpf,
     name: &'static str,
-    wanted: Vec<(Key<[u8; N]>, Route)>,
+    wanted: &BTreeMap<TrieKey<N>, Route>,
 ) -> Result<(), Error> {
     let mut trie: LpmTrie<_, [u8; N], Route> =
         LpmTrie::try_from(get_mut(ebpf, name)?).map_err(map_error(name))?;
-    let present: Vec<Key<[u8; N]>> = trie
+    let present: Vec<TrieKey<N>> = trie
         .keys()
+        .map(|key| key.map(|key| (key.prefix_len(), key.data())))
         .collect::<Result<_, _>>()
         .map_err(map_error(name))?;
-    for (key, route) in &wanted {
-        trie.insert(key, route, 0).map_err(map_error(name))?;
+    let update = trie_update(&present, wanted);
+    for ((len, data), route) in &update.insert {
+        trie.insert(&Key::new(*len, *data), route, 0)
+            .map_err(map_error(name))?;
     }
-    let same = |a: &Key<[u8; N]>, b: &Key<[u8; N]>| {
-        a.prefix_len() == b.prefix_len() && a.data() == b.data()
-    };
-    for key in present {
-        if !wanted.iter().any(|(w, _)| same(w, &key)) {
-            trie.remove(&key).map_err(map_error(name))?;
-        }
+    for (len, data) in &update.remove {
+        trie.remove(&Key::new(*len, *data))
+            .map_err(map_error(name))?;
     }
     Ok(())
 }
@@ -173,5 +200,103 @@ fn map_data(map: &Map) -> Option<&aya::maps::MapData> {
         | Map::LruHashMap(m)
         | Map::PerCpuArray(m) => Some(m),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fmt::Debug;
+
+    use proptest::{collection::vec, prelude::*};
+
+    use super::*;
+
+    fn route() -> impl Strategy<Value = Route> {
+        prop_oneof![Just(Route::WIREGUARD), Just(Route::TAILSCALE)]
+    }
+
+    /// A set of routes as the daemon computes them: network addresses only.
+    fn routes() -> impl Strategy<Value = Routes> {
+        let net = prop_oneof![
+            (any::<Ipv4Addr>(), 0..=32u8).prop_map(|(a, len)| Ipv4Net::new(a, len).unwrap().into()),
+            // Few distinct addresses, so that sets overlap from one update
+            // to the next.
+            (0..4u8, 0..=128u8).prop_map(|(a, len)| {
+                Ipv6Net::new(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, a.into()), len)
+                    .unwrap()
+                    .into()
+            }),
+            (0..4u8, 8..=32u8).prop_map(|(a, len)| Ipv4Net::new(Ipv4Addr::new(10, 0, 0, a), len)
+                .unwrap()
+                .into()),
+        ];
+        vec((net.prop_map(|n: IpNet| n.trunc()), route()), 0..12)
+            .prop_map(|entries| entries.into_iter().collect())
+    }
+
+    /// Applies [`trie_update`] to `trie`, a map standing in for the kernel's
+    /// LPM trie, in the order [`sync_trie`] does, checking the moment in
+    /// between.
+    fn sync_model<K: Ord + Copy + Debug>(
+        trie: &mut BTreeMap<K, Route>,
+        wanted: &BTreeMap<K, Route>,
+    ) -> Result<(), TestCaseError> {
+        let present: Vec<K> = trie.keys().copied().collect();
+        let update = trie_update(&present, wanted);
+        for (key, route) in update.insert {
+            trie.insert(key, route);
+        }
+        for (key, route) in wanted {
+            prop_assert_eq!(
+                trie.get(key),
+                Some(route),
+                "a wanted route is missing in between"
+            );
+        }
+        for key in update.remove {
+            prop_assert!(
+                trie.remove(&key).is_some(),
+                "removed a key that was not there"
+            );
+        }
+        Ok(())
+    }
+
+    /// The tries read back as routes, as [`read_routes`] does.
+    fn read_model(v4: &BTreeMap<TrieKey<4>, Route>, v6: &BTreeMap<TrieKey<16>, Route>) -> Routes {
+        let v4 = v4.iter().map(|((len, data), route)| {
+            (
+                Ipv4Net::new(Ipv4Addr::from(*data), *len as u8)
+                    .unwrap()
+                    .into(),
+                *route,
+            )
+        });
+        let v6 = v6.iter().map(|((len, data), route)| {
+            (
+                Ipv6Net::new(Ipv6Addr::from(*data), *len as u8)
+                    .unwrap()
+                    .into(),
+                *route,
+            )
+        });
+        v4.chain(v6).collect()
+    }
+
+    proptest! {
+        #[test]
+        fn the_tries_end_equal_to_each_wanted_set(
+            stale in routes(),
+            updates in vec(routes(), 1..8),
+        ) {
+            // Whatever an earlier run left in the pinned tries.
+            let (mut v4, mut v6) = trie_entries(&stale);
+            for wanted in &updates {
+                let (want_v4, want_v6) = trie_entries(wanted);
+                sync_model(&mut v4, &want_v4)?;
+                sync_model(&mut v6, &want_v6)?;
+                prop_assert_eq!(&read_model(&v4, &v6), wanted);
+            }
+        }
     }
 }
