@@ -129,7 +129,7 @@ async fn command(cli: Cli) -> Result<()> {
 /// environment's values, where a key pasted into the wrong variable (or
 /// TS_EXTRA_ARGS) must not be shown.
 fn exit_redacted(e: &clap::Error) -> ! {
-    let text = tailguard::secrets::redact(&e.render().to_string()).into_owned();
+    let text = tailguard::settings::redact_cli_message(&e.render().to_string());
     if e.use_stderr() {
         eprint!("{text}");
     } else {

@@ -161,7 +161,9 @@ fn is_wireguard_key(run: &str) -> bool {
             .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent)
             .with_decode_allow_trailing_bits(true),
     );
-    (43..=44).contains(&run.len()) && LENIENT.decode(run).is_ok_and(|b| b.len() == 32)
+    // Any amount of padding: `key==` is still the key.
+    let digits = run.trim_end_matches('=');
+    digits.len() == 43 && LENIENT.decode(digits).is_ok_and(|b| b.len() == 32)
 }
 
 #[cfg(test)]
@@ -181,6 +183,7 @@ mod tests {
             (format!("PrivateKey={KEY}"), "PrivateKey=<redacted>"),
             (format!("\"{unpadded}\""), "\"<redacted>\""),
             (format!("a,{KEY},b"), "a,<redacted>,b"),
+            (format!("[Interface {KEY}=="), "[Interface <redacted>"),
         ] {
             assert_eq!(redact(&text), expected);
         }
