@@ -46,6 +46,11 @@ pub mod flag {
     pub const SNAT_TO_WG: u32 = 1 << 7;
     /// `TG_EXPOSE_HOST=1`: new connections from ts to the host are accepted.
     pub const EXPOSE_HOST: u32 = 1 << 8;
+    /// The kernel forwards IPv4 (`net.ipv4.ip_forward=1` when the daemon
+    /// started): without it, IPv4 between the networks is not forwarded.
+    pub const FORWARD_V4: u32 = 1 << 9;
+    /// The kernel forwards IPv6 (`net.ipv6.conf.all.forwarding=1`).
+    pub const FORWARD_V6: u32 = 1 << 10;
 }
 
 impl Config {

@@ -40,10 +40,14 @@ pub enum Outcome {
     /// Dropped: bound for neither side nor the host (the uplink, the
     /// internet), which the policy does not forward.
     DropNoRoute = 12,
+    /// Handed to the kernel: bound for the other network (or another
+    /// WireGuard peer) while the user left this family's forwarding switch
+    /// off, so the kernel does what it does unforwarded (drops it).
+    KernelForwardingOff = 13,
 }
 
 impl Outcome {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::Redirected,
@@ -59,6 +63,7 @@ impl Outcome {
         Self::DropHelperFailed,
         Self::ErrorTranslated,
         Self::DropNoRoute,
+        Self::KernelForwardingOff,
     ];
 
     /// The index of (`device`, `self`) in `OUTCOMES`.
@@ -81,6 +86,7 @@ impl Outcome {
             Self::DropHelperFailed => "drop:helper-failed",
             Self::ErrorTranslated => "icmp-error-translated",
             Self::DropNoRoute => "drop:not-forwarded",
+            Self::KernelForwardingOff => "kernel:forwarding-off",
         }
     }
 }

@@ -155,16 +155,25 @@ fn route(p: &Packet) -> Option<Route> {
 
 /// Where a packet leaves through `egress` (a device role), if the fast
 /// path may send it: the device's index and MTU. Else what the kernel must
-/// do with it: the device is not there yet, the TTL would expire (the kernel
-/// answers "time exceeded"), or it is too big (the kernel fragments it or
-/// answers "too big").
+/// do with it: the user left the family's forwarding off (the kernel does
+/// not forward it either), the device is not there yet, the TTL would
+/// expire (the kernel answers "time exceeded"), or it is too big (the
+/// kernel fragments it or answers "too big").
 #[inline(always)]
 fn egress(
     cfg: &Config,
     egress: Device,
+    ipv6: bool,
     ttl: u8,
     fits: impl Fn(u32) -> bool,
 ) -> Result<(u32, u32), (i32, Outcome)> {
+    if !cfg.has(if ipv6 {
+        flag::FORWARD_V6
+    } else {
+        flag::FORWARD_V4
+    }) {
+        return Err(kernel(Outcome::KernelForwardingOff));
+    }
     let (ifindex, mtu) = match egress {
         Device::Tailscale => (cfg.ts_ifindex, u32::from(cfg.ts_mtu)),
         Device::WireGuard => (cfg.wg_ifindex, u32::from(cfg.wg_mtu)),
@@ -345,7 +354,7 @@ fn start(
     to: Device,
     now: u64,
 ) -> (i32, Outcome) {
-    let (ifindex, mtu) = match egress(cfg, to, p.ttl, |mtu| p.fits(mtu)) {
+    let (ifindex, mtu) = match egress(cfg, to, p.ipv6, p.ttl, |mtu| p.fits(mtu)) {
         Ok(device) => device,
         Err(verdict) => return verdict,
     };
@@ -359,7 +368,7 @@ fn start(
 #[inline(always)]
 fn send(ctx: &TcContext, cfg: &Config, p: &mut Packet, entry: &NatEntry) -> (i32, Outcome) {
     let to = Device::from_role(entry.egress);
-    match egress(cfg, to, p.ttl, |mtu| p.fits(mtu)) {
+    match egress(cfg, to, p.ipv6, p.ttl, |mtu| p.fits(mtu)) {
         Ok((ifindex, mtu)) => translate(ctx, p, entry, to, ifindex, mtu),
         Err(verdict) => verdict,
     }
@@ -404,7 +413,7 @@ pub fn send_error(
     entry: &NatEntry,
 ) -> (i32, Outcome) {
     let to = Device::from_role(entry.egress);
-    let (ifindex, _) = match egress(cfg, to, e.ttl, |mtu| e.len <= mtu) {
+    let (ifindex, _) = match egress(cfg, to, e.ipv6, e.ttl, |mtu| e.len <= mtu) {
         Ok(device) => device,
         Err(verdict) => return verdict,
     };

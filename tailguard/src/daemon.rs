@@ -26,7 +26,7 @@ use crate::{
     plan::Plan,
     resolver::ResolverSetup,
     settings::{DatapathMode, Settings},
-    sysctls::Sysctls,
+    sysctls::{Forwarding, Sysctls},
     tailscale::supervisor::{Supervisor, TailscaleState},
     wg_setup::WgSetup,
     wgconf::WgConfig,
@@ -67,6 +67,9 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
     )?;
     health::server::raise_open_file_limit();
     let plan = plan(settings)?;
+    // The user's, once: the daemon never turns it on (or off).
+    let forwarding = Forwarding::read().context("reading the forwarding switches")?;
+    forwarding.log();
     let nl = Netlink::connect().context("opening rtnetlink")?;
     crate::preflight::devices(&nl, settings).await?;
     let mut running = Running {
@@ -78,6 +81,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         datapath: None,
         firewall: None,
         sysctls: None,
+        forwarding,
         facts: None,
         supervisor: None,
         tasks: Vec::new(),
@@ -140,6 +144,8 @@ struct Running {
     datapath: Option<Datapath>,
     firewall: Option<Firewall>,
     sysctls: Option<Sysctls>,
+    /// The forwarding switches as found at the start.
+    forwarding: Forwarding,
     /// What the maps and the table were last made from.
     facts: Option<Facts>,
 }
@@ -161,7 +167,7 @@ impl Running {
     /// The start: the nftables table first, so that no device of ours ever
     /// carries a packet without the policy; then, in the reference's order,
     /// the uplink's UDP GRO forwarding (never fatal), WireGuard, name
-    /// resolution, and the kernel's switches (forwarding on) last.
+    /// resolution, and the fast path's reserved ports last.
     ///
     /// `shutdown` is heard between the steps and during the WireGuard
     /// bring-up, which can take long (hooks, endpoint names to resolve) and
@@ -207,7 +213,8 @@ impl Running {
         if stop_requested(shutdown) {
             return Ok(Start::Stopped);
         }
-        self.sysctls = Some(Sysctls::apply().context("setting the kernel's switches")?);
+        self.sysctls =
+            Some(Sysctls::apply().context("reserving the fast path's translation ports")?);
         Ok(Start::Done)
     }
 
@@ -395,6 +402,7 @@ impl Running {
             ts_v4: tailscale.v4,
             ts_v6: tailscale.v6,
             table52,
+            forwarding: self.forwarding,
         })
     }
 
@@ -455,7 +463,7 @@ impl Running {
     }
 
     /// Takes down everything, collecting errors instead of stopping at one:
-    /// tailscaled (and its device), the programs, forwarding off, the
+    /// tailscaled (and its device), the programs, the reserved ports, the
     /// WireGuard side, the resolver, GRO, and the nftables table last, once
     /// no device of ours is left to carry a packet.
     async fn teardown(&mut self) -> Result<()> {

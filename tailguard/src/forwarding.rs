@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use tailguard_common::{Config, Route, config::flag};
 
-use crate::{datapath::Routes, firewall::FirewallPlan, plan::Plan};
+use crate::{datapath::Routes, firewall::FirewallPlan, plan::Plan, sysctls::Forwarding};
 
 /// The tailnet's address ranges: Tailscale's CGNAT range and its ULA prefix.
 /// They always lead to the Tailscale device, whatever table 52 holds yet.
@@ -32,6 +32,8 @@ pub struct Facts {
     /// Table 52's routes out of the Tailscale device (peers, their subnets,
     /// and the exit node's default routes when one is used).
     pub table52: Vec<IpNet>,
+    /// The user's forwarding switches, as the daemon found them at its start.
+    pub forwarding: Forwarding,
 }
 
 /// The configuration entry for `facts`.
@@ -54,6 +56,8 @@ pub fn config(plan: &Plan, facts: &Facts) -> Config {
     config.set(flag::ISOLATE_PEERS, plan.forwarding.isolate_peers);
     config.set(flag::EXPOSE_HOST, plan.forwarding.expose_host);
     config.set(flag::SNAT_TO_WG, plan.forwarding.snat_to_wg);
+    config.set(flag::FORWARD_V4, facts.forwarding.ipv4);
+    config.set(flag::FORWARD_V6, facts.forwarding.ipv6);
     config
 }
 
@@ -120,6 +124,8 @@ pub fn describe(config: &Config, routes: &Routes) -> serde_json::Value {
         "isolate_peers": config.has(flag::ISOLATE_PEERS),
         "snat_to_wg": config.has(flag::SNAT_TO_WG),
         "expose_host": config.has(flag::EXPOSE_HOST),
+        "forward_v4": config.has(flag::FORWARD_V4),
+        "forward_v6": config.has(flag::FORWARD_V6),
         "routes": routes.iter().map(|(net, r)| (net.to_string(), egress(r).into())).collect::<serde_json::Map<_, _>>(),
     })
 }
@@ -176,6 +182,21 @@ mod tests {
         assert!(!config(&off, &facts).has(flag::SNAT_TO_WG));
         let on = plan(&["--ts-extra-args=--snat-subnet-routes=true"]);
         assert!(config(&on, &facts).has(flag::SNAT_TO_WG));
+    }
+
+    #[test]
+    fn each_familys_forwarding_is_the_users_switch() {
+        let with = |ipv4, ipv6| {
+            let facts = Facts {
+                forwarding: Forwarding { ipv4, ipv6 },
+                ..Facts::default()
+            };
+            let c = config(&plan(&[]), &facts);
+            (c.has(flag::FORWARD_V4), c.has(flag::FORWARD_V6))
+        };
+        for (ipv4, ipv6) in [(false, false), (true, false), (false, true), (true, true)] {
+            assert_eq!(with(ipv4, ipv6), (ipv4, ipv6));
+        }
     }
 
     #[test]

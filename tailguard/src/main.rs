@@ -224,6 +224,9 @@ async fn check(settings: &Settings) -> Result<()> {
     let nl = tailguard::netlink::Netlink::connect().context("opening rtnetlink")?;
     tailguard::preflight::devices(&nl, settings).await?;
     print!("{plan}");
+    let forwarding =
+        tailguard::sysctls::Forwarding::read().context("reading the forwarding switches")?;
+    print!("{forwarding}");
     Ok(())
 }
 

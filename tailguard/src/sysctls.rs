@@ -1,63 +1,151 @@
-//! The kernel switches TailGuard needs while it runs, back to what they were
-//! afterwards:
-//! - IP forwarding, both families: the netfilter datapath forwards through
-//!   the kernel, and so does every packet the eBPF fast path hands over;
-//! - the fast path's translation ports reserved (`ip_local_reserved_ports`),
-//!   so the host never binds one of them itself, even with a widened
-//!   ephemeral range: a port the fast path hands out is never also the
-//!   host's own on the same address.
+//! The kernel's switches as TailGuard finds and leaves them:
+//! - IP forwarding, per family, is the user's: read once at the start (a
+//!   container gets it from `--sysctl`), never written. A family whose
+//!   switch is off is not forwarded between the networks, by the kernel or
+//!   by the fast path, so the host still serves both networks itself (the
+//!   simple-server pattern) without joining them;
+//! - the fast path's translation ports reserved (`ip_local_reserved_ports`)
+//!   while it runs, back to what they were afterwards, so the host never
+//!   binds one of them itself, even with a widened ephemeral range: a port
+//!   the fast path hands out is never also the host's own on the same
+//!   address.
 
-use std::{fs, io};
+use std::{fmt, fs, io};
 
 use tailguard_common::nat::NAT_PORT_FIRST;
-use tracing::info;
+use tracing::{info, warn};
 
-const FORWARDING: [&str; 2] = [
-    "/proc/sys/net/ipv4/ip_forward",
-    "/proc/sys/net/ipv6/conf/all/forwarding",
-];
 /// Covers IPv6 too.
 const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 
-/// The switches we changed, with the values they had.
+/// Whether the kernel forwards each family, as its switches said at the
+/// start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Forwarding {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+/// One family's forwarding switch: its name in the log and its sysctl.
+struct Switch {
+    family: &'static str,
+    key: &'static str,
+}
+
+const IPV4: Switch = Switch {
+    family: "IPv4",
+    key: "net.ipv4.ip_forward",
+};
+const IPV6: Switch = Switch {
+    family: "IPv6",
+    key: "net.ipv6.conf.all.forwarding",
+};
+
+impl Switch {
+    fn path(&self) -> String {
+        format!("/proc/sys/{}", self.key.replace('.', "/"))
+    }
+
+    fn read(&self) -> io::Result<bool> {
+        is_on(&self.path())
+    }
+
+    /// What the switch means for the user, said at the start and by `check`.
+    fn describe(&self, on: bool) -> String {
+        let Self { family, key } = self;
+        if on {
+            format!(
+                "{family} forwarding is on ({key}=1): traffic between the networks is forwarded \
+                 as the policy allows"
+            )
+        } else {
+            format!(
+                "{family} forwarding is off: nothing is forwarded between the networks; start \
+                 with --sysctl {key}=1 to bridge"
+            )
+        }
+    }
+}
+
+impl Forwarding {
+    /// The switches as they are now.
+    pub fn read() -> io::Result<Self> {
+        Ok(Self {
+            ipv4: IPV4.read()?,
+            ipv6: IPV6.read()?,
+        })
+    }
+
+    /// Logs what each switch means: off is what a user who wants a bridge
+    /// must change, so it is a warning.
+    pub fn log(&self) {
+        for (switch, on) in self.switches() {
+            if on {
+                info!("{}", switch.describe(on));
+            } else {
+                warn!("{}", switch.describe(on));
+            }
+        }
+    }
+
+    fn switches(&self) -> [(Switch, bool); 2] {
+        [(IPV4, self.ipv4), (IPV6, self.ipv6)]
+    }
+}
+
+/// One line per family, as [`Forwarding::log`] says them.
+impl fmt::Display for Forwarding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (switch, on) in self.switches() {
+            writeln!(f, "{}", switch.describe(on))?;
+        }
+        Ok(())
+    }
+}
+
+/// The reserved ports as they were, if the start changed them.
 pub struct Sysctls {
-    changed: Vec<(&'static str, String)>,
+    reserved_ports_before: Option<String>,
 }
 
 impl Sysctls {
     pub fn apply() -> io::Result<Self> {
-        let mut applied = Self {
-            changed: Vec::new(),
-        };
-        for path in FORWARDING.into_iter().chain([RESERVED_PORTS]) {
-            let before = read(path)?;
-            let after = if path == RESERVED_PORTS {
-                with_nat_ports(&before)
-            } else {
-                "1".to_string()
-            };
-            if after == before {
-                continue;
-            }
-            if let Err(e) = write(path, &after) {
-                let _ = applied.restore();
-                return Err(e);
-            }
-            info!(switch = path, value = after, "kernel switch set");
-            applied.changed.push((path, before));
+        let before = read(RESERVED_PORTS)?;
+        let after = with_nat_ports(&before);
+        if after == before {
+            return Ok(Self {
+                reserved_ports_before: None,
+            });
         }
-        Ok(applied)
+        write(RESERVED_PORTS, &after)?;
+        info!(switch = RESERVED_PORTS, value = after, "kernel switch set");
+        Ok(Self {
+            reserved_ports_before: Some(before),
+        })
     }
 
     pub fn restore(self) -> io::Result<()> {
-        let mut result = Ok(());
-        for (path, before) in self.changed.into_iter().rev() {
-            if let Err(e) = write(path, &before) {
-                result = result.and(Err(e));
-            }
+        match self.reserved_ports_before {
+            Some(before) => write(RESERVED_PORTS, &before),
+            None => Ok(()),
         }
-        result
     }
+}
+
+/// Whether the switch at `path` is on; a kernel without the family (IPv6
+/// disabled at boot has no `/proc/sys/net/ipv6`) forwards none of it.
+fn is_on(path: &str) -> io::Result<bool> {
+    let value = match read(path) {
+        Ok(value) => value,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    value.parse::<i64>().map(|v| v != 0).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{path}: {value:?} is not a number"),
+        )
+    })
 }
 
 /// The reserved port list with the fast path's range added (once).
@@ -100,5 +188,42 @@ mod tests {
         assert_eq!(with_nat_ports(""), "61000-65535");
         assert_eq!(with_nat_ports("8080"), "8080,61000-65535");
         assert_eq!(with_nat_ports("8080,61000-65535"), "8080,61000-65535");
+    }
+
+    #[test]
+    fn a_switch_is_on_unless_zero_and_off_where_the_family_is_missing() {
+        let dir = std::env::temp_dir().join(format!("tg-switch-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("forwarding");
+        let path = file.to_str().unwrap();
+        for (value, on) in [("0\n", false), ("1\n", true), ("2", true)] {
+            fs::write(&file, value).unwrap();
+            assert_eq!(is_on(path).unwrap(), on, "{value:?}");
+        }
+        fs::write(&file, "yes\n").unwrap();
+        let e = is_on(path).unwrap_err().to_string();
+        assert_eq!(e, format!("{path}: \"yes\" is not a number"));
+        fs::remove_file(&file).unwrap();
+        assert!(!is_on(path).unwrap(), "no such family: nothing forwarded");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn each_family_says_whether_it_is_forwarded_and_how_to_change_it() {
+        let lines = |ipv4, ipv6| Forwarding { ipv4, ipv6 }.to_string();
+        assert_eq!(
+            lines(false, true),
+            "IPv4 forwarding is off: nothing is forwarded between the networks; start with \
+             --sysctl net.ipv4.ip_forward=1 to bridge\n\
+             IPv6 forwarding is on (net.ipv6.conf.all.forwarding=1): traffic between the \
+             networks is forwarded as the policy allows\n"
+        );
+        assert_eq!(
+            lines(true, false),
+            "IPv4 forwarding is on (net.ipv4.ip_forward=1): traffic between the networks is \
+             forwarded as the policy allows\n\
+             IPv6 forwarding is off: nothing is forwarded between the networks; start with \
+             --sysctl net.ipv6.conf.all.forwarding=1 to bridge\n"
+        );
     }
 }

@@ -69,13 +69,15 @@ impl Bridge {
     /// As [`Bridge::new`], with TailGuard's `AllowedIPs` for the WireGuard
     /// server given (e.g. `0.0.0.0/0, ::/0, 192.168.8.0/24`: the reference's
     /// "WireGuard as exit node" with the LAN behind the server).
+    /// TailGuard's namespace forwards both families, as a bridge must
+    /// ([`NetNs::for_daemon`]); `bed.ours.set_forwarding` changes that.
     pub fn with_server_allowed_ips(purpose: &str, allowed: &str) -> Self {
         crate::require_root();
-        Self::around(NetNs::new(purpose), purpose, allowed)
+        Self::around(NetNs::for_daemon(purpose), purpose, allowed)
     }
 
     /// [`Bridge::new`] around a given namespace for TailGuard (a
-    /// container's).
+    /// container's), its forwarding switches left as they are.
     pub fn in_namespace(ours: NetNs, purpose: &str) -> Self {
         Self::around(ours, purpose, "10.66.0.1/32, fd66::1/128")
     }

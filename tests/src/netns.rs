@@ -41,6 +41,40 @@ impl NetNs {
         )
     }
 
+    /// A namespace for TailGuard as the documented container gets it:
+    /// both forwarding switches on (`--sysctl net.ipv4.ip_forward=1
+    /// --sysctl net.ipv6.conf.all.forwarding=1`), which the daemon only
+    /// reads. [`NetNs::set_forwarding`] turns them off again.
+    pub fn for_daemon(purpose: &str) -> Self {
+        let ns = Self::new(purpose);
+        ns.set_forwarding(true, true);
+        ns
+    }
+
+    /// Sets the namespace's forwarding switches, per family, as a
+    /// container's `--sysctl` would: before the daemon starts, which reads
+    /// them once.
+    pub fn set_forwarding(&self, ipv4: bool, ipv6: bool) {
+        let value = |on| if on { "1" } else { "0" };
+        self.run(|| {
+            sysctl("net.ipv4.ip_forward", value(ipv4));
+            sysctl("net.ipv6.conf.all.forwarding", value(ipv6));
+        });
+    }
+
+    /// The namespace's forwarding switches as they are: their values, as
+    /// the kernel prints them.
+    pub fn forwarding(&self) -> (String, String) {
+        self.run(|| {
+            let read =
+                |path| std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            (
+                read("/proc/sys/net/ipv4/ip_forward"),
+                read("/proc/sys/net/ipv6/conf/all/forwarding"),
+            )
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

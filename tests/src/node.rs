@@ -38,6 +38,7 @@ pub fn bridge(
     c.set_dest(Some(DEST4), Some(DEST6));
     c.set(flag::SNAT_TO_WG, true);
     c.set(flag::ISOLATE_PEERS, isolate);
+    forwarding_on(&mut c);
     dp.write_config(&c)?;
     let mut routes = Routes::new();
     for (net, route) in [
@@ -70,10 +71,19 @@ pub fn veth_router(
     c.set_ts(Some(TS4), None);
     c.set_wg(Some(Ipv4Addr::new(10, 1, 0, 1)), None);
     c.set(flag::SNAT_TO_WG, true);
+    forwarding_on(&mut c);
     dp.write_config(&c)?;
     let mut routes = Routes::new();
     routes.insert("10.1.0.0/24".parse().expect("a prefix"), Route::WIREGUARD);
     routes.insert("100.64.0.0/10".parse().expect("a prefix"), Route::TAILSCALE);
     routes.extend(extra.into_iter().map(|net| (net, Route::TAILSCALE)));
     dp.sync_routes(&routes)
+}
+
+/// Both families forwarded, as the daemon says when the user's switches are
+/// on. (The veth router's own kernel still forwards nothing: the flags
+/// only tell the programs that the user wants a bridge.)
+fn forwarding_on(c: &mut Config) {
+    c.set(flag::FORWARD_V4, true);
+    c.set(flag::FORWARD_V6, true);
 }

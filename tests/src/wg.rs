@@ -146,14 +146,15 @@ impl Testbed {
     }
 
     /// As [`Testbed::new`], with what the peer accepts from TailGuard (and
-    /// routes to it) given by `allowed`.
+    /// routes to it) given by `allowed`. TailGuard's namespace forwards
+    /// both families (see [`crate::netns::NetNs::for_daemon`]).
     pub fn with_peer_allowed_ips(purpose: &str, allowed: &str) -> Self {
         crate::require_root();
-        Self::around(crate::netns::NetNs::new(purpose), purpose, allowed)
+        Self::around(crate::netns::NetNs::for_daemon(purpose), purpose, allowed)
     }
 
     /// As [`Testbed::with_peer_allowed_ips`], with TailGuard's namespace
-    /// given (a container's).
+    /// given (a container's) and its forwarding switches left as they are.
     pub fn around(ours: crate::netns::NetNs, purpose: &str, allowed: &str) -> Self {
         let theirs = crate::netns::NetNs::new(&format!("{purpose}-peer"));
         let links = crate::netns::veth(&ours, "10.200.0.1/24", &theirs, "10.200.0.2/24");
