@@ -167,11 +167,12 @@ fn egress(
     ttl: u8,
     fits: impl Fn(u32) -> bool,
 ) -> Result<(u32, u32), (i32, Outcome)> {
-    if !cfg.has(if ipv6 {
+    let forwarding = if ipv6 {
         flag::FORWARD_V6
     } else {
         flag::FORWARD_V4
-    }) {
+    };
+    if !cfg.has(forwarding) {
         return Err(kernel(Outcome::KernelForwardingOff));
     }
     let (ifindex, mtu) = match egress {
