@@ -122,9 +122,10 @@ impl Hop {
         }
         ip_batch(&router, &batch);
 
-        // As the daemon: forwarding on, the nftables table in place (for
-        // both datapaths), UDP flows kept as long as the fast path keeps
-        // them (conntrack's default forgets unanswered ones after 30 s).
+        // As the daemon runs as a bridge: the user's forwarding switch on,
+        // the nftables table and the reserved ports in place (for both
+        // datapaths), UDP flows kept as long as the fast path keeps them
+        // (conntrack's default forgets unanswered ones after 30 s).
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -138,6 +139,7 @@ impl Hop {
             ..FirewallPlan::default()
         };
         let sysctls = router.run(|| -> Result<Sysctls> {
+            sysctl("net.ipv4.ip_forward", "1");
             sysctl("net.netfilter.nf_conntrack_udp_timeout", "120");
             runtime.block_on(firewall.apply(&plan))?;
             Ok(Sysctls::apply()?)

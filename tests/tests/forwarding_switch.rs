@@ -377,3 +377,32 @@ fn check_says_which_families_are_forwarded() {
         1
     );
 }
+
+/// The examples as docker-compose reads them (each extends the root file):
+/// the patterns that bridge start with both switches on; the simple server
+/// with both off, so that it forwards nothing.
+#[test]
+fn the_examples_that_bridge_turn_forwarding_on_and_the_server_does_not() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for (example, on) in [
+        ("bridge", true),
+        ("exit-node", true),
+        ("tailnet-exit", true),
+        ("server", false),
+    ] {
+        let file = examples.join(example).join("docker-compose.yml");
+        let config = run(Command::new("docker-compose")
+            .arg("--file")
+            .arg(&file)
+            .arg("config"));
+        let value = if on { "'1'" } else { "'0'" };
+        for key in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
+            assert!(
+                config
+                    .lines()
+                    .any(|l| l.trim() == format!("{key}: {value}")),
+                "{example}: {key} is not {value}:\n{config}"
+            );
+        }
+    }
+}

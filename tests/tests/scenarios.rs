@@ -113,6 +113,8 @@ fn simple_bridge() {
 fn simple_server() {
     for datapath in DATAPATHS {
         let b = Bridge::new(&format!("sc2-{datapath}"));
+        // As its example runs it: no forwarding switch on.
+        b.bed.ours.set_forwarding(false, false);
         // As such a client is configured: no tailnet routes; and a tailnet
         // that was told nothing has no route to the WireGuard side.
         b.client.run(|| {
