@@ -17,6 +17,8 @@ use tracing::{info, warn};
 
 /// Covers IPv6 too.
 const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+/// The host's ephemeral ports (covers IPv6 too).
+const EPHEMERAL_PORTS: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
 /// Whether the kernel forwards each family, as its switches said at the
 /// start.
@@ -117,7 +119,23 @@ impl Sysctls {
                 reserved_ports_before: None,
             });
         }
-        write(RESERVED_PORTS, &after)?;
+        if let Err(e) = write(RESERVED_PORTS, &after) {
+            // A container's `/proc/sys` is read-only unless the engine sets
+            // the switch. The reservation only matters when the host's own
+            // ephemeral ports could fall in the fast path's range: if they
+            // cannot, start without it rather than refuse to.
+            if overlaps_nat_ports(&read(EPHEMERAL_PORTS)?) {
+                return Err(e);
+            }
+            warn!(
+                "{e}; starting without it: the host's ephemeral ports ({EPHEMERAL_PORTS}) lie \
+                 below the fast path's translation ports, only a service bound to one of them \
+                 explicitly would clash"
+            );
+            return Ok(Self {
+                reserved_ports_before: None,
+            });
+        }
         info!(switch = RESERVED_PORTS, value = after, "kernel switch set");
         Ok(Self {
             reserved_ports_before: Some(before),
@@ -146,6 +164,13 @@ fn is_on(path: &str) -> io::Result<bool> {
             format!("{path}: {value:?} is not a number"),
         )
     })
+}
+
+/// Whether the ephemeral range `range` ("first last") reaches into the fast
+/// path's translation ports; one that cannot be read counts as reaching.
+fn overlaps_nat_ports(range: &str) -> bool {
+    let last = range.split_whitespace().nth(1).map(str::parse::<u16>);
+    !matches!(last, Some(Ok(last)) if last < NAT_PORT_FIRST)
 }
 
 /// The reserved port list with the fast path's range added (once).
@@ -182,6 +207,15 @@ fn write(path: &str, value: &str) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_ephemeral_range_below_the_nat_ports_is_clear_of_them() {
+        assert!(!overlaps_nat_ports("32768\t60999"));
+        assert!(overlaps_nat_ports("32768 61000"));
+        assert!(overlaps_nat_ports("1024 65535"));
+        assert!(overlaps_nat_ports("garbage"));
+        assert!(overlaps_nat_ports(""));
+    }
 
     #[test]
     fn the_nat_range_is_added_once_to_what_is_reserved() {

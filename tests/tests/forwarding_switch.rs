@@ -24,6 +24,16 @@ const V4_ON: &str = "IPv4 forwarding is on (net.ipv4.ip_forward=1): traffic betw
 const V6_ON: &str = "IPv6 forwarding is on (net.ipv6.conf.all.forwarding=1): traffic \
                      between the networks is forwarded as the policy allows";
 
+/// Runs the daemon with `/proc/sys` read-only for it alone, as a
+/// container's is when the engine was given no `--sysctl`.
+const READ_ONLY_PROC_SYS: [&str; 5] = [
+    "unshare",
+    "--mount",
+    "sh",
+    "-c",
+    "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec \"$0\" \"$@\"",
+];
+
 /// The lines the daemon logs and `tailguard check` prints for the switches.
 fn said(ipv4: bool, ipv6: bool) -> [&'static str; 2] {
     [
@@ -271,14 +281,7 @@ fn each_family_is_forwarded_only_with_its_own_switch() {
 /// and leaves them as they were.
 #[test]
 fn the_daemon_only_reads_the_switches() {
-    // `/proc/sys` read-only for the daemon alone, as a container's.
-    let read_only = [
-        "unshare",
-        "--mount",
-        "sh",
-        "-c",
-        "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec \"$0\" \"$@\"",
-    ];
+    let read_only = READ_ONLY_PROC_SYS;
     for datapath in DATAPATHS {
         let bed = Testbed::new(&format!("fwo-{datapath}"));
         let dir = bed.config_dir(&bed.config("", "10.66.0.1/32, fd66::1/128"));
@@ -329,6 +332,59 @@ fn the_daemon_only_reads_the_switches() {
             );
         }
     }
+}
+
+/// A container started without `--sysctl` for the reserved ports: the
+/// daemon starts without the reservation when the host's ephemeral ports
+/// lie below the fast path's, and refuses (naming the `--sysctl`) when they
+/// reach into them.
+#[test]
+fn a_read_only_proc_sys_needs_the_reserved_ports_only_when_ephemeral_ports_reach_ours() {
+    let bed = Testbed::new("fwr");
+    let dir = bed.config_dir(&bed.config("", "10.66.0.1/32, fd66::1/128"));
+    let env = [("TS_AUTHKEY", "tskey-x"), ("TG_DATAPATH", "ebpf")];
+    let reserved = || {
+        bed.ours
+            .run(|| std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap())
+    };
+    bed.ours.run(|| {
+        tailguard_tests::netns::sysctl("net.ipv4.ip_local_reserved_ports", "\n");
+        tailguard_tests::netns::sysctl("net.ipv4.ip_local_port_range", "32768 60999");
+    });
+    bed.ours.run(|| {
+        let mut node = Daemon::with_standin_via(&READ_ONLY_PROC_SYS, &bed, &dir, &env);
+        node.daemon.wait_for("health", |_| health().0);
+        let log = node.daemon.log();
+        assert!(
+            log.contains("starting without it") && log.contains("ip_local_reserved_ports"),
+            "{log}"
+        );
+        let log = node.daemon.stop();
+        assert!(log.contains("everything set up was removed"), "{log}");
+    });
+    assert_eq!(reserved().trim(), "", "nothing was written");
+
+    bed.ours
+        .run(|| tailguard_tests::netns::sysctl("net.ipv4.ip_local_port_range", "1024 65535"));
+    let log = bed.ours.run(|| {
+        let mut node = Daemon::with_standin_via(&READ_ONLY_PROC_SYS, &bed, &dir, &env);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while node.daemon.exited().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still running with the ephemeral ports in ours:\n{}",
+                node.daemon.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let (status, log) = node.daemon.exit();
+        assert!(!status.success(), "{log}");
+        log
+    });
+    assert!(
+        log.contains("--sysctl net.ipv4.ip_local_reserved_ports=61000-65535"),
+        "{log}"
+    );
 }
 
 /// `tailguard check` prints what each switch means, from the namespace it
