@@ -25,8 +25,9 @@ pub enum Outcome {
     KernelNoRoute = 5,
     /// Handed to the kernel: the TTL / hop limit would expire, so it answers.
     KernelTtl = 6,
-    /// Handed to the kernel: too big for the egress device, so it fragments
-    /// or says "packet too big".
+    /// Handed to the kernel: too big for the egress device and not answered
+    /// by the fast path (IPv4 without DF, which the kernel fragments; IPv4
+    /// with options; no own address of the family to answer from).
     KernelTooBig = 7,
     /// Handed to the kernel: no free translation port (or the map refused).
     KernelNoPort = 8,
@@ -40,10 +41,14 @@ pub enum Outcome {
     /// Dropped: bound for neither side nor the host (the uplink, the
     /// internet), which the policy does not forward.
     DropNoRoute = 12,
+    /// Too big for the egress device (IPv4 with DF, or IPv6): answered with
+    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" from the node,
+    /// as the kernel's forwarding path answers it, and not forwarded.
+    TooBigAnswered = 13,
 }
 
 impl Outcome {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::Redirected,
@@ -59,6 +64,7 @@ impl Outcome {
         Self::DropHelperFailed,
         Self::ErrorTranslated,
         Self::DropNoRoute,
+        Self::TooBigAnswered,
     ];
 
     /// The index of (`device`, `self`) in `OUTCOMES`.
@@ -81,6 +87,7 @@ impl Outcome {
             Self::DropHelperFailed => "drop:helper-failed",
             Self::ErrorTranslated => "icmp-error-translated",
             Self::DropNoRoute => "drop:not-forwarded",
+            Self::TooBigAnswered => "too-big-answered",
         }
     }
 }

@@ -28,7 +28,7 @@ use crate::{
     link_layer::has_ethernet,
     nat::{self, Scratch},
     packet::{Packet, TCP_FIN, TCP_RST},
-    rewrite,
+    rewrite, too_big,
 };
 
 /// Decides, translates and redirects, or hands the packet to the kernel.
@@ -156,8 +156,8 @@ fn route(p: &Packet) -> Option<Route> {
 /// Where a packet leaves through `egress` (a device role), if the fast
 /// path may send it: the device's index and MTU. Else what the kernel must
 /// do with it: the device is not there yet, the TTL would expire (the kernel
-/// answers "time exceeded"), or it is too big (the kernel fragments it or
-/// answers "too big").
+/// answers "time exceeded"), or it is too big (`too_big` answers it, or the
+/// kernel fragments it).
 #[inline(always)]
 fn egress(
     cfg: &Config,
@@ -347,7 +347,7 @@ fn start(
 ) -> (i32, Outcome) {
     let (ifindex, mtu) = match egress(cfg, to, p.ttl, |mtu| p.fits(mtu)) {
         Ok(device) => device,
-        Err(verdict) => return verdict,
+        Err(verdict) => return too_big::answer_or(ctx, cfg, p, to, verdict),
     };
     if !nat::create(p, s, allocate, to, now) {
         return kernel(Outcome::KernelNoPort);
@@ -361,7 +361,7 @@ fn send(ctx: &TcContext, cfg: &Config, p: &mut Packet, entry: &NatEntry) -> (i32
     let to = Device::from_role(entry.egress);
     match egress(cfg, to, p.ttl, |mtu| p.fits(mtu)) {
         Ok((ifindex, mtu)) => translate(ctx, p, entry, to, ifindex, mtu),
-        Err(verdict) => verdict,
+        Err(verdict) => too_big::answer_or(ctx, cfg, p, to, verdict),
     }
 }
 
@@ -423,7 +423,7 @@ pub fn send_error(
 /// aya-ebpf does not wrap yet: helper 152, as the kernel's UAPI numbers it).
 /// Returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the helper refused.
 #[inline(always)]
-fn redirect(to: Device, ifindex: u32) -> i32 {
+pub fn redirect(to: Device, ifindex: u32) -> i32 {
     if has_ethernet(to) {
         // SAFETY: helper 152 is `long bpf_redirect_neigh(u32 ifindex, struct
         // bpf_redir_neigh *params, int plen, u64 flags)`; no params means
