@@ -16,7 +16,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{__sk_buff, bpf_adj_room_mode::BPF_ADJ_ROOM_NET},
+    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
     helpers::{bpf_csum_diff, bpf_get_prandom_u32, bpf_skb_load_bytes},
     macros::map,
     maps::PerCpuArray,
@@ -28,7 +28,7 @@ use tailguard_common::{
     nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 
-use crate::packet::Packet;
+use crate::{nat, packet::Packet};
 
 /// The quote's length: what is left of 576 (IPv4) / 1280 (IPv6) bytes after
 /// the error's own IP and ICMP headers (the kernel's `icmp_send` and
@@ -79,30 +79,38 @@ pub fn answer_or(
     answer(ctx, cfg, p, mtu).unwrap_or(verdict)
 }
 
-/// The device the packet came in on, and the node's address on that side
-/// in its family (`None` if the daemon set none).
+/// The device the packet came in on (as its flow key says), its index, and
+/// the node's address on that side in the packet's family (`None` if the
+/// daemon set none).
 #[inline(always)]
-fn arrival(ctx: &TcContext, cfg: &Config, ipv6: bool, out: &mut [u8; 16]) -> Option<(Device, u32)> {
-    // SAFETY: the context points at the kernel's `__sk_buff` for this run.
-    let ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
-    let device = if ifindex == cfg.ts_ifindex {
-        Device::Tailscale
-    } else if ifindex == cfg.wg_ifindex {
-        Device::WireGuard
-    } else {
+fn arrival(cfg: &Config, ipv6: bool, out: &mut [u8; 16]) -> Option<(Device, u32)> {
+    let device = Device::from_role(u32::from(nat::scratch()?.key.ingress));
+    let (ifindex, has4, addr4, has6, addr6) = match device {
+        Device::Tailscale => (
+            cfg.ts_ifindex,
+            cfg.has(flag::TS_V4),
+            &cfg.ts_v4,
+            cfg.has(flag::TS_V6),
+            &cfg.ts_v6,
+        ),
+        Device::WireGuard => (
+            cfg.wg_ifindex,
+            cfg.has(flag::WG_V4),
+            &cfg.wg_v4,
+            cfg.has(flag::WG_V6),
+            &cfg.wg_v6,
+        ),
+    };
+    if ifindex == 0 {
         return None;
-    };
-    let (has, addr4, addr6, has6) = match device {
-        Device::Tailscale => (cfg.has(flag::TS_V4), &cfg.ts_v4, &cfg.ts_v6, cfg.has(flag::TS_V6)),
-        Device::WireGuard => (cfg.has(flag::WG_V4), &cfg.wg_v4, &cfg.wg_v6, cfg.has(flag::WG_V6)),
-    };
+    }
     if ipv6 {
         if !has6 {
             return None;
         }
         *out = *addr6;
     } else {
-        if !has {
+        if !has4 {
             return None;
         }
         *out = [0; 16];
@@ -131,7 +139,7 @@ fn answer(ctx: &TcContext, cfg: &Config, p: &Packet, mtu: u32) -> Option<(i32, O
         return None;
     }
     let mut own = [0u8; 16];
-    let (device, ifindex) = arrival(ctx, cfg, p.ipv6, &mut own)?;
+    let (device, ifindex) = arrival(cfg, p.ipv6, &mut own)?;
     load(ctx, p.l3, &mut s.quoted[..header])?;
     let l3 = p.l3 as u32;
     // Cut to the quote (this also makes the packet linear and no longer GSO).
