@@ -324,11 +324,39 @@ fn too_big_datagrams_get_the_kernels_answer() {
             (client, &client_device, "wg -> wg, IPv6", addr(WG_SERVER_V6, 9), over_wg, NODE_WG_V6, wg_mtu, 64),
         ];
         for (ns, device, what, target, size, from, mtu, ttl) in cases {
+            let before = answered(&b);
             datagram_too_big(ns, device, what, target, size, from, mtu, ttl, &context);
+            assert_answered_by(datapath, &b, before, what);
         }
+        let before = answered(&b);
         reply_too_big(&b, &lan_device, ts_mtu, &context);
+        assert_answered_by(datapath, &b, before, "exit node reply wg -> ts");
         b.bed.ours.run(|| node.daemon.stop());
     }
+}
+
+/// Too-big packets the fast path answered, both devices together.
+fn answered(b: &Bridge) -> u64 {
+    let s: serde_json::Value =
+        serde_json::from_str(&b.tailguard("status")).expect("status as JSON");
+    ["wireguard", "tailscale"]
+        .iter()
+        .map(|d| s["counters"][d]["too-big-answered"]["packets"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// The eBPF datapath answered the last one itself (the kernel did with
+/// netfilter). The daemon publishes its counters every second or so: this
+/// waits for the next publication that shows it, up to 5 s.
+fn assert_answered_by(datapath: &str, b: &Bridge, before: u64, what: &str) {
+    let expected = if datapath == "ebpf" { before + 1 } else { before };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut now = answered(b);
+    while now < expected && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        now = answered(b);
+    }
+    assert_eq!(now, expected, "{datapath}: {what}: answered by the fast path");
 }
 
 /// A reply too big: the tailnet peer starts a UDP flow to the LAN host, which
