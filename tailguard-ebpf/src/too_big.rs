@@ -124,7 +124,11 @@ fn answer(ctx: &TcContext, cfg: &Config, p: &Packet, mtu: u32) -> Option<(i32, O
     let s = TOO_BIG_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: a per-CPU slot; a program runs to completion on one CPU.
     let s = unsafe { &mut *s };
-    let (header, quote) = if p.ipv6 { (40, QUOTE_V6) } else { (20, QUOTE_V4) };
+    let (header, quote) = if p.ipv6 {
+        (40, QUOTE_V6)
+    } else {
+        (20, QUOTE_V4)
+    };
     if !p.ipv6 {
         let h: [u8; 8] = ctx.load(p.l3).ok()?;
         // Without DF the kernel fragments it; with options the fixed-size
@@ -173,11 +177,14 @@ fn answer(ctx: &TcContext, cfg: &Config, p: &Packet, mtu: u32) -> Option<(i32, O
     if stored.is_err() {
         return Some(failed());
     }
-    Some((crate::policy::redirect(device, ifindex), Outcome::TooBigAnswered))
+    Some((
+        crate::policy::redirect(device, ifindex),
+        Outcome::TooBigAnswered,
+    ))
 }
 
 fn failed() -> (i32, Outcome) {
-    (aya_ebpf::bindings::TC_ACT_SHOT as i32, Outcome::DropHelperFailed)
+    (aya_ebpf::bindings::TC_ACT_SHOT, Outcome::DropHelperFailed)
 }
 
 /// Reads `out.len()` bytes (a constant after inlining) from `offset`.
@@ -228,7 +235,11 @@ fn sum_packet(ctx: &TcContext, s: &mut TooBigScratch, offset: usize, len: usize)
     }
     let rest = len - at;
     if rest == QUOTE_V6 as usize - 2 * CHUNK {
-        load(ctx, offset + at, &mut s.chunk[..QUOTE_V6 as usize - 2 * CHUNK])?;
+        load(
+            ctx,
+            offset + at,
+            &mut s.chunk[..QUOTE_V6 as usize - 2 * CHUNK],
+        )?;
         sum = sum_of(&mut s.chunk[..QUOTE_V6 as usize - 2 * CHUNK], sum)?;
     } else if rest == QUOTE_V4 as usize - CHUNK {
         load(ctx, offset + at, &mut s.chunk[..QUOTE_V4 as usize - CHUNK])?;
@@ -273,9 +284,7 @@ fn settle_quoted_checksum(
     };
     let old: u16 = ctx.load(field).ok()?;
     // R = quote - IP header - old field, in ones' complement.
-    let rest = u32::from(fold(quote_sum))
-        + u32::from(!fold(header_sum))
-        + u32::from(!old);
+    let rest = u32::from(fold(quote_sum)) + u32::from(!fold(header_sum)) + u32::from(!old);
     let rest = fold(rest);
     let mut new = (!rest).rotate_right(1);
     if new == 0 {

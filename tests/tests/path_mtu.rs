@@ -85,7 +85,11 @@ impl Capture {
         // SAFETY: plain socket calls on a descriptor we own.
         unsafe {
             let fd = libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(all));
-            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
             let fd = OwnedFd::from_raw_fd(fd);
             let mut addr: libc::sockaddr_ll = std::mem::zeroed();
             addr.sll_family = libc::AF_PACKET as u16;
@@ -125,7 +129,7 @@ impl Capture {
                 continue;
             }
             let packet = &buffer[..n as usize];
-            if addr.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if addr.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             let is_too_big = match packet[0] >> 4 {
@@ -145,9 +149,17 @@ impl Capture {
 fn df_socket(ipv6: bool) -> UdpSocket {
     let socket = UdpSocket::bind(if ipv6 { "[::]:0" } else { "0.0.0.0:0" }).unwrap();
     let (level, name, value) = if ipv6 {
-        (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_DO)
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DO,
+        )
     } else {
-        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)
+        (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )
     };
     // SAFETY: a plain setsockopt with an int.
     let set = unsafe {
@@ -181,10 +193,16 @@ struct Expected<'a> {
 fn check(packet: &[u8], e: &Expected, context: &str) {
     let what = format!("{}: {context}", e.what);
     let (ip, payload) = IpHeaders::from_slice(packet).unwrap_or_else(|err| panic!("{what}: {err}"));
-    let IpPayloadSlice { payload: message, .. } = payload;
+    let IpPayloadSlice {
+        payload: message, ..
+    } = payload;
     let (source, destination, ttl): (IpAddr, IpAddr, u8) = match &ip {
         IpHeaders::Ipv4(h, _) => {
-            assert_eq!(h.header_checksum, h.calc_header_checksum(), "{what}: IPv4 header checksum");
+            assert_eq!(
+                h.header_checksum,
+                h.calc_header_checksum(),
+                "{what}: IPv4 header checksum"
+            );
             (h.source.into(), h.destination.into(), h.time_to_live)
         }
         IpHeaders::Ipv6(h, _) => (h.source.into(), h.destination.into(), h.hop_limit),
@@ -216,10 +234,15 @@ fn check(packet: &[u8], e: &Expected, context: &str) {
         }
         IpHeaders::Ipv6(h, _) => {
             let (header, _) = Icmpv6Header::from_slice(message).unwrap();
-            assert_eq!(header.icmp_type, Icmpv6Type::PacketTooBig { mtu: e.mtu }, "{what}");
-            let valid = Icmpv6Header::with_checksum(header.icmp_type, h.source, h.destination, quote)
-                .unwrap()
-                .checksum;
+            assert_eq!(
+                header.icmp_type,
+                Icmpv6Type::PacketTooBig { mtu: e.mtu },
+                "{what}"
+            );
+            let valid =
+                Icmpv6Header::with_checksum(header.icmp_type, h.source, h.destination, quote)
+                    .unwrap()
+                    .checksum;
             assert_eq!(header.checksum, valid, "{what}: ICMPv6 checksum");
             assert_eq!(packet.len(), 1280, "{what}: length");
         }
@@ -228,7 +251,11 @@ fn check(packet: &[u8], e: &Expected, context: &str) {
     let (qs, qd, udp): (IpAddr, IpAddr, &[u8]) = if quote[0] >> 4 == 4 {
         let src: [u8; 4] = quote[12..16].try_into().unwrap();
         let dst: [u8; 4] = quote[16..20].try_into().unwrap();
-        (src.into(), dst.into(), &quote[usize::from(quote[0] & 0xf) * 4..])
+        (
+            src.into(),
+            dst.into(),
+            &quote[usize::from(quote[0] & 0xf) * 4..],
+        )
     } else {
         let src: [u8; 16] = quote[8..24].try_into().unwrap();
         let dst: [u8; 16] = quote[24..40].try_into().unwrap();
@@ -269,11 +296,16 @@ fn datagram_too_big(
         let capture = Capture::open(device);
         let socket = df_socket(ipv6);
         let headers = if ipv6 { 48 } else { 28 };
-        socket.send_to(&vec![0x5a; size - headers], target).expect("sending");
+        socket
+            .send_to(&vec![0x5a; size - headers], target)
+            .expect("sending");
         // The sender's address as the kernel chose it for this target.
         let probe = UdpSocket::bind(if ipv6 { "[::]:0" } else { "0.0.0.0:0" }).unwrap();
         probe.connect(target).unwrap();
-        let local = SocketAddr::new(probe.local_addr().unwrap().ip(), socket.local_addr().unwrap().port());
+        let local = SocketAddr::new(
+            probe.local_addr().unwrap().ip(),
+            socket.local_addr().unwrap().port(),
+        );
         (capture.too_big(), local)
     });
     let Some(packet) = packet else {
@@ -289,6 +321,19 @@ fn datagram_too_big(
     };
     check(&packet, &e, &context());
 }
+
+/// Sender's namespace and device, what it is, target, datagram size, the
+/// node's address the error comes from, the MTU it says, its TTL on arrival.
+type Case<'a> = (
+    &'a NetNs,
+    &'a str,
+    &'a str,
+    SocketAddr,
+    usize,
+    &'a str,
+    u32,
+    u8,
+);
 
 /// A DF (or IPv6) UDP datagram too big for the device it would leave by,
 /// for every translation kind and family: masquerade wg -> ts, source NAT
@@ -309,19 +354,127 @@ fn too_big_datagrams_get_the_kernels_answer() {
         // Bigger than the egress device, smaller than the sender's link.
         let over_ts = ts_mtu as usize + 100;
         let over_wg = wg_mtu as usize + 30;
-        let cases: [(&NetNs, &str, &str, SocketAddr, usize, &str, u32, u8); 12] = [
-            (client, &client_device, "masquerade wg -> ts", addr(TAILNET_PEER, 9), over_ts, NODE_WG, ts_mtu, 64),
-            (client, &client_device, "masquerade wg -> ts, IPv6", addr(TAILNET_PEER_V6, 9), over_ts, NODE_WG_V6, ts_mtu, 64),
-            (tailnet, &tailnet_device, "SNAT ts -> wg", addr(WG_CLIENT, 9), over_wg, NODE_TS, wg_mtu, 64),
-            (tailnet, &tailnet_device, "SNAT ts -> wg, IPv6", addr(WG_CLIENT_V6, 9), over_wg, NODE_TS_V6, wg_mtu, 64),
-            (tailnet, &tailnet_device, "TS_DEST_IP", addr(NODE_TS, 9), over_wg, NODE_TS, wg_mtu, 64),
-            (tailnet, &tailnet_device, "TS_DEST_IP, IPv6", addr(NODE_TS_V6, 9), over_wg, NODE_TS_V6, wg_mtu, 64),
-            (tailnet, &tailnet_device, "exit node ts -> wg", addr(LAN_HOST, 9), over_wg, NODE_TS, wg_mtu, 64),
-            (tailnet, &tailnet_device, "exit node ts -> wg, IPv6", addr("fd66::1", 9), over_wg, NODE_TS_V6, wg_mtu, 64),
-            (&b.lan, &lan_device, "exit node wg -> ts", addr(TAILNET_PEER, 9), over_ts, NODE_WG, ts_mtu, 63),
-            (&b.bed.theirs, &b.bed.peer.name, "exit node wg -> ts, IPv6", addr(TAILNET_PEER_V6, 9), over_ts, NODE_WG_V6, ts_mtu, 64),
-            (client, &client_device, "wg -> wg", addr(WG_SERVER, 9), over_wg, NODE_WG, wg_mtu, 64),
-            (client, &client_device, "wg -> wg, IPv6", addr(WG_SERVER_V6, 9), over_wg, NODE_WG_V6, wg_mtu, 64),
+        let cases: [Case; 12] = [
+            (
+                client,
+                &client_device,
+                "masquerade wg -> ts",
+                addr(TAILNET_PEER, 9),
+                over_ts,
+                NODE_WG,
+                ts_mtu,
+                64,
+            ),
+            (
+                client,
+                &client_device,
+                "masquerade wg -> ts, IPv6",
+                addr(TAILNET_PEER_V6, 9),
+                over_ts,
+                NODE_WG_V6,
+                ts_mtu,
+                64,
+            ),
+            (
+                tailnet,
+                &tailnet_device,
+                "SNAT ts -> wg",
+                addr(WG_CLIENT, 9),
+                over_wg,
+                NODE_TS,
+                wg_mtu,
+                64,
+            ),
+            (
+                tailnet,
+                &tailnet_device,
+                "SNAT ts -> wg, IPv6",
+                addr(WG_CLIENT_V6, 9),
+                over_wg,
+                NODE_TS_V6,
+                wg_mtu,
+                64,
+            ),
+            (
+                tailnet,
+                &tailnet_device,
+                "TS_DEST_IP",
+                addr(NODE_TS, 9),
+                over_wg,
+                NODE_TS,
+                wg_mtu,
+                64,
+            ),
+            (
+                tailnet,
+                &tailnet_device,
+                "TS_DEST_IP, IPv6",
+                addr(NODE_TS_V6, 9),
+                over_wg,
+                NODE_TS_V6,
+                wg_mtu,
+                64,
+            ),
+            (
+                tailnet,
+                &tailnet_device,
+                "exit node ts -> wg",
+                addr(LAN_HOST, 9),
+                over_wg,
+                NODE_TS,
+                wg_mtu,
+                64,
+            ),
+            (
+                tailnet,
+                &tailnet_device,
+                "exit node ts -> wg, IPv6",
+                addr("fd66::1", 9),
+                over_wg,
+                NODE_TS_V6,
+                wg_mtu,
+                64,
+            ),
+            (
+                &b.lan,
+                &lan_device,
+                "exit node wg -> ts",
+                addr(TAILNET_PEER, 9),
+                over_ts,
+                NODE_WG,
+                ts_mtu,
+                63,
+            ),
+            (
+                &b.bed.theirs,
+                &b.bed.peer.name,
+                "exit node wg -> ts, IPv6",
+                addr(TAILNET_PEER_V6, 9),
+                over_ts,
+                NODE_WG_V6,
+                ts_mtu,
+                64,
+            ),
+            (
+                client,
+                &client_device,
+                "wg -> wg",
+                addr(WG_SERVER, 9),
+                over_wg,
+                NODE_WG,
+                wg_mtu,
+                64,
+            ),
+            (
+                client,
+                &client_device,
+                "wg -> wg, IPv6",
+                addr(WG_SERVER_V6, 9),
+                over_wg,
+                NODE_WG_V6,
+                wg_mtu,
+                64,
+            ),
         ];
         for (ns, device, what, target, size, from, mtu, ttl) in cases {
             let before = answered(&b);
@@ -341,7 +494,11 @@ fn answered(b: &Bridge) -> u64 {
         serde_json::from_str(&b.tailguard("status")).expect("status as JSON");
     ["wireguard", "tailscale"]
         .iter()
-        .map(|d| s["counters"][d]["too-big-answered"]["packets"].as_u64().unwrap_or(0))
+        .map(|d| {
+            s["counters"][d]["too-big-answered"]["packets"]
+                .as_u64()
+                .unwrap_or(0)
+        })
         .sum()
 }
 
@@ -349,14 +506,21 @@ fn answered(b: &Bridge) -> u64 {
 /// netfilter). The daemon publishes its counters every second or so: this
 /// waits for the next publication that shows it, up to 5 s.
 fn assert_answered_by(datapath: &str, b: &Bridge, before: u64, what: &str) {
-    let expected = if datapath == "ebpf" { before + 1 } else { before };
+    let expected = if datapath == "ebpf" {
+        before + 1
+    } else {
+        before
+    };
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut now = answered(b);
     while now < expected && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
         now = answered(b);
     }
-    assert_eq!(now, expected, "{datapath}: {what}: answered by the fast path");
+    assert_eq!(
+        now, expected,
+        "{datapath}: {what}: answered by the fast path"
+    );
 }
 
 /// A reply too big: the tailnet peer starts a UDP flow to the LAN host, which
@@ -367,8 +531,12 @@ fn reply_too_big(b: &Bridge, lan_device: &str, ts_mtu: u32, context: &dyn Fn() -
     let server = b.lan.run(|| df_socket(false));
     let port = server.local_addr().unwrap().port();
     let tailnet_socket = b.tailnet.run(|| UdpSocket::bind("0.0.0.0:0").unwrap());
-    tailnet_socket.send_to(b"hello", addr(LAN_HOST, port)).unwrap();
-    server.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    tailnet_socket
+        .send_to(b"hello", addr(LAN_HOST, port))
+        .unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
     let mut buffer = [0u8; 64];
     let (_, peer) = server
         .recv_from(&mut buffer)
@@ -381,7 +549,10 @@ fn reply_too_big(b: &Bridge, lan_device: &str, ts_mtu: u32, context: &dyn Fn() -
         capture.too_big()
     });
     let Some(packet) = packet else {
-        panic!("exit node reply wg -> ts: no too-big error came back\n{}", context());
+        panic!(
+            "exit node reply wg -> ts: no too-big error came back\n{}",
+            context()
+        );
     };
     let e = Expected {
         what: "exit node reply wg -> ts",
@@ -430,7 +601,9 @@ fn download(addr: &str, port: u16) -> Result<usize, String> {
     let target = SocketAddr::new(addr.parse().unwrap(), port);
     let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))
         .map_err(|e| format!("connecting to {target}: {e}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut buffer = vec![0u8; 65536];
     let mut total = 0;
     loop {

@@ -875,7 +875,11 @@ fn gso_packets_are_sized_by_their_real_headers() {
     let sent = big_udp(CLIENT4.into(), PEER4.into(), 2 * 1281, true);
     let out = run_with_context(&dp, Device::WireGuard, &sent, &gso_context(1253));
     assert_eq!(out.verdict, REDIRECT);
-    assert_eq!(out.ip(), (WG4.into(), CLIENT4.into(), 64), "answered too big");
+    assert_eq!(
+        out.ip(),
+        (WG4.into(), CLIENT4.into(), 64),
+        "answered too big"
+    );
     out.assert_checksums();
     // A GSO packet's transport checksum may still be "partial": whatever
     // fills it in when the answer leaves (over the quoted UDP header and
