@@ -25,9 +25,10 @@ pub enum Outcome {
     KernelNoRoute = 5,
     /// Handed to the kernel: the TTL / hop limit would expire, so it answers.
     KernelTtl = 6,
-    /// Handed to the kernel: too big for the egress device and not answered
-    /// by the fast path (IPv4 without DF, which the kernel fragments; IPv4
-    /// with options; no own address of the family to answer from).
+    /// Handed to the kernel: too big for the egress device and neither
+    /// answered nor fragmented by the fast path (IPv4 with options, GSO
+    /// without DF, more than two fragments' worth, an Ethernet egress, no
+    /// own address of the family to answer from).
     KernelTooBig = 7,
     /// Handed to the kernel: no free translation port (or the map refused).
     KernelNoPort = 8,
@@ -45,10 +46,14 @@ pub enum Outcome {
     /// ICMP "fragmentation needed" / ICMPv6 "packet too big" from the node,
     /// as the kernel's forwarding path answers it, and not forwarded.
     TooBigAnswered = 13,
+    /// IPv4 without DF, too big for the egress device: translated as its
+    /// flow is and sent in two fragments, as the kernel would fragment it
+    /// (the kernel itself would translate it anew, outside the flow).
+    Fragmented = 14,
 }
 
 impl Outcome {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::Redirected,
@@ -65,6 +70,7 @@ impl Outcome {
         Self::ErrorTranslated,
         Self::DropNoRoute,
         Self::TooBigAnswered,
+        Self::Fragmented,
     ];
 
     /// The index of (`device`, `self`) in `OUTCOMES`.
@@ -88,6 +94,7 @@ impl Outcome {
             Self::ErrorTranslated => "icmp-error-translated",
             Self::DropNoRoute => "drop:not-forwarded",
             Self::TooBigAnswered => "too-big-answered",
+            Self::Fragmented => "fragmented",
         }
     }
 }

@@ -345,7 +345,8 @@ fn start(
     to: Device,
     now: u64,
 ) -> (i32, Outcome) {
-    let (ifindex, mtu) = match egress(cfg, to, p.ttl, |mtu| p.fits(mtu)) {
+    let fits = |mtu| p.fits(mtu) || too_big::fragmentable(ctx, p, to, mtu);
+    let (ifindex, mtu) = match egress(cfg, to, p.ttl, fits) {
         Ok(device) => device,
         Err(verdict) => return too_big::answer_or(ctx, cfg, p, to, verdict),
     };
@@ -359,14 +360,16 @@ fn start(
 #[inline(always)]
 fn send(ctx: &TcContext, cfg: &Config, p: &mut Packet, entry: &NatEntry) -> (i32, Outcome) {
     let to = Device::from_role(entry.egress);
-    match egress(cfg, to, p.ttl, |mtu| p.fits(mtu)) {
+    let fits = |mtu| p.fits(mtu) || too_big::fragmentable(ctx, p, to, mtu);
+    match egress(cfg, to, p.ttl, fits) {
         Ok((ifindex, mtu)) => translate(ctx, p, entry, to, ifindex, mtu),
         Err(verdict) => too_big::answer_or(ctx, cfg, p, to, verdict),
     }
 }
 
 /// Rewrites `p` as `entry` says, takes one from its TTL, clamps the MSS of a
-/// SYN to the egress MTU (nft: chain mss), and redirects it.
+/// SYN to the egress MTU (nft: chain mss), and redirects it (in fragments
+/// if it is too big, see `too_big::fragment`).
 #[inline(always)]
 fn translate(
     ctx: &TcContext,
@@ -391,6 +394,9 @@ fn translate(
         .and_then(|()| rewrite::clamp_mss(ctx, p, mtu));
     if rewritten.is_err() {
         return (TC_ACT_SHOT, Outcome::DropHelperFailed);
+    }
+    if !p.fits(mtu) {
+        return too_big::fragment(ctx, p, to, ifindex, mtu);
     }
     (redirect(to, ifindex), Outcome::Redirected)
 }

@@ -9,6 +9,10 @@
 //! addressed to one of our translation ports: the kernel has no connection
 //! for it, the sender never learns the path MTU and a bulk transfer stalls.
 //!
+//! IPv4 without DF is fragmented instead (`fragment`), after it has been
+//! translated as its flow says: the kernel would fragment it too, but would
+//! translate it anew (another port, or none), outside the flow.
+//!
 //! The packet itself becomes the answer: cut to the quote's length
 //! (`bpf_skb_change_tail`), room made in front of the quote for the new
 //! headers (`bpf_skb_adjust_room`), and sent back out of the device it came
@@ -184,6 +188,7 @@ fn answer(ctx: &TcContext, cfg: &Config, p: &Packet, mtu: u32) -> Option<(i32, O
 }
 
 fn failed() -> (i32, Outcome) {
+    // Cut or half-rewritten: it can no longer be handed on.
     (aya_ebpf::bindings::TC_ACT_SHOT, Outcome::DropHelperFailed)
 }
 
@@ -362,4 +367,149 @@ fn write_ipv6(
     let icmp_sum = !fold(sum_of(&mut s.headers[40..48], sum)?);
     s.headers[42..44].copy_from_slice(&icmp_sum.to_ne_bytes());
     Some(())
+}
+
+/// The most the second fragment may carry (the tail kept aside while the
+/// first is sent): less than this, one fragment's worth on any MTU up to 2068.
+const TAIL_MAX: u32 = 2048;
+
+#[repr(C, align(8))]
+pub struct FragmentScratch {
+    tail: [u8; TAIL_MAX as usize],
+}
+
+#[map]
+static FRAGMENT_SCRATCH: PerCpuArray<FragmentScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// How much payload the first fragment carries on a device of `mtu`: all
+/// that fits after a 20-byte header, in the 8-byte units offsets count in.
+fn first_fragment(mtu: u32) -> u32 {
+    (mtu - 20) & !7
+}
+
+/// Whether the fast path fragments `p` (too big for `mtu`) itself: IPv4
+/// without DF and without options, whole (not GSO), at most two fragments'
+/// worth, leaving by an L3 device (`bpf_clone_redirect` sends the first
+/// fragment, and cannot fill in link-layer addresses). Anything else stays
+/// the kernel's.
+#[inline(always)]
+pub fn fragmentable(ctx: &TcContext, p: &Packet, to: Device, mtu: u32) -> bool {
+    if p.ipv6 || p.gso_size != 0 || crate::link_layer::has_ethernet(to) || mtu < 68 {
+        return false;
+    }
+    let Ok(h) = ctx.load::<[u8; 8]>(p.l3) else {
+        return false;
+    };
+    let total = u32::from(u16::from_be_bytes([h[2], h[3]]));
+    let first = first_fragment(mtu);
+    h[0] == 0x45
+        && h[6] & 0x40 == 0
+        && total == p.len
+        && total > 20 + first
+        && total - 20 - first <= first.min(TAIL_MAX - 1)
+}
+
+/// Sends the translated `p` out of `ifindex` as two fragments: the first
+/// (a clone) with as much as fits and "more fragments" set, then the rest
+/// at its offset. The tail waits in per-CPU scratch while the packet is cut
+/// for the first.
+#[inline(always)]
+pub fn fragment(ctx: &TcContext, p: &Packet, to: Device, ifindex: u32, mtu: u32) -> (i32, Outcome) {
+    send_fragments(ctx, p, to, ifindex, mtu).unwrap_or_else(failed)
+}
+
+#[inline(always)]
+fn send_fragments(
+    ctx: &TcContext,
+    p: &Packet,
+    to: Device,
+    ifindex: u32,
+    mtu: u32,
+) -> Option<(i32, Outcome)> {
+    let s = FRAGMENT_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU slot; a program runs to completion on one CPU.
+    let s = unsafe { &mut *s };
+    let first = first_fragment(mtu);
+    // Masked so the verifier sees it bounded by the buffer; `fragmentable`
+    // made it 1..=TAIL_MAX already.
+    let tail = (p.len - 20 - first) & (TAIL_MAX - 1);
+    if tail == 0 {
+        return None;
+    }
+    let l3 = p.l3 as u32;
+    // SAFETY: `s.tail` is writable for `tail` (< TAIL_MAX) bytes.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.as_ptr(),
+            l3 + 20 + first,
+            s.tail.as_mut_ptr().cast(),
+            tail,
+        )
+    };
+    if loaded != 0 {
+        return None;
+    }
+    let old_total = (p.len as u16).to_be();
+    let old_frag: u16 = ctx.load(p.l3 + 6).ok()?;
+    // The first fragment.
+    ctx.change_tail(l3 + 20 + first, 0).ok()?;
+    // Flags and offset were 0 but for the reserved bit, which stays.
+    let reserved = u16::from_be(old_frag) & 0x8000;
+    set_fragment_fields(
+        ctx,
+        p.l3,
+        old_total,
+        old_frag,
+        20 + first,
+        reserved | 0x2000,
+    )?;
+    ctx.clone_redirect(ifindex, 0).ok()?;
+    // The rest, where the first fragment's payload ended.
+    ctx.change_tail(l3 + 20 + tail, 0).ok()?;
+    // SAFETY: `s.tail` holds `tail` bytes.
+    let stored = unsafe {
+        aya_ebpf::helpers::bpf_skb_store_bytes(
+            ctx.as_ptr().cast(),
+            l3 + 20,
+            s.tail.as_ptr().cast(),
+            tail,
+            0,
+        )
+    };
+    if stored != 0 {
+        return None;
+    }
+    let first_total = ((20 + first) as u16).to_be();
+    let first_frag = (reserved | 0x2000).to_be();
+    set_fragment_fields(
+        ctx,
+        p.l3,
+        first_total,
+        first_frag,
+        20 + tail,
+        reserved | (first / 8) as u16,
+    )?;
+    Some((crate::policy::redirect(to, ifindex), Outcome::Fragmented))
+}
+
+/// Writes an IPv4 header's total length and fragment field (flags and
+/// offset), replacing `old_total` and `old_frag` (network order) in its
+/// checksum.
+#[inline(always)]
+fn set_fragment_fields(
+    ctx: &TcContext,
+    l3: usize,
+    old_total: u16,
+    old_frag: u16,
+    total: u32,
+    frag: u16,
+) -> Option<()> {
+    let total = (total as u16).to_be();
+    let frag = frag.to_be();
+    ctx.l3_csum_replace(l3 + 10, u64::from(old_total), u64::from(total), 2)
+        .ok()?;
+    ctx.l3_csum_replace(l3 + 10, u64::from(old_frag), u64::from(frag), 2)
+        .ok()?;
+    ctx.store(l3 + 2, &total, 0).ok()?;
+    ctx.store(l3 + 6, &frag, 0).ok()
 }

@@ -635,3 +635,141 @@ fn bulk_download_through_the_exit_node_completes() {
         b.bed.ours.run(|| node.daemon.stop());
     }
 }
+
+/// A UDP socket that sends IPv4 without DF (routers may fragment it).
+fn no_df_socket() -> UdpSocket {
+    let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+    let value = libc::IP_PMTUDISC_DONT;
+    // SAFETY: a plain setsockopt with an int.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&raw const value).cast(),
+            std::mem::size_of::<i32>() as u32,
+        )
+    };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    socket
+}
+
+/// The datagrams `receiver` gets within 3 s each, `count` at most: their
+/// sizes and where they came from.
+fn received(receiver: &UdpSocket, count: usize) -> Vec<(usize, SocketAddr)> {
+    let mut buffer = vec![0u8; 65536];
+    (0..count)
+        .map_while(|_| receiver.recv_from(&mut buffer).ok())
+        .collect()
+}
+
+/// Fragments the fast path sent (both devices).
+fn fragmented(b: &Bridge) -> u64 {
+    let s: serde_json::Value =
+        serde_json::from_str(&b.tailguard("status")).expect("status as JSON");
+    ["wireguard", "tailscale"]
+        .iter()
+        .map(|d| {
+            s["counters"][d]["fragmented"]["packets"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// IPv4 without DF, too big for the Tailscale device: it arrives whole, and
+/// within its flow: the first datagram of a masqueraded flow (big), the
+/// next ones (small, big) all come from the same translated address and
+/// port; so does a big reply to a flow from the tailnet, from the address
+/// the tailnet peer talked to.
+#[test]
+fn ipv4_without_df_is_fragmented_within_its_flow() {
+    for datapath in DATAPATHS {
+        let (b, node) = exit_node_bridge(&format!("pmtu-frag-{datapath}"), datapath);
+        let context = || format!("{datapath}\n{}", node.daemon.log());
+        let big = b.bed.ours.run(|| mtu_of(&node.ts_device)) as usize + 100 - 28;
+        let before = fragmented(&b);
+
+        // Masquerade wg -> ts, from the WireGuard client and (exit node) from
+        // the LAN behind the server.
+        for (what, ns) in [("wg -> ts", &b.client), ("exit node wg -> ts", &b.lan)] {
+            let receiver = b.tailnet.run(no_df_socket);
+            let port = receiver.local_addr().unwrap().port();
+            let sender = ns.run(no_df_socket);
+            for size in [big, 100, big] {
+                sender
+                    .send_to(&vec![0x5a; size], addr(TAILNET_PEER, port))
+                    .unwrap();
+                // Apart, so that the node's userspace WireGuard does not
+                // coalesce them into one UDP GSO packet (which the fast path
+                // leaves to the kernel: it cannot cut GSO packets up).
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let got = received(&receiver, 3);
+            let sizes: Vec<usize> = got.iter().map(|(n, _)| *n).collect();
+            assert_eq!(
+                sizes,
+                [big, 100, big],
+                "{what}: arrived whole\n{}",
+                context()
+            );
+            let from = got[0].1;
+            assert_eq!(
+                from.ip(),
+                NODE_TS.parse::<IpAddr>().unwrap(),
+                "{what}: masqueraded"
+            );
+            assert!(
+                got.iter().all(|(_, f)| *f == from),
+                "{what}: one flow, one translation: {got:?}\n{}\n{}",
+                context(),
+                b.tailguard("status")
+            );
+        }
+
+        // A reply: the tailnet peer starts the flow, the WireGuard client
+        // answers big.
+        let tailnet_socket = b.tailnet.run(no_df_socket);
+        let client_socket = b.client.run(no_df_socket);
+        let client_port = client_socket.local_addr().unwrap().port();
+        tailnet_socket
+            .send_to(b"hello", addr(WG_CLIENT, client_port))
+            .unwrap();
+        let mut buffer = [0u8; 64];
+        let (_, seen) = client_socket
+            .recv_from(&mut buffer)
+            .unwrap_or_else(|e| panic!("the first datagram: {e}\n{}", context()));
+        client_socket.send_to(&vec![0x5a; big], seen).unwrap();
+        let got = received(&tailnet_socket, 1);
+        assert_eq!(
+            got,
+            [(big, addr(WG_CLIENT, client_port))],
+            "reply wg -> ts: whole, from the address the peer talked to\n{}",
+            context()
+        );
+
+        // Five big datagrams (two from each sender, the reply), each sent in
+        // fragments by the fast path.
+        let expected = if datapath == "ebpf" {
+            before + 5
+        } else {
+            before
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut now = fragmented(&b);
+        while now < expected && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            now = fragmented(&b);
+        }
+        assert_eq!(
+            now,
+            expected,
+            "{datapath}: fragmented by the fast path\n{}",
+            b.tailguard("status")
+        );
+        b.bed.ours.run(|| node.daemon.stop());
+    }
+}
