@@ -9,14 +9,14 @@
 //! addressed to one of our translation ports: the kernel has no connection
 //! for it, the sender never learns the path MTU and a bulk transfer stalls.
 //!
-//! IPv4 without DF is fragmented instead (`fragment`), after it has been
-//! translated as its flow says: the kernel would fragment it too, but would
-//! translate it anew (another port, or none), outside the flow.
-//!
 //! The packet itself becomes the answer: cut to the quote's length
 //! (`bpf_skb_change_tail`), room made in front of the quote for the new
 //! headers (`bpf_skb_adjust_room`), and sent back out of the device it came
 //! in on.
+//!
+//! IPv4 without DF is fragmented instead (`fragment`), after it has been
+//! translated as its flow says: the kernel would fragment it too, but would
+//! translate it anew (another port, or none), outside the flow.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -149,42 +149,52 @@ fn answer(ctx: &TcContext, cfg: &Config, p: &Packet, mtu: u32) -> Option<(i32, O
     let mut own = [0u8; 16];
     let (device, ifindex) = arrival(cfg, p.ipv6, &mut own)?;
     load(ctx, p.l3, &mut s.quoted[..header])?;
-    let l3 = p.l3 as u32;
-    // Cut to the quote (this also makes the packet linear and no longer GSO).
-    if ctx.change_tail(l3 + quote, 0).is_err() {
+    // Cut to the quote (this also makes the packet linear and no longer
+    // GSO). From here on it is no longer the packet that came in: whatever
+    // fails drops it.
+    if ctx.change_tail(p.l3 as u32 + quote, 0).is_err() {
         return Some(failed());
     }
+    let built = build(ctx, s, p, &own, header, quote, mtu);
+    Some(match built {
+        Some(()) => (
+            crate::policy::redirect(device, ifindex),
+            Outcome::TooBigAnswered,
+        ),
+        None => failed(),
+    })
+}
+
+/// Turns the packet, cut to the quote, into the answer: new headers in
+/// front (`header` bytes of IP, 8 of ICMP), the sender's header behind them.
+#[inline(always)]
+fn build(
+    ctx: &TcContext,
+    s: &mut TooBigScratch,
+    p: &Packet,
+    own: &[u8; 16],
+    header: usize,
+    quote: u32,
+    mtu: u32,
+) -> Option<()> {
     let mut sum = sum_packet(ctx, s, p.l3, quote as usize)?;
     if p.gso_size != 0 {
         sum = settle_quoted_checksum(ctx, s, p, sum)?;
     }
-    let room = header as i32 + 8;
-    if ctx.adjust_room(room, BPF_ADJ_ROOM_NET, 0).is_err() {
-        return Some(failed());
-    }
+    ctx.adjust_room(header as i32 + 8, BPF_ADJ_ROOM_NET, 0)
+        .ok()?;
     let total = header as u32 + 8 + quote;
     if p.ipv6 {
-        write_ipv6(s, &own, &p.src, total, mtu, sum)?;
+        write_ipv6(s, own, &p.src, total, mtu, sum)?;
+        ctx.store(p.l3, &s.headers, 0).ok()?;
+        ctx.store(p.l3 + 48, &s.quoted, 0).ok()
     } else {
-        write_ipv4(s, &own, &p.src, total, mtu, sum)?;
-    }
-    // The new headers, then the sender's own header where the room ends.
-    let stored = if p.ipv6 {
-        ctx.store(p.l3, &s.headers, 0)
-            .and_then(|()| ctx.store(p.l3 + 48, &s.quoted, 0))
-    } else {
+        write_ipv4(s, own, &p.src, total, mtu, sum)?;
         let headers: &[u8; 28] = s.headers[..28].try_into().ok()?;
         let quoted: &[u8; 20] = s.quoted[..20].try_into().ok()?;
-        ctx.store(p.l3, headers, 0)
-            .and_then(|()| ctx.store(p.l3 + 28, quoted, 0))
-    };
-    if stored.is_err() {
-        return Some(failed());
+        ctx.store(p.l3, headers, 0).ok()?;
+        ctx.store(p.l3 + 28, quoted, 0).ok()
     }
-    Some((
-        crate::policy::redirect(device, ifindex),
-        Outcome::TooBigAnswered,
-    ))
 }
 
 fn failed() -> (i32, Outcome) {
@@ -431,7 +441,7 @@ fn send_fragments(
     let s = unsafe { &mut *s };
     let first = first_fragment(mtu);
     // Masked so the verifier sees it bounded by the buffer; `fragmentable`
-    // made it 1..=TAIL_MAX already.
+    // made it 1..TAIL_MAX already.
     let tail = (p.len - 20 - first) & (TAIL_MAX - 1);
     if tail == 0 {
         return None;
