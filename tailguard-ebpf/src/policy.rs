@@ -156,8 +156,8 @@ fn route(p: &Packet) -> Option<Route> {
 /// Where a packet leaves through `egress` (a device role), if the fast
 /// path may send it: the device's index and MTU. Else what the kernel must
 /// do with it: the device is not there yet, the TTL would expire (the kernel
-/// answers "time exceeded"), or it is too big (`too_big` answers it, or the
-/// kernel fragments it).
+/// answers "time exceeded"), or it is too big (`too_big` answers it, or
+/// the kernel fragments it; what `too_big` fragments itself `fits`).
 #[inline(always)]
 fn egress(
     cfg: &Config,
