@@ -25,8 +25,10 @@ pub enum Outcome {
     KernelNoRoute = 5,
     /// Handed to the kernel: the TTL / hop limit would expire, so it answers.
     KernelTtl = 6,
-    /// Handed to the kernel: too big for the egress device, so it fragments
-    /// or says "packet too big".
+    /// Handed to the kernel: too big for the egress device and neither
+    /// answered nor fragmented by the fast path (IPv4 with options, GSO
+    /// without DF, more than two fragments' worth, an Ethernet egress, no
+    /// own address of the family to answer from).
     KernelTooBig = 7,
     /// Handed to the kernel: no free translation port (or the map refused).
     KernelNoPort = 8,
@@ -44,10 +46,18 @@ pub enum Outcome {
     /// WireGuard peer) while the user left this family's forwarding switch
     /// off, so the kernel does what it does unforwarded (drops it).
     KernelForwardingOff = 13,
+    /// Too big for the egress device (IPv4 with DF, or IPv6): answered with
+    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" from the node,
+    /// as the kernel's forwarding path answers it, and not forwarded.
+    TooBigAnswered = 14,
+    /// IPv4 without DF, too big for the egress device: translated as its
+    /// flow is and sent in two fragments, as the kernel would fragment it
+    /// (the kernel itself would translate it anew, outside the flow).
+    Fragmented = 15,
 }
 
 impl Outcome {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 16;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::Redirected,
@@ -64,6 +74,8 @@ impl Outcome {
         Self::ErrorTranslated,
         Self::DropNoRoute,
         Self::KernelForwardingOff,
+        Self::TooBigAnswered,
+        Self::Fragmented,
     ];
 
     /// The index of (`device`, `self`) in `OUTCOMES`.
@@ -87,6 +99,8 @@ impl Outcome {
             Self::ErrorTranslated => "icmp-error-translated",
             Self::DropNoRoute => "drop:not-forwarded",
             Self::KernelForwardingOff => "kernel:forwarding-off",
+            Self::TooBigAnswered => "too-big-answered",
+            Self::Fragmented => "fragmented",
         }
     }
 }

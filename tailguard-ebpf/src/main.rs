@@ -20,6 +20,7 @@ mod packet;
 mod parse;
 mod policy;
 mod rewrite;
+mod too_big;
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 use tailguard_common::{CounterSlot, Device, Direction};

@@ -2,7 +2,7 @@
 //! `TcContext::load`), so offsets may vary without pointer proofs.
 
 use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
-use tailguard_common::nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, mss_for};
+use tailguard_common::nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 /// ICMP echo request / reply types, per family.
 pub const ECHO_REQUEST_V4: u8 = 8;
@@ -23,6 +23,8 @@ pub struct Packet {
     pub l3: usize,
     /// Where the TCP/UDP/ICMP header starts.
     pub l4: usize,
+    /// How long that header is (TCP: with its options).
+    pub l4_len: u32,
     pub proto: u8,
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -66,6 +68,7 @@ impl Packet {
                     ipv6: false,
                     l3,
                     l4: l3 + ihl,
+                    l4_len: 8,
                     proto: h[9],
                     src,
                     dst,
@@ -86,6 +89,7 @@ impl Packet {
                     ipv6: true,
                     l3,
                     l4: l3 + 40,
+                    l4_len: 8,
                     proto: h[6],
                     src: ctx.load(l3 + 8).ok()?,
                     dst: ctx.load(l3 + 24).ok()?,
@@ -109,6 +113,7 @@ impl Packet {
                 p.sport = u16::from_ne_bytes([h[0], h[1]]);
                 p.dport = u16::from_ne_bytes([h[2], h[3]]);
                 p.tcp_flags = h[13];
+                p.l4_len = u32::from(h[12] >> 4) * 4;
             }
             IPPROTO_UDP => {
                 let h: [u8; 4] = ctx.load(p.l4).ok()?;
@@ -147,10 +152,12 @@ impl Packet {
     }
 
     /// Fits a device of `mtu`: by length, or for GSO packets by the size of
-    /// the packets they will be cut into.
+    /// the packets they will be cut into: each has the IP and transport
+    /// headers as they are (TCP options included; UDP's 8 bytes) and up to
+    /// `gso_size` bytes of payload.
     pub fn fits(&self, mtu: u32) -> bool {
         if self.gso_size != 0 {
-            self.gso_size <= u32::from(mss_for(mtu, self.ipv6))
+            (self.l4 - self.l3) as u32 + self.l4_len + self.gso_size <= mtu
         } else {
             self.len <= mtu
         }

@@ -28,7 +28,7 @@ use crate::{
     link_layer::has_ethernet,
     nat::{self, Scratch},
     packet::{Packet, TCP_FIN, TCP_RST},
-    rewrite,
+    rewrite, too_big,
 };
 
 /// Decides, translates and redirects, or hands the packet to the kernel.
@@ -157,8 +157,9 @@ fn route(p: &Packet) -> Option<Route> {
 /// path may send it: the device's index and MTU. Else what the kernel must
 /// do with it: the user left the family's forwarding off (the kernel does
 /// not forward it either), the device is not there yet, the TTL would
-/// expire (the kernel answers "time exceeded"), or it is too big (the
-/// kernel fragments it or answers "too big").
+/// expire (the kernel answers "time exceeded"), or it is too big
+/// (`too_big` answers it, or the kernel fragments it; what `too_big`
+/// fragments itself `fits`).
 #[inline(always)]
 fn egress(
     cfg: &Config,
@@ -355,9 +356,10 @@ fn start(
     to: Device,
     now: u64,
 ) -> (i32, Outcome) {
-    let (ifindex, mtu) = match egress(cfg, to, p.ipv6, p.ttl, |mtu| p.fits(mtu)) {
+    let fits = |mtu| p.fits(mtu) || too_big::fragmentable(ctx, p, to, mtu);
+    let (ifindex, mtu) = match egress(cfg, to, p.ipv6, p.ttl, fits) {
         Ok(device) => device,
-        Err(verdict) => return verdict,
+        Err(verdict) => return too_big::answer_or(ctx, cfg, p, to, verdict),
     };
     if !nat::create(p, s, allocate, to, now) {
         return kernel(Outcome::KernelNoPort);
@@ -369,14 +371,16 @@ fn start(
 #[inline(always)]
 fn send(ctx: &TcContext, cfg: &Config, p: &mut Packet, entry: &NatEntry) -> (i32, Outcome) {
     let to = Device::from_role(entry.egress);
-    match egress(cfg, to, p.ipv6, p.ttl, |mtu| p.fits(mtu)) {
+    let fits = |mtu| p.fits(mtu) || too_big::fragmentable(ctx, p, to, mtu);
+    match egress(cfg, to, p.ipv6, p.ttl, fits) {
         Ok((ifindex, mtu)) => translate(ctx, p, entry, to, ifindex, mtu),
-        Err(verdict) => verdict,
+        Err(verdict) => too_big::answer_or(ctx, cfg, p, to, verdict),
     }
 }
 
 /// Rewrites `p` as `entry` says, takes one from its TTL, clamps the MSS of a
-/// SYN to the egress MTU (nft: chain mss), and redirects it.
+/// SYN to the egress MTU (nft: chain mss), and redirects it (in fragments
+/// if it is too big, see `too_big::fragment`).
 #[inline(always)]
 fn translate(
     ctx: &TcContext,
@@ -401,6 +405,9 @@ fn translate(
         .and_then(|()| rewrite::clamp_mss(ctx, p, mtu));
     if rewritten.is_err() {
         return (TC_ACT_SHOT, Outcome::DropHelperFailed);
+    }
+    if !p.fits(mtu) {
+        return too_big::fragment(ctx, p, to, ifindex, mtu);
     }
     (redirect(to, ifindex), Outcome::Redirected)
 }
@@ -433,7 +440,7 @@ pub fn send_error(
 /// aya-ebpf does not wrap yet: helper 152, as the kernel's UAPI numbers it).
 /// Returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the helper refused.
 #[inline(always)]
-fn redirect(to: Device, ifindex: u32) -> i32 {
+pub fn redirect(to: Device, ifindex: u32) -> i32 {
     if has_ethernet(to) {
         // SAFETY: helper 152 is `long bpf_redirect_neigh(u32 ifindex, struct
         // bpf_redir_neigh *params, int plen, u64 flags)`; no params means

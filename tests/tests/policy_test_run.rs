@@ -752,3 +752,150 @@ fn icmp_errors_about_our_flows_are_translated_back() {
     let out = run(&dp, Device::Tailscale, &error);
     assert_eq!((out.verdict, &out.frame), (CONTINUE, &error));
 }
+
+/// A UDP frame of `len` IP bytes from `src` to `dst`; IPv4 with DF as `df`
+/// says.
+fn big_udp(src: IpAddr, dst: IpAddr, len: usize, df: bool) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(MAC_A, MAC_B);
+    let (ip, header) = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => (eth.ipv4(s.octets(), d.octets(), 64), 20),
+        (IpAddr::V6(s), IpAddr::V6(d)) => (eth.ipv6(s.octets(), d.octets(), 64), 40),
+        _ => panic!("mixed families"),
+    };
+    let payload: Vec<u8> = (0..len - header - 8).map(|i| i as u8).collect();
+    let mut out = Vec::new();
+    ip.udp(40000, 443).write(&mut out, &payload).unwrap();
+    if src.is_ipv4() {
+        out[14 + 6] = if df { 0x40 } else { 0 };
+        out[14 + 10..14 + 12].fill(0);
+        let h = etherparse::Ipv4Header::from_slice(&out[14..]).unwrap().0;
+        out[14 + 10..14 + 12].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
+    }
+    out
+}
+
+/// The `__sk_buff` a test run starts from, with `gso_size` set (at byte 176,
+/// as the kernel's UAPI lays the structure out).
+fn gso_context(gso_size: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; 192];
+    ctx[164..168].copy_from_slice(&2u32.to_ne_bytes()); // gso_segs
+    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+    ctx
+}
+
+fn run_with_context(dp: &Datapath, device: Device, frame: &[u8], context: &[u8]) -> Out {
+    let program = dp.program(device, Direction::Ingress).unwrap();
+    let mut output = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut output),
+            ctx_in: Some(context),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    output.truncate(result.data_size_out as usize);
+    Out {
+        verdict: result.return_value,
+        frame: output,
+    }
+}
+
+/// Too big for the egress device (1400 bytes towards the 1280-byte
+/// Tailscale device): answered, as the kernel answers it, with ICMP
+/// "fragmentation needed" / ICMPv6 "packet too big" carrying the egress MTU,
+/// from the node's address on the side it came in, to the sender, quoting
+/// the packet untranslated and cut to 576 / 1280 bytes in all, TTL 64, valid
+/// checksums; sent back where it came from; no flow recorded. Without DF the
+/// kernel gets it (to fragment).
+#[test]
+fn packets_too_big_for_the_egress_device_are_answered() {
+    let mut dp = datapath(false);
+    let cases: [(IpAddr, IpAddr, IpAddr, usize); 2] = [
+        (CLIENT4.into(), PEER4.into(), WG4.into(), 576),
+        (
+            v6("fd66::7").into(),
+            v6("fd7a:115c:a1e0::9").into(),
+            tailguard_tests::node::WG6.into(),
+            1280,
+        ),
+    ];
+    for (client, peer, own, answer_len) in cases {
+        let ipv6 = client.is_ipv6();
+        let sent = big_udp(client, peer, 1400, true);
+        let flows = dp.nat().unwrap().keys().count();
+        let out = run(&dp, Device::WireGuard, &sent);
+        assert_eq!(out.verdict, REDIRECT, "{client}: answered");
+        out.assert_checksums();
+        assert_eq!(out.ip(), (own, client, 64), "{client}: outer header");
+        assert_eq!(out.frame.len(), 14 + answer_len, "{client}: length");
+        let h = PacketHeaders::from_ethernet_slice(&out.frame).unwrap();
+        match h.transport.unwrap() {
+            TransportHeader::Icmpv4(i) => assert_eq!(
+                i.icmp_type,
+                etherparse::Icmpv4Type::DestinationUnreachable(
+                    etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                        next_hop_mtu: 1280
+                    }
+                )
+            ),
+            TransportHeader::Icmpv6(i) => assert_eq!(
+                i.icmp_type,
+                etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 }
+            ),
+            other => panic!("{other:?}"),
+        }
+        let header = if ipv6 { 40 } else { 20 };
+        assert_eq!(
+            &out.frame[14 + header + 8..],
+            &sent[14..14 + answer_len - header - 8],
+            "{client}: the quote is the packet as sent"
+        );
+        assert_eq!(dp.nat().unwrap().keys().count(), flows, "no flow recorded");
+        assert!(outcome_count(&dp, Device::WireGuard, Outcome::TooBigAnswered) > 0);
+    }
+    // IPv4 without DF: the kernel's, untouched.
+    let sent = big_udp(CLIENT4.into(), PEER4.into(), 1400, false);
+    let out = run(&dp, Device::WireGuard, &sent);
+    assert_eq!((out.verdict, &out.frame), (CONTINUE, &sent));
+}
+
+/// A GSO packet fits when each packet it is cut into does: IP header, the
+/// transport header as it is, `gso_size` bytes. UDP (8-byte header) with
+/// 1244 bytes a segment makes 1272-byte IPv4 packets, which fit the 1280-byte
+/// Tailscale device (a fixed 40-byte guess would call 1244 too big); 1253
+/// bytes make 1281, which do not.
+#[test]
+fn gso_packets_are_sized_by_their_real_headers() {
+    let dp = datapath(false);
+    let sent = big_udp(CLIENT4.into(), PEER4.into(), 2 * 1272, true);
+    let out = run_with_context(&dp, Device::WireGuard, &sent, &gso_context(1244));
+    assert_eq!(out.verdict, REDIRECT);
+    assert_eq!(out.ip().0, IpAddr::from(TS4), "forwarded, masqueraded");
+    let sent = big_udp(CLIENT4.into(), PEER4.into(), 2 * 1281, true);
+    let out = run_with_context(&dp, Device::WireGuard, &sent, &gso_context(1253));
+    assert_eq!(out.verdict, REDIRECT);
+    assert_eq!(
+        out.ip(),
+        (WG4.into(), CLIENT4.into(), 64),
+        "answered too big"
+    );
+    out.assert_checksums();
+    // A GSO packet's transport checksum may still be "partial": whatever
+    // fills it in when the answer leaves (over the quoted UDP header and
+    // payload) must write the value already there, or the ICMP checksum
+    // breaks.
+    let udp = &out.frame[14 + 28 + 20..];
+    let mut sum: u32 = udp
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let filled = match !(sum as u16) {
+        0 => 0xffff,
+        v => v,
+    };
+    assert_eq!(filled, u16::from_be_bytes([udp[6], udp[7]]));
+}
