@@ -213,7 +213,7 @@ impl fmt::Display for Case {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "case {} [{}{}]: {:?} {} -> {} ({:?} {} -> {}), {} bytes{}, ttl {}, {:?}, then {:?}",
+            "case {} [{}{}]: {:?} {} -> {} ({:?} {} -> {}), {}{}, ttl {}, {:?}, then {:?}",
             self.index,
             self.row,
             if self.isolate {
@@ -227,7 +227,12 @@ impl fmt::Display for Case {
             self.proto,
             self.sport,
             self.dport,
-            self.size,
+            if self.proto == Proto::Tcp {
+                // A SYN (of no data), then the handshake's SYN-ACK and ACK.
+                "SYN, SYN-ACK, ACK".to_string()
+            } else {
+                format!("{} bytes", self.size)
+            },
             if self.df { " DF" } else { "" },
             self.ttl,
             self.shape,

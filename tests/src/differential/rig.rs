@@ -287,23 +287,59 @@ impl Rig {
     }
 
     /// Runs one case: the fate of each of its steps, a line per packet
-    /// captured (sorted by site, in the order they came).
+    /// captured (sorted by site, in the order they came). A TCP case first
+    /// completes its handshake (the receiver's SYN-ACK, the sender's ACK),
+    /// and every segment after carries the sequence numbers of a real
+    /// connection, so the kernel's connection tracking sees a valid one.
     pub fn run(&self, case: &Case) -> Vec<Vec<String>> {
         let mut names = PortNames::new(&node_addrs());
         let mut first_seen: Option<Vec<u8>> = None;
         let mut steps = Vec::new();
         let first = first_packets(case);
         steps.push(self.step(case.from, &first, &mut names, &mut first_seen, case));
-        for follow in &case.follow {
+        let mut tcp = Tcp {
+            sender: SYN_SEQ + 1,
+            receiver: SYN_ACK_SEQ,
+        };
+        let mut follow = case.follow.clone();
+        if case.proto == Proto::Tcp {
+            let handshake = [
+                Follow::Reply { size: 0, df: false },
+                Follow::Again { size: 0, df: false },
+            ];
+            follow.splice(0..0, handshake);
+        }
+        for (i, follow) in follow.iter().enumerate() {
+            let handshake = case.proto == Proto::Tcp && i < 2;
             let (site, packets) = match follow {
-                Follow::Again { size, df } => (case.from, vec![again(case, *size, *df)]),
+                Follow::Again { size, df } => {
+                    let flags = if handshake {
+                        TCP_ACK
+                    } else {
+                        TCP_ACK | TCP_PSH
+                    };
+                    let packet = again(case, *size, *df, (flags, tcp.sender, tcp.receiver));
+                    tcp.sender = tcp.sender.wrapping_add(tcp_payload(&packet));
+                    (case.from, vec![packet])
+                }
                 Follow::Reply { .. } | Follow::Error(_) => {
                     let (Some(receiver), Some(seen)) = (case.receiver, &first_seen) else {
                         steps.push(vec!["nothing arrived to answer".to_string()]);
                         continue;
                     };
                     let packet = match follow {
-                        Follow::Reply { size, df } => reply(seen, *size, *df),
+                        Follow::Reply { size, df } => {
+                            let flags = if handshake {
+                                TCP_SYN | TCP_ACK
+                            } else {
+                                TCP_ACK | TCP_PSH
+                            };
+                            let p = reply(seen, *size, *df, (flags, tcp.receiver, tcp.sender));
+                            // The SYN-ACK takes one sequence number.
+                            let used = if handshake { 1 } else { tcp_payload(&p) };
+                            tcp.receiver = tcp.receiver.wrapping_add(used);
+                            p
+                        }
                         Follow::Error(kind) => error(seen, *kind),
                         Follow::Again { .. } => unreachable!(),
                     };
@@ -339,6 +375,24 @@ impl Rig {
         }
         lines
     }
+}
+
+/// The next sequence number of each side of a TCP case.
+struct Tcp {
+    sender: u32,
+    receiver: u32,
+}
+
+const SYN_SEQ: u32 = 1000;
+const SYN_ACK_SEQ: u32 = 7000;
+
+/// The bytes of TCP payload in `packet`.
+fn tcp_payload(packet: &[u8]) -> u32 {
+    let p = fate::parse(packet).expect("our own packets are IP");
+    if p.proto != craft::TCP {
+        return 0;
+    }
+    (p.l4.len() - usize::from(p.l4[12] >> 4) * 4) as u32
 }
 
 /// How long the network must be quiet before a step is over, at least and
@@ -386,13 +440,15 @@ fn ip_of(case: &Case) -> Ip {
     }
 }
 
-fn l4_of(case: &Case, step: usize, flags: u8, seq: u32) -> L4 {
+/// The transport layer of the sender's packets; for TCP `(flags, seq,
+/// ack)`.
+fn l4_of(case: &Case, step: usize, (flags, seq, ack): (u8, u32, u32)) -> L4 {
     match case.proto {
         Proto::Tcp => L4::Tcp {
             sport: case.sport,
             dport: case.dport,
             seq,
-            ack: if flags & TCP_ACK != 0 { 7001 } else { 0 },
+            ack,
             flags,
             mss: (flags & TCP_SYN != 0).then_some(1460),
             payload: marker(case, step),
@@ -414,7 +470,13 @@ fn l4_of(case: &Case, step: usize, flags: u8, seq: u32) -> L4 {
 
 fn first_packets(case: &Case) -> Vec<Vec<u8>> {
     let ip = ip_of(case);
-    let l4 = l4_of(case, 0, TCP_SYN, 1000).fit(case.size, craft::ip_len(&ip));
+    // A SYN carries no data: for TCP, sizes are the later segments'.
+    let size = if case.proto == Proto::Tcp {
+        0
+    } else {
+        case.size
+    };
+    let l4 = l4_of(case, 0, (TCP_SYN, SYN_SEQ, 0)).fit(size, craft::ip_len(&ip));
     if case.shape == Shape::Fragments {
         craft::fragments(&ip, &l4)
     } else {
@@ -423,7 +485,7 @@ fn first_packets(case: &Case) -> Vec<Vec<u8>> {
 }
 
 /// The flow's next packet from its sender (plain, whatever the first was).
-fn again(case: &Case, size: usize, df: bool) -> Vec<u8> {
+fn again(case: &Case, size: usize, df: bool, tcp: (u8, u32, u32)) -> Vec<u8> {
     let ip = Ip {
         ttl: 64,
         df: df && !case.v6,
@@ -431,15 +493,16 @@ fn again(case: &Case, size: usize, df: bool) -> Vec<u8> {
         ext: Vec::new(),
         ..ip_of(case)
     };
-    let mut l4 = l4_of(case, 1, TCP_ACK | TCP_PSH, 1001);
+    let mut l4 = l4_of(case, 1, tcp);
     if let L4::Udp { zero_checksum, .. } = &mut l4 {
         *zero_checksum = false;
     }
     craft::build(&ip, &l4.fit(size, craft::ip_len(&ip)))
 }
 
-/// The receiver's answer to `seen` (what it got): the tuple turned round.
-fn reply(seen: &[u8], size: usize, df: bool) -> Vec<u8> {
+/// The receiver's answer to `seen` (what it got): the tuple turned round;
+/// for TCP `(flags, seq, ack)`.
+fn reply(seen: &[u8], size: usize, df: bool, (flags, seq, ack): (u8, u32, u32)) -> Vec<u8> {
     let p = fate::parse(seen).expect("captured packets are IP");
     let port = |at: usize| u16::from_be_bytes([p.l4[at], p.l4[at + 1]]);
     let ip = Ip {
@@ -452,19 +515,15 @@ fn reply(seen: &[u8], size: usize, df: bool) -> Vec<u8> {
     };
     let payload = b"TGDIFF reply ".to_vec();
     let l4 = match p.proto {
-        craft::TCP => {
-            let seq = u32::from_be_bytes([p.l4[4], p.l4[5], p.l4[6], p.l4[7]]);
-            let syn = p.l4[13] & TCP_SYN != 0;
-            L4::Tcp {
-                sport: port(2),
-                dport: port(0),
-                seq: 7000,
-                ack: seq.wrapping_add(1),
-                flags: if syn { TCP_SYN | TCP_ACK } else { TCP_ACK },
-                mss: syn.then_some(1460),
-                payload,
-            }
-        }
+        craft::TCP => L4::Tcp {
+            sport: port(2),
+            dport: port(0),
+            seq,
+            ack,
+            flags,
+            mss: (flags & TCP_SYN != 0).then_some(1460),
+            payload,
+        },
         craft::UDP => L4::Udp {
             sport: port(2),
             dport: port(0),
