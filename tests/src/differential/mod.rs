@@ -17,11 +17,16 @@ use cases::Case;
 
 /// The fates of `cases` through `datapath`: per case, per step, the
 /// lines of what every site captured. Cases with `WG_ISOLATE_PEERS=1` run
-/// in a second start of the daemon on the same topology.
+/// on a topology of their own: after a restart of the daemon, the
+/// WireGuard client would still hold its session with the old device and
+/// lose what it sends until it shakes hands again.
 pub fn run(datapath: &str, cases: &[Case]) -> Vec<Vec<Vec<String>>> {
-    let rig = rig::Rig::new(&format!("diff-{datapath}"));
     let mut fates = vec![Vec::new(); cases.len()];
     for isolate in [false, true] {
+        let rig = rig::Rig::new(&format!(
+            "diff-{datapath}{}",
+            if isolate { "-i" } else { "" }
+        ));
         let node = rig.start(datapath, isolate);
         for case in cases.iter().filter(|c| c.isolate == isolate) {
             fates[case.index] = rig.run(case);
