@@ -31,7 +31,6 @@ const ON_PURPOSE: &[OnPurpose] = &[];
 struct OnPurpose {
     what: &'static str,
     ignores: fn(&Case, &str) -> bool,
-    #[allow(dead_code)]
     why: &'static str,
 }
 
@@ -135,7 +134,10 @@ fn both_datapaths_give_every_packet_the_same_fate() {
         let report = format!("seed {seed}, {count} cases, {count_differing} differ\n{differences}");
         std::fs::write(&path, report).unwrap_or_else(|e| panic!("writing {path}: {e}"));
     }
-    let on_purpose: Vec<_> = ON_PURPOSE.iter().map(|o| o.what).collect();
+    let on_purpose: Vec<_> = ON_PURPOSE
+        .iter()
+        .map(|o| format!("{} ({})", o.what, o.why))
+        .collect();
     assert!(
         differences.is_empty(),
         "{count_differing} of {count} cases differ between the datapaths \

@@ -123,7 +123,7 @@ impl Tap {
                 return got;
             }
             let proto = u16::from_be(from.sll_protocol);
-            let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING as u8;
+            let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
             if !outgoing && (proto == ETH_P_IP || proto == ETH_P_IPV6) {
                 got.push(buffer[..n as usize].to_vec());
             }
