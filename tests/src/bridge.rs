@@ -221,6 +221,17 @@ impl Bridge {
 }
 
 impl Bridge {
+    /// The second WireGuard peer's device (in `client`).
+    pub fn client_device(&self) -> &str {
+        &self.client_peer.name
+    }
+
+    /// The public key of the stand-in's WireGuard link to the tailnet
+    /// peer (the node, as the tailnet peer knows it).
+    pub fn node_tailnet_public_key(&self) -> &str {
+        &self.node_keys.public
+    }
+
     /// [`Bridge::start`], then waits until the node is healthy and the
     /// second WireGuard peer has its handshake (it retries only every 5 s).
     pub fn start_healthy(&self, env: &[(&str, &str)]) -> WithStandIn {

@@ -8,6 +8,7 @@
 
 pub mod bridge;
 pub mod daemon;
+pub mod differential;
 pub mod netns;
 pub mod node;
 pub mod packets;
