@@ -40,10 +40,30 @@ pub enum Outcome {
     /// Dropped: bound for neither side nor the host (the uplink, the
     /// internet), which the policy does not forward.
     DropNoRoute = 12,
+    /// Dropped: a later fragment (IPv4, or IPv6 by its fragment header)
+    /// whose first fragment the fast path has not seen, addressed so that
+    /// the fast path would forward it: without its ports it cannot be
+    /// translated, and the kernel must not take it for a new connection.
+    DropFragmentUnknown = 13,
+    /// Handed to the kernel: IPv4 with options (source routing among them)
+    /// or IPv6 with a routing header that has segments left, of no flow of
+    /// ours: the kernel's option processing and `accept_source_route`
+    /// decide.
+    KernelIpOptions = 14,
+    /// Dropped: IPv4 with options or IPv6 with a routing header that has
+    /// segments left, of a flow the fast path owns: the kernel has no
+    /// connection for it and would translate it anew.
+    DropOptionsOfOurFlow = 15,
+    /// Dropped: IPv6 UDP with checksum 0, which IPv6 forbids (RFC 8200
+    /// 8.1); receivers drop it.
+    DropUdpZeroChecksum = 16,
+    /// Dropped: an IPv6 header chain longer than the fast path walks, or
+    /// cut short, addressed so that the fast path would forward it.
+    DropExtHeaders = 17,
 }
 
 impl Outcome {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 18;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::Redirected,
@@ -59,6 +79,11 @@ impl Outcome {
         Self::DropHelperFailed,
         Self::ErrorTranslated,
         Self::DropNoRoute,
+        Self::DropFragmentUnknown,
+        Self::KernelIpOptions,
+        Self::DropOptionsOfOurFlow,
+        Self::DropUdpZeroChecksum,
+        Self::DropExtHeaders,
     ];
 
     /// The index of (`device`, `self`) in `OUTCOMES`.
@@ -81,6 +106,11 @@ impl Outcome {
             Self::DropHelperFailed => "drop:helper-failed",
             Self::ErrorTranslated => "icmp-error-translated",
             Self::DropNoRoute => "drop:not-forwarded",
+            Self::DropFragmentUnknown => "drop:fragment-unknown",
+            Self::KernelIpOptions => "kernel:ip-options",
+            Self::DropOptionsOfOurFlow => "drop:options-of-our-flow",
+            Self::DropUdpZeroChecksum => "drop:udp6-zero-checksum",
+            Self::DropExtHeaders => "drop:ext-headers",
         }
     }
 }
