@@ -63,8 +63,9 @@ pub enum Ipv6Step {
     /// `len` bytes to the next, of type `next`.
     Skip { next: u8, len: usize },
     /// A routing header with segments left: the packet is source-routed,
-    /// and the kernel (which drops type 0, RFC 5095) decides.
-    SourceRouted,
+    /// and the kernel (which drops type 0, RFC 5095) decides. Walked past
+    /// like `Skip`, to find the flow.
+    SourceRouted { next: u8, len: usize },
     /// The fragment header (8 bytes): `id` tracks the datagram.
     Fragment {
         next: u8,
@@ -80,7 +81,10 @@ pub const fn ipv6_step(kind: u8, h: [u8; 8]) -> Ipv6Step {
             next: h[0],
             len: (h[1] as usize + 1) * 8,
         },
-        NEXTHDR_ROUTING if h[3] != 0 => Ipv6Step::SourceRouted,
+        NEXTHDR_ROUTING if h[3] != 0 => Ipv6Step::SourceRouted {
+            next: h[0],
+            len: (h[1] as usize + 1) * 8,
+        },
         NEXTHDR_ROUTING => Ipv6Step::Skip {
             next: h[0],
             len: (h[1] as usize + 1) * 8,
@@ -180,7 +184,7 @@ mod tests {
         );
         assert_eq!(
             ipv6_step(NEXTHDR_ROUTING, [17, 2, 0, 1, 0, 0, 0, 0]),
-            Ipv6Step::SourceRouted
+            Ipv6Step::SourceRouted { next: 17, len: 24 }
         );
         assert_eq!(
             ipv6_step(NEXTHDR_FRAGMENT, [17, 0, 0, 1, 0xde, 0xad, 0xbe, 0xef]),
