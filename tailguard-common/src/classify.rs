@@ -99,7 +99,11 @@ mod tests {
     #[test]
     fn ipv4_header_must_be_whole_and_consistent() {
         assert_eq!(ipv4(v4(20, 60), plain(60)), PacketClass::Ipv4);
-        assert_eq!(ipv4(v4(24, 60), plain(60)), PacketClass::Ipv4, "options are fine");
+        assert_eq!(
+            ipv4(v4(24, 60), plain(60)),
+            PacketClass::Ipv4,
+            "options are fine"
+        );
         assert_eq!(
             ipv4(v4(20, 46), plain(46 + 14)),
             PacketClass::Ipv4,
@@ -143,8 +147,16 @@ mod tests {
             PacketClass::Malformed,
             "0 only past what the field can say"
         );
-        assert_eq!(ipv4(v4(16, 0), gso(150_000)), PacketClass::Malformed, "IHL 4");
-        assert_eq!(ipv6(0, plain(150_000)), PacketClass::Ipv6, "an empty payload");
+        assert_eq!(
+            ipv4(v4(16, 0), gso(150_000)),
+            PacketClass::Malformed,
+            "IHL 4"
+        );
+        assert_eq!(
+            ipv6(0, plain(150_000)),
+            PacketClass::Ipv6,
+            "an empty payload"
+        );
     }
 
     #[test]

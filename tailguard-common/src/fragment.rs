@@ -67,11 +67,7 @@ pub enum Ipv6Step {
     /// like `Skip`, to find the flow.
     SourceRouted { next: u8, len: usize },
     /// The fragment header (8 bytes): `id` tracks the datagram.
-    Fragment {
-        next: u8,
-        part: Fragment,
-        id: u32,
-    },
+    Fragment { next: u8, part: Fragment, id: u32 },
 }
 
 /// Reads the extension header of type `kind` whose first 8 bytes are `h`.
