@@ -86,7 +86,7 @@ fn gso_and_paged_packets_are_not_malformed() {
                 PacketClass::Ipv6,
             ),
             (
-                "IPv4, only the headers in the linear head",
+                "IPv4 written with a virtio_net_hdr, not GSO",
                 [vnet_hdr(GSO_NONE, 40, 0, 0, 0), tcp(false, 1360)].concat(),
                 PacketClass::Ipv4,
             ),
