@@ -1144,6 +1144,9 @@ fn routing_header(left: u8, via: Ipv6Addr) -> Vec<u8> {
     h
 }
 
+/// Extension headers: each one's type and body.
+type Extensions = Vec<(u8, Vec<u8>)>;
+
 /// `packet` (IPv6, none yet) with `headers` (type and body, whose first byte
 /// is set to the next header's type) between its header and its payload.
 fn with_ipv6_extensions(packet: &[u8], headers: &[(u8, Vec<u8>)]) -> Vec<u8> {
@@ -1182,7 +1185,7 @@ fn ipv6_extension_headers_are_walked() {
     let reply = udp_packet(peer, own, 53, nat_port, b"answer");
     let via = v6("fd7a:115c:a1e0::77");
 
-    let translated: [(&str, Vec<(u8, Vec<u8>)>); 3] = [
+    let translated: [(&str, Extensions); 3] = [
         ("hop-by-hop", vec![(HOP_BY_HOP, padding_header())]),
         (
             "hop-by-hop and destination options",
