@@ -12,8 +12,10 @@ pub enum Outcome {
     Redirected = 0,
     /// Handed to the kernel: the daemon has not configured the programs yet.
     KernelNotConfigured = 1,
-    /// Handed to the kernel: not IP, fragments, IPv6 extension headers,
-    /// protocols other than TCP/UDP/ICMP echo, ICMP errors.
+    /// Handed to the kernel: not IP, protocols other than TCP/UDP/ICMP echo,
+    /// ICMP errors not about a flow of ours, IPv6 extension headers other
+    /// than those the fast path walks, fragments of datagrams whose first
+    /// fragment the kernel got (or, if unseen, addressed to the host).
     KernelNotHandled = 2,
     /// Handed to the kernel: part of a flow the fast path did not see start
     /// (the kernel's conntrack owns it).
