@@ -18,13 +18,36 @@ pub struct Ipv4Lengths {
     pub total: usize,
 }
 
+/// What arrived: the packet's length from the IP header on (`skb->len`, which
+/// counts the paged part of a GSO/GRO packet, not only the linear head the
+/// programs can point into), and whether it is a GSO packet (one that stands
+/// for several, `gso_size` set).
+#[derive(Clone, Copy, Debug)]
+pub struct Arrived {
+    pub len: usize,
+    pub gso: bool,
+}
+
+/// The most an IP length field can say; a GSO packet longer than that (BIG
+/// TCP) carries 0 there instead, and `skb->len` is its length.
+const IP_MAX_LEN: usize = 0xffff;
+
+/// A GSO packet past 64 KiB whose length field says 0, as the kernel's BIG
+/// TCP builds them.
+const fn big_gso(field: usize, arrived: Arrived, fixed: usize) -> bool {
+    arrived.gso && field == 0 && arrived.len > IP_MAX_LEN && arrived.len >= fixed
+}
+
 /// An IPv4 header is whole when its IHL is at least 5 words and the total
 /// length it claims covers the header and is not more than what arrived.
-/// (Ethernet padding may make `available` larger than `total`.)
-pub const fn ipv4(lengths: Ipv4Lengths, available: usize) -> PacketClass {
+/// (Ethernet padding may make what arrived longer than `total`.)
+pub const fn ipv4(lengths: Ipv4Lengths, arrived: Arrived) -> PacketClass {
+    if lengths.header >= IPV4_MIN_HEADER && big_gso(lengths.total, arrived, lengths.header) {
+        return PacketClass::Ipv4;
+    }
     if lengths.header < IPV4_MIN_HEADER
         || lengths.total < lengths.header
-        || lengths.total > available
+        || lengths.total > arrived.len
     {
         PacketClass::Malformed
     } else {
@@ -34,8 +57,11 @@ pub const fn ipv4(lengths: Ipv4Lengths, available: usize) -> PacketClass {
 
 /// An IPv6 header is whole when the fixed 40 bytes and the payload it claims
 /// arrived.
-pub const fn ipv6(payload: usize, available: usize) -> PacketClass {
-    if IPV6_HEADER + payload > available {
+pub const fn ipv6(payload: usize, arrived: Arrived) -> PacketClass {
+    if big_gso(payload, arrived, IPV6_HEADER) {
+        return PacketClass::Ipv6;
+    }
+    if IPV6_HEADER + payload > arrived.len {
         PacketClass::Malformed
     } else {
         PacketClass::Ipv6
@@ -62,23 +88,35 @@ mod tests {
         Ipv4Lengths { header, total }
     }
 
+    const fn plain(len: usize) -> Arrived {
+        Arrived { len, gso: false }
+    }
+
+    const fn gso(len: usize) -> Arrived {
+        Arrived { len, gso: true }
+    }
+
     #[test]
     fn ipv4_header_must_be_whole_and_consistent() {
-        assert_eq!(ipv4(v4(20, 60), 60), PacketClass::Ipv4);
-        assert_eq!(ipv4(v4(24, 60), 60), PacketClass::Ipv4, "options are fine");
+        assert_eq!(ipv4(v4(20, 60), plain(60)), PacketClass::Ipv4);
         assert_eq!(
-            ipv4(v4(20, 46), 46 + 14),
+            ipv4(v4(24, 60), plain(60)),
+            PacketClass::Ipv4,
+            "options are fine"
+        );
+        assert_eq!(
+            ipv4(v4(20, 46), plain(46 + 14)),
             PacketClass::Ipv4,
             "Ethernet padding is fine"
         );
-        assert_eq!(ipv4(v4(16, 60), 60), PacketClass::Malformed, "IHL 4");
+        assert_eq!(ipv4(v4(16, 60), plain(60)), PacketClass::Malformed, "IHL 4");
         assert_eq!(
-            ipv4(v4(20, 61), 60),
+            ipv4(v4(20, 61), plain(60)),
             PacketClass::Malformed,
             "claims more than arrived"
         );
         assert_eq!(
-            ipv4(v4(24, 20), 60),
+            ipv4(v4(24, 20), plain(60)),
             PacketClass::Malformed,
             "total shorter than header"
         );
@@ -86,9 +124,39 @@ mod tests {
 
     #[test]
     fn ipv6_payload_must_have_arrived() {
-        assert_eq!(ipv6(0, 40), PacketClass::Ipv6);
-        assert_eq!(ipv6(20, 60), PacketClass::Ipv6);
-        assert_eq!(ipv6(21, 60), PacketClass::Malformed);
+        assert_eq!(ipv6(0, plain(40)), PacketClass::Ipv6);
+        assert_eq!(ipv6(20, plain(60)), PacketClass::Ipv6);
+        assert_eq!(ipv6(21, plain(60)), PacketClass::Malformed);
+    }
+
+    /// GRO and TSO packets are whole as `skb->len` counts them; past 64 KiB
+    /// (BIG TCP) their length field is 0.
+    #[test]
+    fn gso_packets_are_not_malformed() {
+        assert_eq!(ipv4(v4(20, 64000), gso(64000)), PacketClass::Ipv4);
+        assert_eq!(ipv4(v4(20, 0), gso(150_000)), PacketClass::Ipv4);
+        assert_eq!(ipv6(0, gso(150_000)), PacketClass::Ipv6);
+        assert_eq!(ipv6(63960, gso(64000)), PacketClass::Ipv6);
+        assert_eq!(
+            ipv4(v4(20, 0), plain(150_000)),
+            PacketClass::Malformed,
+            "a length of 0 only from GSO"
+        );
+        assert_eq!(
+            ipv4(v4(20, 0), gso(1500)),
+            PacketClass::Malformed,
+            "0 only past what the field can say"
+        );
+        assert_eq!(
+            ipv4(v4(16, 0), gso(150_000)),
+            PacketClass::Malformed,
+            "IHL 4"
+        );
+        assert_eq!(
+            ipv6(0, plain(150_000)),
+            PacketClass::Ipv6,
+            "an empty payload"
+        );
     }
 
     #[test]

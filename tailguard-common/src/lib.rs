@@ -8,6 +8,7 @@
 pub mod classify;
 pub mod config;
 pub mod counters;
+pub mod fragment;
 pub mod nat;
 pub mod outcome;
 

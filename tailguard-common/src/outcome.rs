@@ -12,8 +12,10 @@ pub enum Outcome {
     Redirected = 0,
     /// Handed to the kernel: the daemon has not configured the programs yet.
     KernelNotConfigured = 1,
-    /// Handed to the kernel: not IP, fragments, IPv6 extension headers,
-    /// protocols other than TCP/UDP/ICMP echo, ICMP errors.
+    /// Handed to the kernel: not IP, protocols other than TCP/UDP/ICMP echo,
+    /// ICMP errors not about a flow of ours, IPv6 extension headers other
+    /// than those the fast path walks, fragments of datagrams whose first
+    /// fragment the kernel got (or, if unseen, addressed to the host).
     KernelNotHandled = 2,
     /// Handed to the kernel: part of a flow the fast path did not see start
     /// (the kernel's conntrack owns it).
@@ -54,10 +56,30 @@ pub enum Outcome {
     /// flow is and sent in two fragments, as the kernel would fragment it
     /// (the kernel itself would translate it anew, outside the flow).
     Fragmented = 15,
+    /// Dropped: a later fragment (IPv4, or IPv6 by its fragment header)
+    /// whose first fragment the fast path has not seen, addressed so that
+    /// the fast path would forward it: without its ports it cannot be
+    /// translated, and the kernel must not take it for a new connection.
+    DropFragmentUnknown = 16,
+    /// Handed to the kernel: IPv4 with options (source routing among them)
+    /// or IPv6 with a routing header that has segments left, of no flow of
+    /// ours: the kernel's option processing and `accept_source_route`
+    /// decide.
+    KernelIpOptions = 17,
+    /// Dropped: IPv4 with options or IPv6 with a routing header that has
+    /// segments left, of a flow the fast path owns: the kernel has no
+    /// connection for it and would translate it anew.
+    DropOptionsOfOurFlow = 18,
+    /// Dropped: IPv6 UDP with checksum 0, which IPv6 forbids (RFC 8200
+    /// 8.1); receivers drop it.
+    DropUdpZeroChecksum = 19,
+    /// Dropped: an IPv6 header chain longer than the fast path walks, or
+    /// cut short, addressed so that the fast path would forward it.
+    DropExtHeaders = 20,
 }
 
 impl Outcome {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 21;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::Redirected,
@@ -76,6 +98,11 @@ impl Outcome {
         Self::KernelForwardingOff,
         Self::TooBigAnswered,
         Self::Fragmented,
+        Self::DropFragmentUnknown,
+        Self::KernelIpOptions,
+        Self::DropOptionsOfOurFlow,
+        Self::DropUdpZeroChecksum,
+        Self::DropExtHeaders,
     ];
 
     /// The index of (`device`, `self`) in `OUTCOMES`.
@@ -101,6 +128,11 @@ impl Outcome {
             Self::KernelForwardingOff => "kernel:forwarding-off",
             Self::TooBigAnswered => "too-big-answered",
             Self::Fragmented => "fragmented",
+            Self::DropFragmentUnknown => "drop:fragment-unknown",
+            Self::KernelIpOptions => "kernel:ip-options",
+            Self::DropOptionsOfOurFlow => "drop:options-of-our-flow",
+            Self::DropUdpZeroChecksum => "drop:udp6-zero-checksum",
+            Self::DropExtHeaders => "drop:ext-headers",
         }
     }
 }

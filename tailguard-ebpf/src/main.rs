@@ -13,6 +13,7 @@
 
 mod config;
 mod counters;
+mod fragments;
 mod icmp;
 mod link_layer;
 mod nat;

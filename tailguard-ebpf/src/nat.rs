@@ -8,6 +8,7 @@ use aya_ebpf::{
 };
 use tailguard_common::{
     Counter, Device, Outcome,
+    fragment::{FragEntry, FragKey},
     nat::{FlowKey, NAT_MAX_ENTRIES, NAT_PORT_TRIES, NatEntry, nat_port, timeout_ns},
     outcome::OUTCOME_SLOTS,
 };
@@ -33,6 +34,9 @@ pub struct Scratch {
     pub entry: NatEntry,
     /// The kernel's FIB lookup for destinations outside our routes.
     pub fib: bpf_fib_lookup,
+    /// A fragment's datagram, and what its first fragment was.
+    pub frag_key: FragKey,
+    pub frag_first: FragEntry,
 }
 
 #[map]

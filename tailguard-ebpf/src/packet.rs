@@ -2,7 +2,13 @@
 //! `TcContext::load`), so offsets may vary without pointer proofs.
 
 use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
-use tailguard_common::nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use tailguard_common::{
+    fragment::{
+        Fragment, IPV6_MAX_EXT_HEADERS, Ipv6Step, NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP,
+        NEXTHDR_ROUTING, ipv4_fragment, ipv6_step,
+    },
+    nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
+};
 
 /// ICMP echo request / reply types, per family.
 pub const ECHO_REQUEST_V4: u8 = 8;
@@ -15,8 +21,9 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// A packet the fast path can handle: IPv4 without fragmentation or IPv6
-/// without extension headers, carrying TCP, UDP or an ICMP echo.
+/// A packet the fast path can handle: IPv4 or IPv6 (behind a bounded chain
+/// of extension headers), whole or a fragment, carrying TCP, UDP or an ICMP
+/// echo.
 pub struct Packet {
     pub ipv6: bool,
     /// Where the IP header starts (after Ethernet, if any).
@@ -39,6 +46,31 @@ pub struct Packet {
     /// For a GSO packet (one that stands for several, cut up when sent),
     /// the payload size of each; 0 otherwise.
     pub gso_size: u32,
+    /// Which part of its datagram this is. A later fragment has no transport
+    /// header: `l4` points at payload, the ports are 0 until the policy
+    /// recalls them from the first fragment, and `proto` is what the IPv4
+    /// header or the fragment header names.
+    pub part: Fragment,
+    /// For a fragment: the datagram's identification and the protocol its
+    /// fragments name (see `tailguard_common::fragment::FragKey`).
+    pub frag_id: u32,
+    pub frag_proto: u8,
+    /// IPv4 options, or an IPv6 routing header with segments left: the
+    /// kernel's to process (source routing among them).
+    pub options: bool,
+    /// IPv6 whose chain of extension headers is longer than the fast path
+    /// walks: its transport header (and so its flow) is unknown.
+    pub unreadable: bool,
+    /// IPv6 UDP with checksum 0, which IPv6 forbids.
+    pub udp6_no_checksum: bool,
+}
+
+/// An IPv6 extension header the fast path walks past.
+fn is_extension(next: u8) -> bool {
+    matches!(
+        next,
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_DEST
+    )
 }
 
 impl Packet {
@@ -56,10 +88,6 @@ impl Packet {
                     return None;
                 }
                 let h: [u8; 20] = ctx.load(l3).ok()?;
-                // MF set or a fragment offset: the kernel reassembles.
-                if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
-                    return None;
-                }
                 let mut src = [0u8; 16];
                 let mut dst = [0u8; 16];
                 src[..4].copy_from_slice(&h[12..16]);
@@ -79,13 +107,18 @@ impl Packet {
                     icmp_type: 0,
                     len,
                     gso_size: 0,
+                    part: ipv4_fragment(u16::from_be_bytes([h[6], h[7]])),
+                    frag_id: u32::from(u16::from_be_bytes([h[4], h[5]])),
+                    frag_proto: h[9],
+                    options: ihl > 20,
+                    unreadable: false,
+                    udp6_no_checksum: false,
                 }
             }
             6 => {
-                // Version to hop limit; extension headers (fragments among
-                // them) are not ours.
+                // Version to hop limit.
                 let h: [u8; 8] = ctx.load(l3).ok()?;
-                Self {
+                let mut p = Self {
                     ipv6: true,
                     l3,
                     l4: l3 + 40,
@@ -100,12 +133,32 @@ impl Packet {
                     icmp_type: 0,
                     len,
                     gso_size: 0,
-                }
+                    part: Fragment::Whole,
+                    frag_id: 0,
+                    frag_proto: 0,
+                    options: false,
+                    unreadable: false,
+                    udp6_no_checksum: false,
+                };
+                p.walk_extensions(ctx)?;
+                p
             }
             _ => return None,
         };
         // SAFETY: the context points at the kernel's `__sk_buff` for this run.
         p.gso_size = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).gso_size };
+        if p.unreadable {
+            return Some(p);
+        }
+        if p.part == Fragment::Later {
+            // Payload only: the flow is whatever the first fragment said.
+            return match p.proto {
+                IPPROTO_TCP | IPPROTO_UDP => Some(p),
+                IPPROTO_ICMP if !p.ipv6 => Some(p),
+                IPPROTO_ICMPV6 | NEXTHDR_DEST if p.ipv6 => Some(p),
+                _ => None,
+            };
+        }
         match p.proto {
             IPPROTO_TCP => {
                 // Ports (kept in network byte order) through the flags.
@@ -116,15 +169,53 @@ impl Packet {
                 p.l4_len = u32::from(h[12] >> 4) * 4;
             }
             IPPROTO_UDP => {
-                let h: [u8; 4] = ctx.load(p.l4).ok()?;
+                let h: [u8; 8] = ctx.load(p.l4).ok()?;
                 p.sport = u16::from_ne_bytes([h[0], h[1]]);
                 p.dport = u16::from_ne_bytes([h[2], h[3]]);
+                p.udp6_no_checksum = p.ipv6 && h[6] == 0 && h[7] == 0;
             }
             IPPROTO_ICMP if !p.ipv6 => p.read_echo(ctx, ECHO_REQUEST_V4, ECHO_REPLY_V4)?,
             IPPROTO_ICMPV6 if p.ipv6 => p.read_echo(ctx, ECHO_REQUEST_V6, ECHO_REPLY_V6)?,
             _ => return None,
         }
         Some(p)
+    }
+
+    /// Follows IPv6 extension headers to the transport header (or, in a later
+    /// fragment, to the fragment header), at most `IPV6_MAX_EXT_HEADERS` of
+    /// them. `None` if one is cut short.
+    #[inline(always)]
+    fn walk_extensions(&mut self, ctx: &TcContext) -> Option<()> {
+        for _ in 0..IPV6_MAX_EXT_HEADERS {
+            if !is_extension(self.proto) {
+                return Some(());
+            }
+            let h: [u8; 8] = ctx.load(self.l4).ok()?;
+            match ipv6_step(self.proto, h) {
+                Ipv6Step::Skip { next, len } => {
+                    self.l4 += len;
+                    self.proto = next;
+                }
+                Ipv6Step::SourceRouted { next, len } => {
+                    self.options = true;
+                    self.l4 += len;
+                    self.proto = next;
+                }
+                Ipv6Step::Fragment { next, part, id } => {
+                    self.l4 += 8;
+                    self.proto = next;
+                    self.part = part;
+                    self.frag_id = id;
+                    self.frag_proto = next;
+                    if part == Fragment::Later {
+                        return Some(());
+                    }
+                }
+                Ipv6Step::Upper(_) => return Some(()),
+            }
+        }
+        self.unreadable = is_extension(self.proto);
+        Some(())
     }
 
     /// ICMP: only echo requests and replies; errors go to the kernel.

@@ -1,11 +1,14 @@
 //! Bounds-checked packet access and the first parse: which IP family, if any.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
-use tailguard_common::{PacketClass, classify};
+use tailguard_common::{
+    PacketClass,
+    classify::{self, Arrived},
+};
 
 /// The one accessor for packet data: a pointer to a `T` at `offset`, or
 /// `None` when the packet is too short. The verifier insists on this check
@@ -51,17 +54,24 @@ pub fn classify(ctx: &TcContext, ethernet: bool) -> PacketClass {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
         return PacketClass::Malformed;
     };
-    let available = ctx.data_end() - ctx.data() - l3;
+    // The whole packet, as `skb->len` counts it: a GRO or GSO packet's
+    // linear head (what `data_end` bounds) is only part of it.
+    // SAFETY: the context points at the kernel's `__sk_buff` for this run.
+    let gso = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).gso_size } != 0;
+    let arrived = Arrived {
+        len: (ctx.len() as usize).saturating_sub(l3),
+        gso,
+    };
     // SAFETY: checked by `ptr_at`.
     match classify::version(unsafe { (*ip).version() }, announced) {
         Ok(4) => {
             // SAFETY: checked by `ptr_at`.
             let (header, total) = unsafe { ((*ip).ihl() as usize, (*ip).tot_len() as usize) };
-            classify::ipv4(classify::Ipv4Lengths { header, total }, available)
+            classify::ipv4(classify::Ipv4Lengths { header, total }, arrived)
         }
         Ok(_) => match ptr_at::<Ipv6Hdr>(ctx, l3) {
             // SAFETY: checked by `ptr_at`.
-            Some(ip6) => classify::ipv6(unsafe { (*ip6).payload_len() } as usize, available),
+            Some(ip6) => classify::ipv6(unsafe { (*ip6).payload_len() } as usize, arrived),
             None => PacketClass::Malformed,
         },
         Err(class) => class,

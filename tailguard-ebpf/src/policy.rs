@@ -19,11 +19,13 @@ use aya_ebpf::{
 use tailguard_common::{
     Config, Device, Outcome, Route,
     config::flag,
+    fragment::Fragment,
     nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, NatEntry, state},
 };
 
 use crate::{
     config::{config, route_v4, route_v6},
+    fragments,
     icmp::{self, IcmpError},
     link_layer::has_ethernet,
     nat::{self, Scratch},
@@ -58,25 +60,114 @@ fn decide(ctx: &TcContext, device: Device) -> (i32, Outcome) {
     let Some(s) = nat::scratch() else {
         return kernel(Outcome::KernelNotConfigured);
     };
-    s.key = nat::key_of(&p, device);
+    if p.unreadable {
+        return ours_or_kernel(cfg, &p, device, Outcome::DropExtHeaders);
+    }
+    match p.part {
+        Fragment::Whole => flow(ctx, cfg, &mut p, s, device),
+        // The ports are the first fragment's; the datagram goes where it
+        // went.
+        Fragment::Later => {
+            s.frag_key = fragments::key_of(&p, device);
+            match fragments::recall(&s.frag_key) {
+                Some(first) if first.ours != 0 => {
+                    p.sport = first.sport;
+                    p.dport = first.dport;
+                    p.proto = first.proto;
+                    flow(ctx, cfg, &mut p, s, device)
+                }
+                // The kernel has the first fragment and reassembles.
+                Some(_) => kernel(Outcome::KernelNotHandled),
+                None => ours_or_kernel(cfg, &p, device, Outcome::DropFragmentUnknown),
+            }
+        }
+        Fragment::First => {
+            s.frag_key = fragments::key_of(&p, device);
+            s.frag_first = fragments::first_of(&p);
+            let decided = flow(ctx, cfg, &mut p, s, device);
+            // Anything but "the kernel's" (translated, or dropped by the
+            // policy) the later fragments get from the fast path too.
+            s.frag_first.ours = u8::from(decided.0 != TC_ACT_UNSPEC);
+            fragments::remember(&s.frag_key, &s.frag_first);
+            decided
+        }
+    }
+}
+
+/// The flow of `p`: the way its flow is translated if it is ours, else
+/// the policy's decision for a new one.
+#[inline(always)]
+fn flow(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &mut Packet,
+    s: &mut Scratch,
+    device: Device,
+) -> (i32, Outcome) {
+    s.key = nat::key_of(p, device);
     let now = nat::now();
     // A packet of a flow we own: translated the way its flow is.
     if let Some(entry) = nat::lookup(&s.key, now) {
+        if p.options {
+            // The kernel would take it for a connection of its own and
+            // translate it anew (or answer it as the host's).
+            return (TC_ACT_SHOT, Outcome::DropOptionsOfOurFlow);
+        }
         // SAFETY: from the map lookup, valid for this program run.
         let entry = unsafe { &mut *entry };
         if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             entry.state |= state::CLOSING;
         }
         entry.last_seen = now;
-        return send(ctx, cfg, &mut p, entry);
+        return send(ctx, cfg, p, entry);
     }
-    if !p.starts_flow() {
+    if p.options {
+        // nft: the kernel processes options and source routes
+        // (`accept_source_route`), then its rules apply.
+        return kernel(Outcome::KernelIpOptions);
+    }
+    // (A later fragment of a datagram the fast path took carries no flags;
+    // its flow follows from the route, as the first fragment's did.)
+    if p.part != Fragment::Later && !p.starts_flow() {
         // nft: the kernel's conntrack owns it ("ct state established").
         return kernel(Outcome::KernelNotOurFlow);
     }
     match device {
-        Device::WireGuard => from_wireguard(ctx, cfg, &mut p, s, now),
-        Device::Tailscale => from_tailscale(ctx, cfg, &mut p, s, now),
+        Device::WireGuard => from_wireguard(ctx, cfg, p, s, now),
+        Device::Tailscale => from_tailscale(ctx, cfg, p, s, now),
+    }
+}
+
+/// A packet whose flow cannot be known (a later fragment whose first the
+/// fast path has not seen, an IPv6 header chain too long to walk): dropped
+/// with `outcome` if the fast path would forward it, so the kernel never
+/// takes it for a new connection; the host's own (to one of its addresses
+/// and not sent on to `TS_DEST_IP`, or outside our routes) goes to the
+/// kernel.
+#[inline(always)]
+fn ours_or_kernel(cfg: &Config, p: &Packet, device: Device, outcome: Outcome) -> (i32, Outcome) {
+    let forwarded = match device {
+        Device::WireGuard => {
+            !is_own(cfg, p, Own::Tailnet, &p.dst)
+                && !is_own(cfg, p, Own::WireGuard, &p.dst)
+                && matches!(route(p), Some(Route::TAILSCALE | Route::WIREGUARD))
+        }
+        Device::Tailscale => {
+            if is_own(cfg, p, Own::Tailnet, &p.dst) {
+                if p.ipv6 {
+                    cfg.has(flag::DEST_V6)
+                } else {
+                    cfg.has(flag::DEST_V4)
+                }
+            } else {
+                !is_own(cfg, p, Own::WireGuard, &p.dst) && route(p) == Some(Route::WIREGUARD)
+            }
+        }
+    };
+    if forwarded {
+        (TC_ACT_SHOT, outcome)
+    } else {
+        kernel(Outcome::KernelNotHandled)
     }
 }
 
@@ -356,6 +447,13 @@ fn start(
     to: Device,
     now: u64,
 ) -> (i32, Outcome) {
+    if p.part == Fragment::Later {
+        // Its first fragment started no flow (the policy dropped it).
+        return (TC_ACT_SHOT, Outcome::DropFragmentUnknown);
+    }
+    if p.udp6_no_checksum {
+        return (TC_ACT_SHOT, Outcome::DropUdpZeroChecksum);
+    }
     let fits = |mtu| p.fits(mtu) || too_big::fragmentable(ctx, p, to, mtu);
     let (ifindex, mtu) = match egress(cfg, to, p.ipv6, p.ttl, fits) {
         Ok(device) => device,
@@ -370,6 +468,10 @@ fn start(
 /// Sends a packet of a flow we own, as its `entry` says.
 #[inline(always)]
 fn send(ctx: &TcContext, cfg: &Config, p: &mut Packet, entry: &NatEntry) -> (i32, Outcome) {
+    if p.udp6_no_checksum {
+        // IPv6 forbids it; the receiver's kernel would drop it.
+        return (TC_ACT_SHOT, Outcome::DropUdpZeroChecksum);
+    }
     let to = Device::from_role(entry.egress);
     let fits = |mtu| p.fits(mtu) || too_big::fragmentable(ctx, p, to, mtu);
     match egress(cfg, to, p.ipv6, p.ttl, fits) {

@@ -7,7 +7,10 @@ use aya_ebpf::{
     helpers::bpf_csum_diff,
     programs::TcContext,
 };
-use tailguard_common::nat::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, mss_for};
+use tailguard_common::{
+    fragment::Fragment,
+    nat::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, mss_for},
+};
 
 use crate::{
     icmp::IcmpError,
@@ -24,8 +27,13 @@ fn ok(r: core::result::Result<(), i64>) -> Result {
 }
 
 /// Where the transport checksum sits, and whether it covers the addresses
-/// (everything but ICMPv4 includes the pseudo header).
+/// (everything but ICMPv4 includes the pseudo header). A later fragment has
+/// none: the datagram's checksum is in the first fragment, which had it
+/// updated for the whole datagram.
 fn l4_checksum(p: &Packet) -> (usize, u64) {
+    if p.part == Fragment::Later {
+        return (p.l4, 0);
+    }
     match p.proto {
         IPPROTO_TCP => (p.l4 + 16, u64::from(BPF_F_PSEUDO_HDR)),
         // A zero UDP checksum over IPv4 means "none": keep it zero.
@@ -186,6 +194,15 @@ pub fn set_quoted_port(
 pub fn set_port(ctx: &TcContext, p: &mut Packet, source: bool, new: u16) -> Result {
     let old = if source { p.sport } else { p.dport };
     if old == new {
+        return Ok(());
+    }
+    if p.part == Fragment::Later {
+        // Its ports are in the first fragment.
+        if source {
+            p.sport = new;
+        } else {
+            p.dport = new;
+        }
         return Ok(());
     }
     let offset = if p.is_icmp() {

@@ -398,13 +398,20 @@ fn first_fragment(mtu: u32) -> u32 {
 }
 
 /// Whether the fast path fragments `p` (too big for `mtu`) itself: IPv4
-/// without DF and without options, whole (not GSO), at most two fragments'
+/// without DF and without options, whole (not GSO, not a fragment), at most two fragments'
 /// worth, leaving by an L3 device (`bpf_clone_redirect` sends the first
 /// fragment, and cannot fill in link-layer addresses). Anything else stays
 /// the kernel's.
 #[inline(always)]
 pub fn fragmentable(ctx: &TcContext, p: &Packet, to: Device, mtu: u32) -> bool {
-    if p.ipv6 || p.gso_size != 0 || crate::link_layer::has_ethernet(to) || mtu < 68 {
+    // A fragment already (MF or an offset) would need its offsets carried
+    // over; the kernel's path cannot re-fragment it in its flow either.
+    if p.ipv6
+        || p.part != tailguard_common::fragment::Fragment::Whole
+        || p.gso_size != 0
+        || crate::link_layer::has_ethernet(to)
+        || mtu < 68
+    {
         return false;
     }
     let Ok(h) = ctx.load::<[u8; 8]>(p.l3) else {

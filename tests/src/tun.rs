@@ -25,6 +25,18 @@ impl Tun {
     /// Creates the device without IPv6 (so the kernel sends nothing on its
     /// own: no router solicitations or MLD reports) and brings it up.
     pub fn create(name: &str) -> Self {
+        Self::with_flags(name, 0)
+    }
+
+    /// [`Tun::create`], with a `virtio_net_hdr` (10 bytes) before each
+    /// packet written, as wireguard-go and tailscaled write theirs: it can
+    /// make a GSO packet (one that stands for several), and the kernel
+    /// keeps all but the first `hdr_len` bytes out of the linear head.
+    pub fn create_with_vnet_hdr(name: &str) -> Self {
+        Self::with_flags(name, libc::IFF_VNET_HDR)
+    }
+
+    fn with_flags(name: &str, flags: libc::c_int) -> Self {
         assert!(
             name.len() < libc::IFNAMSIZ,
             "interface name {name} too long"
@@ -39,7 +51,7 @@ impl Tun {
         for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
             *dst = src as libc::c_char;
         }
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI | flags) as libc::c_short;
         // SAFETY: TUNSETIFF reads an `ifreq`, which `ifr` is.
         unsafe { tunsetiff(file.as_raw_fd(), &raw const ifr as u64) }
             .unwrap_or_else(|e| panic!("TUNSETIFF {name}: {e}"));

@@ -899,3 +899,582 @@ fn gso_packets_are_sized_by_their_real_headers() {
     };
     assert_eq!(filled, u16::from_be_bytes([udp[6], udp[7]]));
 }
+
+// Fragments, IPv4 options, IPv6 extension headers, IPv6 UDP checksum 0.
+
+const CLIENT6: &str = "fd66::7";
+const PEER6: &str = "fd7a:115c:a1e0::9";
+
+/// A UDP packet from `src:sport` to `dst:dport` (no link layer), TTL 64.
+fn udp_packet(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let ip = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("mixed families"),
+    };
+    let mut out = Vec::new();
+    ip.udp(sport, dport).write(&mut out, payload).unwrap();
+    out
+}
+
+/// `packet` (IPv4 or IPv6) behind an Ethernet header.
+fn on_ethernet(packet: &[u8]) -> Vec<u8> {
+    let ethertype = if packet[0] >> 4 == 6 { 0x86dd } else { 0x0800 };
+    tailguard_tests::packets::ethernet(ethertype, packet)
+}
+
+/// Recomputes the header checksum of the IPv4 packet `ip`.
+fn fix_ipv4_checksum(ip: &mut [u8]) {
+    ip[10..12].fill(0);
+    let (h, _) = etherparse::Ipv4Header::from_slice(ip).expect("an IPv4 header");
+    ip[10..12].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
+}
+
+/// `packet` cut into fragments of `chunk` payload bytes with identification
+/// `id`, as frames: IPv4 fragments, or IPv6 with a fragment header.
+fn fragments(packet: &[u8], chunk: usize, id: u32) -> Vec<Vec<u8>> {
+    assert_eq!(chunk % 8, 0);
+    let ipv6 = packet[0] >> 4 == 6;
+    let header_len = if ipv6 {
+        40
+    } else {
+        usize::from(packet[0] & 15) * 4
+    };
+    let (header, payload) = packet.split_at(header_len);
+    let parts: Vec<&[u8]> = payload.chunks(chunk).collect();
+    let count = parts.len();
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, part)| {
+            let offset = (i * chunk / 8) as u16;
+            let more = i + 1 < count;
+            let mut ip = header.to_vec();
+            if ipv6 {
+                ip[6] = 44;
+                ip[4..6].copy_from_slice(&((8 + part.len()) as u16).to_be_bytes());
+                ip.extend_from_slice(&[header[6], 0]);
+                ip.extend_from_slice(&(offset << 3 | u16::from(more)).to_be_bytes());
+                ip.extend_from_slice(&id.to_be_bytes());
+                ip.extend_from_slice(part);
+            } else {
+                ip[2..4].copy_from_slice(&((header_len + part.len()) as u16).to_be_bytes());
+                ip[4..6].copy_from_slice(&(id as u16).to_be_bytes());
+                let flags = if more { 0x2000 } else { 0 };
+                ip[6..8].copy_from_slice(&(offset | flags).to_be_bytes());
+                ip.extend_from_slice(part);
+                fix_ipv4_checksum(&mut ip);
+            }
+            on_ethernet(&ip)
+        })
+        .collect()
+}
+
+/// The datagram the fragment `frames` make, as a frame, as the receiver's
+/// kernel would reassemble it: every fragment must carry the same header
+/// (each IPv4 one with a valid checksum) and the parts must fit together.
+fn reassemble(frames: &[Vec<u8>]) -> Vec<u8> {
+    let mut parts = Vec::new();
+    let mut headers = Vec::new();
+    for frame in frames {
+        let ip = &frame[14..];
+        if ip[0] >> 4 == 6 {
+            assert_eq!(ip[6], 44, "a fragment header");
+            let field = u16::from_be_bytes([ip[42], ip[43]]);
+            let end = 40 + usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            parts.push((usize::from(field >> 3) * 8, ip[48..end].to_vec()));
+            let mut h = ip[..40].to_vec();
+            h[6] = ip[40];
+            h[4..6].fill(0);
+            headers.push(h);
+        } else {
+            let (h, _) = etherparse::Ipv4Header::from_slice(ip).expect("an IPv4 fragment");
+            assert_eq!(
+                h.header_checksum,
+                h.calc_header_checksum(),
+                "a fragment's header checksum"
+            );
+            let field = u16::from_be_bytes([ip[6], ip[7]]);
+            parts.push((
+                usize::from(field & 0x1fff) * 8,
+                ip[h.header_len()..usize::from(h.total_len)].to_vec(),
+            ));
+            let mut header = ip[..h.header_len()].to_vec();
+            header[2..4].fill(0);
+            header[6..8].fill(0);
+            header[10..12].fill(0);
+            headers.push(header);
+        }
+    }
+    assert!(
+        headers.windows(2).all(|w| w[0] == w[1]),
+        "every fragment has the same addresses and TTL: {headers:02x?}"
+    );
+    parts.sort();
+    let mut payload = Vec::new();
+    for (offset, part) in parts {
+        assert_eq!(offset, payload.len(), "the fragments fit together");
+        payload.extend_from_slice(&part);
+    }
+    let mut ip = headers.swap_remove(0);
+    if ip[0] >> 4 == 6 {
+        ip[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+        ip.extend_from_slice(&payload);
+    } else {
+        let total = (ip.len() + payload.len()) as u16;
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
+        ip.extend_from_slice(&payload);
+        fix_ipv4_checksum(&mut ip);
+    }
+    on_ethernet(&ip)
+}
+
+/// Runs each fragment of `packet` through `device`'s program; each must be
+/// redirected. What left, reassembled.
+fn forward_fragments(dp: &Datapath, device: Device, packet: &[u8], id: u32) -> Out {
+    let frames = fragments(packet, 1000, id);
+    assert!(frames.len() > 2);
+    let out: Vec<Vec<u8>> = frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let out = run(dp, device, f);
+            assert_eq!(out.verdict, REDIRECT, "fragment {i}");
+            out.frame
+        })
+        .collect();
+    Out {
+        verdict: REDIRECT,
+        frame: reassemble(&out),
+    }
+}
+
+impl Out {
+    fn payload(&self) -> Vec<u8> {
+        let h = PacketHeaders::from_ethernet_slice(&self.frame).expect("a valid frame");
+        h.payload.slice().to_vec()
+    }
+}
+
+/// A fragmented UDP datagram of a flow is translated the way the flow's
+/// whole datagrams are (the same translated port), whether the flow starts
+/// with it or not; reassembled, it has the right checksum, and so have the
+/// replies, fragmented too. Both families, masqueraded (wg -> ts) and
+/// source-NATed (ts -> wg).
+#[test]
+fn fragmented_udp_is_translated_as_its_flow() {
+    let dp = datapath(false);
+    let cases: [(Device, IpAddr, IpAddr, IpAddr); 4] = [
+        (Device::WireGuard, CLIENT4.into(), PEER4.into(), TS4.into()),
+        (
+            Device::WireGuard,
+            v6(CLIENT6).into(),
+            v6(PEER6).into(),
+            node::TS6.into(),
+        ),
+        (Device::Tailscale, PEER4.into(), CLIENT4.into(), WG4.into()),
+        (
+            Device::Tailscale,
+            v6(PEER6).into(),
+            v6(CLIENT6).into(),
+            node::WG6.into(),
+        ),
+    ];
+    let big: Vec<u8> = (0..2500u32).map(|i| (i * 7 + i / 256) as u8).collect();
+    let mut id = 0x4711;
+    for (i, (from, sender, receiver, own)) in cases.into_iter().enumerate() {
+        for fragments_first in [false, true] {
+            let what = format!("case {i}, fragments first: {fragments_first}");
+            let sport = 42000 + 2 * i as u16 + u16::from(fragments_first);
+            id += 2;
+            let whole = || {
+                let packet = udp_packet(sender, receiver, sport, 4500, b"one whole datagram");
+                run(&dp, from, &on_ethernet(&packet))
+            };
+            let datagram = udp_packet(sender, receiver, sport, 4500, &big);
+            let (a, b) = if fragments_first {
+                let f = forward_fragments(&dp, from, &datagram, id);
+                (f, whole())
+            } else {
+                let w = whole();
+                (w, forward_fragments(&dp, from, &datagram, id))
+            };
+            for out in [&a, &b] {
+                assert_eq!(out.verdict, REDIRECT, "{what}");
+                out.assert_checksums();
+                assert_eq!(out.ip(), (own, receiver, 63), "{what}");
+            }
+            let nat_port = a.ports().0;
+            assert!(nat_port >= NAT_PORT_FIRST, "{what}: {nat_port}");
+            assert_eq!(a.ports(), (nat_port, 4500), "{what}");
+            assert_eq!(b.ports(), (nat_port, 4500), "{what}: the same port");
+            let fragmented = if fragments_first { &a } else { &b };
+            assert_eq!(fragmented.payload(), big, "{what}: the payload");
+
+            let reply = udp_packet(receiver, own, 4500, nat_port, &big);
+            let back = forward_fragments(&dp, from.other(), &reply, id + 1);
+            back.assert_checksums();
+            assert_eq!(back.ip(), (receiver, sender, 63), "{what}: the reply");
+            assert_eq!(back.ports(), (4500, sport), "{what}: the reply");
+            assert_eq!(back.payload(), big, "{what}: the reply's payload");
+        }
+    }
+}
+
+/// A later fragment whose first fragment the fast path has not seen is
+/// dropped and counted when the fast path would forward it (it must not
+/// reach the kernel's rules as a new connection), and the kernel's when it
+/// is the host's own; a datagram whose first fragment the kernel got stays
+/// the kernel's, to reassemble.
+#[test]
+fn unknown_later_fragments_are_dropped_unless_the_hosts() {
+    let dp = datapath(false);
+    let payload = [7u8; 2100];
+    let later = |src: IpAddr, dst: IpAddr, id| {
+        fragments(&udp_packet(src, dst, 5000, 6000, &payload), 1000, id).swap_remove(1)
+    };
+    let cases: [(&str, Device, Vec<u8>, u32, Outcome); 5] = [
+        (
+            "wg -> ts",
+            Device::WireGuard,
+            later(CLIENT4.into(), PEER4.into(), 1),
+            SHOT,
+            Outcome::DropFragmentUnknown,
+        ),
+        (
+            "wg -> ts, IPv6",
+            Device::WireGuard,
+            later(v6(CLIENT6).into(), v6(PEER6).into(), 2),
+            SHOT,
+            Outcome::DropFragmentUnknown,
+        ),
+        (
+            "ts -> TS_DEST_IP",
+            Device::Tailscale,
+            later(PEER4.into(), TS4.into(), 3),
+            SHOT,
+            Outcome::DropFragmentUnknown,
+        ),
+        (
+            "to the host's WireGuard address",
+            Device::WireGuard,
+            later(CLIENT4.into(), WG4.into(), 4),
+            CONTINUE,
+            Outcome::KernelNotHandled,
+        ),
+        (
+            "to the host's WireGuard address, IPv6",
+            Device::WireGuard,
+            later(v6(CLIENT6).into(), node::WG6.into(), 5),
+            CONTINUE,
+            Outcome::KernelNotHandled,
+        ),
+    ];
+    for (what, device, input, verdict, outcome) in cases {
+        let before = outcome_count(&dp, device, outcome);
+        let out = run(&dp, device, &input);
+        assert_eq!(out.verdict, verdict, "{what}");
+        assert_eq!(
+            outcome_count(&dp, device, outcome),
+            before + 1,
+            "{what}: counted as {outcome:?}"
+        );
+    }
+
+    // The first fragment went to the kernel (to the host): so do the rest.
+    for (src, dst) in [
+        (IpAddr::from(CLIENT4), IpAddr::from(WG4)),
+        (v6(CLIENT6).into(), node::WG6.into()),
+    ] {
+        let frames = fragments(&udp_packet(src, dst, 5000, 53, &payload), 1000, 99);
+        for (i, f) in frames.iter().enumerate() {
+            let out = run(&dp, Device::WireGuard, f);
+            assert_eq!(
+                (out.verdict, &out.frame),
+                (CONTINUE, f),
+                "{dst}: fragment {i}"
+            );
+        }
+    }
+
+    // Out of order: the later fragment is dropped, the first still starts
+    // the flow.
+    let frames = fragments(
+        &udp_packet(CLIENT4.into(), PEER4.into(), 5001, 6000, &payload),
+        1000,
+        100,
+    );
+    assert_eq!(run(&dp, Device::WireGuard, &frames[2]).verdict, SHOT);
+    assert_eq!(run(&dp, Device::WireGuard, &frames[0]).verdict, REDIRECT);
+    assert_eq!(run(&dp, Device::WireGuard, &frames[1]).verdict, REDIRECT);
+}
+
+/// `packet` (IPv4, no options) with `options` (a multiple of 4 bytes).
+fn with_ipv4_options(packet: &[u8], options: &[u8]) -> Vec<u8> {
+    assert_eq!(options.len() % 4, 0);
+    let mut ip = packet[..20].to_vec();
+    ip[0] = 0x40 | (5 + options.len() / 4) as u8;
+    ip[2..4].copy_from_slice(&((packet.len() + options.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(options);
+    ip.extend_from_slice(&packet[20..]);
+    fix_ipv4_checksum(&mut ip);
+    ip
+}
+
+/// Loose source routing via 192.0.2.1 (RFC 791), and a NOP to fill the word.
+const LSRR: [u8; 8] = [131, 7, 4, 192, 0, 2, 1, 1];
+/// Record route with room for one address.
+const RECORD_ROUTE: [u8; 8] = [7, 7, 4, 0, 0, 0, 0, 1];
+
+/// IPv4 with options is the kernel's (its option processing and
+/// `accept_source_route` decide), and a packet with options of a flow the
+/// fast path owns is dropped, not left to the kernel to translate anew.
+#[test]
+fn ipv4_options_are_the_kernels_but_never_of_our_flows() {
+    let dp = datapath(false);
+    for (what, options) in [("LSRR", LSRR), ("record route", RECORD_ROUTE)] {
+        let new = on_ethernet(&with_ipv4_options(
+            &udp_packet(CLIENT4.into(), PEER4.into(), 43000, 53, b"new"),
+            &options,
+        ));
+        let before = outcome_count(&dp, Device::WireGuard, Outcome::KernelIpOptions);
+        let out = run(&dp, Device::WireGuard, &new);
+        assert_eq!((out.verdict, &out.frame), (CONTINUE, &new), "{what}");
+        assert_eq!(
+            outcome_count(&dp, Device::WireGuard, Outcome::KernelIpOptions),
+            before + 1,
+            "{what}"
+        );
+    }
+
+    let plain = udp_packet(CLIENT4.into(), PEER4.into(), 43001, 53, b"ours");
+    let out = run(&dp, Device::WireGuard, &on_ethernet(&plain));
+    assert_eq!(out.verdict, REDIRECT);
+    let (nat_port, _) = out.ports();
+    let reply = udp_packet(PEER4.into(), TS4.into(), 53, nat_port, b"answer");
+    for (what, device, packet) in [
+        ("from the client", Device::WireGuard, &plain),
+        ("the reply", Device::Tailscale, &reply),
+    ] {
+        for options in [LSRR, RECORD_ROUTE] {
+            let before = outcome_count(&dp, device, Outcome::DropOptionsOfOurFlow);
+            let out = run(
+                &dp,
+                device,
+                &on_ethernet(&with_ipv4_options(packet, &options)),
+            );
+            assert_eq!(out.verdict, SHOT, "{what}");
+            assert_eq!(
+                outcome_count(&dp, device, Outcome::DropOptionsOfOurFlow),
+                before + 1,
+                "{what}"
+            );
+        }
+        let out = run(&dp, device, &on_ethernet(packet));
+        assert_eq!(out.verdict, REDIRECT, "{what} without options");
+    }
+}
+
+const HOP_BY_HOP: u8 = 0;
+const ROUTING: u8 = 43;
+const DEST_OPTIONS: u8 = 60;
+
+/// An options header (hop-by-hop or destination) of 8 bytes: one PadN.
+fn padding_header() -> Vec<u8> {
+    vec![0, 0, 1, 4, 0, 0, 0, 0]
+}
+
+/// A type 0 routing header through `via`, `left` segments left.
+fn routing_header(left: u8, via: Ipv6Addr) -> Vec<u8> {
+    let mut h = vec![0, 2, 0, left, 0, 0, 0, 0];
+    h.extend_from_slice(&via.octets());
+    h
+}
+
+/// Extension headers: each one's type and body.
+type Extensions = Vec<(u8, Vec<u8>)>;
+
+/// `packet` (IPv6, none yet) with `headers` (type and body, whose first byte
+/// is set to the next header's type) between its header and its payload.
+fn with_ipv6_extensions(packet: &[u8], headers: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let mut ip = packet[..40].to_vec();
+    let upper = packet[6];
+    let mut added = 0;
+    for (i, (kind, body)) in headers.iter().enumerate() {
+        if i == 0 {
+            ip[6] = *kind;
+        }
+        let mut body = body.clone();
+        body[0] = headers.get(i + 1).map_or(upper, |(next, _)| *next);
+        added += body.len();
+        ip.extend_from_slice(&body);
+    }
+    let payload = u16::from_be_bytes([packet[4], packet[5]]) as usize + added;
+    ip[4..6].copy_from_slice(&(payload as u16).to_be_bytes());
+    ip.extend_from_slice(&packet[40..]);
+    ip
+}
+
+/// IPv6 extension headers: packets of our flows behind hop-by-hop,
+/// destination options or a spent routing header are translated (checksums
+/// checked by etherparse, which walks the chain itself); a routing header
+/// with segments left is the kernel's (dropped for a flow of ours); a chain
+/// longer than the fast path walks is dropped when it would forward it.
+#[test]
+fn ipv6_extension_headers_are_walked() {
+    let dp = datapath(false);
+    let (client, peer, own): (IpAddr, IpAddr, IpAddr) =
+        (v6(CLIENT6).into(), v6(PEER6).into(), node::TS6.into());
+    let plain = udp_packet(client, peer, 44000, 53, b"ours");
+    let out = run(&dp, Device::WireGuard, &on_ethernet(&plain));
+    assert_eq!(out.verdict, REDIRECT);
+    let (nat_port, _) = out.ports();
+    let reply = udp_packet(peer, own, 53, nat_port, b"answer");
+    let via = v6("fd7a:115c:a1e0::77");
+
+    let translated: [(&str, Extensions); 3] = [
+        ("hop-by-hop", vec![(HOP_BY_HOP, padding_header())]),
+        (
+            "hop-by-hop and destination options",
+            vec![
+                (HOP_BY_HOP, padding_header()),
+                (DEST_OPTIONS, padding_header()),
+            ],
+        ),
+        (
+            "routing, no segments left",
+            vec![(ROUTING, routing_header(0, via))],
+        ),
+    ];
+    for (what, headers) in &translated {
+        let out = run(
+            &dp,
+            Device::WireGuard,
+            &on_ethernet(&with_ipv6_extensions(&plain, headers)),
+        );
+        assert_eq!(out.verdict, REDIRECT, "{what}");
+        out.assert_checksums();
+        assert_eq!(
+            (out.ip(), out.ports()),
+            ((own, peer, 63), (nat_port, 53)),
+            "{what}"
+        );
+        let back = run(
+            &dp,
+            Device::Tailscale,
+            &on_ethernet(&with_ipv6_extensions(&reply, headers)),
+        );
+        assert_eq!(back.verdict, REDIRECT, "{what}: the reply");
+        back.assert_checksums();
+        assert_eq!(
+            (back.ip(), back.ports()),
+            ((peer, client, 63), (53, 44000)),
+            "{what}: the reply"
+        );
+    }
+
+    let source_routed = vec![(ROUTING, routing_header(1, via))];
+    let new = udp_packet(client, peer, 44001, 53, b"new");
+    let seven = vec![(DEST_OPTIONS, padding_header()); 7];
+    let to_host = udp_packet(client, node::WG6.into(), 44002, 53, b"host");
+    let cases: [(&str, Device, Vec<u8>, u32, Outcome); 5] = [
+        (
+            "source-routed, new",
+            Device::WireGuard,
+            with_ipv6_extensions(&new, &source_routed),
+            CONTINUE,
+            Outcome::KernelIpOptions,
+        ),
+        (
+            "source-routed, ours",
+            Device::WireGuard,
+            with_ipv6_extensions(&plain, &source_routed),
+            SHOT,
+            Outcome::DropOptionsOfOurFlow,
+        ),
+        (
+            "source-routed reply",
+            Device::Tailscale,
+            with_ipv6_extensions(&reply, &source_routed),
+            SHOT,
+            Outcome::DropOptionsOfOurFlow,
+        ),
+        (
+            "seven headers",
+            Device::WireGuard,
+            with_ipv6_extensions(&plain, &seven),
+            SHOT,
+            Outcome::DropExtHeaders,
+        ),
+        (
+            "seven headers, to the host",
+            Device::WireGuard,
+            with_ipv6_extensions(&to_host, &seven),
+            CONTINUE,
+            Outcome::KernelNotHandled,
+        ),
+    ];
+    for (what, device, packet, verdict, outcome) in cases {
+        let input = on_ethernet(&packet);
+        let before = outcome_count(&dp, device, outcome);
+        let out = run(&dp, device, &input);
+        assert_eq!(out.verdict, verdict, "{what}");
+        if verdict == CONTINUE {
+            assert_eq!(out.frame, input, "{what}: the kernel gets it unchanged");
+        }
+        assert_eq!(
+            outcome_count(&dp, device, outcome),
+            before + 1,
+            "{what}: counted as {outcome:?}"
+        );
+    }
+}
+
+/// IPv6 UDP with checksum 0 is dropped and counted, new or of our flow;
+/// IPv4's "no checksum" is fine; to the host, the kernel decides.
+#[test]
+fn ipv6_udp_without_checksum_is_dropped() {
+    let dp = datapath(false);
+    let zero = |mut packet: Vec<u8>| {
+        let at = if packet[0] >> 4 == 6 { 46 } else { 26 };
+        packet[at..at + 2].fill(0);
+        on_ethernet(&packet)
+    };
+    let (client, peer): (IpAddr, IpAddr) = (v6(CLIENT6).into(), v6(PEER6).into());
+    let ours = udp_packet(client, peer, 45000, 53, b"ours");
+    assert_eq!(
+        run(&dp, Device::WireGuard, &on_ethernet(&ours)).verdict,
+        REDIRECT
+    );
+    for (what, packet) in [
+        ("new", udp_packet(client, peer, 45001, 53, b"new")),
+        ("of our flow", ours),
+    ] {
+        let before = outcome_count(&dp, Device::WireGuard, Outcome::DropUdpZeroChecksum);
+        assert_eq!(
+            run(&dp, Device::WireGuard, &zero(packet)).verdict,
+            SHOT,
+            "{what}"
+        );
+        assert_eq!(
+            outcome_count(&dp, Device::WireGuard, Outcome::DropUdpZeroChecksum),
+            before + 1,
+            "{what}"
+        );
+    }
+    let v4 = zero(udp_packet(CLIENT4.into(), PEER4.into(), 45002, 53, b"v4"));
+    let out = run(&dp, Device::WireGuard, &v4);
+    assert_eq!(out.verdict, REDIRECT, "IPv4 UDP may go without a checksum");
+    let h = PacketHeaders::from_ethernet_slice(&out.frame).unwrap();
+    let Some(TransportHeader::Udp(u)) = h.transport else {
+        panic!("UDP")
+    };
+    assert_eq!(u.checksum, 0, "and stays without one");
+    let to_host = zero(udp_packet(client, node::WG6.into(), 45003, 53, b"host"));
+    let out = run(&dp, Device::WireGuard, &to_host);
+    assert_eq!(
+        (out.verdict, &out.frame),
+        (CONTINUE, &to_host),
+        "to the host"
+    );
+}

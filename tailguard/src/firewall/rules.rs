@@ -218,6 +218,19 @@ fn forward(p: &FirewallPlan) -> Vec<Value> {
             ],
         ),
         chain("forward", "filter", "forward", FILTER, "drop"),
+        // The fast path drops these too (`drop:udp6-zero-checksum`); the
+        // kernel forwards without looking at a checksum.
+        rule(
+            "forward",
+            "IPv6 UDP with checksum 0, which IPv6 forbids",
+            vec![
+                is(meta("nfproto"), "ipv6"),
+                is(meta("l4proto"), "udp"),
+                is(payload("udp", "checksum"), 0),
+                json!({"counter": null}),
+                json!({"drop": null}),
+            ],
+        ),
         rule(
             "forward",
             "replies and related ICMP errors",
