@@ -12,7 +12,7 @@ use tailguard_common::{
     outcome::OUTCOME_SLOTS,
 };
 
-use crate::packet::Packet;
+use crate::{icmp::IcmpError, packet::Packet};
 
 /// Both directions of every flow the fast path owns. The daemon pins it, so
 /// flows outlive a restart of the daemon.
@@ -33,6 +33,8 @@ pub struct Scratch {
     pub entry: NatEntry,
     /// The kernel's FIB lookup for destinations outside our routes.
     pub fib: bpf_fib_lookup,
+    /// An ICMP error being translated.
+    pub error: IcmpError,
 }
 
 #[map]

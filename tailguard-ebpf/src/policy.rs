@@ -400,7 +400,7 @@ fn translate(
 pub fn send_error(
     ctx: &TcContext,
     cfg: &Config,
-    mut e: IcmpError,
+    e: &mut IcmpError,
     entry: &NatEntry,
 ) -> (i32, Outcome) {
     let to = Device::from_role(entry.egress);
@@ -409,7 +409,7 @@ pub fn send_error(
         Err(verdict) => return verdict,
     };
     let proto = if e.ipv6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
-    let rewritten = icmp::rewrite_error(ctx, &mut e, entry)
+    let rewritten = icmp::rewrite_error(ctx, e, entry)
         .and_then(|()| rewrite::decrement_ttl_at(ctx, e.l3, e.ipv6, e.ttl, proto));
     if rewritten.is_err() {
         return (TC_ACT_SHOT, Outcome::DropHelperFailed);

@@ -752,3 +752,136 @@ fn icmp_errors_about_our_flows_are_translated_back() {
     let out = run(&dp, Device::Tailscale, &error);
     assert_eq!((out.verdict, &out.frame), (CONTINUE, &error));
 }
+
+/// The frame an ICMP error carries as its quote, given an Ethernet header
+/// so it can be parsed and checked like any frame.
+fn quoted_frame(error: &[u8], ipv6: bool) -> Out {
+    let header = if ipv6 { 40 } else { 20 };
+    let mut frame = error[..14].to_vec();
+    frame.extend_from_slice(&error[14 + header + 8..]);
+    Out { verdict: 0, frame }
+}
+
+/// A masqueraded UDP or TCP packet quoted whole by a router on the tailnet
+/// side: translated back, the quote is the client's own packet again and
+/// every checksum in it verifies (its IPv4 header and its TCP/UDP
+/// checksum), the ICMP checksum too; quoted only up to 8 bytes after the
+/// IP header, the UDP checksum there is the client's own.
+#[test]
+fn translated_icmp_errors_keep_the_quoted_checksums_valid() {
+    let dp = datapath(false);
+    let cases: [(IpAddr, IpAddr, IpAddr); 2] = [
+        (CLIENT4.into(), PEER4.into(), TS4.into()),
+        (
+            v6("fd66::7").into(),
+            v6("fd7a:115c:a1e0::9").into(),
+            v6("fd7a:115c:a1e0::1").into(),
+        ),
+    ];
+    let mut sport = 41000;
+    for (client, peer, own) in cases {
+        let ipv6 = client.is_ipv6();
+        let router: IpAddr = if ipv6 {
+            v6("fd7a:115c:a1e0::50").into()
+        } else {
+            Ipv4Addr::new(100, 64, 0, 50).into()
+        };
+        for (what, l4) in [("UDP", L4::Udp), ("TCP", L4::Syn(1460))] {
+            sport += 1;
+            let input = frame(client, peer, sport, 443, l4, 64);
+            let out = run(&dp, Device::WireGuard, &input);
+            assert_eq!(out.verdict, REDIRECT, "{what} {client}");
+            let error = icmp_error(router, own, &out.frame[14..]);
+            let back = run(&dp, Device::Tailscale, &error);
+            assert_eq!(back.verdict, REDIRECT, "{what} {client}: translated");
+            back.assert_checksums();
+            let quote = quoted_frame(&back.frame, ipv6);
+            assert_eq!(
+                (quote.ip().0, quote.ip().1, quote.ports()),
+                (client, peer, (sport, 443)),
+                "{what} {client}: the quote, as the client sent it"
+            );
+            quote.assert_checksums();
+        }
+        // Only the first 8 bytes of UDP quoted: its checksum is in them.
+        sport += 1;
+        let input = frame(client, peer, sport, 443, L4::Udp, 64);
+        let out = run(&dp, Device::WireGuard, &input);
+        let error = icmp_error(router, own, &quote(&out.frame, ipv6));
+        let back = run(&dp, Device::Tailscale, &error);
+        assert_eq!(back.verdict, REDIRECT);
+        back.assert_checksums();
+        let header = if ipv6 { 40 } else { 20 };
+        let udp_checksum = |f: &[u8], at: usize| f[at + 6..at + 8].to_vec();
+        assert_eq!(
+            udp_checksum(&back.frame, 14 + 2 * header + 8),
+            udp_checksum(&input, 14 + header),
+            "{client}: the quoted UDP checksum is the client's"
+        );
+    }
+}
+
+/// Errors that quote one of our flows but are addressed to someone else
+/// than the flow's translated address, or whose quote is not a well-formed
+/// packet, are not translated: the kernel gets them unchanged.
+#[test]
+fn icmp_errors_to_another_address_or_with_a_bad_quote_are_the_kernels() {
+    let mut dp = datapath(false);
+    let router: IpAddr = Ipv4Addr::new(100, 64, 0, 50).into();
+    let out = run(
+        &dp,
+        Device::WireGuard,
+        &frame(CLIENT4.into(), PEER4.into(), 42000, 443, L4::Udp, 64),
+    );
+    assert_eq!(out.verdict, REDIRECT);
+    let good = quote(&out.frame, false);
+    let translated = run(
+        &dp,
+        Device::Tailscale,
+        &icmp_error(router, TS4.into(), &good),
+    );
+    assert_eq!(
+        translated.verdict, REDIRECT,
+        "the well-formed error is ours"
+    );
+    // Read with IHL 4, the quote's "ports" would be its destination address
+    // (100.64 and 0.9): a live flow with those makes that misreading show.
+    let mut misread = reply_key(0);
+    misread.sport = 9u16.to_be();
+    misread.dport = u16::from_be_bytes([100, 64]).to_be();
+    let live = NatEntry {
+        egress: Device::WireGuard as u32,
+        last_seen: u64::MAX / 2,
+        ..NatEntry::default()
+    };
+    dp.nat().unwrap().insert(&misread, &live, 0).unwrap();
+    let with = |edit: fn(&mut Vec<u8>)| {
+        let mut q = good.clone();
+        edit(&mut q);
+        q
+    };
+    let cases: [(&str, IpAddr, Vec<u8>); 5] = [
+        (
+            "to another tailnet address",
+            Ipv4Addr::new(100, 64, 0, 77).into(),
+            good.clone(),
+        ),
+        ("to the node's WireGuard address", WG4.into(), good.clone()),
+        ("a quote with IHL 4", TS4.into(), with(|q| q[0] = 0x44)),
+        (
+            "a quote whose total length is shorter than its header",
+            TS4.into(),
+            with(|q| q[2..4].copy_from_slice(&16u16.to_be_bytes())),
+        ),
+        (
+            "a quote whose UDP length is below 8",
+            TS4.into(),
+            with(|q| q[24..26].copy_from_slice(&4u16.to_be_bytes())),
+        ),
+    ];
+    for (what, to, quoted) in cases {
+        let error = icmp_error(router, to, &quoted);
+        let out = run(&dp, Device::Tailscale, &error);
+        assert_eq!((out.verdict, &out.frame), (CONTINUE, &error), "{what}");
+    }
+}
