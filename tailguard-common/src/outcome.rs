@@ -40,10 +40,15 @@ pub enum Outcome {
     /// Dropped: bound for neither side nor the host (the uplink, the
     /// internet), which the policy does not forward.
     DropNoRoute = 12,
+    /// Handed to the kernel: a UDP datagram of a flow the kernel's
+    /// conntrack tracks (started before the programs were attached, left to
+    /// the kernel when no port was free, or a reply to the host's own
+    /// datagrams), which stays the kernel's.
+    KernelTrackedFlow = 13,
 }
 
 impl Outcome {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::Redirected,
@@ -59,6 +64,7 @@ impl Outcome {
         Self::DropHelperFailed,
         Self::ErrorTranslated,
         Self::DropNoRoute,
+        Self::KernelTrackedFlow,
     ];
 
     /// The index of (`device`, `self`) in `OUTCOMES`.
@@ -81,6 +87,7 @@ impl Outcome {
             Self::DropHelperFailed => "drop:helper-failed",
             Self::ErrorTranslated => "icmp-error-translated",
             Self::DropNoRoute => "drop:not-forwarded",
+            Self::KernelTrackedFlow => "kernel:tracked-flow",
         }
     }
 }

@@ -19,12 +19,13 @@ use aya_ebpf::{
 use tailguard_common::{
     Config, Device, Outcome, Route,
     config::flag,
-    nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, NatEntry, state},
+    nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, NatEntry, state},
 };
 
 use crate::{
     config::{config, route_v4, route_v6},
     icmp::{self, IcmpError},
+    kernel_flows,
     link_layer::has_ethernet,
     nat::{self, Scratch},
     packet::{Packet, TCP_FIN, TCP_RST},
@@ -64,10 +65,14 @@ fn decide(ctx: &TcContext, device: Device) -> (i32, Outcome) {
     if let Some(entry) = nat::lookup(&s.key, now) {
         // SAFETY: from the map lookup, valid for this program run.
         let entry = unsafe { &mut *entry };
+        entry.last_seen = now;
+        if entry.state & state::KERNEL != 0 {
+            // nft: "ct state established" (see `kernel_flows`).
+            return kernel(Outcome::KernelTrackedFlow);
+        }
         if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             entry.state |= state::CLOSING;
         }
-        entry.last_seen = now;
         return send(ctx, cfg, &mut p, entry);
     }
     if !p.starts_flow() {
@@ -350,6 +355,10 @@ fn start(
         Err(verdict) => return verdict,
     };
     if !nat::create(p, s, allocate, to, now) {
+        // The kernel's conntrack has the flow from now on: so do we.
+        if p.proto == IPPROTO_UDP {
+            nat::keep_for_kernel(&s.key, now);
+        }
         return kernel(Outcome::KernelNoPort);
     }
     translate(ctx, p, &s.entry, to, ifindex, mtu)
@@ -392,7 +401,7 @@ fn translate(
     if rewritten.is_err() {
         return (TC_ACT_SHOT, Outcome::DropHelperFailed);
     }
-    (redirect(to, ifindex), Outcome::Redirected)
+    (redirect(ctx, to, ifindex), Outcome::Redirected)
 }
 
 /// Sends a translated ICMP error (see `icmp`) the way its flow's replies go.
@@ -414,7 +423,7 @@ pub fn send_error(
     if rewritten.is_err() {
         return (TC_ACT_SHOT, Outcome::DropHelperFailed);
     }
-    (redirect(to, ifindex), Outcome::ErrorTranslated)
+    (redirect(ctx, to, ifindex), Outcome::ErrorTranslated)
 }
 
 /// Sends the packet out of `ifindex`, the device `to`. On L3
@@ -423,7 +432,8 @@ pub fn send_error(
 /// aya-ebpf does not wrap yet: helper 152, as the kernel's UAPI numbers it).
 /// Returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the helper refused.
 #[inline(always)]
-fn redirect(to: Device, ifindex: u32) -> i32 {
+fn redirect(ctx: &TcContext, to: Device, ifindex: u32) -> i32 {
+    kernel_flows::mark_sent(ctx);
     if has_ethernet(to) {
         // SAFETY: helper 152 is `long bpf_redirect_neigh(u32 ifindex, struct
         // bpf_redir_neigh *params, int plen, u64 flags)`; no params means

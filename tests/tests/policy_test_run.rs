@@ -640,6 +640,28 @@ fn a_full_range_of_live_flows_leaves_new_ones_to_the_kernel() {
         outcome_count(&dp, Device::WireGuard, Outcome::KernelNoPort),
         before + 1
     );
+    // The kernel has the flow now (its conntrack masquerades it): its next
+    // datagrams stay the kernel's, even once ports are free again.
+    {
+        let mut nat = dp.nat().unwrap();
+        for port in NAT_PORT_FIRST..=u16::MAX {
+            nat.remove(&reply_key(port)).unwrap();
+        }
+    }
+    let before = outcome_count(&dp, Device::WireGuard, Outcome::KernelTrackedFlow);
+    let out = run(&dp, Device::WireGuard, &input);
+    assert_eq!(
+        (out.verdict, &out.frame),
+        (CONTINUE, &input),
+        "the next datagram: still the kernel's"
+    );
+    assert_eq!(
+        outcome_count(&dp, Device::WireGuard, Outcome::KernelTrackedFlow),
+        before + 1
+    );
+    // While a new flow is the fast path's again.
+    let other = frame(CLIENT4.into(), PEER4.into(), 31002, 443, L4::Udp, 64);
+    assert_eq!(run(&dp, Device::WireGuard, &other).verdict, REDIRECT);
 }
 
 /// The IP packet (header and first 8 bytes after it) an ICMP error quotes.
@@ -884,4 +906,96 @@ fn icmp_errors_to_another_address_or_with_a_bad_quote_are_the_kernels() {
         let out = run(&dp, Device::Tailscale, &error);
         assert_eq!((out.verdict, &out.frame), (CONTINUE, &error), "{what}");
     }
+}
+
+/// Runs the egress program of `device` on `frame` (the kernel sending it).
+fn send_by_kernel(dp: &Datapath, device: Device, frame: &[u8]) {
+    let program = dp.program(device, Direction::Egress).unwrap();
+    let mut output = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut output),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    assert_eq!(result.return_value, CONTINUE, "egress only looks");
+}
+
+/// The host's own UDP from its tailnet address (its DNS, say), sent by the
+/// kernel out of the Tailscale device: the replies reach the host (the
+/// kernel), not `TS_DEST_IP`, while a datagram to a port the host sent
+/// nothing from still goes there. Likewise a flow the kernel forwards: its
+/// replies are the kernel's too.
+#[test]
+fn replies_to_udp_the_kernel_sent_are_the_kernels() {
+    let dp = datapath(false);
+    let cases: [(IpAddr, IpAddr, IpAddr); 2] = [
+        (TS4.into(), PEER4.into(), DEST4.into()),
+        (
+            node::TS6.into(),
+            v6("fd7a:115c:a1e0::9").into(),
+            node::DEST6.into(),
+        ),
+    ];
+    for (own, peer, dest) in cases {
+        send_by_kernel(
+            &dp,
+            Device::Tailscale,
+            &frame(own, peer, 5353, 53, L4::Udp, 64),
+        );
+        let before = outcome_count(&dp, Device::Tailscale, Outcome::KernelTrackedFlow);
+        let reply = frame(peer, own, 53, 5353, L4::Udp, 64);
+        let out = run(&dp, Device::Tailscale, &reply);
+        assert_eq!(
+            (out.verdict, &out.frame),
+            (CONTINUE, &reply),
+            "{own}: the reply is the host's"
+        );
+        assert_eq!(
+            outcome_count(&dp, Device::Tailscale, Outcome::KernelTrackedFlow),
+            before + 1
+        );
+        let stranger = frame(peer, own, 53, 5354, L4::Udp, 64);
+        let out = run(&dp, Device::Tailscale, &stranger);
+        assert_eq!(
+            out.verdict, REDIRECT,
+            "{own}: a new flow goes to TS_DEST_IP"
+        );
+        assert_eq!(out.ip().1, dest);
+    }
+    // wg -> ts forwarded (and masqueraded) by the kernel: the masqueraded
+    // datagram leaves ts, the client's reply leaves wg; both directions are
+    // the kernel's then.
+    send_by_kernel(
+        &dp,
+        Device::Tailscale,
+        &frame(TS4.into(), PEER4.into(), 40001, 443, L4::Udp, 64),
+    );
+    send_by_kernel(
+        &dp,
+        Device::WireGuard,
+        &frame(PEER4.into(), CLIENT4.into(), 443, 50001, L4::Udp, 64),
+    );
+    for (device, input) in [
+        (
+            Device::WireGuard,
+            frame(CLIENT4.into(), PEER4.into(), 50001, 443, L4::Udp, 64),
+        ),
+        (
+            Device::Tailscale,
+            frame(PEER4.into(), TS4.into(), 443, 40001, L4::Udp, 64),
+        ),
+    ] {
+        let out = run(&dp, device, &input);
+        assert_eq!((out.verdict, &out.frame), (CONTINUE, &input), "{device:?}");
+    }
+    // TCP has its SYN to tell: the kernel's TCP leaves nothing behind.
+    send_by_kernel(
+        &dp,
+        Device::Tailscale,
+        &frame(TS4.into(), PEER4.into(), 5355, 53, L4::Udp, 64),
+    );
+    let syn = frame(PEER4.into(), TS4.into(), 53, 5355, L4::Syn(1400), 64);
+    assert_eq!(run(&dp, Device::Tailscale, &syn).verdict, REDIRECT);
 }
