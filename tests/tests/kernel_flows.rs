@@ -242,3 +242,86 @@ fn dest_ip_leaves_the_hosts_own_udp_and_the_fast_path_ports_alone() {
         node.daemon.stop();
     }
 }
+
+/// Asks until an answer comes (the tunnels may still be making their
+/// handshakes): whether one came within ten tries.
+fn ask_until_answered(socket: &UdpSocket, addr: &str, port: u16) -> bool {
+    (0..10).any(|_| ask(socket, addr, port, b"still there?").is_some())
+}
+
+/// A UDP flow the kernel forwarded before the fast path took over keeps
+/// the source port the kernel's masquerade gave it: the tailnet peer sees
+/// the same source before and after. Here the flow starts while no daemon
+/// runs: the first was killed (SIGKILL), which leaves the devices and the
+/// nftables table to the kernel but takes the programs' TCX links with it;
+/// the next start takes over.
+#[test]
+fn a_udp_flow_from_before_the_fast_path_keeps_its_source_port() {
+    for datapath in DATAPATHS {
+        let b = Bridge::new(&format!("kfb-{datapath}"));
+        let env = [("TG_DATAPATH", datapath)];
+        b.bed.ours.run(|| {
+            sysctl("net.ipv4.ip_forward", "1");
+            sysctl("net.ipv6.conf.all.forwarding", "1");
+        });
+        let echo = b.tailnet.run(UdpEcho::listen);
+        let node = b.bed.ours.run(|| b.start_healthy(&env));
+        // The stand-in outlives the kill; the next daemon attaches to it
+        // (and to its device).
+        let ts_device = node.ts_device.clone();
+        let socket_path = node.socket.display().to_string();
+        node.daemon.kill();
+        let socket = b.bed.theirs.run(|| UdpSocket::bind("0.0.0.0:0").unwrap());
+        assert!(
+            ask_until_answered(&socket, TAILNET_PEER, echo.port),
+            "{datapath}: the kernel forwards while no daemon runs"
+        );
+        let before = echo.next_source().expect("the echo saw the flow");
+        assert_eq!(before.ip().to_canonical().to_string(), NODE_TS);
+        while echo.seen.try_recv().is_ok() {}
+
+        let again = [("TG_DATAPATH", datapath), ("TS_DEVICE", ts_device.as_str())];
+        let mut node = b.bed.ours.run(|| b.start_healthy(&again));
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        for _ in 0..4 {
+            assert!(
+                ask(&socket, TAILNET_PEER, echo.port, b"and now?").is_some(),
+                "{}",
+                ctx("no answer after the restart")
+            );
+        }
+        let sources: Vec<SocketAddr> = (0..4).filter_map(|_| echo.next_source()).collect();
+        assert!(
+            sources.len() == 4 && sources.iter().all(|s| *s == before),
+            "{}",
+            ctx(&format!("before {before}, after {sources:?}"))
+        );
+        if datapath == "ebpf" {
+            b.bed.ours.run(|| {
+                node.daemon
+                    .wait_for("the datagrams counted as the kernel's", |_| {
+                        counted("wireguard", "kernel:tracked-flow") >= 4
+                    })
+            });
+        }
+        b.bed.ours.run(|| node.daemon.stop());
+        stop_orphan(&socket_path);
+    }
+}
+
+/// Ends the stand-in the killed daemon left behind (found by its socket,
+/// which is this test's own), and what it started.
+fn stop_orphan(socket: &str) {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(socket) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+}
