@@ -5,7 +5,6 @@
 
 use std::net::IpAddr;
 
-use crate::datapath::Datapath;
 use anyhow::{Context as _, Result, bail};
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -16,9 +15,11 @@ use netlink_packet_netfilter::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use tailguard_common::{
-    Device,
+    Device, Route,
     nat::{FlowKey, IPPROTO_UDP, NatEntry, state},
 };
+
+use crate::datapath::{Datapath, Routes};
 
 /// One direction of a flow, as its packets carry it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,16 +157,32 @@ fn direction(tuple: &[Tuple]) -> Option<Direction> {
     })
 }
 
+/// The device packets from `addr` arrive on, by the routes back to it (as
+/// WireGuard's allowed IPs and Tailscale's table 52 hold them), if any.
+fn arrives_on(routes: &Routes, addr: IpAddr) -> Option<Device> {
+    let route = routes
+        .iter()
+        .filter(|(net, _)| net.contains(&addr))
+        .max_by_key(|(net, _)| net.prefix_len())?
+        .1;
+    match *route {
+        Route::WIREGUARD => Some(Device::WireGuard),
+        Route::TAILSCALE => Some(Device::Tailscale),
+        _ => None,
+    }
+}
+
 /// The NAT map's entries saying the flows' packets are the kernel's, in
-/// either direction and from either device (conntrack does not say which
-/// device a flow passes): at most `limit` of them, loopback left out (no
-/// packet of it arrives on our devices). `now` is the boot-time clock the
-/// programs use.
-pub fn kernel_entries(
-    flows: &[[Direction; 2]],
+/// either direction, keyed for the device each direction's packets arrive
+/// on (by `routes`; a direction from elsewhere, such as WireGuard's own
+/// datagrams on the uplink, needs none): at most `limit` of them. `now` is
+/// the boot-time clock the programs use.
+pub fn kernel_entries<'a>(
+    flows: &'a [[Direction; 2]],
+    routes: &'a Routes,
     now: u64,
     limit: usize,
-) -> impl Iterator<Item = (FlowKey, NatEntry)> + '_ {
+) -> impl Iterator<Item = (FlowKey, NatEntry)> + 'a {
     let entry = NatEntry {
         last_seen: now,
         state: state::KERNEL,
@@ -174,8 +191,7 @@ pub fn kernel_entries(
     flows
         .iter()
         .flatten()
-        .filter(|d| !d.src.is_loopback() && !d.dst.is_loopback())
-        .flat_map(|d| Device::ALL.map(|device| d.key(device)))
+        .filter_map(|d| Some(d.key(arrives_on(routes, d.src)?)))
         .map(move |key| (key, entry))
         .take(limit)
 }
@@ -183,14 +199,14 @@ pub fn kernel_entries(
 /// Gives the fast path the UDP flows the kernel tracks now (at most
 /// `limit` entries): their packets stay the kernel's. Entries of the fast
 /// path's own flows are left as they are. How many entries were written.
-pub fn keep_for_kernel(datapath: &mut Datapath, limit: usize) -> Result<usize> {
+pub fn keep_for_kernel(datapath: &mut Datapath, routes: &Routes, limit: usize) -> Result<usize> {
     let flows = udp_flows()?;
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .context("reading the boot-time clock")?;
     let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
     let mut nat = datapath.nat()?;
     let mut written = 0;
-    for (key, entry) in kernel_entries(&flows, now, limit) {
+    for (key, entry) in kernel_entries(&flows, routes, now, limit) {
         // BPF_NOEXIST: a flow of the fast path's own under that key stays.
         if nat.insert(&key, &entry, 1).is_ok() {
             written += 1;
@@ -234,24 +250,41 @@ mod tests {
     }
 
     #[test]
-    fn every_direction_from_both_devices_within_the_limit() {
+    fn each_direction_keyed_for_the_device_it_arrives_on() {
+        let mut routes = Routes::new();
+        routes.insert("10.66.0.0/24".parse().unwrap(), Route::WIREGUARD);
+        routes.insert("100.64.0.0/10".parse().unwrap(), Route::TAILSCALE);
+        routes.insert("100.64.9.0/24".parse().unwrap(), Route::WIREGUARD);
         let masqueraded = [
             d("10.66.0.3", 5000, "100.64.0.2", 53),
             d("100.64.0.2", 53, "100.64.0.1", 5000),
         ];
-        let local = [
-            d("127.0.0.1", 1, "127.0.0.1", 2),
-            d("127.0.0.1", 2, "127.0.0.1", 1),
+        let underlay = [
+            d("10.202.0.2", 51821, "10.202.0.1", 51821),
+            d("10.202.0.1", 51821, "10.202.0.2", 51821),
         ];
-        let flows = [local, masqueraded];
-        let entries: Vec<_> = kernel_entries(&flows, 7, 100).collect();
-        assert_eq!(entries.len(), 4, "loopback left out");
+        let subnet = [
+            d("100.64.9.7", 1, "100.64.0.2", 2),
+            d("100.64.0.2", 2, "100.64.0.1", 1),
+        ];
+        let flows = [underlay, masqueraded, subnet];
+        let entries: Vec<_> = kernel_entries(&flows, &routes, 7, 100).collect();
+        let keys: Vec<_> = entries.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            keys,
+            [
+                masqueraded[0].key(Device::WireGuard),
+                masqueraded[1].key(Device::Tailscale),
+                subnet[0].key(Device::WireGuard),
+                subnet[1].key(Device::Tailscale),
+            ],
+            "the underlay arrives on neither; the longest prefix decides"
+        );
         assert!(
             entries
                 .iter()
                 .all(|(_, e)| e.state == state::KERNEL && e.last_seen == 7)
         );
-        assert!(entries.contains(&(masqueraded[1].key(Device::Tailscale), entries[0].1)));
-        assert_eq!(kernel_entries(&flows, 7, 3).count(), 3);
+        assert_eq!(kernel_entries(&flows, &routes, 7, 3).count(), 3);
     }
 }

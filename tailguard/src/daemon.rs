@@ -448,7 +448,8 @@ impl Running {
                     }
                     .nat_entries()
                         / 2;
-                    match crate::conntrack::keep_for_kernel(datapath, limit as usize) {
+                    let routes = forwarding::routes(plan, &facts.table52);
+                    match crate::conntrack::keep_for_kernel(datapath, &routes, limit as usize) {
                         Ok(n) => info!(entries = n, "the kernel's UDP flows stay the kernel's"),
                         Err(e) => warn!(
                             "reading the kernel's conntrack table: {e:#}; UDP flows it has \
