@@ -239,6 +239,42 @@ fn dest_ip_leaves_the_hosts_own_udp_and_the_fast_path_ports_alone() {
                 ctx("netfilter: TS_DEST_IP takes every port")
             );
         }
+        // The fast path's own packets are not taken for the kernel's (its
+        // egress programs know them by their mark): UDP between WireGuard
+        // peers, which leaves no entry behind, stays on the fast path both
+        // ways.
+        let server = b.bed.theirs.run(UdpEcho::listen);
+        let socket = b.client.run(|| UdpSocket::bind("0.0.0.0:0").unwrap());
+        assert!(
+            ask_until_answered(&socket, WG_SERVER, server.port),
+            "{}",
+            ctx("wg -> wg UDP")
+        );
+        if datapath == "ebpf" {
+            let counts = || {
+                b.bed.ours.run(|| {
+                    (
+                        counted("wireguard", "redirected"),
+                        counted("wireguard", "kernel:tracked-flow"),
+                    )
+                })
+            };
+            std::thread::sleep(Duration::from_millis(1500));
+            let (redirected, tracked) = counts();
+            for _ in 0..3 {
+                assert!(ask(&socket, WG_SERVER, server.port, b"peer to peer").is_some());
+            }
+            std::thread::sleep(Duration::from_millis(1500));
+            let (redirected_after, tracked_after) = counts();
+            assert!(
+                redirected_after >= redirected + 6 && tracked_after == tracked,
+                "{}",
+                ctx(&format!(
+                    "redirected {redirected} -> {redirected_after}, \
+                     kernel:tracked-flow {tracked} -> {tracked_after}"
+                ))
+            );
+        }
         node.daemon.stop();
     }
 }
