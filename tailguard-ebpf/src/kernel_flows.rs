@@ -55,6 +55,14 @@ pub fn learn(ctx: &TcContext, device: Device) {
         }
     }
     let l3 = if has_ethernet(device) { 14 } else { 0 };
+    // Only UDP needs this: a look at the protocol before reading it all.
+    let Ok(first) = ctx.load::<u8>(l3) else {
+        return;
+    };
+    let protocol_at = if first >> 4 == 6 { l3 + 6 } else { l3 + 9 };
+    if ctx.load::<u8>(protocol_at) != Ok(IPPROTO_UDP) {
+        return;
+    }
     let Some(p) = Packet::read(ctx, l3) else {
         return;
     };
