@@ -432,7 +432,10 @@ impl Running {
             return Ok(());
         }
         if let Some(firewall) = self.firewall.as_mut() {
-            firewall.apply(&forwarding::firewall(plan, &facts)).await?;
+            let mut table = forwarding::firewall(plan, &facts);
+            // Fallen back to netfilter: no translation ports to keep free.
+            table.fast_path_ports &= self.datapath.is_some();
+            firewall.apply(&table).await?;
         }
         // The UDP flows the kernel has from before the fast path takes over
         // (first, and when it takes over the Tailscale device) stay the

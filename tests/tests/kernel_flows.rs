@@ -17,7 +17,7 @@ use etherparse::PacketBuilder;
 use tailguard::firewall::FAST_PATH_PORTS;
 use tailguard_tests::{
     bridge::*,
-    daemon::status,
+    daemon::{health, status},
     netns::{run, sysctl},
     tun::EgressInjector,
 };
@@ -360,4 +360,36 @@ fn stop_orphan(socket: &str) {
             );
         }
     }
+}
+
+/// Fallen back to netfilter (no BPF privilege), the daemon has no
+/// translation ports to keep free: `TS_DEST_IP` takes every port, as with
+/// `TG_DATAPATH=netfilter`.
+#[test]
+fn fallen_back_to_netfilter_dest_ip_takes_every_port() {
+    let b = Bridge::new("kff");
+    let mut node = b.bed.ours.run(|| {
+        let wrapper = [
+            "setpriv",
+            "--inh-caps=-bpf,-sys_admin",
+            "--bounding-set=-bpf,-sys_admin",
+        ];
+        b.start_via(&wrapper, &[("TS_DEST_IP", "10.66.0.1,fd66::1")])
+    });
+    b.bed.ours.run(|| {
+        node.daemon.wait_for("health", |_| health().0);
+        assert_eq!(status()["datapath"], "netfilter");
+        node.daemon.wait_for("the TS_DEST_IP rules", |_| {
+            dstnat_rules()
+                .iter()
+                .any(|r| r["expr"].to_string().contains("dnat"))
+        });
+        let rules = dstnat_rules();
+        assert!(
+            !rules.iter().any(|r| r["comment"] == FAST_PATH_PORTS),
+            "{rules:#?}\n{}",
+            node.daemon.log()
+        );
+        node.daemon.stop()
+    });
 }
