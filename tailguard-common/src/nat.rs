@@ -4,7 +4,9 @@
 //!
 //! A flow is owned by the fast path from its first packet (TCP SYN, UDP, ICMP
 //! echo request) to the end; everything else goes to the kernel, whose
-//! conntrack owns it. So no flow is ever translated by both.
+//! conntrack owns it. So no flow is ever translated by both. UDP has no
+//! first packet to tell, so the map also holds entries marked
+//! [`state::KERNEL`] for UDP flows the kernel tracks.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -50,6 +52,12 @@ pub struct NatEntry {
 pub mod state {
     /// A TCP FIN or RST was seen: the flow ends soon.
     pub const CLOSING: u32 = 1 << 0;
+    /// Not ours: a UDP flow the kernel's conntrack tracks (started before
+    /// the programs were attached, left to the kernel, or the host's own).
+    /// Its packets go to the kernel, so the fast path never takes it over
+    /// with a port of its own; the entry only says so and lives as long as
+    /// packets keep coming.
+    pub const KERNEL: u32 = 1 << 1;
 }
 
 #[cfg(feature = "user")]

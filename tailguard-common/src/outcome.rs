@@ -76,10 +76,15 @@ pub enum Outcome {
     /// Dropped: an IPv6 header chain longer than the fast path walks, or
     /// cut short, addressed so that the fast path would forward it.
     DropExtHeaders = 20,
+    /// Handed to the kernel: a UDP datagram of a flow the kernel's
+    /// conntrack tracks (started before the programs were attached, left to
+    /// the kernel when no port was free, or a reply to the host's own
+    /// datagrams), which stays the kernel's.
+    KernelTrackedFlow = 21,
 }
 
 impl Outcome {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 22;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::Redirected,
@@ -103,6 +108,7 @@ impl Outcome {
         Self::DropOptionsOfOurFlow,
         Self::DropUdpZeroChecksum,
         Self::DropExtHeaders,
+        Self::KernelTrackedFlow,
     ];
 
     /// The index of (`device`, `self`) in `OUTCOMES`.
@@ -133,6 +139,7 @@ impl Outcome {
             Self::DropOptionsOfOurFlow => "drop:options-of-our-flow",
             Self::DropUdpZeroChecksum => "drop:udp6-zero-checksum",
             Self::DropExtHeaders => "drop:ext-headers",
+            Self::KernelTrackedFlow => "kernel:tracked-flow",
         }
     }
 }

@@ -35,6 +35,9 @@ pub struct IcmpError {
     /// Ports, or the echo identifier in `inner_sport` (and 0).
     pub inner_sport: u16,
     pub inner_dport: u16,
+    /// Where the quoted transport checksum sits, when the quote holds it
+    /// and it is in use (a zero UDP checksum means none); 0 otherwise.
+    pub inner_csum: usize,
 }
 
 fn is_error(ipv6: bool, icmp_type: u8) -> bool {
@@ -47,12 +50,14 @@ fn is_error(ipv6: bool, icmp_type: u8) -> bool {
 }
 
 impl IcmpError {
-    /// Reads an ICMP error and the header it quotes; `None` for anything else.
+    /// Reads an ICMP error and the header it quotes into `e` (scratch
+    /// space: it does not fit the stack next to the rest); `None` for
+    /// anything else.
     #[inline(always)]
-    pub fn read(ctx: &TcContext, l3: usize) -> Option<Self> {
+    pub fn read(ctx: &TcContext, l3: usize, e: &mut Self) -> Option<()> {
         let first: u8 = ctx.load(l3).ok()?;
         let ipv6 = first >> 4 == 6;
-        let mut e = Self {
+        *e = Self {
             ipv6,
             l3,
             l4: 0,
@@ -67,6 +72,7 @@ impl IcmpError {
             inner_dst: [0; 16],
             inner_sport: 0,
             inner_dport: 0,
+            inner_csum: 0,
         };
         if ipv6 {
             if ctx.load::<u8>(l3 + 6).ok()? != IPPROTO_ICMPV6 {
@@ -84,7 +90,11 @@ impl IcmpError {
             if u16::from_be(frag) & 0x3fff != 0 {
                 return None;
             }
-            e.l4 = l3 + usize::from(first & 0x0f) * 4;
+            let ihl = usize::from(first & 0x0f) * 4;
+            if ihl < 20 {
+                return None;
+            }
+            e.l4 = l3 + ihl;
             e.ttl = ctx.load(l3 + 8).ok()?;
             let s: [u8; 4] = ctx.load(l3 + 12).ok()?;
             let d: [u8; 4] = ctx.load(l3 + 16).ok()?;
@@ -94,32 +104,66 @@ impl IcmpError {
         if !is_error(ipv6, ctx.load(e.l4).ok()?) {
             return None;
         }
-        // The quote: the same family, its header and the first 8 bytes after.
+        // The quote: the same family, a well-formed header whose lengths
+        // cover at least the 8 bytes after it, and (IPv4) no later fragment,
+        // which would carry no ports. Anything else is not an error about a
+        // packet we sent; the kernel judges it.
         e.inner_l3 = e.l4 + 8;
         let inner_first: u8 = ctx.load(e.inner_l3).ok()?;
+        // What the quoted packet says it carried after its IP header.
+        let inner_payload;
         if ipv6 {
             if inner_first >> 4 != 6 {
                 return None;
             }
+            inner_payload = usize::from(u16::from_be(ctx.load(e.inner_l3 + 4).ok()?));
             e.inner_proto = ctx.load(e.inner_l3 + 6).ok()?;
             e.inner_l4 = e.inner_l3 + 40;
             e.inner_src = ctx.load(e.inner_l3 + 8).ok()?;
             e.inner_dst = ctx.load(e.inner_l3 + 24).ok()?;
         } else {
-            if inner_first >> 4 != 4 {
+            let ihl = usize::from(inner_first & 0x0f) * 4;
+            if inner_first >> 4 != 4 || ihl < 20 {
                 return None;
             }
+            let total = usize::from(u16::from_be(ctx.load(e.inner_l3 + 2).ok()?));
+            let frag: u16 = ctx.load(e.inner_l3 + 6).ok()?;
+            if u16::from_be(frag) & 0x1fff != 0 || total < ihl {
+                return None;
+            }
+            inner_payload = total - ihl;
             e.inner_proto = ctx.load(e.inner_l3 + 9).ok()?;
-            e.inner_l4 = e.inner_l3 + usize::from(inner_first & 0x0f) * 4;
+            e.inner_l4 = e.inner_l3 + ihl;
             let s: [u8; 4] = ctx.load(e.inner_l3 + 12).ok()?;
             let d: [u8; 4] = ctx.load(e.inner_l3 + 16).ok()?;
             e.inner_src[..4].copy_from_slice(&s);
             e.inner_dst[..4].copy_from_slice(&d);
         }
+        if inner_payload < 8 {
+            return None;
+        }
+        // How much of the quoted transport header the error carries.
+        let quoted = (ctx.len() as usize).saturating_sub(e.inner_l4);
         match e.inner_proto {
-            IPPROTO_TCP | IPPROTO_UDP => {
+            IPPROTO_TCP => {
                 e.inner_sport = ctx.load(e.inner_l4).ok()?;
                 e.inner_dport = ctx.load(e.inner_l4 + 2).ok()?;
+                // Only a whole TCP header holds the checksum (as the
+                // kernel's NAT requires too).
+                if quoted >= 20 {
+                    e.inner_csum = e.inner_l4 + 16;
+                }
+            }
+            IPPROTO_UDP => {
+                let udp_len = usize::from(u16::from_be(ctx.load(e.inner_l4 + 4).ok()?));
+                if udp_len < 8 || udp_len > inner_payload {
+                    return None;
+                }
+                e.inner_sport = ctx.load(e.inner_l4).ok()?;
+                e.inner_dport = ctx.load(e.inner_l4 + 2).ok()?;
+                if ctx.load::<u16>(e.inner_l4 + 6).ok()? != 0 {
+                    e.inner_csum = e.inner_l4 + 6;
+                }
             }
             IPPROTO_ICMP | IPPROTO_ICMPV6 => {
                 let t: u8 = ctx.load(e.inner_l4).ok()?;
@@ -127,10 +171,11 @@ impl IcmpError {
                     return None;
                 }
                 e.inner_sport = ctx.load(e.inner_l4 + 4).ok()?;
+                e.inner_csum = e.inner_l4 + 2;
             }
             _ => return None,
         }
-        Some(e)
+        Some(())
     }
 
     fn inner_icmp(&self) -> bool {
@@ -168,12 +213,19 @@ pub fn translate(
     device: Device,
     l3: usize,
 ) -> Option<(i32, Outcome)> {
-    let e = IcmpError::read(ctx, l3)?;
     let s = nat::scratch()?;
+    let e = &mut s.error;
+    IcmpError::read(ctx, l3, e)?;
     s.key = e.reply_key(device);
     let entry = nat::lookup(&s.key, nat::now())?;
     // SAFETY: from the map lookup, valid for this program run.
     let entry = unsafe { &*entry };
+    // The quoted packet left us from the flow's translated address, so an
+    // error about it is addressed there; one to anyone else only quotes
+    // our flow and is not ours to deliver.
+    if e.dst != e.inner_src {
+        return None;
+    }
     Some(crate::policy::send_error(ctx, cfg, e, entry))
 }
 
@@ -189,6 +241,8 @@ pub fn rewrite_error(
 ) -> Result<(), Failed> {
     let csum = e.l4 + 2;
     let icmp = e.inner_icmp();
+    // First the quoted transport checksum, from the quote's old fields.
+    rewrite::set_quoted_l4_checksum(ctx, e, entry)?;
     // The quote: source back to the original sender, destination back to
     // what it addressed, ports likewise.
     rewrite::set_quoted_addr(

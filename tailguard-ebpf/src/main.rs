@@ -4,7 +4,8 @@
 //! in the per-CPU `COUNTERS` map. The ingress programs then apply the
 //! forwarding policy (`policy`): translate and redirect the packet to the
 //! other device, drop it, or leave it to the kernel and its nftables twin.
-//! The egress programs only count.
+//! The egress programs count, and note the UDP flows the kernel sends
+//! (`kernel_flows`).
 #![no_std]
 #![no_main]
 // aya's `#[classifier]` generates a public wrapper taking the kernel's raw
@@ -15,6 +16,7 @@ mod config;
 mod counters;
 mod fragments;
 mod icmp;
+mod kernel_flows;
 mod link_layer;
 mod nat;
 mod packet;
@@ -34,6 +36,7 @@ pub fn tg_wg_ingress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn tg_wg_egress(ctx: TcContext) -> i32 {
+    kernel_flows::learn(&ctx, Device::WireGuard);
     observe(&ctx, Device::WireGuard, Direction::Egress)
 }
 
@@ -45,6 +48,7 @@ pub fn tg_ts_ingress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn tg_ts_egress(ctx: TcContext) -> i32 {
+    kernel_flows::learn(&ctx, Device::Tailscale);
     observe(&ctx, Device::Tailscale, Direction::Egress)
 }
 

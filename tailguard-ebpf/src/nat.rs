@@ -9,11 +9,11 @@ use aya_ebpf::{
 use tailguard_common::{
     Counter, Device, Outcome,
     fragment::{FragEntry, FragKey},
-    nat::{FlowKey, NAT_MAX_ENTRIES, NAT_PORT_TRIES, NatEntry, nat_port, timeout_ns},
+    nat::{FlowKey, NAT_MAX_ENTRIES, NAT_PORT_TRIES, NatEntry, nat_port, state, timeout_ns},
     outcome::OUTCOME_SLOTS,
 };
 
-use crate::packet::Packet;
+use crate::{icmp::IcmpError, packet::Packet};
 
 /// Both directions of every flow the fast path owns. The daemon pins it, so
 /// flows outlive a restart of the daemon.
@@ -37,6 +37,8 @@ pub struct Scratch {
     /// A fragment's datagram, and what its first fragment was.
     pub frag_key: FragKey,
     pub frag_first: FragEntry,
+    /// An ICMP error being translated.
+    pub error: IcmpError,
 }
 
 #[map]
@@ -178,4 +180,27 @@ pub fn create(p: &Packet, s: &mut Scratch, allocate: bool, egress: Device, now: 
         return false;
     }
     true
+}
+
+/// Says that packets keyed `key` belong to a flow the kernel tracks (see
+/// `kernel_flows`): a new entry marked `state::KERNEL`, or a live one's
+/// time refreshed. A live flow of the fast path's own under that key stays
+/// as it is.
+#[inline(always)]
+pub fn keep_for_kernel(key: &FlowKey, now: u64) {
+    if let Some(entry) = lookup(key, now) {
+        // SAFETY: from the map lookup, valid for this program run.
+        unsafe {
+            if (*entry).state & state::KERNEL != 0 {
+                (*entry).last_seen = now;
+            }
+        }
+        return;
+    }
+    let marker = NatEntry {
+        last_seen: now,
+        state: state::KERNEL,
+        ..NatEntry::default()
+    };
+    let _ = NAT.insert(key, &marker, 0);
 }

@@ -20,13 +20,14 @@ use tailguard_common::{
     Config, Device, Outcome, Route,
     config::flag,
     fragment::Fragment,
-    nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, NatEntry, state},
+    nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, NatEntry, state},
 };
 
 use crate::{
     config::{config, route_v4, route_v6},
     fragments,
     icmp::{self, IcmpError},
+    kernel_flows,
     link_layer::has_ethernet,
     nat::{self, Scratch},
     packet::{Packet, TCP_FIN, TCP_RST},
@@ -115,10 +116,14 @@ fn flow(
         }
         // SAFETY: from the map lookup, valid for this program run.
         let entry = unsafe { &mut *entry };
+        entry.last_seen = now;
+        if entry.state & state::KERNEL != 0 {
+            // nft: "ct state established" (see `kernel_flows`).
+            return kernel(Outcome::KernelTrackedFlow);
+        }
         if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             entry.state |= state::CLOSING;
         }
-        entry.last_seen = now;
         return send(ctx, cfg, p, entry);
     }
     if p.options {
@@ -460,6 +465,10 @@ fn start(
         Err(verdict) => return too_big::answer_or(ctx, cfg, p, to, verdict),
     };
     if !nat::create(p, s, allocate, to, now) {
+        // The kernel's conntrack has the flow from now on: so do we.
+        if p.proto == IPPROTO_UDP {
+            nat::keep_for_kernel(&s.key, now);
+        }
         return kernel(Outcome::KernelNoPort);
     }
     translate(ctx, p, &s.entry, to, ifindex, mtu)
@@ -511,7 +520,7 @@ fn translate(
     if !p.fits(mtu) {
         return too_big::fragment(ctx, p, to, ifindex, mtu);
     }
-    (redirect(to, ifindex), Outcome::Redirected)
+    (redirect(ctx, to, ifindex), Outcome::Redirected)
 }
 
 /// Sends a translated ICMP error (see `icmp`) the way its flow's replies go.
@@ -519,7 +528,7 @@ fn translate(
 pub fn send_error(
     ctx: &TcContext,
     cfg: &Config,
-    mut e: IcmpError,
+    e: &mut IcmpError,
     entry: &NatEntry,
 ) -> (i32, Outcome) {
     let to = Device::from_role(entry.egress);
@@ -528,12 +537,12 @@ pub fn send_error(
         Err(verdict) => return verdict,
     };
     let proto = if e.ipv6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
-    let rewritten = icmp::rewrite_error(ctx, &mut e, entry)
+    let rewritten = icmp::rewrite_error(ctx, e, entry)
         .and_then(|()| rewrite::decrement_ttl_at(ctx, e.l3, e.ipv6, e.ttl, proto));
     if rewritten.is_err() {
         return (TC_ACT_SHOT, Outcome::DropHelperFailed);
     }
-    (redirect(to, ifindex), Outcome::ErrorTranslated)
+    (redirect(ctx, to, ifindex), Outcome::ErrorTranslated)
 }
 
 /// Sends the packet out of `ifindex`, the device `to`. On L3
@@ -542,7 +551,8 @@ pub fn send_error(
 /// aya-ebpf does not wrap yet: helper 152, as the kernel's UAPI numbers it).
 /// Returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the helper refused.
 #[inline(always)]
-pub fn redirect(to: Device, ifindex: u32) -> i32 {
+pub fn redirect(ctx: &TcContext, to: Device, ifindex: u32) -> i32 {
+    kernel_flows::mark_sent(ctx);
     if has_ethernet(to) {
         // SAFETY: helper 152 is `long bpf_redirect_neigh(u32 ifindex, struct
         // bpf_redir_neigh *params, int plen, u64 flags)`; no params means

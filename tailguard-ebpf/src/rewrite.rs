@@ -188,6 +188,71 @@ pub fn set_quoted_port(
     ok(ctx.store(offset, &new, 0))
 }
 
+/// One's-complement addition, as checksums add.
+fn csum_add(sum: u32, add: u32) -> u32 {
+    let (s, carry) = sum.overflowing_add(add);
+    s + u32::from(carry)
+}
+
+/// Adds the change of one 16-bit word from `from` to `to`.
+fn csum_replace(sum: u32, from: u16, to: u16) -> u32 {
+    csum_add(csum_add(sum, u32::from(!from)), u32::from(to))
+}
+
+fn csum_fold(sum: u32) -> u16 {
+    let s = (sum & 0xffff) + (sum >> 16);
+    ((s & 0xffff) + (s >> 16)) as u16
+}
+
+/// Keeps the checksum of the packet an ICMP error quotes consistent with
+/// the quote's new addresses and ports (the flow's reply `entry`, as
+/// `icmp::rewrite_error` writes them), as the kernel's NAT does for the
+/// packets it translates in errors: the quoted TCP/UDP checksum covers the
+/// addresses (its pseudo header) and ports, a quoted echo request's its
+/// identifier (and for ICMPv6 the addresses). The ICMP checksum then
+/// accounts for the changed checksum field. Call before the quote changes.
+#[inline(always)]
+pub fn set_quoted_l4_checksum(
+    ctx: &TcContext,
+    e: &IcmpError,
+    entry: &tailguard_common::nat::NatEntry,
+) -> Result {
+    if e.inner_csum == 0 {
+        return Ok(());
+    }
+    let old: u16 = ctx.load(e.inner_csum).map_err(|_| Failed)?;
+    let mut sum = u32::from(!old);
+    // In software, 16 bits at a time: the helper's buffers would not fit
+    // the stack next to the error's fields.
+    if e.inner_proto != IPPROTO_ICMP {
+        let n = if e.ipv6 { 16 } else { 4 };
+        for i in 0..8 {
+            if 2 * i < n {
+                let word = |a: &[u8; 16]| u16::from_ne_bytes([a[2 * i], a[2 * i + 1]]);
+                sum = csum_replace(sum, word(&e.inner_src), word(&entry.dst));
+                sum = csum_replace(sum, word(&e.inner_dst), word(&entry.src));
+            }
+        }
+    }
+    if e.inner_proto == IPPROTO_TCP || e.inner_proto == IPPROTO_UDP {
+        sum = csum_replace(sum, e.inner_sport, entry.dport);
+        sum = csum_replace(sum, e.inner_dport, entry.sport);
+    } else {
+        sum = csum_replace(sum, e.inner_sport, entry.sport);
+    }
+    let mut new = !csum_fold(sum);
+    // A zero UDP checksum would mean "none": the kernel writes its
+    // equivalent, all ones.
+    if new == 0 && e.inner_proto == IPPROTO_UDP {
+        new = 0xffff;
+    }
+    if new == old {
+        return Ok(());
+    }
+    ok(ctx.l4_csum_replace(e.l4 + 2, u64::from(old), u64::from(new), 2))?;
+    ok(ctx.store(e.inner_csum, &new, 0))
+}
+
 /// Replaces the source (`source` true) or destination port; for ICMP echo
 /// the identifier (`source` true).
 #[inline(always)]

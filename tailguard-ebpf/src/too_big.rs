@@ -158,7 +158,7 @@ fn answer(ctx: &TcContext, cfg: &Config, p: &Packet, mtu: u32) -> Option<(i32, O
     let built = build(ctx, s, p, &own, header, quote, mtu);
     Some(match built {
         Some(()) => (
-            crate::policy::redirect(device, ifindex),
+            crate::policy::redirect(ctx, device, ifindex),
             Outcome::TooBigAnswered,
         ),
         None => failed(),
@@ -480,6 +480,9 @@ fn send_fragments(
         20 + first,
         reserved | 0x2000,
     )?;
+    // The clone carries the mark: its egress must not take it for the
+    // kernel's own datagram (see `kernel_flows`).
+    crate::kernel_flows::mark_sent(ctx);
     ctx.clone_redirect(ifindex, 0).ok()?;
     // The rest, where the first fragment's payload ended.
     ctx.change_tail(l3 + 20 + tail, 0).ok()?;
@@ -506,7 +509,10 @@ fn send_fragments(
         20 + tail,
         reserved | (first / 8) as u16,
     )?;
-    Some((crate::policy::redirect(to, ifindex), Outcome::Fragmented))
+    Some((
+        crate::policy::redirect(ctx, to, ifindex),
+        Outcome::Fragmented,
+    ))
 }
 
 /// Writes an IPv4 header's total length and fragment field (flags and

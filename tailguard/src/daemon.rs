@@ -440,10 +440,34 @@ impl Running {
             return Ok(());
         }
         if let Some(firewall) = self.firewall.as_mut() {
-            firewall.apply(&forwarding::firewall(plan, &facts)).await?;
+            let mut table = forwarding::firewall(plan, &facts);
+            // Fallen back to netfilter: no translation ports to keep free.
+            table.fast_path_ports &= self.datapath.is_some();
+            firewall.apply(&table).await?;
         }
+        // The UDP flows the kernel has from before the fast path takes over
+        // (first, and when it takes over the Tailscale device) stay the
+        // kernel's; from now on the programs keep track themselves.
+        let takes_over =
+            self.facts.as_ref().map(|f| f.ts_device.is_some()) != Some(facts.ts_device.is_some());
         let view = match self.datapath.as_mut() {
             Some(datapath) => {
+                if takes_over {
+                    let limit = LoadOptions {
+                        nat_flows: settings.nat_flows,
+                        ..LoadOptions::default()
+                    }
+                    .nat_entries()
+                        / 2;
+                    let routes = forwarding::routes(plan, &facts.table52);
+                    match crate::conntrack::keep_for_kernel(datapath, &routes, limit as usize) {
+                        Ok(n) => info!(entries = n, "the kernel's UDP flows stay the kernel's"),
+                        Err(e) => warn!(
+                            "reading the kernel's conntrack table: {e:#}; UDP flows it has \
+                             from before may be taken over by the fast path"
+                        ),
+                    }
+                }
                 datapath.write_config(&forwarding::config(plan, &facts))?;
                 datapath.sync_routes(&forwarding::routes(plan, &facts.table52))?;
                 // What the kernel now holds, read back, is what `/status` shows.

@@ -76,6 +76,7 @@ pub fn firewall(plan: &Plan, facts: &Facts) -> FirewallPlan {
         dest: f.dest_ip,
         ts_v4: facts.ts_v4,
         ts_v6: facts.ts_v6,
+        fast_path_ports: f.datapath == crate::settings::DatapathMode::Ebpf,
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! The daemon binary (`src/main.rs`) is a thin shell over this library, so the
 //! integration tests drive exactly the code the daemon runs.
+pub mod conntrack;
 pub mod daemon;
 pub mod datapath;
 pub mod endpoints;

@@ -640,6 +640,28 @@ fn a_full_range_of_live_flows_leaves_new_ones_to_the_kernel() {
         outcome_count(&dp, Device::WireGuard, Outcome::KernelNoPort),
         before + 1
     );
+    // The kernel has the flow now (its conntrack masquerades it): its next
+    // datagrams stay the kernel's, even once ports are free again.
+    {
+        let mut nat = dp.nat().unwrap();
+        for port in NAT_PORT_FIRST..=u16::MAX {
+            nat.remove(&reply_key(port)).unwrap();
+        }
+    }
+    let before = outcome_count(&dp, Device::WireGuard, Outcome::KernelTrackedFlow);
+    let out = run(&dp, Device::WireGuard, &input);
+    assert_eq!(
+        (out.verdict, &out.frame),
+        (CONTINUE, &input),
+        "the next datagram: still the kernel's"
+    );
+    assert_eq!(
+        outcome_count(&dp, Device::WireGuard, Outcome::KernelTrackedFlow),
+        before + 1
+    );
+    // While a new flow is the fast path's again.
+    let other = frame(CLIENT4.into(), PEER4.into(), 31002, 443, L4::Udp, 64);
+    assert_eq!(run(&dp, Device::WireGuard, &other).verdict, REDIRECT);
 }
 
 /// The IP packet (header and first 8 bytes after it) an ICMP error quotes.
@@ -751,6 +773,231 @@ fn icmp_errors_about_our_flows_are_translated_back() {
     );
     let out = run(&dp, Device::Tailscale, &error);
     assert_eq!((out.verdict, &out.frame), (CONTINUE, &error));
+}
+
+/// The frame an ICMP error carries as its quote, given an Ethernet header
+/// so it can be parsed and checked like any frame.
+fn quoted_frame(error: &[u8], ipv6: bool) -> Out {
+    let header = if ipv6 { 40 } else { 20 };
+    let mut frame = error[..14].to_vec();
+    frame.extend_from_slice(&error[14 + header + 8..]);
+    Out { verdict: 0, frame }
+}
+
+/// A masqueraded UDP or TCP packet quoted whole by a router on the tailnet
+/// side: translated back, the quote is the client's own packet again and
+/// every checksum in it verifies (its IPv4 header and its TCP/UDP
+/// checksum), the ICMP checksum too; quoted only up to 8 bytes after the
+/// IP header, the UDP checksum there is the client's own.
+#[test]
+fn translated_icmp_errors_keep_the_quoted_checksums_valid() {
+    let dp = datapath(false);
+    let cases: [(IpAddr, IpAddr, IpAddr); 2] = [
+        (CLIENT4.into(), PEER4.into(), TS4.into()),
+        (
+            v6("fd66::7").into(),
+            v6("fd7a:115c:a1e0::9").into(),
+            v6("fd7a:115c:a1e0::1").into(),
+        ),
+    ];
+    let mut sport = 41000;
+    for (client, peer, own) in cases {
+        let ipv6 = client.is_ipv6();
+        let router: IpAddr = if ipv6 {
+            v6("fd7a:115c:a1e0::50").into()
+        } else {
+            Ipv4Addr::new(100, 64, 0, 50).into()
+        };
+        for (what, l4) in [("UDP", L4::Udp), ("TCP", L4::Syn(1460))] {
+            sport += 1;
+            let input = frame(client, peer, sport, 443, l4, 64);
+            let out = run(&dp, Device::WireGuard, &input);
+            assert_eq!(out.verdict, REDIRECT, "{what} {client}");
+            let error = icmp_error(router, own, &out.frame[14..]);
+            let back = run(&dp, Device::Tailscale, &error);
+            assert_eq!(back.verdict, REDIRECT, "{what} {client}: translated");
+            back.assert_checksums();
+            let quote = quoted_frame(&back.frame, ipv6);
+            assert_eq!(
+                (quote.ip().0, quote.ip().1, quote.ports()),
+                (client, peer, (sport, 443)),
+                "{what} {client}: the quote, as the client sent it"
+            );
+            quote.assert_checksums();
+        }
+        // Only the first 8 bytes of UDP quoted: its checksum is in them.
+        sport += 1;
+        let input = frame(client, peer, sport, 443, L4::Udp, 64);
+        let out = run(&dp, Device::WireGuard, &input);
+        let error = icmp_error(router, own, &quote(&out.frame, ipv6));
+        let back = run(&dp, Device::Tailscale, &error);
+        assert_eq!(back.verdict, REDIRECT);
+        back.assert_checksums();
+        let header = if ipv6 { 40 } else { 20 };
+        let udp_checksum = |f: &[u8], at: usize| f[at + 6..at + 8].to_vec();
+        assert_eq!(
+            udp_checksum(&back.frame, 14 + 2 * header + 8),
+            udp_checksum(&input, 14 + header),
+            "{client}: the quoted UDP checksum is the client's"
+        );
+    }
+}
+
+/// Errors that quote one of our flows but are addressed to someone else
+/// than the flow's translated address, or whose quote is not a well-formed
+/// packet, are not translated: the kernel gets them unchanged.
+#[test]
+fn icmp_errors_to_another_address_or_with_a_bad_quote_are_the_kernels() {
+    let mut dp = datapath(false);
+    let router: IpAddr = Ipv4Addr::new(100, 64, 0, 50).into();
+    let out = run(
+        &dp,
+        Device::WireGuard,
+        &frame(CLIENT4.into(), PEER4.into(), 42000, 443, L4::Udp, 64),
+    );
+    assert_eq!(out.verdict, REDIRECT);
+    let good = quote(&out.frame, false);
+    let translated = run(
+        &dp,
+        Device::Tailscale,
+        &icmp_error(router, TS4.into(), &good),
+    );
+    assert_eq!(
+        translated.verdict, REDIRECT,
+        "the well-formed error is ours"
+    );
+    // Read with IHL 4, the quote's "ports" would be its destination address
+    // (100.64 and 0.9): a live flow with those makes that misreading show.
+    let mut misread = reply_key(0);
+    misread.sport = 9u16.to_be();
+    misread.dport = u16::from_be_bytes([100, 64]).to_be();
+    let live = NatEntry {
+        egress: Device::WireGuard as u32,
+        last_seen: u64::MAX / 2,
+        ..NatEntry::default()
+    };
+    dp.nat().unwrap().insert(&misread, &live, 0).unwrap();
+    let with = |edit: fn(&mut Vec<u8>)| {
+        let mut q = good.clone();
+        edit(&mut q);
+        q
+    };
+    let cases: [(&str, IpAddr, Vec<u8>); 5] = [
+        (
+            "to another tailnet address",
+            Ipv4Addr::new(100, 64, 0, 77).into(),
+            good.clone(),
+        ),
+        ("to the node's WireGuard address", WG4.into(), good.clone()),
+        ("a quote with IHL 4", TS4.into(), with(|q| q[0] = 0x44)),
+        (
+            "a quote whose total length is shorter than its header",
+            TS4.into(),
+            with(|q| q[2..4].copy_from_slice(&16u16.to_be_bytes())),
+        ),
+        (
+            "a quote whose UDP length is below 8",
+            TS4.into(),
+            with(|q| q[24..26].copy_from_slice(&4u16.to_be_bytes())),
+        ),
+    ];
+    for (what, to, quoted) in cases {
+        let error = icmp_error(router, to, &quoted);
+        let out = run(&dp, Device::Tailscale, &error);
+        assert_eq!((out.verdict, &out.frame), (CONTINUE, &error), "{what}");
+    }
+}
+
+/// Runs the egress program of `device` on `frame` (the kernel sending it).
+fn send_by_kernel(dp: &Datapath, device: Device, frame: &[u8]) {
+    let program = dp.program(device, Direction::Egress).unwrap();
+    let mut output = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut output),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    assert_eq!(result.return_value, CONTINUE, "egress only looks");
+}
+
+/// The host's own UDP from its tailnet address (its DNS, say), sent by the
+/// kernel out of the Tailscale device: the replies reach the host (the
+/// kernel), not `TS_DEST_IP`, while a datagram to a port the host sent
+/// nothing from still goes there. Likewise a flow the kernel forwards: its
+/// replies are the kernel's too.
+#[test]
+fn replies_to_udp_the_kernel_sent_are_the_kernels() {
+    let dp = datapath(false);
+    let cases: [(IpAddr, IpAddr, IpAddr); 2] = [
+        (TS4.into(), PEER4.into(), DEST4.into()),
+        (
+            node::TS6.into(),
+            v6("fd7a:115c:a1e0::9").into(),
+            node::DEST6.into(),
+        ),
+    ];
+    for (own, peer, dest) in cases {
+        send_by_kernel(
+            &dp,
+            Device::Tailscale,
+            &frame(own, peer, 5353, 53, L4::Udp, 64),
+        );
+        let before = outcome_count(&dp, Device::Tailscale, Outcome::KernelTrackedFlow);
+        let reply = frame(peer, own, 53, 5353, L4::Udp, 64);
+        let out = run(&dp, Device::Tailscale, &reply);
+        assert_eq!(
+            (out.verdict, &out.frame),
+            (CONTINUE, &reply),
+            "{own}: the reply is the host's"
+        );
+        assert_eq!(
+            outcome_count(&dp, Device::Tailscale, Outcome::KernelTrackedFlow),
+            before + 1
+        );
+        let stranger = frame(peer, own, 53, 5354, L4::Udp, 64);
+        let out = run(&dp, Device::Tailscale, &stranger);
+        assert_eq!(
+            out.verdict, REDIRECT,
+            "{own}: a new flow goes to TS_DEST_IP"
+        );
+        assert_eq!(out.ip().1, dest);
+    }
+    // wg -> ts forwarded (and masqueraded) by the kernel: the masqueraded
+    // datagram leaves ts, the client's reply leaves wg; both directions are
+    // the kernel's then.
+    send_by_kernel(
+        &dp,
+        Device::Tailscale,
+        &frame(TS4.into(), PEER4.into(), 40001, 443, L4::Udp, 64),
+    );
+    send_by_kernel(
+        &dp,
+        Device::WireGuard,
+        &frame(PEER4.into(), CLIENT4.into(), 443, 50001, L4::Udp, 64),
+    );
+    for (device, input) in [
+        (
+            Device::WireGuard,
+            frame(CLIENT4.into(), PEER4.into(), 50001, 443, L4::Udp, 64),
+        ),
+        (
+            Device::Tailscale,
+            frame(PEER4.into(), TS4.into(), 443, 40001, L4::Udp, 64),
+        ),
+    ] {
+        let out = run(&dp, device, &input);
+        assert_eq!((out.verdict, &out.frame), (CONTINUE, &input), "{device:?}");
+    }
+    // TCP has its SYN to tell: the kernel's TCP leaves nothing behind.
+    send_by_kernel(
+        &dp,
+        Device::Tailscale,
+        &frame(TS4.into(), PEER4.into(), 5355, 53, L4::Udp, 64),
+    );
+    let syn = frame(PEER4.into(), TS4.into(), 53, 5355, L4::Syn(1400), 64);
+    assert_eq!(run(&dp, Device::Tailscale, &syn).verdict, REDIRECT);
 }
 
 /// A UDP frame of `len` IP bytes from `src` to `dst`; IPv4 with DF as `df`

@@ -4,7 +4,7 @@
 
 mod rules;
 
-pub use rules::{FirewallPlan, TABLE};
+pub use rules::{FAST_PATH_PORTS, FirewallPlan, TABLE};
 
 use anyhow::{Context as _, Result};
 use nftables::{helper, schema::Nftables};

@@ -34,6 +34,11 @@ pub struct FirewallPlan {
     /// `TS_DEST_IP` translation needs them.
     pub ts_v4: Option<Ipv4Addr>,
     pub ts_v6: Option<Ipv6Addr>,
+    /// The eBPF datapath translates to the ports from
+    /// `tailguard_common::nat::NAT_PORT_FIRST` on: a packet to one of them
+    /// that the fast path left to the kernel belongs to a flow of the fast
+    /// path's (or to none), never to a new `TS_DEST_IP` connection.
+    pub fast_path_ports: bool,
 }
 
 fn table() -> Value {
@@ -111,6 +116,10 @@ fn accept() -> Value {
 fn udp_dport(port: u16) -> Value {
     is(payload("udp", "dport"), port)
 }
+
+/// The comment of the rule that keeps `TS_DEST_IP` off the fast path's
+/// translation ports.
+pub const FAST_PATH_PORTS: &str = "the fast path's translation ports are not TS_DEST_IP's";
 
 /// Netfilter's standard priorities.
 const FILTER: i32 = 0;
@@ -260,6 +269,19 @@ fn nat(p: &FirewallPlan) -> Vec<Value> {
         chain("dstnat", "nat", "prerouting", DSTNAT, "accept"),
         chain("srcnat", "nat", "postrouting", SRCNAT, "accept"),
     ];
+    if p.fast_path_ports && (p.dest.v4.is_some() || p.dest.v6.is_some()) {
+        let first = tailguard_common::nat::NAT_PORT_FIRST;
+        rules.push(rule(
+            "dstnat",
+            FAST_PATH_PORTS,
+            vec![
+                iif(ts),
+                is(meta("l4proto"), set(&["tcp", "udp"])),
+                is(payload("th", "dport"), json!({"range": [first, u16::MAX]})),
+                accept(),
+            ],
+        ));
+    }
     if let (Some(own), Some(dest)) = (p.ts_v4, p.dest.v4) {
         rules.push(rule(
             "dstnat",
@@ -407,5 +429,35 @@ mod tests {
         p.ts_v4 = Some(Ipv4Addr::new(100, 64, 0, 1));
         p.ts_v6 = Some("fd7a:115c:a1e0::1".parse().unwrap());
         assert_eq!(comments(&p, "dstnat"), ["TS_DEST_IP (IPv4)"]);
+    }
+
+    #[test]
+    fn with_the_fast_path_dest_ip_leaves_its_ports_alone() {
+        let mut p = plan();
+        p.dest.v4 = Some(Ipv4Addr::new(10, 0, 0, 2));
+        p.ts_v4 = Some(Ipv4Addr::new(100, 64, 0, 1));
+        p.fast_path_ports = true;
+        assert_eq!(
+            comments(&p, "dstnat"),
+            [FAST_PATH_PORTS, "TS_DEST_IP (IPv4)"],
+            "the exception comes first"
+        );
+        let commands = replace(&p);
+        let exception = commands["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["add"]["rule"]["comment"] == FAST_PATH_PORTS)
+            .unwrap();
+        let expr = &exception["add"]["rule"]["expr"];
+        assert_eq!(expr[2]["match"]["right"]["range"], json!([61000, 65535]));
+        assert_eq!(expr[3], json!({"accept": null}));
+        let parsed: Result<nftables::schema::Nftables, _> = serde_json::from_value(commands);
+        assert!(parsed.is_ok(), "{parsed:?}");
+        p.dest.v4 = None;
+        assert!(
+            comments(&p, "dstnat").is_empty(),
+            "no TS_DEST_IP, no exception"
+        );
     }
 }
