@@ -105,7 +105,7 @@ pub fn routes(plan: &Plan, table52: &[IpNet], main: &[IpNet]) -> Routes {
     let elsewhere = main
         .iter()
         .map(IpNet::trunc)
-        .filter(|net| net.prefix_len() > 0 && !tailnet.iter().any(|t| t.contains(net)));
+        .filter(|net| !tailnet.iter().any(|t| t.contains(net)));
     for net in elsewhere {
         routes.insert(net, Route::ELSEWHERE);
     }
@@ -284,7 +284,7 @@ mod tests {
             ("203.0.113.0/24", Route::ELSEWHERE),
             ("10.8.0.0/16", Route::ELSEWHERE),
             ("fe80::/64", Route::ELSEWHERE),
-            // A tie with the plan: the plan's.
+            // A tie with the plan (a default route too): the plan's.
             ("192.168.8.0/24", Route::WIREGUARD),
             ("10.8.0.0/24", Route::WIREGUARD),
             ("0.0.0.0/0", Route::WIREGUARD),
