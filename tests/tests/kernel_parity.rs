@@ -54,6 +54,42 @@ fn device_of(ns: &NetNs, prefix: &str) -> String {
         .unwrap_or_else(|| panic!("no {prefix}* device in {}", ns.name()))
 }
 
+/// A static route out of the uplink (documentation prefixes), and the
+/// WireGuard server's stand-in for a host behind it.
+const STATIC_V4: &str = "198.51.100.0/24";
+const STATIC_V6: &str = "2001:db8:51::/64";
+const STATIC_HOST_V4: &str = "198.51.100.7/32";
+const STATIC_HOST_V6: &str = "2001:db8:51::7/128";
+
+/// The device the calling thread's namespace reaches `addr` by.
+fn device_towards(addr: &str) -> String {
+    let route = run(Command::new("ip").args(["-o", "route", "get", addr]));
+    let mut words = route.split_whitespace();
+    words
+        .find(|w| *w == "dev")
+        .and_then(|_| words.next())
+        .unwrap_or_else(|| panic!("no device in {route}"))
+        .to_string()
+}
+
+/// The WireGuard server also takes the second peer's IPv6 address from the
+/// node (the bridge's server knows only its IPv4 one).
+fn server_takes_the_second_peers_ipv6(b: &Bridge) {
+    let server_device = b.bed.peer.name.clone();
+    let node_key = b.bed.keys.public.clone();
+    b.bed.theirs.run(|| {
+        run(Command::new("wg").args([
+            "set",
+            &server_device,
+            "peer",
+            &node_key,
+            "allowed-ips",
+            "10.66.0.2/32,10.66.0.3/32,fd66::2/128,fd66::3/128,100.64.0.0/10,\
+             fd7a:115c:a1e0::/48,10.201.0.0/24",
+        ]))
+    });
+}
+
 /// Packets the fast path counted for `device` with `outcome`.
 fn counted(device: &str, outcome: &str) -> u64 {
     status()["counters"][device][outcome]["packets"]
@@ -120,8 +156,68 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
                 assert_eq!(routes["10.201.0.0/24"], "elsewhere", "{s:#}");
                 assert_eq!(routes["0.0.0.0/0"], "wireguard", "{s:#}");
             }
-            node.daemon.stop();
         });
+
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        // Static routes out of the uplink, added while TailGuard runs: the
+        // main table's too once the route change is seen, both families.
+        let uplink_device = b.bed.ours.run(|| device_towards(INTERNET));
+        b.bed.ours.run(|| {
+            run(Command::new("ip").args(["route", "add", STATIC_V4, "via", INTERNET]));
+            run(Command::new("ip").args(["-6", "route", "add", STATIC_V6, "dev", &uplink_device]));
+        });
+        b.bed.theirs.run(|| {
+            for host in [STATIC_HOST_V4, STATIC_HOST_V6] {
+                run(Command::new("ip").args(["addr", "add", host, "dev", "lo"]));
+            }
+        });
+        server_takes_the_second_peers_ipv6(&b);
+        let client_device = device_of(&b.client, "wgc");
+        b.client.run(|| {
+            let everything =
+                "10.66.0.0/24,fd66::/64,100.64.0.0/10,fd7a:115c:a1e0::/48,0.0.0.0/0,::/0";
+            let key = &b.bed.keys.public;
+            run(Command::new("wg").args([
+                "set",
+                &client_device,
+                "peer",
+                key,
+                "allowed-ips",
+                everything,
+            ]));
+            run(Command::new("ip").args(["-6", "route", "add", "default", "dev", &client_device]));
+        });
+        let server_v6 = b.bed.theirs.run(|| WhoAmI::listen(true));
+        if datapath == "ebpf" {
+            b.bed.ours.run(|| {
+                node.daemon
+                    .wait_for("the static routes in the route map", |_| {
+                        let routes = &status()["forwarding"]["routes"];
+                        routes[STATIC_V4] == "elsewhere" && routes[STATIC_V6] == "elsewhere"
+                    })
+            });
+        }
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        for (host, port) in [
+            (STATIC_HOST_V4, server.port),
+            (STATIC_HOST_V6, server_v6.port),
+        ] {
+            let addr = host.split('/').next().unwrap();
+            let from_wg = b.client.run(|| connects(addr, port));
+            assert!(
+                from_wg.is_err(),
+                "{}",
+                ctx(&format!("wg -> static route {addr}: {from_wg:?}"))
+            );
+        }
+        assert_eq!(server.last_seen(), None, "{}", ctx("the server heard it"));
+        assert_eq!(
+            server_v6.last_seen(),
+            None,
+            "{}",
+            ctx("the server heard it")
+        );
+        b.bed.ours.run(|| node.daemon.stop());
     }
 }
 
@@ -231,21 +327,7 @@ fn syn_mss_is_clamped_to_the_smaller_mtu_of_both_ways() {
     let mut seen_by_datapath = Vec::new();
     for datapath in DATAPATHS {
         let (b, mut node) = pattern_1(&format!("mss-{datapath}"), datapath);
-        // The server also takes the second peer's IPv6 address from the
-        // node (the bridge's server knows only its IPv4 one).
-        let server_device = b.bed.peer.name.clone();
-        let node_key = b.bed.keys.public.clone();
-        b.bed.theirs.run(|| {
-            run(Command::new("wg").args([
-                "set",
-                &server_device,
-                "peer",
-                &node_key,
-                "allowed-ips",
-                "10.66.0.2/32,10.66.0.3/32,fd66::2/128,fd66::3/128,100.64.0.0/10,\
-                 fd7a:115c:a1e0::/48,10.201.0.0/24",
-            ]))
-        });
+        server_takes_the_second_peers_ipv6(&b);
         let cases = [
             // (what, from, to, address, SYN MSS, SYN-ACK MSS as received)
             (
