@@ -158,7 +158,6 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
             }
         });
 
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
         // Static routes out of the uplink, added while TailGuard runs: the
         // main table's too once the route change is seen, both families.
         let uplink_device = b.bed.ours.run(|| device_towards(INTERNET));
