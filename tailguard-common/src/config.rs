@@ -131,6 +131,11 @@ impl Route {
     pub const WIREGUARD: Self = Self { egress: 1 };
     /// Routed out of the Tailscale device (tailnet ranges, table 52).
     pub const TAILSCALE: Self = Self { egress: 2 };
+    /// Routed by the main table out of neither device (the uplink's own
+    /// network, a static route): not ours to forward. It shadows a
+    /// WireGuard default route as wg-quick's `suppress_prefixlength 0`
+    /// rule does, and goes to the kernel's FIB (local or dropped).
+    pub const ELSEWHERE: Self = Self { egress: 3 };
 }
 
 #[cfg(feature = "user")]

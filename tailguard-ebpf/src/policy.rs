@@ -490,8 +490,9 @@ fn send(ctx: &TcContext, cfg: &Config, p: &mut Packet, entry: &NatEntry) -> (i32
 }
 
 /// Rewrites `p` as `entry` says, takes one from its TTL, clamps the MSS of a
-/// SYN to the egress MTU (nft: chain mss), and redirects it (in fragments
-/// if it is too big, see `too_big::fragment`).
+/// SYN to the smaller MTU of the devices it came in and goes out by (nft:
+/// chain mss, whose `rt mtu` is the smaller of the routes both ways), and
+/// redirects it (in fragments if it is too big, see `too_big::fragment`).
 #[inline(always)]
 fn translate(
     ctx: &TcContext,
@@ -513,7 +514,7 @@ fn translate(
             }
         })
         .and_then(|()| rewrite::decrement_ttl(ctx, p))
-        .and_then(|()| rewrite::clamp_mss(ctx, p, mtu));
+        .and_then(|()| rewrite::clamp_mss(ctx, p, mtu.min(arrival_mtu(ctx))));
     if rewritten.is_err() {
         return (TC_ACT_SHOT, Outcome::DropHelperFailed);
     }
@@ -521,6 +522,19 @@ fn translate(
         return too_big::fragment(ctx, p, to, ifindex, mtu);
     }
     (redirect(ctx, to, ifindex), Outcome::Redirected)
+}
+
+/// The MTU of the device the packet arrived on (one of ours; read from the
+/// map again rather than passed down, which the stack cannot afford).
+#[inline(always)]
+fn arrival_mtu(ctx: &TcContext) -> u32 {
+    // SAFETY: the context points at the kernel's `__sk_buff` for this run.
+    let arrived = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
+    match config() {
+        Some(cfg) if arrived == cfg.ts_ifindex => u32::from(cfg.ts_mtu),
+        Some(cfg) => u32::from(cfg.wg_mtu),
+        None => u32::MAX,
+    }
 }
 
 /// Sends a translated ICMP error (see `icmp`) the way its flow's replies go.

@@ -390,6 +390,15 @@ impl Running {
                 );
             }
         }
+        let mut main_elsewhere = Vec::new();
+        for ipv6 in [false, true] {
+            let routes = self.nl.routes(ipv6, None).await?;
+            main_elsewhere.extend(routes.into_iter().filter_map(|(net, oif, _)| {
+                let ours =
+                    oif == Some(wg_ifindex) || oif.is_some() && oif == ts_device.map(|d| d.0);
+                (net.prefix_len() > 0 && !ours).then_some(net)
+            }));
+        }
         let wg_port = match self.wg.as_ref().and_then(WgSetup::device) {
             Some(device) => Some(device.listen_port().await?),
             None => None,
@@ -402,6 +411,7 @@ impl Running {
             ts_v4: tailscale.v4,
             ts_v6: tailscale.v6,
             table52,
+            main_elsewhere,
             forwarding: self.forwarding,
         })
     }
@@ -469,7 +479,11 @@ impl Running {
                     }
                 }
                 datapath.write_config(&forwarding::config(plan, &facts))?;
-                datapath.sync_routes(&forwarding::routes(plan, &facts.table52))?;
+                datapath.sync_routes(&forwarding::routes(
+                    plan,
+                    &facts.table52,
+                    &facts.main_elsewhere,
+                ))?;
                 // What the kernel now holds, read back, is what `/status` shows.
                 forwarding::describe(&datapath.config()?, &datapath.routes()?)
             }

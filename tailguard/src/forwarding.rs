@@ -32,6 +32,10 @@ pub struct Facts {
     /// Table 52's routes out of the Tailscale device (peers, their subnets,
     /// and the exit node's default routes when one is used).
     pub table52: Vec<IpNet>,
+    /// The main table's routes that are not default routes and leave
+    /// through neither the WireGuard nor the Tailscale device (the uplink's
+    /// network, static routes): the kernel's, never forwarded by us.
+    pub main_elsewhere: Vec<IpNet>,
     /// The user's forwarding switches, as the daemon found them at its start.
     pub forwarding: Forwarding,
 }
@@ -80,12 +84,32 @@ pub fn firewall(plan: &Plan, facts: &Facts) -> FirewallPlan {
     }
 }
 
-/// The route tries for `table52`: the WireGuard side's routes (the plan's
+/// The route tries for `table52` and `main` (the main table's routes that
+/// are not default routes and leave through neither device): first those
+/// main routes as "elsewhere", then the WireGuard side's routes (the plan's
 /// routes and the networks of the device's own addresses, as the kernel's
-/// connected routes), then the tailnet ranges and table 52, which win a tie
-/// the way tailscaled's rule 5270 comes before the main table.
-pub fn routes(plan: &Plan, table52: &[IpNet]) -> Routes {
+/// connected routes), then the tailnet ranges and table 52. Ties go to the
+/// later ones; the longest prefix wins otherwise, as in the kernel, where a
+/// main route beats the WireGuard default route (wg-quick's
+/// `suppress_prefixlength 0` rule consults the main table first) and the
+/// plan's other routes compete with it in the main table itself. Table 52
+/// comes first of all (tailscaled's rule 5270), so a main route inside a
+/// tailnet prefix is left out: the tailnet takes it whatever its length.
+pub fn routes(plan: &Plan, table52: &[IpNet], main: &[IpNet]) -> Routes {
     let mut routes = Routes::new();
+    let tailnet: Vec<IpNet> = TAILNET_RANGES
+        .iter()
+        .map(|r| r.parse::<IpNet>().expect("a valid prefix"))
+        .chain(table52.iter().copied())
+        .map(|net| net.trunc())
+        .collect();
+    let elsewhere = main
+        .iter()
+        .map(IpNet::trunc)
+        .filter(|net| !tailnet.iter().any(|t| t.contains(net)));
+    for net in elsewhere {
+        routes.insert(net, Route::ELSEWHERE);
+    }
     let wireguard = plan
         .wireguard
         .routes
@@ -95,11 +119,8 @@ pub fn routes(plan: &Plan, table52: &[IpNet]) -> Routes {
     for net in wireguard {
         routes.insert(net.trunc(), Route::WIREGUARD);
     }
-    let tailnet = TAILNET_RANGES
-        .iter()
-        .map(|r| r.parse::<IpNet>().expect("a valid prefix"));
-    for net in tailnet.chain(table52.iter().copied()) {
-        routes.insert(net.trunc(), Route::TAILSCALE);
+    for net in tailnet {
+        routes.insert(net, Route::TAILSCALE);
     }
     routes
 }
@@ -109,6 +130,7 @@ pub fn describe(config: &Config, routes: &Routes) -> serde_json::Value {
     let egress = |r: &Route| match *r {
         Route::WIREGUARD => "wireguard",
         Route::TAILSCALE => "tailscale",
+        Route::ELSEWHERE => "elsewhere",
         _ => "unknown",
     };
     serde_json::json!({
@@ -222,7 +244,7 @@ mod tests {
             net("192.168.8.0/24"),
             net("0.0.0.0/0"),
         ];
-        let r = routes(&plan(&[]), &table52);
+        let r = routes(&plan(&[]), &table52, &[]);
         let expect = [
             ("10.8.0.0/24", Route::WIREGUARD),
             ("fd00:8::/64", Route::WIREGUARD),
@@ -237,5 +259,45 @@ mod tests {
         for (prefix, route) in expect {
             assert_eq!(r.get(&net(prefix)), Some(&route), "{prefix}");
         }
+    }
+
+    #[test]
+    fn main_routes_shadow_the_wireguard_default_but_not_the_tailnet() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        // Pattern 1: a client of a server that takes everything.
+        let conf = CONF.replace("10.8.0.2/32, 192.168.8.0/24", "0.0.0.0/0, 192.168.8.0/24");
+        let config = wgconf::parse(&conf, "wg0.conf".as_ref()).unwrap();
+        let everything = Plan::new(&parse_args(&[]).unwrap().0, &config);
+        let main = [
+            net("10.201.0.7/24"),
+            net("203.0.113.0/24"),
+            net("10.8.0.0/16"),
+            net("192.168.8.0/24"),
+            net("100.101.0.0/16"),
+            net("0.0.0.0/0"),
+            net("fe80::/64"),
+        ];
+        let table52 = [net("100.101.102.103/32")];
+        let r = routes(&everything, &table52, &main);
+        let expect = [
+            // The uplink's network (host bits dropped) and a static route.
+            ("10.201.0.0/24", Route::ELSEWHERE),
+            ("203.0.113.0/24", Route::ELSEWHERE),
+            ("10.8.0.0/16", Route::ELSEWHERE),
+            ("fe80::/64", Route::ELSEWHERE),
+            // A tie with the plan (a default route too): the plan's.
+            ("192.168.8.0/24", Route::WIREGUARD),
+            ("10.8.0.0/24", Route::WIREGUARD),
+            ("0.0.0.0/0", Route::WIREGUARD),
+            ("100.64.0.0/10", Route::TAILSCALE),
+            ("100.101.102.103/32", Route::TAILSCALE),
+        ];
+        for (prefix, route) in expect {
+            assert_eq!(r.get(&net(prefix)), Some(&route), "{prefix}: {r:?}");
+        }
+        // Inside the tailnet's ranges, left to the tailnet.
+        assert_eq!(r.get(&net("100.101.0.0/16")), None, "{r:?}");
+        // Besides: fd00:8::/64 (the device's) and fd7a:115c:a1e0::/48.
+        assert_eq!(r.len(), expect.len() + 2, "{r:?}");
     }
 }

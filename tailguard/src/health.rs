@@ -200,14 +200,16 @@ fn in_tailnet(ip: IpAddr) -> bool {
 
 /// `/status` without the WireGuard peers' data (see
 /// [`Audience::sees_wireguard_peers`]): the routes to the WireGuard side
-/// (its peers' AllowedIPs) and `TS_DEST_IP`.
+/// (its peers' AllowedIPs), the host's own routes (its uplink's network,
+/// its static routes: none of the tailnet's business either) and
+/// `TS_DEST_IP`.
 fn without_wireguard_peers(mut status: serde_json::Value) -> serde_json::Value {
     if let Some(forwarding) = status["forwarding"].as_object_mut() {
         if let Some(routes) = forwarding
             .get_mut("routes")
             .and_then(serde_json::Value::as_object_mut)
         {
-            routes.retain(|_, egress| egress != "wireguard");
+            routes.retain(|_, egress| egress == "tailscale");
         }
         forwarding.remove("dest_v4");
         forwarding.remove("dest_v6");
@@ -438,6 +440,7 @@ mod tests {
                 "10.66.0.1/32": "wireguard",
                 "192.168.8.0/24": "wireguard",
                 "100.64.0.0/10": "tailscale",
+                "10.201.0.0/24": "elsewhere",
             },
         })
     }
@@ -451,7 +454,7 @@ mod tests {
             serde_json::json!({"100.64.0.0/10": "tailscale"})
         );
         let text = view.to_string();
-        for gone in ["10.66.0.1", "192.168.8.0", "fd66::1"] {
+        for gone in ["10.66.0.1", "192.168.8.0", "fd66::1", "10.201.0.0"] {
             assert!(!text.contains(gone), "{gone} in {text}");
         }
         assert_eq!(view["forwarding"]["ts_v4"], "100.64.0.1");

@@ -220,7 +220,7 @@ fn forward(p: &FirewallPlan) -> Vec<Value> {
         chain("mss", "filter", "forward", MANGLE, "accept"),
         rule(
             "mss",
-            "clamp the MSS of SYNs to the route's MTU (1280 on ts, 1420 on wg)",
+            "clamp the MSS of SYNs to the smaller route MTU of both ways (rt mtu)",
             vec![
                 json!({"match": {"op": "in", "left": payload("tcp", "flags"), "right": "syn"}}),
                 json!({"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}}, "value": {"rt": {"key": "mtu"}}}}),
