@@ -462,6 +462,7 @@ impl Running {
             self.facts.as_ref().map(|f| f.ts_device.is_some()) != Some(facts.ts_device.is_some());
         let view = match self.datapath.as_mut() {
             Some(datapath) => {
+                let routes = forwarding::routes(plan, &facts.table52, &facts.main_elsewhere);
                 if takes_over {
                     let limit = LoadOptions {
                         nat_flows: settings.nat_flows,
@@ -469,7 +470,6 @@ impl Running {
                     }
                     .nat_entries()
                         / 2;
-                    let routes = forwarding::routes(plan, &facts.table52);
                     match crate::conntrack::keep_for_kernel(datapath, &routes, limit as usize) {
                         Ok(n) => info!(entries = n, "the kernel's UDP flows stay the kernel's"),
                         Err(e) => warn!(
@@ -479,11 +479,7 @@ impl Running {
                     }
                 }
                 datapath.write_config(&forwarding::config(plan, &facts))?;
-                datapath.sync_routes(&forwarding::routes(
-                    plan,
-                    &facts.table52,
-                    &facts.main_elsewhere,
-                ))?;
+                datapath.sync_routes(&routes)?;
                 // What the kernel now holds, read back, is what `/status` shows.
                 forwarding::describe(&datapath.config()?, &datapath.routes()?)
             }
