@@ -112,6 +112,7 @@ impl IcmpError {
         let inner_first: u8 = ctx.load(e.inner_l3).ok()?;
         // What the quoted packet says it carried after its IP header.
         let inner_payload;
+        let mut first_fragment = false;
         if ipv6 {
             if inner_first >> 4 != 6 {
                 return None;
@@ -127,11 +128,13 @@ impl IcmpError {
                 return None;
             }
             let total = usize::from(u16::from_be(ctx.load(e.inner_l3 + 2).ok()?));
-            let frag: u16 = ctx.load(e.inner_l3 + 6).ok()?;
-            if u16::from_be(frag) & 0x1fff != 0 || total < ihl {
+            let frag = u16::from_be(ctx.load(e.inner_l3 + 6).ok()?);
+            if frag & 0x1fff != 0 || total < ihl {
                 return None;
             }
             inner_payload = total - ihl;
+            // A first fragment's UDP length is the whole datagram's.
+            first_fragment = frag & 0x2000 != 0;
             e.inner_proto = ctx.load(e.inner_l3 + 9).ok()?;
             e.inner_l4 = e.inner_l3 + ihl;
             let s: [u8; 4] = ctx.load(e.inner_l3 + 12).ok()?;
@@ -139,11 +142,13 @@ impl IcmpError {
             e.inner_src[..4].copy_from_slice(&s);
             e.inner_dst[..4].copy_from_slice(&d);
         }
-        if inner_payload < 8 {
+        // How much of the quoted transport header the error carries: the
+        // 8 bytes that hold the ports at least, as the kernel's conntrack
+        // insists too.
+        let quoted = (ctx.len() as usize).saturating_sub(e.inner_l4);
+        if inner_payload < 8 || quoted < 8 {
             return None;
         }
-        // How much of the quoted transport header the error carries.
-        let quoted = (ctx.len() as usize).saturating_sub(e.inner_l4);
         match e.inner_proto {
             IPPROTO_TCP => {
                 e.inner_sport = ctx.load(e.inner_l4).ok()?;
@@ -156,7 +161,7 @@ impl IcmpError {
             }
             IPPROTO_UDP => {
                 let udp_len = usize::from(u16::from_be(ctx.load(e.inner_l4 + 4).ok()?));
-                if udp_len < 8 || udp_len > inner_payload {
+                if udp_len < 8 || (udp_len > inner_payload && !first_fragment) {
                     return None;
                 }
                 e.inner_sport = ctx.load(e.inner_l4).ok()?;

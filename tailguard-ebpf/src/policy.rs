@@ -456,14 +456,16 @@ fn start(
         // Its first fragment started no flow (the policy dropped it).
         return (TC_ACT_SHOT, Outcome::DropFragmentUnknown);
     }
-    if p.udp6_no_checksum {
-        return (TC_ACT_SHOT, Outcome::DropUdpZeroChecksum);
-    }
     let fits = |mtu| p.fits(mtu) || too_big::fragmentable(ctx, p, to, mtu);
     let (ifindex, mtu) = match egress(cfg, to, p.ipv6, p.ttl, fits) {
         Ok(device) => device,
         Err(verdict) => return too_big::answer_or(ctx, cfg, p, to, verdict),
     };
+    // After the size: the kernel's forwarding answers "too big" before its
+    // rules see the checksum.
+    if p.udp6_no_checksum {
+        return (TC_ACT_SHOT, Outcome::DropUdpZeroChecksum);
+    }
     if !nat::create(p, s, allocate, to, now) {
         // The kernel's conntrack has the flow from now on: so do we.
         if p.proto == IPPROTO_UDP {
@@ -477,13 +479,12 @@ fn start(
 /// Sends a packet of a flow we own, as its `entry` says.
 #[inline(always)]
 fn send(ctx: &TcContext, cfg: &Config, p: &mut Packet, entry: &NatEntry) -> (i32, Outcome) {
-    if p.udp6_no_checksum {
-        // IPv6 forbids it; the receiver's kernel would drop it.
-        return (TC_ACT_SHOT, Outcome::DropUdpZeroChecksum);
-    }
     let to = Device::from_role(entry.egress);
     let fits = |mtu| p.fits(mtu) || too_big::fragmentable(ctx, p, to, mtu);
     match egress(cfg, to, p.ipv6, p.ttl, fits) {
+        // IPv6 forbids a zero UDP checksum, and the nftables twin drops it;
+        // a too-big one is answered first, as the kernel does.
+        Ok(_) if p.udp6_no_checksum => (TC_ACT_SHOT, Outcome::DropUdpZeroChecksum),
         Ok((ifindex, mtu)) => translate(ctx, p, entry, to, ifindex, mtu),
         Err(verdict) => too_big::answer_or(ctx, cfg, p, to, verdict),
     }
@@ -514,6 +515,7 @@ fn translate(
             }
         })
         .and_then(|()| rewrite::decrement_ttl(ctx, p))
+        .and_then(|()| rewrite::clear_df_of_fragment(ctx, p))
         .and_then(|()| rewrite::clamp_mss(ctx, p, mtu.min(arrival_mtu(ctx))));
     if rewritten.is_err() {
         return (TC_ACT_SHOT, Outcome::DropHelperFailed);

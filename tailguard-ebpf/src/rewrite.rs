@@ -358,3 +358,20 @@ pub fn clamp_mss(ctx: &TcContext, p: &Packet, mtu: u32) -> Result {
     }
     Ok(())
 }
+
+/// Clears DF on an IPv4 fragment, as the kernel's path sends fragments: it
+/// reassembles what it forwards and fragments it anew, and never sets DF
+/// on a fragment it makes.
+#[inline(always)]
+pub fn clear_df_of_fragment(ctx: &TcContext, p: &Packet) -> Result {
+    if p.ipv6 || p.part == Fragment::Whole {
+        return Ok(());
+    }
+    let old: u16 = ctx.load(p.l3 + 6).map_err(|_| Failed)?;
+    let new = old & !0x4000u16.to_be();
+    if new == old {
+        return Ok(());
+    }
+    ok(ctx.l3_csum_replace(p.l3 + 10, u64::from(old), u64::from(new), 2))?;
+    ok(ctx.store(p.l3 + 6, &new, 0))
+}

@@ -314,10 +314,17 @@ fn quote(q: &[u8], names: &mut PortNames) -> String {
             }
         }
         ICMP | ICMPV6 if ip.l4.len() >= 8 => {
+            // The identifier belongs to whoever sent the request: the
+            // source of a request, the destination of a reply.
+            let kind = ip.l4[0];
+            let requester = if kind == 0 || kind == 129 {
+                ip.dst
+            } else {
+                ip.src
+            };
             line.push_str(&format!(
-                " icmp {} id {}",
-                ip.l4[0],
-                names.port(ip.src, port(4))
+                " icmp {kind} id {}",
+                names.port(requester, port(4))
             ));
         }
         proto => line.push_str(&format!(" proto {proto}")),
