@@ -95,6 +95,14 @@ impl NetNs {
             .unwrap_or_default()
     }
 
+    /// The namespace's device whose name starts with `prefix`.
+    pub fn device_starting_with(&self, prefix: &str) -> String {
+        self.devices()
+            .into_iter()
+            .find(|d| d.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix}* device in {}", self.name))
+    }
+
     /// Runs `f` on a fresh thread that has entered this namespace, and
     /// returns its result (re-raising its panic). Only that thread moves:
     /// the test's other threads stay where they were. Processes it starts
@@ -231,4 +239,9 @@ pub fn run(cmd: &mut Command) -> String {
 pub fn sysctl(key: &str, value: &str) {
     let path = format!("/proc/sys/{}", key.replace('.', "/"));
     std::fs::write(&path, value).unwrap_or_else(|e| panic!("setting {key}={value}: {e}"));
+}
+
+/// Sets the MTU of `device` in the current namespace.
+pub fn set_mtu(device: &str, mtu: u32) {
+    run(Command::new("ip").args(["link", "set", "dev", device, "mtu", &mtu.to_string()]));
 }

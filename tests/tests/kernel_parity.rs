@@ -20,7 +20,7 @@ use etherparse::{Ipv4HeaderSlice, TcpHeaderSlice, TcpOptionElement};
 use tailguard_tests::{
     bridge::*,
     daemon::{WithStandIn, status},
-    netns::{NetNs, run, sysctl},
+    netns::{NetNs, run, set_mtu, sysctl},
 };
 
 const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
@@ -31,7 +31,7 @@ fn pattern_1(purpose: &str, datapath: &str) -> (Bridge, WithStandIn) {
     let b = Bridge::with_server_allowed_ips(purpose, "0.0.0.0/0, ::/0");
     let tailnet_device = b.tailnet_peer.name.clone();
     b.tailnet.run(|| set_mtu(&tailnet_device, 1500));
-    let client_device = device_of(&b.client, "wgc");
+    let client_device = b.client.device_starting_with("wgc");
     b.client.run(|| set_mtu(&client_device, 1500));
     let node = b.bed.ours.run(|| {
         // The user's forwarding switches, as a container's --sysctl sets them.
@@ -40,18 +40,6 @@ fn pattern_1(purpose: &str, datapath: &str) -> (Bridge, WithStandIn) {
         b.start_healthy(&[("TG_DATAPATH", datapath)])
     });
     (b, node)
-}
-
-fn set_mtu(device: &str, mtu: u32) {
-    run(Command::new("ip").args(["link", "set", "dev", device, "mtu", &mtu.to_string()]));
-}
-
-/// The namespace's device whose name starts with `prefix`.
-fn device_of(ns: &NetNs, prefix: &str) -> String {
-    ns.devices()
-        .into_iter()
-        .find(|d| d.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no {prefix}* device in {}", ns.name()))
 }
 
 /// A static route out of the uplink (documentation prefixes), and the
@@ -171,7 +159,7 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
             }
         });
         server_takes_the_second_peers_ipv6(&b);
-        let client_device = device_of(&b.client, "wgc");
+        let client_device = b.client.device_starting_with("wgc");
         b.client.run(|| {
             let everything =
                 "10.66.0.0/24,fd66::/64,100.64.0.0/10,fd7a:115c:a1e0::/48,0.0.0.0/0,::/0";

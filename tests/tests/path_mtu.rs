@@ -20,7 +20,7 @@ use etherparse::{Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpHeaders, 
 use tailguard_tests::{
     bridge::*,
     daemon::WithStandIn,
-    netns::{NetNs, run, sysctl},
+    netns::{NetNs, run, set_mtu, sysctl},
 };
 
 const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
@@ -35,7 +35,7 @@ fn exit_node_bridge(purpose: &str, datapath: &str) -> (Bridge, WithStandIn) {
     let b = Bridge::with_server_allowed_ips(purpose, "0.0.0.0/0, ::/0, 192.168.8.0/24");
     let tailnet_device = b.tailnet_peer.name.clone();
     b.tailnet.run(|| set_mtu(&tailnet_device, 1500));
-    let client_device = device_of(&b.client, "wgc");
+    let client_device = b.client.device_starting_with("wgc");
     b.client.run(|| set_mtu(&client_device, 1500));
     let env = [
         ("TG_DATAPATH", datapath),
@@ -48,18 +48,6 @@ fn exit_node_bridge(purpose: &str, datapath: &str) -> (Bridge, WithStandIn) {
         b.start_healthy(&env)
     });
     (b, node)
-}
-
-fn set_mtu(device: &str, mtu: u32) {
-    run(Command::new("ip").args(["link", "set", "dev", device, "mtu", &mtu.to_string()]));
-}
-
-/// The namespace's device whose name starts with `prefix`.
-fn device_of(ns: &NetNs, prefix: &str) -> String {
-    ns.devices()
-        .into_iter()
-        .find(|d| d.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no {prefix}* device in {}", ns.name()))
 }
 
 /// A device's MTU, read in the calling thread's namespace.
@@ -347,8 +335,8 @@ fn too_big_datagrams_get_the_kernels_answer() {
         let ts_mtu = b.bed.ours.run(|| mtu_of(&node.ts_device));
         let wg_mtu = b.bed.ours.run(|| mtu_of(&b.bed.device));
         let tailnet_device = b.tailnet_peer.name.clone();
-        let client_device = device_of(&b.client, "wgc");
-        let lan_device = device_of(&b.lan, "vb");
+        let client_device = b.client.device_starting_with("wgc");
+        let lan_device = b.lan.device_starting_with("vb");
         let client = &b.client;
         let tailnet = &b.tailnet;
         // Bigger than the egress device, smaller than the sender's link.
