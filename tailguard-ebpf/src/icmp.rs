@@ -7,12 +7,13 @@
 use aya_ebpf::programs::TcContext;
 use tailguard_common::{
     Config, Device, Outcome,
-    nat::{FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
+    fragment::{Fragment, IPV6_MAX_EXT_HEADERS, Ipv6Step, ipv6_step},
+    nat::{FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, state},
 };
 
 use crate::{
     nat,
-    packet::{ECHO_REQUEST_V4, ECHO_REQUEST_V6},
+    packet::{ECHO_REQUEST_V4, ECHO_REQUEST_V6, is_extension},
     rewrite::{self, Failed},
 };
 
@@ -120,6 +121,30 @@ impl IcmpError {
             inner_payload = usize::from(u16::from_be(ctx.load(e.inner_l3 + 4).ok()?));
             e.inner_proto = ctx.load(e.inner_l3 + 6).ok()?;
             e.inner_l4 = e.inner_l3 + 40;
+            // The quoted packet's extension headers, as `Packet` walks
+            // them: a first fragment's quote holds the ports; a later one's
+            // does not.
+            for _ in 0..IPV6_MAX_EXT_HEADERS {
+                if !is_extension(e.inner_proto) {
+                    break;
+                }
+                let h: [u8; 8] = ctx.load(e.inner_l4).ok()?;
+                match ipv6_step(e.inner_proto, h) {
+                    Ipv6Step::Skip { next, len } | Ipv6Step::SourceRouted { next, len } => {
+                        e.inner_l4 += len;
+                        e.inner_proto = next;
+                    }
+                    Ipv6Step::Fragment { next, part, .. } => {
+                        if part == Fragment::Later {
+                            return None;
+                        }
+                        first_fragment = true;
+                        e.inner_l4 += 8;
+                        e.inner_proto = next;
+                    }
+                    Ipv6Step::Upper(_) => break,
+                }
+            }
             e.inner_src = ctx.load(e.inner_l3 + 8).ok()?;
             e.inner_dst = ctx.load(e.inner_l3 + 24).ok()?;
         } else {
@@ -225,6 +250,10 @@ pub fn translate(
     let entry = nat::lookup(&s.key, nat::now())?;
     // SAFETY: from the map lookup, valid for this program run.
     let entry = unsafe { &*entry };
+    // A flow the kernel's (see `kernel_flows`): so is the error about it.
+    if entry.state & state::KERNEL != 0 {
+        return None;
+    }
     // The quoted packet left us from the flow's translated address, so an
     // error about it is addressed there; one to anyone else only quotes
     // our flow and is not ours to deliver.

@@ -22,7 +22,7 @@
 use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
 use tailguard_common::{
     Device,
-    nat::{FlowKey, IPPROTO_UDP},
+    nat::{FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 
 use crate::{link_layer::has_ethernet, nat, packet::Packet};
@@ -41,8 +41,8 @@ pub fn mark_sent(ctx: &TcContext) {
     }
 }
 
-/// On a device's egress: a UDP datagram the kernel sends makes the flow's
-/// replies, arriving on `device`, the kernel's. The fast path's own packets
+/// On a device's egress: a UDP datagram or ICMP echo the kernel sends makes
+/// the flow's replies, arriving on `device`, the kernel's. The fast path's own packets
 /// only lose their mark.
 #[inline(always)]
 pub fn learn(ctx: &TcContext, device: Device) {
@@ -55,26 +55,35 @@ pub fn learn(ctx: &TcContext, device: Device) {
         }
     }
     let l3 = if has_ethernet(device) { 14 } else { 0 };
-    // Only UDP needs this: a look at the protocol before reading it all.
+    // Only UDP and ICMP echo need this (every other packet of a TCP flow
+    // but its SYN is the kernel's anyway): a look at the protocol before
+    // reading it all.
     let Ok(first) = ctx.load::<u8>(l3) else {
         return;
     };
     let protocol_at = if first >> 4 == 6 { l3 + 6 } else { l3 + 9 };
-    if ctx.load::<u8>(protocol_at) != Ok(IPPROTO_UDP) {
+    let Ok(protocol) = ctx.load::<u8>(protocol_at) else {
+        return;
+    };
+    if protocol != IPPROTO_UDP && protocol != IPPROTO_ICMP && protocol != IPPROTO_ICMPV6 {
         return;
     }
+    // (Of ICMP, only echo requests and replies are read.)
     let Some(p) = Packet::read(ctx, l3) else {
         return;
     };
     // A later fragment carries no ports: its first fragment said it all.
-    if p.proto != IPPROTO_UDP || p.part == tailguard_common::fragment::Fragment::Later {
+    if p.proto == IPPROTO_TCP || p.part == tailguard_common::fragment::Fragment::Later {
         return;
     }
+    // The packet that answers this one, or (for an echo reply) the next
+    // request: ports swapped, an echo's identifier where it is.
+    let icmp = p.is_icmp();
     let reply = FlowKey {
         src: p.dst,
         dst: p.src,
-        sport: p.dport,
-        dport: p.sport,
+        sport: if icmp { p.sport } else { p.dport },
+        dport: if icmp { 0 } else { p.sport },
         proto: p.proto,
         ingress: device as u8,
         family: if p.ipv6 { 6 } else { 4 },

@@ -66,7 +66,7 @@ pub struct Packet {
 }
 
 /// An IPv6 extension header the fast path walks past.
-fn is_extension(next: u8) -> bool {
+pub fn is_extension(next: u8) -> bool {
     matches!(
         next,
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_DEST

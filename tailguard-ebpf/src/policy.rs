@@ -8,9 +8,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        __sk_buff, BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LKUP_RET_UNREACHABLE, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup,
+        __sk_buff, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup,
     },
     cty::c_void,
     helpers::{bpf_fib_lookup, bpf_redirect},
@@ -109,17 +108,17 @@ fn flow(
     let now = nat::now();
     // A packet of a flow we own: translated the way its flow is.
     if let Some(entry) = nat::lookup(&s.key, now) {
-        if p.options {
-            // The kernel would take it for a connection of its own and
-            // translate it anew (or answer it as the host's).
-            return (TC_ACT_SHOT, Outcome::DropOptionsOfOurFlow);
-        }
         // SAFETY: from the map lookup, valid for this program run.
         let entry = unsafe { &mut *entry };
         entry.last_seen = now;
         if entry.state & state::KERNEL != 0 {
             // nft: "ct state established" (see `kernel_flows`).
             return kernel(Outcome::KernelTrackedFlow);
+        }
+        if p.options {
+            // The kernel would take it for a connection of its own and
+            // translate it anew (or answer it as the host's).
+            return (TC_ACT_SHOT, Outcome::DropOptionsOfOurFlow);
         }
         if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             entry.state |= state::CLOSING;
@@ -128,8 +127,16 @@ fn flow(
     }
     if p.options {
         // nft: the kernel processes options and source routes
-        // (`accept_source_route`), then its rules apply.
+        // (`accept_source_route`), then its rules apply; the flow it starts
+        // is the kernel's from then on.
+        nat::keep_for_kernel(&s.key, now);
         return kernel(Outcome::KernelIpOptions);
+    }
+    // A first fragment too short for its transport header: the kernel
+    // reassembles before it looks, and the flow is the kernel's.
+    if p.part == Fragment::First && p.len < (p.l4 - p.l3) as u32 + p.l4_len.max(8) {
+        nat::keep_for_kernel(&s.key, now);
+        return kernel(Outcome::KernelNotHandled);
     }
     // (A later fragment of a datagram the fast path took carries no flags;
     // its flow follows from the route, as the first fragment's did.)
@@ -313,6 +320,14 @@ fn from_wireguard(
         // forward chain's policy drops it).
         Some(Route::WIREGUARD) => {
             if cfg.has(flag::ISOLATE_PEERS) {
+                // The kernel's forward chain drops it, but only after the
+                // kernel's own checks (forwarding on, TTL, size), whose
+                // answers are the kernel's to give.
+                if let Err(verdict) =
+                    egress(cfg, Device::WireGuard, p.ipv6, p.ttl, |mtu| p.fits(mtu))
+                {
+                    return verdict;
+                }
                 return (TC_ACT_SHOT, Outcome::DropIsolated);
             }
             s.entry = NatEntry {
@@ -402,19 +417,22 @@ fn elsewhere(ctx: &TcContext, p: &Packet, s: &mut Scratch) -> (i32, Outcome) {
             0,
         )
     };
-    // Forwardable (success, no neighbour yet, needs fragmenting) or refused
-    // by a route (blackhole, unreachable, prohibit): not ours to forward.
-    // Anything else (local, forwarding off, an error): the kernel decides.
-    let forwardable = [
-        BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LKUP_RET_BLACKHOLE,
-        BPF_FIB_LKUP_RET_UNREACHABLE,
-        BPF_FIB_LKUP_RET_PROHIBIT,
-        BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED,
-    ];
-    if ret >= 0 && forwardable.contains(&(ret as u32)) {
+    // What the kernel would forward (success, no neighbour yet) reaches its
+    // forward chain, whose policy drops it: the fast path drops it first.
+    // The kernel's own checks come before that chain, and their answers are
+    // the kernel's to give: time exceeded (TTL 1), too big (needs
+    // fragmenting), a route's unreachable or prohibit; so is anything local,
+    // forwarding off, or an error.
+    let forwarded =
+        ret == BPF_FIB_LKUP_RET_SUCCESS as i64 || ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64;
+    if forwarded && p.ttl > 1 {
         return (TC_ACT_SHOT, Outcome::DropNoRoute);
+    }
+    if forwarded {
+        return kernel(Outcome::KernelTtl);
+    }
+    if ret == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        return kernel(Outcome::KernelTooBig);
     }
     kernel(Outcome::KernelLocal)
 }
