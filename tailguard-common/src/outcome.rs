@@ -81,10 +81,14 @@ pub enum Outcome {
     /// the kernel when no port was free, or a reply to the host's own
     /// datagrams), which stays the kernel's.
     KernelTrackedFlow = 21,
+    /// Dropped: a first fragment too short for its transport header (RFC
+    /// 1858's tiny fragments): its ports cannot be read, and a filter that
+    /// judges a datagram by its first fragment is bypassed with one.
+    DropTinyFragment = 22,
 }
 
 impl Outcome {
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 23;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::Redirected,
@@ -109,6 +113,7 @@ impl Outcome {
         Self::DropUdpZeroChecksum,
         Self::DropExtHeaders,
         Self::KernelTrackedFlow,
+        Self::DropTinyFragment,
     ];
 
     /// The index of (`device`, `self`) in `OUTCOMES`.
@@ -140,6 +145,7 @@ impl Outcome {
             Self::DropUdpZeroChecksum => "drop:udp6-zero-checksum",
             Self::DropExtHeaders => "drop:ext-headers",
             Self::KernelTrackedFlow => "kernel:tracked-flow",
+            Self::DropTinyFragment => "drop:tiny-fragment",
         }
     }
 }

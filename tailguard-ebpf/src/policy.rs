@@ -132,11 +132,10 @@ fn flow(
         nat::keep_for_kernel(&s.key, now);
         return kernel(Outcome::KernelIpOptions);
     }
-    // A first fragment too short for its transport header: the kernel
-    // reassembles before it looks, and the flow is the kernel's.
+    // A first fragment too short for its transport header: nothing to
+    // judge it (or its later fragments) by.
     if p.part == Fragment::First && p.len < (p.l4 - p.l3) as u32 + p.l4_len.max(8) {
-        nat::keep_for_kernel(&s.key, now);
-        return kernel(Outcome::KernelNotHandled);
+        return (TC_ACT_SHOT, Outcome::DropTinyFragment);
     }
     // (A later fragment of a datagram the fast path took carries no flags;
     // its flow follows from the route, as the first fragment's did.)

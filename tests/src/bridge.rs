@@ -242,6 +242,14 @@ impl Bridge {
             .wait_for("the second WireGuard peer's handshake", |_| {
                 self.client_connected()
             });
+        // The fast path (when it runs) takes the tailnet side once its maps
+        // know tailscaled's device and address: until then, flows are the
+        // kernel's and stay so.
+        node.daemon.wait_for("the fast path's tailnet side", |_| {
+            let f = &crate::daemon::status()["forwarding"];
+            f.get("ts_ifindex").is_none()
+                || (f["ts_ifindex"].as_u64() != Some(0) && !f["ts_v4"].is_null())
+        });
         node
     }
 

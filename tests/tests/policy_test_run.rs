@@ -1479,9 +1479,10 @@ const RECORD_ROUTE: [u8; 8] = [7, 7, 4, 0, 0, 0, 0, 1];
 #[test]
 fn ipv4_options_are_the_kernels_but_never_of_our_flows() {
     let dp = datapath(false);
-    for (what, options) in [("LSRR", LSRR), ("record route", RECORD_ROUTE)] {
+    // A flow of its own each: the first packet makes its flow the kernel's.
+    for (sport, what, options) in [(43010, "LSRR", LSRR), (43011, "record route", RECORD_ROUTE)] {
         let new = on_ethernet(&with_ipv4_options(
-            &udp_packet(CLIENT4.into(), PEER4.into(), 43000, 53, b"new"),
+            &udp_packet(CLIENT4.into(), PEER4.into(), sport, 53, b"new"),
             &options,
         ));
         let before = outcome_count(&dp, Device::WireGuard, Outcome::KernelIpOptions);
@@ -1723,5 +1724,27 @@ fn ipv6_udp_without_checksum_is_dropped() {
         (out.verdict, &out.frame),
         (CONTINUE, &to_host),
         "to the host"
+    );
+}
+
+/// A TCP SYN cut into fragments inside its header (RFC 1858's tiny
+/// fragments): the first fragment is dropped and counted, since its ports
+/// cannot be judged.
+#[test]
+fn tiny_first_fragments_are_dropped() {
+    let dp = datapath(false);
+    let mut syn = Vec::new();
+    PacketBuilder::ipv4(CLIENT4.octets(), PEER4.octets(), 64)
+        .tcp(40000, 443, 1, 64240)
+        .syn()
+        .write(&mut syn, &[])
+        .unwrap();
+    // 16 of the header's 20 bytes: the ports and flags, not the checksum.
+    let frames = fragments(&syn, 16, 0x77);
+    let before = outcome_count(&dp, Device::WireGuard, Outcome::DropTinyFragment);
+    assert_eq!(run(&dp, Device::WireGuard, &frames[0]).verdict, SHOT);
+    assert_eq!(
+        outcome_count(&dp, Device::WireGuard, Outcome::DropTinyFragment),
+        before + 1
     );
 }
