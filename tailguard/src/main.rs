@@ -72,7 +72,7 @@ fn main() -> Result<()> {
     // wireguard-go, the wg-quick hooks, `nft`, and whatever is added later —
     // inherits them. Done to the whole process, before any thread exists,
     // so that no spawn can forget it.
-    let cli = Cli::try_parse().unwrap_or_else(|e| exit_redacted(&e));
+    let cli = Cli::try_parse().unwrap_or_else(|e| exit_redacted(e));
     for variable in SECRET_VARIABLES {
         // SAFETY: single-threaded still: no runtime, no other thread exists
         // yet to read the environment while it changes.
@@ -128,14 +128,15 @@ async fn command(cli: Cli) -> Result<()> {
 /// redacted: clap quotes a bad value back, and its help shows the
 /// environment's values, where a key pasted into the wrong variable (or
 /// TS_EXTRA_ARGS) must not be shown.
-fn exit_redacted(e: &clap::Error) -> ! {
-    let text = tailguard::settings::redact_cli_message(&e.render().to_string());
-    if e.use_stderr() {
+fn exit_redacted(e: clap::Error) -> ! {
+    let (use_stderr, code) = (e.use_stderr(), e.exit_code());
+    let text = tailguard::settings::redact_cli_error(e);
+    if use_stderr {
         eprint!("{text}");
     } else {
         print!("{text}");
     }
-    std::process::exit(e.exit_code())
+    std::process::exit(code)
 }
 
 /// Checks the settings as a whole, logs what will be ignored, and stops on
