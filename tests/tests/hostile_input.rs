@@ -97,6 +97,11 @@ fn check_never_prints_a_key_whatever_the_input() {
             vec![("TS_DEST_IP", ours.private.clone())],
             "TS_DEST_IP",
         ),
+        (
+            good.clone(),
+            vec![("TS_EXIT_NODE", TS_KEY.to_string())],
+            "TS_EXIT_NODE=<redacted> is ignored",
+        ),
     ];
     for (config, env, expected) in cases {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -122,6 +127,26 @@ fn check_never_prints_a_key_whatever_the_input() {
     assert!(out.status.success(), "{shown}");
     assert!(shown.contains("login:          auth key"), "{shown}");
     assert!(!shown.contains(TS_KEY), "{shown}");
+}
+
+/// An auth key glued to its flag, with a quote or a control character in
+/// it (found by the fuzzer): clap quotes the argument back, hidden.
+#[test]
+fn a_mangled_auth_key_argument_is_not_printed() {
+    for argument in [
+        format!("--ts-authkey\t'{TS_KEY}"),
+        format!("--ts-authkey: {}", TS_KEY.replace("tskey-", "")),
+        format!("--ts-authkey\t{}\x01'x", TS_KEY.replace("tskey-", "")),
+    ] {
+        let out = tailguard(&["check", &argument], &[]);
+        let shown = text(&out);
+        assert!(!out.status.success(), "{shown}");
+        assert!(
+            shown.contains("unexpected argument '<redacted>' found"),
+            "{shown}"
+        );
+        assert!(!shown.contains("SECRETSECRET"), "{shown}");
+    }
 }
 
 /// `TS_DEVICE` or `WG_DEVICE` naming the uplink (a veth here, a
