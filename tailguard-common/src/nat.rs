@@ -29,6 +29,26 @@ pub struct FlowKey {
     pub _pad: u8,
 }
 
+impl FlowKey {
+    /// The key of the packet that answers this one, arriving on `ingress`
+    /// (a [`crate::Device`]): addresses and ports swapped, except that an
+    /// ICMP echo's answer carries the identifier where the request had it
+    /// (`sport`, with `dport` 0).
+    pub const fn reply(&self, ingress: u8) -> FlowKey {
+        let echo = self.proto == IPPROTO_ICMP || self.proto == IPPROTO_ICMPV6;
+        FlowKey {
+            src: self.dst,
+            dst: self.src,
+            sport: if echo { self.sport } else { self.dport },
+            dport: if echo { 0 } else { self.sport },
+            proto: self.proto,
+            ingress,
+            family: self.family,
+            _pad: 0,
+        }
+    }
+}
+
 /// What a packet of the flow becomes, and where it goes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -137,6 +157,32 @@ mod tests {
     fn closing_tcp_flows_expire_sooner() {
         assert!(timeout_ns(IPPROTO_TCP, state::CLOSING) < timeout_ns(IPPROTO_TCP, 0));
         assert!(timeout_ns(IPPROTO_ICMP, 0) < timeout_ns(IPPROTO_UDP, 0));
+    }
+
+    fn key(proto: u8, sport: u16, dport: u16) -> FlowKey {
+        FlowKey {
+            src: [10; 16],
+            dst: [20; 16],
+            sport,
+            dport,
+            proto,
+            ingress: 0,
+            family: 4,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn a_reply_swaps_addresses_and_ports_but_an_echo_keeps_its_identifier() {
+        let udp = key(IPPROTO_UDP, 1111, 53).reply(1);
+        assert_eq!((udp.src, udp.dst), ([20; 16], [10; 16]));
+        assert_eq!((udp.sport, udp.dport, udp.ingress), (53, 1111, 1));
+        assert_eq!(udp.reply(0), key(IPPROTO_UDP, 1111, 53));
+        for proto in [IPPROTO_ICMP, IPPROTO_ICMPV6] {
+            let echo = key(proto, 7, 0).reply(1);
+            assert_eq!((echo.src, echo.sport, echo.dport), ([20; 16], 7, 0));
+            assert_eq!(echo.reply(0), key(proto, 7, 0));
+        }
     }
 
     #[test]

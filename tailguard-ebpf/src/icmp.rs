@@ -216,21 +216,17 @@ impl IcmpError {
     /// and the reply's entry says how to turn it back.
     #[inline(always)]
     pub fn reply_key(&self, device: Device) -> FlowKey {
-        let icmp = self.inner_icmp();
-        FlowKey {
-            src: self.inner_dst,
-            dst: self.inner_src,
-            sport: if icmp {
-                self.inner_sport
-            } else {
-                self.inner_dport
-            },
-            dport: if icmp { 0 } else { self.inner_sport },
+        let quoted = FlowKey {
+            src: self.inner_src,
+            dst: self.inner_dst,
+            sport: self.inner_sport,
+            dport: self.inner_dport,
             proto: self.inner_proto,
             ingress: device as u8,
             family: if self.ipv6 { 6 } else { 4 },
             _pad: 0,
-        }
+        };
+        quoted.reply(device as u8)
     }
 }
 

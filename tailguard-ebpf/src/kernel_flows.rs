@@ -22,7 +22,7 @@
 use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
 use tailguard_common::{
     Device,
-    nat::{FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
+    nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 
 use crate::{link_layer::has_ethernet, nat, packet::Packet};
@@ -77,17 +77,7 @@ pub fn learn(ctx: &TcContext, device: Device) {
         return;
     }
     // The packet that answers this one, or (for an echo reply) the next
-    // request: ports swapped, an echo's identifier where it is.
-    let icmp = p.is_icmp();
-    let reply = FlowKey {
-        src: p.dst,
-        dst: p.src,
-        sport: if icmp { p.sport } else { p.dport },
-        dport: if icmp { 0 } else { p.sport },
-        proto: p.proto,
-        ingress: device as u8,
-        family: if p.ipv6 { 6 } else { 4 },
-        _pad: 0,
-    };
+    // request.
+    let reply = nat::key_of(&p, device).reply(device as u8);
     nat::keep_for_kernel(&reply, nat::now());
 }

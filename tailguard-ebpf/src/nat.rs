@@ -107,32 +107,23 @@ pub fn lookup(key: &FlowKey, now: u64) -> Option<*mut NatEntry> {
 #[inline(always)]
 pub fn create(p: &Packet, s: &mut Scratch, allocate: bool, egress: Device, now: u64) -> bool {
     let icmp = p.is_icmp();
-    // The ports of the reply: swapped, except that an echo reply carries
-    // the request's identifier in the same place.
-    let (reply_sport, reply_dport) = if icmp {
-        (p.sport, 0)
-    } else {
-        (p.dport, p.sport)
-    };
-    // The reply, as it will arrive, turns back into what `p` came from.
+    // The reply as it will arrive: the answer to the packet as it leaves.
+    s.reply = FlowKey {
+        src: s.src,
+        dst: s.dst,
+        ..s.key
+    }
+    .reply(egress as u8);
+    // The reply turns back into what `p` came from (with the ports of the
+    // answer to `p`, before a port of ours is chosen).
     s.back = NatEntry {
         src: p.dst,
         dst: p.src,
-        sport: reply_sport,
-        dport: reply_dport,
+        sport: s.reply.sport,
+        dport: s.reply.dport,
         egress: egress.other() as u32,
         last_seen: now,
         state: 0,
-        _pad: 0,
-    };
-    s.reply = FlowKey {
-        src: s.dst,
-        dst: s.src,
-        sport: reply_sport,
-        dport: reply_dport,
-        proto: p.proto,
-        ingress: egress as u8,
-        family: s.key.family,
         _pad: 0,
     };
     let mut sport = p.sport;
