@@ -8,6 +8,8 @@ use core::net::{Ipv4Addr, Ipv6Addr};
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::Device;
+
 /// The single entry of the `CONFIG` array map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -54,6 +56,22 @@ pub mod flag {
 }
 
 impl Config {
+    /// The index of `device` (0 while it is absent).
+    pub const fn ifindex(&self, device: Device) -> u32 {
+        match device {
+            Device::WireGuard => self.wg_ifindex,
+            Device::Tailscale => self.ts_ifindex,
+        }
+    }
+
+    /// The MTU of `device`.
+    pub const fn mtu(&self, device: Device) -> u32 {
+        match device {
+            Device::WireGuard => self.wg_mtu as u32,
+            Device::Tailscale => self.ts_mtu as u32,
+        }
+    }
+
     pub const fn has(&self, flag: u32) -> bool {
         self.flags & flag != 0
     }

@@ -51,6 +51,14 @@ pub fn scratch() -> Option<&'static mut Scratch> {
     SCRATCH.get_ptr_mut(0).map(|s| unsafe { &mut *s })
 }
 
+/// The device the packet being decided arrived on, as its flow key in the
+/// scratch space says (set first thing, for every packet that has a flow;
+/// read from there rather than passed down, which the stack cannot afford).
+#[inline(always)]
+pub fn arrival() -> Option<Device> {
+    Some(Device::from_role(u32::from(scratch()?.key.ingress)))
+}
+
 #[map]
 static OUTCOMES: PerCpuArray<Counter> = PerCpuArray::with_max_entries(OUTCOME_SLOTS, 0);
 

@@ -184,10 +184,21 @@ fn ours_or_kernel(cfg: &Config, p: &Packet, device: Device, outcome: Outcome) ->
 
 /// Which of the node's own addresses (of the packet's family) to use.
 #[derive(Clone, Copy)]
-enum Own {
+pub enum Own {
     Tailnet,
     WireGuard,
     DestIp,
+}
+
+impl Own {
+    /// The node's address on `device`'s side.
+    #[inline(always)]
+    pub fn on(device: Device) -> Own {
+        match device {
+            Device::Tailscale => Own::Tailnet,
+            Device::WireGuard => Own::WireGuard,
+        }
+    }
 }
 
 /// The address, if the daemon set it (as the 4 or 16 bytes of the family).
@@ -223,7 +234,7 @@ fn is_own(cfg: &Config, p: &Packet, which: Own, addr: &[u8; 16]) -> bool {
 
 /// Copies the node's `which` address into `out`; false if it has none.
 #[inline(always)]
-fn copy_own(cfg: &Config, p: &Packet, which: Own, out: &mut [u8; 16]) -> bool {
+pub fn copy_own(cfg: &Config, p: &Packet, which: Own, out: &mut [u8; 16]) -> bool {
     if p.ipv6 {
         match own_v6(cfg, which) {
             Some(own) => {
@@ -278,10 +289,7 @@ fn egress(
     if !cfg.has(forwarding) {
         return Err(kernel(Outcome::KernelForwardingOff));
     }
-    let (ifindex, mtu) = match egress {
-        Device::Tailscale => (cfg.ts_ifindex, u32::from(cfg.ts_mtu)),
-        Device::WireGuard => (cfg.wg_ifindex, u32::from(cfg.wg_mtu)),
-    };
+    let (ifindex, mtu) = (cfg.ifindex(egress), cfg.mtu(egress));
     if ifindex == 0 {
         return Err(kernel(Outcome::KernelNoRoute));
     }
@@ -533,7 +541,7 @@ fn translate(
         })
         .and_then(|()| rewrite::decrement_ttl(ctx, p))
         .and_then(|()| rewrite::clear_df_of_fragment(ctx, p))
-        .and_then(|()| rewrite::clamp_mss(ctx, p, mtu.min(arrival_mtu(ctx))));
+        .and_then(|()| rewrite::clamp_mss(ctx, p, mtu.min(arrival_mtu())));
     if rewritten.is_err() {
         return (TC_ACT_SHOT, Outcome::DropHelperFailed);
     }
@@ -543,16 +551,12 @@ fn translate(
     (redirect(ctx, to, ifindex), Outcome::Redirected)
 }
 
-/// The MTU of the device the packet arrived on (one of ours; read from the
-/// map again rather than passed down, which the stack cannot afford).
+/// The MTU of the device the packet arrived on (one of ours).
 #[inline(always)]
-fn arrival_mtu(ctx: &TcContext) -> u32 {
-    // SAFETY: the context points at the kernel's `__sk_buff` for this run.
-    let arrived = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
-    match config() {
-        Some(cfg) if arrived == cfg.ts_ifindex => u32::from(cfg.ts_mtu),
-        Some(cfg) => u32::from(cfg.wg_mtu),
-        None => u32::MAX,
+fn arrival_mtu() -> u32 {
+    match (config(), nat::arrival()) {
+        (Some(cfg), Some(device)) => cfg.mtu(device),
+        _ => u32::MAX,
     }
 }
 

@@ -28,11 +28,14 @@ use aya_ebpf::{
 };
 use tailguard_common::{
     Config, Device, Outcome,
-    config::flag,
     nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 
-use crate::{nat, packet::Packet};
+use crate::{
+    nat,
+    packet::Packet,
+    policy::{Own, copy_own},
+};
 
 /// The quote's length: what is left of 576 (IPv4) / 1280 (IPv6) bytes after
 /// the error's own IP and ICMP headers (the kernel's `icmp_send` and
@@ -76,49 +79,17 @@ pub fn answer_or(
     if verdict.1 != Outcome::KernelTooBig {
         return verdict;
     }
-    let mtu = match to {
-        Device::Tailscale => u32::from(cfg.ts_mtu),
-        Device::WireGuard => u32::from(cfg.wg_mtu),
-    };
-    answer(ctx, cfg, p, mtu).unwrap_or(verdict)
+    answer(ctx, cfg, p, cfg.mtu(to)).unwrap_or(verdict)
 }
 
-/// The device the packet came in on (as its flow key says), its index, and
-/// the node's address on that side in the packet's family (`None` if the
-/// daemon set none).
+/// The device the packet came in on, its index, and the node's address on
+/// that side in the packet's family (`None` if the daemon set none).
 #[inline(always)]
-fn arrival(cfg: &Config, ipv6: bool, out: &mut [u8; 16]) -> Option<(Device, u32)> {
-    let device = Device::from_role(u32::from(nat::scratch()?.key.ingress));
-    let (ifindex, has4, addr4, has6, addr6) = match device {
-        Device::Tailscale => (
-            cfg.ts_ifindex,
-            cfg.has(flag::TS_V4),
-            &cfg.ts_v4,
-            cfg.has(flag::TS_V6),
-            &cfg.ts_v6,
-        ),
-        Device::WireGuard => (
-            cfg.wg_ifindex,
-            cfg.has(flag::WG_V4),
-            &cfg.wg_v4,
-            cfg.has(flag::WG_V6),
-            &cfg.wg_v6,
-        ),
-    };
-    if ifindex == 0 {
+fn arrival(cfg: &Config, p: &Packet, out: &mut [u8; 16]) -> Option<(Device, u32)> {
+    let device = nat::arrival()?;
+    let ifindex = cfg.ifindex(device);
+    if ifindex == 0 || !copy_own(cfg, p, Own::on(device), out) {
         return None;
-    }
-    if ipv6 {
-        if !has6 {
-            return None;
-        }
-        *out = *addr6;
-    } else {
-        if !has4 {
-            return None;
-        }
-        *out = [0; 16];
-        out[..4].copy_from_slice(addr4);
     }
     Some((device, ifindex))
 }
@@ -147,7 +118,7 @@ fn answer(ctx: &TcContext, cfg: &Config, p: &Packet, mtu: u32) -> Option<(i32, O
         return None;
     }
     let mut own = [0u8; 16];
-    let (device, ifindex) = arrival(cfg, p.ipv6, &mut own)?;
+    let (device, ifindex) = arrival(cfg, p, &mut own)?;
     load(ctx, p.l3, &mut s.quoted[..header])?;
     // Cut to the quote (this also makes the packet linear and no longer
     // GSO). From here on it is no longer the packet that came in: whatever
