@@ -157,28 +157,48 @@ fn flow(
 /// kernel.
 #[inline(always)]
 fn ours_or_kernel(cfg: &Config, p: &Packet, device: Device, outcome: Outcome) -> (i32, Outcome) {
-    let forwarded = match device {
-        Device::WireGuard => {
-            !is_own(cfg, p, Own::Tailnet, &p.dst)
-                && !is_own(cfg, p, Own::WireGuard, &p.dst)
-                && matches!(route(p), Some(Route::TAILSCALE | Route::WIREGUARD))
+    match destination(cfg, p, device) {
+        Destination::DestIp | Destination::Tailnet | Destination::WireGuard => {
+            (TC_ACT_SHOT, outcome)
         }
-        Device::Tailscale => {
-            if is_own(cfg, p, Own::Tailnet, &p.dst) {
-                if p.ipv6 {
-                    cfg.has(flag::DEST_V6)
-                } else {
-                    cfg.has(flag::DEST_V4)
-                }
-            } else {
-                !is_own(cfg, p, Own::WireGuard, &p.dst) && route(p) == Some(Route::WIREGUARD)
-            }
-        }
-    };
-    if forwarded {
-        (TC_ACT_SHOT, outcome)
-    } else {
-        kernel(Outcome::KernelNotHandled)
+        Destination::Host | Destination::Elsewhere => kernel(Outcome::KernelNotHandled),
+    }
+}
+
+/// Where a packet arriving on a device is bound, as the nftables table
+/// sees it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Destination {
+    /// The host itself (its addresses on either side): chain input.
+    Host,
+    /// From the tailnet, to the node's tailnet address with `TS_DEST_IP`
+    /// set: dstnat sends it on to that host.
+    DestIp,
+    /// The tailnet (from WireGuard).
+    Tailnet,
+    /// The WireGuard side (from either side).
+    WireGuard,
+    /// Outside our routes, or a way the forward chain refuses (ts -> ts).
+    Elsewhere,
+}
+
+#[inline(always)]
+fn destination(cfg: &Config, p: &Packet, device: Device) -> Destination {
+    if is_own(cfg, p, Own::Tailnet, &p.dst) {
+        let dest_ip = if p.ipv6 { flag::DEST_V6 } else { flag::DEST_V4 };
+        return if device == Device::Tailscale && cfg.has(dest_ip) {
+            Destination::DestIp
+        } else {
+            Destination::Host
+        };
+    }
+    if is_own(cfg, p, Own::WireGuard, &p.dst) {
+        return Destination::Host;
+    }
+    match (route(p), device) {
+        (Some(Route::TAILSCALE), Device::WireGuard) => Destination::Tailnet,
+        (Some(Route::WIREGUARD), _) => Destination::WireGuard,
+        _ => Destination::Elsewhere,
     }
 }
 
@@ -310,13 +330,11 @@ fn from_wireguard(
     s: &mut Scratch,
     now: u64,
 ) -> (i32, Outcome) {
-    if is_own(cfg, p, Own::Tailnet, &p.dst) || is_own(cfg, p, Own::WireGuard, &p.dst) {
+    match destination(cfg, p, Device::WireGuard) {
         // nft: chain input.
-        return kernel(Outcome::KernelLocal);
-    }
-    match route(p) {
+        Destination::Host => kernel(Outcome::KernelLocal),
         // nft: "wg -> ts" accepted, and masqueraded in srcnat.
-        Some(Route::TAILSCALE) => {
+        Destination::Tailnet => {
             if !copy_own(cfg, p, Own::Tailnet, &mut s.src) {
                 return kernel(Outcome::KernelNoRoute);
             }
@@ -325,7 +343,7 @@ fn from_wireguard(
         }
         // nft: "wg -> wg" accepted unless WG_ISOLATE_PEERS=1 (then the
         // forward chain's policy drops it).
-        Some(Route::WIREGUARD) => {
+        Destination::WireGuard => {
             if cfg.has(flag::ISOLATE_PEERS) {
                 // The kernel's forward chain drops it, but only after the
                 // kernel's own checks (forwarding on, TTL, size), whose
@@ -350,7 +368,7 @@ fn from_wireguard(
             send(ctx, cfg, p, &s.entry)
         }
         // nft: the forward chain's policy drops the rest (wg -> uplink).
-        _ => elsewhere(ctx, p, s),
+        Destination::DestIp | Destination::Elsewhere => elsewhere(ctx, p, s),
     }
 }
 
@@ -362,23 +380,21 @@ fn from_tailscale(
     s: &mut Scratch,
     now: u64,
 ) -> (i32, Outcome) {
-    if is_own(cfg, p, Own::Tailnet, &p.dst) {
+    match destination(cfg, p, Device::Tailscale) {
         // nft: dstnat "TS_DEST_IP", then "ts -> wg" and its srcnat.
-        if !copy_own(cfg, p, Own::DestIp, &mut s.dst) {
-            return kernel(Outcome::KernelLocal);
+        Destination::DestIp => {
+            if !copy_own(cfg, p, Own::DestIp, &mut s.dst) {
+                return kernel(Outcome::KernelLocal);
+            }
+            to_wireguard(ctx, cfg, p, s, now)
         }
-        return to_wireguard(ctx, cfg, p, s, now);
-    }
-    if is_own(cfg, p, Own::WireGuard, &p.dst) {
-        return kernel(Outcome::KernelLocal);
-    }
-    match route(p) {
-        Some(Route::WIREGUARD) => {
+        Destination::Host => kernel(Outcome::KernelLocal),
+        Destination::WireGuard => {
             s.dst = p.dst;
             to_wireguard(ctx, cfg, p, s, now)
         }
         // nft: the forward chain's policy drops ts -> anything but wg.
-        _ => elsewhere(ctx, p, s),
+        Destination::Tailnet | Destination::Elsewhere => elsewhere(ctx, p, s),
     }
 }
 
