@@ -76,6 +76,20 @@ impl Bridge {
         Self::around(NetNs::for_daemon(purpose), purpose, allowed)
     }
 
+    /// As [`Bridge::with_server_allowed_ips`], with the tailnet peer and
+    /// the second WireGuard peer on 1500-byte links (an Ethernet host's),
+    /// so that they send what the node's devices (1420 WireGuard, 1280
+    /// tailnet) cannot take: for path MTU and MSS tests.
+    pub fn with_ethernet_peers(purpose: &str, allowed: &str) -> Self {
+        let b = Self::with_server_allowed_ips(purpose, allowed);
+        let tailnet_device = b.tailnet_peer.name.clone();
+        b.tailnet
+            .run(|| crate::netns::set_mtu(&tailnet_device, 1500));
+        let client_device = b.client.device_starting_with("wgc");
+        b.client.run(|| crate::netns::set_mtu(&client_device, 1500));
+        b
+    }
+
     /// [`Bridge::new`] around a given namespace for TailGuard (a
     /// container's), its forwarding switches left as they are.
     pub fn in_namespace(ours: NetNs, purpose: &str) -> Self {

@@ -6,14 +6,13 @@
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
-    process::Command,
     time::Duration,
 };
 
 use tailguard_tests::{
     bridge::*,
     daemon::status,
-    netns::{NetNs, run, sysctl},
+    netns::{NetNs, set_mtu},
 };
 
 const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
@@ -62,24 +61,12 @@ fn fragmented_udp_keeps_its_flows_translation() {
         let b = Bridge::new(&format!("frag-{datapath}"));
         // Both senders fragment at 1280 bytes, so that every fragment fits
         // both links (one too big for the tailnet is the path-MTU case).
-        b.bed.theirs.run(|| {
-            run(Command::new("ip").args(["link", "set", "dev", &b.bed.peer.name, "mtu", "1280"]))
-        });
-        b.tailnet.run(|| {
-            run(Command::new("ip").args([
-                "link",
-                "set",
-                "dev",
-                &b.tailnet_peer.name,
-                "mtu",
-                "1280",
-            ]))
-        });
-        let mut node = b.bed.ours.run(|| {
-            sysctl("net.ipv4.ip_forward", "1");
-            sysctl("net.ipv6.conf.all.forwarding", "1");
-            b.start_healthy(&[("TG_DATAPATH", datapath)])
-        });
+        b.bed.theirs.run(|| set_mtu(&b.bed.peer.name, 1280));
+        b.tailnet.run(|| set_mtu(&b.tailnet_peer.name, 1280));
+        let mut node = b
+            .bed
+            .ours
+            .run(|| b.start_healthy(&[("TG_DATAPATH", datapath)]));
         // (sender, receiver's address, the node's address the receiver
         // must see)
         let cases: [(&NetNs, &NetNs, &str, &str); 4] = [

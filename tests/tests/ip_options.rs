@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use tailguard_tests::{bridge::*, daemon::status, netns::sysctl};
+use tailguard_tests::{bridge::*, daemon::status};
 
 const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
 
@@ -61,11 +61,10 @@ fn counted(device: &str, outcome: &str) -> u64 {
 fn ipv4_options_and_udp6_without_checksum() {
     for datapath in DATAPATHS {
         let b = Bridge::new(&format!("opts-{datapath}"));
-        let mut node = b.bed.ours.run(|| {
-            sysctl("net.ipv4.ip_forward", "1");
-            sysctl("net.ipv6.conf.all.forwarding", "1");
-            b.start_healthy(&[("TG_DATAPATH", datapath)])
-        });
+        let mut node = b
+            .bed
+            .ours
+            .run(|| b.start_healthy(&[("TG_DATAPATH", datapath)]));
         let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
         let listener = b.tailnet.run(socket);
         let port = listener.local_addr().unwrap().port();

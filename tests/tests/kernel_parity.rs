@@ -20,25 +20,19 @@ use etherparse::{Ipv4HeaderSlice, TcpHeaderSlice, TcpOptionElement};
 use tailguard_tests::{
     bridge::*,
     daemon::{WithStandIn, status},
-    netns::{NetNs, run, set_mtu, sysctl},
+    netns::{NetNs, run},
 };
 
 const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
 
 /// Pattern 1, with both peers on 1500-byte links so that their own MSS is
-/// above what the node's devices (1420 WireGuard, 1280 tailnet) carry.
+/// above what the node's devices carry.
 fn pattern_1(purpose: &str, datapath: &str) -> (Bridge, WithStandIn) {
-    let b = Bridge::with_server_allowed_ips(purpose, "0.0.0.0/0, ::/0");
-    let tailnet_device = b.tailnet_peer.name.clone();
-    b.tailnet.run(|| set_mtu(&tailnet_device, 1500));
-    let client_device = b.client.device_starting_with("wgc");
-    b.client.run(|| set_mtu(&client_device, 1500));
-    let node = b.bed.ours.run(|| {
-        // The user's forwarding switches, as a container's --sysctl sets them.
-        sysctl("net.ipv4.ip_forward", "1");
-        sysctl("net.ipv6.conf.all.forwarding", "1");
-        b.start_healthy(&[("TG_DATAPATH", datapath)])
-    });
+    let b = Bridge::with_ethernet_peers(purpose, "0.0.0.0/0, ::/0");
+    let node = b
+        .bed
+        .ours
+        .run(|| b.start_healthy(&[("TG_DATAPATH", datapath)]));
     (b, node)
 }
 

@@ -20,7 +20,7 @@ use etherparse::{Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpHeaders, 
 use tailguard_tests::{
     bridge::*,
     daemon::WithStandIn,
-    netns::{NetNs, run, set_mtu, sysctl},
+    netns::{NetNs, run},
 };
 
 const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
@@ -29,24 +29,14 @@ const DOWNLOAD: usize = 2 << 20;
 
 /// The bridge as pattern 1 runs it: TailGuard a client of the WireGuard
 /// server (everything routed to it, its LAN behind it), `TS_DEST_IP` the
-/// server, and both peers with 1500-byte links, so that they can send what
-/// the node's 1280/1420-byte devices cannot take.
+/// server, and both peers on 1500-byte links.
 fn exit_node_bridge(purpose: &str, datapath: &str) -> (Bridge, WithStandIn) {
-    let b = Bridge::with_server_allowed_ips(purpose, "0.0.0.0/0, ::/0, 192.168.8.0/24");
-    let tailnet_device = b.tailnet_peer.name.clone();
-    b.tailnet.run(|| set_mtu(&tailnet_device, 1500));
-    let client_device = b.client.device_starting_with("wgc");
-    b.client.run(|| set_mtu(&client_device, 1500));
+    let b = Bridge::with_ethernet_peers(purpose, "0.0.0.0/0, ::/0, 192.168.8.0/24");
     let env = [
         ("TG_DATAPATH", datapath),
         ("TS_DEST_IP", "10.66.0.1,fd66::1"),
     ];
-    let node = b.bed.ours.run(|| {
-        // The user's forwarding switches, as a container's --sysctl sets them.
-        sysctl("net.ipv4.ip_forward", "1");
-        sysctl("net.ipv6.conf.all.forwarding", "1");
-        b.start_healthy(&env)
-    });
+    let node = b.bed.ours.run(|| b.start_healthy(&env));
     (b, node)
 }
 

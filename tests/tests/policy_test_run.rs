@@ -1003,22 +1003,14 @@ fn replies_to_udp_the_kernel_sent_are_the_kernels() {
 /// A UDP frame of `len` IP bytes from `src` to `dst`; IPv4 with DF as `df`
 /// says.
 fn big_udp(src: IpAddr, dst: IpAddr, len: usize, df: bool) -> Vec<u8> {
-    let eth = PacketBuilder::ethernet2(MAC_A, MAC_B);
-    let (ip, header) = match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => (eth.ipv4(s.octets(), d.octets(), 64), 20),
-        (IpAddr::V6(s), IpAddr::V6(d)) => (eth.ipv6(s.octets(), d.octets(), 64), 40),
-        _ => panic!("mixed families"),
-    };
+    let header = if src.is_ipv4() { 20 } else { 40 };
     let payload: Vec<u8> = (0..len - header - 8).map(|i| i as u8).collect();
-    let mut out = Vec::new();
-    ip.udp(40000, 443).write(&mut out, &payload).unwrap();
+    let mut ip = udp_packet(src, dst, 40000, 443, &payload);
     if src.is_ipv4() {
-        out[14 + 6] = if df { 0x40 } else { 0 };
-        out[14 + 10..14 + 12].fill(0);
-        let h = etherparse::Ipv4Header::from_slice(&out[14..]).unwrap().0;
-        out[14 + 10..14 + 12].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
+        ip[6] = if df { 0x40 } else { 0 };
+        fix_ipv4_checksum(&mut ip);
     }
-    out
+    on_ethernet(&ip)
 }
 
 /// The `__sk_buff` a test run starts from, with `gso_size` set (at byte 176,
