@@ -21,7 +21,7 @@
 
 use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
 use tailguard_common::{
-    Device,
+    Device, Direction,
     nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -69,7 +69,7 @@ pub fn learn(ctx: &TcContext, device: Device) {
         return;
     }
     // (Of ICMP, only echo requests and replies are read.)
-    let Some(p) = Packet::read(ctx, l3) else {
+    let Some(p) = Packet::read(ctx, l3, Direction::Egress) else {
         return;
     };
     // A later fragment carries no ports: its first fragment said it all.
@@ -78,6 +78,6 @@ pub fn learn(ctx: &TcContext, device: Device) {
     }
     // The packet that answers this one, or (for an echo reply) the next
     // request.
-    let reply = nat::key_of(&p, device).reply(device as u8);
+    let reply = nat::key_of(p, device).reply(device as u8);
     nat::keep_for_kernel(&reply, nat::now());
 }

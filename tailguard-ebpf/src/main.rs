@@ -8,6 +8,8 @@
 //! (`kernel_flows`).
 #![no_std]
 #![no_main]
+// `parse::at_least_one` hides a value from the compiler with an empty `asm!`.
+#![feature(asm_experimental_arch)]
 // aya's `#[classifier]` generates a public wrapper taking the kernel's raw
 // `__sk_buff` pointer; that is the BPF calling convention, not our API.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]

@@ -1,8 +1,11 @@
 //! The fields the policy needs, read with `bpf_skb_load_bytes` (through
 //! `TcContext::load`), so offsets may vary without pointer proofs.
 
-use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
+use aya_ebpf::{
+    EbpfContext as _, bindings::__sk_buff, macros::map, maps::PerCpuArray, programs::TcContext,
+};
 use tailguard_common::{
+    Direction,
     fragment::{
         Fragment, IPV6_MAX_EXT_HEADERS, Ipv6Step, NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP,
         NEXTHDR_ROUTING, ipv4_fragment, ipv6_step,
@@ -73,15 +76,34 @@ pub fn is_extension(next: u8) -> bool {
     )
 }
 
+/// Where the packet a program decides on is read to: per CPU, one slot per
+/// direction (an egress program can run inside an ingress one, when the
+/// fast path sends a clone), off the stack, which 6.1's verifier allows 512
+/// bytes for the whole call chain.
+#[map]
+static PACKETS: PerCpuArray<Packet> = PerCpuArray::with_max_entries(2, 0);
+
 impl Packet {
-    /// Reads the packet; `None` for anything the fast path leaves alone.
+    /// Reads the packet into this CPU's slot for `direction`; `None` for
+    /// anything the fast path leaves alone.
     #[inline(always)]
-    pub fn read(ctx: &TcContext, l3: usize) -> Option<Self> {
+    pub fn read(ctx: &TcContext, l3: usize, direction: Direction) -> Option<&'static mut Self> {
+        let slot = PACKETS.get_ptr_mut(direction as u32)?;
+        // SAFETY: a per-CPU slot; a program runs to completion on one CPU,
+        // and the two that can nest use different slots.
+        let p = unsafe { &mut *slot };
+        p.read_into(ctx, l3)?;
+        Some(p)
+    }
+
+    #[inline(always)]
+    fn read_into(&mut self, ctx: &TcContext, l3: usize) -> Option<()> {
         let first: u8 = ctx.load(l3).ok()?;
         let len = ctx.len().checked_sub(l3 as u32)?;
         // Each load is a helper call: whole headers at once, not field by
         // field.
-        let mut p = match first >> 4 {
+        let p = self;
+        *p = match first >> 4 {
             4 => {
                 let ihl = usize::from(first & 0x0f) * 4;
                 if ihl < 20 {
@@ -118,7 +140,7 @@ impl Packet {
             6 => {
                 // Version to hop limit.
                 let h: [u8; 8] = ctx.load(l3).ok()?;
-                let mut p = Self {
+                Self {
                     ipv6: true,
                     l3,
                     l4: l3 + 40,
@@ -139,23 +161,24 @@ impl Packet {
                     options: false,
                     unreadable: false,
                     udp6_no_checksum: false,
-                };
-                p.walk_extensions(ctx)?;
-                p
+                }
             }
             _ => return None,
         };
+        if p.ipv6 {
+            p.walk_extensions(ctx)?;
+        }
         // SAFETY: the context points at the kernel's `__sk_buff` for this run.
         p.gso_size = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).gso_size };
         if p.unreadable {
-            return Some(p);
+            return Some(());
         }
         if p.part == Fragment::Later {
             // Payload only: the flow is whatever the first fragment said.
             return match p.proto {
-                IPPROTO_TCP | IPPROTO_UDP => Some(p),
-                IPPROTO_ICMP if !p.ipv6 => Some(p),
-                IPPROTO_ICMPV6 | NEXTHDR_DEST if p.ipv6 => Some(p),
+                IPPROTO_TCP | IPPROTO_UDP => Some(()),
+                IPPROTO_ICMP if !p.ipv6 => Some(()),
+                IPPROTO_ICMPV6 | NEXTHDR_DEST if p.ipv6 => Some(()),
                 _ => None,
             };
         }
@@ -178,7 +201,7 @@ impl Packet {
             IPPROTO_ICMPV6 if p.ipv6 => p.read_echo(ctx, ECHO_REQUEST_V6, ECHO_REPLY_V6)?,
             _ => return None,
         }
-        Some(p)
+        Some(())
     }
 
     /// Follows IPv6 extension headers to the transport header (or, in a later

@@ -77,3 +77,19 @@ pub fn classify(ctx: &TcContext, ethernet: bool) -> PacketClass {
         Err(class) => class,
     }
 }
+
+/// `value` if it is at least 1, in a way every verifier this runs on can
+/// follow: 6.1's learns no lower bound from `value != 0` (which is what
+/// the compiler turns `value >= 1` into), only from a signed comparison,
+/// and the compiler keeps that one only for a value it knows nothing
+/// about (the empty `asm!` hides it; it costs no instruction).
+#[inline(always)]
+pub fn at_least_one(mut value: u32) -> Option<u32> {
+    // SAFETY: an empty template: the register is left as it is.
+    unsafe { core::arch::asm!("/* {0} */", inout(reg) value) };
+    if (value as i32) < 1 {
+        None
+    } else {
+        Some(value)
+    }
+}

@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tailguard_common::{
-    Config, Device, Outcome, Route,
+    Config, Device, Direction, Outcome, Route,
     config::flag,
     fragment::Fragment,
     nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, NatEntry, state},
@@ -51,7 +51,7 @@ fn decide(ctx: &TcContext, device: Device) -> (i32, Outcome) {
         return kernel(Outcome::KernelNotConfigured);
     };
     let l3 = if has_ethernet(device) { 14 } else { 0 };
-    let Some(mut p) = Packet::read(ctx, l3) else {
+    let Some(p) = Packet::read(ctx, l3, Direction::Ingress) else {
         // An ICMP error about a flow of ours is translated back; anything
         // else unusual is the kernel's.
         return icmp::translate(ctx, cfg, device, l3)
@@ -61,30 +61,30 @@ fn decide(ctx: &TcContext, device: Device) -> (i32, Outcome) {
         return kernel(Outcome::KernelNotConfigured);
     };
     if p.unreadable {
-        return ours_or_kernel(cfg, &p, device, Outcome::DropExtHeaders);
+        return ours_or_kernel(cfg, p, device, Outcome::DropExtHeaders);
     }
     match p.part {
-        Fragment::Whole => flow(ctx, cfg, &mut p, s, device),
+        Fragment::Whole => flow(ctx, cfg, p, s, device),
         // The ports are the first fragment's; the datagram goes where it
         // went.
         Fragment::Later => {
-            s.frag_key = fragments::key_of(&p, device);
+            s.frag_key = fragments::key_of(p, device);
             match fragments::recall(&s.frag_key) {
                 Some(first) if first.ours != 0 => {
                     p.sport = first.sport;
                     p.dport = first.dport;
                     p.proto = first.proto;
-                    flow(ctx, cfg, &mut p, s, device)
+                    flow(ctx, cfg, p, s, device)
                 }
                 // The kernel has the first fragment and reassembles.
                 Some(_) => kernel(Outcome::KernelNotHandled),
-                None => ours_or_kernel(cfg, &p, device, Outcome::DropFragmentUnknown),
+                None => ours_or_kernel(cfg, p, device, Outcome::DropFragmentUnknown),
             }
         }
         Fragment::First => {
-            s.frag_key = fragments::key_of(&p, device);
-            s.frag_first = fragments::first_of(&p);
-            let decided = flow(ctx, cfg, &mut p, s, device);
+            s.frag_key = fragments::key_of(p, device);
+            s.frag_first = fragments::first_of(p);
+            let decided = flow(ctx, cfg, p, s, device);
             // Anything but "the kernel's" (translated, or dropped by the
             // policy) the later fragments get from the fast path too.
             s.frag_first.ours = u8::from(decided.0 != TC_ACT_UNSPEC);

@@ -34,6 +34,7 @@ use tailguard_common::{
 use crate::{
     nat,
     packet::Packet,
+    parse,
     policy::{Own, copy_own},
 };
 
@@ -420,10 +421,7 @@ fn send_fragments(
     let first = first_fragment(mtu);
     // Masked so the verifier sees it bounded by the buffer; `fragmentable`
     // made it 1..TAIL_MAX already.
-    let tail = (p.len - 20 - first) & (TAIL_MAX - 1);
-    if tail == 0 {
-        return None;
-    }
+    let tail = parse::at_least_one((p.len - 20 - first) & (TAIL_MAX - 1))?;
     let l3 = p.l3 as u32;
     // SAFETY: `s.tail` is writable for `tail` (< TAIL_MAX) bytes.
     let loaded = unsafe {
