@@ -154,7 +154,7 @@ impl Daemon {
     /// Waits for `done`, failing with the log if the daemon exits first or
     /// time runs out.
     pub fn wait_for(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + crate::patience(PATIENCE);
         while !done(self) {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("tailguard exited ({status}) before {what}:\n{}", self.log());
@@ -162,7 +162,7 @@ impl Daemon {
             assert!(
                 Instant::now() < deadline,
                 "no {what} within {} s:\n{}",
-                PATIENCE.as_secs(),
+                crate::patience(PATIENCE).as_secs(),
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(50));

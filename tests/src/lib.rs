@@ -16,6 +16,18 @@ pub mod standin;
 pub mod tun;
 pub mod wg;
 
+/// How long a wait may take: `base`, times `TG_TEST_TIME_SCALE` where that
+/// is set (the VM tier sets it: its CPUs are emulated, several times slower
+/// than this machine's).
+pub fn patience(base: std::time::Duration) -> std::time::Duration {
+    let scale = std::env::var("TG_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    base * scale
+}
+
 /// Panics unless running as root: these tests load eBPF programs and create
 /// network namespaces.
 pub fn require_root() {

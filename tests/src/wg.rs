@@ -1,5 +1,9 @@
-//! A real WireGuard peer (wireguard-go, userspace) for the tests, set up with
-//! the `wg` and `ip` tools — an implementation independent of TailGuard's.
+//! A real WireGuard peer for the tests, set up with the `wg` and `ip` tools —
+//! an implementation independent of TailGuard's: the kernel's where the
+//! kernel has WireGuard (the VM tier's kernels), wireguard-go (userspace)
+//! where it has not (this machine's own kernel). `TG_TEST_WIREGUARD=kernel`
+//! makes the kernel's a requirement, so that a run meant to test it cannot
+//! quietly test userspace instead.
 
 use std::{
     io::Write as _,
@@ -51,7 +55,7 @@ pub fn spawn_wireguard_go(name: &str) -> Child {
         .spawn()
         .expect("starting wireguard-go (`cargo xtask setup` installs it)");
     let socket = format!("/var/run/wireguard/{name}.sock");
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + crate::patience(Duration::from_secs(5));
     while !std::path::Path::new(&socket).exists() {
         assert!(Instant::now() < deadline, "wireguard-go made no {socket}");
         std::thread::sleep(Duration::from_millis(20));
@@ -80,11 +84,30 @@ pub fn set_key_port_peers(name: &str, private_key: &str, port: u16, peer_args: &
     );
 }
 
-/// wireguard-go running a device in the current thread's namespace. Killed
-/// on drop (and by the namespace's drop, should this leak).
+/// Whether the peers' devices are the kernel's: when the kernel has
+/// WireGuard (its module loaded: the VM tier loads it first), or when
+/// `TG_TEST_WIREGUARD=kernel` demands it (then its absence is a failure).
+pub fn kernel_wireguard() -> bool {
+    let loaded = std::path::Path::new("/sys/module/wireguard").exists();
+    match std::env::var("TG_TEST_WIREGUARD").as_deref() {
+        Ok("kernel") => {
+            assert!(
+                loaded,
+                "TG_TEST_WIREGUARD=kernel, but this kernel has no WireGuard module loaded"
+            );
+            true
+        }
+        Ok("userspace") => false,
+        _ => loaded,
+    }
+}
+
+/// A WireGuard device in the current thread's namespace: the kernel's, or
+/// wireguard-go's (killed on drop, and by the namespace's drop, should this
+/// leak). A kernel device goes with its namespace.
 pub struct WgPeer {
     pub name: String,
-    child: Child,
+    userspace: Option<Child>,
 }
 
 impl WgPeer {
@@ -96,7 +119,12 @@ impl WgPeer {
         address: &str,
         peers: &[(&str, &str, Option<&str>)],
     ) -> Self {
-        let child = spawn_wireguard_go(name);
+        let userspace = if kernel_wireguard() {
+            run(Command::new("ip").args(["link", "add", name, "type", "wireguard"]));
+            None
+        } else {
+            Some(spawn_wireguard_go(name))
+        };
         let mut peer_args = Vec::new();
         for (public, allowed, endpoint) in peers {
             peer_args.extend(["peer", public, "allowed-ips", allowed]);
@@ -111,22 +139,24 @@ impl WgPeer {
         run(Command::new("ip").args(["link", "set", name, "up"]));
         Self {
             name: name.to_string(),
-            child,
+            userspace,
         }
     }
 }
 
 impl Drop for WgPeer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Killed, wireguard-go cannot remove its socket itself.
-        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.name));
+        if let Some(child) = &mut self.userspace {
+            let _ = child.kill();
+            let _ = child.wait();
+            // Killed, wireguard-go cannot remove its socket itself.
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.name));
+        }
     }
 }
 
 /// TailGuard's namespace (10.200.0.1) and a peer namespace (10.200.0.2),
-/// joined by veth, where a wireguard-go peer has 10.66.0.1 and fd66::1 and
+/// joined by veth, where a WireGuard peer has 10.66.0.1 and fd66::1 and
 /// accepts TailGuard's key for 10.66.0.2, fd66::2 and 192.168.99.0/24.
 pub struct Testbed {
     pub ours: crate::netns::NetNs,

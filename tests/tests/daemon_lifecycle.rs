@@ -157,6 +157,28 @@ fn restart_after_sigkill_takes_over_and_then_cleans_up() {
     });
 }
 
+/// A clsact qdisc goes with its device: when the Tailscale device is gone
+/// before the daemon stops (tailscaled removes its TUN as it exits), the
+/// stop is clean and leaves the namespace as it was. (Found on Debian 12's
+/// 6.1, which has no TCX.)
+#[test]
+fn clsact_programs_of_a_deleted_device_need_no_removal() {
+    let bed = Testbed::new("daemon-gone");
+    let dir = bed.config_dir(&bed.config("", "0.0.0.0/0, ::/0"));
+    bed.ours.run(|| {
+        let before = routing_state();
+        let ts = Tun::create(TS);
+        let clsact = [("TS_DEVICE", TS), ("TG_TC_ATTACH", "clsact")];
+        let mut daemon = Daemon::start(&bed, &dir, &clsact);
+        daemon.wait_for("attaching", |_| clsact_filters(TS).len() == 2);
+        drop(ts);
+        let log = daemon.stop();
+        assert!(log.contains("programs went with their device"), "{log}");
+        assert!(!log.contains("teardown left"), "{log}");
+        assert_eq!(routing_state(), before, "{log}");
+    });
+}
+
 #[test]
 fn without_privileges_the_error_says_what_is_needed() {
     require_root();

@@ -110,8 +110,22 @@ impl Attachments {
     pub(super) async fn detach(&mut self, ebpf: &mut Ebpf) -> Result<(), Vec<Error>> {
         let mut errors = Vec::new();
         for attached in self.0.drain(..) {
-            if let Err(e) = detach_links(ebpf, attached.links) {
-                errors.push(e);
+            // A device deleted while we ran (tailscaled removes its TUN as it
+            // stops) took its qdisc and filters with it: nothing is left to
+            // remove, and asking the kernel to is an error. TCX links go
+            // with it too; they are only forgotten.
+            let gone = ifindex(&attached.ifname).ok() != Some(attached.ifindex);
+            match detach_links(ebpf, attached.links) {
+                Err(e) if !gone => errors.push(e),
+                _ => {}
+            }
+            if gone {
+                info!(
+                    device = attached.device.name(),
+                    ifname = attached.ifname,
+                    "programs went with their device"
+                );
+                continue;
             }
             if attached.created_qdisc
                 && let Err(e) = delete_clsact(attached.ifindex).await
