@@ -13,10 +13,10 @@ use anyhow::{Context as _, Result, anyhow};
 use futures_util::{FutureExt as _, StreamExt as _, future::Shared};
 use tailguard_common::{Device, Direction};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
-    datapath::{Datapath, LoadOptions, pin},
+    datapath::{self, Datapath, LoadOptions, pin},
     endpoints,
     firewall::Firewall,
     forwarding::{self, Facts},
@@ -32,7 +32,8 @@ use crate::{
     wgconf::WgConfig,
 };
 
-/// Said with every load failure: the usual cause is missing privileges.
+/// Said with `tailguard programs`' load failures: the usual cause is
+/// missing privileges (the daemon's start checks them first).
 pub const LOAD_HINT: &str = "loading the eBPF programs (needs root, or CAP_BPF and CAP_NET_ADMIN)";
 
 /// How often the maps are checked against the kernel without a notification.
@@ -253,10 +254,25 @@ impl Running {
         if plan.forwarding.datapath == DatapathMode::Ebpf {
             match self.load_datapath(settings).await {
                 Ok(()) => health.send_modify(|h| h.wireguard_attached = true),
-                Err(e) => error!(
-                    "THE eBPF FAST PATH IS OFF: {e:#}. Falling back to the netfilter datapath: \
-                     the same policy, forwarded by the kernel (slower)."
-                ),
+                Err(e) => {
+                    let fallback = health::Fallback {
+                        kernel: kernel_release(),
+                        reason: e.summary(),
+                    };
+                    // A refused program's whole verifier log: thousands of
+                    // lines, for RUST_LOG=debug only.
+                    debug!(
+                        "the eBPF fast path's error in full: {:#}",
+                        anyhow::Error::from(e)
+                    );
+                    error!(
+                        "THE eBPF FAST PATH IS OFF on kernel {}: {}. The netfilter datapath \
+                         forwards everything (the same policy, forwarded by the kernel, slower).",
+                        fallback.kernel,
+                        fallback.reason.trim_end_matches('.')
+                    );
+                    health.send_modify(|h| h.datapath_fallback = Some(fallback));
+                }
             }
         }
         health.send_modify(|h| h.programs_required = self.datapath.is_some());
@@ -338,7 +354,7 @@ impl Running {
 
     /// Loads the programs and attaches them to the WireGuard device; on
     /// failure nothing of them is left.
-    async fn load_datapath(&mut self, settings: &Settings) -> Result<()> {
+    async fn load_datapath(&mut self, settings: &Settings) -> Result<(), datapath::Error> {
         let dir = pin::state_dir(&settings.bpf_dir, &settings.wg_device);
         let mut options = LoadOptions {
             nat_flows: settings.nat_flows,
@@ -354,11 +370,10 @@ impl Running {
                 None
             }
         };
-        let mut datapath = Datapath::load(&options).context(LOAD_HINT)?;
+        let mut datapath = Datapath::load(&options)?;
         datapath
             .attach(Device::WireGuard, &settings.wg_device, settings.tc_attach)
-            .await
-            .context("attaching the eBPF programs")?;
+            .await?;
         self.datapath = Some(datapath);
         Ok(())
     }
@@ -556,6 +571,14 @@ impl Running {
             ))
         }
     }
+}
+
+/// The running kernel's release, as `uname -r` says it.
+fn kernel_release() -> String {
+    nix::sys::utsname::uname().map_or_else(
+        |e| format!("unknown ({e})"),
+        |name| name.release().to_string_lossy().into_owned(),
+    )
 }
 
 /// When the supervisor's task ends; never, if there is none.

@@ -28,6 +28,17 @@ use tracing::info;
 use self::server::{Client, Limits, Site};
 use crate::forwarding::TAILNET_RANGES;
 
+/// Why the netfilter datapath forwards although the eBPF one was wanted:
+/// the fast path could not be loaded or attached.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Fallback {
+    /// The running kernel's release, as `uname -r` says it.
+    pub kernel: String,
+    /// Why the fast path is off, in one line (a refused program's verifier
+    /// reason, not its log).
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Health {
     pub started_at: SystemTime,
@@ -38,6 +49,8 @@ pub struct Health {
     /// The eBPF datapath runs, so both devices need the programs; with the
     /// netfilter datapath the devices need only exist.
     pub programs_required: bool,
+    /// Set when the eBPF datapath was wanted and netfilter forwards instead.
+    pub datapath_fallback: Option<Fallback>,
     /// `Err`: why Tailscale is not ready.
     pub tailscale: Result<(), String>,
     /// The forwarding plane's maps as last read back from the kernel.
@@ -59,6 +72,7 @@ impl Health {
             wireguard_attached: false,
             tailscale_attached: false,
             programs_required: true,
+            datapath_fallback: None,
             tailscale: Err("tailscaled has not answered yet".into()),
             forwarding: serde_json::Value::Null,
             counters: serde_json::Value::Null,
@@ -143,6 +157,7 @@ impl Health {
             "started_at": unix_seconds(self.started_at),
             "first_healthy_at": self.first_healthy_at.map(unix_seconds),
             "datapath": if self.programs_required { "ebpf" } else { "netfilter" },
+            "datapath_fallback": self.datapath_fallback,
             "forwarding": self.forwarding,
             "counters": self.counters,
         })
@@ -490,6 +505,36 @@ mod tests {
         assert!(seen.contains("192.168.8.0/24"), "{seen}");
         let seen = body(pages(Audience::Host).respond("/status", &from_wg)).await;
         assert!(seen.contains("192.168.8.0/24"), "{seen}");
+    }
+
+    #[test]
+    fn the_status_says_why_netfilter_forwards() {
+        let status = healthy().status();
+        assert_eq!(status["datapath"], "ebpf");
+        assert_eq!(
+            status.get("datapath_fallback"),
+            Some(&serde_json::Value::Null)
+        );
+        let fallen_back = Health {
+            programs_required: false,
+            datapath_fallback: Some(Fallback {
+                kernel: "6.1.0-50-amd64".into(),
+                reason: "tg_wg_ingress was refused by the verifier: combined stack size of 3 \
+                         calls is 544. Too large"
+                    .into(),
+            }),
+            ..healthy()
+        };
+        let status = fallen_back.status();
+        assert_eq!(status["datapath"], "netfilter");
+        assert_eq!(
+            status["datapath_fallback"],
+            serde_json::json!({
+                "kernel": "6.1.0-50-amd64",
+                "reason": "tg_wg_ingress was refused by the verifier: combined stack size of 3 \
+                           calls is 544. Too large",
+            })
+        );
     }
 
     #[test]

@@ -4,6 +4,8 @@
 
 use std::process::Command;
 
+use serde_json::Value;
+
 use tailguard_tests::{
     bridge::*,
     daemon::{WithStandIn, health, status},
@@ -26,6 +28,8 @@ fn counted(device: &str, outcome: &str) -> u64 {
 fn assert_path(node: &mut WithStandIn, datapath: &str, dropped: Option<&str>) {
     let s = status();
     assert_eq!(s["datapath"], datapath, "{s:#}");
+    // Chosen, not fallen back to: nothing to explain.
+    assert_eq!(s.get("datapath_fallback"), Some(&Value::Null), "{s:#}");
     if datapath == "ebpf" {
         node.daemon.wait_for("the fast path's counters", |_| {
             counted("wireguard", "redirected") > 0
@@ -365,11 +369,60 @@ fn without_the_fast_path_it_falls_back_to_netfilter() {
         .ours
         .run(|| node.daemon.wait_for("health", |_| health().0));
     let log = node.daemon.log();
-    assert!(log.contains("THE eBPF FAST PATH IS OFF"), "{log}");
+    let kernel = kernel_release();
+    // One line: the kernel, why, and what forwards instead; the next line
+    // is the next message (no verifier log, no error chain on lines of
+    // their own).
+    let mut lines = log
+        .lines()
+        .skip_while(|l| !l.contains("THE eBPF FAST PATH IS OFF"));
+    let off = lines
+        .next()
+        .unwrap_or_else(|| panic!("no fast-path-off line:\n{log}"));
+    let next = lines.next().unwrap_or_default();
+    assert!(
+        off.contains(&format!("THE eBPF FAST PATH IS OFF on kernel {kernel}: "))
+            && off.ends_with(
+                "The netfilter datapath forwards everything (the same policy, forwarded by the \
+                 kernel, slower)."
+            )
+            && !off.contains("Verifier output"),
+        "{off}"
+    );
+    assert!(
+        is_log_record(next),
+        "after the fast-path-off line: {next}\n{log}"
+    );
     let seen = b.bed.theirs.run(|| who_am_i(TAILNET_PEER, tn4.port));
     assert_eq!(seen.as_deref(), Ok(NODE_TS), "{}", node.daemon.log());
     b.bed.ours.run(|| {
-        assert_eq!(status()["datapath"], "netfilter");
+        let s = status();
+        assert_eq!(s["datapath"], "netfilter", "{s:#}");
+        let fallback = &s["datapath_fallback"];
+        assert_eq!(fallback["kernel"], kernel.as_str(), "{s:#}");
+        // Without CAP_BPF the kernel refuses the first map.
+        let reason = fallback["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("Operation not permitted"), "{s:#}");
+        assert!(off.contains(reason.trim_end_matches('.')), "{off}\n{s:#}");
         node.daemon.stop()
     });
+}
+
+/// `uname -r`.
+fn kernel_release() -> String {
+    let out = Command::new("uname")
+        .arg("-r")
+        .output()
+        .expect("uname runs");
+    assert!(out.status.success(), "uname -r: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A line that begins a record of the daemon's log (`<time> <LEVEL> ...`),
+/// not the continuation of a message over several lines.
+fn is_log_record(line: &str) -> bool {
+    matches!(
+        line.split_whitespace().nth(1),
+        Some("TRACE" | "DEBUG" | "INFO" | "WARN" | "ERROR")
+    )
 }

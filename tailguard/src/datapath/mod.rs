@@ -16,7 +16,10 @@ pub use object::{LinkLayer, LoadOptions, Program, nat_table_bytes};
 
 use std::collections::BTreeMap;
 
-use aya::{Ebpf, programs::SchedClassifier};
+use aya::{
+    Ebpf,
+    programs::{ProgramError, SchedClassifier},
+};
 use tailguard_common::{
     Config, Device, Direction,
     nat::{FlowKey, NatEntry},
@@ -49,6 +52,55 @@ pub enum Error {
     },
     #[error("device {device}: {message}")]
     Device { device: String, message: String },
+}
+
+/// The longest [`Error::summary`], in characters: a log line, a field of
+/// `/status`.
+const SUMMARY_MAX: usize = 300;
+
+impl Error {
+    /// What failed and why, in one short line: for a program the verifier
+    /// refused, which one and the verifier's own reason (the last words of
+    /// its log), never the thousands of lines it traced on its way; for
+    /// anything else, the error and its sources, each said once.
+    pub fn summary(&self) -> String {
+        let line = match self {
+            Self::Program { name, source } => match source.as_ref() {
+                ProgramError::LoadError {
+                    io_error,
+                    verifier_log,
+                } => match object::verifier_reason(&verifier_log.to_string()) {
+                    Some(reason) => format!("{name} was refused by the verifier: {reason}"),
+                    None => format!("{name}: the BPF_PROG_LOAD syscall returned {io_error}"),
+                },
+                _ => chain(self),
+            },
+            _ => chain(self),
+        };
+        match line.char_indices().nth(SUMMARY_MAX) {
+            Some((cut, _)) => format!("{}…", &line[..cut]),
+            None => line,
+        }
+    }
+}
+
+/// `error` and its sources in one line, each by its first line, and each
+/// only once (the messages here already embed their source's).
+fn chain(error: &dyn std::error::Error) -> String {
+    let first_line = |e: &dyn std::error::Error| {
+        let text = e.to_string();
+        text.lines().next().unwrap_or_default().trim().to_string()
+    };
+    let mut line = first_line(error);
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = first_line(e);
+        if !line.contains(&text) {
+            line = format!("{line}: {text}");
+        }
+        source = e.source();
+    }
+    line
 }
 
 impl Datapath {
@@ -146,5 +198,79 @@ impl Datapath {
     /// created. Keeps going past errors and reports them all.
     pub async fn detach(mut self) -> Result<(), Vec<Error>> {
         self.attachments.detach(&mut self.ebpf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use nix::errno::Errno;
+
+    use super::*;
+
+    fn refused(errno: i32, log: &str) -> Error {
+        object::program_error(
+            "tg_wg_ingress",
+            ProgramError::LoadError {
+                io_error: io::Error::from_raw_os_error(errno),
+                verifier_log: aya_obj::VerifierLog::new(log.to_string()),
+            },
+        )
+    }
+
+    #[test]
+    fn a_refused_program_is_summed_up_by_the_verifiers_reason() {
+        let trace = "10477: (bf) r1 = r6                   ; R1_w=ctx(off=0,imm=0)\n".repeat(5000);
+        let log = format!(
+            "{trace}combined stack size of 3 calls is 544. Too large\n\
+             verification time 18982898 usec\nstack depth 0+456+0+0\n\
+             processed 240657 insns (limit 1000000) max_states_per_insn 26\n"
+        );
+        assert_eq!(
+            refused(Errno::EACCES as i32, &log).summary(),
+            "tg_wg_ingress was refused by the verifier: combined stack size of 3 calls is 544. \
+             Too large"
+        );
+    }
+
+    #[test]
+    fn other_errors_are_their_chain_in_one_line() {
+        // Without privileges the kernel refuses before verifying: no log.
+        assert_eq!(
+            refused(Errno::EPERM as i32, "").summary(),
+            "tg_wg_ingress: the BPF_PROG_LOAD syscall returned Operation not permitted (os error 1)"
+        );
+        let map = Error::Object(Box::new(aya::EbpfError::MapError(
+            aya::maps::MapError::CreateError {
+                name: "CONFIG".into(),
+                io_error: io::Error::from_raw_os_error(Errno::EPERM as i32),
+            },
+        )));
+        assert_eq!(
+            map.summary(),
+            "loading the eBPF object: map error: failed to create map `CONFIG`: \
+             Operation not permitted (os error 1)"
+        );
+        let device = Error::Device {
+            device: "wg0".into(),
+            message: "adding a clsact qdisc: netlink error\nwith a second line".into(),
+        };
+        assert_eq!(
+            device.summary(),
+            "device wg0: adding a clsact qdisc: netlink error"
+        );
+    }
+
+    #[test]
+    fn a_summary_is_capped() {
+        let reason = "x".repeat(1000);
+        let summary = refused(
+            Errno::EACCES as i32,
+            &format!("{reason}\nprocessed 1 insns (limit 1000000)\n"),
+        )
+        .summary();
+        assert_eq!(summary.chars().count(), SUMMARY_MAX + 1, "{summary}");
+        assert!(summary.ends_with('…'), "{summary}");
     }
 }
