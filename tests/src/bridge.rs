@@ -264,6 +264,16 @@ impl Bridge {
             f.get("ts_ifindex").is_none()
                 || (f["ts_ifindex"].as_u64() != Some(0) && !f["ts_v4"].is_null())
         });
+        // Where the peers are the kernel's, the daemon's device must be
+        // too: a userspace one has its UAPI socket.
+        if crate::wg::kernel_wireguard() {
+            let socket = format!("/var/run/wireguard/{}.sock", self.bed.device);
+            assert!(
+                !std::path::Path::new(&socket).exists(),
+                "the kernel has WireGuard, but the daemon runs userspace WireGuard:\n{}",
+                node.daemon.log()
+            );
+        }
         node
     }
 

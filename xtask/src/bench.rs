@@ -11,18 +11,7 @@ use crate::{
 pub fn run() -> Result<()> {
     stage("setup", setup::run)?;
     // The throughput runs start the daemon and the Tailscale stand-in.
-    exec(
-        "build the daemon and the stand-in",
-        cargo().args([
-            "build",
-            "--release",
-            "--package",
-            "tailguard",
-            "--package",
-            "tailguard-tests",
-            "--bins",
-        ]),
-    )?;
+    crate::command::build_daemon_and_tools(&["--release"])?;
     crate::command::outlive_ctrl_c()?;
     exec(
         "tailguard-bench",

@@ -32,6 +32,21 @@ pub fn exec(what: &str, cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// `cargo build` of the daemon and the test tools beside it (the
+/// Tailscale stand-in, the demo), with `flags` (`--release`, `--quiet`).
+pub fn build_daemon_and_tools(flags: &[&str]) -> Result<()> {
+    exec(
+        "build the daemon and the stand-in",
+        cargo().arg("build").args(flags).args([
+            "--package",
+            "tailguard",
+            "--package",
+            "tailguard-tests",
+            "--bins",
+        ]),
+    )
+}
+
 /// Runs `cmd` quietly and returns its standard output, or `None` when it
 /// cannot be started or fails. For probes: "is this already in place?".
 pub fn probe(cmd: &mut Command) -> Option<String> {

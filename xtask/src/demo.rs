@@ -4,25 +4,14 @@
 use anyhow::Result;
 
 use crate::{
-    command::{cargo, exec, stage},
+    command::{exec, stage},
     setup,
 };
 
 pub fn run() -> Result<()> {
     stage("setup", setup::run)?;
     stage("build", || {
-        exec(
-            "cargo build",
-            cargo().args([
-                "build",
-                "--quiet",
-                "--package",
-                "tailguard",
-                "--package",
-                "tailguard-tests",
-                "--bins",
-            ]),
-        )
+        crate::command::build_daemon_and_tools(&["--quiet"])
     })?;
     let demo = crate::command::cargo_target_dir()
         .join("debug")

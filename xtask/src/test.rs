@@ -114,6 +114,9 @@ pub fn run() -> Result<()> {
         )
     })?;
     drop(engine);
+    stage("VM tier: other kernels, kernel WireGuard", || {
+        crate::vm::run(None)
+    })?;
     eprintln!("all checks passed");
     Ok(())
 }
