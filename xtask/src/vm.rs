@@ -220,6 +220,23 @@ pub fn run(only: Option<&str>) -> Result<()> {
         let names: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
         bail!("no kernel {only:?} in the VM tier: {}", names.join(", "));
     }
+    // The guest sees this machine's files, but has a /tmp, /var and /run of
+    // its own: a workspace there is not the guest's.
+    for dir in [
+        xtask::toolchain::workspace_root(),
+        crate::command::cargo_target_dir(),
+    ] {
+        if ["/tmp", "/var", "/run"]
+            .iter()
+            .any(|hidden| dir.starts_with(hidden))
+        {
+            bail!(
+                "{} is under /tmp, /var or /run, which the VM's guest has of its own: \
+                 clone the repository (and put CARGO_TARGET_DIR) elsewhere to run the VM tier",
+                dir.display()
+            );
+        }
+    }
     let unpacked = stage("VM tier: kernels", || {
         kernels.iter().map(|k| fetch(k)).collect::<Result<Vec<_>>>()
     })?;
