@@ -247,7 +247,7 @@ pub fn run(only: Option<&str>) -> Result<()> {
     files.sort_unstable();
     files.dedup();
     let executables = stage("VM tier: build", || build(&files))?;
-    let accel = stage("VM tier: KVM or emulation", || Ok(accel(&unpacked[0])))?;
+    let accel = stage("VM tier: KVM or emulation", || accel(&unpacked[0]))?;
     for (kernel, unpacked) in kernels.iter().zip(&unpacked) {
         stage(
             &format!(
@@ -304,21 +304,36 @@ fn build(files: &[&str]) -> Result<Vec<(String, PathBuf)>> {
 
 /// KVM if a guest boots with it within a few seconds (on this machine's
 /// kind it hangs after the BIOS), else emulation.
-fn accel(kernel: &Unpacked) -> Accel {
+fn accel(kernel: &Unpacked) -> Result<Accel> {
+    // Its output goes to a file of its own: qemu reopens its standard
+    // output from the start, which wiped a log it was redirected to.
+    let dir = crate::command::cargo_target_dir().join("vm");
+    fs::create_dir_all(&dir)?;
+    let log_path = dir.join("kvm-probe.log");
+    let log = fs::File::create(&log_path)?;
+    // The guest says it ran: vng's exit status does not.
+    const BOOTED: &str = "tailguard-vm-booted";
     let mut probe = vng(kernel, Accel::Kvm, &[]);
-    probe.args(["--", "true"]);
-    match run_bounded(&mut probe, Duration::from_secs(30)) {
-        Ok(true) => {
-            eprintln!("  KVM works: the VMs run at the host's speed");
-            Accel::Kvm
-        }
-        _ => {
-            eprintln!(
-                "  KVM does not boot a guest here: the VMs are emulated (TCG), for function, not speed"
-            );
-            Accel::Emulated
-        }
+    probe
+        .args(["--", &format!("echo {BOOTED}")])
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let ended = run_bounded(&mut probe, Duration::from_secs(30))?;
+    let said = fs::read_to_string(&log_path).unwrap_or_default();
+    if ended && said.lines().any(|l| l.trim() == BOOTED) {
+        eprintln!("  KVM works: the VMs run at the host's speed");
+        return Ok(Accel::Kvm);
     }
+    let last = said
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    eprintln!(
+        "  KVM does not boot a guest here ({last}): the VMs are emulated (TCG), \
+         for function, not speed"
+    );
+    Ok(Accel::Emulated)
 }
 
 /// `vng --run KERNEL` with this machine's files (read-only but for `rw`).
@@ -342,7 +357,8 @@ fn vng(kernel: &Unpacked, accel: Accel, rw: &[&Path]) -> Command {
 }
 
 /// Runs `cmd` in a process group of its own, stopping the whole group
-/// (qemu with it) after `limit`; whether it succeeded in time.
+/// (qemu with it) after `limit`; whether it ended in time. (Its exit status
+/// says nothing: vng exits with 255 after a guest that powered off well.)
 fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<bool> {
     let mut child = cmd
         .process_group(0)
@@ -351,8 +367,8 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<bool> {
         .context("starting vng (`cargo xtask setup` installs virtme-ng)")?;
     let started = Instant::now();
     loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status.success());
+        if child.try_wait()?.is_some() {
+            return Ok(true);
         }
         if started.elapsed() > limit {
             let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
