@@ -123,7 +123,7 @@ fn flow(
         if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             entry.state |= state::CLOSING;
         }
-        return send(ctx, cfg, p, entry);
+        return send(ctx, cfg, p, entry, device);
     }
     if p.options {
         // nft: the kernel processes options and source routes
@@ -365,7 +365,7 @@ fn from_wireguard(
                 state: 0,
                 _pad: 0,
             };
-            send(ctx, cfg, p, &s.entry)
+            send(ctx, cfg, p, &s.entry, Device::WireGuard)
         }
         // nft: the forward chain's policy drops the rest (wg -> uplink).
         Destination::DestIp | Destination::Elsewhere => elsewhere(ctx, p, s),
@@ -514,25 +514,32 @@ fn start(
         }
         return kernel(Outcome::KernelNoPort);
     }
-    translate(ctx, p, &s.entry, to, ifindex, mtu)
+    // A new flow always crosses from the other network.
+    translate(ctx, p, &s.entry, to, ifindex, mtu, cfg.mtu(to.other()))
 }
 
-/// Sends a packet of a flow we own, as its `entry` says.
+/// Sends a packet of a flow we own, arrived on `from`, as its `entry` says.
 #[inline(always)]
-fn send(ctx: &TcContext, cfg: &Config, p: &mut Packet, entry: &NatEntry) -> (i32, Outcome) {
+fn send(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &mut Packet,
+    entry: &NatEntry,
+    from: Device,
+) -> (i32, Outcome) {
     let to = Device::from_role(entry.egress);
     let fits = |mtu| p.fits(mtu) || too_big::fragmentable(ctx, p, to, mtu);
     match egress(cfg, to, p.ipv6, p.ttl, fits) {
         // IPv6 forbids a zero UDP checksum, and the nftables twin drops it;
         // a too-big one is answered first, as the kernel does.
         Ok(_) if p.udp6_no_checksum => (TC_ACT_SHOT, Outcome::DropUdpZeroChecksum),
-        Ok((ifindex, mtu)) => translate(ctx, p, entry, to, ifindex, mtu),
+        Ok((ifindex, mtu)) => translate(ctx, p, entry, to, ifindex, mtu, cfg.mtu(from)),
         Err(verdict) => too_big::answer_or(ctx, cfg, p, to, verdict),
     }
 }
 
 /// Rewrites `p` as `entry` says, takes one from its TTL, clamps the MSS of a
-/// SYN to the smaller MTU of the devices it came in and goes out by (nft:
+/// SYN to the smaller MTU of the devices it came in by (`arrival_mtu`) and goes out by (nft:
 /// chain mss, whose `rt mtu` is the smaller of the routes both ways), and
 /// redirects it (in fragments if it is too big, see `too_big::fragment`).
 #[inline(always)]
@@ -543,6 +550,7 @@ fn translate(
     to: Device,
     ifindex: u32,
     mtu: u32,
+    arrival_mtu: u32,
 ) -> (i32, Outcome) {
     let icmp = p.is_icmp();
     let rewritten = rewrite::set_addr(ctx, p, true, &entry.src)
@@ -557,7 +565,7 @@ fn translate(
         })
         .and_then(|()| rewrite::decrement_ttl(ctx, p))
         .and_then(|()| rewrite::clear_df_of_fragment(ctx, p))
-        .and_then(|()| rewrite::clamp_mss(ctx, p, mtu.min(arrival_mtu())));
+        .and_then(|()| rewrite::clamp_mss(ctx, p, mtu.min(arrival_mtu)));
     if rewritten.is_err() {
         return (TC_ACT_SHOT, Outcome::DropHelperFailed);
     }
@@ -565,15 +573,6 @@ fn translate(
         return too_big::fragment(ctx, p, to, ifindex, mtu);
     }
     (redirect(ctx, to, ifindex), Outcome::Redirected)
-}
-
-/// The MTU of the device the packet arrived on (one of ours).
-#[inline(always)]
-fn arrival_mtu() -> u32 {
-    match (config(), nat::arrival()) {
-        (Some(cfg), Some(device)) => cfg.mtu(device),
-        _ => u32::MAX,
-    }
 }
 
 /// Sends a translated ICMP error (see `icmp`) the way its flow's replies go.
