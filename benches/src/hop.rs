@@ -18,9 +18,10 @@ use std::{net::Ipv4Addr, path::PathBuf, process::Command, time::Duration};
 use anyhow::{Context as _, Result};
 use ipnet::IpNet;
 use tailguard::{
-    datapath::{AttachMode, Datapath, LinkLayer, LoadOptions},
+    config::settings::AttachMode,
+    datapath::{Datapath, LinkLayer, LoadOptions},
     firewall::{Firewall, FirewallPlan},
-    sysctls::Sysctls,
+    host::sysctls::Sysctls,
 };
 use tailguard_common::Device;
 use tailguard_tests::netns::{NetNs, run, sysctl, veth};

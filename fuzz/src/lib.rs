@@ -7,7 +7,7 @@ use tailguard_fuzz_oracle::{Flag, Input, assert_no_leak, settings_arg};
 
 /// The wg-quick parser on `data`, as it reads a file.
 pub fn wgconf(data: &[u8]) {
-    let run = |bytes: &[u8]| match tailguard::wgconf::parse_bytes(bytes, Path::new("wg0.conf")) {
+    let run = |bytes: &[u8]| match tailguard::config::wg_quick::parse_bytes(bytes, Path::new("wg0.conf")) {
         Err(error) => vec![error.to_string(), format!("{error:?}")],
         Ok((_, warnings)) => warnings,
     };
@@ -35,7 +35,7 @@ fn settings_run(text: &str) -> Vec<String> {
         .map(|line| settings_arg(line, settings_flags()))
         .collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    match tailguard::settings::parse_args(&args) {
+    match tailguard::config::settings::parse_args(&args) {
         Err(error) => vec![error],
         Ok((_, warnings)) => warnings.iter().map(ToString::to_string).collect(),
     }
@@ -47,7 +47,7 @@ fn settings_flags() -> &'static [Flag] {
     FLAGS.get_or_init(|| {
         use clap::Args as _;
         let command =
-            tailguard::settings::SettingsArgs::augment_args(clap::Command::new("tailguard"));
+            tailguard::config::settings::SettingsArgs::augment_args(clap::Command::new("tailguard"));
         command
             .get_arguments()
             .filter_map(|arg| {
@@ -65,6 +65,6 @@ fn settings_flags() -> &'static [Flag] {
 /// `TS_EXTRA_ARGS`' parser on `data`.
 pub fn extra_args(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let run = |text: &str| tailguard::tailscale::prefs::parse_extra_args(text).1;
+    let run = |text: &str| tailguard::config::extra_args::parse_extra_args(text).1;
     assert_no_leak(&text, Input::Args, &run(&text), run);
 }

@@ -153,7 +153,7 @@ impl Route {
     /// network, a static route): not ours to forward. It shadows a
     /// WireGuard default route as wg-quick's `suppress_prefixlength 0`
     /// rule does, and goes to the kernel's FIB (local or dropped).
-    pub const ELSEWHERE: Self = Self { egress: 3 };
+    pub const KERNEL: Self = Self { egress: 3 };
 }
 
 #[cfg(feature = "user")]

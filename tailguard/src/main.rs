@@ -4,9 +4,9 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{SigHandler, Signal};
 use tailguard::{
+    config::settings::{Settings, SettingsArgs},
     daemon::{self, LOAD_HINT},
     datapath::{Datapath, LinkLayer, LoadOptions},
-    settings::{Settings, SettingsArgs},
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -48,7 +48,7 @@ enum Command {
     /// WireGuard host's at the other end).
     WgPair {
         #[arg(value_enum)]
-        pattern: tailguard::wgpair::Pattern,
+        pattern: tailguard::cli::wg_pair::Pattern,
         /// Where the listening side is reached: TailGuard for `server`,
         /// `bridge` and `tailnet-exit`, the WireGuard server for
         /// `exit-node` (host or host:port; port 51820 by default).
@@ -130,7 +130,7 @@ async fn command(cli: Cli) -> Result<()> {
 /// TS_EXTRA_ARGS) must not be shown.
 fn exit_redacted(e: clap::Error) -> ! {
     let (use_stderr, code) = (e.use_stderr(), e.exit_code());
-    let text = tailguard::settings::redact_cli_error(e);
+    let text = tailguard::config::settings::redact_cli_error(e);
     if use_stderr {
         eprint!("{text}");
     } else {
@@ -150,7 +150,7 @@ fn validated(args: SettingsArgs) -> Result<Settings> {
 }
 
 async fn health(settings: &Settings) -> Result<()> {
-    match tailguard::health::check(settings.health_addr).await {
+    match tailguard::http::health::check(settings.health_addr).await {
         Ok(report) => {
             print!("{report}");
             Ok(())
@@ -163,7 +163,7 @@ async fn health(settings: &Settings) -> Result<()> {
 }
 
 async fn status(settings: &Settings) -> Result<()> {
-    let (_, body) = tailguard::health::get(settings.health_addr, "/status")
+    let (_, body) = tailguard::http::health::get(settings.health_addr, "/status")
         .await
         .map_err(anyhow::Error::msg)?;
     print!("{body}");
@@ -179,7 +179,7 @@ async fn stats(settings: &Settings) -> Result<()> {
         ),
         None => println!("connection table: none pinned in {}", dir.display()),
     }
-    let (_, body) = tailguard::health::get(settings.health_addr, "/status")
+    let (_, body) = tailguard::http::health::get(settings.health_addr, "/status")
         .await
         .map_err(anyhow::Error::msg)?;
     let status: serde_json::Value = serde_json::from_str(&body)?;
@@ -222,11 +222,11 @@ async fn cleanup(settings: &Settings) -> Result<()> {
 async fn check(settings: &Settings) -> Result<()> {
     let plan = daemon::plan(settings)?;
     // Read-only, as `check` promises: the devices are what they must be.
-    let nl = tailguard::netlink::Netlink::connect().context("opening rtnetlink")?;
-    tailguard::preflight::devices(&nl, settings).await?;
+    let nl = tailguard::host::netlink::Netlink::connect().context("opening rtnetlink")?;
+    tailguard::daemon::preflight::devices(&nl, settings).await?;
     print!("{plan}");
     let forwarding =
-        tailguard::sysctls::Forwarding::read().context("reading the forwarding switches")?;
+        tailguard::host::sysctls::Forwarding::read().context("reading the forwarding switches")?;
     print!("{forwarding}");
     Ok(())
 }
@@ -279,12 +279,12 @@ async fn run(settings: &Settings) -> Result<()> {
 }
 
 fn wg_pair(
-    pattern: tailguard::wgpair::Pattern,
+    pattern: tailguard::cli::wg_pair::Pattern,
     endpoint: &str,
     out: &std::path::Path,
 ) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    use tailguard::wgpair::{Keys, pair};
+    use tailguard::cli::wg_pair::{Keys, pair};
 
     let (wg0, peer) = pair(pattern, endpoint, &Keys::generate(), &Keys::generate())
         .map_err(anyhow::Error::msg)?;

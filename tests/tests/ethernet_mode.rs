@@ -6,7 +6,10 @@
 
 use std::process::Command;
 
-use tailguard::datapath::{AttachMode, Datapath, LinkLayer, LoadOptions};
+use tailguard::{
+    config::settings::AttachMode,
+    datapath::{Datapath, LinkLayer, LoadOptions},
+};
 use tailguard_common::{Device, Outcome};
 use tailguard_tests::{
     bridge::{WhoAmI, who_am_i},

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use tailguard::{gro::GroSetup, netlink::Netlink};
+use tailguard::{host::gro::GroSetup, host::netlink::Netlink};
 use tailguard_tests::{
     netns::{NetNs, run, veth},
     require_root,

@@ -7,7 +7,10 @@
 use std::time::{Duration, Instant};
 
 use etherparse::PacketBuilder;
-use tailguard::datapath::{AttachMode, Counters, Datapath, LoadOptions};
+use tailguard::{
+    config::settings::AttachMode,
+    datapath::{Counters, Datapath, LoadOptions},
+};
 use tailguard_common::{Counter, Device, Direction, PacketClass};
 use tailguard_tests::{netns::NetNs, require_root, tun::Tun};
 

@@ -21,8 +21,8 @@ use tailguard_tests::{
 };
 
 const PAGE: u16 = 8088;
-/// The daemon's header read timeout (`tailguard::health::server`).
-const HEADER_READ_TIMEOUT: Duration = tailguard::health::server::HEADER_READ_TIMEOUT;
+/// The daemon's header read timeout (`tailguard::http::server`).
+const HEADER_READ_TIMEOUT: Duration = tailguard::http::server::HEADER_READ_TIMEOUT;
 
 /// One request on a fresh connection (`Host` as given, none with `None`):
 /// the whole answer as received, or why there was none.

@@ -5,9 +5,12 @@ use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use futures_util::StreamExt as _;
 use serde_json::json;
-use tailguard::tailscale::{
-    localapi::{LocalApi, LocalApiError, watch},
-    prefs::{MaskedPrefs, start_body},
+use tailguard::{
+    config::extra_args::MaskedPrefs,
+    tailscale::{
+        localapi::{LocalApi, LocalApiError, watch},
+        prefs::start_body,
+    },
 };
 use tailguard_tests::standin::{StandIn, State};
 

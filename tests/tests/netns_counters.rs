@@ -10,7 +10,8 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TcAttachType, loaded_programs};
-use tailguard::datapath::{AttachMode, Backend, Counters, Datapath, LoadOptions};
+use tailguard::config::settings::AttachMode;
+use tailguard::datapath::{Backend, Counters, Datapath, LoadOptions};
 use tailguard_common::{Counter, Device, Direction, PacketClass};
 use tailguard_tests::{
     netns::{NetNs, run},

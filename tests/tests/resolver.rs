@@ -5,7 +5,8 @@
 use std::{path::Path, process::Command};
 
 use tailguard::{
-    netlink::Netlink, plan::Plan, resolver::ResolverSetup, settings::parse_args, wgconf,
+    config::plan::Plan, config::settings::parse_args, config::wg_quick, host::netlink::Netlink,
+    host::resolver::ResolverSetup,
 };
 use tailguard_tests::{
     netns::{NetNs, routing_state, run, veth},
@@ -25,7 +26,7 @@ fn resolver_file_and_fallback_routes_come_and_go() {
     let file = dir.join("resolv.conf");
     std::fs::write(&file, ORIGINAL).unwrap();
 
-    let config = wgconf::parse(
+    let config = wg_quick::parse(
         "[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\nDNS = 10.66.0.1, corp.test\n",
         Path::new("wg0.conf"),
     )

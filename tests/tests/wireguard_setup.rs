@@ -6,11 +6,11 @@
 use std::{path::Path, process::Command};
 
 use tailguard::{
-    netlink::Netlink,
-    plan::Plan,
-    settings::parse_args,
-    wg_setup::{SetupError, WgSetup},
-    wgconf,
+    config::plan::Plan,
+    config::settings::parse_args,
+    config::wg_quick,
+    host::netlink::Netlink,
+    wireguard::bring_up::{SetupError, WgSetup},
 };
 use tailguard_tests::{
     netns::{routing_state, run},
@@ -19,7 +19,7 @@ use tailguard_tests::{
 
 fn plan(bed: &Testbed, interface: &str, allowed_ips: &str) -> Plan {
     let text = bed.config(interface, allowed_ips);
-    let config = wgconf::parse(&text, Path::new("test.conf")).expect("config");
+    let config = wg_quick::parse(&text, Path::new("test.conf")).expect("config");
     let (settings, _) = parse_args(&[&format!("--wg-device={}", bed.device)]).expect("settings");
     Plan::new(&settings, &config)
 }

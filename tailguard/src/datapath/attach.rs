@@ -18,20 +18,12 @@ use nix::errno::Errno;
 use tailguard_common::{Device, Direction};
 use tracing::{info, warn};
 
+use crate::config::settings::AttachMode;
+
 use super::{
     Error,
     object::{Program, program_error, program_mut},
 };
-
-/// How to attach.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum AttachMode {
-    /// TCX, falling back to clsact when the kernel refuses TCX.
-    #[default]
-    Auto,
-    Tcx,
-    Clsact,
-}
 
 /// How the programs ended up attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

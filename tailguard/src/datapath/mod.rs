@@ -5,16 +5,20 @@
 
 mod attach;
 mod counters;
+pub mod kernel_flows;
+pub mod map_contents;
 mod maps;
 mod object;
 pub mod pin;
 
-pub use attach::{AttachMode, Backend};
+pub use attach::Backend;
 pub use counters::{Counters, Outcomes};
 pub use maps::Routes;
-pub use object::{LinkLayer, LoadOptions, Program, nat_table_bytes};
+pub use object::{LinkLayer, LoadOptions, Program};
 
 use std::collections::BTreeMap;
+
+use crate::config::settings::AttachMode;
 
 use aya::{
     Ebpf,

@@ -4,10 +4,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{ProgramError, SchedClassifier},
 };
-use tailguard_common::{
-    Device, Direction,
-    nat::{FlowKey, NAT_MAX_ENTRIES, NatEntry, nat_entries},
-};
+use tailguard_common::{Device, Direction, nat::nat_map_entries_here};
 
 use super::Error;
 
@@ -48,34 +45,11 @@ impl LoadOptions {
         }
     }
 
-    /// Entries of the connection-state map: two per flow, and room for
-    /// what the kernel's LRU keeps aside. Each CPU holds up to 128 free
-    /// entries of its own (`LOCAL_FREE_TARGET`), which the others cannot
-    /// use: a map sized exactly starts evicting live flows early (seen:
-    /// 1,000 flows in 2,000 entries on 2 CPUs kept 976).
+    /// Entries of the connection-state map on this machine (see
+    /// [`tailguard_common::nat::nat_map_entries`]).
     pub fn nat_entries(&self) -> u32 {
-        let flows = if self.nat_flows == 0 {
-            NAT_MAX_ENTRIES
-        } else {
-            nat_entries(self.nat_flows)
-        };
-        let cpus = aya::util::nr_cpus().map_or(1, std::num::NonZeroU32::get);
-        flows.saturating_add(128 * cpus)
+        nat_map_entries_here(self.nat_flows)
     }
-}
-
-/// About what the kernel allocates for the connection table of `flows`
-/// flows: each entry its key, its value and the hash table's own element
-/// header and bucket (the benchmarks measured 322 bytes per flow at a
-/// million flows, two entries each).
-pub fn nat_table_bytes(flows: u32) -> u64 {
-    const PER_ENTRY_OVERHEAD: u64 = 64;
-    let options = LoadOptions {
-        nat_flows: flows,
-        ..LoadOptions::default()
-    };
-    let entry = (size_of::<FlowKey>() + size_of::<NatEntry>()) as u64 + PER_ENTRY_OVERHEAD;
-    u64::from(options.nat_entries()) * entry
 }
 
 /// One of the programs: which device role and which hook.

@@ -3,6 +3,8 @@
 //! fast path survive a restart. A pin whose layout does not match this
 //! build's is discarded, with a warning, rather than misread.
 
+use crate::host::privileges::is_bpffs;
+
 use std::{
     io,
     path::{Path, PathBuf},
@@ -14,8 +16,6 @@ use tracing::{info, warn};
 
 /// Where bpffs is normally mounted.
 const BPFFS: &str = "/sys/fs/bpf";
-/// `BPF_FS_MAGIC` from the kernel's `magic.h`.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// `BPF_MAP_TYPE_LRU_HASH`.
 const LRU_HASH: u32 = 9;
 
@@ -96,11 +96,6 @@ pub fn remove(dir: &Path) -> io::Result<bool> {
     // Left in place when something else lives there.
     let _ = std::fs::remove_dir(dir);
     Ok(removed)
-}
-
-/// A bpffs is mounted at `path`.
-pub fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// The pinned map has this build's type, key and value, and `entries`.

@@ -10,6 +10,32 @@ use anyhow::{Context as _, Result};
 use nftables::{helper, schema::Nftables};
 use tracing::info;
 
+use crate::{
+    config::{plan::Plan, settings::DatapathMode},
+    host::observed::Observed,
+};
+
+impl FirewallPlan {
+    /// The table for `plan` while the kernel and Tailscale report `observed`.
+    pub fn new(plan: &Plan, observed: &Observed) -> Self {
+        let f = &plan.forwarding;
+        Self {
+            wg_device: plan.wireguard.device.clone(),
+            ts_device: plan.tailscale.device.clone(),
+            wg_port: observed.wg_port,
+            ts_port: plan.tailscale.port,
+            status_port: f.status_page_port,
+            expose_host: f.expose_host,
+            isolate_peers: f.isolate_peers,
+            snat_to_wg: f.snat_to_wg,
+            dest: f.dest_ip,
+            ts_v4: observed.ts_v4,
+            ts_v6: observed.ts_v6,
+            fast_path_ports: f.datapath == DatapathMode::Ebpf,
+        }
+    }
+}
+
 /// The table as last applied.
 #[derive(Default)]
 pub struct Firewall {

@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde_json::{Value, json};
 
-use crate::settings::DestIps;
+use crate::config::settings::DestIps;
 
 /// The table TailGuard owns (family `inet`: one rule set for both families).
 pub const TABLE: &str = "tailguard";

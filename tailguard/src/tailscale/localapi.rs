@@ -13,10 +13,9 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::UnixStream;
 
-use super::{prefs::MaskedPrefs, status::Status};
+use super::status::Status;
+use crate::config::extra_args::MaskedPrefs;
 
-/// tailscaled's default socket on Linux.
-pub const DEFAULT_SOCKET: &str = "/var/run/tailscale/tailscaled.sock";
 const HOST: &str = "local-tailscaled.sock";
 
 #[derive(Debug, thiserror::Error)]

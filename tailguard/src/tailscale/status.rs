@@ -90,7 +90,7 @@ where
 impl Status {
     /// The node's own tailnet addresses, one per family at most.
     pub fn own_addresses(&self) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
-        crate::family::first_of_each(self.tailscale_ips.iter().copied())
+        crate::config::family::first_of_each(self.tailscale_ips.iter().copied())
     }
 
     /// Healthy for TailGuard's purposes: running, with addresses, and online

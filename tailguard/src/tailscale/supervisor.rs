@@ -24,8 +24,8 @@ use super::{
     status::Status,
 };
 use crate::{
-    plan::{Login, TailscalePlan},
-    settings::Settings,
+    config::plan::{Login, TailscalePlan},
+    config::settings::Settings,
 };
 use futures_util::{FutureExt as _, Stream, StreamExt as _};
 

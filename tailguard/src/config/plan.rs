@@ -7,12 +7,10 @@ use std::{fmt, net::IpAddr, path::PathBuf};
 use ipnet::IpNet;
 
 use crate::{
-    datapath::AttachMode,
-    resolver,
-    routes::{self, Advertisement},
-    settings::{DatapathMode, DestIps, Secret, Settings},
-    tailscale::prefs::MaskedPrefs,
-    wgconf::{Endpoint, PublicKey, SecretKey, Table, WgConfig},
+    config::advertised_routes::{self, Advertisement},
+    config::extra_args::MaskedPrefs,
+    config::settings::{AttachMode, DatapathMode, DestIps, Secret, Settings},
+    config::wg_quick::{Endpoint, PublicKey, SecretKey, Table, WgConfig},
 };
 
 /// The table wg-quick starts from when a default route needs a table of its
@@ -258,7 +256,7 @@ impl Plan {
             },
             resolver: ResolverPlan {
                 file: settings.resolv_conf.clone(),
-                servers: resolver::servers(&config.interface.dns_servers, &settings.nameservers),
+                servers: resolver_servers(&config.interface.dns_servers, &settings.nameservers),
                 search: config.interface.dns_search.clone(),
                 fallback: settings.nameservers.clone(),
             },
@@ -288,7 +286,7 @@ fn wireguard(settings: &Settings, config: &WgConfig) -> WireGuardPlan {
                 destination,
                 table: Some(table),
             }),
-            Table::Auto if routes::is_default_route(&destination) => {
+            Table::Auto if advertised_routes::is_default_route(&destination) => {
                 let p = policy_routing.get_or_insert(PolicyRouting {
                     table: policy_table,
                     ipv4: false,
@@ -365,7 +363,7 @@ fn tailscale(settings: &Settings, config: &WgConfig) -> TailscalePlan {
         login,
         accept_dns: settings.client_mode,
         accept_routes: true,
-        advertise: routes::advertisement(settings, &config.peers),
+        advertise: advertised_routes::advertisement(settings, &config.peers),
         exit_node: settings.ts_exit_node.clone(),
         web_client: settings.ts_webclient,
         extra_prefs: settings.ts_extra_args.prefs.clone(),
@@ -385,6 +383,17 @@ fn list<T: fmt::Display>(items: &[T]) -> String {
 
 fn yes_no(value: bool) -> &'static str {
     if value { "yes" } else { "no" }
+}
+
+/// Servers in order — the config's first — each once.
+fn resolver_servers(config: &[IpAddr], fallback: &[IpAddr]) -> Vec<IpAddr> {
+    let mut all: Vec<IpAddr> = Vec::new();
+    for server in config.iter().chain(fallback) {
+        if !all.contains(server) {
+            all.push(*server);
+        }
+    }
+    all
 }
 
 impl fmt::Display for Plan {
@@ -568,7 +577,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::{settings::parse_args, wgconf};
+    use crate::{config::settings::parse_args, config::wg_quick};
 
     const KEYS: &str = "PrivateKey=yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
     const PEER: &str = "PublicKey=xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
@@ -579,7 +588,7 @@ mod tests {
             format!("[Interface]\n{KEYS}\n{interface}\n[Peer]\n{PEER}\nAllowedIPs={allowed}\n");
         Plan::new(
             &settings,
-            &wgconf::parse(&text, Path::new("wg0.conf")).unwrap(),
+            &wg_quick::parse(&text, Path::new("wg0.conf")).unwrap(),
         )
     }
 
@@ -588,6 +597,17 @@ mod tests {
             destination: dest.parse().unwrap(),
             table,
         }
+    }
+
+    #[test]
+    fn config_servers_come_first_and_each_once() {
+        let addrs =
+            |list: &[&str]| -> Vec<IpAddr> { list.iter().map(|a| a.parse().unwrap()).collect() };
+        let s = resolver_servers(
+            &addrs(&["10.1.0.1", "1.1.1.1"]),
+            &addrs(&["1.1.1.1", "2606:4700:4700::1111"]),
+        );
+        assert_eq!(s, addrs(&["10.1.0.1", "1.1.1.1", "2606:4700:4700::1111"]));
     }
 
     #[test]
@@ -754,7 +774,7 @@ mod tests {
         let settings = parse_args(args).unwrap().0;
         let text =
             format!("[Interface]\n{KEYS}\n{interface}\n[Peer]\n{PEER}\nAllowedIPs={allowed}\n");
-        let config = wgconf::parse(&text, Path::new("wg0.conf")).unwrap();
+        let config = wg_quick::parse(&text, Path::new("wg0.conf")).unwrap();
         Plan::checked(&settings, &config)
             .map(|(_, warnings)| warnings)
             .map_err(|e| e.to_string())

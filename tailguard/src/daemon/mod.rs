@@ -3,6 +3,8 @@
 //! soon as it exists), serve health, run until told to stop, then take down
 //! everything it set up.
 
+pub mod preflight;
+
 use std::{
     future::Future,
     panic::AssertUnwindSafe,
@@ -16,20 +18,22 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    config::plan::Plan,
+    config::settings::{DatapathMode, Settings},
+    config::tailnet::TAILSCALE_TABLE,
+    config::wg_quick::WgConfig,
+    datapath::map_contents,
     datapath::{self, Datapath, LoadOptions, pin},
-    endpoints,
-    firewall::Firewall,
-    forwarding::{self, Facts},
-    gro::GroSetup,
-    health::{self, Health},
-    netlink::Netlink,
-    plan::Plan,
-    resolver::ResolverSetup,
-    settings::{DatapathMode, Settings},
-    sysctls::{Forwarding, Sysctls},
+    firewall::{Firewall, FirewallPlan},
+    host::gro::GroSetup,
+    host::netlink::Netlink,
+    host::observed::Observed,
+    host::resolver::ResolverSetup,
+    host::sysctls::{Forwarding, Sysctls},
+    http::health::{self, Health},
     tailscale::supervisor::{Supervisor, TailscaleState},
-    wg_setup::WgSetup,
-    wgconf::WgConfig,
+    wireguard::bring_up::WgSetup,
+    wireguard::endpoints,
 };
 
 /// Said with `tailguard programs`' load failures: the usual cause is
@@ -61,18 +65,18 @@ pub fn plan(settings: &Settings) -> Result<Plan> {
 pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
     // What the process may do first: in a container started without a
     // grant, that is the one thing to fix, whatever else is wrong.
-    crate::privileges::check(
-        crate::privileges::Capabilities::of_this_process(),
+    crate::host::privileges::check(
+        crate::host::privileges::Capabilities::of_this_process(),
         std::path::Path::new("/dev/net/tun"),
-        settings.datapath == crate::settings::DatapathMode::Ebpf,
+        settings.datapath == crate::config::settings::DatapathMode::Ebpf,
     )?;
-    health::server::raise_open_file_limit();
+    crate::http::server::raise_open_file_limit();
     let plan = plan(settings)?;
     // The user's, once: the daemon never turns it on (or off).
     let forwarding = Forwarding::read().context("reading the forwarding switches")?;
     forwarding.log();
     let nl = Netlink::connect().context("opening rtnetlink")?;
-    crate::preflight::devices(&nl, settings).await?;
+    crate::daemon::preflight::devices(&nl, settings).await?;
     let mut running = Running {
         nl,
         started_at: SystemTime::now(),
@@ -83,7 +87,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         firewall: None,
         sysctls: None,
         forwarding,
-        facts: None,
+        observed: None,
         supervisor: None,
         tasks: Vec::new(),
     };
@@ -120,12 +124,12 @@ fn stop_requested<S: Future<Output = ()>>(shutdown: &Shared<S>) -> bool {
 
 /// What the table is made from before any device exists: WireGuard's
 /// port only if the config fixes it, no tailnet addresses yet, and no
-/// indexes or MTUs (which [`forwarding::firewall`] does not read: the table
+/// indexes or MTUs (which [`FirewallPlan::new`] does not read: the table
 /// names devices).
-fn facts_before_devices(plan: &Plan) -> Facts {
-    Facts {
+fn observed_before_devices(plan: &Plan) -> Observed {
+    Observed {
         wg_port: plan.wireguard.listen_port,
-        ..Facts::default()
+        ..Observed::default()
     }
 }
 
@@ -148,7 +152,7 @@ struct Running {
     /// The forwarding switches as found at the start.
     forwarding: Forwarding,
     /// What the maps and the table were last made from.
-    facts: Option<Facts>,
+    observed: Option<Observed>,
 }
 
 impl Running {
@@ -182,7 +186,7 @@ impl Running {
     ) -> Result<Start> {
         let firewall = self.firewall.insert(Firewall::default());
         firewall
-            .apply(&forwarding::firewall(plan, &facts_before_devices(plan)))
+            .apply(&FirewallPlan::new(plan, &observed_before_devices(plan)))
             .await?;
         crate::fault::point("after-table");
         if stop_requested(shutdown) {
@@ -199,11 +203,11 @@ impl Running {
         }
         crate::fault::point("after-wireguard");
         // Now with WireGuard's actual port open.
-        let facts = self
-            .facts(settings, &TailscaleState::default(), None)
+        let observed = self
+            .observe(settings, &TailscaleState::default(), None)
             .await?;
         if let Some(firewall) = self.firewall.as_mut() {
-            firewall.apply(&forwarding::firewall(plan, &facts)).await?;
+            firewall.apply(&FirewallPlan::new(plan, &observed)).await?;
         }
         if stop_requested(shutdown) {
             return Ok(Start::Stopped);
@@ -231,7 +235,7 @@ impl Running {
             ts_hostname: plan.tailscale.hostname.clone(),
             ..Health::new()
         });
-        let (local_limits, page_limits) = health::server::Limits::of_this_process();
+        let (local_limits, page_limits) = crate::http::server::Limits::of_this_process();
         let listener = TcpListener::bind(settings.health_addr)
             .await
             .with_context(|| format!("TG_HEALTH_ADDR={}: cannot listen", settings.health_addr))?;
@@ -379,12 +383,12 @@ impl Running {
     }
 
     /// What the kernel and Tailscale say now; `ts_device` as found.
-    async fn facts(
+    async fn observe(
         &self,
         settings: &Settings,
         tailscale: &TailscaleState,
         ts_device: Option<(u32, u32)>,
-    ) -> Result<Facts> {
+    ) -> Result<Observed> {
         let wg_ifindex = self
             .nl
             .link_index(&settings.wg_device)
@@ -393,10 +397,7 @@ impl Running {
         let mut table52 = Vec::new();
         if let Some((ts_index, _)) = ts_device {
             for ipv6 in [false, true] {
-                let routes = self
-                    .nl
-                    .routes(ipv6, Some(forwarding::TAILSCALE_TABLE))
-                    .await?;
+                let routes = self.nl.routes(ipv6, Some(TAILSCALE_TABLE)).await?;
                 table52.extend(
                     routes
                         .into_iter()
@@ -405,10 +406,10 @@ impl Running {
                 );
             }
         }
-        let mut main_elsewhere = Vec::new();
+        let mut main_kernel_routes = Vec::new();
         for ipv6 in [false, true] {
             let routes = self.nl.routes(ipv6, None).await?;
-            main_elsewhere.extend(routes.into_iter().filter_map(|(net, oif, _)| {
+            main_kernel_routes.extend(routes.into_iter().filter_map(|(net, oif, _)| {
                 let ours =
                     oif == Some(wg_ifindex) || oif.is_some() && oif == ts_device.map(|d| d.0);
                 (net.prefix_len() > 0 && !ours).then_some(net)
@@ -418,7 +419,7 @@ impl Running {
             Some(device) => Some(device.listen_port().await?),
             None => None,
         };
-        Ok(Facts {
+        Ok(Observed {
             wg_ifindex,
             wg_mtu: self.nl.link_mtu(wg_ifindex).await?,
             wg_port,
@@ -426,7 +427,7 @@ impl Running {
             ts_v4: tailscale.v4,
             ts_v6: tailscale.v6,
             table52,
-            main_elsewhere,
+            main_kernel_routes,
             forwarding: self.forwarding,
         })
     }
@@ -460,12 +461,12 @@ impl Running {
             h.mark();
             changed
         });
-        let facts = self.facts(settings, tailscale, ts_device).await?;
-        if self.facts.as_ref() == Some(&facts) {
+        let observed = self.observe(settings, tailscale, ts_device).await?;
+        if self.observed.as_ref() == Some(&observed) {
             return Ok(());
         }
         if let Some(firewall) = self.firewall.as_mut() {
-            let mut table = forwarding::firewall(plan, &facts);
+            let mut table = FirewallPlan::new(plan, &observed);
             // Fallen back to netfilter: no translation ports to keep free.
             table.fast_path_ports &= self.datapath.is_some();
             firewall.apply(&table).await?;
@@ -473,11 +474,12 @@ impl Running {
         // The UDP flows the kernel has from before the fast path takes over
         // (first, and when it takes over the Tailscale device) stay the
         // kernel's; from now on the programs keep track themselves.
-        let takes_over =
-            self.facts.as_ref().map(|f| f.ts_device.is_some()) != Some(facts.ts_device.is_some());
+        let takes_over = self.observed.as_ref().map(|f| f.ts_device.is_some())
+            != Some(observed.ts_device.is_some());
         let view = match self.datapath.as_mut() {
             Some(datapath) => {
-                let routes = forwarding::routes(plan, &facts.table52, &facts.main_elsewhere);
+                let routes =
+                    map_contents::routes(plan, &observed.table52, &observed.main_kernel_routes);
                 if takes_over {
                     let limit = LoadOptions {
                         nat_flows: settings.nat_flows,
@@ -485,7 +487,11 @@ impl Running {
                     }
                     .nat_entries()
                         / 2;
-                    match crate::conntrack::keep_for_kernel(datapath, &routes, limit as usize) {
+                    match crate::datapath::kernel_flows::keep_for_kernel(
+                        datapath,
+                        &routes,
+                        limit as usize,
+                    ) {
                         Ok(n) => info!(entries = n, "the kernel's UDP flows stay the kernel's"),
                         Err(e) => warn!(
                             "reading the kernel's conntrack table: {e:#}; UDP flows it has \
@@ -493,21 +499,21 @@ impl Running {
                         ),
                     }
                 }
-                datapath.write_config(&forwarding::config(plan, &facts))?;
+                datapath.write_config(&map_contents::config(plan, &observed))?;
                 datapath.sync_routes(&routes)?;
                 // What the kernel now holds, read back, is what `/status` shows.
-                forwarding::describe(&datapath.config()?, &datapath.routes()?)
+                map_contents::describe(&datapath.config()?, &datapath.routes()?)
             }
             None => serde_json::json!({"datapath": "netfilter"}),
         };
         info!(
-            ts_v4 = ?facts.ts_v4,
-            ts_v6 = ?facts.ts_v6,
-            table52 = facts.table52.len(),
+            ts_v4 = ?observed.ts_v4,
+            ts_v6 = ?observed.ts_v6,
+            table52 = observed.table52.len(),
             "forwarding plane updated"
         );
         health.send_modify(|h| h.forwarding = view);
-        self.facts = Some(facts);
+        self.observed = Some(observed);
         Ok(())
     }
 
@@ -614,28 +620,28 @@ mod tests {
     use super::*;
 
     /// The table applied before any device exists is the one the devices'
-    /// facts give: it depends on nothing those facts add.
+    /// observed give: it depends on nothing those observed add.
     #[test]
     fn the_table_before_the_devices_is_the_table_with_them() {
-        let config = crate::wgconf::parse(
+        let config = crate::config::wg_quick::parse(
             "[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n\
              Address = 10.66.0.2/24\nListenPort = 51821\n",
             std::path::Path::new("wg0.conf"),
         )
         .unwrap();
-        let (settings, _) = crate::settings::parse_args(&["--webui-port=8080"]).unwrap();
+        let (settings, _) = crate::config::settings::parse_args(&["--webui-port=8080"]).unwrap();
         let plan = Plan::new(&settings, &config);
-        let with_devices = Facts {
+        let with_devices = Observed {
             wg_ifindex: 7,
             wg_mtu: 1420,
             wg_port: Some(51821),
             ts_device: Some((8, 1280)),
             table52: vec!["100.64.0.0/10".parse().unwrap()],
-            ..Facts::default()
+            ..Observed::default()
         };
         assert_eq!(
-            forwarding::firewall(&plan, &facts_before_devices(&plan)),
-            forwarding::firewall(&plan, &with_devices)
+            FirewallPlan::new(&plan, &observed_before_devices(&plan)),
+            FirewallPlan::new(&plan, &with_devices)
         );
     }
 }

@@ -6,8 +6,10 @@
 //! Errors name the file, the line and what is wrong. Key material is checked
 //! (base64 of 32 bytes) but never printed: private and preshared keys are
 //! [`SecretKey`]s, whose `Debug` hides them, and every message is redacted
-//! ([`crate::secrets::redact`]) since a typo can put a key where a name was
+//! ([`crate::config::secrets::redact`]) since a typo can put a key where a name was
 //! expected.
+
+pub mod render;
 
 use std::{
     fmt,
@@ -18,7 +20,10 @@ use std::{
 use base64::Engine as _;
 use ipnet::IpNet;
 
-use crate::secrets::redact;
+use crate::config::{
+    secrets::redact,
+    tailnet::{TAILNET_RANGES, TAILSCALE_MARK_MASK, TAILSCALE_TABLE},
+};
 
 /// A whole configuration file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -327,14 +332,14 @@ impl Parser<'_> {
     /// Reads one line. What it says about the line hides the secrets the
     /// line holds as written, whatever reading did to them.
     fn line(&mut self, n: usize, content: &str) -> Result<(), ConfigError> {
-        let secrets = crate::secrets::secret_tokens(content);
+        let secrets = crate::config::secrets::secret_tokens(content);
         let warned = self.warnings.len();
         let result = self.read_line(n, content);
         for warning in &mut self.warnings[warned..] {
-            *warning = crate::secrets::redact_with(warning, &secrets);
+            *warning = crate::config::secrets::redact_with(warning, &secrets);
         }
         result.map_err(|mut e| {
-            e.message = crate::secrets::redact_with(&e.message, &secrets);
+            e.message = crate::config::secrets::redact_with(&e.message, &secrets);
             e
         })
     }
@@ -645,7 +650,7 @@ impl Parser<'_> {
     /// peers (the kernel keeps each prefix for one peer only), or inside
     /// the tailnet's own ranges (tailnet traffic would go into WireGuard).
     fn warn_about_allowed_ips(&mut self, config: &WgConfig) {
-        let tailnet: [IpNet; 2] = TAILNET_RANGES.map(|r| r.parse().expect("valid prefix"));
+        let tailnet = TAILNET_RANGES;
         for (i, peer) in config.peers.iter().enumerate() {
             for net in &peer.allowed_ips {
                 if let Some(range) = tailnet.iter().find(|r| overlaps(r, net)) {
@@ -681,12 +686,6 @@ impl Parser<'_> {
 
 /// The least MTU an IPv6 link may have (RFC 8200).
 const MIN_IPV6_MTU: u32 = 1280;
-/// The fwmark bits tailscaled uses for its own marks.
-const TAILSCALE_MARK_MASK: u32 = 0xff_0000;
-/// tailscaled's routing table.
-const TAILSCALE_TABLE: u32 = 52;
-/// The tailnet's address ranges (CGNAT for IPv4, Tailscale's ULA for IPv6).
-pub const TAILNET_RANGES: [&str; 2] = ["100.64.0.0/10", "fd7a:115c:a1e0::/48"];
 
 /// Whether one prefix holds the other. Default routes overlap everything on
 /// purpose (an exit node); they are never reported.

@@ -15,9 +15,9 @@ use nix::{
 use tracing::{info, warn};
 
 use crate::{
-    netlink::{DeviceRoute, MAIN_TABLE, Netlink, NetlinkError, Rule},
-    plan::{Mtu, Plan, WG_QUICK_DEFAULT_MTU, WireGuardPlan},
-    wireguard::{WgDevice, WireGuardError},
+    config::plan::{Mtu, Plan, WG_QUICK_DEFAULT_MTU, WireGuardPlan},
+    host::netlink::{DeviceRoute, MAIN_TABLE, Netlink, NetlinkError, Rule},
+    wireguard::device::{WgDevice, WireGuardError},
 };
 
 /// Priority of our rule that sends packets carrying WireGuard's fwmark to the
@@ -341,14 +341,14 @@ async fn run_hooks(stage: &'static str, commands: &[String]) -> Result<(), Setup
     for command in commands {
         // A hook may carry a key (`wg set %i private-key …` from a pipe is
         // usual, a literal one is not unheard of): shown redacted.
-        let shown = crate::secrets::redact(command).into_owned();
+        let shown = crate::config::secrets::redact(command).into_owned();
         info!("{stage}: {shown}");
         run_hook(command)
             .await
             .map_err(|message| SetupError::Hook {
                 stage,
                 command: shown,
-                message: crate::secrets::redact(&message).into_owned(),
+                message: crate::config::secrets::redact(&message).into_owned(),
             })?;
     }
     Ok(())

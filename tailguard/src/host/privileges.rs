@@ -67,14 +67,21 @@ pub fn check(caps: Capabilities, tun: &Path, ebpf: bool) -> Result<()> {
              (docker: --cap-add PERFMON)"
         );
     }
-    if ebpf && !caps.has(CAP_SYS_ADMIN) && !crate::datapath::pin::is_bpffs(Path::new("/sys/fs/bpf"))
-    {
+    if ebpf && !caps.has(CAP_SYS_ADMIN) && !is_bpffs(Path::new("/sys/fs/bpf")) {
         warn!(
             "no bpffs on /sys/fs/bpf and no CAP_SYS_ADMIN to mount one: flows through the fast \
              path will not survive a restart (docker: -v /sys/fs/bpf:/sys/fs/bpf)"
         );
     }
     Ok(())
+}
+
+/// `BPF_FS_MAGIC` from the kernel's `magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// A bpffs is mounted at `path`.
+pub fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 #[cfg(test)]

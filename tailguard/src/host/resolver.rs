@@ -11,7 +11,6 @@
 
 use std::{
     fs,
-    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -19,8 +18,8 @@ use ipnet::IpNet;
 use tracing::info;
 
 use crate::{
-    netlink::{DeviceRoute, Netlink, NetlinkError},
-    plan::ResolverPlan,
+    config::plan::ResolverPlan,
+    host::netlink::{DeviceRoute, Netlink, NetlinkError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -147,32 +146,14 @@ pub fn render(plan: &ResolverPlan, original: &str) -> String {
     out
 }
 
-/// Servers in order — the config's first — each once.
-pub fn servers(config: &[IpAddr], fallback: &[IpAddr]) -> Vec<IpAddr> {
-    let mut all: Vec<IpAddr> = Vec::new();
-    for server in config.iter().chain(fallback) {
-        if !all.contains(server) {
-            all.push(*server);
-        }
-    }
-    all
-}
-
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use super::*;
 
     fn addrs(list: &[&str]) -> Vec<IpAddr> {
         list.iter().map(|a| a.parse().unwrap()).collect()
-    }
-
-    #[test]
-    fn config_servers_come_first_and_each_once() {
-        let s = servers(
-            &addrs(&["10.1.0.1", "1.1.1.1"]),
-            &addrs(&["1.1.1.1", "2606:4700:4700::1111"]),
-        );
-        assert_eq!(s, addrs(&["10.1.0.1", "1.1.1.1", "2606:4700:4700::1111"]));
     }
 
     #[test]

@@ -11,15 +11,16 @@ use std::{
 
 use clap::{ArgAction, Args, ValueEnum};
 use ipnet::IpNet;
+use tailguard_common::nat::{nat_map_entries_here, nat_table_bytes};
 
-pub use crate::secrets::Secret;
-use crate::secrets::{REDACTED, redact};
-use crate::{
-    datapath::AttachMode,
-    tailscale::prefs::{ExtraArgs, parse_extra_args},
-};
+use crate::config::extra_args::{ExtraArgs, parse_extra_args};
+pub use crate::config::secrets::Secret;
+use crate::config::secrets::{REDACTED, redact};
 
 /// Settings as given. [`SettingsArgs::validate`] turns them into [`Settings`].
+/// tailscaled's default LocalAPI socket on Linux.
+pub const DEFAULT_LOCALAPI_SOCKET: &str = "/var/run/tailscale/tailscaled.sock";
+
 #[derive(Args, Debug, Clone)]
 pub struct SettingsArgs {
     /// `1`: accept connections from WireGuard and Tailscale peers to this host.
@@ -136,7 +137,7 @@ pub struct SettingsArgs {
         long,
         env = "TS_SOCKET",
         value_name = "TS_SOCKET",
-        default_value = crate::tailscale::localapi::DEFAULT_SOCKET
+        default_value = DEFAULT_LOCALAPI_SOCKET
     )]
     pub ts_socket: PathBuf,
 
@@ -173,8 +174,8 @@ pub struct SettingsArgs {
 
     /// How to attach the TC programs: TCX (kernel 6.6+), a clsact qdisc, or
     /// TCX with clsact as the fallback.
-    #[arg(long, env = "TG_TC_ATTACH", value_name = "TG_TC_ATTACH", value_enum, default_value_t = TcAttach::Auto)]
-    pub tc_attach: TcAttach,
+    #[arg(long, env = "TG_TC_ATTACH", value_name = "TG_TC_ATTACH", value_enum, default_value_t = AttachMode::Auto)]
+    pub tc_attach: AttachMode,
 
     /// Where the fast path's connection state is pinned (a directory per
     /// WireGuard device), so flows survive a restart; on a bpffs, which is
@@ -206,21 +207,14 @@ pub enum DatapathMode {
     Netfilter,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum TcAttach {
+/// How the programs are attached to the devices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum AttachMode {
+    /// TCX, falling back to clsact when the kernel refuses TCX.
+    #[default]
     Auto,
     Tcx,
     Clsact,
-}
-
-impl From<TcAttach> for AttachMode {
-    fn from(value: TcAttach) -> Self {
-        match value {
-            TcAttach::Auto => Self::Auto,
-            TcAttach::Tcx => Self::Tcx,
-            TcAttach::Clsact => Self::Clsact,
-        }
-    }
 }
 
 /// Validated settings: what the rest of the daemon reads.
@@ -353,7 +347,7 @@ fn check_webui_port(
 /// (or pushing the host into swap) later.
 fn check_nat_memory(flows: u32, available_bytes: Option<u64>) -> Result<(), SettingsError> {
     const MIB: u64 = 1024 * 1024;
-    let needed = crate::datapath::nat_table_bytes(flows);
+    let needed = nat_table_bytes(nat_map_entries_here(flows));
     match available_bytes {
         Some(available) if needed > available => Err(SettingsError::NatTooLarge {
             flows,
@@ -442,7 +436,7 @@ impl SettingsArgs {
             ts_routes: self.ts_routes.map(|r| r.0),
             ts_exit_node,
             ts_webclient: self.ts_webclient,
-            tc_attach: self.tc_attach.into(),
+            tc_attach: self.tc_attach,
             datapath: self.datapath,
             bpf_dir: self.bpf_dir,
             nat_flows: self.nat_flows,
@@ -642,7 +636,7 @@ fn hostname(value: &str) -> Result<OrUnset<String>, String> {
     if value.is_empty() {
         return Ok(OrUnset(None));
     }
-    if crate::secrets::is_secret(value) {
+    if crate::config::secrets::is_secret(value) {
         // Pasted into the wrong variable: it would be shown as the name.
         return Err("this is an auth key, not a host name; give it as TS_AUTHKEY".into());
     }

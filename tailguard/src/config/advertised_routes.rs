@@ -3,7 +3,7 @@
 
 use ipnet::IpNet;
 
-use crate::{settings::Settings, wgconf::Peer};
+use crate::{config::settings::Settings, config::wg_quick::Peer};
 
 /// Routes and exit node to advertise to the tailnet.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -61,7 +61,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::{settings::parse_args, wgconf};
+    use crate::{config::settings::parse_args, config::wg_quick};
 
     fn settings(args: &[&str]) -> Settings {
         parse_args(args).unwrap().0
@@ -78,7 +78,7 @@ mod tests {
         for (key, ips) in keys.iter().zip(allowed) {
             text.push_str(&format!("[Peer]\nPublicKey={key}\nAllowedIPs={ips}\n"));
         }
-        wgconf::parse(&text, Path::new("wg0.conf")).unwrap().peers
+        wg_quick::parse(&text, Path::new("wg0.conf")).unwrap().peers
     }
 
     fn nets(list: &[&str]) -> Vec<IpNet> {

@@ -29,8 +29,8 @@ use tokio::{net::TcpListener, sync::Semaphore, time::Instant};
 use tracing::{info, warn};
 
 use super::{
-    host,
-    rate::{ClientSlots, RateLimit},
+    host_header,
+    rate_limit::{ClientSlots, RateLimit},
 };
 
 /// How long a client may take to send a request's headers; hyper restarts
@@ -142,7 +142,7 @@ impl Client {
 /// What a listener serves.
 pub trait Site: Send + Sync + 'static {
     /// The names this node goes by, besides its addresses, `localhost` and
-    /// the machine's host name (see [`host::is_ours`]).
+    /// the machine's host name (see [`host_header::is_ours`]).
     fn names(&self) -> Vec<String>;
     /// The answer to `GET path` from `client`.
     fn respond(&self, path: &str, client: &Client) -> Response<Full<Bytes>>;
@@ -276,7 +276,7 @@ impl<S: Site> Own<S> {
             .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
             .chain(authority);
         for host in hosts {
-            if !host::is_ours(&host, local, &names) {
+            if !host_header::is_ours(&host, local, &names) {
                 let shown: String = host.chars().take(100).collect();
                 return Some(format!(
                     "refused: Host {shown:?} is neither an address nor a name of this node \

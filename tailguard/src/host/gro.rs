@@ -19,7 +19,7 @@ use netlink_packet_core::{
 use netlink_packet_generic::{GenlFamily, GenlHeader, GenlMessage};
 use tracing::{info, warn};
 
-use crate::netlink::Netlink;
+use crate::host::netlink::Netlink;
 
 pub const UDP_GRO_FORWARDING: &str = "rx-udp-gro-forwarding";
 pub const GRO_LIST: &str = "rx-gro-list";

@@ -112,11 +112,11 @@ pub fn pair(
 /// that wg-quick (and our own parser) read back as exactly that.
 fn checked_endpoint(endpoint: &str) -> Result<String, String> {
     let with_port = with_port(endpoint);
-    match crate::wgconf::parse_endpoint(&with_port) {
+    match crate::config::wg_quick::parse_endpoint(&with_port) {
         Ok(_) if !with_port.chars().any(|c| c.is_whitespace() || c == '#') => Ok(with_port),
         _ => Err(format!(
             "--endpoint \"{}\": expected a host name or address, optionally with :port",
-            crate::secrets::redact(endpoint).escape_debug()
+            crate::config::secrets::redact(endpoint).escape_debug()
         )),
     }
 }
@@ -140,7 +140,7 @@ fn with_port(endpoint: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wgconf;
+    use crate::config::wg_quick;
     use std::path::Path;
 
     fn keys(n: u8) -> Keys {
@@ -156,9 +156,9 @@ mod tests {
         for pattern in Pattern::value_variants() {
             let (ours, theirs) = (keys(1), keys(2));
             let (wg0, peer) = pair(*pattern, "vpn.example.com", &ours, &theirs).unwrap();
-            let a = wgconf::parse(&wg0, Path::new("wg0.conf"))
+            let a = wg_quick::parse(&wg0, Path::new("wg0.conf"))
                 .unwrap_or_else(|e| panic!("{pattern:?} wg0.conf: {e}\n{wg0}"));
-            let b = wgconf::parse(&peer, Path::new("peer.conf"))
+            let b = wg_quick::parse(&peer, Path::new("peer.conf"))
                 .unwrap_or_else(|e| panic!("{pattern:?} peer.conf: {e}\n{peer}"));
             assert!(wg0.contains(&format!("PublicKey = {}", theirs.public)));
             assert!(peer.contains(&format!("PublicKey = {}", ours.public)));

@@ -5,10 +5,6 @@
 //! Docker's HEALTHCHECK. `/status` shows the health and the forwarding
 //! plane; on the status page (`TG_WEBUI_PORT`), what peers may see of it.
 
-mod host;
-mod rate;
-pub mod server;
-
 use std::{
     net::{IpAddr, SocketAddr},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -18,15 +14,14 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use ipnet::IpNet;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
 use tracing::info;
 
-use self::server::{Client, Limits, Site};
-use crate::forwarding::TAILNET_RANGES;
+use super::server::{self, Client, Limits, Site};
+use crate::config::tailnet::in_tailnet;
 
 /// Why the netfilter datapath forwards although the eBPF one was wanted:
 /// the fast path could not be loaded or attached.
@@ -204,13 +199,6 @@ impl Audience {
             }
         }
     }
-}
-
-fn in_tailnet(ip: IpAddr) -> bool {
-    TAILNET_RANGES
-        .iter()
-        .map(|r| r.parse::<IpNet>().expect("a valid prefix"))
-        .any(|range| range.contains(&ip))
 }
 
 /// `/status` without the WireGuard peers' data (see

@@ -1,5 +1,5 @@
 //! Writes a [`WgConfig`] back as a wg-quick file, keys in base64, one key
-//! per line, so that [`wgconf::parse`](crate::wgconf::parse) reads back the
+//! per line, so that [`wg_quick::parse`](crate::config::wg_quick::parse) reads back the
 //! same configuration. Only what differs from wg-quick's defaults is
 //! written.
 
@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use base64::Engine as _;
 
-use crate::wgconf::{Table, WgConfig};
+use crate::config::wg_quick::{Table, WgConfig};
 
 /// The configuration as wg-quick text. The peers' `line`s have no place in
 /// a file and are not written: reading the text back numbers each peer by
@@ -105,7 +105,7 @@ mod tests {
     use proptest::{collection::vec, option, prelude::*};
 
     use super::*;
-    use crate::wgconf::{Endpoint, Interface, Peer, PublicKey, SecretKey, parse};
+    use crate::config::wg_quick::{Endpoint, Interface, Peer, PublicKey, SecretKey, parse};
 
     fn ip() -> impl Strategy<Value = IpAddr> {
         prop_oneof![

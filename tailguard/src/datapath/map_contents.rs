@@ -2,91 +2,43 @@
 //! what the kernel and Tailscale report; no side effects, so every case is a
 //! unit test. The daemon writes the result with [`crate::datapath`].
 
-use std::net::{Ipv4Addr, Ipv6Addr};
-
 use ipnet::IpNet;
 use tailguard_common::{Config, Route, config::flag};
 
-use crate::{datapath::Routes, firewall::FirewallPlan, plan::Plan, sysctls::Forwarding};
+use crate::{
+    config::{plan::Plan, tailnet::TAILNET_RANGES},
+    datapath::Routes,
+    host::observed::Observed,
+};
 
-/// The tailnet's address ranges: Tailscale's CGNAT range and its ULA prefix.
-/// They always lead to the Tailscale device, whatever table 52 holds yet.
-pub const TAILNET_RANGES: [&str; 2] = ["100.64.0.0/10", "fd7a:115c:a1e0::/48"];
-
-/// tailscaled's routing table: its routes to peers, their subnets and the
-/// exit node.
-pub const TAILSCALE_TABLE: u32 = 52;
-
-/// What the kernel and Tailscale say at a given moment.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Facts {
-    pub wg_ifindex: u32,
-    pub wg_mtu: u32,
-    /// WireGuard's actual listen port.
-    pub wg_port: Option<u16>,
-    /// `None` until tailscaled has created its device.
-    pub ts_device: Option<(u32, u32)>,
-    /// The node's own tailnet addresses.
-    pub ts_v4: Option<Ipv4Addr>,
-    pub ts_v6: Option<Ipv6Addr>,
-    /// Table 52's routes out of the Tailscale device (peers, their subnets,
-    /// and the exit node's default routes when one is used).
-    pub table52: Vec<IpNet>,
-    /// The main table's routes that are not default routes and leave
-    /// through neither the WireGuard nor the Tailscale device (the uplink's
-    /// network, static routes): the kernel's, never forwarded by us.
-    pub main_elsewhere: Vec<IpNet>,
-    /// The user's forwarding switches, as the daemon found them at its start.
-    pub forwarding: Forwarding,
-}
-
-/// The configuration entry for `facts`.
-pub fn config(plan: &Plan, facts: &Facts) -> Config {
+/// The configuration entry for `observed`.
+pub fn config(plan: &Plan, observed: &Observed) -> Config {
     let mut config = Config {
-        wg_ifindex: facts.wg_ifindex,
-        wg_mtu: clamp_mtu(facts.wg_mtu),
+        wg_ifindex: observed.wg_ifindex,
+        wg_mtu: clamp_mtu(observed.wg_mtu),
         ..Config::default()
     };
-    if let Some((index, mtu)) = facts.ts_device {
+    if let Some((index, mtu)) = observed.ts_device {
         config.ts_ifindex = index;
         config.ts_mtu = clamp_mtu(mtu);
     }
-    config.set_ts(facts.ts_v4, facts.ts_v6);
+    config.set_ts(observed.ts_v4, observed.ts_v6);
     let (wg_v4, wg_v6) =
-        crate::family::first_of_each(plan.wireguard.addresses.iter().map(IpNet::addr));
+        crate::config::family::first_of_each(plan.wireguard.addresses.iter().map(IpNet::addr));
     config.set_wg(wg_v4, wg_v6);
     let dest = plan.forwarding.dest_ip;
     config.set_dest(dest.v4, dest.v6);
     config.set(flag::ISOLATE_PEERS, plan.forwarding.isolate_peers);
     config.set(flag::EXPOSE_HOST, plan.forwarding.expose_host);
     config.set(flag::SNAT_TO_WG, plan.forwarding.snat_to_wg);
-    config.set(flag::FORWARD_V4, facts.forwarding.ipv4);
-    config.set(flag::FORWARD_V6, facts.forwarding.ipv6);
+    config.set(flag::FORWARD_V4, observed.forwarding.ipv4);
+    config.set(flag::FORWARD_V6, observed.forwarding.ipv6);
     config
-}
-
-/// The nftables table for `facts`.
-pub fn firewall(plan: &Plan, facts: &Facts) -> FirewallPlan {
-    let f = &plan.forwarding;
-    FirewallPlan {
-        wg_device: plan.wireguard.device.clone(),
-        ts_device: plan.tailscale.device.clone(),
-        wg_port: facts.wg_port,
-        ts_port: plan.tailscale.port,
-        status_port: f.status_page_port,
-        expose_host: f.expose_host,
-        isolate_peers: f.isolate_peers,
-        snat_to_wg: f.snat_to_wg,
-        dest: f.dest_ip,
-        ts_v4: facts.ts_v4,
-        ts_v6: facts.ts_v6,
-        fast_path_ports: f.datapath == crate::settings::DatapathMode::Ebpf,
-    }
 }
 
 /// The route tries for `table52` and `main` (the main table's routes that
 /// are not default routes and leave through neither device): first those
-/// main routes as "elsewhere", then the WireGuard side's routes (the plan's
+/// main routes as the kernel's, then the WireGuard side's routes (the plan's
 /// routes and the networks of the device's own addresses, as the kernel's
 /// connected routes), then the tailnet ranges and table 52. Ties go to the
 /// later ones; the longest prefix wins otherwise, as in the kernel, where a
@@ -98,17 +50,16 @@ pub fn firewall(plan: &Plan, facts: &Facts) -> FirewallPlan {
 pub fn routes(plan: &Plan, table52: &[IpNet], main: &[IpNet]) -> Routes {
     let mut routes = Routes::new();
     let tailnet: Vec<IpNet> = TAILNET_RANGES
-        .iter()
-        .map(|r| r.parse::<IpNet>().expect("a valid prefix"))
+        .into_iter()
         .chain(table52.iter().copied())
         .map(|net| net.trunc())
         .collect();
-    let elsewhere = main
+    let kernel_routes = main
         .iter()
         .map(IpNet::trunc)
         .filter(|net| !tailnet.iter().any(|t| t.contains(net)));
-    for net in elsewhere {
-        routes.insert(net, Route::ELSEWHERE);
+    for net in kernel_routes {
+        routes.insert(net, Route::KERNEL);
     }
     let wireguard = plan
         .wireguard
@@ -130,7 +81,7 @@ pub fn describe(config: &Config, routes: &Routes) -> serde_json::Value {
     let egress = |r: &Route| match *r {
         Route::WIREGUARD => "wireguard",
         Route::TAILSCALE => "tailscale",
-        Route::ELSEWHERE => "elsewhere",
+        Route::KERNEL => "kernel",
         _ => "unknown",
     };
     serde_json::json!({
@@ -159,8 +110,11 @@ fn clamp_mtu(mtu: u32) -> u16 {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
-    use crate::{settings::parse_args, wgconf};
+    use crate::host::sysctls::Forwarding;
+    use crate::{config::settings::parse_args, config::wg_quick};
 
     const CONF: &str = "[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n\
         Address = 10.8.0.1/24, fd00:8::1/64\n\
@@ -168,21 +122,21 @@ mod tests {
         AllowedIPs = 10.8.0.2/32, 192.168.8.0/24\n";
 
     fn plan(args: &[&str]) -> Plan {
-        let config = wgconf::parse(CONF, "wg0.conf".as_ref()).unwrap();
+        let config = wg_quick::parse(CONF, "wg0.conf".as_ref()).unwrap();
         Plan::new(&parse_args(args).unwrap().0, &config)
     }
 
     #[test]
     fn config_carries_devices_addresses_and_switches() {
         let plan = plan(&["--ts-dest-ip=10.8.0.2", "--wg-isolate-peers=1"]);
-        let facts = Facts {
+        let observed = Observed {
             wg_ifindex: 7,
             wg_mtu: 1420,
             ts_device: Some((9, 1280)),
             ts_v4: Some(Ipv4Addr::new(100, 64, 0, 5)),
-            ..Facts::default()
+            ..Observed::default()
         };
-        let c = config(&plan, &facts);
+        let c = config(&plan, &observed);
         assert_eq!(
             (c.wg_ifindex, c.wg_mtu, c.ts_ifindex, c.ts_mtu),
             (7, 1420, 9, 1280)
@@ -199,22 +153,22 @@ mod tests {
 
     #[test]
     fn tailscales_snat_switch_also_turns_off_ours() {
-        let facts = Facts::default();
-        assert!(config(&plan(&[]), &facts).has(flag::SNAT_TO_WG));
+        let observed = Observed::default();
+        assert!(config(&plan(&[]), &observed).has(flag::SNAT_TO_WG));
         let off = plan(&["--ts-extra-args=--snat-subnet-routes=false"]);
-        assert!(!config(&off, &facts).has(flag::SNAT_TO_WG));
+        assert!(!config(&off, &observed).has(flag::SNAT_TO_WG));
         let on = plan(&["--ts-extra-args=--snat-subnet-routes=true"]);
-        assert!(config(&on, &facts).has(flag::SNAT_TO_WG));
+        assert!(config(&on, &observed).has(flag::SNAT_TO_WG));
     }
 
     #[test]
     fn each_familys_forwarding_is_the_users_switch() {
         let with = |ipv4, ipv6| {
-            let facts = Facts {
+            let observed = Observed {
                 forwarding: Forwarding { ipv4, ipv6 },
-                ..Facts::default()
+                ..Observed::default()
             };
-            let c = config(&plan(&[]), &facts);
+            let c = config(&plan(&[]), &observed);
             (c.has(flag::FORWARD_V4), c.has(flag::FORWARD_V6))
         };
         for (ipv4, ipv6) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -226,10 +180,10 @@ mod tests {
     fn before_tailscale_answers_its_side_is_empty() {
         let c = config(
             &plan(&[]),
-            &Facts {
+            &Observed {
                 wg_ifindex: 3,
                 wg_mtu: 1420,
-                ..Facts::default()
+                ..Observed::default()
             },
         );
         assert_eq!((c.ts_ifindex, c.ts_v4(), c.ts_v6()), (0, None, None));
@@ -266,7 +220,7 @@ mod tests {
         let net = |s: &str| s.parse::<IpNet>().unwrap();
         // Pattern 1: a client of a server that takes everything.
         let conf = CONF.replace("10.8.0.2/32, 192.168.8.0/24", "0.0.0.0/0, 192.168.8.0/24");
-        let config = wgconf::parse(&conf, "wg0.conf".as_ref()).unwrap();
+        let config = wg_quick::parse(&conf, "wg0.conf".as_ref()).unwrap();
         let everything = Plan::new(&parse_args(&[]).unwrap().0, &config);
         let main = [
             net("10.201.0.7/24"),
@@ -281,10 +235,10 @@ mod tests {
         let r = routes(&everything, &table52, &main);
         let expect = [
             // The uplink's network (host bits dropped) and a static route.
-            ("10.201.0.0/24", Route::ELSEWHERE),
-            ("203.0.113.0/24", Route::ELSEWHERE),
-            ("10.8.0.0/16", Route::ELSEWHERE),
-            ("fe80::/64", Route::ELSEWHERE),
+            ("10.201.0.0/24", Route::KERNEL),
+            ("203.0.113.0/24", Route::KERNEL),
+            ("10.8.0.0/16", Route::KERNEL),
+            ("fe80::/64", Route::KERNEL),
             // A tie with the plan (a default route too): the plan's.
             ("192.168.8.0/24", Route::WIREGUARD),
             ("10.8.0.0/24", Route::WIREGUARD),

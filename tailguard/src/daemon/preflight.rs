@@ -3,7 +3,7 @@
 //! of the kind they must be. A `TS_DEVICE=eth0` or `WG_DEVICE=eth0` typo
 //! would otherwise put the programs, addresses and routes on the uplink.
 
-use crate::{netlink::Netlink, settings::Settings, wireguard};
+use crate::{config::settings::Settings, host::netlink::Netlink, wireguard::device};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PreflightError {
@@ -33,7 +33,7 @@ pub async fn devices(nl: &Netlink, settings: &Settings) -> Result<(), PreflightE
     check(
         &settings.wg_device,
         wg_kind.as_deref(),
-        wireguard::is_userspace_device(&settings.wg_device),
+        device::is_userspace_device(&settings.wg_device),
         &settings.ts_device,
         ts_kind.as_deref(),
     )

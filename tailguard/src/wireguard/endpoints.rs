@@ -7,9 +7,9 @@ use std::{collections::HashMap, net::SocketAddr};
 use tracing::{info, warn};
 
 use crate::{
-    plan::WireGuardPlan,
-    wgconf::{Endpoint, PublicKey},
-    wireguard::{WgDevice, WireGuardError, resolve},
+    config::plan::WireGuardPlan,
+    config::wg_quick::{Endpoint, PublicKey},
+    wireguard::device::{WgDevice, WireGuardError, resolve},
 };
 
 /// The peers whose endpoint must be set: those resolved to an address other

@@ -3,7 +3,7 @@
 //! TailGuard holds a WireGuard private key (and preshared keys) for a whole
 //! network and a Tailscale auth key. Fields that hold them have types whose
 //! `Debug` and `Display` hide the value ([`Secret`] here,
-//! [`crate::wgconf::SecretKey`]). That is not enough for messages about
+//! [`crate::config::wg_quick::SecretKey`]). That is not enough for messages about
 //! input that did not parse: a typo (`PrivateKey yPGF…=` without the `=`)
 //! puts a key where a key *name* was expected, so anything that quotes input
 //! back passes it through [`redact`], which hides every token that *looks*

@@ -19,9 +19,9 @@ use tracing::{info, warn};
 use wireguard_control::{Backend, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
 
 use crate::{
-    netlink::{Netlink, NetlinkError},
-    plan::{FwMark, WireGuardPlan},
-    wgconf::Endpoint,
+    config::plan::{FwMark, WireGuardPlan},
+    config::wg_quick::Endpoint,
+    host::netlink::{Netlink, NetlinkError},
 };
 
 /// Where userspace implementations put their UAPI sockets.
@@ -163,7 +163,7 @@ impl WgDevice {
     /// Sets one peer's endpoint (endpoint re-resolution).
     pub async fn set_endpoint(
         &self,
-        peer: &crate::wgconf::PublicKey,
+        peer: &crate::config::wg_quick::PublicKey,
         addr: SocketAddr,
     ) -> Result<()> {
         let update =

@@ -1,0 +1,3 @@
+//! The helper commands beside the daemon (`tailguard wg-pair`, ...).
+
+pub mod wg_pair;
