@@ -42,14 +42,30 @@ RUN --mount=type=cache,target=/opt/rustup \
 FROM ${RUNTIME_BASE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # nftables: TailGuard's rule set; iptables, iproute2: tailscaled's firewall
-# and routes; wireguard-go (bookworm-backports: TUN offloads): WireGuard
-# where the kernel has none, and wireguard-tools' `wg` to look at it;
-# ca-certificates: tailscaled reaching its control server.
-# hadolint ignore=DL3008
-RUN echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/backports.list \
+# and routes; wireguard-go (with TUN offloads): WireGuard where the kernel
+# has none, and wireguard-tools' `wg` to look at it; ca-certificates:
+# tailscaled reaching its control server. On Debian 12 wireguard-go comes
+# from bookworm-backports, on the mirror the base image's own apt sources
+# give for bookworm (the rule of xtask/src/backports.rs); later releases
+# have it in their own suite.
+# hadolint ignore=DL3008,SC2016
+RUN . /etc/os-release \
+ && backports=() \
+ && case "${ID:-}:${VERSION_CODENAME:-}:${VERSION_ID:-}" in \
+      debian:bookworm:* | debian::12) \
+        archive="$(apt-get indextargets --no-release-info --format '$(TARGET_OF) $(RELEASE) $(REPO_URI)' \
+          | awk '$1 == "deb" && $2 == "bookworm" && archive == "" { archive = $3 } END { print archive }')" \
+        && if [ -z "$archive" ]; then \
+             echo "no deb source for bookworm in the base image's /etc/apt/sources.list or /etc/apt/sources.list.d/ (*.list, *.sources): cannot add bookworm-backports" >&2; \
+             exit 1; \
+           fi \
+        && printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$archive" \
+          > /etc/apt/sources.list.d/tailguard-bookworm-backports.sources \
+        && backports=(-t bookworm-backports) ;; \
+    esac \
  && apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates iproute2 iptables nftables \
- && apt-get install -y --no-install-recommends -t bookworm-backports wireguard-go wireguard-tools \
+ && apt-get install -y --no-install-recommends "${backports[@]}" wireguard-go wireguard-tools \
  && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*
 COPY --from=tailscale /usr/local/bin/tailscaled /usr/local/bin/tailscale /usr/local/bin/
 COPY --from=build /out/tailguard /usr/local/bin/tailguard

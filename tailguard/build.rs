@@ -2,17 +2,44 @@
 //! and bpf-linker, and leaves the object in `OUT_DIR` for `include_bytes!`.
 //! This is the one build route: `cargo build`, the tests and `cargo xtask
 //! build-ebpf` all come through here.
+//!
+//! `AYA_BUILD_SKIP=1` (aya-build's own switch) builds no programs, so that
+//! `cargo check`, clippy and editors work before `cargo xtask setup` has
+//! built bpf-linker: the object is then an empty file, which the daemon
+//! refuses when it loads its fast path.
+
+use std::{env, fs, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 use aya_build::{Package, Toolchain};
 use xtask::toolchain;
 
+/// aya-build's switch, read as aya-build 0.2 reads it (`1` or `true`).
+const AYA_BUILD_SKIP: &str = "AYA_BUILD_SKIP";
+
+/// The object's file name in `OUT_DIR`: the eBPF crate's binary target.
+const OBJECT: &str = "tailguard";
+
 fn main() -> anyhow::Result<()> {
+    println!("cargo::rerun-if-env-changed={AYA_BUILD_SKIP}");
+    if let Some(value) = skip_requested() {
+        // aya-build writes nothing then, and `include_bytes!` needs a file.
+        let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR is not set")?);
+        let object = out_dir.join(OBJECT);
+        fs::write(&object, []).with_context(|| format!("writing {}", object.display()))?;
+        println!(
+            "cargo::warning={AYA_BUILD_SKIP}={value}: no eBPF programs built; this tailguard \
+             cannot load its fast path"
+        );
+        return Ok(());
+    }
+
     let nightly = toolchain::ebpf_nightly()?;
     let linker = toolchain::bpf_linker(&nightly)?;
     if !linker.exists() {
         bail!(
-            "bpf-linker for {nightly} is missing at {}: run `cargo xtask setup` first",
+            "bpf-linker for {nightly} is missing at {}: run `cargo xtask setup` first \
+             (or set {AYA_BUILD_SKIP}=1 to check or lint without the eBPF programs)",
             linker.display()
         );
     }
@@ -32,4 +59,10 @@ fn main() -> anyhow::Result<()> {
         }],
         Toolchain::Custom(&nightly),
     )
+}
+
+/// `AYA_BUILD_SKIP`'s value when it asks aya-build to build nothing.
+fn skip_requested() -> Option<String> {
+    let value = env::var(AYA_BUILD_SKIP).ok()?;
+    (value == "1" || value.eq_ignore_ascii_case("true")).then_some(value)
 }

@@ -22,7 +22,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::command::{cargo, exec, probe, stage};
+use crate::{
+    apt::SourceFiles,
+    backports::Release,
+    command::{cargo, exec, probe, stage},
+};
 
 /// The smoke test's image: the daemon with the stand-in as tailscaled.
 pub const SMOKE_IMAGE: &str = "tailguard:smoke";
@@ -175,7 +179,7 @@ fn base(engine: &Engine) -> Result<()> {
             Command::new("debootstrap")
                 .args(["--variant=minbase", "bookworm"])
                 .arg(rootfs)
-                .arg(debian_mirror()),
+                .arg(debian_mirror()?),
         )?;
     }
     // Packages debootstrap downloaded: not part of the system.
@@ -213,16 +217,16 @@ fn base(engine: &Engine) -> Result<()> {
     )
 }
 
-/// The mirror this machine's apt uses.
-fn debian_mirror() -> String {
-    std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("URIs:"))
-                .map(|u| u.trim().to_string())
-        })
-        .unwrap_or_else(|| "http://deb.debian.org/debian".into())
+/// The archive this machine's apt uses for its own release (a Debian
+/// archive carries every release, so bookworm too).
+fn debian_mirror() -> Result<String> {
+    let release = Release::system()?;
+    let source = SourceFiles::system().archive(&release.codename)?;
+    eprintln!(
+        "  debootstrap from the mirror of {} (as {} has it)",
+        source.suite, source.entry
+    );
+    Ok(source.uri)
 }
 
 /// `local/tailscale-standin`: the stand-in built here as

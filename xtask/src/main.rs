@@ -1,4 +1,6 @@
 //! `cargo xtask`: the project's tasks. Run `cargo xtask --help`.
+mod apt;
+mod backports;
 mod bench;
 mod build_ebpf;
 mod command;

@@ -1,4 +1,4 @@
-//! `cargo xtask setup`: brings a fresh Debian 12 machine to a working build and
+//! `cargo xtask setup`: brings a fresh Debian 12 (or later) machine to a working build and
 //! test environment. Every step first checks whether its result is already
 //! in place, so a second run changes nothing and takes seconds.
 
@@ -12,11 +12,15 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use xtask::toolchain::{self, BPF_LINKER_VERSION};
 
-use crate::command::{exec, probe, stage};
+use crate::{
+    apt::SourceFiles,
+    backports::{self, Decision, Release},
+    command::{exec, probe, stage},
+};
 
 /// Debian packages the build and the tests need, with the oldest version
-/// that works. wireguard-go must come from bookworm-backports: bookworm's own
-/// build lacks TUN offloads and is four times slower.
+/// that works. wireguard-go needs TUN offloads (four times faster): on
+/// Debian 12 it comes from bookworm-backports (see `backports`).
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "0"),
     ("nftables", "0"),
@@ -37,7 +41,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("docker.io", "0"),
     ("debootstrap", "0"),
     ("docker-compose", "0"),
-    // The VM tier (`vm`): qemu (bookworm's own conflicts with the
+    // The VM tier (`vm`): qemu (Debian 12's own conflicts with the
     // backports qemu-utils machines of this kind have), an initramfs's
     // busybox, depmod and cpio for virtme-ng.
     ("qemu-system-x86", "1:10"),
@@ -45,8 +49,6 @@ const PACKAGES: &[(&str, &str)] = &[
     ("kmod", "0"),
     ("cpio", "0"),
 ];
-const BACKPORTS_PACKAGES: &[&str] = &["wireguard-go", "wireguard-tools", "qemu-system-x86"];
-const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/tailguard-bookworm-backports.sources";
 
 pub fn run() -> Result<()> {
     stage("setup: Debian packages", debian_packages)?;
@@ -123,6 +125,11 @@ fn cargo_fuzz() -> Result<()> {
 }
 
 fn debian_packages() -> Result<()> {
+    // Before the packages: the VM tier's 6.12 kernel is in the backports
+    // suite too, whether or not a package is missing.
+    let decision = Decision::for_release(&Release::system()?);
+    let change = backports::ensure(&decision, &SourceFiles::system(), is_root())?;
+    eprintln!("  {}", change.message());
     let missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|(name, min)| !installed_at_least(name, min))
@@ -135,15 +142,16 @@ fn debian_packages() -> Result<()> {
     if !is_root() {
         bail!("packages {missing:?} are missing and installing them needs root");
     }
-    if missing.iter().any(|p| BACKPORTS_PACKAGES.contains(p)) {
-        enable_backports()?;
-    }
     exec(
         "apt-get update",
         Command::new("apt-get").args(["update", "-q"]),
     )?;
-    let (backports, plain): (Vec<&str>, Vec<&str>) =
-        missing.iter().partition(|p| BACKPORTS_PACKAGES.contains(p));
+    let (from_backports, plain): (Vec<&str>, Vec<&str>) = match decision.target() {
+        Some(_) => missing
+            .iter()
+            .partition(|p| backports::PACKAGES.contains(p)),
+        None => (Vec::new(), missing.clone()),
+    };
     // --no-install-recommends: otherwise wireguard-go's recommends pull in
     // systemd and a kernel image.
     let apt_install = |extra: &[&str], packages: &[&str]| -> Result<()> {
@@ -160,13 +168,28 @@ fn debian_packages() -> Result<()> {
         )
     };
     apt_install(&[], &plain)?;
-    apt_install(&["-t", "bookworm-backports"], &backports)?;
+    if let Some(suite) = decision.target() {
+        apt_install(&["-t", suite], &from_backports)?;
+    }
     for (name, min) in PACKAGES {
         if !installed_at_least(name, min) {
-            bail!("package {name} (>= {min}) is still not installed after apt-get install");
+            bail!(
+                "package {name} (>= {min}) is still not installed after apt-get install \
+                 (apt's candidate: {})",
+                candidate(name).unwrap_or_else(|| "none".into())
+            );
         }
     }
     Ok(())
+}
+
+/// The version `apt-get install` would take.
+fn candidate(package: &str) -> Option<String> {
+    let policy = probe(Command::new("apt-cache").args(["policy", package]))?;
+    policy
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate:"))
+        .map(|v| v.trim().to_string())
 }
 
 fn installed_at_least(package: &str, min: &str) -> bool {
@@ -184,28 +207,6 @@ fn installed_at_least(package: &str, min: &str) -> bool {
         .args(["--compare-versions", version.trim(), "ge", min])
         .status()
         .is_ok_and(|s| s.success())
-}
-
-/// Adds bookworm-backports, on the same mirror as the machine's own sources.
-fn enable_backports() -> Result<()> {
-    if Path::new(BACKPORTS_SOURCES).exists() {
-        return Ok(());
-    }
-    let mirror = fs::read_to_string("/etc/apt/sources.list.d/debian.sources")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .filter_map(|l| l.strip_prefix("URIs:"))
-                .map(|u| u.trim().to_string())
-                .find(|u| u.ends_with("/debian"))
-        })
-        .unwrap_or_else(|| "http://deb.debian.org/debian".to_string());
-    let text = format!(
-        "# Added by `cargo xtask setup` (TailGuard) for wireguard-go with TUN offloads.\n\
-         Types: deb\nURIs: {mirror}\nSuites: bookworm-backports\nComponents: main\n\
-         Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
-    );
-    fs::write(BACKPORTS_SOURCES, text).with_context(|| format!("writing {BACKPORTS_SOURCES}"))
 }
 
 fn is_root() -> bool {

@@ -40,6 +40,11 @@ pub struct Datapath {
 /// Errors of the datapath, naming the program or device involved.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(
+        "this tailguard carries no eBPF programs: it was built with AYA_BUILD_SKIP=1 \
+         (for `cargo check`); build it without that to use the fast path"
+    )]
+    ObjectNotBuilt,
     #[error("loading the eBPF object: {0}")]
     Object(#[source] Box<aya::EbpfError>),
     #[error("eBPF program {name}: {source}")]

@@ -8,7 +8,8 @@ use tailguard_common::{Device, Direction, nat::nat_map_entries_here};
 
 use super::Error;
 
-/// The object built by `build.rs` (aya-build) from the `tailguard-ebpf` crate.
+/// The object built by `build.rs` (aya-build) from the `tailguard-ebpf` crate;
+/// empty when built with `AYA_BUILD_SKIP`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tailguard"));
 
 /// What a device's packets start with.
@@ -95,6 +96,14 @@ pub struct ProgramSummary {
 }
 
 pub(super) fn load(options: &LoadOptions) -> Result<Ebpf, Error> {
+    load_object(OBJECT, options)
+}
+
+fn load_object(object: &[u8], options: &LoadOptions) -> Result<Ebpf, Error> {
+    // aya would call an empty object a malformed ELF file.
+    if object.is_empty() {
+        return Err(Error::ObjectNotBuilt);
+    }
     let flag = |layer: LinkLayer| u8::from(layer == LinkLayer::Ethernet);
     let (wg, ts) = (flag(options.wireguard), flag(options.tailscale));
     let mut loader = EbpfLoader::new();
@@ -106,7 +115,7 @@ pub(super) fn load(options: &LoadOptions) -> Result<Ebpf, Error> {
         loader.map_pin_path("NAT", pin.as_path());
     }
     let mut ebpf = loader
-        .load(OBJECT)
+        .load(object)
         .map_err(|e| Error::Object(Box::new(e)))?;
     for program in Program::ALL {
         let name = program.name();
@@ -231,6 +240,18 @@ fn is_register_or_slot(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_object_built_with_aya_build_skip_is_refused_by_name() {
+        // Refused before any syscall: no privileges needed.
+        let error = load_object(&[], &LoadOptions::default()).unwrap_err();
+        assert!(matches!(error, Error::ObjectNotBuilt), "{error:?}");
+        assert!(
+            error.summary().contains("AYA_BUILD_SKIP=1"),
+            "{}",
+            error.summary()
+        );
+    }
 
     /// Debian 12's 6.1 refusing `tg_wg_ingress` before the per-CPU slot
     /// (the end of its log: the trace, the reason, the statistics).
