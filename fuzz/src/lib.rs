@@ -7,10 +7,12 @@ use tailguard_fuzz_oracle::{Flag, Input, assert_no_leak, settings_arg};
 
 /// The wg-quick parser on `data`, as it reads a file.
 pub fn wgconf(data: &[u8]) {
-    let run = |bytes: &[u8]| match tailguard::config::wg_quick::parse_bytes(bytes, Path::new("wg0.conf")) {
-        Err(error) => vec![error.to_string(), format!("{error:?}")],
-        Ok((_, warnings)) => warnings,
-    };
+    let run =
+        |bytes: &[u8]| match tailguard::config::wg_quick::parse_bytes(bytes, Path::new("wg0.conf"))
+        {
+            Err(error) => vec![error.to_string(), format!("{error:?}")],
+            Ok((_, warnings)) => warnings,
+        };
     assert_no_leak(
         &String::from_utf8_lossy(data),
         Input::WgQuick,
@@ -46,8 +48,9 @@ fn settings_flags() -> &'static [Flag] {
     static FLAGS: OnceLock<Vec<Flag>> = OnceLock::new();
     FLAGS.get_or_init(|| {
         use clap::Args as _;
-        let command =
-            tailguard::config::settings::SettingsArgs::augment_args(clap::Command::new("tailguard"));
+        let command = tailguard::config::settings::SettingsArgs::augment_args(clap::Command::new(
+            "tailguard",
+        ));
         command
             .get_arguments()
             .filter_map(|arg| {
