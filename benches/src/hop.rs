@@ -18,7 +18,7 @@ use std::{net::Ipv4Addr, path::PathBuf, process::Command, time::Duration};
 use anyhow::{Context as _, Result};
 use ipnet::IpNet;
 use tailguard::{
-    config::settings::AttachMode,
+    config::{plan::SwitchesPlan, settings::AttachMode},
     datapath::{Datapath, LinkLayer, LoadOptions},
     firewall::{Firewall, FirewallPlan},
     host::sysctls::Sysctls,
@@ -143,7 +143,12 @@ impl Hop {
             sysctl("net.ipv4.ip_forward", "1");
             sysctl("net.netfilter.nf_conntrack_udp_timeout", "120");
             runtime.block_on(firewall.apply(&plan))?;
-            Ok(Sysctls::apply()?)
+            // The daemon's switches, as its plan sets them without policy routing.
+            let switches = SwitchesPlan {
+                reserve_translation_ports: true,
+                src_valid_mark: false,
+            };
+            Ok(Sysctls::apply(&switches)?)
         })?;
 
         let macs_via_router = (

@@ -171,7 +171,7 @@ async fn status(settings: &Settings) -> Result<()> {
 }
 
 async fn stats(settings: &Settings) -> Result<()> {
-    let dir = tailguard::datapath::pin::state_dir(&settings.bpf_dir, &settings.wg_device);
+    let dir = tailguard::config::plan::pin_dir(settings);
     match tailguard::datapath::pin::occupancy(&dir)? {
         Some(o) => println!(
             "connection table: {} entries, {} live, of {} (two per flow)",
@@ -207,7 +207,7 @@ async fn stats(settings: &Settings) -> Result<()> {
 }
 
 async fn cleanup(settings: &Settings) -> Result<()> {
-    let dir = tailguard::datapath::pin::state_dir(&settings.bpf_dir, &settings.wg_device);
+    let dir = tailguard::config::plan::pin_dir(settings);
     if tailguard::datapath::pin::remove(&dir)? {
         println!("removed the pinned connection state in {}", dir.display());
     }
@@ -223,7 +223,7 @@ async fn check(settings: &Settings) -> Result<()> {
     let plan = daemon::plan(settings)?;
     // Read-only, as `check` promises: the devices are what they must be.
     let nl = tailguard::host::netlink::Netlink::connect().context("opening rtnetlink")?;
-    tailguard::daemon::preflight::devices(&nl, settings).await?;
+    tailguard::daemon::preflight::devices(&nl, &plan).await?;
     print!("{plan}");
     let forwarding =
         tailguard::host::sysctls::Forwarding::read().context("reading the forwarding switches")?;

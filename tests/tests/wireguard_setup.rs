@@ -49,7 +49,7 @@ impl Up {
         let nl = rt
             .block_on(async { Netlink::connect() })
             .expect("rtnetlink");
-        match rt.block_on(WgSetup::bring_up(&nl, plan, "wireguard-go")) {
+        match rt.block_on(WgSetup::bring_up(&nl, plan)) {
             Ok(setup) => Ok(Self { rt, nl, setup }),
             Err(e) => Err(e),
         }
@@ -62,7 +62,7 @@ impl Up {
     /// A second start over this one.
     fn again(&self, plan: &Plan) -> WgSetup {
         self.rt
-            .block_on(WgSetup::bring_up(&self.nl, plan, "wireguard-go"))
+            .block_on(WgSetup::bring_up(&self.nl, plan))
             .expect("second bring-up")
     }
 

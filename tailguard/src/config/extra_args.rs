@@ -193,6 +193,42 @@ fn apply_flag(parsed: &mut ExtraArgs, name: &str, value: Option<&str>) -> Applie
 }
 
 impl MaskedPrefs {
+    /// The preferences set, as the `tailscale up` flags that set them (for
+    /// `tailguard check`); the inverse of [`parse_extra_args`].
+    pub fn flags(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        let mut put = |name: &str, value: Option<String>| {
+            if let Some(value) = value {
+                flags.push(format!("--{name}={value}"));
+            }
+        };
+        let list = |items: &Vec<String>| items.join(",");
+        put("login-server", self.control_url.clone());
+        put("accept-routes", self.route_all.map(|b| b.to_string()));
+        put("accept-dns", self.corp_dns.map(|b| b.to_string()));
+        put("hostname", self.hostname.clone());
+        put(
+            "advertise-routes",
+            self.advertise_routes.as_ref().map(|r| {
+                r.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
+        );
+        put(
+            "exit-node-allow-lan-access",
+            self.exit_node_allow_lan_access.map(|b| b.to_string()),
+        );
+        put("webclient", self.run_web_client.map(|b| b.to_string()));
+        put("advertise-tags", self.advertise_tags.as_ref().map(list));
+        put("shields-up", self.shields_up.map(|b| b.to_string()));
+        put("ssh", self.run_ssh.map(|b| b.to_string()));
+        put("snat-subnet-routes", self.no_snat.map(|b| (!b).to_string()));
+        put("operator", self.operator_user.clone());
+        flags
+    }
+
     /// `self` with every field that `over` sets taken from `over`.
     pub fn overlay(&mut self, over: &MaskedPrefs) {
         fn take<T: Clone>(field: &mut Option<T>, over: &Option<T>) {
@@ -270,5 +306,19 @@ mod tests {
             warnings,
             ["TS_EXTRA_ARGS: a flag (not shown) is not a preference TailGuard can set; ignored"]
         );
+    }
+
+    #[test]
+    fn the_flags_shown_read_back_as_the_same_preferences() {
+        let text = "--advertise-tags=tag:a,tag:b --shields-up --ssh=false \
+                    --snat-subnet-routes=false --accept-dns=true --operator=alice \
+                    --hostname=edge --login-server=https://hs.example --accept-routes=false \
+                    --exit-node-allow-lan-access --webclient --advertise-routes=10.0.0.0/8,fd00::/8";
+        let (parsed, warnings) = parse_extra_args(text);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let shown = parsed.prefs.flags();
+        assert_eq!(shown.len(), 12, "{shown:?}");
+        let (again, _) = parse_extra_args(&shown.join(" "));
+        assert_eq!(again.prefs, parsed.prefs, "{shown:?}");
     }
 }

@@ -2,9 +2,15 @@
 //! and the WireGuard configuration without touching the system. Later steps
 //! derive from it; `tailguard check` prints it.
 
-use std::{fmt, net::IpAddr, path::PathBuf};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use ipnet::IpNet;
+use tailguard_common::nat::NAT_PORT_FIRST;
 
 use crate::{
     config::advertised_routes::{self, Advertisement},
@@ -19,12 +25,43 @@ pub const WG_QUICK_FIRST_TABLE: u32 = 51820;
 /// The MTU wg-quick falls back to when the uplink's cannot be found.
 pub const WG_QUICK_DEFAULT_MTU: u32 = 1420;
 
+/// Priority of our rule that sends packets carrying WireGuard's fwmark to the
+/// main table before tailscaled's rules (5210-5270) can send them into its
+/// table 52 — where a tailnet exit node would swallow the tunnel itself.
+pub const WG_MARK_RULE_PRIORITY: u32 = 5200;
+/// Priority of our rules that send traffic for the WireGuard side's routes
+/// (and its own network) to their table after tailscaled's mark rules
+/// (5210-5250) but before its table 52 (5270): with an exit node in use,
+/// table 52's default route would otherwise take the WireGuard side's
+/// traffic (forwarded replies among it) into the tailnet.
+pub const WG_ROUTES_RULE_PRIORITY: u32 = 5260;
+/// wg-quick's two rules for a default route end up just before main (32766).
+pub const SUPPRESS_RULE_PRIORITY: u32 = 32764;
+pub const NOT_FWMARK_RULE_PRIORITY: u32 = 32765;
+/// The kernel's main routing table.
+pub const MAIN_TABLE: u32 = 254;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
     pub wireguard: WireGuardPlan,
     pub tailscale: TailscalePlan,
     pub forwarding: ForwardingPlan,
     pub resolver: ResolverPlan,
+    pub switches: SwitchesPlan,
+    /// `TG_HEALTH_ADDR`: `/healthz` and `/status` for the host.
+    pub health_addr: SocketAddr,
+}
+
+/// The kernel switches the daemon writes while it runs (and puts back at
+/// its stop). Forwarding is not among them: it is the user's, only read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwitchesPlan {
+    /// The fast path's translation ports added to `ip_local_reserved_ports`.
+    pub reserve_translation_ports: bool,
+    /// `net.ipv4.conf.all.src_valid_mark=1`, as wg-quick sets it for an
+    /// IPv4 default route through WireGuard: replies to marked packets then
+    /// pass the reverse-path check.
+    pub src_valid_mark: bool,
 }
 
 /// Name resolution while TailGuard runs.
@@ -56,6 +93,71 @@ pub struct WireGuardPlan {
     pub policy_routing: Option<PolicyRouting>,
     /// Hook commands with `%i` replaced by the device name.
     pub hooks: Hooks,
+    /// The ip rules to add, in order, apart from [`Self::mark_rules`].
+    pub rules: Vec<IpRule>,
+    /// `WG_USERSPACE`: the program that makes a userspace device.
+    pub userspace_program: String,
+    /// How often peers' host-name endpoints are looked up again.
+    pub endpoint_refresh: Duration,
+}
+
+impl WireGuardPlan {
+    /// The rules for WireGuard's own packets once the device's mark is
+    /// known (it may be the listen port the kernel picks): to the main
+    /// table, ahead of tailscaled's rules, in both families.
+    pub fn mark_rules(mark: u32) -> [IpRule; 2] {
+        [false, true].map(|ipv6| IpRule {
+            ipv6,
+            priority: WG_MARK_RULE_PRIORITY,
+            fwmark: Some(mark),
+            invert: false,
+            table: MAIN_TABLE,
+            suppress_prefixlength: None,
+            destination: None,
+        })
+    }
+}
+
+/// A policy-routing rule, as `ip rule` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IpRule {
+    pub ipv6: bool,
+    pub priority: u32,
+    /// Match packets with this mark (all 32 bits)...
+    pub fwmark: Option<u32>,
+    /// ...or, inverted, packets without it (`not fwmark`).
+    pub invert: bool,
+    pub table: u32,
+    /// Ignore routes with a prefix this short or shorter (`suppress_prefixlength`).
+    pub suppress_prefixlength: Option<u32>,
+    /// Match only packets to this prefix (`to`).
+    pub destination: Option<IpNet>,
+}
+
+impl fmt::Display for IpRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}: ",
+            if self.ipv6 { "-6" } else { "-4" },
+            self.priority
+        )?;
+        if let Some(mark) = self.fwmark {
+            write!(
+                f,
+                "{}fwmark {mark:#x} ",
+                if self.invert { "not " } else { "" }
+            )?;
+        }
+        if let Some(to) = self.destination {
+            write!(f, "to {to} ")?;
+        }
+        write!(f, "lookup {}", self.table)?;
+        if let Some(len) = self.suppress_prefixlength {
+            write!(f, " suppress_prefixlength {len}")?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +233,21 @@ pub struct TailscalePlan {
     pub web_client: bool,
     /// `TS_EXTRA_ARGS`'s preferences, applied over the ones above.
     pub extra_prefs: MaskedPrefs,
+    /// `TS_SOCKET`: where tailscaled's LocalAPI answers (ours, or one
+    /// already running there, which is then used as it is).
+    pub socket: PathBuf,
+    /// The tailscaled to start when none answers on the socket.
+    pub tailscaled: TailscaledPlan,
+}
+
+/// How tailscaled is started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TailscaledPlan {
+    /// `TS_TAILSCALED`: a path, or a name found on PATH.
+    pub program: String,
+    /// Its arguments: the device, port, state and socket, then
+    /// `TS_TAILSCALED_EXTRA_ARGS`.
+    pub args: Vec<String>,
 }
 
 /// How the node logs in to the tailnet.
@@ -174,6 +291,11 @@ pub struct ForwardingPlan {
     pub status_page_port: Option<u16>,
     pub attach: AttachMode,
     pub datapath: DatapathMode,
+    /// Where the fast path's connection state is pinned (`TG_BPF_DIR` and
+    /// the WireGuard device's name), so flows survive a restart.
+    pub pin_dir: PathBuf,
+    /// `TG_NAT_FLOWS`: flows the connection table holds at once.
+    pub nat_flows: u32,
 }
 
 /// Settings that do not fit the WireGuard configuration.
@@ -241,8 +363,8 @@ impl Plan {
     }
 
     pub fn new(settings: &Settings, config: &WgConfig) -> Self {
+        let wireguard = wireguard(settings, config);
         Self {
-            wireguard: wireguard(settings, config),
             tailscale: tailscale(settings, config),
             forwarding: ForwardingPlan {
                 dest_ip: settings.ts_dest_ip,
@@ -253,6 +375,8 @@ impl Plan {
                 status_page_port: settings.webui_port,
                 attach: settings.tc_attach,
                 datapath: settings.datapath,
+                pin_dir: pin_dir(settings),
+                nat_flows: settings.nat_flows,
             },
             resolver: ResolverPlan {
                 file: settings.resolv_conf.clone(),
@@ -260,6 +384,12 @@ impl Plan {
                 search: config.interface.dns_search.clone(),
                 fallback: settings.nameservers.clone(),
             },
+            switches: SwitchesPlan {
+                reserve_translation_ports: true,
+                src_valid_mark: wireguard.policy_routing.is_some_and(|p| p.ipv4),
+            },
+            health_addr: settings.health_addr,
+            wireguard,
         }
     }
 }
@@ -314,6 +444,7 @@ fn wireguard(settings: &Settings, config: &WgConfig) -> WireGuardPlan {
         (None, None, _) => FwMark::ActualListenPort,
     };
     let expand = |hooks: &[String]| hooks.iter().map(|h| h.replace("%i", &device)).collect();
+    let rules = ip_rules(&routes, &i.addresses, policy_routing);
     WireGuardPlan {
         private_key: i
             .private_key
@@ -337,6 +468,9 @@ fn wireguard(settings: &Settings, config: &WgConfig) -> WireGuardPlan {
             .collect(),
         routes,
         policy_routing,
+        rules,
+        userspace_program: settings.wg_userspace.clone(),
+        endpoint_refresh: settings.endpoint_refresh,
         hooks: Hooks {
             pre_up: expand(&i.pre_up),
             post_up: expand(&i.post_up),
@@ -345,6 +479,87 @@ fn wireguard(settings: &Settings, config: &WgConfig) -> WireGuardPlan {
         },
         device,
     }
+}
+
+/// The ip rules besides the mark rules, in the order they are added: the
+/// WireGuard side's destinations to their tables (default routes aside:
+/// wg-quick's policy routing has them), then wg-quick's two rules per
+/// family for a default route.
+fn ip_rules(
+    routes: &[Route],
+    addresses: &[IpNet],
+    policy_routing: Option<PolicyRouting>,
+) -> Vec<IpRule> {
+    let mut side: Vec<(IpNet, u32)> = Vec::new();
+    let routed = routes
+        .iter()
+        .filter(|r| r.destination.prefix_len() > 0)
+        .map(|r| (r.destination.trunc(), r.table.unwrap_or(MAIN_TABLE)));
+    let own = addresses.iter().map(|a| (a.trunc(), MAIN_TABLE));
+    for entry in routed.chain(own) {
+        if !side.contains(&entry) {
+            side.push(entry);
+        }
+    }
+    let mut rules: Vec<IpRule> = side
+        .into_iter()
+        .map(|(destination, table)| IpRule {
+            ipv6: destination.addr().is_ipv6(),
+            priority: WG_ROUTES_RULE_PRIORITY,
+            fwmark: None,
+            invert: false,
+            table,
+            suppress_prefixlength: None,
+            destination: Some(destination),
+        })
+        .collect();
+    if let Some(policy) = policy_routing {
+        for (ipv6, wanted) in [(false, policy.ipv4), (true, policy.ipv6)] {
+            if !wanted {
+                continue;
+            }
+            rules.push(IpRule {
+                ipv6,
+                priority: NOT_FWMARK_RULE_PRIORITY,
+                fwmark: Some(policy.table),
+                invert: true,
+                table: policy.table,
+                suppress_prefixlength: None,
+                destination: None,
+            });
+            rules.push(IpRule {
+                ipv6,
+                priority: SUPPRESS_RULE_PRIORITY,
+                fwmark: None,
+                invert: false,
+                table: MAIN_TABLE,
+                suppress_prefixlength: Some(0),
+                destination: None,
+            });
+        }
+    }
+    rules
+}
+
+/// Where the connection state is pinned: one directory per WireGuard
+/// device, so two daemons on one host keep their flows apart. The helper
+/// commands (`stats`, `cleanup`) find it from the settings alone.
+pub fn pin_dir(settings: &Settings) -> PathBuf {
+    settings.bpf_dir.join(&settings.wg_device)
+}
+
+/// tailscaled's arguments: TailGuard's own flags first, then the user's
+/// (which the settings check keeps from repeating ours).
+fn tailscaled_args(settings: &Settings) -> Vec<String> {
+    let own = [
+        format!("--tun={}", settings.ts_device),
+        format!("--port={}", settings.ts_port),
+        format!("--statedir={}", settings.ts_state_dir.display()),
+        format!("--socket={}", settings.ts_socket.display()),
+    ];
+    own.into_iter()
+        .chain(settings.ts_tailscaled_extra_args.iter().cloned())
+        .collect()
 }
 
 fn tailscale(settings: &Settings, config: &WgConfig) -> TailscalePlan {
@@ -367,6 +582,11 @@ fn tailscale(settings: &Settings, config: &WgConfig) -> TailscalePlan {
         exit_node: settings.ts_exit_node.clone(),
         web_client: settings.ts_webclient,
         extra_prefs: settings.ts_extra_args.prefs.clone(),
+        socket: settings.ts_socket.clone(),
+        tailscaled: TailscaledPlan {
+            program: settings.ts_tailscaled.clone(),
+            args: tailscaled_args(settings),
+        },
     }
 }
 
@@ -458,6 +678,36 @@ impl fmt::Display for Plan {
                 p.table, p.table
             )?;
         }
+        for rule in &wg.rules {
+            writeln!(f, "  ip rule:        {rule}")?;
+        }
+        let mark_rules = match wg.fwmark {
+            FwMark::Config(m) | FwMark::PolicyTable(m) => Some(m),
+            FwMark::ListenPort(p) => Some(u32::from(p)),
+            FwMark::ActualListenPort => None,
+        };
+        match mark_rules {
+            Some(mark) => {
+                for rule in WireGuardPlan::mark_rules(mark) {
+                    writeln!(f, "  ip rule:        {rule}")?;
+                }
+            }
+            None => writeln!(
+                f,
+                "  ip rule:        -4 and -6 {WG_MARK_RULE_PRIORITY}: fwmark <the listen port> \
+                 lookup {MAIN_TABLE}"
+            )?,
+        }
+        writeln!(
+            f,
+            "  userspace:      {} (when the kernel has no WireGuard)",
+            wg.userspace_program
+        )?;
+        writeln!(
+            f,
+            "  endpoint names: looked up again every {} s",
+            wg.endpoint_refresh.as_secs()
+        )?;
         let r = &self.resolver;
         match &r.file {
             Some(file) => writeln!(
@@ -525,6 +775,17 @@ impl fmt::Display for Plan {
             ts.exit_node.as_deref().unwrap_or("none")
         )?;
         writeln!(f, "  web client:     {}", yes_no(ts.web_client))?;
+        let extra = ts.extra_prefs.flags();
+        if !extra.is_empty() {
+            writeln!(f, "  TS_EXTRA_ARGS:  {}", extra.join(" "))?;
+        }
+        writeln!(f, "  LocalAPI:       {}", ts.socket.display())?;
+        writeln!(
+            f,
+            "  tailscaled:     {} {} (unless one already answers there)",
+            ts.tailscaled.program,
+            ts.tailscaled.args.join(" ")
+        )?;
 
         let fw = &self.forwarding;
         writeln!(f, "Forwarding")?;
@@ -557,18 +818,39 @@ impl fmt::Display for Plan {
             None => writeln!(f, "  status page:              off")?,
         }
         match fw.datapath {
-            DatapathMode::Ebpf => writeln!(
-                f,
-                "  datapath:                 eBPF fast path (TC attach {:?}), nftables for the rest",
-                fw.attach
-            ),
-            DatapathMode::Netfilter => {
+            DatapathMode::Ebpf => {
                 writeln!(
                     f,
-                    "  datapath:                 the kernel with nftables alone"
-                )
+                    "  datapath:                 eBPF fast path (TC attach {:?}), nftables for the rest",
+                    fw.attach
+                )?;
+                writeln!(
+                    f,
+                    "  connection table:         {} flows, pinned in {}",
+                    fw.nat_flows,
+                    fw.pin_dir.display()
+                )?;
             }
+            DatapathMode::Netfilter => writeln!(
+                f,
+                "  datapath:                 the kernel with nftables alone"
+            )?,
         }
+        let sw = &self.switches;
+        writeln!(f, "Kernel switches (put back at the stop)")?;
+        if sw.reserve_translation_ports {
+            writeln!(
+                f,
+                "  net.ipv4.ip_local_reserved_ports: + {NAT_PORT_FIRST}-65535 (the fast path's translation ports)"
+            )?;
+        }
+        if sw.src_valid_mark {
+            writeln!(
+                f,
+                "  net.ipv4.conf.all.src_valid_mark: 1 (IPv4 policy routing)"
+            )?;
+        }
+        writeln!(f, "Health: http://{}/healthz", self.health_addr)
     }
 }
 
@@ -632,6 +914,76 @@ mod tests {
         );
         assert_eq!(wg.fwmark, FwMark::PolicyTable(51820));
         assert_eq!(wg.mtu, Mtu::Auto);
+    }
+
+    /// The rules as `ip rule` lists them, in the order they are added.
+    fn rules(p: &Plan) -> Vec<String> {
+        p.wireguard.rules.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn the_rules_and_their_priorities_are_planned() {
+        let p = plan(&[], "Address=10.1.0.2/24", "192.168.8.0/24,0.0.0.0/0");
+        assert_eq!(
+            rules(&p),
+            [
+                "-4 5260: to 192.168.8.0/24 lookup 254",
+                "-4 5260: to 10.1.0.0/24 lookup 254",
+                "-4 32765: not fwmark 0xca6c lookup 51820",
+                "-4 32764: lookup 254 suppress_prefixlength 0",
+            ],
+            "the WireGuard side's networks before tailscaled's table 52 (5270), wg-quick's pair \
+             for the IPv4 default route only"
+        );
+        assert_eq!(
+            WireGuardPlan::mark_rules(0xca6c).map(|r| r.to_string()),
+            ["-4 5200: fwmark 0xca6c lookup 254", "-6 5200: fwmark 0xca6c lookup 254"]
+        );
+        assert!(p.switches.src_valid_mark, "IPv4 policy routing");
+        let table = plan(&[], "Address=10.1.0.2/24\nTable=1234", "10.9.0.0/16");
+        assert_eq!(
+            rules(&table),
+            [
+                "-4 5260: to 10.9.0.0/16 lookup 1234",
+                "-4 5260: to 10.1.0.0/24 lookup 254"
+            ]
+        );
+        assert!(!table.switches.src_valid_mark);
+        let v6_default = plan(&[], "Address=fd00::2/64", "::/0");
+        assert!(
+            !v6_default.switches.src_valid_mark,
+            "an IPv6 default route needs no IPv4 switch"
+        );
+    }
+
+    #[test]
+    fn tailscaleds_arguments_are_planned_ours_first() {
+        let p = plan(
+            &[
+                "--ts-device=ts1",
+                "--ts-port=4242",
+                "--ts-state-dir=/st",
+                "--ts-socket=/run/ts.sock",
+                "--ts-tailscaled-extra-args=--verbose=1 --no-logs-no-support",
+            ],
+            "Address=10.1.0.2/24",
+            "10.9.0.0/16",
+        );
+        let ts = &p.tailscale;
+        assert_eq!(ts.socket, PathBuf::from("/run/ts.sock"));
+        assert_eq!(
+            ts.tailscaled.args,
+            [
+                "--tun=ts1",
+                "--port=4242",
+                "--statedir=/st",
+                "--socket=/run/ts.sock",
+                "--verbose=1",
+                "--no-logs-no-support"
+            ]
+        );
+        assert_eq!(ts.tailscaled.program, "tailscaled");
+        assert_eq!(p.forwarding.pin_dir, PathBuf::from("/sys/fs/bpf/tailguard/wg0"));
     }
 
     #[test]

@@ -76,7 +76,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
     let forwarding = Forwarding::read().context("reading the forwarding switches")?;
     forwarding.log();
     let nl = Netlink::connect().context("opening rtnetlink")?;
-    crate::daemon::preflight::devices(&nl, settings).await?;
+    crate::daemon::preflight::devices(&nl, &plan).await?;
     let mut running = Running {
         nl,
         started_at: SystemTime::now(),
@@ -94,7 +94,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
     // Everything the start and the service change is recorded in `running`
     // as it is made, so whatever ends them — a failure, a stop, a panic —
     // the teardown finds it there.
-    let outcome = AssertUnwindSafe(running.start_and_serve(settings, &plan, shutdown.shared()))
+    let outcome = AssertUnwindSafe(running.start_and_serve(&plan, shutdown.shared()))
         .catch_unwind()
         .await;
     let teardown = running.teardown().await;
@@ -158,15 +158,14 @@ struct Running {
 impl Running {
     async fn start_and_serve<S: Future<Output = ()>>(
         &mut self,
-        settings: &Settings,
         plan: &Plan,
         shutdown: Shared<S>,
     ) -> Result<()> {
-        if self.start(settings, plan, &shutdown).await? == Start::Stopped {
+        if self.start(plan, &shutdown).await? == Start::Stopped {
             info!("told to stop during the start");
             return Ok(());
         }
-        self.serve(settings, plan, shutdown).await
+        self.serve(plan, shutdown).await
     }
 
     /// The start: the nftables table first, so that no device of ours ever
@@ -180,7 +179,6 @@ impl Running {
     /// other steps are quick and not made to be cut short.
     async fn start<S: Future<Output = ()>>(
         &mut self,
-        settings: &Settings,
         plan: &Plan,
         shutdown: &Shared<S>,
     ) -> Result<Start> {
@@ -197,15 +195,13 @@ impl Running {
         tokio::select! {
             biased;
             () = shutdown.clone() => return Ok(Start::Stopped),
-            up = wg.bring_up_in_place(&self.nl, plan, &settings.wg_userspace) => {
+            up = wg.bring_up_in_place(&self.nl, plan) => {
                 up.context("bringing up WireGuard")?;
             }
         }
         crate::fault::point("after-wireguard");
         // Now with WireGuard's actual port open.
-        let observed = self
-            .observe(settings, &TailscaleState::default(), None)
-            .await?;
+        let observed = self.observe(plan, &TailscaleState::default(), None).await?;
         if let Some(firewall) = self.firewall.as_mut() {
             firewall.apply(&FirewallPlan::new(plan, &observed)).await?;
         }
@@ -219,16 +215,11 @@ impl Running {
             return Ok(Start::Stopped);
         }
         self.sysctls =
-            Some(Sysctls::apply().context("reserving the fast path's translation ports")?);
+            Some(Sysctls::apply(&plan.switches).context("setting the kernel's switches")?);
         Ok(Start::Done)
     }
 
-    async fn serve(
-        &mut self,
-        settings: &Settings,
-        plan: &Plan,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<()> {
+    async fn serve(&mut self, plan: &Plan, shutdown: impl Future<Output = ()>) -> Result<()> {
         let (health, health_rx) = watch::channel(Health {
             started_at: self.started_at,
             wireguard_up: true,
@@ -236,9 +227,9 @@ impl Running {
             ..Health::new()
         });
         let (local_limits, page_limits) = crate::http::server::Limits::of_this_process();
-        let listener = TcpListener::bind(settings.health_addr)
+        let listener = TcpListener::bind(plan.health_addr)
             .await
-            .with_context(|| format!("TG_HEALTH_ADDR={}: cannot listen", settings.health_addr))?;
+            .with_context(|| format!("TG_HEALTH_ADDR={}: cannot listen", plan.health_addr))?;
         // The status page: the same `/status` and `/healthz`, on all
         // addresses, for both sides (the firewall opens it to them).
         if let Some(port) = plan.forwarding.status_page_port {
@@ -256,7 +247,7 @@ impl Running {
         self.tasks.push(tokio::spawn(local));
 
         if plan.forwarding.datapath == DatapathMode::Ebpf {
-            match self.load_datapath(settings).await {
+            match self.load_datapath(plan).await {
                 Ok(()) => health.send_modify(|h| h.wireguard_attached = true),
                 Err(e) => {
                     let fallback = health::Fallback {
@@ -286,24 +277,24 @@ impl Running {
         let mut kernel_changes =
             Netlink::watch_links_and_routes().context("watching links and routes")?;
         let mut tailscale_state = TailscaleState::default();
-        self.refresh(settings, plan, &tailscale_state, &health)
+        self.refresh(plan, &tailscale_state, &health)
             .await
             .context("filling the forwarding plane's maps")?;
         if !health.borrow().tailscale_attached {
-            info!(device = %settings.ts_device, "waiting for the Tailscale device");
+            info!(device = %plan.tailscale.device, "waiting for the Tailscale device");
         }
 
         // tailscaled comes after the WireGuard side and its programs, so the
         // policy is in place before the tailnet device exists.
-        let (supervisor, mut tailscale) = Supervisor::new(settings, &plan.tailscale);
+        let (supervisor, mut tailscale) = Supervisor::new(&plan.tailscale);
         let (stop_supervisor, stopped) = watch::channel(false);
         self.supervisor = Some((stop_supervisor, tokio::spawn(supervisor.run(stopped))));
         crate::fault::point("serving");
-        info!(wg = %settings.wg_device, ts = %settings.ts_device, "running; SIGINT or SIGTERM stops");
+        info!(wg = %plan.wireguard.device, ts = %plan.tailscale.device, "running; SIGINT or SIGTERM stops");
 
         tokio::pin!(shutdown);
         let dynamic = endpoints::any_dynamic(&plan.wireguard);
-        let mut endpoint_refresh = tokio::time::interval(settings.endpoint_refresh);
+        let mut endpoint_refresh = tokio::time::interval(plan.wireguard.endpoint_refresh);
         endpoint_refresh.tick().await; // the first tick is now; bring-up just resolved them
         let mut resync = tokio::time::interval(RESYNC);
         let mut counters = tokio::time::interval(COUNTERS);
@@ -347,10 +338,7 @@ impl Running {
                     continue;
                 }
             }
-            if let Err(e) = self
-                .refresh(settings, plan, &tailscale_state, &health)
-                .await
-            {
+            if let Err(e) = self.refresh(plan, &tailscale_state, &health).await {
                 warn!("updating the forwarding plane: {e:#}");
             }
         }
@@ -358,16 +346,16 @@ impl Running {
 
     /// Loads the programs and attaches them to the WireGuard device; on
     /// failure nothing of them is left.
-    async fn load_datapath(&mut self, settings: &Settings) -> Result<(), datapath::Error> {
-        let dir = pin::state_dir(&settings.bpf_dir, &settings.wg_device);
+    async fn load_datapath(&mut self, plan: &Plan) -> Result<(), datapath::Error> {
+        let dir = &plan.forwarding.pin_dir;
         let mut options = LoadOptions {
-            nat_flows: settings.nat_flows,
+            nat_flows: plan.forwarding.nat_flows,
             ..LoadOptions::default()
         };
         // Without a place to pin it (no bpffs, and no CAP_SYS_ADMIN to
         // mount one: a container), the fast path still runs; its flows
         // just start over with the daemon.
-        options.nat_pin = match pin::prepare(&dir, options.nat_entries()) {
+        options.nat_pin = match pin::prepare(dir, options.nat_entries()) {
             Ok(pin) => Some(pin),
             Err(e) => {
                 warn!("connection state not pinned, flows will not survive a restart: {e}");
@@ -376,7 +364,11 @@ impl Running {
         };
         let mut datapath = Datapath::load(&options)?;
         datapath
-            .attach(Device::WireGuard, &settings.wg_device, settings.tc_attach)
+            .attach(
+                Device::WireGuard,
+                &plan.wireguard.device,
+                plan.forwarding.attach,
+            )
             .await?;
         self.datapath = Some(datapath);
         Ok(())
@@ -385,15 +377,15 @@ impl Running {
     /// What the kernel and Tailscale say now; `ts_device` as found.
     async fn observe(
         &self,
-        settings: &Settings,
+        plan: &Plan,
         tailscale: &TailscaleState,
         ts_device: Option<(u32, u32)>,
     ) -> Result<Observed> {
         let wg_ifindex = self
             .nl
-            .link_index(&settings.wg_device)
+            .link_index(&plan.wireguard.device)
             .await?
-            .with_context(|| format!("the WireGuard device {} is gone", settings.wg_device))?;
+            .with_context(|| format!("the WireGuard device {} is gone", plan.wireguard.device))?;
         let mut table52 = Vec::new();
         if let Some((ts_index, _)) = ts_device {
             for ipv6 in [false, true] {
@@ -437,16 +429,19 @@ impl Running {
     /// Tailscale.
     async fn refresh(
         &mut self,
-        settings: &Settings,
         plan: &Plan,
         tailscale: &TailscaleState,
         health: &watch::Sender<Health>,
     ) -> Result<()> {
-        let ts_device = match self.nl.link_index(&settings.ts_device).await? {
+        let ts_device = match self.nl.link_index(&plan.tailscale.device).await? {
             Some(index) => {
                 if let Some(datapath) = self.datapath.as_mut() {
                     datapath
-                        .attach(Device::Tailscale, &settings.ts_device, settings.tc_attach)
+                        .attach(
+                            Device::Tailscale,
+                            &plan.tailscale.device,
+                            plan.forwarding.attach,
+                        )
                         .await
                         .context("attaching the eBPF programs")?;
                 }
@@ -461,7 +456,7 @@ impl Running {
             h.mark();
             changed
         });
-        let observed = self.observe(settings, tailscale, ts_device).await?;
+        let observed = self.observe(plan, tailscale, ts_device).await?;
         if self.observed.as_ref() == Some(&observed) {
             return Ok(());
         }
@@ -482,7 +477,7 @@ impl Running {
                     map_contents::routes(plan, &observed.table52, &observed.main_kernel_routes);
                 if takes_over {
                     let limit = LoadOptions {
-                        nat_flows: settings.nat_flows,
+                        nat_flows: plan.forwarding.nat_flows,
                         ..LoadOptions::default()
                     }
                     .nat_entries()

@@ -3,7 +3,7 @@
 //! of the kind they must be. A `TS_DEVICE=eth0` or `WG_DEVICE=eth0` typo
 //! would otherwise put the programs, addresses and routes on the uplink.
 
-use crate::{config::settings::Settings, host::netlink::Netlink, wireguard::device};
+use crate::{config::plan::Plan, host::netlink::Netlink, wireguard::device};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PreflightError {
@@ -22,19 +22,19 @@ pub enum PreflightError {
 }
 
 /// Checks both devices; touches nothing.
-pub async fn devices(nl: &Netlink, settings: &Settings) -> Result<(), PreflightError> {
+pub async fn devices(nl: &Netlink, plan: &Plan) -> Result<(), PreflightError> {
     let kind_of = async |name: &str| {
         nl.link_kind(name)
             .await
             .map_err(|e| PreflightError::Netlink(e.to_string()))
     };
-    let wg_kind = kind_of(&settings.wg_device).await?;
-    let ts_kind = kind_of(&settings.ts_device).await?;
+    let wg_kind = kind_of(&plan.wireguard.device).await?;
+    let ts_kind = kind_of(&plan.tailscale.device).await?;
     check(
-        &settings.wg_device,
+        &plan.wireguard.device,
         wg_kind.as_deref(),
-        device::is_userspace_device(&settings.wg_device),
-        &settings.ts_device,
+        device::is_userspace_device(&plan.wireguard.device),
+        &plan.tailscale.device,
         ts_kind.as_deref(),
     )
 }

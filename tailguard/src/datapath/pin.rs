@@ -19,11 +19,6 @@ const BPFFS: &str = "/sys/fs/bpf";
 /// `BPF_MAP_TYPE_LRU_HASH`.
 const LRU_HASH: u32 = 9;
 
-/// The directory of one TailGuard's pinned state.
-pub fn state_dir(base: &Path, wg_device: &str) -> PathBuf {
-    base.join(wg_device)
-}
-
 /// Makes `dir` ready for pins (mounting bpffs on /sys/fs/bpf when nothing
 /// is mounted there, as in many containers) and returns the path for the
 /// `NAT` pin, after discarding one of another layout or size (`entries`).

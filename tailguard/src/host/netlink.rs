@@ -44,47 +44,7 @@ impl NetlinkError {
 
 type Result<T> = std::result::Result<T, NetlinkError>;
 
-/// A policy-routing rule, as `ip rule` shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Rule {
-    pub ipv6: bool,
-    pub priority: u32,
-    /// Match packets with this mark (all 32 bits)...
-    pub fwmark: Option<u32>,
-    /// ...or, inverted, packets without it (`not fwmark`).
-    pub invert: bool,
-    pub table: u32,
-    /// Ignore routes with a prefix this short or shorter (`suppress_prefixlength`).
-    pub suppress_prefixlength: Option<u32>,
-    /// Match only packets to this prefix (`to`).
-    pub destination: Option<IpNet>,
-}
-
-impl std::fmt::Display for Rule {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} {}: ",
-            if self.ipv6 { "-6" } else { "-4" },
-            self.priority
-        )?;
-        if let Some(mark) = self.fwmark {
-            write!(
-                f,
-                "{}fwmark {mark:#x} ",
-                if self.invert { "not " } else { "" }
-            )?;
-        }
-        if let Some(to) = self.destination {
-            write!(f, "to {to} ")?;
-        }
-        write!(f, "lookup {}", self.table)?;
-        if let Some(len) = self.suppress_prefixlength {
-            write!(f, " suppress_prefixlength {len}")?;
-        }
-        Ok(())
-    }
-}
+use crate::config::plan::{IpRule, MAIN_TABLE};
 
 /// A route through a device, optionally via a gateway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -124,9 +84,6 @@ impl Drop for KernelChanges {
         self.connection.abort();
     }
 }
-
-/// Main routing table.
-pub const MAIN_TABLE: u32 = 254;
 
 /// An rtnetlink connection. Open it on a thread that is in the namespace to
 /// manage: the socket stays bound to the namespace it was opened in.
@@ -399,7 +356,7 @@ impl Netlink {
         Ok(out)
     }
 
-    pub async fn add_rule(&self, rule: Rule) -> Result<()> {
+    pub async fn add_rule(&self, rule: IpRule) -> Result<()> {
         let mut request = self.handle.rule().add();
         *request.message_mut() = rule_message(rule);
         tolerate(request.execute().await, Errno::EEXIST, || {
@@ -407,7 +364,7 @@ impl Netlink {
         })
     }
 
-    pub async fn delete_rule(&self, rule: Rule) -> Result<()> {
+    pub async fn delete_rule(&self, rule: IpRule) -> Result<()> {
         let result = self.handle.rule().del(rule_message(rule)).execute().await;
         tolerate(result, Errno::ENOENT, || format!("removing rule {rule}"))
     }
@@ -477,7 +434,7 @@ fn route_address(a: &netlink_packet_route::route::RouteAddress) -> Option<IpAddr
     }
 }
 
-fn rule_message(rule: Rule) -> RuleMessage {
+fn rule_message(rule: IpRule) -> RuleMessage {
     let mut msg = RuleMessage::default();
     msg.header.family = if rule.ipv6 {
         AddressFamily::Inet6

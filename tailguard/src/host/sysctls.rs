@@ -8,17 +8,25 @@
 //!   while it runs, back to what they were afterwards, so the host never
 //!   binds one of them itself, even with a widened ephemeral range: a port
 //!   the fast path hands out is never also the host's own on the same
-//!   address.
+//!   address;
+//! - `src_valid_mark` on for wg-quick's IPv4 policy routing (replies to
+//!   marked packets then pass the reverse-path check), back afterwards.
+//!
+//! Which switches are written is the plan's ([`SwitchesPlan`]).
 
 use std::{fmt, fs, io};
 
 use tailguard_common::nat::NAT_PORT_FIRST;
 use tracing::{info, warn};
 
+use crate::config::plan::SwitchesPlan;
+
 /// Covers IPv6 too.
 const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 /// The host's ephemeral ports (covers IPv6 too).
 const EPHEMERAL_PORTS: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+/// wg-quick's switch for IPv4 policy routing.
+const SRC_VALID_MARK: &str = "/proc/sys/net/ipv4/conf/all/src_valid_mark";
 
 /// Whether the kernel forwards each family, as its switches said at the
 /// start.
@@ -105,49 +113,78 @@ impl fmt::Display for Forwarding {
     }
 }
 
-/// The reserved ports as they were, if the start changed them.
+/// The switches as they were, each that the start changed.
+#[derive(Default)]
 pub struct Sysctls {
     reserved_ports_before: Option<String>,
+    src_valid_mark_before: Option<String>,
 }
 
 impl Sysctls {
-    pub fn apply() -> io::Result<Self> {
-        let before = read(RESERVED_PORTS)?;
-        let after = with_nat_ports(&before);
-        if after == before {
-            return Ok(Self {
-                reserved_ports_before: None,
-            });
+    /// Sets the switches `plan` asks for. Calling it again, or with the
+    /// switches already set, changes nothing.
+    pub fn apply(plan: &SwitchesPlan) -> io::Result<Self> {
+        let mut applied = Self::default();
+        if plan.reserve_translation_ports {
+            applied.reserved_ports_before = reserve_translation_ports()?;
         }
-        if let Err(e) = write(RESERVED_PORTS, &after) {
-            // A container's `/proc/sys` is read-only unless the engine sets
-            // the switch. The reservation only matters when the host's own
-            // ephemeral ports could fall in the fast path's range: if they
-            // cannot, start without it rather than refuse to.
-            if overlaps_nat_ports(&read(EPHEMERAL_PORTS)?) {
-                return Err(e);
-            }
-            warn!(
-                "{e}; starting without it: the host's ephemeral ports ({EPHEMERAL_PORTS}) lie \
-                 below the fast path's translation ports, only a service bound to one of them \
-                 explicitly would clash"
-            );
-            return Ok(Self {
-                reserved_ports_before: None,
-            });
+        if plan.src_valid_mark {
+            applied.src_valid_mark_before = enable_src_valid_mark();
         }
-        info!(switch = RESERVED_PORTS, value = after, "kernel switch set");
-        Ok(Self {
-            reserved_ports_before: Some(before),
-        })
+        Ok(applied)
     }
 
+    /// Puts back what [`Sysctls::apply`] changed.
     pub fn restore(self) -> io::Result<()> {
-        match self.reserved_ports_before {
-            Some(before) => write(RESERVED_PORTS, &before),
-            None => Ok(()),
-        }
+        // Each is put back even when the other cannot be.
+        let mark = (self.src_valid_mark_before).map_or(Ok(()), |v| write(SRC_VALID_MARK, &v));
+        let ports = (self.reserved_ports_before).map_or(Ok(()), |v| write(RESERVED_PORTS, &v));
+        mark.and(ports)
     }
+}
+
+/// Adds the fast path's range to the reserved ports; returns the list as
+/// it was when it changed it.
+fn reserve_translation_ports() -> io::Result<Option<String>> {
+    let before = read(RESERVED_PORTS)?;
+    let after = with_nat_ports(&before);
+    if after == before {
+        return Ok(None);
+    }
+    if let Err(e) = write(RESERVED_PORTS, &after) {
+        // A container's `/proc/sys` is read-only unless the engine sets
+        // the switch. The reservation only matters when the host's own
+        // ephemeral ports could fall in the fast path's range: if they
+        // cannot, start without it rather than refuse to.
+        if overlaps_nat_ports(&read(EPHEMERAL_PORTS)?) {
+            return Err(e);
+        }
+        warn!(
+            "{e}; starting without it: the host's ephemeral ports ({EPHEMERAL_PORTS}) lie \
+                 below the fast path's translation ports, only a service bound to one of them \
+                 explicitly would clash"
+        );
+        return Ok(None);
+    }
+    info!(switch = RESERVED_PORTS, value = after, "kernel switch set");
+    Ok(Some(before))
+}
+
+/// Turns `src_valid_mark` on; returns what it was when it changed it. In
+/// a container it is usually set by `--sysctl` and read-only: then a
+/// warning, not a failed start (only replies over the default route
+/// suffer), as wg-quick's own attempt would.
+fn enable_src_valid_mark() -> Option<String> {
+    let before = read(SRC_VALID_MARK).ok();
+    if before.as_deref() == Some("1") {
+        return None;
+    }
+    if let Err(e) = write(SRC_VALID_MARK, "1") {
+        warn!("{e}: replies over the default route may be dropped");
+        return None;
+    }
+    info!(switch = SRC_VALID_MARK, value = "1", "kernel switch set");
+    before
 }
 
 /// Whether the switch at `path` is on; a kernel without the family (IPv6

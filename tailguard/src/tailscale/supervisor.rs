@@ -23,10 +23,7 @@ use super::{
     prefs,
     status::Status,
 };
-use crate::{
-    config::plan::{Login, TailscalePlan},
-    config::settings::Settings,
-};
+use crate::config::plan::{Login, TailscalePlan};
 use futures_util::{FutureExt as _, Stream, StreamExt as _};
 
 /// What the rest of the daemon needs to know about Tailscale.
@@ -62,22 +59,17 @@ const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 pub struct Supervisor {
-    settings: Settings,
     plan: TailscalePlan,
     api: LocalApi,
     state: watch::Sender<TailscaleState>,
 }
 
 impl Supervisor {
-    pub fn new(
-        settings: &Settings,
-        plan: &TailscalePlan,
-    ) -> (Self, watch::Receiver<TailscaleState>) {
+    pub fn new(plan: &TailscalePlan) -> (Self, watch::Receiver<TailscaleState>) {
         let (state, receiver) = watch::channel(TailscaleState::default());
         let supervisor = Self {
-            settings: settings.clone(),
             plan: plan.clone(),
-            api: LocalApi::new(&settings.ts_socket),
+            api: LocalApi::new(&plan.socket),
             state,
         };
         (supervisor, receiver)
@@ -87,7 +79,7 @@ impl Supervisor {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let attach = self.api.status(false).await.is_ok();
         if attach {
-            info!(socket = %self.settings.ts_socket.display(), "a tailscaled already answers: using it (attach mode)");
+            info!(socket = %self.plan.socket.display(), "a tailscaled already answers: using it (attach mode)");
         }
         let mut backoff = BACKOFF_FIRST;
         loop {
@@ -133,13 +125,9 @@ impl Supervisor {
 
     fn spawn(&self) -> Result<Child, String> {
         crate::fault::point("spawning-tailscaled");
-        let s = &self.settings;
-        let mut cmd = Command::new(&s.ts_tailscaled);
-        cmd.arg(format!("--tun={}", s.ts_device))
-            .arg(format!("--port={}", s.ts_port))
-            .arg(format!("--statedir={}", s.ts_state_dir.display()))
-            .arg(format!("--socket={}", s.ts_socket.display()))
-            .args(&s.ts_tailscaled_extra_args)
+        let tailscaled = &self.plan.tailscaled;
+        let mut cmd = Command::new(&tailscaled.program);
+        cmd.args(&tailscaled.args)
             // A group of its own: a signal for ours (Ctrl-C at a terminal, a
             // SIGHUP to the group) is ours to act on; tailscaled stops when
             // the supervisor stops it, in the teardown's order.
@@ -150,7 +138,7 @@ impl Supervisor {
             .kill_on_drop(true);
         let mut child = cmd
             .spawn()
-            .map_err(|e| format!("starting tailscaled `{}`: {e}", s.ts_tailscaled))?;
+            .map_err(|e| format!("starting tailscaled `{}`: {e}", tailscaled.program))?;
         // Its log becomes ours.
         for pipe in [
             child
@@ -173,9 +161,9 @@ impl Supervisor {
             });
         }
         info!(
-            program = s.ts_tailscaled,
-            device = s.ts_device,
-            port = s.ts_port,
+            program = tailscaled.program,
+            device = self.plan.device,
+            port = self.plan.port,
             "tailscaled started"
         );
         Ok(child)

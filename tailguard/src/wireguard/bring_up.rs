@@ -15,42 +15,10 @@ use nix::{
 use tracing::{info, warn};
 
 use crate::{
-    config::plan::{Mtu, Plan, WG_QUICK_DEFAULT_MTU, WireGuardPlan},
-    host::netlink::{DeviceRoute, MAIN_TABLE, Netlink, NetlinkError, Rule},
+    config::plan::{IpRule, MAIN_TABLE, Mtu, Plan, WG_QUICK_DEFAULT_MTU, WireGuardPlan},
+    host::netlink::{DeviceRoute, Netlink, NetlinkError},
     wireguard::device::{WgDevice, WireGuardError},
 };
-
-/// Priority of our rule that sends packets carrying WireGuard's fwmark to the
-/// main table before tailscaled's rules (5210-5270) can send them into its
-/// table 52 — where a tailnet exit node would swallow the tunnel itself.
-pub const WG_MARK_RULE_PRIORITY: u32 = 5200;
-/// Priority of our rules that send traffic for the WireGuard side's routes
-/// (and its own network) to their table after tailscaled's mark rules
-/// (5210-5250) but before its table 52 (5270): with an exit node in use,
-/// table 52's default route would otherwise take the WireGuard side's
-/// traffic (forwarded replies among it) into the tailnet.
-pub const WG_ROUTES_RULE_PRIORITY: u32 = 5260;
-/// wg-quick's two rules for a default route end up just before main (32766).
-pub const SUPPRESS_RULE_PRIORITY: u32 = 32764;
-pub const NOT_FWMARK_RULE_PRIORITY: u32 = 32765;
-/// The WireGuard side's destinations and the tables their routes are in:
-/// the routes (default routes aside: wg-quick's policy routing has them)
-/// and the networks of the device's own addresses.
-fn wireguard_side(wg: &WireGuardPlan) -> Vec<(ipnet::IpNet, u32)> {
-    let mut side: Vec<(ipnet::IpNet, u32)> = Vec::new();
-    let routes = wg
-        .routes
-        .iter()
-        .filter(|r| r.destination.prefix_len() > 0)
-        .map(|r| (r.destination.trunc(), r.table.unwrap_or(MAIN_TABLE)));
-    let own = wg.addresses.iter().map(|a| (a.trunc(), MAIN_TABLE));
-    for entry in routes.chain(own) {
-        if !side.contains(&entry) {
-            side.push(entry);
-        }
-    }
-    side
-}
 
 /// WireGuard's largest overhead: IPv6 (40) + UDP (8) + WireGuard (32).
 pub const WG_OVERHEAD: u32 = 80;
@@ -75,7 +43,7 @@ pub struct WgSetup {
     creating: Option<String>,
     device: Option<WgDevice>,
     routes: Vec<DeviceRoute>,
-    rules: Vec<Rule>,
+    rules: Vec<IpRule>,
     pre_down: Vec<String>,
     post_down: Vec<String>,
 }
@@ -99,13 +67,9 @@ impl WgSetup {
 
     /// Brings up the WireGuard side of `plan`. On failure, what was done so
     /// far is undone before the error is returned.
-    pub async fn bring_up(
-        nl: &Netlink,
-        plan: &Plan,
-        userspace_program: &str,
-    ) -> Result<Self, SetupError> {
+    pub async fn bring_up(nl: &Netlink, plan: &Plan) -> Result<Self, SetupError> {
         let mut setup = Self::new(&plan.wireguard);
-        match setup.bring_up_in_place(nl, plan, userspace_program).await {
+        match setup.bring_up_in_place(nl, plan).await {
             Ok(()) => Ok(setup),
             Err(e) => {
                 // Nothing half-applied: undo, but report the original error.
@@ -124,16 +88,11 @@ impl WgSetup {
     /// daemon abandons a start when told to stop), [`WgSetup::teardown`]
     /// then removes what was done; a hook still running is killed with
     /// everything it started.
-    pub async fn bring_up_in_place(
-        &mut self,
-        nl: &Netlink,
-        plan: &Plan,
-        userspace_program: &str,
-    ) -> Result<(), SetupError> {
+    pub async fn bring_up_in_place(&mut self, nl: &Netlink, plan: &Plan) -> Result<(), SetupError> {
         let wg = &plan.wireguard;
         run_hooks("PreUp", &wg.hooks.pre_up).await?;
         self.creating = Some(wg.device.clone());
-        let device = WgDevice::create(nl, &wg.device, userspace_program).await?;
+        let device = WgDevice::create(nl, &wg.device, &wg.userspace_program).await?;
         let ifindex = device.ifindex;
         self.device = Some(device);
         let device = self.device.as_ref().expect("just set");
@@ -170,66 +129,10 @@ impl WgSetup {
             self.routes.push(route);
             nl.add_route(route).await?;
         }
-        for (destination, table) in wireguard_side(wg) {
-            let rule = Rule {
-                ipv6: destination.addr().is_ipv6(),
-                priority: WG_ROUTES_RULE_PRIORITY,
-                fwmark: None,
-                invert: false,
-                table,
-                suppress_prefixlength: None,
-                destination: Some(destination),
-            };
+        let mark_rules = fwmark.map(WireGuardPlan::mark_rules).into_iter().flatten();
+        for rule in wg.rules.iter().copied().chain(mark_rules) {
             self.rules.push(rule);
             nl.add_rule(rule).await?;
-        }
-        if let Some(policy) = wg.policy_routing {
-            if policy.ipv4 {
-                enable_src_valid_mark();
-            }
-            for (ipv6, wanted) in [(false, policy.ipv4), (true, policy.ipv6)] {
-                if !wanted {
-                    continue;
-                }
-                for rule in [
-                    Rule {
-                        ipv6,
-                        priority: NOT_FWMARK_RULE_PRIORITY,
-                        fwmark: Some(policy.table),
-                        invert: true,
-                        table: policy.table,
-                        suppress_prefixlength: None,
-                        destination: None,
-                    },
-                    Rule {
-                        ipv6,
-                        priority: SUPPRESS_RULE_PRIORITY,
-                        fwmark: None,
-                        invert: false,
-                        table: MAIN_TABLE,
-                        suppress_prefixlength: Some(0),
-                        destination: None,
-                    },
-                ] {
-                    self.rules.push(rule);
-                    nl.add_rule(rule).await?;
-                }
-            }
-        }
-        if let Some(mark) = fwmark {
-            for ipv6 in [false, true] {
-                let rule = Rule {
-                    ipv6,
-                    priority: WG_MARK_RULE_PRIORITY,
-                    fwmark: Some(mark),
-                    invert: false,
-                    table: MAIN_TABLE,
-                    suppress_prefixlength: None,
-                    destination: None,
-                };
-                self.rules.push(rule);
-                nl.add_rule(rule).await?;
-            }
         }
         crate::fault::point("in-wireguard");
         run_hooks("PostUp", &wg.hooks.post_up).await?;
@@ -305,20 +208,6 @@ async fn auto_mtu(nl: &Netlink, endpoints: &[IpAddr]) -> u32 {
     largest.map_or(WG_QUICK_DEFAULT_MTU, |m| {
         m.saturating_sub(WG_OVERHEAD).max(1280)
     })
-}
-
-/// wg-quick sets it so that replies to marked packets pass the reverse-path
-/// check. In a container it is usually set by `--sysctl` and read-only.
-fn enable_src_valid_mark() {
-    const PATH: &str = "/proc/sys/net/ipv4/conf/all/src_valid_mark";
-    if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {
-        return;
-    }
-    if let Err(e) = std::fs::write(PATH, "1") {
-        warn!(
-            "could not set net.ipv4.conf.all.src_valid_mark=1 ({e}): replies over the default route may be dropped"
-        );
-    }
 }
 
 /// The device of a bring-up abandoned while [`WgDevice::create`] ran. A
