@@ -355,9 +355,9 @@ pub const fn new_flow(from: Device, bound: Bound, ipv6: bool, switches: Switches
     }
 }
 
-/// A packet the forward chain sees, by what its rules look at.
+/// A packet arriving on one side, by what the kernel's table looks at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Forwarded {
+pub struct Arrival {
     pub from: Device,
     pub bound: Bound,
     pub ipv6: bool,
@@ -365,22 +365,63 @@ pub struct Forwarded {
     pub established: bool,
     /// IPv6 UDP with checksum 0.
     pub udp_zero_checksum: bool,
+    /// A TCP SYN.
+    pub tcp_syn: bool,
+    /// The destination port of TCP or UDP.
+    pub dport: Option<u16>,
 }
 
-/// The forward chain's row for `p` (the rows in the order of the chain).
-pub const fn forward(p: Forwarded, switches: Switches) -> NewFlow {
-    if p.ipv6 && p.udp_zero_checksum {
-        return NewFlow::Refused(PolicyRule::ForwardUdp6ZeroChecksum);
+/// The rows of the kernel's table a packet passes, in the order of the
+/// hooks: dstnat (prerouting), mss and forward (or input), srcnat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelPath {
+    /// A dstnat row that took the packet without translating it.
+    pub dstnat_accepted: Option<PolicyRule>,
+    pub mss: Option<PolicyRule>,
+    /// The forward chain's decision (with the translations, as for a new
+    /// flow), or `ToHost`.
+    pub verdict: NewFlow,
+}
+
+/// The kernel table's decision for `p`; `fast_path_ports`: the eBPF
+/// datapath runs, and its translation ports are kept from `TS_DEST_IP`.
+pub const fn kernel_table(p: Arrival, switches: Switches, fast_path_ports: bool) -> KernelPath {
+    let mut bound = p.bound;
+    let mut dstnat_accepted = None;
+    // The nat chains see a connection's first packet only.
+    if !p.established
+        && fast_path_ports
+        && matches!(bound, Bound::DestIp)
+        && matches!(p.dport, Some(port) if port >= crate::nat::NAT_PORT_FIRST)
+    {
+        dstnat_accepted = Some(PolicyRule::DstnatFastPathPorts);
+        bound = Bound::Host;
     }
-    if p.established {
-        return NewFlow::Forwarded {
+    let verdict = if matches!(bound, Bound::Host) {
+        NewFlow::ToHost
+    } else if p.ipv6 && p.udp_zero_checksum {
+        NewFlow::Refused(PolicyRule::ForwardUdp6ZeroChecksum)
+    } else if p.established {
+        NewFlow::Forwarded {
             dnat: None,
             forward: PolicyRule::ForwardReplies,
             snat: None,
             to: p.from.other(),
-        };
+        }
+    } else {
+        new_flow(p.from, bound, p.ipv6, switches)
+    };
+    // Chain mss comes before chain forward, whatever that decides.
+    let mss = if p.tcp_syn && !matches!(verdict, NewFlow::ToHost) {
+        Some(PolicyRule::ForwardMssClamp)
+    } else {
+        None
+    };
+    KernelPath {
+        dstnat_accepted,
+        mss,
+        verdict,
     }
-    new_flow(p.from, p.bound, p.ipv6, switches)
 }
 
 /// Where a packet to the host came from.

@@ -421,7 +421,8 @@ mod tests {
     use tailguard_common::{
         Device,
         policy::{
-            self, Action, Bound, Form, Forwarded, HostTraffic, NewFlow, Openings, Source, Switches,
+            self, Action, Arrival, Bound, Form, HostTraffic, KernelPath, NewFlow, Openings, Source,
+            Switches,
         },
     };
 
@@ -499,20 +500,33 @@ mod tests {
     const WG: Source = Source::Device(Device::WireGuard);
     const TS: Source = Source::Device(Device::Tailscale);
 
-    fn new_flow(from: Device, bound: Bound, ipv6: bool, isolate_peers: bool) -> NewFlow {
-        policy::forward(
-            Forwarded {
-                from,
-                bound,
-                ipv6,
-                established: false,
-                udp_zero_checksum: false,
-            },
+    /// A new flow's first packet (UDP to port 53 unless said otherwise),
+    /// as the kernel's table sees it.
+    fn arrival(from: Device, bound: Bound, ipv6: bool) -> Arrival {
+        Arrival {
+            from,
+            bound,
+            ipv6,
+            established: false,
+            udp_zero_checksum: false,
+            tcp_syn: false,
+            dport: Some(53),
+        }
+    }
+
+    fn through(p: Arrival, isolate_peers: bool) -> KernelPath {
+        policy::kernel_table(
+            p,
             Switches {
                 isolate_peers,
                 snat_to_wg: true,
             },
+            true,
         )
+    }
+
+    fn new_flow(from: Device, bound: Bound, ipv6: bool, isolate_peers: bool) -> NewFlow {
+        through(arrival(from, bound, ipv6), isolate_peers).verdict
     }
 
     /// The rows a packet passes, by the decision functions: the one that
@@ -567,34 +581,31 @@ mod tests {
                 },
                 closed,
             ),
-            // Every SYN forwarded: the first row of a way is the chain mss.
-            PolicyRule::ForwardMssClamp => (vec![PolicyRule::ForwardMssClamp], false),
-            PolicyRule::ForwardUdp6ZeroChecksum => (
-                rows_of(policy::forward(
-                    Forwarded {
-                        from: Device::WireGuard,
-                        bound: Bound::Tailnet,
-                        ipv6: true,
-                        established: true,
-                        udp_zero_checksum: true,
-                    },
-                    Switches::default(),
-                )),
-                false,
-            ),
-            PolicyRule::ForwardReplies => (
-                rows_of(policy::forward(
-                    Forwarded {
-                        from: Device::Tailscale,
-                        bound: Bound::WireGuard,
-                        ipv6: false,
-                        established: true,
-                        udp_zero_checksum: true,
-                    },
-                    Switches::default(),
-                )),
-                false,
-            ),
+            PolicyRule::ForwardMssClamp => {
+                let syn = Arrival {
+                    tcp_syn: true,
+                    dport: Some(443),
+                    ..arrival(Device::WireGuard, Bound::Tailnet, false)
+                };
+                (through(syn, false).mss.into_iter().collect(), false)
+            }
+            PolicyRule::ForwardUdp6ZeroChecksum => {
+                let zero = Arrival {
+                    established: true,
+                    udp_zero_checksum: true,
+                    ..arrival(Device::WireGuard, Bound::Tailnet, true)
+                };
+                (rows_of(through(zero, false).verdict), false)
+            }
+            PolicyRule::ForwardReplies => {
+                // IPv4 has no checksum-0 rule.
+                let reply = Arrival {
+                    established: true,
+                    udp_zero_checksum: true,
+                    ..arrival(Device::Tailscale, Bound::WireGuard, false)
+                };
+                (rows_of(through(reply, false).verdict), false)
+            }
             PolicyRule::ForwardWgToTs | PolicyRule::SrcnatWgToTs => (
                 rows_of(new_flow(Device::WireGuard, Bound::Tailnet, false, false)),
                 false,
@@ -615,9 +626,16 @@ mod tests {
                 rows_of(new_flow(Device::Tailscale, Bound::Tailnet, false, false)),
                 false,
             ),
-            // Dstnat accepts before any translation: the forward rows then
-            // see the packet as the host's, and the input rows decide.
-            PolicyRule::DstnatFastPathPorts => (vec![PolicyRule::DstnatFastPathPorts], false),
+            PolicyRule::DstnatFastPathPorts => {
+                let to_fast_path_port = Arrival {
+                    dport: Some(tailguard_common::nat::NAT_PORT_FIRST),
+                    ..arrival(Device::Tailscale, Bound::DestIp, false)
+                };
+                let path = through(to_fast_path_port, false);
+                // Untranslated, the packet is the host's: the input rows decide.
+                assert_eq!(path.verdict, NewFlow::ToHost);
+                (path.dstnat_accepted.into_iter().collect(), false)
+            }
             PolicyRule::DstnatTsDestIpV4 => (
                 rows_of(new_flow(Device::Tailscale, Bound::DestIp, false, false)),
                 false,
