@@ -11,7 +11,9 @@ pub mod counters;
 pub mod fragment;
 pub mod nat;
 pub mod outcome;
+pub mod policy;
 
 pub use config::{Config, Route};
 pub use counters::{Counter, CounterSlot, Device, Direction, PacketClass};
 pub use outcome::Outcome;
+pub use policy::PolicyRule;

@@ -1,6 +1,8 @@
-//! The forwarding policy of the reference (§3) for packets entering either
-//! device. Each rule names its nftables twin (`tailguard/src/firewall/rules.rs`);
-//! whatever this does not take goes to the kernel, where that twin applies.
+//! The forwarding policy (docs/policy.md) for packets entering either
+//! device. A new flow is decided by `tailguard_common::policy::new_flow`,
+//! whose rows (`PolicyRule`) name the nftables rules too
+//! (`tailguard/src/firewall/rules.rs`); whatever this does not take goes to
+//! the kernel, where the row's nftables rule applies.
 //!
 //! Stack is scarce (512 bytes for the whole program), so keys, entries and
 //! addresses live in the per-CPU scratch space, not in locals.
@@ -16,10 +18,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tailguard_common::{
-    Config, Device, Direction, Outcome, Route,
+    Config, Device, Direction, Outcome, PolicyRule, Route,
     config::flag,
     fragment::Fragment,
     nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, NatEntry, state},
+    policy::{self, Bound, NewFlow, Switches},
 };
 
 use crate::{
@@ -44,6 +47,13 @@ pub fn ingress(ctx: &TcContext, device: Device) -> i32 {
 fn kernel(outcome: Outcome) -> (i32, Outcome) {
     (TC_ACT_UNSPEC, outcome)
 }
+
+/// What the fast path counts under the rows it applies itself (constants,
+/// so the rows' table stays out of the program).
+const REPLIES: Outcome = PolicyRule::ForwardReplies.outcome();
+const ISOLATED_PEERS: Outcome = PolicyRule::ForwardIsolatedPeers.outcome();
+const REFUSED: Outcome = PolicyRule::ForwardRefused.outcome();
+const UDP6_ZERO_CHECKSUM: Outcome = PolicyRule::ForwardUdp6ZeroChecksum.outcome();
 
 #[inline(always)]
 fn decide(ctx: &TcContext, device: Device) -> (i32, Outcome) {
@@ -112,7 +122,7 @@ fn flow(
         let entry = unsafe { &mut *entry };
         entry.last_seen = now;
         if entry.state & state::KERNEL != 0 {
-            // nft: "ct state established" (see `kernel_flows`).
+            // `forward:replies` in the kernel (see `kernel_flows`).
             return kernel(Outcome::KernelTrackedFlow);
         }
         if p.options {
@@ -140,8 +150,8 @@ fn flow(
     // (A later fragment of a datagram the fast path took carries no flags;
     // its flow follows from the route, as the first fragment's did.)
     if p.part != Fragment::Later && !p.starts_flow() {
-        // nft: the kernel's conntrack owns it ("ct state established").
-        return kernel(Outcome::KernelNotOurFlow);
+        // The kernel's conntrack owns it (`forward:replies`).
+        return kernel(REPLIES);
     }
     match device {
         Device::WireGuard => from_wireguard(ctx, cfg, p, s, now),
@@ -158,47 +168,38 @@ fn flow(
 #[inline(always)]
 fn ours_or_kernel(cfg: &Config, p: &Packet, device: Device, outcome: Outcome) -> (i32, Outcome) {
     match destination(cfg, p, device) {
-        Destination::DestIp | Destination::Tailnet | Destination::WireGuard => {
-            (TC_ACT_SHOT, outcome)
-        }
-        Destination::Host | Destination::Elsewhere => kernel(Outcome::KernelNotHandled),
+        Bound::DestIp | Bound::Tailnet | Bound::WireGuard => (TC_ACT_SHOT, outcome),
+        Bound::Host | Bound::Elsewhere => kernel(Outcome::KernelNotHandled),
     }
 }
 
-/// Where a packet arriving on a device is bound, as the nftables table
-/// sees it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Destination {
-    /// The host itself (its addresses on either side): chain input.
-    Host,
-    /// From the tailnet, to the node's tailnet address with `TS_DEST_IP`
-    /// set: dstnat sends it on to that host.
-    DestIp,
-    /// The tailnet (from WireGuard).
-    Tailnet,
-    /// The WireGuard side (from either side).
-    WireGuard,
-    /// Outside our routes, or a way the forward chain refuses (ts -> ts).
-    Elsewhere,
-}
-
+/// Where `p`, arrived on `device`, is bound, as the nftables table sees it.
 #[inline(always)]
-fn destination(cfg: &Config, p: &Packet, device: Device) -> Destination {
+fn destination(cfg: &Config, p: &Packet, device: Device) -> Bound {
     if is_own(cfg, p, Own::Tailnet, &p.dst) {
         let dest_ip = if p.ipv6 { flag::DEST_V6 } else { flag::DEST_V4 };
         return if device == Device::Tailscale && cfg.has(dest_ip) {
-            Destination::DestIp
+            Bound::DestIp
         } else {
-            Destination::Host
+            Bound::Host
         };
     }
     if is_own(cfg, p, Own::WireGuard, &p.dst) {
-        return Destination::Host;
+        return Bound::Host;
     }
     match (route(p), device) {
-        (Some(Route::TAILSCALE), Device::WireGuard) => Destination::Tailnet,
-        (Some(Route::WIREGUARD), _) => Destination::WireGuard,
-        _ => Destination::Elsewhere,
+        (Some(Route::TAILSCALE), Device::WireGuard) => Bound::Tailnet,
+        (Some(Route::WIREGUARD), _) => Bound::WireGuard,
+        _ => Bound::Elsewhere,
+    }
+}
+
+/// The switches the policy's rows depend on, as the daemon set them.
+#[inline(always)]
+fn switches(cfg: &Config) -> Switches {
+    Switches {
+        isolate_peers: cfg.has(flag::ISOLATE_PEERS),
+        snat_to_wg: cfg.has(flag::SNAT_TO_WG),
     }
 }
 
@@ -330,31 +331,24 @@ fn from_wireguard(
     s: &mut Scratch,
     now: u64,
 ) -> (i32, Outcome) {
-    match destination(cfg, p, Device::WireGuard) {
-        // nft: chain input.
-        Destination::Host => kernel(Outcome::KernelLocal),
-        // nft: "wg -> ts" accepted, and masqueraded in srcnat.
-        Destination::Tailnet => {
+    let bound = destination(cfg, p, Device::WireGuard);
+    match policy::new_flow(Device::WireGuard, bound, p.ipv6, switches(cfg)) {
+        // The input rows (the kernel's).
+        NewFlow::ToHost => kernel(Outcome::KernelLocal),
+        // `forward:wg-to-ts`, masqueraded by `srcnat:wg-to-ts`.
+        NewFlow::Forwarded {
+            forward: PolicyRule::ForwardWgToTs,
+            snat,
+            ..
+        } => {
             if !copy_own(cfg, p, Own::Tailnet, &mut s.src) {
                 return kernel(Outcome::KernelNoRoute);
             }
             s.dst = p.dst;
-            start(ctx, cfg, p, s, true, Device::Tailscale, now)
+            start(ctx, cfg, p, s, snat.is_some(), Device::Tailscale, now)
         }
-        // nft: "wg -> wg" accepted unless WG_ISOLATE_PEERS=1 (then the
-        // forward chain's policy drops it).
-        Destination::WireGuard => {
-            if cfg.has(flag::ISOLATE_PEERS) {
-                // The kernel's forward chain drops it, but only after the
-                // kernel's own checks (forwarding on, TTL, size), whose
-                // answers are the kernel's to give.
-                if let Err(verdict) =
-                    egress(cfg, Device::WireGuard, p.ipv6, p.ttl, |mtu| p.fits(mtu))
-                {
-                    return verdict;
-                }
-                return (TC_ACT_SHOT, Outcome::DropIsolated);
-            }
+        // `forward:wg-to-wg`, untranslated.
+        NewFlow::Forwarded { .. } => {
             s.entry = NatEntry {
                 src: p.src,
                 dst: p.dst,
@@ -367,8 +361,17 @@ fn from_wireguard(
             };
             send(ctx, cfg, p, &s.entry, Device::WireGuard)
         }
-        // nft: the forward chain's policy drops the rest (wg -> uplink).
-        Destination::DestIp | Destination::Elsewhere => elsewhere(ctx, p, s),
+        NewFlow::Refused(PolicyRule::ForwardIsolatedPeers) => {
+            // The kernel's forward chain drops it, but only after the
+            // kernel's own checks (forwarding on, TTL, size), whose
+            // answers are the kernel's to give.
+            if let Err(verdict) = egress(cfg, Device::WireGuard, p.ipv6, p.ttl, |mtu| p.fits(mtu)) {
+                return verdict;
+            }
+            (TC_ACT_SHOT, ISOLATED_PEERS)
+        }
+        // `forward:refused` (wg -> the uplink).
+        NewFlow::Refused(_) => elsewhere(ctx, p, s),
     }
 }
 
@@ -380,21 +383,23 @@ fn from_tailscale(
     s: &mut Scratch,
     now: u64,
 ) -> (i32, Outcome) {
-    match destination(cfg, p, Device::Tailscale) {
-        // nft: dstnat "TS_DEST_IP", then "ts -> wg" and its srcnat.
-        Destination::DestIp => {
-            if !copy_own(cfg, p, Own::DestIp, &mut s.dst) {
-                return kernel(Outcome::KernelLocal);
+    let bound = destination(cfg, p, Device::Tailscale);
+    match policy::new_flow(Device::Tailscale, bound, p.ipv6, switches(cfg)) {
+        NewFlow::ToHost => kernel(Outcome::KernelLocal),
+        // `forward:ts-to-wg`, after `dstnat:ts-dest-ip-*` if it applies,
+        // and `srcnat:ts-to-wg` unless it is off.
+        NewFlow::Forwarded { dnat, snat, .. } => {
+            if dnat.is_some() {
+                if !copy_own(cfg, p, Own::DestIp, &mut s.dst) {
+                    return kernel(Outcome::KernelLocal);
+                }
+            } else {
+                s.dst = p.dst;
             }
-            to_wireguard(ctx, cfg, p, s, now)
+            to_wireguard(ctx, cfg, p, s, snat.is_some(), now)
         }
-        Destination::Host => kernel(Outcome::KernelLocal),
-        Destination::WireGuard => {
-            s.dst = p.dst;
-            to_wireguard(ctx, cfg, p, s, now)
-        }
-        // nft: the forward chain's policy drops ts -> anything but wg.
-        Destination::Tailnet | Destination::Elsewhere => elsewhere(ctx, p, s),
+        // `forward:refused`: ts -> anything but wg.
+        NewFlow::Refused(_) => elsewhere(ctx, p, s),
     }
 }
 
@@ -449,7 +454,7 @@ fn elsewhere(ctx: &TcContext, p: &Packet, s: &mut Scratch) -> (i32, Outcome) {
     let forwarded =
         ret == BPF_FIB_LKUP_RET_SUCCESS as i64 || ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64;
     if forwarded && p.ttl > 1 {
-        return (TC_ACT_SHOT, Outcome::DropNoRoute);
+        return (TC_ACT_SHOT, REFUSED);
     }
     if forwarded {
         return kernel(Outcome::KernelTtl);
@@ -461,16 +466,16 @@ fn elsewhere(ctx: &TcContext, p: &Packet, s: &mut Scratch) -> (i32, Outcome) {
 }
 
 /// ts -> wg (to `s.dst`): source-NATed to the node's WireGuard address
-/// unless turned off (nft: srcnat "ts -> wg ... (--snat-subnet-routes)").
+/// if `snat` (`srcnat:ts-to-wg`).
 #[inline(always)]
 fn to_wireguard(
     ctx: &TcContext,
     cfg: &Config,
     p: &mut Packet,
     s: &mut Scratch,
+    snat: bool,
     now: u64,
 ) -> (i32, Outcome) {
-    let snat = cfg.has(flag::SNAT_TO_WG);
     if snat {
         if !copy_own(cfg, p, Own::WireGuard, &mut s.src) {
             return kernel(Outcome::KernelNoRoute);
@@ -505,7 +510,7 @@ fn start(
     // After the size: the kernel's forwarding answers "too big" before its
     // rules see the checksum.
     if p.udp6_no_checksum {
-        return (TC_ACT_SHOT, Outcome::DropUdpZeroChecksum);
+        return (TC_ACT_SHOT, UDP6_ZERO_CHECKSUM);
     }
     if !nat::create(p, s, allocate, to, now) {
         // The kernel's conntrack has the flow from now on: so do we.
@@ -530,9 +535,9 @@ fn send(
     let to = Device::from_role(entry.egress);
     let fits = |mtu| p.fits(mtu) || too_big::fragmentable(ctx, p, to, mtu);
     match egress(cfg, to, p.ipv6, p.ttl, fits) {
-        // IPv6 forbids a zero UDP checksum, and the nftables twin drops it;
+        // IPv6 forbids a zero UDP checksum (`forward:udp6-zero-checksum`);
         // a too-big one is answered first, as the kernel does.
-        Ok(_) if p.udp6_no_checksum => (TC_ACT_SHOT, Outcome::DropUdpZeroChecksum),
+        Ok(_) if p.udp6_no_checksum => (TC_ACT_SHOT, UDP6_ZERO_CHECKSUM),
         Ok((ifindex, mtu)) => translate(ctx, p, entry, to, ifindex, mtu, cfg.mtu(from)),
         Err(verdict) => too_big::answer_or(ctx, cfg, p, to, verdict),
     }
@@ -540,7 +545,7 @@ fn send(
 
 /// Rewrites `p` as `entry` says, takes one from its TTL, clamps the MSS of a
 /// SYN to the smaller MTU of the devices it came in by (`arrival_mtu`) and goes out by (nft:
-/// chain mss, whose `rt mtu` is the smaller of the routes both ways), and
+/// `mss:clamp`, whose `rt mtu` is the smaller of the routes both ways), and
 /// redirects it (in fragments if it is too big, see `too_big::fragment`).
 #[inline(always)]
 fn translate(

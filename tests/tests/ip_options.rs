@@ -12,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+use tailguard_common::PolicyRule;
 use tailguard_tests::{bridge::*, daemon::status};
 
 const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
@@ -145,7 +146,7 @@ fn ipv4_options_and_udp6_without_checksum() {
                 ]));
                 let rule = chain
                     .lines()
-                    .find(|l| l.contains("IPv6 UDP with checksum 0"))
+                    .find(|l| l.contains(PolicyRule::ForwardUdp6ZeroChecksum.name()))
                     .unwrap_or_else(|| panic!("no checksum-0 rule:\n{chain}"));
                 assert!(rule.contains("counter packets 1 "), "{rule}");
             }

@@ -1,5 +1,6 @@
 //! TailGuard's nftables table: applied as one atomic batch through the
-//! `nftables` crate (which drives `nft -j`), replaced whole when what it
+//! `nftables` crate (which drives `nft -j`), one rule per row of the policy
+//! (docs/policy.md), replaced whole when what it
 //! depends on changes, removed at teardown.
 
 mod rules;
@@ -66,10 +67,8 @@ impl Firewall {
     }
 }
 
-async fn run(commands: serde_json::Value) -> Result<()> {
-    let batch: Nftables = serde_json::from_value(commands)
-        .context("the rule set does not fit nftables' JSON schema")?;
-    helper::apply_ruleset_async(&batch)
+async fn run(commands: Nftables<'static>) -> Result<()> {
+    helper::apply_ruleset_async(&commands)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -1,14 +1,26 @@
-//! The nftables rule set: the reference's input policy and the whole
-//! forwarding policy with NAT, as one table. With `TG_DATAPATH=netfilter` it
+//! The nftables rule set: the input policy and the whole forwarding policy
+//! with NAT (docs/policy.md), as one table. With `TG_DATAPATH=netfilter` it
 //! is the policy; with the eBPF datapath it is what applies to every packet
 //! the fast path hands to the kernel, so both paths give the same result.
 //!
-//! Built as nftables' JSON commands and checked against the `nftables`
-//! crate's schema before anything is sent to the kernel.
+//! Each rule is one row of [`PolicyRule`] and carries the row's name as its
+//! comment; the commands are built with the `nftables` crate's typed schema.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    borrow::Cow,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
-use serde_json::{Value, json};
+use nftables::{
+    expr::{
+        Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, RT, RTKey, Range,
+        SetItem, TcpOption,
+    },
+    schema::{Chain as NftChain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table},
+    stmt::{Counter, Mangle, Match, NAT, NATFamily, Operator, Statement},
+    types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
+};
+use tailguard_common::policy::{Chain, PolicyRule};
 
 use crate::config::settings::DestIps;
 
@@ -41,125 +53,213 @@ pub struct FirewallPlan {
     pub fast_path_ports: bool,
 }
 
-fn table() -> Value {
-    json!({"table": {"family": "inet", "name": TABLE}})
+/// The comment of the rule that keeps `TS_DEST_IP` off the fast path's
+/// translation ports.
+pub const FAST_PATH_PORTS: &str = PolicyRule::DstnatFastPathPorts.name();
+
+type Commands = Vec<NfObject<'static>>;
+
+fn table() -> NfListObject<'static> {
+    NfListObject::Table(Table {
+        family: NfFamily::INet,
+        name: TABLE.into(),
+        handle: None,
+    })
 }
 
-fn chain(name: &str, kind: &str, hook: &str, prio: i32, policy: &str) -> Value {
-    json!({"add": {"chain": {
-        "family": "inet", "table": TABLE, "name": name,
-        "type": kind, "hook": hook, "prio": prio, "policy": policy,
-    }}})
+/// How each chain hooks into netfilter, at netfilter's standard priorities.
+fn chain(chain: Chain) -> NfObject<'static> {
+    let (kind, hook, prio, policy) = match chain {
+        Chain::Input => (NfChainType::Filter, NfHook::Input, 0, NfChainPolicy::Drop),
+        Chain::Mss => (
+            NfChainType::Filter,
+            NfHook::Forward,
+            -150,
+            NfChainPolicy::Accept,
+        ),
+        Chain::Forward => (NfChainType::Filter, NfHook::Forward, 0, NfChainPolicy::Drop),
+        Chain::Dstnat => (
+            NfChainType::NAT,
+            NfHook::Prerouting,
+            -100,
+            NfChainPolicy::Accept,
+        ),
+        Chain::Srcnat => (
+            NfChainType::NAT,
+            NfHook::Postrouting,
+            100,
+            NfChainPolicy::Accept,
+        ),
+    };
+    NfObject::CmdObject(NfCmd::Add(NfListObject::Chain(NftChain {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: chain.name().into(),
+        _type: Some(kind),
+        hook: Some(hook),
+        prio: Some(prio),
+        policy: Some(policy),
+        ..NftChain::default()
+    })))
 }
 
-fn rule(chain: &str, comment: &str, expr: Vec<Value>) -> Value {
-    json!({"add": {"rule": {
-        "family": "inet", "table": TABLE, "chain": chain, "expr": expr, "comment": comment,
-    }}})
+/// A rule of `row`, in the row's chain, with the row's name as its comment.
+fn rule(row: PolicyRule, expr: Vec<Statement<'static>>) -> NfObject<'static> {
+    NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(Rule {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        chain: row.row().chain.name().into(),
+        expr: expr.into(),
+        comment: Some(row.name().into()),
+        ..Rule::default()
+    })))
 }
 
-fn is(left: Value, right: impl Into<Value>) -> Value {
-    json!({"match": {"op": "==", "left": left, "right": right.into()}})
+fn compare(
+    op: Operator,
+    left: Expression<'static>,
+    right: Expression<'static>,
+) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
 }
 
-fn meta(key: &str) -> Value {
-    json!({"meta": {"key": key}})
+fn is(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    compare(Operator::EQ, left, right)
 }
 
-fn payload(protocol: &str, field: &str) -> Value {
-    json!({"payload": {"protocol": protocol, "field": field}})
+fn text(s: impl Into<Cow<'static, str>>) -> Expression<'static> {
+    Expression::String(s.into())
 }
 
-fn iif(name: &str) -> Value {
-    is(meta("iifname"), name)
+fn number(n: u16) -> Expression<'static> {
+    Expression::Number(n.into())
 }
 
-fn oif(name: &str) -> Value {
-    is(meta("oifname"), name)
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
 }
 
-fn set(items: &[&str]) -> Value {
-    json!({"set": items})
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
 }
 
-fn established() -> Value {
-    json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}})
+fn iif(name: &str) -> Statement<'static> {
+    is(meta(MetaKey::Iifname), text(name.to_owned()))
 }
 
-/// Masquerade rules for traffic matching `matches`. For protocols with ports
-/// (and ICMP identifiers) the kernel keeps to the ports below the fast
-/// path's range (`tailguard_common::nat::NAT_PORT_FIRST`), so the two never
-/// hand out the same port on the same address.
-fn masquerade(comment: &str, matches: [Value; 2]) -> [Value; 2] {
+fn oif(name: &str) -> Statement<'static> {
+    is(meta(MetaKey::Oifname), text(name.to_owned()))
+}
+
+fn set(items: &[&str]) -> Expression<'static> {
+    Expression::Named(NamedExpression::Set(
+        items
+            .iter()
+            .map(|item| SetItem::Element(text((*item).to_owned())))
+            .collect(),
+    ))
+}
+
+fn range(first: u16, last: u16) -> Expression<'static> {
+    Expression::Range(Box::new(Range {
+        range: [number(first), number(last)],
+    }))
+}
+
+fn established() -> Statement<'static> {
+    compare(
+        Operator::IN,
+        Expression::Named(NamedExpression::CT(nftables::expr::CT {
+            key: "state".into(),
+            family: None,
+            dir: None,
+        })),
+        Expression::List(vec![text("established"), text("related")]),
+    )
+}
+
+fn accept() -> Statement<'static> {
+    Statement::Accept(None)
+}
+
+fn udp_dport(port: u16) -> Statement<'static> {
+    is(payload("udp", "dport"), number(port))
+}
+
+/// Masquerade rules of `row` for traffic matching `matches`. For protocols
+/// with ports (and ICMP identifiers) the kernel keeps to the ports below
+/// the fast path's range (`tailguard_common::nat::NAT_PORT_FIRST`), so the
+/// two never hand out the same port on the same address; nftables takes a
+/// port range only after a protocol match, hence two rules.
+fn masquerade(row: PolicyRule, matches: [Statement<'static>; 2]) -> [NfObject<'static>; 2] {
     let last = tailguard_common::nat::NAT_PORT_FIRST - 1;
-    let ported = is(meta("l4proto"), set(&["tcp", "udp", "icmp", "ipv6-icmp"]));
+    let ported = is(
+        meta(MetaKey::L4proto),
+        set(&["tcp", "udp", "icmp", "ipv6-icmp"]),
+    );
     let [a, b] = matches;
+    let to_ports = NAT {
+        addr: None,
+        family: None,
+        port: Some(range(1024, last)),
+        flags: None,
+    };
     [
         rule(
-            "srcnat",
-            comment,
+            row,
             vec![
                 a.clone(),
                 b.clone(),
                 ported,
-                json!({"masquerade": {"port": {"range": [1024, last]}}}),
+                Statement::Masquerade(Some(to_ports)),
             ],
         ),
-        rule("srcnat", comment, vec![a, b, json!({"masquerade": null})]),
+        rule(row, vec![a, b, Statement::Masquerade(None)]),
     ]
 }
 
-fn accept() -> Value {
-    json!({"accept": null})
-}
-
-fn udp_dport(port: u16) -> Value {
-    is(payload("udp", "dport"), port)
-}
-
-/// The comment of the rule that keeps `TS_DEST_IP` off the fast path's
-/// translation ports.
-pub const FAST_PATH_PORTS: &str = "the fast path's translation ports are not TS_DEST_IP's";
-
-/// Netfilter's standard priorities.
-const FILTER: i32 = 0;
-const MANGLE: i32 = -150;
-const DSTNAT: i32 = -100;
-const SRCNAT: i32 = 100;
-
 /// The commands that replace the table in one transaction: adding it first
 /// makes the delete succeed when it is not there yet.
-pub fn replace(plan: &FirewallPlan) -> Value {
+pub fn replace(plan: &FirewallPlan) -> Nftables<'static> {
     let mut commands = vec![
-        json!({"add": table()}),
-        json!({"delete": table()}),
-        json!({"add": table()}),
+        NfObject::CmdObject(NfCmd::Add(table())),
+        NfObject::CmdObject(NfCmd::Delete(table())),
+        NfObject::CmdObject(NfCmd::Add(table())),
     ];
     commands.extend(input(plan));
     commands.extend(forward(plan));
     commands.extend(nat(plan));
-    json!({"nftables": commands})
+    Nftables {
+        objects: commands.into(),
+    }
 }
 
 /// The commands that remove the table, whether or not it is there.
-pub fn remove() -> Value {
-    json!({"nftables": [{"add": table()}, {"delete": table()}]})
+pub fn remove() -> Nftables<'static> {
+    Nftables {
+        objects: vec![
+            NfObject::CmdObject(NfCmd::Add(table())),
+            NfObject::CmdObject(NfCmd::Delete(table())),
+        ]
+        .into(),
+    }
 }
 
-/// Input to the host (reference §3): default deny.
-fn input(p: &FirewallPlan) -> Vec<Value> {
+/// Input to the host: default deny (`input:refused`), with the openings
+/// docs/policy.md lists.
+fn input(p: &FirewallPlan) -> Commands {
     let (wg, ts) = (p.wg_device.as_str(), p.ts_device.as_str());
     let mut rules = vec![
-        chain("input", "filter", "input", FILTER, "drop"),
-        rule("input", "loopback", vec![iif("lo"), accept()]),
+        chain(Chain::Input),
+        rule(PolicyRule::InputLoopback, vec![iif("lo"), accept()]),
+        rule(PolicyRule::InputReplies, vec![established(), accept()]),
         rule(
-            "input",
-            "replies to the host's own connections",
-            vec![established(), accept()],
-        ),
-        rule(
-            "input",
-            "ICMP errors, for path-MTU discovery",
+            PolicyRule::InputIcmpErrors,
             vec![
                 is(
                     payload("icmp", "type"),
@@ -173,89 +273,91 @@ fn input(p: &FirewallPlan) -> Vec<Value> {
             ],
         ),
         rule(
-            "input",
-            "ICMPv6 but echo requests and redirects (neighbour discovery, path MTU)",
+            PolicyRule::InputIcmpv6,
             vec![
-                json!({"match": {"op": "!=", "left": payload("icmpv6", "type"), "right": set(&["echo-request", "nd-redirect"])}}),
+                compare(
+                    Operator::NEQ,
+                    payload("icmpv6", "type"),
+                    set(&["echo-request", "nd-redirect"]),
+                ),
                 accept(),
             ],
         ),
     ];
     if let Some(port) = p.wg_port {
-        rules.push(rule("input", "WireGuard", vec![udp_dport(port), accept()]));
+        rules.push(rule(
+            PolicyRule::InputWireGuard,
+            vec![udp_dport(port), accept()],
+        ));
     }
     if p.ts_port != 0 {
         rules.push(rule(
-            "input",
-            "Tailscale",
+            PolicyRule::InputTailscale,
             vec![udp_dport(p.ts_port), accept()],
         ));
     }
     if let Some(port) = p.status_port {
         rules.push(rule(
-            "input",
-            "status page, from both sides",
+            PolicyRule::InputStatusPage,
             vec![
-                is(meta("iifname"), set(&[wg, ts])),
-                is(payload("tcp", "dport"), port),
+                is(meta(MetaKey::Iifname), set(&[wg, ts])),
+                is(payload("tcp", "dport"), number(port)),
                 accept(),
             ],
         ));
     }
     if p.expose_host {
         rules.push(rule(
-            "input",
-            "TG_EXPOSE_HOST=1: the host is open to both sides",
-            vec![is(meta("iifname"), set(&[wg, ts])), accept()],
+            PolicyRule::InputExposeHost,
+            vec![is(meta(MetaKey::Iifname), set(&[wg, ts])), accept()],
         ));
     }
     rules
 }
 
-/// Forwarding (reference §3): default drop; wg -> wg unless isolated;
-/// wg <-> ts; MSS clamped on the way.
-fn forward(p: &FirewallPlan) -> Vec<Value> {
+/// Forwarding: default drop (`forward:refused`, `forward:isolated-peers`);
+/// wg -> wg unless isolated; wg <-> ts; MSS clamped on the way.
+fn forward(p: &FirewallPlan) -> Commands {
     let (wg, ts) = (p.wg_device.as_str(), p.ts_device.as_str());
     let mut rules = vec![
-        chain("mss", "filter", "forward", MANGLE, "accept"),
+        chain(Chain::Mss),
+        // The smaller route MTU of both ways (`rt mtu`).
         rule(
-            "mss",
-            "clamp the MSS of SYNs to the smaller route MTU of both ways (rt mtu)",
+            PolicyRule::ForwardMssClamp,
             vec![
-                json!({"match": {"op": "in", "left": payload("tcp", "flags"), "right": "syn"}}),
-                json!({"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}}, "value": {"rt": {"key": "mtu"}}}}),
+                compare(Operator::IN, payload("tcp", "flags"), text("syn")),
+                Statement::Mangle(Mangle {
+                    key: Expression::Named(NamedExpression::TcpOption(TcpOption {
+                        name: "maxseg".into(),
+                        field: Some("size".into()),
+                    })),
+                    value: Expression::Named(NamedExpression::RT(RT {
+                        key: RTKey::MTU,
+                        family: None,
+                    })),
+                }),
             ],
         ),
-        chain("forward", "filter", "forward", FILTER, "drop"),
-        // The fast path drops these too (`drop:udp6-zero-checksum`); the
-        // kernel forwards without looking at a checksum.
+        chain(Chain::Forward),
+        // The fast path drops these too; the kernel forwards without
+        // looking at a checksum.
         rule(
-            "forward",
-            "IPv6 UDP with checksum 0, which IPv6 forbids",
+            PolicyRule::ForwardUdp6ZeroChecksum,
             vec![
-                is(meta("nfproto"), "ipv6"),
-                is(meta("l4proto"), "udp"),
-                is(payload("udp", "checksum"), 0),
-                json!({"counter": null}),
-                json!({"drop": null}),
+                is(meta(MetaKey::Nfproto), text("ipv6")),
+                is(meta(MetaKey::L4proto), text("udp")),
+                is(payload("udp", "checksum"), number(0)),
+                Statement::Counter(Counter::Anonymous(None)),
+                Statement::Drop(None),
             ],
         ),
-        rule(
-            "forward",
-            "replies and related ICMP errors",
-            vec![established(), accept()],
-        ),
-        rule("forward", "wg -> ts", vec![iif(wg), oif(ts), accept()]),
-        rule(
-            "forward",
-            "ts -> wg (and TS_DEST_IP)",
-            vec![iif(ts), oif(wg), accept()],
-        ),
+        rule(PolicyRule::ForwardReplies, vec![established(), accept()]),
+        rule(PolicyRule::ForwardWgToTs, vec![iif(wg), oif(ts), accept()]),
+        rule(PolicyRule::ForwardTsToWg, vec![iif(ts), oif(wg), accept()]),
     ];
     if !p.isolate_peers {
         rules.push(rule(
-            "forward",
-            "wg -> wg (WG_ISOLATE_PEERS=0)",
+            PolicyRule::ForwardWgToWg,
             vec![iif(wg), oif(wg), accept()],
         ));
     }
@@ -263,62 +365,67 @@ fn forward(p: &FirewallPlan) -> Vec<Value> {
 }
 
 /// Both source NATs, and the translation to `TS_DEST_IP`.
-fn nat(p: &FirewallPlan) -> Vec<Value> {
+fn nat(p: &FirewallPlan) -> Commands {
     let (wg, ts) = (p.wg_device.as_str(), p.ts_device.as_str());
-    let mut rules = vec![
-        chain("dstnat", "nat", "prerouting", DSTNAT, "accept"),
-        chain("srcnat", "nat", "postrouting", SRCNAT, "accept"),
-    ];
+    let mut rules = vec![chain(Chain::Dstnat), chain(Chain::Srcnat)];
     if p.fast_path_ports && (p.dest.v4.is_some() || p.dest.v6.is_some()) {
         let first = tailguard_common::nat::NAT_PORT_FIRST;
         rules.push(rule(
-            "dstnat",
-            FAST_PATH_PORTS,
+            PolicyRule::DstnatFastPathPorts,
             vec![
                 iif(ts),
-                is(meta("l4proto"), set(&["tcp", "udp"])),
-                is(payload("th", "dport"), json!({"range": [first, u16::MAX]})),
+                is(meta(MetaKey::L4proto), set(&["tcp", "udp"])),
+                is(payload("th", "dport"), range(first, u16::MAX)),
                 accept(),
             ],
         ));
     }
     if let (Some(own), Some(dest)) = (p.ts_v4, p.dest.v4) {
         rules.push(rule(
-            "dstnat",
-            "TS_DEST_IP (IPv4)",
+            PolicyRule::DstnatTsDestIpV4,
             vec![
                 iif(ts),
-                is(payload("ip", "daddr"), own.to_string()),
-                json!({"dnat": {"family": "ip", "addr": dest.to_string()}}),
+                is(payload("ip", "daddr"), text(own.to_string())),
+                dnat(NATFamily::IP, dest.to_string()),
             ],
         ));
     }
     if let (Some(own), Some(dest)) = (p.ts_v6, p.dest.v6) {
         rules.push(rule(
-            "dstnat",
-            "TS_DEST_IP (IPv6)",
+            PolicyRule::DstnatTsDestIpV6,
             vec![
                 iif(ts),
-                is(payload("ip6", "daddr"), own.to_string()),
-                json!({"dnat": {"family": "ip6", "addr": dest.to_string()}}),
+                is(payload("ip6", "daddr"), text(own.to_string())),
+                dnat(NATFamily::IP6, dest.to_string()),
             ],
         ));
     }
-    rules.extend(masquerade(
-        "wg -> ts leaves with the node's tailnet address",
-        [iif(wg), oif(ts)],
-    ));
+    rules.extend(masquerade(PolicyRule::SrcnatWgToTs, [iif(wg), oif(ts)]));
     if p.snat_to_wg {
-        rules.extend(masquerade(
-            "ts -> wg leaves with the node's WireGuard address (--snat-subnet-routes)",
-            [iif(ts), oif(wg)],
-        ));
+        rules.extend(masquerade(PolicyRule::SrcnatTsToWg, [iif(ts), oif(wg)]));
     }
     rules
 }
 
+fn dnat(family: NATFamily, addr: String) -> Statement<'static> {
+    Statement::DNAT(Some(NAT {
+        addr: Some(text(addr)),
+        family: Some(family),
+        port: None,
+        flags: None,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
+    use tailguard_common::{
+        Device,
+        policy::{
+            self, Action, Arrival, Bound, Form, HostTraffic, KernelPath, NewFlow, Openings, Source,
+            Switches,
+        },
+    };
+
     use super::*;
 
     fn plan() -> FirewallPlan {
@@ -332,20 +439,8 @@ mod tests {
         }
     }
 
-    /// The rules' comments, per chain: what each plan produces, readably.
-    fn comments(p: &FirewallPlan, chain: &str) -> Vec<String> {
-        replace(p)["nftables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|c| c["add"]["rule"].as_object())
-            .filter(|r| r["chain"] == chain)
-            .map(|r| r["comment"].as_str().unwrap().to_string())
-            .collect()
-    }
-
-    #[test]
-    fn the_commands_fit_the_nftables_schema() {
+    /// A plan with every rule in it that a plan can switch on.
+    fn everything() -> FirewallPlan {
         let mut p = plan();
         p.status_port = Some(8080);
         p.expose_host = true;
@@ -355,80 +450,342 @@ mod tests {
         };
         p.ts_v4 = Some(Ipv4Addr::new(100, 64, 0, 1));
         p.ts_v6 = Some("fd7a:115c:a1e0::1".parse().unwrap());
-        for commands in [replace(&p), remove()] {
-            let parsed: Result<nftables::schema::Nftables, _> =
-                serde_json::from_value(commands.clone());
-            assert!(parsed.is_ok(), "{parsed:?}\n{commands:#}");
+        p.fast_path_ports = true;
+        p
+    }
+
+    fn rules(commands: &Nftables<'static>) -> Vec<Rule<'static>> {
+        commands
+            .objects
+            .iter()
+            .filter_map(|c| match c {
+                NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(r))) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn chains(commands: &Nftables<'static>) -> Vec<NftChain<'static>> {
+        commands
+            .objects
+            .iter()
+            .filter_map(|c| match c {
+                NfObject::CmdObject(NfCmd::Add(NfListObject::Chain(c))) => Some(c.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The rules' comments, per chain: what each plan produces, readably.
+    fn comments(p: &FirewallPlan, chain: Chain) -> Vec<String> {
+        rules(&replace(p))
+            .into_iter()
+            .filter(|r| r.chain == chain.name())
+            .map(|r| r.comment.unwrap().into_owned())
+            .collect()
+    }
+
+    /// What a rule does, by its last statement.
+    fn action(rule: &Rule<'_>) -> Action {
+        match rule.expr.last() {
+            Some(Statement::Accept(_)) => Action::Accept,
+            Some(Statement::Drop(_)) => Action::Drop,
+            Some(Statement::Masquerade(_)) => Action::Masquerade,
+            Some(Statement::DNAT(_)) => Action::Dnat,
+            Some(Statement::Mangle(_)) => Action::ClampMss,
+            other => panic!("{:?}: no verdict the policy knows: {other:?}", rule.comment),
+        }
+    }
+
+    const WG: Source = Source::Device(Device::WireGuard);
+    const TS: Source = Source::Device(Device::Tailscale);
+
+    /// A new flow's first packet (UDP to port 53 unless said otherwise),
+    /// as the kernel's table sees it.
+    fn arrival(from: Device, bound: Bound, ipv6: bool) -> Arrival {
+        Arrival {
+            from,
+            bound,
+            ipv6,
+            established: false,
+            udp_zero_checksum: false,
+            tcp_syn: false,
+            dport: Some(53),
+        }
+    }
+
+    fn through(p: Arrival, isolate_peers: bool) -> KernelPath {
+        policy::kernel_table(
+            p,
+            Switches {
+                isolate_peers,
+                snat_to_wg: true,
+            },
+            true,
+        )
+    }
+
+    fn new_flow(from: Device, bound: Bound, ipv6: bool, isolate_peers: bool) -> NewFlow {
+        through(arrival(from, bound, ipv6), isolate_peers).verdict
+    }
+
+    /// The rows a packet passes, by the decision functions: the one that
+    /// decides it, then the translations.
+    fn rows_of(flow: NewFlow) -> Vec<PolicyRule> {
+        match flow {
+            NewFlow::ToHost => panic!("to the host: the input rows decide"),
+            NewFlow::Refused(rule) => vec![rule],
+            NewFlow::Forwarded {
+                dnat,
+                forward,
+                snat,
+                ..
+            } => dnat.into_iter().chain([forward]).chain(snat).collect(),
+        }
+    }
+
+    /// A packet each row decides (or translates), through the pure decision
+    /// functions, and whether the plan must isolate the peers for it.
+    fn decided(row: PolicyRule) -> (Vec<PolicyRule>, bool) {
+        let p = everything();
+        let open = Openings {
+            wg_port: p.wg_port,
+            ts_port: p.ts_port,
+            status_port: p.status_port,
+            expose_host: p.expose_host,
+        };
+        let closed = Openings {
+            expose_host: false,
+            ..open
+        };
+        let input = |from, what, open| (vec![policy::input(from, what, open)], false);
+        match row {
+            PolicyRule::InputLoopback => input(Source::Loopback, HostTraffic::Tcp(22), closed),
+            PolicyRule::InputReplies => input(Source::Other, HostTraffic::Reply, closed),
+            PolicyRule::InputIcmpErrors => input(TS, HostTraffic::IcmpError, closed),
+            PolicyRule::InputIcmpv6 => input(
+                WG,
+                HostTraffic::Icmpv6 {
+                    echo_request_or_redirect: false,
+                },
+                closed,
+            ),
+            PolicyRule::InputWireGuard => input(Source::Other, HostTraffic::Udp(51820), closed),
+            PolicyRule::InputTailscale => input(Source::Other, HostTraffic::Udp(41641), closed),
+            PolicyRule::InputStatusPage => input(TS, HostTraffic::Tcp(8080), closed),
+            PolicyRule::InputExposeHost => input(WG, HostTraffic::Tcp(22), open),
+            PolicyRule::InputRefused => input(
+                TS,
+                HostTraffic::Icmpv6 {
+                    echo_request_or_redirect: true,
+                },
+                closed,
+            ),
+            PolicyRule::ForwardMssClamp => {
+                let syn = Arrival {
+                    tcp_syn: true,
+                    dport: Some(443),
+                    ..arrival(Device::WireGuard, Bound::Tailnet, false)
+                };
+                (through(syn, false).mss.into_iter().collect(), false)
+            }
+            PolicyRule::ForwardUdp6ZeroChecksum => {
+                let zero = Arrival {
+                    established: true,
+                    udp_zero_checksum: true,
+                    ..arrival(Device::WireGuard, Bound::Tailnet, true)
+                };
+                (rows_of(through(zero, false).verdict), false)
+            }
+            PolicyRule::ForwardReplies => {
+                // IPv4 has no checksum-0 rule.
+                let reply = Arrival {
+                    established: true,
+                    udp_zero_checksum: true,
+                    ..arrival(Device::Tailscale, Bound::WireGuard, false)
+                };
+                (rows_of(through(reply, false).verdict), false)
+            }
+            PolicyRule::ForwardWgToTs | PolicyRule::SrcnatWgToTs => (
+                rows_of(new_flow(Device::WireGuard, Bound::Tailnet, false, false)),
+                false,
+            ),
+            PolicyRule::ForwardTsToWg | PolicyRule::SrcnatTsToWg => (
+                rows_of(new_flow(Device::Tailscale, Bound::WireGuard, true, false)),
+                false,
+            ),
+            PolicyRule::ForwardWgToWg => (
+                rows_of(new_flow(Device::WireGuard, Bound::WireGuard, true, false)),
+                false,
+            ),
+            PolicyRule::ForwardIsolatedPeers => (
+                rows_of(new_flow(Device::WireGuard, Bound::WireGuard, false, true)),
+                true,
+            ),
+            PolicyRule::ForwardRefused => (
+                rows_of(new_flow(Device::Tailscale, Bound::Tailnet, false, false)),
+                false,
+            ),
+            PolicyRule::DstnatFastPathPorts => {
+                let to_fast_path_port = Arrival {
+                    dport: Some(tailguard_common::nat::NAT_PORT_FIRST),
+                    ..arrival(Device::Tailscale, Bound::DestIp, false)
+                };
+                let path = through(to_fast_path_port, false);
+                // Untranslated, the packet is the host's: the input rows decide.
+                assert_eq!(path.verdict, NewFlow::ToHost);
+                (path.dstnat_accepted.into_iter().collect(), false)
+            }
+            PolicyRule::DstnatTsDestIpV4 => (
+                rows_of(new_flow(Device::Tailscale, Bound::DestIp, false, false)),
+                false,
+            ),
+            PolicyRule::DstnatTsDestIpV6 => (
+                rows_of(new_flow(Device::Tailscale, Bound::DestIp, true, false)),
+                false,
+            ),
         }
     }
 
     #[test]
-    fn input_is_default_deny_with_the_reference_openings() {
-        let c = comments(&plan(), "input");
-        assert!(
-            c.contains(&"WireGuard".to_string()) && c.contains(&"Tailscale".to_string()),
-            "{c:?}"
+    fn every_row_is_decided_by_the_policy_and_held_by_the_table() {
+        for row in PolicyRule::ALL {
+            let facts = row.row();
+            let (rows, isolated) = decided(row);
+            assert!(rows.contains(&row), "{facts:?}: decided as {rows:?}");
+            let mut p = everything();
+            p.isolate_peers = isolated;
+            let commands = replace(&p);
+            let all = rules(&commands);
+            let own: Vec<_> = all
+                .iter()
+                .filter(|r| r.comment.as_deref() == Some(facts.name))
+                .collect();
+            match facts.form {
+                Form::Rule => {
+                    // Masquerading takes two rules (see `masquerade`).
+                    let expected = if facts.action == Action::Masquerade {
+                        2
+                    } else {
+                        1
+                    };
+                    assert_eq!(own.len(), expected, "{facts:?}: {all:#?}");
+                    for rule in own {
+                        assert_eq!(rule.chain, facts.chain.name(), "{facts:?}");
+                        assert_eq!(action(rule), facts.action, "{facts:?}");
+                    }
+                }
+                Form::ChainPolicy => {
+                    assert!(own.is_empty(), "{facts:?}: a chain's policy has no rule");
+                    assert_eq!(facts.action, Action::Drop);
+                    let chain = chains(&commands)
+                        .into_iter()
+                        .find(|c| c.name == facts.chain.name())
+                        .unwrap_or_else(|| panic!("{facts:?}: no chain"));
+                    assert_eq!(chain.policy, Some(NfChainPolicy::Drop), "{facts:?}");
+                }
+            }
+            // Every rule is a row.
+            for rule in &all {
+                let name = rule.comment.as_deref();
+                assert!(
+                    PolicyRule::ALL.iter().any(|r| Some(r.name()) == name),
+                    "{name:?} is no row"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn isolation_leaves_wg_to_wg_to_the_forward_chains_policy() {
+        let mut p = everything();
+        p.isolate_peers = true;
+        let forward = comments(&p, Chain::Forward);
+        assert!(!forward.contains(&PolicyRule::ForwardWgToWg.name().to_string()));
+        assert_eq!(
+            new_flow(Device::WireGuard, Bound::WireGuard, false, true),
+            NewFlow::Refused(PolicyRule::ForwardIsolatedPeers)
         );
-        assert!(
-            !c.iter()
-                .any(|c| c.contains("TG_EXPOSE_HOST") || c.contains("status")),
-            "{c:?}"
-        );
+    }
+
+    #[test]
+    fn input_is_default_deny_with_the_documented_openings() {
+        let c = comments(&plan(), Chain::Input);
+        for row in [PolicyRule::InputWireGuard, PolicyRule::InputTailscale] {
+            assert!(c.contains(&row.name().to_string()), "{c:?}");
+        }
+        for row in [PolicyRule::InputExposeHost, PolicyRule::InputStatusPage] {
+            assert!(!c.contains(&row.name().to_string()), "{c:?}");
+        }
         let mut p = plan();
         p.expose_host = true;
         p.status_port = Some(8080);
         p.ts_port = 0;
-        let c = comments(&p, "input");
+        let c = comments(&p, Chain::Input);
+        for row in [PolicyRule::InputExposeHost, PolicyRule::InputStatusPage] {
+            assert!(c.contains(&row.name().to_string()), "{c:?}");
+        }
         assert!(
-            c.iter().any(|c| c.contains("TG_EXPOSE_HOST"))
-                && c.iter().any(|c| c.contains("status")),
-            "{c:?}"
-        );
-        assert!(
-            !c.contains(&"Tailscale".to_string()),
+            !c.contains(&PolicyRule::InputTailscale.name().to_string()),
             "port 0 opens nothing: {c:?}"
         );
-        let chain = &replace(&p)["nftables"][3]["add"]["chain"];
+        let open = Openings {
+            ts_port: 0,
+            ..Openings::default()
+        };
         assert_eq!(
-            (&chain["name"], &chain["policy"]),
-            (&json!("input"), &json!("drop"))
+            policy::input(TS, HostTraffic::Udp(0), open),
+            PolicyRule::InputRefused
+        );
+        let chain = &chains(&replace(&p))[0];
+        assert_eq!(
+            (chain.name.as_ref(), chain.policy),
+            ("input", Some(NfChainPolicy::Drop))
         );
     }
 
     #[test]
     fn isolation_and_snat_switch_their_rules() {
-        assert!(
-            comments(&plan(), "forward")
-                .iter()
-                .any(|c| c.starts_with("wg -> wg"))
-        );
+        let wg_to_wg = PolicyRule::ForwardWgToWg.name().to_string();
+        assert!(comments(&plan(), Chain::Forward).contains(&wg_to_wg));
         assert_eq!(
-            comments(&plan(), "srcnat").len(),
+            comments(&plan(), Chain::Srcnat).len(),
             4,
             "two rules per direction"
         );
         let mut p = plan();
         p.isolate_peers = true;
         p.snat_to_wg = false;
-        assert!(
-            !comments(&p, "forward")
-                .iter()
-                .any(|c| c.starts_with("wg -> wg"))
-        );
+        assert!(!comments(&p, Chain::Forward).contains(&wg_to_wg));
         assert_eq!(
-            comments(&p, "srcnat"),
-            ["wg -> ts leaves with the node's tailnet address"; 2]
+            comments(&p, Chain::Srcnat),
+            [PolicyRule::SrcnatWgToTs.name(); 2]
         );
+        let NewFlow::Forwarded { snat, .. } = policy::new_flow(
+            Device::Tailscale,
+            Bound::WireGuard,
+            false,
+            Switches::default(),
+        ) else {
+            panic!("ts -> wg is forwarded")
+        };
+        assert_eq!(snat, None, "no SNAT to wg without --snat-subnet-routes");
     }
 
     #[test]
     fn dest_ip_needs_both_the_setting_and_the_own_address() {
         let mut p = plan();
         p.dest.v4 = Some(Ipv4Addr::new(10, 0, 0, 2));
-        assert!(comments(&p, "dstnat").is_empty(), "no tailnet address yet");
+        assert!(
+            comments(&p, Chain::Dstnat).is_empty(),
+            "no tailnet address yet"
+        );
         p.ts_v4 = Some(Ipv4Addr::new(100, 64, 0, 1));
         p.ts_v6 = Some("fd7a:115c:a1e0::1".parse().unwrap());
-        assert_eq!(comments(&p, "dstnat"), ["TS_DEST_IP (IPv4)"]);
+        assert_eq!(
+            comments(&p, Chain::Dstnat),
+            [PolicyRule::DstnatTsDestIpV4.name()]
+        );
     }
 
     #[test]
@@ -438,26 +795,33 @@ mod tests {
         p.ts_v4 = Some(Ipv4Addr::new(100, 64, 0, 1));
         p.fast_path_ports = true;
         assert_eq!(
-            comments(&p, "dstnat"),
-            [FAST_PATH_PORTS, "TS_DEST_IP (IPv4)"],
+            comments(&p, Chain::Dstnat),
+            [FAST_PATH_PORTS, PolicyRule::DstnatTsDestIpV4.name()],
             "the exception comes first"
         );
-        let commands = replace(&p);
-        let exception = commands["nftables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["add"]["rule"]["comment"] == FAST_PATH_PORTS)
+        let exception = rules(&replace(&p))
+            .into_iter()
+            .find(|r| r.comment.as_deref() == Some(FAST_PATH_PORTS))
             .unwrap();
-        let expr = &exception["add"]["rule"]["expr"];
-        assert_eq!(expr[2]["match"]["right"]["range"], json!([61000, 65535]));
-        assert_eq!(expr[3], json!({"accept": null}));
-        let parsed: Result<nftables::schema::Nftables, _> = serde_json::from_value(commands);
-        assert!(parsed.is_ok(), "{parsed:?}");
+        let json = serde_json::to_value(&exception.expr).unwrap();
+        assert_eq!(
+            json[2]["match"]["right"]["range"],
+            serde_json::json!([61000, 65535])
+        );
+        assert_eq!(json[3], serde_json::json!({"accept": null}));
         p.dest.v4 = None;
         assert!(
-            comments(&p, "dstnat").is_empty(),
+            comments(&p, Chain::Dstnat).is_empty(),
             "no TS_DEST_IP, no exception"
         );
+    }
+
+    #[test]
+    fn the_commands_read_back_as_nftables_json() {
+        for commands in [replace(&everything()), remove()] {
+            let json = serde_json::to_value(&commands).unwrap();
+            let parsed: Nftables<'static> = serde_json::from_value(json).unwrap();
+            assert_eq!(parsed, commands);
+        }
     }
 }
