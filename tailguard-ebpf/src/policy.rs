@@ -11,8 +11,7 @@ use aya_ebpf::{
         __sk_buff, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup,
     },
-    cty::c_void,
-    helpers::{bpf_fib_lookup, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use tailguard_common::{
@@ -599,21 +598,15 @@ pub fn send_error(
 
 /// Sends the packet out of `ifindex`, the device `to`. On L3
 /// devices it goes as it is; on Ethernet devices (veth) the kernel fills in
-/// the link-layer addresses of the next hop (`bpf_redirect_neigh`, which
-/// aya-ebpf does not wrap yet: helper 152, as the kernel's UAPI numbers it).
+/// the link-layer addresses of the next hop (`bpf_redirect_neigh`).
 /// Returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the helper refused.
 #[inline(always)]
 pub fn redirect(ctx: &TcContext, to: Device, ifindex: u32) -> i32 {
     kernel_flows::mark_sent(ctx);
     if has_ethernet(to) {
-        // SAFETY: helper 152 is `long bpf_redirect_neigh(u32 ifindex, struct
-        // bpf_redir_neigh *params, int plen, u64 flags)`; no params means
-        // "look the next hop up".
-        unsafe {
-            let redirect_neigh: unsafe extern "C" fn(u32, *mut c_void, i32, u64) -> i64 =
-                core::mem::transmute(152usize);
-            redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
-        }
+        // SAFETY: a plain helper call; no params means "look the next hop
+        // up".
+        unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
     } else {
         // SAFETY: a plain helper call.
         unsafe { bpf_redirect(ifindex, 0) as i32 }
