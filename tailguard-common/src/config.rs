@@ -34,7 +34,9 @@ pub struct Config {
     pub dest_v6: [u8; 16],
 }
 
-/// The bits of [`Config::flags`].
+/// The bits of [`Config::flags`]: each one a program reads. (What only the
+/// nftables table needs, such as `TG_EXPOSE_HOST`, is not here: the
+/// programs leave the host's own traffic to the kernel.)
 pub mod flag {
     pub const TS_V4: u32 = 1 << 0;
     pub const TS_V6: u32 = 1 << 1;
@@ -46,13 +48,11 @@ pub mod flag {
     pub const ISOLATE_PEERS: u32 = 1 << 6;
     /// Source-NAT tailnet traffic towards wg to the node's WireGuard address.
     pub const SNAT_TO_WG: u32 = 1 << 7;
-    /// `TG_EXPOSE_HOST=1`: new connections from ts to the host are accepted.
-    pub const EXPOSE_HOST: u32 = 1 << 8;
     /// The kernel forwards IPv4 (`net.ipv4.ip_forward=1` when the daemon
     /// started): without it, IPv4 between the networks is not forwarded.
-    pub const FORWARD_V4: u32 = 1 << 9;
+    pub const FORWARD_V4: u32 = 1 << 8;
     /// The kernel forwards IPv6 (`net.ipv6.conf.all.forwarding=1`).
-    pub const FORWARD_V6: u32 = 1 << 10;
+    pub const FORWARD_V6: u32 = 1 << 9;
 }
 
 impl Config {

@@ -58,7 +58,6 @@ pub fn config(plan: &Plan, facts: &Facts) -> Config {
     let dest = plan.forwarding.dest_ip;
     config.set_dest(dest.v4, dest.v6);
     config.set(flag::ISOLATE_PEERS, plan.forwarding.isolate_peers);
-    config.set(flag::EXPOSE_HOST, plan.forwarding.expose_host);
     config.set(flag::SNAT_TO_WG, plan.forwarding.snat_to_wg);
     config.set(flag::FORWARD_V4, facts.forwarding.ipv4);
     config.set(flag::FORWARD_V6, facts.forwarding.ipv6);
@@ -146,7 +145,6 @@ pub fn describe(config: &Config, routes: &Routes) -> serde_json::Value {
         "dest_v6": config.dest_v6(),
         "isolate_peers": config.has(flag::ISOLATE_PEERS),
         "snat_to_wg": config.has(flag::SNAT_TO_WG),
-        "expose_host": config.has(flag::EXPOSE_HOST),
         "forward_v4": config.has(flag::FORWARD_V4),
         "forward_v6": config.has(flag::FORWARD_V6),
         "routes": routes.iter().map(|(net, r)| (net.to_string(), egress(r).into())).collect::<serde_json::Map<_, _>>(),
@@ -194,7 +192,6 @@ mod tests {
         assert_eq!(c.dest_v4(), Some(Ipv4Addr::new(10, 8, 0, 2)));
         assert_eq!(c.dest_v6(), None);
         assert!(c.has(flag::ISOLATE_PEERS) && c.has(flag::SNAT_TO_WG));
-        assert!(!c.has(flag::EXPOSE_HOST));
     }
 
     #[test]
