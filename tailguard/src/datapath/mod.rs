@@ -4,12 +4,16 @@
 //! `pin`), and the counters.
 
 mod attach;
+#[cfg(feature = "bench")]
+mod bench_floor;
 mod counters;
 mod maps;
 mod object;
 pub mod pin;
 
 pub use attach::{AttachMode, Backend};
+#[cfg(feature = "bench")]
+pub use bench_floor::BenchFloor;
 pub use counters::{Counters, Outcomes};
 pub use maps::Routes;
 pub use object::{LinkLayer, LoadOptions, Program, nat_table_bytes};
@@ -115,22 +119,6 @@ impl Datapath {
     /// The program for `device`'s `direction` hook.
     pub fn program(&self, device: Device, direction: Direction) -> Result<&SchedClassifier, Error> {
         object::program(&self.ebpf, Program::new(device, direction))
-    }
-
-    /// The benchmarks' floor (`tg_bench_floor`: a program that only
-    /// redirects), loaded on first use; the daemon never uses it.
-    pub fn bench_floor(&mut self) -> Result<&SchedClassifier, Error> {
-        const NAME: &str = "tg_bench_floor";
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(NAME)
-            .ok_or_else(|| object::program_error(NAME, aya::programs::ProgramError::NotLoaded))?
-            .try_into()
-            .map_err(|e| object::program_error(NAME, e))?;
-        if program.fd().is_err() {
-            program.load().map_err(|e| object::program_error(NAME, e))?;
-        }
-        Ok(program)
     }
 
     /// Summaries of every loaded program, as the kernel reports them.
