@@ -141,19 +141,34 @@ unsafe impl aya::Pod for Config {}
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct Route {
+    /// The [`Device`]'s number, or [`Route::ELSEWHERE`]'s.
     pub egress: u32,
 }
 
 impl Route {
     /// Routed out of the WireGuard device (a peer's allowed IPs).
-    pub const WIREGUARD: Self = Self { egress: 1 };
+    pub const WIREGUARD: Self = Self::out_of(Device::WireGuard);
     /// Routed out of the Tailscale device (tailnet ranges, table 52).
-    pub const TAILSCALE: Self = Self { egress: 2 };
+    pub const TAILSCALE: Self = Self::out_of(Device::Tailscale);
     /// Routed by the main table out of neither device (the uplink's own
     /// network, a static route): not ours to forward. It shadows a
     /// WireGuard default route as wg-quick's `suppress_prefixlength 0`
     /// rule does, and goes to the kernel's FIB (local or dropped).
-    pub const ELSEWHERE: Self = Self { egress: 3 };
+    pub const ELSEWHERE: Self = Self {
+        egress: Device::COUNT,
+    };
+
+    /// Routed out of `device`.
+    pub const fn out_of(device: Device) -> Self {
+        Self {
+            egress: device as u32,
+        }
+    }
+
+    /// The device it is routed out of; `None` for [`Route::ELSEWHERE`].
+    pub const fn device(self) -> Option<Device> {
+        Device::from_number(self.egress)
+    }
 }
 
 #[cfg(feature = "user")]
@@ -176,6 +191,17 @@ mod tests {
         assert_eq!(c.ts_v4(), None);
         assert_eq!(c.ts_v4, [0; 4], "a cleared address leaves no trace");
         assert_eq!(c.ts_v6(), Some("fd7a:115c:a1e0::7".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_route_names_its_device_by_the_devices_number() {
+        for device in Device::ALL {
+            assert_eq!(Route::out_of(device).egress, device as u32);
+            assert_eq!(Route::out_of(device).device(), Some(device));
+        }
+        assert_eq!(Route::WIREGUARD.device(), Some(Device::WireGuard));
+        assert_eq!(Route::TAILSCALE.device(), Some(Device::Tailscale));
+        assert_eq!(Route::ELSEWHERE.device(), None);
     }
 
     #[test]

@@ -8,10 +8,12 @@
 pub mod classify;
 pub mod config;
 pub mod counters;
+pub mod device;
 pub mod fragment;
 pub mod nat;
 pub mod outcome;
 
 pub use config::{Config, Route};
-pub use counters::{Counter, CounterSlot, Device, Direction, PacketClass};
+pub use counters::{Counter, CounterSlot, PacketClass};
+pub use device::{Device, Direction};
 pub use outcome::Outcome;

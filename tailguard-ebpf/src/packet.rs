@@ -81,7 +81,7 @@ pub fn is_extension(next: u8) -> bool {
 /// fast path sends a clone), off the stack, which 6.1's verifier allows 512
 /// bytes for the whole call chain.
 #[map]
-static PACKETS: PerCpuArray<Packet> = PerCpuArray::with_max_entries(2, 0);
+static PACKETS: PerCpuArray<Packet> = PerCpuArray::with_max_entries(Direction::COUNT, 0);
 
 impl Packet {
     /// Reads the packet into this CPU's slot for `direction`; `None` for

@@ -126,11 +126,10 @@ pub fn routes(plan: &Plan, table52: &[IpNet], main: &[IpNet]) -> Routes {
 
 /// The maps' contents as JSON, for `/status` and the log.
 pub fn describe(config: &Config, routes: &Routes) -> serde_json::Value {
-    let egress = |r: &Route| match *r {
-        Route::WIREGUARD => "wireguard",
-        Route::TAILSCALE => "tailscale",
-        Route::ELSEWHERE => "elsewhere",
-        _ => "unknown",
+    let egress = |r: &Route| match r.device() {
+        Some(device) => device.name(),
+        None if *r == Route::ELSEWHERE => "elsewhere",
+        None => "unknown",
     };
     serde_json::json!({
         "wg_ifindex": config.wg_ifindex,
