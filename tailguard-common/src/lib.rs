@@ -12,6 +12,7 @@ pub mod device;
 pub mod fragment;
 pub mod nat;
 pub mod outcome;
+pub mod wire;
 
 pub use config::{Config, Route};
 pub use counters::{Counter, CounterSlot, PacketClass};

@@ -18,7 +18,8 @@ use tailguard_common::{
     Config, Device, Direction, Outcome, Route,
     config::flag,
     fragment::Fragment,
-    nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, NatEntry, state},
+    nat::{NatEntry, state},
+    wire::{AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, tcp, udp},
 };
 
 use crate::{
@@ -26,9 +27,9 @@ use crate::{
     fragments,
     icmp::{self, IcmpError},
     kernel_flows,
-    link_layer::has_ethernet,
+    link_layer::{has_ethernet, ip_header_offset},
     nat::{self, Scratch},
-    packet::{Packet, TCP_FIN, TCP_RST},
+    packet::Packet,
     rewrite, too_big,
 };
 
@@ -49,7 +50,7 @@ fn decide(ctx: &TcContext, device: Device) -> (i32, Outcome) {
     let Some(cfg) = config() else {
         return kernel(Outcome::KernelNotConfigured);
     };
-    let l3 = if has_ethernet(device) { 14 } else { 0 };
+    let l3 = ip_header_offset(device);
     let Some(p) = Packet::read(ctx, l3, Direction::Ingress) else {
         // An ICMP error about a flow of ours is translated back; anything
         // else unusual is the kernel's.
@@ -119,7 +120,7 @@ fn flow(
             // translate it anew (or answer it as the host's).
             return (TC_ACT_SHOT, Outcome::DropOptionsOfOurFlow);
         }
-        if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        if p.tcp_flags & (tcp::FIN | tcp::RST) != 0 {
             entry.state |= state::CLOSING;
         }
         return send(ctx, cfg, p, entry, device);
@@ -133,7 +134,8 @@ fn flow(
     }
     // A first fragment too short for its transport header: nothing to
     // judge it (or its later fragments) by.
-    if p.part == Fragment::First && p.len < (p.l4 - p.l3) as u32 + p.l4_len.max(8) {
+    if p.part == Fragment::First && p.len < (p.l4 - p.l3) as u32 + p.l4_len.max(udp::HEADER as u32)
+    {
         return (TC_ACT_SHOT, Outcome::DropTinyFragment);
     }
     // (A later fragment of a datagram the fast path took carries no flags;
@@ -412,7 +414,7 @@ fn elsewhere(ctx: &TcContext, p: &Packet, s: &mut Scratch) -> (i32, Outcome) {
     f.__bindgen_anon_1.tot_len = p.len as u16;
     let word = |a: &[u8; 16], i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
     if p.ipv6 {
-        f.family = 10; // AF_INET6
+        f.family = AF_INET6;
         f.__bindgen_anon_3.ipv6_src = [
             word(&p.src, 0),
             word(&p.src, 4),
@@ -426,7 +428,7 @@ fn elsewhere(ctx: &TcContext, p: &Packet, s: &mut Scratch) -> (i32, Outcome) {
             word(&p.dst, 12),
         ];
     } else {
-        f.family = 2; // AF_INET
+        f.family = AF_INET;
         f.__bindgen_anon_3.ipv4_src = word(&p.src, 0);
         f.__bindgen_anon_4.ipv4_dst = word(&p.dst, 0);
     }

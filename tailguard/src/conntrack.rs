@@ -16,7 +16,8 @@ use netlink_packet_netfilter::{
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use tailguard_common::{
     Device,
-    nat::{FlowKey, IPPROTO_UDP, NatEntry, state},
+    nat::{FlowKey, NatEntry, state},
+    wire::IPPROTO_UDP,
 };
 
 use crate::datapath::{Datapath, Routes};
