@@ -185,3 +185,28 @@ pub mod icmpv6 {
     pub const ECHO_REQUEST: u8 = 128;
     pub const ECHO_REPLY: u8 = 129;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_come_from_their_fields() {
+        assert_eq!(ip_version(0x45), ipv4::VERSION);
+        assert_eq!(ip_version(ipv6::VERSION_BYTE), ipv6::VERSION);
+        assert_eq!(ipv4::header_len(ipv4::VERSION_IHL_PLAIN), ipv4::HEADER);
+        assert_eq!(ipv4::header_len(0x4f), 60, "IHL 15: the most options");
+        assert_eq!(tcp::header_len(0x50), tcp::HEADER);
+        assert_eq!(tcp::header_len(0xf0), tcp::HEADER + tcp::MAX_OPTIONS);
+        assert_eq!(ipv6::ext_header_len(0), ipv6::FRAGMENT_HEADER);
+        assert_eq!(ipv6::ext_header_len(2), 24);
+    }
+
+    #[test]
+    fn dont_fragment_is_read_from_the_flags_byte() {
+        assert!(ipv4::dont_fragment(0x40));
+        assert!(ipv4::dont_fragment(0x5f), "with an offset's high bits");
+        assert!(!ipv4::dont_fragment(0x20), "MF alone");
+        assert!(!ipv4::dont_fragment(0x80), "the reserved bit alone");
+    }
+}
