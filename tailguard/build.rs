@@ -51,10 +51,17 @@ fn main() -> anyhow::Result<()> {
 
     let root = toolchain::workspace_root().join("tailguard-ebpf");
     let root = root.to_str().context("workspace path is not UTF-8")?;
+    // The benchmarks' floor is its own object, built only for them.
+    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_BENCH").is_some() {
+        &["bench-floor"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [Package {
             name: "tailguard-ebpf",
             root_dir: root,
+            features,
             ..Default::default()
         }],
         Toolchain::Custom(&nightly),

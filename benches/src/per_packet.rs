@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use etherparse::PacketBuilder;
 use ipnet::IpNet;
-use tailguard::datapath::{Datapath, LinkLayer, LoadOptions};
+use tailguard::datapath::{BenchFloor, Datapath, LinkLayer, LoadOptions};
 use tailguard_common::{Device, Direction};
 
 /// Runs per path: enough for a stable median on 2 cores in seconds.
@@ -109,7 +109,8 @@ pub fn run() -> Result<Vec<Row>> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the benchmarks load eBPF programs: run them as root (cargo xtask bench does)");
     }
-    let mut dp = loaded(0, 0)?;
+    let dp = loaded(0, 0)?;
+    let floor_program = BenchFloor::load().context("loading the floor program")?;
 
     struct Family {
         name: &'static str,
@@ -154,7 +155,7 @@ pub fn run() -> Result<Vec<Row>> {
             .collect();
         let drop = vec![udp(f.client, f.other_client, 1, 2)];
 
-        let floor = time(dp.bench_floor()?, &established)?;
+        let floor = time(floor_program.program()?, &established)?;
         let floor_median = floor.1[floor.1.len() / 2].max(1);
         let row = |path, (verdict, s): (u32, Vec<u64>)| Row {
             path,

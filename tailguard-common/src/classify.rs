@@ -2,12 +2,10 @@
 //! fields. Pure arithmetic, shared by the TC programs (which read the fields
 //! with bounds-checked loads) and host unit tests.
 
-use crate::PacketClass;
-
-/// Length of IPv4's fixed header, and so the least any IP header takes.
-pub const IPV4_MIN_HEADER: usize = 20;
-/// Length of IPv6's fixed header.
-pub const IPV6_HEADER: usize = 40;
+use crate::{
+    PacketClass,
+    wire::{ipv4, ipv6},
+};
 
 /// The fields of an IPv4 header that say whether it is whole.
 #[derive(Clone, Copy, Debug)]
@@ -42,10 +40,10 @@ const fn big_gso(field: usize, arrived: Arrived, fixed: usize) -> bool {
 /// length it claims covers the header and is not more than what arrived.
 /// (Ethernet padding may make what arrived longer than `total`.)
 pub const fn ipv4(lengths: Ipv4Lengths, arrived: Arrived) -> PacketClass {
-    if lengths.header >= IPV4_MIN_HEADER && big_gso(lengths.total, arrived, lengths.header) {
+    if lengths.header >= ipv4::HEADER && big_gso(lengths.total, arrived, lengths.header) {
         return PacketClass::Ipv4;
     }
-    if lengths.header < IPV4_MIN_HEADER
+    if lengths.header < ipv4::HEADER
         || lengths.total < lengths.header
         || lengths.total > arrived.len
     {
@@ -58,10 +56,10 @@ pub const fn ipv4(lengths: Ipv4Lengths, arrived: Arrived) -> PacketClass {
 /// An IPv6 header is whole when the fixed 40 bytes and the payload it claims
 /// arrived.
 pub const fn ipv6(payload: usize, arrived: Arrived) -> PacketClass {
-    if big_gso(payload, arrived, IPV6_HEADER) {
+    if big_gso(payload, arrived, ipv6::HEADER) {
         return PacketClass::Ipv6;
     }
-    if IPV6_HEADER + payload > arrived.len {
+    if ipv6::HEADER + payload > arrived.len {
         PacketClass::Malformed
     } else {
         PacketClass::Ipv6
@@ -75,7 +73,7 @@ pub const fn ipv6(payload: usize, arrived: Arrived) -> PacketClass {
 pub const fn version(nibble: u8, announced: Option<u8>) -> Result<u8, PacketClass> {
     match announced {
         Some(v) if v != nibble => Err(PacketClass::Malformed),
-        _ if nibble == 4 || nibble == 6 => Ok(nibble),
+        _ if nibble == ipv4::VERSION || nibble == ipv6::VERSION => Ok(nibble),
         _ => Err(PacketClass::NotIp),
     }
 }

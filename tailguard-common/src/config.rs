@@ -34,7 +34,9 @@ pub struct Config {
     pub dest_v6: [u8; 16],
 }
 
-/// The bits of [`Config::flags`].
+/// The bits of [`Config::flags`]: each one a program reads. (What only the
+/// nftables table needs, such as `TG_EXPOSE_HOST`, is not here: the
+/// programs leave the host's own traffic to the kernel.)
 pub mod flag {
     pub const TS_V4: u32 = 1 << 0;
     pub const TS_V6: u32 = 1 << 1;
@@ -46,13 +48,11 @@ pub mod flag {
     pub const ISOLATE_PEERS: u32 = 1 << 6;
     /// Source-NAT tailnet traffic towards wg to the node's WireGuard address.
     pub const SNAT_TO_WG: u32 = 1 << 7;
-    /// `TG_EXPOSE_HOST=1`: new connections from ts to the host are accepted.
-    pub const EXPOSE_HOST: u32 = 1 << 8;
     /// The kernel forwards IPv4 (`net.ipv4.ip_forward=1` when the daemon
     /// started): without it, IPv4 between the networks is not forwarded.
-    pub const FORWARD_V4: u32 = 1 << 9;
+    pub const FORWARD_V4: u32 = 1 << 8;
     /// The kernel forwards IPv6 (`net.ipv6.conf.all.forwarding=1`).
-    pub const FORWARD_V6: u32 = 1 << 10;
+    pub const FORWARD_V6: u32 = 1 << 9;
 }
 
 impl Config {
@@ -141,19 +141,34 @@ unsafe impl aya::Pod for Config {}
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct Route {
+    /// The [`Device`]'s number, or [`Route::KERNEL`]'s.
     pub egress: u32,
 }
 
 impl Route {
     /// Routed out of the WireGuard device (a peer's allowed IPs).
-    pub const WIREGUARD: Self = Self { egress: 1 };
+    pub const WIREGUARD: Self = Self::out_of(Device::WireGuard);
     /// Routed out of the Tailscale device (tailnet ranges, table 52).
-    pub const TAILSCALE: Self = Self { egress: 2 };
+    pub const TAILSCALE: Self = Self::out_of(Device::Tailscale);
     /// Routed by the main table out of neither device (the uplink's own
     /// network, a static route): not ours to forward. It shadows a
     /// WireGuard default route as wg-quick's `suppress_prefixlength 0`
     /// rule does, and goes to the kernel's FIB (local or dropped).
-    pub const KERNEL: Self = Self { egress: 3 };
+    pub const KERNEL: Self = Self {
+        egress: Device::COUNT,
+    };
+
+    /// Routed out of `device`.
+    pub const fn out_of(device: Device) -> Self {
+        Self {
+            egress: device as u32,
+        }
+    }
+
+    /// The device it is routed out of; `None` for [`Route::KERNEL`].
+    pub const fn device(self) -> Option<Device> {
+        Device::from_number(self.egress)
+    }
 }
 
 #[cfg(feature = "user")]
@@ -176,6 +191,17 @@ mod tests {
         assert_eq!(c.ts_v4(), None);
         assert_eq!(c.ts_v4, [0; 4], "a cleared address leaves no trace");
         assert_eq!(c.ts_v6(), Some("fd7a:115c:a1e0::7".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_route_names_its_device_by_the_devices_number() {
+        for device in Device::ALL {
+            assert_eq!(Route::out_of(device).egress, device as u32);
+            assert_eq!(Route::out_of(device).device(), Some(device));
+        }
+        assert_eq!(Route::WIREGUARD.device(), Some(Device::WireGuard));
+        assert_eq!(Route::TAILSCALE.device(), Some(Device::Tailscale));
+        assert_eq!(Route::KERNEL.device(), None);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::{Device, Direction};
+
 /// The value stored in each slot of the `COUNTERS` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -28,24 +30,6 @@ impl Counter {
 // bit pattern valid), which is exactly what `aya::Pod` requires.
 unsafe impl aya::Pod for Counter {}
 
-/// The device a program is attached to, by the role it plays in the bridge.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Device {
-    /// The WireGuard device (`WG_DEVICE`, usually `wg0`).
-    WireGuard = 0,
-    /// The Tailscale TUN device (`TS_DEVICE`, usually `tailscale0`).
-    Tailscale = 1,
-}
-
-/// Which TC hook of the device saw the packet.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Direction {
-    Ingress = 0,
-    Egress = 1,
-}
-
 /// What the parser made of the packet.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -56,46 +40,6 @@ pub enum PacketClass {
     NotIp = 2,
     /// Claims to be IP but its header is cut short or inconsistent.
     Malformed = 3,
-}
-
-impl Device {
-    pub const ALL: [Self; 2] = [Self::WireGuard, Self::Tailscale];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::WireGuard => "wireguard",
-            Self::Tailscale => "tailscale",
-        }
-    }
-
-    /// The device on the other side of the bridge.
-    pub const fn other(self) -> Self {
-        match self {
-            Self::WireGuard => Self::Tailscale,
-            Self::Tailscale => Self::WireGuard,
-        }
-    }
-
-    /// The device with this role number (`as u32`); anything else reads as
-    /// WireGuard.
-    pub const fn from_role(role: u32) -> Self {
-        if role == Self::Tailscale as u32 {
-            Self::Tailscale
-        } else {
-            Self::WireGuard
-        }
-    }
-}
-
-impl Direction {
-    pub const ALL: [Self; 2] = [Self::Ingress, Self::Egress];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::Ingress => "ingress",
-            Self::Egress => "egress",
-        }
-    }
 }
 
 impl PacketClass {
@@ -121,8 +65,7 @@ pub struct CounterSlot {
 
 impl CounterSlot {
     /// Number of slots; the size of the `COUNTERS` map.
-    pub const COUNT: u32 =
-        (Device::ALL.len() * Direction::ALL.len() * PacketClass::ALL.len()) as u32;
+    pub const COUNT: u32 = Device::COUNT * Direction::COUNT * PacketClass::ALL.len() as u32;
 
     pub const fn new(device: Device, direction: Direction, class: PacketClass) -> Self {
         Self {
@@ -135,8 +78,8 @@ impl CounterSlot {
     /// The slot's index in the map: device-major, then direction, then class.
     pub const fn index(self) -> u32 {
         let classes = PacketClass::ALL.len() as u32;
-        let directions = Direction::ALL.len() as u32;
-        ((self.device as u32) * directions + self.direction as u32) * classes + self.class as u32
+        ((self.device as u32) * Direction::COUNT + self.direction as u32) * classes
+            + self.class as u32
     }
 
     /// Every slot, in index order.

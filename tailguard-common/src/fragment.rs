@@ -11,6 +11,11 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::wire::{
+    ipv4,
+    ipv6::{self, DEST_OPTS, FRAGMENT, HOP_BY_HOP, ROUTING},
+};
+
 /// Which part of a datagram a packet is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fragment {
@@ -22,17 +27,23 @@ pub enum Fragment {
     Later,
 }
 
-/// From IPv4's flags and fragment offset field (host byte order): MF is
-/// 0x2000, the offset the low 13 bits.
+/// From IPv4's flags and fragment offset field (host byte order): MF and
+/// the offset in the low 13 bits.
 pub const fn ipv4_fragment(flags_offset: u16) -> Fragment {
-    classify(flags_offset & 0x1fff, flags_offset & 0x2000 != 0)
+    classify(
+        flags_offset & ipv4::OFFSET_MASK,
+        flags_offset & ipv4::FLAG_MF != 0,
+    )
 }
 
 /// From the second word of an IPv6 fragment header (host byte order): the
 /// offset in the top 13 bits, M the lowest bit. A fragment header with offset
 /// 0 and M clear (an "atomic fragment", RFC 6946) is a whole datagram.
 pub const fn ipv6_fragment(offset_flags: u16) -> Fragment {
-    classify(offset_flags >> 3, offset_flags & 1 != 0)
+    classify(
+        offset_flags >> ipv6::FRAGMENT_OFFSET_SHIFT,
+        offset_flags & ipv6::FRAGMENT_MORE != 0,
+    )
 }
 
 const fn classify(offset: u16, more: bool) -> Fragment {
@@ -42,12 +53,6 @@ const fn classify(offset: u16, more: bool) -> Fragment {
         _ => Fragment::Later,
     }
 }
-
-/// IPv6 extension headers the programs walk.
-pub const NEXTHDR_HOP: u8 = 0;
-pub const NEXTHDR_ROUTING: u8 = 43;
-pub const NEXTHDR_FRAGMENT: u8 = 44;
-pub const NEXTHDR_DEST: u8 = 60;
 
 /// How many extension headers the programs walk before giving up (a bounded
 /// loop for the verifier; real traffic carries one or two).
@@ -73,23 +78,26 @@ pub enum Ipv6Step {
 /// Reads the extension header of type `kind` whose first 8 bytes are `h`.
 pub const fn ipv6_step(kind: u8, h: [u8; 8]) -> Ipv6Step {
     match kind {
-        NEXTHDR_HOP | NEXTHDR_DEST => Ipv6Step::Skip {
-            next: h[0],
-            len: (h[1] as usize + 1) * 8,
+        HOP_BY_HOP | DEST_OPTS => Ipv6Step::Skip {
+            next: h[ipv6::EXT_NEXT],
+            len: ipv6::ext_header_len(h[ipv6::EXT_LEN]),
         },
-        NEXTHDR_ROUTING if h[3] != 0 => Ipv6Step::SourceRouted {
-            next: h[0],
-            len: (h[1] as usize + 1) * 8,
+        ROUTING if h[ipv6::ROUTING_SEGMENTS_LEFT] != 0 => Ipv6Step::SourceRouted {
+            next: h[ipv6::EXT_NEXT],
+            len: ipv6::ext_header_len(h[ipv6::EXT_LEN]),
         },
-        NEXTHDR_ROUTING => Ipv6Step::Skip {
-            next: h[0],
-            len: (h[1] as usize + 1) * 8,
+        ROUTING => Ipv6Step::Skip {
+            next: h[ipv6::EXT_NEXT],
+            len: ipv6::ext_header_len(h[ipv6::EXT_LEN]),
         },
-        NEXTHDR_FRAGMENT => Ipv6Step::Fragment {
-            next: h[0],
-            part: ipv6_fragment(u16::from_be_bytes([h[2], h[3]])),
-            id: u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
-        },
+        FRAGMENT => {
+            let (at, id) = (ipv6::FRAGMENT_OFFSET, ipv6::FRAGMENT_ID);
+            Ipv6Step::Fragment {
+                next: h[ipv6::EXT_NEXT],
+                part: ipv6_fragment(u16::from_be_bytes([h[at], h[at + 1]])),
+                id: u32::from_be_bytes([h[id], h[id + 1], h[id + 2], h[id + 3]]),
+            }
+        }
         upper => Ipv6Step::Upper(upper),
     }
 }
@@ -166,24 +174,24 @@ mod tests {
     fn ipv6_chain_steps() {
         assert_eq!(ipv6_step(17, [0; 8]), Ipv6Step::Upper(17));
         assert_eq!(
-            ipv6_step(NEXTHDR_HOP, [60, 0, 1, 4, 0, 0, 0, 0]),
+            ipv6_step(HOP_BY_HOP, [60, 0, 1, 4, 0, 0, 0, 0]),
             Ipv6Step::Skip { next: 60, len: 8 }
         );
         assert_eq!(
-            ipv6_step(NEXTHDR_DEST, [6, 2, 0, 0, 0, 0, 0, 0]),
+            ipv6_step(DEST_OPTS, [6, 2, 0, 0, 0, 0, 0, 0]),
             Ipv6Step::Skip { next: 6, len: 24 }
         );
         assert_eq!(
-            ipv6_step(NEXTHDR_ROUTING, [17, 2, 0, 0, 0, 0, 0, 0]),
+            ipv6_step(ROUTING, [17, 2, 0, 0, 0, 0, 0, 0]),
             Ipv6Step::Skip { next: 17, len: 24 },
             "no segments left: the packet is at its final destination"
         );
         assert_eq!(
-            ipv6_step(NEXTHDR_ROUTING, [17, 2, 0, 1, 0, 0, 0, 0]),
+            ipv6_step(ROUTING, [17, 2, 0, 1, 0, 0, 0, 0]),
             Ipv6Step::SourceRouted { next: 17, len: 24 }
         );
         assert_eq!(
-            ipv6_step(NEXTHDR_FRAGMENT, [17, 0, 0, 1, 0xde, 0xad, 0xbe, 0xef]),
+            ipv6_step(FRAGMENT, [17, 0, 0, 1, 0xde, 0xad, 0xbe, 0xef]),
             Ipv6Step::Fragment {
                 next: 17,
                 part: Fragment::First,
@@ -191,7 +199,7 @@ mod tests {
             }
         );
         assert_eq!(
-            ipv6_step(NEXTHDR_FRAGMENT, [17, 0, 0x05, 0xc8, 0, 0, 0, 7]),
+            ipv6_step(FRAGMENT, [17, 0, 0x05, 0xc8, 0, 0, 0, 7]),
             Ipv6Step::Fragment {
                 next: 17,
                 part: Fragment::Later,

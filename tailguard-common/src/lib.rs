@@ -8,12 +8,15 @@
 pub mod classify;
 pub mod config;
 pub mod counters;
+pub mod device;
 pub mod fragment;
 pub mod nat;
 pub mod outcome;
 pub mod policy;
+pub mod wire;
 
 pub use config::{Config, Route};
-pub use counters::{Counter, CounterSlot, Device, Direction, PacketClass};
+pub use counters::{Counter, CounterSlot, PacketClass};
+pub use device::{Device, Direction};
 pub use outcome::Outcome;
 pub use policy::PolicyRule;

@@ -10,6 +10,8 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::wire::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, ipv4, ipv6, tcp};
+
 /// A flow as seen arriving on one device. IPv4 addresses use the first four
 /// bytes of each address field; for ICMP echo, `sport` is the identifier and
 /// `dport` is 0. Ports are kept in network byte order, as in the packet.
@@ -87,11 +89,6 @@ unsafe impl aya::Pod for FlowKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for NatEntry {}
 
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_ICMPV6: u8 = 58;
-
 /// Source ports (and ICMP identifiers) the fast path translates to: above
 /// Linux's ephemeral range (32768-60999), which the daemon also reserves, so
 /// they never collide with the host's own connections from the same
@@ -166,7 +163,11 @@ pub const fn nat_port(random: u32, attempt: u32) -> u16 {
 
 /// The largest TCP MSS that fits `mtu` for the family.
 pub const fn mss_for(mtu: u32, ipv6: bool) -> u16 {
-    let headers = if ipv6 { 60 } else { 40 };
+    let headers = if ipv6 {
+        (ipv6::HEADER + tcp::HEADER) as u32
+    } else {
+        (ipv4::HEADER + tcp::HEADER) as u32
+    };
     if mtu <= headers {
         0
     } else {

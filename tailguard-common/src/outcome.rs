@@ -151,7 +151,7 @@ impl Outcome {
 }
 
 /// Slots in `OUTCOMES`: every outcome for both devices.
-pub const OUTCOME_SLOTS: u32 = 2 * Outcome::COUNT;
+pub const OUTCOME_SLOTS: u32 = Device::COUNT * Outcome::COUNT;
 
 #[cfg(test)]
 mod tests {

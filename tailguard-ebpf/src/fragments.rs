@@ -6,6 +6,7 @@ use aya_ebpf::{macros::map, maps::LruHashMap};
 use tailguard_common::{
     Device,
     fragment::{FRAG_MAX_ENTRIES, FragEntry, FragKey},
+    wire::{ipv4, ipv6},
 };
 
 use crate::packet::Packet;
@@ -23,7 +24,7 @@ pub fn key_of(p: &Packet, device: Device) -> FragKey {
         id: p.frag_id,
         proto: p.frag_proto,
         ingress: device as u8,
-        family: if p.ipv6 { 6 } else { 4 },
+        family: if p.ipv6 { ipv6::VERSION } else { ipv4::VERSION },
         _pad: 0,
     }
 }

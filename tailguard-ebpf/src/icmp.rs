@@ -8,14 +8,22 @@ use aya_ebpf::programs::TcContext;
 use tailguard_common::{
     Config, Device, Outcome,
     fragment::{Fragment, IPV6_MAX_EXT_HEADERS, Ipv6Step, ipv6_step},
-    nat::{FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, state},
+    nat::{FlowKey, state},
+    wire::{
+        IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, icmp, icmpv6, ip_version, ipv4,
+        ipv6, tcp, udp,
+    },
 };
 
 use crate::{
     nat,
-    packet::{ECHO_REQUEST_V4, ECHO_REQUEST_V6, is_extension},
+    packet::is_extension,
     rewrite::{self, Failed},
 };
+
+/// How much of the quoted transport header an error must carry: the 8
+/// bytes that hold the ports (as the kernel's conntrack insists too).
+const QUOTED_L4: usize = 8;
 
 /// The outer packet's fields that change, and where the quote starts.
 pub struct IcmpError {
@@ -44,9 +52,11 @@ pub struct IcmpError {
 fn is_error(ipv6: bool, icmp_type: u8) -> bool {
     if ipv6 {
         // Destination unreachable, packet too big, time exceeded, parameter problem.
-        (1..=4).contains(&icmp_type)
+        (icmpv6::DEST_UNREACHABLE..=icmpv6::PARAMETER_PROBLEM).contains(&icmp_type)
     } else {
-        icmp_type == 3 || icmp_type == 11 || icmp_type == 12
+        icmp_type == icmp::DEST_UNREACHABLE
+            || icmp_type == icmp::TIME_EXCEEDED
+            || icmp_type == icmp::PARAMETER_PROBLEM
     }
 }
 
@@ -57,7 +67,7 @@ impl IcmpError {
     #[inline(always)]
     pub fn read(ctx: &TcContext, l3: usize, e: &mut Self) -> Option<()> {
         let first: u8 = ctx.load(l3).ok()?;
-        let ipv6 = first >> 4 == 6;
+        let ipv6 = ip_version(first) == ipv6::VERSION;
         *e = Self {
             ipv6,
             l3,
@@ -76,51 +86,55 @@ impl IcmpError {
             inner_csum: 0,
         };
         if ipv6 {
-            if ctx.load::<u8>(l3 + 6).ok()? != IPPROTO_ICMPV6 {
+            if ctx.load::<u8>(l3 + ipv6::NEXT_HEADER).ok()? != IPPROTO_ICMPV6 {
                 return None;
             }
-            e.l4 = l3 + 40;
-            e.ttl = ctx.load(l3 + 7).ok()?;
-            e.src = ctx.load(l3 + 8).ok()?;
-            e.dst = ctx.load(l3 + 24).ok()?;
+            e.l4 = l3 + ipv6::HEADER;
+            e.ttl = ctx.load(l3 + ipv6::HOP_LIMIT).ok()?;
+            e.src = ctx.load(l3 + ipv6::SRC).ok()?;
+            e.dst = ctx.load(l3 + ipv6::DST).ok()?;
         } else {
-            if first >> 4 != 4 || ctx.load::<u8>(l3 + 9).ok()? != IPPROTO_ICMP {
+            if ip_version(first) != ipv4::VERSION
+                || ctx.load::<u8>(l3 + ipv4::PROTOCOL).ok()? != IPPROTO_ICMP
+            {
                 return None;
             }
-            let frag: u16 = ctx.load(l3 + 6).ok()?;
-            if u16::from_be(frag) & 0x3fff != 0 {
+            // Not a fragment (MF or an offset).
+            let frag: u16 = ctx.load(l3 + ipv4::FRAG).ok()?;
+            if u16::from_be(frag) & (ipv4::FLAG_MF | ipv4::OFFSET_MASK) != 0 {
                 return None;
             }
-            let ihl = usize::from(first & 0x0f) * 4;
-            if ihl < 20 {
+            let ihl = ipv4::header_len(first);
+            if ihl < ipv4::HEADER {
                 return None;
             }
             e.l4 = l3 + ihl;
-            e.ttl = ctx.load(l3 + 8).ok()?;
-            let s: [u8; 4] = ctx.load(l3 + 12).ok()?;
-            let d: [u8; 4] = ctx.load(l3 + 16).ok()?;
-            e.src[..4].copy_from_slice(&s);
-            e.dst[..4].copy_from_slice(&d);
+            e.ttl = ctx.load(l3 + ipv4::TTL).ok()?;
+            let s: [u8; ipv4::ADDR_LEN] = ctx.load(l3 + ipv4::SRC).ok()?;
+            let d: [u8; ipv4::ADDR_LEN] = ctx.load(l3 + ipv4::DST).ok()?;
+            e.src[..ipv4::ADDR_LEN].copy_from_slice(&s);
+            e.dst[..ipv4::ADDR_LEN].copy_from_slice(&d);
         }
-        if !is_error(ipv6, ctx.load(e.l4).ok()?) {
+        if !is_error(ipv6, ctx.load(e.l4 + icmp::TYPE).ok()?) {
             return None;
         }
         // The quote: the same family, a well-formed header whose lengths
         // cover at least the 8 bytes after it, and (IPv4) no later fragment,
         // which would carry no ports. Anything else is not an error about a
         // packet we sent; the kernel judges it.
-        e.inner_l3 = e.l4 + 8;
+        e.inner_l3 = e.l4 + icmp::HEADER;
         let inner_first: u8 = ctx.load(e.inner_l3).ok()?;
         // What the quoted packet says it carried after its IP header.
         let inner_payload;
         let mut first_fragment = false;
         if ipv6 {
-            if inner_first >> 4 != 6 {
+            if ip_version(inner_first) != ipv6::VERSION {
                 return None;
             }
-            inner_payload = usize::from(u16::from_be(ctx.load(e.inner_l3 + 4).ok()?));
-            e.inner_proto = ctx.load(e.inner_l3 + 6).ok()?;
-            e.inner_l4 = e.inner_l3 + 40;
+            inner_payload =
+                usize::from(u16::from_be(ctx.load(e.inner_l3 + ipv6::PAYLOAD_LEN).ok()?));
+            e.inner_proto = ctx.load(e.inner_l3 + ipv6::NEXT_HEADER).ok()?;
+            e.inner_l4 = e.inner_l3 + ipv6::HEADER;
             // The quoted packet's extension headers, as `Packet` walks
             // them: a first fragment's quote holds the ports; a later one's
             // does not.
@@ -139,69 +153,69 @@ impl IcmpError {
                             return None;
                         }
                         first_fragment = true;
-                        e.inner_l4 += 8;
+                        e.inner_l4 += ipv6::FRAGMENT_HEADER;
                         e.inner_proto = next;
                     }
                     Ipv6Step::Upper(_) => break,
                 }
             }
-            e.inner_src = ctx.load(e.inner_l3 + 8).ok()?;
-            e.inner_dst = ctx.load(e.inner_l3 + 24).ok()?;
+            e.inner_src = ctx.load(e.inner_l3 + ipv6::SRC).ok()?;
+            e.inner_dst = ctx.load(e.inner_l3 + ipv6::DST).ok()?;
         } else {
-            let ihl = usize::from(inner_first & 0x0f) * 4;
-            if inner_first >> 4 != 4 || ihl < 20 {
+            let ihl = ipv4::header_len(inner_first);
+            if ip_version(inner_first) != ipv4::VERSION || ihl < ipv4::HEADER {
                 return None;
             }
-            let total = usize::from(u16::from_be(ctx.load(e.inner_l3 + 2).ok()?));
-            let frag = u16::from_be(ctx.load(e.inner_l3 + 6).ok()?);
-            if frag & 0x1fff != 0 || total < ihl {
+            let total = usize::from(u16::from_be(ctx.load(e.inner_l3 + ipv4::TOTAL_LEN).ok()?));
+            let frag = u16::from_be(ctx.load(e.inner_l3 + ipv4::FRAG).ok()?);
+            if frag & ipv4::OFFSET_MASK != 0 || total < ihl {
                 return None;
             }
             inner_payload = total - ihl;
             // A first fragment's UDP length is the whole datagram's.
-            first_fragment = frag & 0x2000 != 0;
-            e.inner_proto = ctx.load(e.inner_l3 + 9).ok()?;
+            first_fragment = frag & ipv4::FLAG_MF != 0;
+            e.inner_proto = ctx.load(e.inner_l3 + ipv4::PROTOCOL).ok()?;
             e.inner_l4 = e.inner_l3 + ihl;
-            let s: [u8; 4] = ctx.load(e.inner_l3 + 12).ok()?;
-            let d: [u8; 4] = ctx.load(e.inner_l3 + 16).ok()?;
-            e.inner_src[..4].copy_from_slice(&s);
-            e.inner_dst[..4].copy_from_slice(&d);
+            let s: [u8; ipv4::ADDR_LEN] = ctx.load(e.inner_l3 + ipv4::SRC).ok()?;
+            let d: [u8; ipv4::ADDR_LEN] = ctx.load(e.inner_l3 + ipv4::DST).ok()?;
+            e.inner_src[..ipv4::ADDR_LEN].copy_from_slice(&s);
+            e.inner_dst[..ipv4::ADDR_LEN].copy_from_slice(&d);
         }
         // How much of the quoted transport header the error carries: the
         // 8 bytes that hold the ports at least, as the kernel's conntrack
         // insists too.
         let quoted = (ctx.len() as usize).saturating_sub(e.inner_l4);
-        if inner_payload < 8 || quoted < 8 {
+        if inner_payload < QUOTED_L4 || quoted < QUOTED_L4 {
             return None;
         }
         match e.inner_proto {
             IPPROTO_TCP => {
-                e.inner_sport = ctx.load(e.inner_l4).ok()?;
-                e.inner_dport = ctx.load(e.inner_l4 + 2).ok()?;
+                e.inner_sport = ctx.load(e.inner_l4 + tcp::SRC_PORT).ok()?;
+                e.inner_dport = ctx.load(e.inner_l4 + tcp::DST_PORT).ok()?;
                 // Only a whole TCP header holds the checksum (as the
                 // kernel's NAT requires too).
-                if quoted >= 20 {
-                    e.inner_csum = e.inner_l4 + 16;
+                if quoted >= tcp::HEADER {
+                    e.inner_csum = e.inner_l4 + tcp::CHECKSUM;
                 }
             }
             IPPROTO_UDP => {
-                let udp_len = usize::from(u16::from_be(ctx.load(e.inner_l4 + 4).ok()?));
-                if udp_len < 8 || (udp_len > inner_payload && !first_fragment) {
+                let udp_len = usize::from(u16::from_be(ctx.load(e.inner_l4 + udp::LEN).ok()?));
+                if udp_len < udp::HEADER || (udp_len > inner_payload && !first_fragment) {
                     return None;
                 }
-                e.inner_sport = ctx.load(e.inner_l4).ok()?;
-                e.inner_dport = ctx.load(e.inner_l4 + 2).ok()?;
-                if ctx.load::<u16>(e.inner_l4 + 6).ok()? != 0 {
-                    e.inner_csum = e.inner_l4 + 6;
+                e.inner_sport = ctx.load(e.inner_l4 + udp::SRC_PORT).ok()?;
+                e.inner_dport = ctx.load(e.inner_l4 + udp::DST_PORT).ok()?;
+                if ctx.load::<u16>(e.inner_l4 + udp::CHECKSUM).ok()? != 0 {
+                    e.inner_csum = e.inner_l4 + udp::CHECKSUM;
                 }
             }
             IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-                let t: u8 = ctx.load(e.inner_l4).ok()?;
-                if t != ECHO_REQUEST_V4 && t != ECHO_REQUEST_V6 {
+                let t: u8 = ctx.load(e.inner_l4 + icmp::TYPE).ok()?;
+                if t != icmp::ECHO_REQUEST && t != icmpv6::ECHO_REQUEST {
                     return None;
                 }
-                e.inner_sport = ctx.load(e.inner_l4 + 4).ok()?;
-                e.inner_csum = e.inner_l4 + 2;
+                e.inner_sport = ctx.load(e.inner_l4 + icmp::ECHO_ID).ok()?;
+                e.inner_csum = e.inner_l4 + icmp::CHECKSUM;
             }
             _ => return None,
         }
@@ -223,7 +237,11 @@ impl IcmpError {
             dport: self.inner_dport,
             proto: self.inner_proto,
             ingress: device as u8,
-            family: if self.ipv6 { 6 } else { 4 },
+            family: if self.ipv6 {
+                ipv6::VERSION
+            } else {
+                ipv4::VERSION
+            },
             _pad: 0,
         };
         quoted.reply(device as u8)
@@ -269,8 +287,8 @@ pub fn rewrite_error(
     e: &mut IcmpError,
     entry: &tailguard_common::nat::NatEntry,
 ) -> Result<(), Failed> {
-    let csum = e.l4 + 2;
-    let icmp = e.inner_icmp();
+    let csum = e.l4 + icmp::CHECKSUM;
+    let echo = e.inner_icmp();
     // First the quoted transport checksum, from the quote's old fields.
     rewrite::set_quoted_l4_checksum(ctx, e, entry)?;
     // The quote: source back to the original sender, destination back to
@@ -293,11 +311,14 @@ pub fn rewrite_error(
         &e.inner_dst,
         &entry.src,
     )?;
-    if icmp {
-        rewrite::set_quoted_port(ctx, csum, e.inner_l4 + 4, e.inner_sport, entry.sport)?;
+    if echo {
+        let id = e.inner_l4 + icmp::ECHO_ID;
+        rewrite::set_quoted_port(ctx, csum, id, e.inner_sport, entry.sport)?;
     } else {
-        rewrite::set_quoted_port(ctx, csum, e.inner_l4, e.inner_sport, entry.dport)?;
-        rewrite::set_quoted_port(ctx, csum, e.inner_l4 + 2, e.inner_dport, entry.sport)?;
+        // TCP's and UDP's ports sit alike.
+        let (sport, dport) = (e.inner_l4 + udp::SRC_PORT, e.inner_l4 + udp::DST_PORT);
+        rewrite::set_quoted_port(ctx, csum, sport, e.inner_sport, entry.dport)?;
+        rewrite::set_quoted_port(ctx, csum, dport, e.inner_dport, entry.sport)?;
     }
     // The outer header.
     let from_far_end = e.src == e.inner_dst;

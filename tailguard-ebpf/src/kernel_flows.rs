@@ -22,10 +22,11 @@
 use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
 use tailguard_common::{
     Device, Direction,
-    nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
+    fragment::Fragment,
+    wire::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, ip_version, ipv4, ipv6},
 };
 
-use crate::{link_layer::has_ethernet, nat, packet::Packet};
+use crate::{link_layer::ip_header_offset, nat, packet::Packet};
 
 /// The `tc_index` bit of packets the fast path sends.
 const SENT_BY_FAST_PATH: u32 = 1 << 15;
@@ -54,14 +55,18 @@ pub fn learn(ctx: &TcContext, device: Device) {
             return;
         }
     }
-    let l3 = if has_ethernet(device) { 14 } else { 0 };
+    let l3 = ip_header_offset(device);
     // Only UDP and ICMP echo need this (every other packet of a TCP flow
     // but its SYN is the kernel's anyway): a look at the protocol before
     // reading it all.
     let Ok(first) = ctx.load::<u8>(l3) else {
         return;
     };
-    let protocol_at = if first >> 4 == 6 { l3 + 6 } else { l3 + 9 };
+    let protocol_at = if ip_version(first) == ipv6::VERSION {
+        l3 + ipv6::NEXT_HEADER
+    } else {
+        l3 + ipv4::PROTOCOL
+    };
     let Ok(protocol) = ctx.load::<u8>(protocol_at) else {
         return;
     };
@@ -73,7 +78,7 @@ pub fn learn(ctx: &TcContext, device: Device) {
         return;
     };
     // A later fragment carries no ports: its first fragment said it all.
-    if p.proto == IPPROTO_TCP || p.part == tailguard_common::fragment::Fragment::Later {
+    if p.proto == IPPROTO_TCP || p.part == Fragment::Later {
         return;
     }
     // The packet that answers this one, or (for an echo reply) the next

@@ -6,7 +6,7 @@
 //! it loads the object, so the check costs one read of a constant.
 
 use aya_ebpf::Global;
-use tailguard_common::Device;
+use tailguard_common::{Device, wire::ETH_HEADER};
 
 /// 1 when the WireGuard-side device carries Ethernet frames.
 #[unsafe(no_mangle)]
@@ -23,4 +23,10 @@ pub fn has_ethernet(device: Device) -> bool {
         Device::Tailscale => &TS_ETHERNET,
     };
     flag.load() != 0
+}
+
+/// Where the IP header of `device`'s packets starts.
+#[inline(always)]
+pub fn ip_header_offset(device: Device) -> usize {
+    if has_ethernet(device) { ETH_HEADER } else { 0 }
 }

@@ -54,15 +54,6 @@ pub fn tg_ts_egress(ctx: TcContext) -> i32 {
     observe(&ctx, Device::Tailscale, Direction::Egress)
 }
 
-/// The benchmarks' floor: a program that only redirects (to ifindex 1),
-/// against which the policy's per-packet cost is measured. The daemon never
-/// loads or attaches it.
-#[classifier]
-pub fn tg_bench_floor(_ctx: TcContext) -> i32 {
-    // SAFETY: a plain helper call.
-    unsafe { aya_ebpf::helpers::bpf_redirect(1, 0) as i32 }
-}
-
 /// Counts the packet and lets it go on. `TC_ACT_UNSPEC` rather than
 /// `TC_ACT_OK`: under TCX any other verdict ends the chain, and programs that
 /// others attached after ours must still see the packet.

@@ -11,6 +11,7 @@ use tailguard_common::{
     fragment::{FragEntry, FragKey},
     nat::{FlowKey, NAT_MAX_ENTRIES, NAT_PORT_TRIES, NatEntry, nat_port, state, timeout_ns},
     outcome::OUTCOME_SLOTS,
+    wire::{ipv4, ipv6},
 };
 
 use crate::{icmp::IcmpError, packet::Packet};
@@ -88,7 +89,7 @@ pub fn key_of(p: &Packet, device: Device) -> FlowKey {
         dport: if p.is_icmp() { 0 } else { p.dport },
         proto: p.proto,
         ingress: device as u8,
-        family: if p.ipv6 { 6 } else { 4 },
+        family: if p.ipv6 { ipv6::VERSION } else { ipv4::VERSION },
         _pad: 0,
     }
 }

@@ -6,23 +6,16 @@ use aya_ebpf::{
 };
 use tailguard_common::{
     Direction,
-    fragment::{
-        Fragment, IPV6_MAX_EXT_HEADERS, Ipv6Step, NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP,
-        NEXTHDR_ROUTING, ipv4_fragment, ipv6_step,
+    fragment::{Fragment, IPV6_MAX_EXT_HEADERS, Ipv6Step, ipv4_fragment, ipv6_step},
+    wire::{
+        IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, icmp, icmpv6, ip_version, ipv4,
+        ipv6, tcp, udp,
     },
-    nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 
-/// ICMP echo request / reply types, per family.
-pub const ECHO_REQUEST_V4: u8 = 8;
-pub const ECHO_REPLY_V4: u8 = 0;
-pub const ECHO_REQUEST_V6: u8 = 128;
-pub const ECHO_REPLY_V6: u8 = 129;
-
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+/// The transport header's length until TCP's is read: UDP's and ICMP's.
+const SHORT_L4_HEADER: u32 = udp::HEADER as u32;
+const _: () = assert!(udp::HEADER == icmp::HEADER);
 
 /// A packet the fast path can handle: IPv4 or IPv6 (behind a bounded chain
 /// of extension headers), whole or a fragment, carrying TCP, UDP or an ICMP
@@ -72,7 +65,7 @@ pub struct Packet {
 pub fn is_extension(next: u8) -> bool {
     matches!(
         next,
-        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_DEST
+        ipv6::HOP_BY_HOP | ipv6::ROUTING | ipv6::FRAGMENT | ipv6::DEST_OPTS
     )
 }
 
@@ -81,7 +74,7 @@ pub fn is_extension(next: u8) -> bool {
 /// fast path sends a clone), off the stack, which 6.1's verifier allows 512
 /// bytes for the whole call chain.
 #[map]
-static PACKETS: PerCpuArray<Packet> = PerCpuArray::with_max_entries(2, 0);
+static PACKETS: PerCpuArray<Packet> = PerCpuArray::with_max_entries(Direction::COUNT, 0);
 
 impl Packet {
     /// Reads the packet into this CPU's slot for `direction`; `None` for
@@ -103,54 +96,54 @@ impl Packet {
         // Each load is a helper call: whole headers at once, not field by
         // field.
         let p = self;
-        *p = match first >> 4 {
-            4 => {
-                let ihl = usize::from(first & 0x0f) * 4;
-                if ihl < 20 {
+        *p = match ip_version(first) {
+            ipv4::VERSION => {
+                let ihl = ipv4::header_len(first);
+                if ihl < ipv4::HEADER {
                     return None;
                 }
-                let h: [u8; 20] = ctx.load(l3).ok()?;
+                let h: [u8; ipv4::HEADER] = ctx.load(l3).ok()?;
                 let mut src = [0u8; 16];
                 let mut dst = [0u8; 16];
-                src[..4].copy_from_slice(&h[12..16]);
-                dst[..4].copy_from_slice(&h[16..20]);
+                src[..ipv4::ADDR_LEN].copy_from_slice(&h[ipv4::SRC..][..ipv4::ADDR_LEN]);
+                dst[..ipv4::ADDR_LEN].copy_from_slice(&h[ipv4::DST..][..ipv4::ADDR_LEN]);
                 Self {
                     ipv6: false,
                     l3,
                     l4: l3 + ihl,
-                    l4_len: 8,
-                    proto: h[9],
+                    l4_len: SHORT_L4_HEADER,
+                    proto: h[ipv4::PROTOCOL],
                     src,
                     dst,
                     sport: 0,
                     dport: 0,
-                    ttl: h[8],
+                    ttl: h[ipv4::TTL],
                     tcp_flags: 0,
                     icmp_type: 0,
                     len,
                     gso_size: 0,
-                    part: ipv4_fragment(u16::from_be_bytes([h[6], h[7]])),
-                    frag_id: u32::from(u16::from_be_bytes([h[4], h[5]])),
-                    frag_proto: h[9],
-                    options: ihl > 20,
+                    part: ipv4_fragment(u16::from_be_bytes([h[ipv4::FRAG], h[ipv4::FRAG + 1]])),
+                    frag_id: u32::from(u16::from_be_bytes([h[ipv4::ID], h[ipv4::ID + 1]])),
+                    frag_proto: h[ipv4::PROTOCOL],
+                    options: ihl > ipv4::HEADER,
                     unreadable: false,
                     udp6_no_checksum: false,
                 }
             }
-            6 => {
+            ipv6::VERSION => {
                 // Version to hop limit.
-                let h: [u8; 8] = ctx.load(l3).ok()?;
+                let h: [u8; ipv6::SRC] = ctx.load(l3).ok()?;
                 Self {
                     ipv6: true,
                     l3,
-                    l4: l3 + 40,
-                    l4_len: 8,
-                    proto: h[6],
-                    src: ctx.load(l3 + 8).ok()?,
-                    dst: ctx.load(l3 + 24).ok()?,
+                    l4: l3 + ipv6::HEADER,
+                    l4_len: SHORT_L4_HEADER,
+                    proto: h[ipv6::NEXT_HEADER],
+                    src: ctx.load(l3 + ipv6::SRC).ok()?,
+                    dst: ctx.load(l3 + ipv6::DST).ok()?,
                     sport: 0,
                     dport: 0,
-                    ttl: h[7],
+                    ttl: h[ipv6::HOP_LIMIT],
                     tcp_flags: 0,
                     icmp_type: 0,
                     len,
@@ -178,27 +171,29 @@ impl Packet {
             return match p.proto {
                 IPPROTO_TCP | IPPROTO_UDP => Some(()),
                 IPPROTO_ICMP if !p.ipv6 => Some(()),
-                IPPROTO_ICMPV6 | NEXTHDR_DEST if p.ipv6 => Some(()),
+                IPPROTO_ICMPV6 | ipv6::DEST_OPTS if p.ipv6 => Some(()),
                 _ => None,
             };
         }
         match p.proto {
             IPPROTO_TCP => {
                 // Ports (kept in network byte order) through the flags.
-                let h: [u8; 14] = ctx.load(p.l4).ok()?;
-                p.sport = u16::from_ne_bytes([h[0], h[1]]);
-                p.dport = u16::from_ne_bytes([h[2], h[3]]);
-                p.tcp_flags = h[13];
-                p.l4_len = u32::from(h[12] >> 4) * 4;
+                let h: [u8; tcp::FLAGS + 1] = ctx.load(p.l4).ok()?;
+                p.sport = u16::from_ne_bytes([h[tcp::SRC_PORT], h[tcp::SRC_PORT + 1]]);
+                p.dport = u16::from_ne_bytes([h[tcp::DST_PORT], h[tcp::DST_PORT + 1]]);
+                p.tcp_flags = h[tcp::FLAGS];
+                p.l4_len = tcp::header_len(h[tcp::DATA_OFFSET]) as u32;
             }
             IPPROTO_UDP => {
-                let h: [u8; 8] = ctx.load(p.l4).ok()?;
-                p.sport = u16::from_ne_bytes([h[0], h[1]]);
-                p.dport = u16::from_ne_bytes([h[2], h[3]]);
-                p.udp6_no_checksum = p.ipv6 && h[6] == 0 && h[7] == 0;
+                let h: [u8; udp::HEADER] = ctx.load(p.l4).ok()?;
+                p.sport = u16::from_ne_bytes([h[udp::SRC_PORT], h[udp::SRC_PORT + 1]]);
+                p.dport = u16::from_ne_bytes([h[udp::DST_PORT], h[udp::DST_PORT + 1]]);
+                p.udp6_no_checksum = p.ipv6 && h[udp::CHECKSUM] == 0 && h[udp::CHECKSUM + 1] == 0;
             }
-            IPPROTO_ICMP if !p.ipv6 => p.read_echo(ctx, ECHO_REQUEST_V4, ECHO_REPLY_V4)?,
-            IPPROTO_ICMPV6 if p.ipv6 => p.read_echo(ctx, ECHO_REQUEST_V6, ECHO_REPLY_V6)?,
+            IPPROTO_ICMP if !p.ipv6 => p.read_echo(ctx, icmp::ECHO_REQUEST, icmp::ECHO_REPLY)?,
+            IPPROTO_ICMPV6 if p.ipv6 => {
+                p.read_echo(ctx, icmpv6::ECHO_REQUEST, icmpv6::ECHO_REPLY)?
+            }
             _ => return None,
         }
         Some(())
@@ -225,7 +220,7 @@ impl Packet {
                     self.proto = next;
                 }
                 Ipv6Step::Fragment { next, part, id } => {
-                    self.l4 += 8;
+                    self.l4 += ipv6::FRAGMENT_HEADER;
                     self.proto = next;
                     self.part = part;
                     self.frag_id = id;
@@ -244,11 +239,11 @@ impl Packet {
     /// ICMP: only echo requests and replies; errors go to the kernel.
     #[inline(always)]
     fn read_echo(&mut self, ctx: &TcContext, request: u8, reply: u8) -> Option<()> {
-        self.icmp_type = ctx.load(self.l4).ok()?;
+        self.icmp_type = ctx.load(self.l4 + icmp::TYPE).ok()?;
         if self.icmp_type != request && self.icmp_type != reply {
             return None;
         }
-        self.sport = ctx.load(self.l4 + 4).ok()?;
+        self.sport = ctx.load(self.l4 + icmp::ECHO_ID).ok()?;
         Some(())
     }
 
@@ -259,9 +254,9 @@ impl Packet {
     /// The first packet of a flow: a TCP SYN, any UDP datagram, an echo request.
     pub fn starts_flow(&self) -> bool {
         match self.proto {
-            IPPROTO_TCP => self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+            IPPROTO_TCP => self.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN,
             IPPROTO_UDP => true,
-            _ => self.icmp_type == ECHO_REQUEST_V4 || self.icmp_type == ECHO_REQUEST_V6,
+            _ => self.icmp_type == icmp::ECHO_REQUEST || self.icmp_type == icmpv6::ECHO_REQUEST,
         }
     }
 

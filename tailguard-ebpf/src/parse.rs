@@ -1,13 +1,54 @@
 //! Bounds-checked packet access and the first parse: which IP family, if any.
 
 use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
+use core::mem::offset_of;
+
 use network_types::{
     eth::{EthHdr, EtherType},
+    icmp::Icmpv4Hdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
 };
 use tailguard_common::{
     PacketClass,
     classify::{self, Arrived},
+    wire::{self, icmp, ipv4, ipv6, tcp, udp},
+};
+
+// The wire constants the programs read and write by are network-types'
+// header layouts.
+const _: () = {
+    assert!(wire::ETH_HEADER == EthHdr::LEN);
+    assert!(ipv4::HEADER == Ipv4Hdr::LEN);
+    assert!(ipv4::TOS == offset_of!(Ipv4Hdr, tos));
+    assert!(ipv4::TOTAL_LEN == offset_of!(Ipv4Hdr, tot_len));
+    assert!(ipv4::ID == offset_of!(Ipv4Hdr, id));
+    assert!(ipv4::FRAG == offset_of!(Ipv4Hdr, frags));
+    assert!(ipv4::TTL == offset_of!(Ipv4Hdr, ttl));
+    assert!(ipv4::PROTOCOL == offset_of!(Ipv4Hdr, proto));
+    assert!(ipv4::CHECKSUM == offset_of!(Ipv4Hdr, check));
+    assert!(ipv4::SRC == offset_of!(Ipv4Hdr, src_addr));
+    assert!(ipv4::DST == offset_of!(Ipv4Hdr, dst_addr));
+    assert!(ipv6::HEADER == Ipv6Hdr::LEN);
+    assert!(ipv6::PAYLOAD_LEN == offset_of!(Ipv6Hdr, payload_len));
+    assert!(ipv6::NEXT_HEADER == offset_of!(Ipv6Hdr, next_hdr));
+    assert!(ipv6::HOP_LIMIT == offset_of!(Ipv6Hdr, hop_limit));
+    assert!(ipv6::SRC == offset_of!(Ipv6Hdr, src_addr));
+    assert!(ipv6::DST == offset_of!(Ipv6Hdr, dst_addr));
+    assert!(tcp::HEADER == TcpHdr::LEN);
+    assert!(tcp::SRC_PORT == offset_of!(TcpHdr, source));
+    assert!(tcp::DST_PORT == offset_of!(TcpHdr, dest));
+    assert!(tcp::CHECKSUM == offset_of!(TcpHdr, check));
+    assert!(udp::HEADER == UdpHdr::LEN);
+    assert!(udp::SRC_PORT == offset_of!(UdpHdr, src));
+    assert!(udp::DST_PORT == offset_of!(UdpHdr, dst));
+    assert!(udp::LEN == offset_of!(UdpHdr, len));
+    assert!(udp::CHECKSUM == offset_of!(UdpHdr, check));
+    assert!(icmp::HEADER == Icmpv4Hdr::LEN);
+    assert!(icmp::TYPE == offset_of!(Icmpv4Hdr, type_));
+    assert!(icmp::CODE == offset_of!(Icmpv4Hdr, code));
+    assert!(icmp::CHECKSUM == offset_of!(Icmpv4Hdr, check));
 };
 
 /// The one accessor for packet data: a pointer to a `T` at `offset`, or
@@ -37,13 +78,13 @@ pub fn classify(ctx: &TcContext, ethernet: bool) -> PacketClass {
         // SAFETY: `ptr_at` checked that a whole `EthHdr` lies within the packet.
         let ether_type = unsafe { (*eth).ether_type };
         let announced = if ether_type == EtherType::Ipv4 as u16 {
-            4
+            ipv4::VERSION
         } else if ether_type == EtherType::Ipv6 as u16 {
-            6
+            ipv6::VERSION
         } else {
             return PacketClass::NotIp;
         };
-        (EthHdr::LEN, Some(announced))
+        (wire::ETH_HEADER, Some(announced))
     } else {
         (0, None)
     };
@@ -64,7 +105,7 @@ pub fn classify(ctx: &TcContext, ethernet: bool) -> PacketClass {
     };
     // SAFETY: checked by `ptr_at`.
     match classify::version(unsafe { (*ip).version() }, announced) {
-        Ok(4) => {
+        Ok(ipv4::VERSION) => {
             // SAFETY: checked by `ptr_at`.
             let (header, total) = unsafe { ((*ip).ihl() as usize, (*ip).tot_len() as usize) };
             classify::ipv4(classify::Ipv4Lengths { header, total }, arrived)

@@ -13,16 +13,16 @@ use aya_ebpf::{
         __sk_buff, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup,
     },
-    cty::c_void,
-    helpers::{bpf_fib_lookup, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use tailguard_common::{
     Config, Device, Direction, Outcome, PolicyRule, Route,
     config::flag,
     fragment::Fragment,
-    nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, NatEntry, state},
+    nat::{NatEntry, state},
     policy::{self, Bound, NewFlow, Switches},
+    wire::{AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, tcp, udp},
 };
 
 use crate::{
@@ -30,9 +30,9 @@ use crate::{
     fragments,
     icmp::{self, IcmpError},
     kernel_flows,
-    link_layer::has_ethernet,
+    link_layer::{has_ethernet, ip_header_offset},
     nat::{self, Scratch},
-    packet::{Packet, TCP_FIN, TCP_RST},
+    packet::Packet,
     rewrite, too_big,
 };
 
@@ -60,7 +60,7 @@ fn decide(ctx: &TcContext, device: Device) -> (i32, Outcome) {
     let Some(cfg) = config() else {
         return kernel(Outcome::KernelNotConfigured);
     };
-    let l3 = if has_ethernet(device) { 14 } else { 0 };
+    let l3 = ip_header_offset(device);
     let Some(p) = Packet::read(ctx, l3, Direction::Ingress) else {
         // An ICMP error about a flow of ours is translated back; anything
         // else unusual is the kernel's.
@@ -130,7 +130,7 @@ fn flow(
             // translate it anew (or answer it as the host's).
             return (TC_ACT_SHOT, Outcome::DropOptionsOfOurFlow);
         }
-        if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        if p.tcp_flags & (tcp::FIN | tcp::RST) != 0 {
             entry.state |= state::CLOSING;
         }
         return send(ctx, cfg, p, entry, device);
@@ -144,7 +144,8 @@ fn flow(
     }
     // A first fragment too short for its transport header: nothing to
     // judge it (or its later fragments) by.
-    if p.part == Fragment::First && p.len < (p.l4 - p.l3) as u32 + p.l4_len.max(8) {
+    if p.part == Fragment::First && p.len < (p.l4 - p.l3) as u32 + p.l4_len.max(udp::HEADER as u32)
+    {
         return (TC_ACT_SHOT, Outcome::DropTinyFragment);
     }
     // (A later fragment of a datagram the fast path took carries no flags;
@@ -371,7 +372,7 @@ fn from_wireguard(
             (TC_ACT_SHOT, ISOLATED_PEERS)
         }
         // `forward:refused` (wg -> the uplink).
-        NewFlow::Refused(_) => elsewhere(ctx, p, s),
+        NewFlow::Refused(_) => outside_our_routes(ctx, p, s),
     }
 }
 
@@ -399,7 +400,7 @@ fn from_tailscale(
             to_wireguard(ctx, cfg, p, s, snat.is_some(), now)
         }
         // `forward:refused`: ts -> anything but wg.
-        NewFlow::Refused(_) => elsewhere(ctx, p, s),
+        NewFlow::Refused(_) => outside_our_routes(ctx, p, s),
     }
 }
 
@@ -409,7 +410,7 @@ fn from_tailscale(
 /// forward chain's policy would. The kernel's FIB says which, and only
 /// these packets pay for asking it.
 #[inline(always)]
-fn elsewhere(ctx: &TcContext, p: &Packet, s: &mut Scratch) -> (i32, Outcome) {
+fn outside_our_routes(ctx: &TcContext, p: &Packet, s: &mut Scratch) -> (i32, Outcome) {
     let f = &mut s.fib;
     // SAFETY: an all-zero `bpf_fib_lookup` is valid (plain integers).
     *f = unsafe { core::mem::zeroed() };
@@ -418,7 +419,7 @@ fn elsewhere(ctx: &TcContext, p: &Packet, s: &mut Scratch) -> (i32, Outcome) {
     f.__bindgen_anon_1.tot_len = p.len as u16;
     let word = |a: &[u8; 16], i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
     if p.ipv6 {
-        f.family = 10; // AF_INET6
+        f.family = AF_INET6;
         f.__bindgen_anon_3.ipv6_src = [
             word(&p.src, 0),
             word(&p.src, 4),
@@ -432,7 +433,7 @@ fn elsewhere(ctx: &TcContext, p: &Packet, s: &mut Scratch) -> (i32, Outcome) {
             word(&p.dst, 12),
         ];
     } else {
-        f.family = 2; // AF_INET
+        f.family = AF_INET;
         f.__bindgen_anon_3.ipv4_src = word(&p.src, 0);
         f.__bindgen_anon_4.ipv4_dst = word(&p.dst, 0);
     }
@@ -604,21 +605,15 @@ pub fn send_error(
 
 /// Sends the packet out of `ifindex`, the device `to`. On L3
 /// devices it goes as it is; on Ethernet devices (veth) the kernel fills in
-/// the link-layer addresses of the next hop (`bpf_redirect_neigh`, which
-/// aya-ebpf does not wrap yet: helper 152, as the kernel's UAPI numbers it).
+/// the link-layer addresses of the next hop (`bpf_redirect_neigh`).
 /// Returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the helper refused.
 #[inline(always)]
 pub fn redirect(ctx: &TcContext, to: Device, ifindex: u32) -> i32 {
     kernel_flows::mark_sent(ctx);
     if has_ethernet(to) {
-        // SAFETY: helper 152 is `long bpf_redirect_neigh(u32 ifindex, struct
-        // bpf_redir_neigh *params, int plen, u64 flags)`; no params means
-        // "look the next hop up".
-        unsafe {
-            let redirect_neigh: unsafe extern "C" fn(u32, *mut c_void, i32, u64) -> i64 =
-                core::mem::transmute(152usize);
-            redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
-        }
+        // SAFETY: a plain helper call; no params means "look the next hop
+        // up".
+        unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
     } else {
         // SAFETY: a plain helper call.
         unsafe { bpf_redirect(ifindex, 0) as i32 }

@@ -9,13 +9,16 @@ use aya_ebpf::{
 };
 use tailguard_common::{
     fragment::Fragment,
-    nat::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, mss_for},
+    nat::mss_for,
+    wire::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, icmp, ipv4, ipv6, tcp, udp},
 };
 
-use crate::{
-    icmp::IcmpError,
-    packet::{Packet, TCP_SYN},
-};
+use crate::{icmp::IcmpError, packet::Packet};
+
+/// The low bits of the checksum helpers' flags: the size of the field
+/// replaced (a port, the TTL and protocol word, a flags word).
+pub const FIELD_16_BITS: u64 = 2;
+const _: () = assert!(tcp::SRC_PORT == udp::SRC_PORT && tcp::DST_PORT == udp::DST_PORT);
 
 /// A helper refused: the packet can no longer be trusted and is dropped.
 pub struct Failed;
@@ -35,11 +38,14 @@ fn l4_checksum(p: &Packet) -> (usize, u64) {
         return (p.l4, 0);
     }
     match p.proto {
-        IPPROTO_TCP => (p.l4 + 16, u64::from(BPF_F_PSEUDO_HDR)),
+        IPPROTO_TCP => (p.l4 + tcp::CHECKSUM, u64::from(BPF_F_PSEUDO_HDR)),
         // A zero UDP checksum over IPv4 means "none": keep it zero.
-        IPPROTO_UDP => (p.l4 + 6, u64::from(BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0)),
-        IPPROTO_ICMP => (p.l4 + 2, 0),
-        _ => (p.l4 + 2, u64::from(BPF_F_PSEUDO_HDR)),
+        IPPROTO_UDP => (
+            p.l4 + udp::CHECKSUM,
+            u64::from(BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0),
+        ),
+        IPPROTO_ICMP => (p.l4 + icmp::CHECKSUM, 0),
+        _ => (p.l4 + icmp::CHECKSUM, u64::from(BPF_F_PSEUDO_HDR)),
     }
 }
 
@@ -62,13 +68,18 @@ fn addr_diff(old: &[u8; 16], new: &[u8; 16], n: usize) -> core::result::Result<u
     }
 }
 
+/// An address's length in the family.
+fn addr_len(ipv6: bool) -> usize {
+    if ipv6 { ipv6::ADDR_LEN } else { ipv4::ADDR_LEN }
+}
+
 /// Where an IP header starting at `l3` keeps its source or destination.
 fn addr_offset(l3: usize, ipv6: bool, source: bool) -> usize {
     match (ipv6, source) {
-        (false, true) => l3 + 12,
-        (false, false) => l3 + 16,
-        (true, true) => l3 + 8,
-        (true, false) => l3 + 24,
+        (false, true) => l3 + ipv4::SRC,
+        (false, false) => l3 + ipv4::DST,
+        (true, true) => l3 + ipv6::SRC,
+        (true, false) => l3 + ipv6::DST,
     }
 }
 
@@ -97,12 +108,12 @@ fn replace_addr(
     l4_sum: usize,
     l4_flags: u64,
 ) -> Result {
-    let diff = addr_diff(old, new, if ipv6 { 16 } else { 4 })?;
+    let diff = addr_diff(old, new, addr_len(ipv6))?;
     if l4_flags & u64::from(BPF_F_PSEUDO_HDR) != 0 {
         ok(ctx.l4_csum_replace(l4_sum, 0, diff, l4_flags))?;
     }
     if !ipv6 {
-        ok(ctx.l3_csum_replace(l3 + 10, 0, diff, 0))?;
+        ok(ctx.l3_csum_replace(l3 + ipv4::CHECKSUM, 0, diff, 0))?;
     }
     store_addr(ctx, addr_offset(l3, ipv6, source), ipv6, new)
 }
@@ -137,7 +148,16 @@ pub fn set_outer_addr(ctx: &TcContext, e: &mut IcmpError, source: bool, new: &[u
     } else {
         0
     };
-    replace_addr(ctx, e.l3, e.ipv6, source, &old, new, e.l4 + 2, flags)?;
+    replace_addr(
+        ctx,
+        e.l3,
+        e.ipv6,
+        source,
+        &old,
+        new,
+        e.l4 + icmp::CHECKSUM,
+        flags,
+    )?;
     if source {
         e.src = *new;
     } else {
@@ -163,11 +183,11 @@ pub fn set_quoted_addr(
     if old == new {
         return Ok(());
     }
-    let diff = addr_diff(old, new, if ipv6 { 16 } else { 4 })?;
+    let diff = addr_diff(old, new, addr_len(ipv6))?;
     if ipv6 {
         ok(ctx.l4_csum_replace(icmp_sum, 0, diff, 0))?;
     } else {
-        ok(ctx.l3_csum_replace(inner_l3 + 10, 0, diff, 0))?;
+        ok(ctx.l3_csum_replace(inner_l3 + ipv4::CHECKSUM, 0, diff, 0))?;
     }
     store_addr(ctx, addr_offset(inner_l3, ipv6, source), ipv6, new)
 }
@@ -184,7 +204,7 @@ pub fn set_quoted_port(
     if old == new {
         return Ok(());
     }
-    ok(ctx.l4_csum_replace(icmp_sum, u64::from(old), u64::from(new), 2))?;
+    ok(ctx.l4_csum_replace(icmp_sum, u64::from(old), u64::from(new), FIELD_16_BITS))?;
     ok(ctx.store(offset, &new, 0))
 }
 
@@ -225,8 +245,8 @@ pub fn set_quoted_l4_checksum(
     // In software, 16 bits at a time: the helper's buffers would not fit
     // the stack next to the error's fields.
     if e.inner_proto != IPPROTO_ICMP {
-        let n = if e.ipv6 { 16 } else { 4 };
-        for i in 0..8 {
+        let n = addr_len(e.ipv6);
+        for i in 0..ipv6::ADDR_LEN / 2 {
             if 2 * i < n {
                 let word = |a: &[u8; 16]| u16::from_ne_bytes([a[2 * i], a[2 * i + 1]]);
                 sum = csum_replace(sum, word(&e.inner_src), word(&entry.dst));
@@ -249,7 +269,12 @@ pub fn set_quoted_l4_checksum(
     if new == old {
         return Ok(());
     }
-    ok(ctx.l4_csum_replace(e.l4 + 2, u64::from(old), u64::from(new), 2))?;
+    ok(ctx.l4_csum_replace(
+        e.l4 + icmp::CHECKSUM,
+        u64::from(old),
+        u64::from(new),
+        FIELD_16_BITS,
+    ))?;
     ok(ctx.store(e.inner_csum, &new, 0))
 }
 
@@ -270,15 +295,16 @@ pub fn set_port(ctx: &TcContext, p: &mut Packet, source: bool, new: u16) -> Resu
         }
         return Ok(());
     }
+    // TCP's and UDP's ports sit alike.
     let offset = if p.is_icmp() {
-        p.l4 + 4
+        p.l4 + icmp::ECHO_ID
     } else if source {
-        p.l4
+        p.l4 + udp::SRC_PORT
     } else {
-        p.l4 + 2
+        p.l4 + udp::DST_PORT
     };
     let (l4_sum, l4_flags) = l4_checksum(p);
-    let flags = (l4_flags & u64::from(BPF_F_MARK_MANGLED_0)) | 2;
+    let flags = (l4_flags & u64::from(BPF_F_MARK_MANGLED_0)) | FIELD_16_BITS;
     ok(ctx.l4_csum_replace(l4_sum, u64::from(old), u64::from(new), flags))?;
     ok(ctx.store(offset, &new, 0))?;
     if source {
@@ -302,50 +328,63 @@ pub fn decrement_ttl(ctx: &TcContext, p: &mut Packet) -> Result {
 pub fn decrement_ttl_at(ctx: &TcContext, l3: usize, ipv6: bool, ttl: u8, proto: u8) -> Result {
     let new_ttl = ttl - 1;
     if ipv6 {
-        ok(ctx.store(l3 + 7, &new_ttl, 0))
+        ok(ctx.store(l3 + ipv6::HOP_LIMIT, &new_ttl, 0))
     } else {
         // The checksum covers TTL and protocol as one 16-bit word.
         let old = u16::from_be_bytes([ttl, proto]).to_be();
         let new = u16::from_be_bytes([new_ttl, proto]).to_be();
-        ok(ctx.l3_csum_replace(l3 + 10, u64::from(old), u64::from(new), 2))?;
-        ok(ctx.store(l3 + 8, &new_ttl, 0))
+        ok(ctx.l3_csum_replace(
+            l3 + ipv4::CHECKSUM,
+            u64::from(old),
+            u64::from(new),
+            FIELD_16_BITS,
+        ))?;
+        ok(ctx.store(l3 + ipv4::TTL, &new_ttl, 0))
     }
 }
+
+/// How many TCP options the MSS clamp reads before it gives up.
+const MSS_OPTION_STEPS: usize = 10;
 
 /// Lowers the MSS option of a SYN (or SYN-ACK) so segments fit `mtu`.
 #[inline(always)]
 pub fn clamp_mss(ctx: &TcContext, p: &Packet, mtu: u32) -> Result {
-    if p.proto != IPPROTO_TCP || p.tcp_flags & TCP_SYN == 0 {
+    if p.proto != IPPROTO_TCP || p.tcp_flags & tcp::SYN == 0 {
         return Ok(());
     }
     let limit = mss_for(mtu, p.ipv6);
-    let Ok(offset_byte) = ctx.load::<u8>(p.l4 + 12) else {
+    let Ok(offset_byte) = ctx.load::<u8>(p.l4 + tcp::DATA_OFFSET) else {
         return Ok(());
     };
-    let header = usize::from(offset_byte >> 4) * 4;
-    let mut at = p.l4 + 20;
-    let end = p.l4 + header;
-    // Options are at most 40 bytes; each step consumes at least one.
-    for _ in 0..10 {
+    let mut at = p.l4 + tcp::HEADER;
+    let end = p.l4 + tcp::header_len(offset_byte);
+    // Options are at most 40 bytes; each step consumes at least one. (The
+    // MSS option comes first in every stack's SYN.)
+    for _ in 0..MSS_OPTION_STEPS {
         if at >= end {
             break;
         }
         let Ok(kind) = ctx.load::<u8>(at) else { break };
         match kind {
-            0 => break,
-            1 => at += 1,
+            tcp::OPTION_END => break,
+            tcp::OPTION_NOP => at += 1,
             _ => {
-                let Ok(len) = ctx.load::<u8>(at + 1) else {
+                let Ok(len) = ctx.load::<u8>(at + tcp::OPTION_LEN) else {
                     break;
                 };
-                if kind == 2 && len == 4 {
-                    let Ok(mss) = ctx.load::<u16>(at + 2) else {
+                if kind == tcp::OPTION_MSS && len == tcp::OPTION_MSS_LEN {
+                    let Ok(mss) = ctx.load::<u16>(at + tcp::OPTION_VALUE) else {
                         break;
                     };
                     if u16::from_be(mss) > limit {
                         let new = limit.to_be();
-                        ok(ctx.l4_csum_replace(p.l4 + 16, u64::from(mss), u64::from(new), 2))?;
-                        ok(ctx.store(at + 2, &new, 0))?;
+                        ok(ctx.l4_csum_replace(
+                            p.l4 + tcp::CHECKSUM,
+                            u64::from(mss),
+                            u64::from(new),
+                            FIELD_16_BITS,
+                        ))?;
+                        ok(ctx.store(at + tcp::OPTION_VALUE, &new, 0))?;
                     }
                     break;
                 }
@@ -367,11 +406,16 @@ pub fn clear_df_of_fragment(ctx: &TcContext, p: &Packet) -> Result {
     if p.ipv6 || p.part == Fragment::Whole {
         return Ok(());
     }
-    let old: u16 = ctx.load(p.l3 + 6).map_err(|_| Failed)?;
-    let new = old & !0x4000u16.to_be();
+    let old: u16 = ctx.load(p.l3 + ipv4::FRAG).map_err(|_| Failed)?;
+    let new = old & !ipv4::FLAG_DF.to_be();
     if new == old {
         return Ok(());
     }
-    ok(ctx.l3_csum_replace(p.l3 + 10, u64::from(old), u64::from(new), 2))?;
-    ok(ctx.store(p.l3 + 6, &new, 0))
+    ok(ctx.l3_csum_replace(
+        p.l3 + ipv4::CHECKSUM,
+        u64::from(old),
+        u64::from(new),
+        FIELD_16_BITS,
+    ))?;
+    ok(ctx.store(p.l3 + ipv4::FRAG, &new, 0))
 }

@@ -28,7 +28,9 @@ use aya_ebpf::{
 };
 use tailguard_common::{
     Config, Device, Outcome,
-    nat::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
+    wire::{
+        IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, icmp, icmpv6, ipv4, ipv6, tcp, udp,
+    },
 };
 
 use crate::{
@@ -36,13 +38,30 @@ use crate::{
     packet::Packet,
     parse,
     policy::{Own, copy_own},
+    rewrite::FIELD_16_BITS,
 };
 
 /// The quote's length: what is left of 576 (IPv4) / 1280 (IPv6) bytes after
 /// the error's own IP and ICMP headers (the kernel's `icmp_send` and
 /// `icmp6_send` cut there).
-const QUOTE_V4: u32 = 576 - 20 - 8;
-const QUOTE_V6: u32 = 1280 - 40 - 8;
+const QUOTE_V4: u32 = ipv4::ERROR_MAX - (ipv4::HEADER + icmp::HEADER) as u32;
+const QUOTE_V6: u32 = ipv6::MIN_MTU - (ipv6::HEADER + icmp::HEADER) as u32;
+
+/// The new headers in front of the quote: IP (IPv6's is the longer) and ICMP.
+const V4_HEADERS: usize = ipv4::HEADER + icmp::HEADER;
+const V6_HEADERS: usize = ipv6::HEADER + icmp::HEADER;
+
+/// ICMPv6's pseudo header: the addresses, the upper-layer length (32
+/// bits), 3 zero bytes and the next header.
+const PSEUDO_HEADER: usize = 2 * ipv6::ADDR_LEN + 8;
+const PSEUDO_LEN: usize = 2 * ipv6::ADDR_LEN;
+const PSEUDO_NEXT_HEADER: usize = PSEUDO_HEADER - 1;
+
+/// The TOS of an ICMP error, as the kernel's `icmp_send` makes it: the
+/// sender's TOS bits (`IPTOS_TOS_MASK`), precedence "internetwork
+/// control" (`IPTOS_PREC_INTERNETCONTROL`).
+const IPTOS_TOS_MASK: u8 = 0x1e;
+const IPTOS_PREC_INTERNETCONTROL: u8 = 0xc0;
 
 /// `bpf_csum_diff` sums at most 512 bytes a call.
 const CHUNK: usize = 512;
@@ -55,11 +74,11 @@ const TTL: u8 = 64;
 pub struct TooBigScratch {
     chunk: [u8; CHUNK],
     /// The sender's IP header (its fixed part), moved behind the new ones.
-    quoted: [u8; 40],
+    quoted: [u8; ipv6::HEADER],
     /// The new IP and ICMP headers.
-    headers: [u8; 48],
+    headers: [u8; V6_HEADERS],
     /// ICMPv6's pseudo header.
-    pseudo: [u8; 40],
+    pseudo: [u8; PSEUDO_HEADER],
 }
 
 #[map]
@@ -101,15 +120,16 @@ fn answer(ctx: &TcContext, cfg: &Config, p: &Packet, mtu: u32) -> Option<(i32, O
     // SAFETY: a per-CPU slot; a program runs to completion on one CPU.
     let s = unsafe { &mut *s };
     let (header, quote) = if p.ipv6 {
-        (40, QUOTE_V6)
+        (ipv6::HEADER, QUOTE_V6)
     } else {
-        (20, QUOTE_V4)
+        (ipv4::HEADER, QUOTE_V4)
     };
     if !p.ipv6 {
-        let h: [u8; 8] = ctx.load(p.l3).ok()?;
+        // Version through the fragment field.
+        let h: [u8; ipv4::TTL] = ctx.load(p.l3).ok()?;
         // Without DF the kernel fragments it; with options the fixed-size
         // header below would not hold it.
-        if h[6] & 0x40 == 0 || h[0] != 0x45 {
+        if !ipv4::dont_fragment(h[ipv4::FRAG]) || h[0] != ipv4::VERSION_IHL_PLAIN {
             return None;
         }
     }
@@ -138,7 +158,8 @@ fn answer(ctx: &TcContext, cfg: &Config, p: &Packet, mtu: u32) -> Option<(i32, O
 }
 
 /// Turns the packet, cut to the quote, into the answer: new headers in
-/// front (`header` bytes of IP, 8 of ICMP), the sender's header behind them.
+/// front (`header` bytes of IP, then ICMP's), the sender's header behind
+/// them.
 #[inline(always)]
 fn build(
     ctx: &TcContext,
@@ -153,19 +174,19 @@ fn build(
     if p.gso_size != 0 {
         sum = settle_quoted_checksum(ctx, s, p, sum)?;
     }
-    ctx.adjust_room(header as i32 + 8, BPF_ADJ_ROOM_NET, 0)
+    ctx.adjust_room((header + icmp::HEADER) as i32, BPF_ADJ_ROOM_NET, 0)
         .ok()?;
-    let total = header as u32 + 8 + quote;
+    let total = (header + icmp::HEADER) as u32 + quote;
     if p.ipv6 {
         write_ipv6(s, own, &p.src, total, mtu, sum)?;
         ctx.store(p.l3, &s.headers, 0).ok()?;
-        ctx.store(p.l3 + 48, &s.quoted, 0).ok()
+        ctx.store(p.l3 + V6_HEADERS, &s.quoted, 0).ok()
     } else {
         write_ipv4(s, own, &p.src, total, mtu, sum)?;
-        let headers: &[u8; 28] = s.headers[..28].try_into().ok()?;
-        let quoted: &[u8; 20] = s.quoted[..20].try_into().ok()?;
+        let headers: &[u8; V4_HEADERS] = s.headers[..V4_HEADERS].try_into().ok()?;
+        let quoted: &[u8; ipv4::HEADER] = s.quoted[..ipv4::HEADER].try_into().ok()?;
         ctx.store(p.l3, headers, 0).ok()?;
-        ctx.store(p.l3 + 28, quoted, 0).ok()
+        ctx.store(p.l3 + V4_HEADERS, quoted, 0).ok()
     }
 }
 
@@ -259,15 +280,15 @@ fn settle_quoted_checksum(
     quote_sum: u32,
 ) -> Option<u32> {
     let field = match p.proto {
-        IPPROTO_TCP => p.l4 + 16,
-        IPPROTO_UDP => p.l4 + 6,
+        IPPROTO_TCP => p.l4 + tcp::CHECKSUM,
+        IPPROTO_UDP => p.l4 + udp::CHECKSUM,
         _ => return Some(quote_sum),
     };
     // The IP header is the fixed one (IPv4 options were refused above).
     let header_sum = if p.ipv6 {
-        sum_of(&mut s.quoted[..40], 0)?
+        sum_of(&mut s.quoted[..ipv6::HEADER], 0)?
     } else {
-        sum_of(&mut s.quoted[..20], 0)?
+        sum_of(&mut s.quoted[..ipv4::HEADER], 0)?
     };
     let old: u16 = ctx.load(field).ok()?;
     // R = quote - IP header - old field, in ones' complement.
@@ -293,27 +314,26 @@ fn write_ipv4(
     quote_sum: u32,
 ) -> Option<()> {
     let h = &mut s.headers;
-    *h = [0; 48];
-    h[0] = 0x45;
-    // As the kernel's icmp_send: the sender's TOS bits, precedence
-    // "internetwork control".
-    h[1] = (s.quoted[1] & 0x1e) | 0xc0;
-    h[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    *h = [0; V6_HEADERS];
+    h[0] = ipv4::VERSION_IHL_PLAIN;
+    h[ipv4::TOS] = (s.quoted[ipv4::TOS] & IPTOS_TOS_MASK) | IPTOS_PREC_INTERNETCONTROL;
+    h[ipv4::TOTAL_LEN..][..2].copy_from_slice(&(total as u16).to_be_bytes());
     // SAFETY: a plain helper call.
     let id = unsafe { bpf_get_prandom_u32() } as u16;
-    h[4..6].copy_from_slice(&id.to_ne_bytes());
-    h[8] = TTL;
-    h[9] = IPPROTO_ICMP;
-    h[12..16].copy_from_slice(&own[..4]);
-    h[16..20].copy_from_slice(&sender[..4]);
-    let ip_sum = !fold(sum_of(&mut h[..20], 0)?);
-    h[10..12].copy_from_slice(&ip_sum.to_ne_bytes());
-    // ICMP: type 3 code 4, unused, next-hop MTU.
-    h[20] = 3;
-    h[21] = 4;
-    h[26..28].copy_from_slice(&(mtu as u16).to_be_bytes());
-    let icmp_sum = !fold(sum_of(&mut h[20..28], quote_sum)?);
-    h[22..24].copy_from_slice(&icmp_sum.to_ne_bytes());
+    h[ipv4::ID..][..2].copy_from_slice(&id.to_ne_bytes());
+    h[ipv4::TTL] = TTL;
+    h[ipv4::PROTOCOL] = IPPROTO_ICMP;
+    h[ipv4::SRC..][..ipv4::ADDR_LEN].copy_from_slice(&own[..ipv4::ADDR_LEN]);
+    h[ipv4::DST..][..ipv4::ADDR_LEN].copy_from_slice(&sender[..ipv4::ADDR_LEN]);
+    let ip_sum = !fold(sum_of(&mut h[..ipv4::HEADER], 0)?);
+    h[ipv4::CHECKSUM..][..2].copy_from_slice(&ip_sum.to_ne_bytes());
+    // ICMP: "fragmentation needed", unused, next-hop MTU.
+    let icmp_h = &mut h[ipv4::HEADER..V4_HEADERS];
+    icmp_h[icmp::TYPE] = icmp::DEST_UNREACHABLE;
+    icmp_h[icmp::CODE] = icmp::FRAGMENTATION_NEEDED;
+    icmp_h[icmp::NEXT_HOP_MTU..][..2].copy_from_slice(&(mtu as u16).to_be_bytes());
+    let icmp_sum = !fold(sum_of(&mut *icmp_h, quote_sum)?);
+    icmp_h[icmp::CHECKSUM..][..2].copy_from_slice(&icmp_sum.to_ne_bytes());
     Some(())
 }
 
@@ -327,27 +347,28 @@ fn write_ipv6(
     mtu: u32,
     quote_sum: u32,
 ) -> Option<()> {
-    let payload = total - 40;
+    let payload = total - ipv6::HEADER as u32;
     let h = &mut s.headers;
-    *h = [0; 48];
-    h[0] = 0x60;
-    h[4..6].copy_from_slice(&(payload as u16).to_be_bytes());
-    h[6] = IPPROTO_ICMPV6;
-    h[7] = TTL;
-    h[8..24].copy_from_slice(own);
-    h[24..40].copy_from_slice(sender);
-    // ICMPv6: type 2 code 0, the MTU.
-    h[40] = 2;
-    h[44..48].copy_from_slice(&mtu.to_be_bytes());
+    *h = [0; V6_HEADERS];
+    h[0] = ipv6::VERSION_BYTE;
+    h[ipv6::PAYLOAD_LEN..][..2].copy_from_slice(&(payload as u16).to_be_bytes());
+    h[ipv6::NEXT_HEADER] = IPPROTO_ICMPV6;
+    h[ipv6::HOP_LIMIT] = TTL;
+    h[ipv6::SRC..][..ipv6::ADDR_LEN].copy_from_slice(own);
+    h[ipv6::DST..][..ipv6::ADDR_LEN].copy_from_slice(sender);
+    // ICMPv6: "packet too big" (code 0), the MTU.
+    h[ipv6::HEADER + icmp::TYPE] = icmpv6::PACKET_TOO_BIG;
+    h[ipv6::HEADER + icmp::V6_MTU..][..4].copy_from_slice(&mtu.to_be_bytes());
     // The pseudo header: addresses, upper-layer length, next header.
     let ph = &mut s.pseudo;
-    ph[..32].copy_from_slice(&h[8..40]);
-    ph[32..36].copy_from_slice(&payload.to_be_bytes());
-    ph[36..39].copy_from_slice(&[0, 0, 0]);
-    ph[39] = IPPROTO_ICMPV6;
+    ph[..PSEUDO_LEN].copy_from_slice(&h[ipv6::SRC..ipv6::HEADER]);
+    ph[PSEUDO_LEN..][..4].copy_from_slice(&payload.to_be_bytes());
+    ph[PSEUDO_LEN + 4..PSEUDO_NEXT_HEADER].copy_from_slice(&[0, 0, 0]);
+    ph[PSEUDO_NEXT_HEADER] = IPPROTO_ICMPV6;
     let sum = sum_of(&mut s.pseudo, quote_sum)?;
-    let icmp_sum = !fold(sum_of(&mut s.headers[40..48], sum)?);
-    s.headers[42..44].copy_from_slice(&icmp_sum.to_ne_bytes());
+    let icmp_h = &mut s.headers[ipv6::HEADER..V6_HEADERS];
+    let icmp_sum = !fold(sum_of(&mut *icmp_h, sum)?);
+    icmp_h[icmp::CHECKSUM..][..2].copy_from_slice(&icmp_sum.to_ne_bytes());
     Some(())
 }
 
@@ -363,10 +384,13 @@ pub struct FragmentScratch {
 #[map]
 static FRAGMENT_SCRATCH: PerCpuArray<FragmentScratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// The fixed IPv4 header every fragment the fast path makes carries.
+const V4_HEADER: u32 = ipv4::HEADER as u32;
+
 /// How much payload the first fragment carries on a device of `mtu`: all
-/// that fits after a 20-byte header, in the 8-byte units offsets count in.
+/// that fits after a fixed header, in the 8-byte units offsets count in.
 fn first_fragment(mtu: u32) -> u32 {
-    (mtu - 20) & !7
+    (mtu - V4_HEADER) & !(ipv4::OFFSET_UNIT - 1)
 }
 
 /// Whether the fast path fragments `p` (too big for `mtu`) itself: IPv4
@@ -382,20 +406,24 @@ pub fn fragmentable(ctx: &TcContext, p: &Packet, to: Device, mtu: u32) -> bool {
         || p.part != tailguard_common::fragment::Fragment::Whole
         || p.gso_size != 0
         || crate::link_layer::has_ethernet(to)
-        || mtu < 68
+        || mtu < ipv4::MIN_MTU
     {
         return false;
     }
-    let Ok(h) = ctx.load::<[u8; 8]>(p.l3) else {
+    // Version through the fragment field.
+    let Ok(h) = ctx.load::<[u8; ipv4::TTL]>(p.l3) else {
         return false;
     };
-    let total = u32::from(u16::from_be_bytes([h[2], h[3]]));
+    let total = u32::from(u16::from_be_bytes([
+        h[ipv4::TOTAL_LEN],
+        h[ipv4::TOTAL_LEN + 1],
+    ]));
     let first = first_fragment(mtu);
-    h[0] == 0x45
-        && h[6] & 0x40 == 0
+    h[0] == ipv4::VERSION_IHL_PLAIN
+        && !ipv4::dont_fragment(h[ipv4::FRAG])
         && total == p.len
-        && total > 20 + first
-        && total - 20 - first <= first.min(TAIL_MAX - 1)
+        && total > V4_HEADER + first
+        && total - V4_HEADER - first <= first.min(TAIL_MAX - 1)
 }
 
 /// Sends the translated `p` out of `ifindex` as two fragments: the first
@@ -421,13 +449,13 @@ fn send_fragments(
     let first = first_fragment(mtu);
     // Masked so the verifier sees it bounded by the buffer; `fragmentable`
     // made it 1..TAIL_MAX already.
-    let tail = parse::at_least_one((p.len - 20 - first) & (TAIL_MAX - 1))?;
+    let tail = parse::at_least_one((p.len - V4_HEADER - first) & (TAIL_MAX - 1))?;
     let l3 = p.l3 as u32;
     // SAFETY: `s.tail` is writable for `tail` (< TAIL_MAX) bytes.
     let loaded = unsafe {
         bpf_skb_load_bytes(
             ctx.as_ptr(),
-            l3 + 20 + first,
+            l3 + V4_HEADER + first,
             s.tail.as_mut_ptr().cast(),
             tail,
         )
@@ -436,30 +464,30 @@ fn send_fragments(
         return None;
     }
     let old_total = (p.len as u16).to_be();
-    let old_frag: u16 = ctx.load(p.l3 + 6).ok()?;
+    let old_frag: u16 = ctx.load(p.l3 + ipv4::FRAG).ok()?;
     // The first fragment.
-    ctx.change_tail(l3 + 20 + first, 0).ok()?;
+    ctx.change_tail(l3 + V4_HEADER + first, 0).ok()?;
     // Flags and offset were 0 but for the reserved bit, which stays.
-    let reserved = u16::from_be(old_frag) & 0x8000;
+    let reserved = u16::from_be(old_frag) & ipv4::FLAG_RESERVED;
     set_fragment_fields(
         ctx,
         p.l3,
         old_total,
         old_frag,
-        20 + first,
-        reserved | 0x2000,
+        V4_HEADER + first,
+        reserved | ipv4::FLAG_MF,
     )?;
     // The clone carries the mark: its egress must not take it for the
     // kernel's own datagram (see `kernel_flows`).
     crate::kernel_flows::mark_sent(ctx);
     ctx.clone_redirect(ifindex, 0).ok()?;
     // The rest, where the first fragment's payload ended.
-    ctx.change_tail(l3 + 20 + tail, 0).ok()?;
+    ctx.change_tail(l3 + V4_HEADER + tail, 0).ok()?;
     // SAFETY: `s.tail` holds `tail` bytes.
     let stored = unsafe {
         aya_ebpf::helpers::bpf_skb_store_bytes(
             ctx.as_ptr().cast(),
-            l3 + 20,
+            l3 + V4_HEADER,
             s.tail.as_ptr().cast(),
             tail,
             0,
@@ -468,15 +496,15 @@ fn send_fragments(
     if stored != 0 {
         return None;
     }
-    let first_total = ((20 + first) as u16).to_be();
-    let first_frag = (reserved | 0x2000).to_be();
+    let first_total = ((V4_HEADER + first) as u16).to_be();
+    let first_frag = (reserved | ipv4::FLAG_MF).to_be();
     set_fragment_fields(
         ctx,
         p.l3,
         first_total,
         first_frag,
-        20 + tail,
-        reserved | (first / 8) as u16,
+        V4_HEADER + tail,
+        reserved | (first / ipv4::OFFSET_UNIT) as u16,
     )?;
     Some((
         crate::policy::redirect(ctx, to, ifindex),
@@ -498,10 +526,21 @@ fn set_fragment_fields(
 ) -> Option<()> {
     let total = (total as u16).to_be();
     let frag = frag.to_be();
-    ctx.l3_csum_replace(l3 + 10, u64::from(old_total), u64::from(total), 2)
-        .ok()?;
-    ctx.l3_csum_replace(l3 + 10, u64::from(old_frag), u64::from(frag), 2)
-        .ok()?;
-    ctx.store(l3 + 2, &total, 0).ok()?;
-    ctx.store(l3 + 6, &frag, 0).ok()
+    let checksum = l3 + ipv4::CHECKSUM;
+    ctx.l3_csum_replace(
+        checksum,
+        u64::from(old_total),
+        u64::from(total),
+        FIELD_16_BITS,
+    )
+    .ok()?;
+    ctx.l3_csum_replace(
+        checksum,
+        u64::from(old_frag),
+        u64::from(frag),
+        FIELD_16_BITS,
+    )
+    .ok()?;
+    ctx.store(l3 + ipv4::TOTAL_LEN, &total, 0).ok()?;
+    ctx.store(l3 + ipv4::FRAG, &frag, 0).ok()
 }

@@ -937,7 +937,10 @@ mod tests {
         );
         assert_eq!(
             WireGuardPlan::mark_rules(0xca6c).map(|r| r.to_string()),
-            ["-4 5200: fwmark 0xca6c lookup 254", "-6 5200: fwmark 0xca6c lookup 254"]
+            [
+                "-4 5200: fwmark 0xca6c lookup 254",
+                "-6 5200: fwmark 0xca6c lookup 254"
+            ]
         );
         assert!(p.switches.src_valid_mark, "IPv4 policy routing");
         let table = plan(&[], "Address=10.1.0.2/24\nTable=1234", "10.9.0.0/16");
@@ -983,7 +986,10 @@ mod tests {
             ]
         );
         assert_eq!(ts.tailscaled.program, "tailscaled");
-        assert_eq!(p.forwarding.pin_dir, PathBuf::from("/sys/fs/bpf/tailguard/wg0"));
+        assert_eq!(
+            p.forwarding.pin_dir,
+            PathBuf::from("/sys/fs/bpf/tailguard/wg0")
+        );
     }
 
     #[test]

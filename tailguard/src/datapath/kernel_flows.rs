@@ -15,8 +15,9 @@ use netlink_packet_netfilter::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use tailguard_common::{
-    Device, Route,
-    nat::{FlowKey, IPPROTO_UDP, NatEntry, state},
+    Device,
+    nat::{FlowKey, NatEntry, state},
+    wire::IPPROTO_UDP,
 };
 
 use crate::datapath::{Datapath, Routes};
@@ -160,16 +161,12 @@ fn direction(tuple: &[Tuple]) -> Option<Direction> {
 /// The device packets from `addr` arrive on, by the routes back to it (as
 /// WireGuard's allowed IPs and Tailscale's table 52 hold them), if any.
 fn arrives_on(routes: &Routes, addr: IpAddr) -> Option<Device> {
-    let route = routes
+    routes
         .iter()
         .filter(|(net, _)| net.contains(&addr))
         .max_by_key(|(net, _)| net.prefix_len())?
-        .1;
-    match *route {
-        Route::WIREGUARD => Some(Device::WireGuard),
-        Route::TAILSCALE => Some(Device::Tailscale),
-        _ => None,
-    }
+        .1
+        .device()
 }
 
 /// The NAT map's entries saying the flows' packets are the kernel's, in
@@ -217,6 +214,8 @@ pub fn keep_for_kernel(datapath: &mut Datapath, routes: &Routes, limit: usize) -
 
 #[cfg(test)]
 mod tests {
+    use tailguard_common::Route;
+
     use super::*;
 
     fn d(src: &str, sport: u16, dst: &str, dport: u16) -> Direction {

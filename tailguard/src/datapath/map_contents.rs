@@ -29,7 +29,6 @@ pub fn config(plan: &Plan, observed: &Observed) -> Config {
     let dest = plan.forwarding.dest_ip;
     config.set_dest(dest.v4, dest.v6);
     config.set(flag::ISOLATE_PEERS, plan.forwarding.isolate_peers);
-    config.set(flag::EXPOSE_HOST, plan.forwarding.expose_host);
     config.set(flag::SNAT_TO_WG, plan.forwarding.snat_to_wg);
     config.set(flag::FORWARD_V4, observed.forwarding.ipv4);
     config.set(flag::FORWARD_V6, observed.forwarding.ipv6);
@@ -78,11 +77,10 @@ pub fn routes(plan: &Plan, table52: &[IpNet], main: &[IpNet]) -> Routes {
 
 /// The maps' contents as JSON, for `/status` and the log.
 pub fn describe(config: &Config, routes: &Routes) -> serde_json::Value {
-    let egress = |r: &Route| match *r {
-        Route::WIREGUARD => "wireguard",
-        Route::TAILSCALE => "tailscale",
-        Route::KERNEL => "kernel",
-        _ => "unknown",
+    let egress = |r: &Route| match r.device() {
+        Some(device) => device.name(),
+        None if *r == Route::KERNEL => "kernel",
+        None => "unknown",
     };
     serde_json::json!({
         "wg_ifindex": config.wg_ifindex,
@@ -97,7 +95,6 @@ pub fn describe(config: &Config, routes: &Routes) -> serde_json::Value {
         "dest_v6": config.dest_v6(),
         "isolate_peers": config.has(flag::ISOLATE_PEERS),
         "snat_to_wg": config.has(flag::SNAT_TO_WG),
-        "expose_host": config.has(flag::EXPOSE_HOST),
         "forward_v4": config.has(flag::FORWARD_V4),
         "forward_v6": config.has(flag::FORWARD_V6),
         "routes": routes.iter().map(|(net, r)| (net.to_string(), egress(r).into())).collect::<serde_json::Map<_, _>>(),
@@ -148,7 +145,6 @@ mod tests {
         assert_eq!(c.dest_v4(), Some(Ipv4Addr::new(10, 8, 0, 2)));
         assert_eq!(c.dest_v6(), None);
         assert!(c.has(flag::ISOLATE_PEERS) && c.has(flag::SNAT_TO_WG));
-        assert!(!c.has(flag::EXPOSE_HOST));
     }
 
     #[test]

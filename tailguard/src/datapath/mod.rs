@@ -4,6 +4,8 @@
 //! `pin`), and the counters.
 
 mod attach;
+#[cfg(feature = "bench")]
+mod bench_floor;
 mod counters;
 pub mod kernel_flows;
 pub mod map_contents;
@@ -12,6 +14,8 @@ mod object;
 pub mod pin;
 
 pub use attach::Backend;
+#[cfg(feature = "bench")]
+pub use bench_floor::BenchFloor;
 pub use counters::{Counters, Outcomes};
 pub use maps::Routes;
 pub use object::{LinkLayer, LoadOptions, Program};
@@ -124,22 +128,6 @@ impl Datapath {
     /// The program for `device`'s `direction` hook.
     pub fn program(&self, device: Device, direction: Direction) -> Result<&SchedClassifier, Error> {
         object::program(&self.ebpf, Program::new(device, direction))
-    }
-
-    /// The benchmarks' floor (`tg_bench_floor`: a program that only
-    /// redirects), loaded on first use; the daemon never uses it.
-    pub fn bench_floor(&mut self) -> Result<&SchedClassifier, Error> {
-        const NAME: &str = "tg_bench_floor";
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(NAME)
-            .ok_or_else(|| object::program_error(NAME, aya::programs::ProgramError::NotLoaded))?
-            .try_into()
-            .map_err(|e| object::program_error(NAME, e))?;
-        if program.fd().is_err() {
-            program.load().map_err(|e| object::program_error(NAME, e))?;
-        }
-        Ok(program)
     }
 
     /// Summaries of every loaded program, as the kernel reports them.

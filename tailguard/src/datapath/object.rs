@@ -173,7 +173,7 @@ pub(super) fn program_error(name: &'static str, source: ProgramError) -> Error {
     }
 }
 
-fn missing(name: &'static str) -> Error {
+pub(super) fn missing(name: &'static str) -> Error {
     program_error(name, ProgramError::NotLoaded)
 }
 

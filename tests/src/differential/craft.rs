@@ -5,19 +5,13 @@
 
 use std::net::IpAddr;
 
-/// IP protocol numbers.
-pub const TCP: u8 = 6;
-pub const UDP: u8 = 17;
-pub const ICMP: u8 = 1;
-pub const ICMPV6: u8 = 58;
-/// IPv6 extension headers.
-pub const HOP_BY_HOP: u8 = 0;
-pub const DEST_OPTS: u8 = 60;
-pub const FRAGMENT: u8 = 44;
-
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_ACK: u8 = 0x10;
-pub const TCP_PSH: u8 = 0x08;
+/// IP protocol numbers, IPv6 extension headers and TCP flags, as the
+/// programs read them.
+pub use tailguard_common::wire::{
+    IPPROTO_ICMP as ICMP, IPPROTO_ICMPV6 as ICMPV6, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP,
+    ipv6::{DEST_OPTS, FRAGMENT, HOP_BY_HOP},
+    tcp::{ACK as TCP_ACK, PSH as TCP_PSH, SYN as TCP_SYN},
+};
 
 /// The network layer of a packet to build.
 #[derive(Clone, Debug)]
