@@ -131,6 +131,9 @@ fn clippy_ebpf() -> Result<()> {
             "--package",
             "tailguard-ebpf",
             "--bins",
+            // The benchmarks' floor program is a binary of its own.
+            "--features",
+            "bench-floor",
             "--release",
             "--target",
             "bpfel-unknown-none",
