@@ -5,6 +5,18 @@
 //! so tests can run in parallel and leave nothing behind even when they fail.
 //! A test that lacks something it needs (root, a kernel feature, a tool)
 //! panics saying what is missing: it never passes silently.
+//!
+//! The test files (`tests/tests/`) are named `<tier>_<subject>.rs`, the
+//! tier saying how much of TailGuard is under test:
+//!
+//! - `datapath_`: the eBPF programs alone, run by `BPF_PROG_TEST_RUN` or
+//!   attached in namespaces without the daemon;
+//! - `attach_`: attaching the programs to devices and detaching them;
+//! - `apply_`: one setup step of the daemon (WireGuard, resolver, GRO, the
+//!   LocalAPI client) against the kernel or the Tailscale stand-in;
+//! - `daemon_`: the whole daemon under test, started as users start it;
+//! - `patterns.rs`: the four usage patterns end to end;
+//! - `image_`: the container image on a Docker engine.
 
 pub mod bridge;
 pub mod daemon;

@@ -1,4 +1,4 @@
-//! The differential test's parts (`tests/tests/differential.rs`): the same
+//! The differential test's parts (`tests/tests/daemon_differential.rs`): the same
 //! generated traffic through both datapaths, each packet reduced to its
 //! fate as the receiver sees it.
 //!
