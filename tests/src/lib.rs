@@ -25,6 +25,7 @@ pub mod netns;
 pub mod node;
 pub mod packets;
 pub mod standin;
+pub mod traffic;
 pub mod tun;
 pub mod wg;
 

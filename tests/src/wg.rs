@@ -251,17 +251,3 @@ impl Drop for ConfigDir {
         let _ = std::fs::remove_dir_all(self.bpf_dir());
     }
 }
-
-/// `ping` that must succeed.
-pub fn ping(target: &str) {
-    let out = Command::new("ping")
-        .args(["-c", "2", "-i", "0.2", "-W", "3", target])
-        .output()
-        .expect("running ping");
-    assert!(
-        out.status.success(),
-        "ping {target} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}

@@ -14,7 +14,8 @@ use tailguard::{
 };
 use tailguard_tests::{
     netns::{routing_state, run},
-    wg::{Testbed, ping},
+    traffic::ping,
+    wg::Testbed,
 };
 
 fn plan(bed: &Testbed, interface: &str, allowed_ips: &str) -> Plan {

@@ -10,6 +10,7 @@ use tailguard_tests::{
     bridge::*,
     daemon::{WithStandIn, health, status},
     netns::{routing_state, run},
+    traffic::*,
 };
 
 const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];

@@ -10,6 +10,7 @@ use tailguard_tests::{
     bridge::*,
     daemon::{Daemon, WithStandIn, health, status, tailguard},
     netns::{NetNs, run},
+    traffic::*,
     wg::{ConfigDir, KeyPair, Testbed},
 };
 

@@ -13,6 +13,7 @@ use tailguard_tests::{
     bridge::*,
     daemon::status,
     netns::{NetNs, set_mtu},
+    traffic::*,
 };
 
 const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
@@ -21,24 +22,12 @@ const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
 const BIG: usize = 3000;
 
 fn socket() -> UdpSocket {
-    let socket = UdpSocket::bind("[::]:0").expect("binding");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    socket
+    udp_socket(Duration::from_secs(3))
 }
 
 /// The next datagram on `socket`, and where it came from (IPv4 as IPv4).
 fn receive(socket: &UdpSocket, what: &str) -> (Vec<u8>, SocketAddr) {
-    let mut buffer = vec![0u8; 65536];
-    let (n, from) = socket
-        .recv_from(&mut buffer)
-        .unwrap_or_else(|e| panic!("{what}: nothing arrived: {e}"));
-    buffer.truncate(n);
-    (
-        buffer,
-        SocketAddr::new(from.ip().to_canonical(), from.port()),
-    )
+    receive_datagram(socket).unwrap_or_else(|e| panic!("{what}: nothing arrived: {e}"))
 }
 
 /// A payload no two positions of which a mix-up of fragments would keep.

@@ -12,16 +12,12 @@ use std::{
     time::Duration,
 };
 
-use tailguard_tests::{bridge::*, daemon::status};
+use tailguard_tests::{bridge::*, daemon::status, traffic::*};
 
 const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
 
 fn socket() -> UdpSocket {
-    let socket = UdpSocket::bind("[::]:0").expect("binding");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    socket
+    udp_socket(Duration::from_secs(2))
 }
 
 fn setsockopt(socket: &UdpSocket, level: i32, name: i32, value: &[u8]) {
@@ -45,10 +41,8 @@ const UDP_NO_CHECK6_TX: i32 = 101;
 
 /// The next datagram's text and source, if one comes within 2 s.
 fn receive(socket: &UdpSocket) -> Option<(String, SocketAddr)> {
-    let mut buffer = [0u8; 2048];
-    let (n, from) = socket.recv_from(&mut buffer).ok()?;
-    let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-    Some((String::from_utf8_lossy(&buffer[..n]).into_owned(), from))
+    let (bytes, from) = receive_datagram(socket).ok()?;
+    Some((String::from_utf8_lossy(&bytes).into_owned(), from))
 }
 
 fn counted(device: &str, outcome: &str) -> u64 {

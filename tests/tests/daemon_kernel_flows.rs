@@ -8,8 +8,6 @@
 use std::{
     net::{SocketAddr, UdpSocket},
     process::Command,
-    sync::mpsc,
-    thread::JoinHandle,
     time::Duration,
 };
 
@@ -19,57 +17,11 @@ use tailguard_tests::{
     bridge::*,
     daemon::{health, status},
     netns::{run, sysctl},
+    traffic::*,
     tun::EgressInjector,
 };
 
 const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
-
-/// A UDP server that answers every datagram with the same bytes and tells
-/// from where each came.
-struct UdpEcho {
-    port: u16,
-    seen: mpsc::Receiver<SocketAddr>,
-    _thread: JoinHandle<()>,
-}
-
-impl UdpEcho {
-    fn listen() -> Self {
-        let socket = UdpSocket::bind("[::]:0").expect("binding the echo server");
-        let port = socket.local_addr().unwrap().port();
-        let (tx, seen) = mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let mut buffer = [0u8; 2048];
-            while let Ok((n, from)) = socket.recv_from(&mut buffer) {
-                let _ = socket.send_to(&buffer[..n], from);
-                if tx.send(from).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            port,
-            seen,
-            _thread: thread,
-        }
-    }
-
-    /// Where the next datagram came from (address as the server saw it).
-    fn next_source(&self) -> Option<SocketAddr> {
-        self.seen.recv_timeout(Duration::from_secs(3)).ok()
-    }
-}
-
-/// Sends `message` from `socket` to `addr:port`; the answer, if one comes
-/// within 3 s.
-fn ask(socket: &UdpSocket, addr: &str, port: u16, message: &[u8]) -> Option<Vec<u8>> {
-    socket
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    let target = SocketAddr::new(addr.parse().unwrap(), port);
-    socket.send_to(message, target).expect("sending");
-    let mut buffer = [0u8; 2048];
-    socket.recv(&mut buffer).ok().map(|n| buffer[..n].to_vec())
-}
 
 fn counted(device: &str, outcome: &str) -> u64 {
     status()["counters"][device][outcome]["packets"]
@@ -149,7 +101,7 @@ fn dest_ip_leaves_the_hosts_own_udp_and_the_fast_path_ports_alone() {
                 s
             });
             for round in 0..3 {
-                let answer = ask(&socket, peer, echo.port, b"the host asks");
+                let answer = udp_ask(&socket, peer, echo.port, b"the host asks");
                 assert_eq!(
                     answer.as_deref(),
                     Some(&b"the host asks"[..]),
@@ -262,7 +214,7 @@ fn dest_ip_leaves_the_hosts_own_udp_and_the_fast_path_ports_alone() {
             std::thread::sleep(Duration::from_millis(1500));
             let (redirected, tracked) = counts();
             for _ in 0..3 {
-                assert!(ask(&socket, WG_SERVER, server.port, b"peer to peer").is_some());
+                assert!(udp_ask(&socket, WG_SERVER, server.port, b"peer to peer").is_some());
             }
             std::thread::sleep(Duration::from_millis(1500));
             let (redirected_after, tracked_after) = counts();
@@ -282,7 +234,7 @@ fn dest_ip_leaves_the_hosts_own_udp_and_the_fast_path_ports_alone() {
 /// Asks until an answer comes (the tunnels may still be making their
 /// handshakes): whether one came within ten tries.
 fn ask_until_answered(socket: &UdpSocket, addr: &str, port: u16) -> bool {
-    (0..10).any(|_| ask(socket, addr, port, b"still there?").is_some())
+    (0..10).any(|_| udp_ask(socket, addr, port, b"still there?").is_some())
 }
 
 /// A UDP flow the kernel forwarded before the fast path took over keeps
@@ -314,14 +266,14 @@ fn a_udp_flow_from_before_the_fast_path_keeps_its_source_port() {
         );
         let before = echo.next_source().expect("the echo saw the flow");
         assert_eq!(before.ip().to_canonical().to_string(), NODE_TS);
-        while echo.seen.try_recv().is_ok() {}
+        echo.forget_seen();
 
         let again = [("TG_DATAPATH", datapath), ("TS_DEVICE", ts_device.as_str())];
         let mut node = b.bed.ours.run(|| b.start_healthy(&again));
         let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
         for _ in 0..4 {
             assert!(
-                ask(&socket, TAILNET_PEER, echo.port, b"and now?").is_some(),
+                udp_ask(&socket, TAILNET_PEER, echo.port, b"and now?").is_some(),
                 "{}",
                 ctx("no answer after the restart")
             );

@@ -21,6 +21,7 @@ use tailguard_tests::{
     bridge::*,
     daemon::{WithStandIn, status},
     netns::{NetNs, run},
+    traffic::*,
 };
 
 const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
@@ -79,15 +80,6 @@ fn counted(device: &str, outcome: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A TCP connection to `addr:port` from the calling thread's namespace is
-/// established (someone answered the SYN), or why not.
-fn connects(addr: &str, port: u16) -> Result<(), String> {
-    let target = SocketAddr::new(addr.parse().expect("an address"), port);
-    TcpStream::connect_timeout(&target, Duration::from_secs(2))
-        .map(drop)
-        .map_err(|e| format!("connecting to {target}: {e}"))
-}
-
 #[test]
 fn uplink_traffic_is_not_sent_into_wireguard() {
     for datapath in DATAPATHS {
@@ -111,13 +103,13 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
             "{}",
             ctx("node -> uplink")
         );
-        let from_wg = b.client.run(|| connects(INTERNET, server.port));
+        let from_wg = b.client.run(|| tcp_connects(INTERNET, server.port));
         assert!(
             from_wg.is_err(),
             "{}",
             ctx(&format!("wg -> uplink: {from_wg:?}"))
         );
-        let from_ts = b.tailnet.run(|| connects(INTERNET, server.port));
+        let from_ts = b.tailnet.run(|| tcp_connects(INTERNET, server.port));
         assert!(
             from_ts.is_err(),
             "{}",
@@ -184,7 +176,7 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
             (STATIC_HOST_V6, server_v6.port),
         ] {
             let addr = host.split('/').next().unwrap();
-            let from_wg = b.client.run(|| connects(addr, port));
+            let from_wg = b.client.run(|| tcp_connects(addr, port));
             assert!(
                 from_wg.is_err(),
                 "{}",

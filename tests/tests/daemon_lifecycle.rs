@@ -10,8 +10,9 @@ use tailguard_tests::{
     daemon::Daemon,
     netns::{routing_state, run},
     require_root, tailguard_bin,
+    traffic::ping,
     tun::Tun,
-    wg::{Testbed, ping},
+    wg::Testbed,
 };
 
 const TS: &str = "tailscale0";

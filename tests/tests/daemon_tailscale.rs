@@ -356,7 +356,8 @@ fn attach_mode_uses_a_running_tailscaled_and_leaves_it_running() {
 fn the_tailnet_peer_is_reached_through_the_tailscale_device() {
     use tailguard_tests::{
         netns::{NetNs, veth},
-        wg::{KeyPair, WgPeer, ping},
+        traffic::ping,
+        wg::{KeyPair, WgPeer},
     };
     let bed = Testbed::new("ts-peer");
     let dir = bed.config_dir(&bed.config("", "10.66.0.1/32"));

@@ -9,9 +9,9 @@ use std::process::Command;
 use tailguard::datapath::{AttachMode, Datapath, LinkLayer, LoadOptions};
 use tailguard_common::{Device, Outcome};
 use tailguard_tests::{
-    bridge::{WhoAmI, who_am_i},
     netns::{NetNs, run, veth},
     node, require_root,
+    traffic::{WhoAmI, who_am_i},
 };
 
 #[test]

@@ -14,9 +14,10 @@ use std::{
 };
 
 use tailguard_tests::{
-    bridge::{Bridge, NODE_TS, TAILNET_PEER, WG_CLIENT, WhoAmI, who_am_i},
+    bridge::{Bridge, NODE_TS, TAILNET_PEER, WG_CLIENT},
     netns::{NetNs, routing_state, run},
     require_root,
+    traffic::{WhoAmI, who_am_i},
 };
 
 /// `cargo xtask test` builds it (`cargo xtask image` alone, too).

@@ -6,7 +6,7 @@
 use std::process::Command;
 
 use serde_json::json;
-use tailguard_tests::{bridge::*, standin, wg::ping};
+use tailguard_tests::{bridge::*, standin, traffic::*};
 
 const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
 

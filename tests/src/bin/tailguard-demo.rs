@@ -10,7 +10,7 @@ use std::{
 
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
-use tailguard_tests::bridge::*;
+use tailguard_tests::{bridge::*, traffic::*};
 
 fn main() {
     if !nix::unistd::geteuid().is_root() {

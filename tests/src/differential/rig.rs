@@ -12,7 +12,6 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     process::Command,
     time::{Duration, Instant},
 };
@@ -26,119 +25,8 @@ use crate::{
     bridge::Bridge,
     daemon::WithStandIn,
     netns::{NetNs, run, sysctl},
+    traffic::Tap,
 };
-
-const ETH_P_ALL: u16 = 0x0003;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-
-/// A packet socket on one device: sends IP packets out of it as they are
-/// (no routing, no fragmenting by the sender's stack) and captures what
-/// arrives on it.
-pub struct Tap {
-    fd: OwnedFd,
-    ifindex: i32,
-}
-
-impl Tap {
-    /// Opens the tap on `device` of the calling thread's namespace.
-    pub fn open(device: &str) -> Self {
-        let ifindex = nix::net::if_::if_nametoindex(device)
-            .unwrap_or_else(|e| panic!("no device {device}: {e}")) as i32;
-        // SAFETY: plain system calls on a socket this function owns.
-        unsafe {
-            let fd = libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                i32::from(ETH_P_ALL.to_be()),
-            );
-            assert!(
-                fd >= 0,
-                "a packet socket: {}",
-                std::io::Error::last_os_error()
-            );
-            let fd = OwnedFd::from_raw_fd(fd);
-            let addr = sockaddr(ETH_P_ALL, ifindex);
-            let bound = libc::bind(
-                fd.as_raw_fd(),
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
-            );
-            assert!(
-                bound == 0,
-                "binding the packet socket to {device}: {}",
-                std::io::Error::last_os_error()
-            );
-            Self { fd, ifindex }
-        }
-    }
-
-    /// Sends one IP packet out of the device.
-    pub fn send(&self, packet: &[u8]) {
-        let proto = if packet[0] >> 4 == 6 {
-            ETH_P_IPV6
-        } else {
-            ETH_P_IP
-        };
-        let addr = sockaddr(proto, self.ifindex);
-        // SAFETY: `packet` and `addr` outlive the call.
-        let sent = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert!(
-            sent == packet.len() as isize,
-            "sending {} bytes: {}",
-            packet.len(),
-            std::io::Error::last_os_error()
-        );
-    }
-
-    /// The IP packets that arrived since the last call (not those sent).
-    pub fn take(&self) -> Vec<Vec<u8>> {
-        let mut got = Vec::new();
-        let mut buffer = vec![0u8; 65536];
-        loop {
-            // SAFETY: an all-zero sockaddr_ll is valid; the buffers outlive
-            // the call.
-            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut len = size_of::<libc::sockaddr_ll>() as u32;
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    libc::MSG_DONTWAIT,
-                    (&raw mut from).cast(),
-                    &mut len,
-                )
-            };
-            if n < 0 {
-                return got;
-            }
-            let proto = u16::from_be(from.sll_protocol);
-            let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
-            if !outgoing && (proto == ETH_P_IP || proto == ETH_P_IPV6) {
-                got.push(buffer[..n as usize].to_vec());
-            }
-        }
-    }
-}
-
-fn sockaddr(proto: u16, ifindex: i32) -> libc::sockaddr_ll {
-    // SAFETY: an all-zero sockaddr_ll is valid.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = proto.to_be();
-    addr.sll_ifindex = ifindex;
-    addr
-}
 
 /// IPv6 neighbour discovery and multicast listener messages: the links'
 /// own chatter, not the test's traffic.
