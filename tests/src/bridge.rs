@@ -21,7 +21,6 @@
 use std::process::Command;
 
 use crate::{
-    daemon::{Daemon, WithStandIn},
     netns::{NetNs, run, unique_ifname, veth},
     wg::{ConfigDir, KeyPair, Testbed, WgPeer},
 };
@@ -198,19 +197,6 @@ impl Bridge {
         }
     }
 
-    /// Starts TailGuard (from the calling thread, which must be in the
-    /// node's namespace) with the stand-in logged in, and `env` on top.
-    pub fn start(&self, env: &[(&str, &str)]) -> WithStandIn {
-        self.start_via(&[], env)
-    }
-
-    /// [`Bridge::start`] through a wrapper command (see [`Daemon::start_via`]).
-    pub fn start_via(&self, wrapper: &[&str], env: &[(&str, &str)]) -> WithStandIn {
-        let mut all = self.standin_env();
-        all.extend_from_slice(env);
-        Daemon::with_standin_via(wrapper, &self.bed, &self.dir, &all)
-    }
-
     /// What the daemon's environment must hold for the stand-in to log in
     /// and carry the tailnet to this bridge's tailnet peer.
     pub fn standin_env(&self) -> Vec<(&str, &str)> {
@@ -238,37 +224,6 @@ impl Bridge {
     /// peer (the node, as the tailnet peer knows it).
     pub fn node_tailnet_public_key(&self) -> &str {
         &self.node_keys.public
-    }
-
-    /// [`Bridge::start`], then waits until the node is healthy and the
-    /// second WireGuard peer has its handshake (it retries only every 5 s).
-    pub fn start_healthy(&self, env: &[(&str, &str)]) -> WithStandIn {
-        let mut node = self.start(env);
-        node.daemon
-            .wait_for("health", |_| crate::daemon::health().0);
-        node.daemon
-            .wait_for("the second WireGuard peer's handshake", |_| {
-                self.client_connected()
-            });
-        // The fast path (when it runs) takes the tailnet side once its maps
-        // know tailscaled's device and address: until then, flows are the
-        // kernel's and stay so.
-        node.daemon.wait_for("the fast path's tailnet side", |_| {
-            let f = &crate::daemon::status()["forwarding"];
-            f.get("ts_ifindex").is_none()
-                || (f["ts_ifindex"].as_u64() != Some(0) && !f["ts_v4"].is_null())
-        });
-        // Where the peers are the kernel's, the daemon's device must be
-        // too: a userspace one has its UAPI socket.
-        if crate::wg::kernel_wireguard() {
-            let socket = format!("/var/run/wireguard/{}.sock", self.bed.device);
-            assert!(
-                !std::path::Path::new(&socket).exists(),
-                "the kernel has WireGuard, but the daemon runs userspace WireGuard:\n{}",
-                node.daemon.log()
-            );
-        }
-        node
     }
 
     /// `tailguard <command>` for this bridge's daemon (its device and pinned

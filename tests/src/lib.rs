@@ -14,7 +14,8 @@
 //! - `attach_`: attaching the programs to devices and detaching them;
 //! - `apply_`: one setup step of the daemon (WireGuard, resolver, GRO, the
 //!   LocalAPI client) against the kernel or the Tailscale stand-in;
-//! - `daemon_`: the whole daemon under test, started as users start it;
+//! - `daemon_`: the whole daemon under test, started as users start it
+//!   ([`daemon::DaemonUnderTest::builder`]);
 //! - `patterns.rs`: the four usage patterns end to end;
 //! - `image_`: the container image on a Docker engine.
 

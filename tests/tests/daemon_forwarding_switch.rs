@@ -8,13 +8,11 @@ use std::{os::unix::fs::PermissionsExt as _, process::Command};
 
 use tailguard_tests::{
     bridge::*,
-    daemon::{Daemon, WithStandIn, health, status, tailguard},
+    daemon::{DATAPATHS, DaemonUnderTest, counted, health, status, tailguard},
     netns::{NetNs, run},
     traffic::*,
     wg::{ConfigDir, KeyPair, Testbed},
 };
-
-const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
 
 const V4_OFF: &str = "IPv4 forwarding is off: nothing is forwarded between the networks; \
                       start with --sysctl net.ipv4.ip_forward=1 to bridge";
@@ -41,13 +39,6 @@ fn said(ipv4: bool, ipv6: bool) -> [&'static str; 2] {
         if ipv4 { V4_ON } else { V4_OFF },
         if ipv6 { V6_ON } else { V6_OFF },
     ]
-}
-
-/// Packets the fast path counted for `device` with `outcome`.
-fn counted(device: &str, outcome: &str) -> u64 {
-    status()["counters"][device][outcome]["packets"]
-        .as_u64()
-        .unwrap_or(0)
 }
 
 /// The kernel's count, in the calling thread's namespace, of packets it
@@ -96,15 +87,17 @@ fn without_the_switches_the_host_serves_both_networks_and_forwards_nothing() {
         let host = b.bed.ours.run(|| WhoAmI::listen(false));
         let (before_v4, before_v6) = b.bed.ours.run(|| (unforwarded(false), unforwarded(true)));
         let mut node = b.bed.ours.run(|| {
-            b.start_healthy(&[
-                ("TG_DATAPATH", datapath),
-                ("TG_EXPOSE_HOST", "1"),
-                ("TG_WEBUI_PORT", "8088"),
-            ])
+            DaemonUnderTest::builder(&b)
+                .envs(&[
+                    ("TG_DATAPATH", datapath),
+                    ("TG_EXPOSE_HOST", "1"),
+                    ("TG_WEBUI_PORT", "8088"),
+                ])
+                .start_healthy()
         });
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
         for line in said(false, false) {
-            assert!(node.daemon.log().contains(line), "{}", ctx(line));
+            assert!(node.log().contains(line), "{}", ctx(line));
         }
 
         // The host's own service and status page, from both sides.
@@ -167,7 +160,7 @@ fn without_the_switches_the_host_serves_both_networks_and_forwards_nothing() {
             if datapath == "ebpf" {
                 // The fast path handed them over, saying why, and
                 // redirected nothing.
-                node.daemon.wait_for("the forwarding-off counters", |_| {
+                node.wait_for("the forwarding-off counters", |_| {
                     counted("wireguard", "kernel:forwarding-off") > 0
                         && counted("tailscale", "kernel:forwarding-off") > 0
                 });
@@ -183,7 +176,7 @@ fn without_the_switches_the_host_serves_both_networks_and_forwards_nothing() {
                 assert_eq!(status()["datapath"], "netfilter");
             }
         });
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
         assert_eq!(b.bed.ours.forwarding(), values(false, false), "{datapath}");
     }
 }
@@ -201,19 +194,21 @@ fn each_family_is_forwarded_only_with_its_own_switch() {
             let tn4 = b.tailnet.run(|| WhoAmI::listen(false));
             let tn6 = b.tailnet.run(|| WhoAmI::listen(true));
             let mut node = b.bed.ours.run(|| {
-                b.start_healthy(&[
-                    ("TG_DATAPATH", datapath),
-                    ("TS_DEST_IP", "10.66.0.1,fd66::1"),
-                ])
+                DaemonUnderTest::builder(&b)
+                    .envs(&[
+                        ("TG_DATAPATH", datapath),
+                        ("TS_DEST_IP", "10.66.0.1,fd66::1"),
+                    ])
+                    .start_healthy()
             });
             let ctx = |what: &str| {
                 format!(
                     "{datapath}, IPv4 {ipv4}, IPv6 {ipv6}: {what}\n{}",
-                    node.daemon.log()
+                    node.log()
                 )
             };
             for line in said(ipv4, ipv6) {
-                assert!(node.daemon.log().contains(line), "{}", ctx(line));
+                assert!(node.log().contains(line), "{}", ctx(line));
             }
             let cases: [(&NetNs, &str, u16, &str, bool, &str); 7] = [
                 (
@@ -262,14 +257,14 @@ fn each_family_is_forwarded_only_with_its_own_switch() {
             }
             b.bed.ours.run(|| {
                 if datapath == "ebpf" {
-                    node.daemon.wait_for("both outcomes counted", |_| {
+                    node.wait_for("both outcomes counted", |_| {
                         counted("wireguard", "redirected") > 0
                             && counted("tailscale", "redirected") > 0
                             && counted("wireguard", "kernel:forwarding-off") > 0
                             && counted("tailscale", "kernel:forwarding-off") > 0
                     });
                 }
-                node.daemon.stop();
+                node.stop();
             });
             assert_eq!(b.bed.ours.forwarding(), values(ipv4, ipv6), "{datapath}");
         }
@@ -292,21 +287,25 @@ fn the_daemon_only_reads_the_switches() {
         });
         for (ipv4, ipv6) in [(false, false), (true, false), (false, true), (true, true)] {
             bed.ours.set_forwarding(ipv4, ipv6);
-            let ctx = |node: &WithStandIn, what: &str| {
+            let ctx = |node: &DaemonUnderTest, what: &str| {
                 format!(
                     "{datapath}, IPv4 {ipv4}, IPv6 {ipv6}: {what}\n{}",
-                    node.daemon.log()
+                    node.log()
                 )
             };
             bed.ours.run(|| {
                 let env = [("TS_AUTHKEY", "tskey-x"), ("TG_DATAPATH", datapath)];
-                let mut node = Daemon::with_standin_via(&read_only, &bed, &dir, &env);
-                node.daemon.wait_for("health", |_| health().0);
+                let mut node = DaemonUnderTest::builder((&bed, &dir))
+                    .standin()
+                    .via(&read_only)
+                    .envs(&env)
+                    .start();
+                node.wait_for("health", |_| health().0);
                 for line in said(ipv4, ipv6) {
-                    assert!(node.daemon.log().contains(line), "{}", ctx(&node, line));
+                    assert!(node.log().contains(line), "{}", ctx(&node, line));
                 }
                 if datapath == "ebpf" {
-                    node.daemon.wait_for("the maps", |_| {
+                    node.wait_for("the maps", |_| {
                         status()["forwarding"]["forward_v4"].as_bool().is_some()
                     });
                     let f = &status()["forwarding"];
@@ -323,7 +322,7 @@ fn the_daemon_only_reads_the_switches() {
                     "{}",
                     ctx(&node, "running")
                 );
-                let log = node.daemon.stop();
+                let log = node.stop();
                 assert!(log.contains("everything set up was removed"), "{log}");
             });
             assert_eq!(
@@ -353,14 +352,18 @@ fn a_read_only_proc_sys_needs_the_reserved_ports_only_when_ephemeral_ports_reach
         tailguard_tests::netns::sysctl("net.ipv4.ip_local_port_range", "32768 60999");
     });
     bed.ours.run(|| {
-        let mut node = Daemon::with_standin_via(&READ_ONLY_PROC_SYS, &bed, &dir, &env);
-        node.daemon.wait_for("health", |_| health().0);
-        let log = node.daemon.log();
+        let mut node = DaemonUnderTest::builder((&bed, &dir))
+            .standin()
+            .via(&READ_ONLY_PROC_SYS)
+            .envs(&env)
+            .start();
+        node.wait_for("health", |_| health().0);
+        let log = node.log();
         assert!(
             log.contains("starting without it") && log.contains("ip_local_reserved_ports"),
             "{log}"
         );
-        let log = node.daemon.stop();
+        let log = node.stop();
         assert!(log.contains("everything set up was removed"), "{log}");
     });
     assert_eq!(reserved().trim(), "", "nothing was written");
@@ -368,17 +371,21 @@ fn a_read_only_proc_sys_needs_the_reserved_ports_only_when_ephemeral_ports_reach
     bed.ours
         .run(|| tailguard_tests::netns::sysctl("net.ipv4.ip_local_port_range", "1024 65535"));
     let log = bed.ours.run(|| {
-        let mut node = Daemon::with_standin_via(&READ_ONLY_PROC_SYS, &bed, &dir, &env);
+        let mut node = DaemonUnderTest::builder((&bed, &dir))
+            .standin()
+            .via(&READ_ONLY_PROC_SYS)
+            .envs(&env)
+            .start();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while node.daemon.exited().is_none() {
+        while node.exited().is_none() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "still running with the ephemeral ports in ours:\n{}",
-                node.daemon.log()
+                node.log()
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        let (status, log) = node.daemon.exit();
+        let (status, log) = node.exit();
         assert!(!status.success(), "{log}");
         log
     });

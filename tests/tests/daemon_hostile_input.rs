@@ -293,7 +293,9 @@ fn a_key_in_a_hook_command_is_not_logged() {
     let dir = bed.config_dir(&bed.config(&format!("PreUp = test {key} = other"), "10.66.0.1/32"));
     bed.ours.run(|| {
         let before = routing_state();
-        let (status, log) = tailguard_tests::daemon::Daemon::start(&bed, &dir, &[]).exit();
+        let (status, log) = tailguard_tests::daemon::DaemonUnderTest::builder((&bed, &dir))
+            .start()
+            .exit();
         assert!(!status.success(), "{log}");
         assert!(
             log.contains("PreUp hook `test <redacted> = other` failed"),

@@ -12,9 +12,11 @@ use std::{
     time::Duration,
 };
 
-use tailguard_tests::{bridge::*, daemon::status, traffic::*};
-
-const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
+use tailguard_tests::{
+    bridge::*,
+    daemon::{DATAPATHS, DaemonUnderTest, counted},
+    traffic::*,
+};
 
 fn socket() -> UdpSocket {
     udp_socket(Duration::from_secs(2))
@@ -45,21 +47,16 @@ fn receive(socket: &UdpSocket) -> Option<(String, SocketAddr)> {
     Some((String::from_utf8_lossy(&bytes).into_owned(), from))
 }
 
-fn counted(device: &str, outcome: &str) -> u64 {
-    status()["counters"][device][outcome]["packets"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
 #[test]
 fn ipv4_options_and_udp6_without_checksum() {
     for datapath in DATAPATHS {
         let b = Bridge::new(&format!("opts-{datapath}"));
-        let mut node = b
-            .bed
-            .ours
-            .run(|| b.start_healthy(&[("TG_DATAPATH", datapath)]));
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let mut node = b.bed.ours.run(|| {
+            DaemonUnderTest::builder(&b)
+                .datapath(datapath)
+                .start_healthy()
+        });
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
         let listener = b.tailnet.run(socket);
         let port = listener.local_addr().unwrap().port();
         let peer4 = SocketAddr::new(TAILNET_PEER.parse().unwrap(), port);
@@ -123,7 +120,7 @@ fn ipv4_options_and_udp6_without_checksum() {
 
         b.bed.ours.run(|| {
             if datapath == "ebpf" {
-                node.daemon.wait_for("the counted fates", |_| {
+                node.wait_for("the counted fates", |_| {
                     counted("wireguard", "drop:options-of-our-flow") == 1
                         && counted("wireguard", "kernel:ip-options") >= 1
                         && counted("wireguard", "drop:udp6-zero-checksum") == 1
@@ -143,7 +140,7 @@ fn ipv4_options_and_udp6_without_checksum() {
                     .unwrap_or_else(|| panic!("no checksum-0 rule:\n{chain}"));
                 assert!(rule.contains("counter packets 1 "), "{rule}");
             }
-            node.daemon.stop();
+            node.stop();
         });
     }
 }

@@ -15,19 +15,11 @@ use etherparse::PacketBuilder;
 use tailguard::firewall::FAST_PATH_PORTS;
 use tailguard_tests::{
     bridge::*,
-    daemon::{health, status},
+    daemon::{DATAPATHS, DaemonUnderTest, counted, health, status},
     netns::{run, sysctl},
     traffic::*,
     tun::EgressInjector,
 };
-
-const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
-
-fn counted(device: &str, outcome: &str) -> u64 {
-    status()["counters"][device][outcome]["packets"]
-        .as_u64()
-        .unwrap_or(0)
-}
 
 /// Packets the WireGuard server's probe counted (see `probe`).
 fn probed() -> u64 {
@@ -81,12 +73,14 @@ fn dest_ip_leaves_the_hosts_own_udp_and_the_fast_path_ports_alone() {
         });
         let echo = b.tailnet.run(UdpEcho::listen);
         let node = b.bed.ours.run(|| {
-            b.start_healthy(&[
-                ("TG_DATAPATH", datapath),
-                ("TS_DEST_IP", "10.66.0.1,fd66::1"),
-            ])
+            DaemonUnderTest::builder(&b)
+                .envs(&[
+                    ("TG_DATAPATH", datapath),
+                    ("TS_DEST_IP", "10.66.0.1,fd66::1"),
+                ])
+                .start_healthy()
         });
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
 
         // The host's own query from its tailnet address, both families:
         // answered, and nothing of it reaches TS_DEST_IP.
@@ -227,7 +221,7 @@ fn dest_ip_leaves_the_hosts_own_udp_and_the_fast_path_ports_alone() {
                 ))
             );
         }
-        node.daemon.stop();
+        node.stop();
     }
 }
 
@@ -253,12 +247,15 @@ fn a_udp_flow_from_before_the_fast_path_keeps_its_source_port() {
             sysctl("net.ipv6.conf.all.forwarding", "1");
         });
         let echo = b.tailnet.run(UdpEcho::listen);
-        let node = b.bed.ours.run(|| b.start_healthy(&env));
+        let node = b
+            .bed
+            .ours
+            .run(|| DaemonUnderTest::builder(&b).envs(&env).start_healthy());
         // The stand-in outlives the kill; the next daemon attaches to it
         // (and to its device).
-        let ts_device = node.ts_device.clone();
-        let socket_path = node.socket.display().to_string();
-        node.daemon.kill();
+        let ts_device = node.standin().ts_device.clone();
+        let socket_path = node.standin().socket.display().to_string();
+        node.kill();
         let socket = b.bed.theirs.run(|| UdpSocket::bind("0.0.0.0:0").unwrap());
         assert!(
             ask_until_answered(&socket, TAILNET_PEER, echo.port),
@@ -269,8 +266,11 @@ fn a_udp_flow_from_before_the_fast_path_keeps_its_source_port() {
         echo.forget_seen();
 
         let again = [("TG_DATAPATH", datapath), ("TS_DEVICE", ts_device.as_str())];
-        let mut node = b.bed.ours.run(|| b.start_healthy(&again));
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let mut node = b
+            .bed
+            .ours
+            .run(|| DaemonUnderTest::builder(&b).envs(&again).start_healthy());
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
         for _ in 0..4 {
             assert!(
                 udp_ask(&socket, TAILNET_PEER, echo.port, b"and now?").is_some(),
@@ -286,13 +286,12 @@ fn a_udp_flow_from_before_the_fast_path_keeps_its_source_port() {
         );
         if datapath == "ebpf" {
             b.bed.ours.run(|| {
-                node.daemon
-                    .wait_for("the datagrams counted as the kernel's", |_| {
-                        counted("wireguard", "kernel:tracked-flow") >= 4
-                    })
+                node.wait_for("the datagrams counted as the kernel's", |_| {
+                    counted("wireguard", "kernel:tracked-flow") >= 4
+                })
             });
         }
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
         stop_orphan(&socket_path);
     }
 }
@@ -326,12 +325,15 @@ fn fallen_back_to_netfilter_dest_ip_takes_every_port() {
             "--inh-caps=-bpf,-sys_admin",
             "--bounding-set=-bpf,-sys_admin",
         ];
-        b.start_via(&wrapper, &[("TS_DEST_IP", "10.66.0.1,fd66::1")])
+        DaemonUnderTest::builder(&b)
+            .via(&wrapper)
+            .envs(&[("TS_DEST_IP", "10.66.0.1,fd66::1")])
+            .start()
     });
     b.bed.ours.run(|| {
-        node.daemon.wait_for("health", |_| health().0);
+        node.wait_for("health", |_| health().0);
         assert_eq!(status()["datapath"], "netfilter");
-        node.daemon.wait_for("the TS_DEST_IP rules", |_| {
+        node.wait_for("the TS_DEST_IP rules", |_| {
             dstnat_rules()
                 .iter()
                 .any(|r| r["expr"].to_string().contains("dnat"))
@@ -340,8 +342,8 @@ fn fallen_back_to_netfilter_dest_ip_takes_every_port() {
         assert!(
             !rules.iter().any(|r| r["comment"] == FAST_PATH_PORTS),
             "{rules:#?}\n{}",
-            node.daemon.log()
+            node.log()
         );
-        node.daemon.stop()
+        node.stop()
     });
 }

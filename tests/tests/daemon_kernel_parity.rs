@@ -19,21 +19,20 @@ use std::{
 use etherparse::{Ipv4HeaderSlice, TcpHeaderSlice, TcpOptionElement};
 use tailguard_tests::{
     bridge::*,
-    daemon::{WithStandIn, status},
+    daemon::{DATAPATHS, DaemonUnderTest, counted, status},
     netns::{NetNs, run},
     traffic::*,
 };
 
-const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
-
 /// Pattern 1, with both peers on 1500-byte links so that their own MSS is
 /// above what the node's devices carry.
-fn pattern_1(purpose: &str, datapath: &str) -> (Bridge, WithStandIn) {
+fn pattern_1(purpose: &str, datapath: &str) -> (Bridge, DaemonUnderTest) {
     let b = Bridge::with_ethernet_peers(purpose, "0.0.0.0/0, ::/0");
-    let node = b
-        .bed
-        .ours
-        .run(|| b.start_healthy(&[("TG_DATAPATH", datapath)]));
+    let node = b.bed.ours.run(|| {
+        DaemonUnderTest::builder(&b)
+            .datapath(datapath)
+            .start_healthy()
+    });
     (b, node)
 }
 
@@ -73,13 +72,6 @@ fn server_takes_the_second_peers_ipv6(b: &Bridge) {
     });
 }
 
-/// Packets the fast path counted for `device` with `outcome`.
-fn counted(device: &str, outcome: &str) -> u64 {
-    status()["counters"][device][outcome]["packets"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
 #[test]
 fn uplink_traffic_is_not_sent_into_wireguard() {
     for datapath in DATAPATHS {
@@ -93,7 +85,7 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
         b.client_routes_everything_to_tailguard();
         let server = b.bed.theirs.run(|| WhoAmI::listen(false));
         let uplink = b.internet.run(|| WhoAmI::listen(false));
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
 
         // The node itself reaches the uplink's host: the route is there.
         let seen = b.bed.ours.run(|| who_am_i(INTERNET, uplink.port));
@@ -122,7 +114,7 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
             assert_eq!(s["datapath"], datapath, "{s:#}");
             if datapath == "ebpf" {
                 // The fast path dropped them itself, as the forward policy.
-                node.daemon.wait_for("both drops counted", |_| {
+                node.wait_for("both drops counted", |_| {
                     counted("wireguard", "drop:not-forwarded") > 0
                         && counted("tailscale", "drop:not-forwarded") > 0
                 });
@@ -163,14 +155,13 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
         let server_v6 = b.bed.theirs.run(|| WhoAmI::listen(true));
         if datapath == "ebpf" {
             b.bed.ours.run(|| {
-                node.daemon
-                    .wait_for("the static routes in the route map", |_| {
-                        let routes = &status()["forwarding"]["routes"];
-                        routes[STATIC_V4] == "elsewhere" && routes[STATIC_V6] == "elsewhere"
-                    })
+                node.wait_for("the static routes in the route map", |_| {
+                    let routes = &status()["forwarding"]["routes"];
+                    routes[STATIC_V4] == "elsewhere" && routes[STATIC_V6] == "elsewhere"
+                })
             });
         }
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
         for (host, port) in [
             (STATIC_HOST_V4, server.port),
             (STATIC_HOST_V6, server_v6.port),
@@ -190,7 +181,7 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
             "{}",
             ctx("the server heard it")
         );
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
     }
 }
 
@@ -359,18 +350,18 @@ fn syn_mss_is_clamped_to_the_smaller_mtu_of_both_ways() {
                 got,
                 Ok((syn, syn_ack)),
                 "{datapath}: {what}: (SYN, SYN-ACK) MSS as received\n{}",
-                node.daemon.log()
+                node.log()
             );
             seen.push((what, got));
         }
         b.bed.ours.run(|| {
             assert_eq!(status()["datapath"], datapath);
             if datapath == "ebpf" {
-                node.daemon.wait_for("the fast path carried them", |_| {
+                node.wait_for("the fast path carried them", |_| {
                     counted("wireguard", "redirected") > 0 && counted("tailscale", "redirected") > 0
                 });
             }
-            node.daemon.stop();
+            node.stop();
         });
         seen_by_datapath.push(seen);
     }

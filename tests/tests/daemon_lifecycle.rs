@@ -7,7 +7,7 @@ use std::{process::Command, time::Duration};
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use tailguard_tests::{
-    daemon::Daemon,
+    daemon::DaemonUnderTest,
     netns::{routing_state, run},
     require_root, tailguard_bin,
     traffic::ping,
@@ -38,7 +38,9 @@ fn daemon_brings_up_wireguard_waits_for_tailscale_and_removes_everything_on_sigt
     let dir = bed.config_dir(&bed.config("ListenPort = 51821", "10.66.0.1/32, fd66::1/128"));
     bed.ours.run(|| {
         let before = routing_state();
-        let mut daemon = Daemon::start(&bed, &dir, &[("TS_DEVICE", TS)]);
+        let mut daemon = DaemonUnderTest::builder((&bed, &dir))
+            .envs(&[("TS_DEVICE", TS)])
+            .start();
         daemon.wait_for("attaching to WireGuard", |_| {
             attached_programs(&bed.device).len() == 2
         });
@@ -75,7 +77,10 @@ fn a_config_error_stops_the_daemon_before_it_touches_anything() {
     let dir = bed.config_dir(&broken);
     bed.ours.run(|| {
         let before = routing_state();
-        let (status, log) = Daemon::start(&bed, &dir, &[("TS_DEVICE", TS)]).exit();
+        let (status, log) = DaemonUnderTest::builder((&bed, &dir))
+            .envs(&[("TS_DEVICE", TS)])
+            .start()
+            .exit();
         assert!(!status.success(), "{log}");
         assert!(
             log.contains(&format!("{}.conf:4: MTU: \"tall\"", bed.device)),
@@ -92,7 +97,10 @@ fn a_device_that_is_not_wireguard_is_refused_and_nothing_is_left() {
     bed.ours.run(|| {
         let _squatter = Tun::create(&bed.device);
         let before = routing_state();
-        let (status, log) = Daemon::start(&bed, &dir, &[("TS_DEVICE", TS)]).exit();
+        let (status, log) = DaemonUnderTest::builder((&bed, &dir))
+            .envs(&[("TS_DEVICE", TS)])
+            .start()
+            .exit();
         assert!(!status.success(), "{log}");
         assert!(
             log.contains(&format!(
@@ -117,7 +125,7 @@ fn restart_after_sigkill_takes_over_and_then_cleans_up() {
         let _ts = Tun::create(TS);
         let before = routing_state();
         let clsact = [("TS_DEVICE", TS), ("TG_TC_ATTACH", "clsact")];
-        let mut first = Daemon::start(&bed, &dir, &clsact);
+        let mut first = DaemonUnderTest::builder((&bed, &dir)).envs(&clsact).start();
         first.wait_for("attaching", |_| clsact_filters(TS).len() == 2);
         first.kill();
         let left = routing_state();
@@ -126,7 +134,7 @@ fn restart_after_sigkill_takes_over_and_then_cleans_up() {
             "the kill leaves the rules:\n{left}"
         );
 
-        let mut second = Daemon::start(&bed, &dir, &clsact);
+        let mut second = DaemonUnderTest::builder((&bed, &dir)).envs(&clsact).start();
         // The first one's filters are still there: the second's own log
         // says when it has taken them over (and can be stopped cleanly).
         second.wait_for("taking over and running", |d| {
@@ -172,7 +180,7 @@ fn clsact_programs_of_a_deleted_device_need_no_removal() {
         let before = routing_state();
         let ts = Tun::create(TS);
         let clsact = [("TS_DEVICE", TS), ("TG_TC_ATTACH", "clsact")];
-        let mut daemon = Daemon::start(&bed, &dir, &clsact);
+        let mut daemon = DaemonUnderTest::builder((&bed, &dir)).envs(&clsact).start();
         daemon.wait_for("attaching", |_| clsact_filters(TS).len() == 2);
         drop(ts);
         let log = daemon.stop();
@@ -266,25 +274,23 @@ fn endpoint_host_names_are_resolved_again() {
     )
     .unwrap();
     bed.ours.run(|| {
-        let mut unshare = Command::new("unshare");
-        unshare
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
-            ])
-            .arg(&hosts)
-            .arg(tailguard_bin())
-            .arg("run")
-            .env("WG_DEVICE", &bed.device)
-            .env("WG_CONFIG_DIR", &dir.0)
+        let hosts = hosts.display().to_string();
+        let wrapper = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+            &hosts,
+        ];
+        // The resolver file left alone: the name is in the bound hosts file.
+        let mut daemon = DaemonUnderTest::builder((&bed, &dir))
+            .via(&wrapper)
             .env("TG_RESOLV_CONF", "")
-            .env("TG_BPF_DIR", dir.bpf_dir())
-            .env("TG_ENDPOINT_REFRESH", "1");
-        let mut daemon = Daemon::spawn(unshare);
+            .env("TG_ENDPOINT_REFRESH", "1")
+            .start();
         // Empty until the device exists.
         let endpoint = || {
             let out = Command::new("wg")
@@ -339,7 +345,7 @@ fn an_incompatible_pinned_state_is_discarded_and_said() {
             "map", "create", &pin_text, "type", "hash", "key", "4", "value", "4", "entries", "8",
             "name", "NAT",
         ]));
-        let mut daemon = Daemon::start(&bed, &dir, &[("TS_DEVICE", TS)]);
+        let mut daemon = DaemonUnderTest::builder((&bed, &dir)).envs(&[("TS_DEVICE", TS)]).start();
         daemon.wait_for("attaching to WireGuard", |_| {
             attached_programs(&bed.device).len() == 2
         });

@@ -19,25 +19,26 @@ use std::{
 use etherparse::{Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpHeaders, IpPayloadSlice};
 use tailguard_tests::{
     bridge::*,
-    daemon::WithStandIn,
+    daemon::{DATAPATHS, DaemonUnderTest},
     netns::{NetNs, run},
     traffic::*,
 };
-
-const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
 
 const DOWNLOAD: usize = 2 << 20;
 
 /// The bridge as pattern 1 runs it: TailGuard a client of the WireGuard
 /// server (everything routed to it, its LAN behind it), `TS_DEST_IP` the
 /// server, and both peers on 1500-byte links.
-fn exit_node_bridge(purpose: &str, datapath: &str) -> (Bridge, WithStandIn) {
+fn exit_node_bridge(purpose: &str, datapath: &str) -> (Bridge, DaemonUnderTest) {
     let b = Bridge::with_ethernet_peers(purpose, "0.0.0.0/0, ::/0, 192.168.8.0/24");
     let env = [
         ("TG_DATAPATH", datapath),
         ("TS_DEST_IP", "10.66.0.1,fd66::1"),
     ];
-    let node = b.bed.ours.run(|| b.start_healthy(&env));
+    let node = b
+        .bed
+        .ours
+        .run(|| DaemonUnderTest::builder(&b).envs(&env).start_healthy());
     (b, node)
 }
 
@@ -265,8 +266,8 @@ type Case<'a> = (
 fn too_big_datagrams_get_the_kernels_answer() {
     for datapath in DATAPATHS {
         let (b, node) = exit_node_bridge(&format!("pmtu-{datapath}"), datapath);
-        let context = || format!("{datapath}\n{}", node.daemon.log());
-        let ts_mtu = b.bed.ours.run(|| mtu_of(&node.ts_device));
+        let context = || format!("{datapath}\n{}", node.log());
+        let ts_mtu = b.bed.ours.run(|| mtu_of(&node.standin().ts_device));
         let wg_mtu = b.bed.ours.run(|| mtu_of(&b.bed.device));
         let tailnet_device = b.tailnet_peer.name.clone();
         let client_device = b.client.device_starting_with("wgc");
@@ -406,7 +407,7 @@ fn too_big_datagrams_get_the_kernels_answer() {
         let before = answered(&b);
         reply_too_big(&b, &lan_device, ts_mtu, &context);
         assert_answered_by(datapath, &b, before, "exit node reply wg -> ts");
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
     }
 }
 
@@ -552,9 +553,9 @@ fn bulk_download_through_the_exit_node_completes() {
             got,
             Ok(DOWNLOAD),
             "{datapath}: LAN host -> tailnet client download\n{}",
-            node.daemon.log()
+            node.log()
         );
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
     }
 }
 
@@ -611,8 +612,8 @@ fn fragmented(b: &Bridge) -> u64 {
 fn ipv4_without_df_is_fragmented_within_its_flow() {
     for datapath in DATAPATHS {
         let (b, node) = exit_node_bridge(&format!("pmtu-frag-{datapath}"), datapath);
-        let context = || format!("{datapath}\n{}", node.daemon.log());
-        let big = b.bed.ours.run(|| mtu_of(&node.ts_device)) as usize + 100 - 28;
+        let context = || format!("{datapath}\n{}", node.log());
+        let big = b.bed.ours.run(|| mtu_of(&node.standin().ts_device)) as usize + 100 - 28;
         let before = fragmented(&b);
 
         // Masquerade wg -> ts, from the WireGuard client and (exit node) from
@@ -692,6 +693,6 @@ fn ipv4_without_df_is_fragmented_within_its_flow() {
             "{datapath}: fragmented by the fast path\n{}",
             b.tailguard("status")
         );
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
     }
 }

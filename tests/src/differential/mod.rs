@@ -31,7 +31,7 @@ pub fn run(datapath: &str, cases: &[Case]) -> Vec<Vec<Vec<String>>> {
         for case in cases.iter().filter(|c| c.isolate == isolate) {
             fates[case.index] = rig.run(case);
         }
-        rig.bridge.bed.ours.run(|| node.daemon.stop());
+        rig.bridge.bed.ours.run(|| node.stop());
     }
     fates
 }

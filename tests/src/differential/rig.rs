@@ -23,7 +23,7 @@ use super::{
 };
 use crate::{
     bridge::Bridge,
-    daemon::WithStandIn,
+    daemon::DaemonUnderTest,
     netns::{NetNs, run, sysctl},
     traffic::Tap,
 };
@@ -120,7 +120,7 @@ impl Rig {
     /// Starts TailGuard with `datapath` as the test's patterns want it,
     /// forwarding switched on in its namespace (as a container's
     /// `--sysctl` does).
-    pub fn start(&self, datapath: &str, isolate: bool) -> WithStandIn {
+    pub fn start(&self, datapath: &str, isolate: bool) -> DaemonUnderTest {
         let env = [
             ("TG_DATAPATH", datapath),
             ("TS_DEST_IP", "10.66.0.1,fd66::1"),
@@ -137,7 +137,9 @@ impl Rig {
         self.bridge.bed.ours.run(|| {
             sysctl("net.ipv4.ip_forward", "1");
             sysctl("net.ipv6.conf.all.forwarding", "1");
-            self.bridge.start_healthy(&env)
+            DaemonUnderTest::builder(&self.bridge)
+                .envs(&env)
+                .start_healthy()
         })
     }
 
