@@ -17,9 +17,10 @@ use std::{
 };
 
 use tailguard_tests::{
-    bridge::{Bridge, TAILNET_PEER},
+    bridge::Bridge,
     daemon::DaemonUnderTest,
     netns::{NetNs, run},
+    topology::*,
 };
 
 use crate::load::{self, CpuTime, UdpCounter};

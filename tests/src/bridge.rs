@@ -1,4 +1,5 @@
-//! The bridge as users run it, in four namespaces:
+//! The bridge as users run it, in four namespaces (the addresses are
+//! [`crate::topology`]'s):
 //!
 //! ```text
 //!  LAN 192.168.8.10 --veth-- wg server (Testbed's peer)
@@ -22,21 +23,9 @@ use std::process::Command;
 
 use crate::{
     netns::{NetNs, run, unique_ifname, veth},
+    topology::*,
     wg::{ConfigDir, KeyPair, Testbed, WgPeer},
 };
-
-pub const WG_SERVER: &str = "10.66.0.1";
-pub const WG_SERVER_V6: &str = "fd66::1";
-pub const NODE_WG: &str = "10.66.0.2";
-pub const NODE_WG_V6: &str = "fd66::2";
-pub const NODE_TS: &str = "100.64.0.1";
-pub const NODE_TS_V6: &str = "fd7a:115c:a1e0::1";
-pub const TAILNET_PEER: &str = "100.64.0.2";
-pub const TAILNET_PEER_V6: &str = "fd7a:115c:a1e0::2";
-pub const INTERNET: &str = "10.201.0.2";
-pub const WG_CLIENT: &str = "10.66.0.3";
-pub const LAN_HOST: &str = "192.168.8.10";
-pub const WG_CLIENT_V6: &str = "fd66::3";
 
 pub struct Bridge {
     pub bed: Testbed,
@@ -56,7 +45,7 @@ pub struct Bridge {
 
 impl Bridge {
     pub fn new(purpose: &str) -> Self {
-        Self::with_server_allowed_ips(purpose, "10.66.0.1/32, fd66::1/128")
+        Self::with_server_allowed_ips(purpose, WG_SERVER_ONLY)
     }
 
     /// As [`Bridge::new`], with TailGuard's `AllowedIPs` for the WireGuard
@@ -86,18 +75,17 @@ impl Bridge {
     /// [`Bridge::new`] around a given namespace for TailGuard (a
     /// container's), its forwarding switches left as they are.
     pub fn in_namespace(ours: NetNs, purpose: &str) -> Self {
-        Self::around(ours, purpose, "10.66.0.1/32, fd66::1/128")
+        Self::around(ours, purpose, WG_SERVER_ONLY)
     }
 
     fn around(ours: NetNs, purpose: &str, allowed: &str) -> Self {
-        let tailnet_ranges = "100.64.0.0/10,fd7a:115c:a1e0::/48";
         let bed = Testbed::around(
             ours,
             purpose,
-            &format!("10.66.0.2/32,10.66.0.3/32,fd66::2/128,{tailnet_ranges},10.201.0.0/24"),
+            &format!("{NODE_WG}/32,{WG_CLIENT}/32,{NODE_WG_V6}/128,{TAILNET_BOTH},{INTERNET_NET}"),
         );
         bed.theirs.run(|| {
-            for range in tailnet_ranges.split(',').chain(["10.201.0.0/24"]) {
+            for range in [TAILNET, TAILNET_V6, INTERNET_NET] {
                 run(Command::new("ip").args(["route", "add", range, "dev", &bed.peer.name]));
             }
         });
@@ -106,30 +94,39 @@ impl Bridge {
         let peer = format!("{allowed}\nPersistentKeepalive = 1");
         let client_keys = KeyPair::generate();
         let config = format!(
-            "{}\n[Peer]\nPublicKey = {}\nAllowedIPs = 10.66.0.3/32, fd66::3/128\n",
-            bed.config("ListenPort = 51821", &peer),
+            "{}\n[Peer]\nPublicKey = {}\nAllowedIPs = {WG_CLIENT}/32, {WG_CLIENT_V6}/128\n",
+            bed.config(&format!("ListenPort = {WG_CLIENT_PORT}"), &peer),
             client_keys.public
         );
         let dir = bed.config_dir(&config);
         let client = NetNs::new(&format!("{purpose}-cl"));
-        veth(&bed.ours, "10.202.0.1/24", &client, "10.202.0.2/24");
+        veth(
+            &bed.ours,
+            &with_prefix(CLIENT_UNDERLAY, LINK_PREFIX),
+            &client,
+            &with_prefix(CLIENT_UNDERLAY_PEER, LINK_PREFIX),
+        );
         let client_device = unique_ifname("wgc");
         let client_peer = client.run(|| {
             WgPeer::start(
                 &client_device,
                 &client_keys,
-                51821,
-                "10.66.0.3/24,fd66::3/64",
+                WG_CLIENT_PORT,
+                &format!(
+                    "{},{}",
+                    with_prefix(WG_CLIENT, WG_PREFIX),
+                    with_prefix(WG_CLIENT_V6, WG_PREFIX_V6)
+                ),
                 &[(
                     &bed.keys.public,
-                    &format!("10.66.0.0/24,fd66::/64,{tailnet_ranges}"),
-                    Some("10.202.0.1:51821"),
+                    &format!("{WG_NET},{WG_NET_V6},{TAILNET_BOTH}"),
+                    Some(&endpoint(CLIENT_UNDERLAY, WG_CLIENT_PORT)),
                 )],
             )
         });
         // It routes the tailnet to TailGuard (the reference's simple bridge).
         client.run(|| {
-            for range in tailnet_ranges.split(',') {
+            for range in [TAILNET, TAILNET_V6] {
                 run(Command::new("ip").args(["route", "add", range, "dev", &client_device]));
             }
         });
@@ -146,24 +143,35 @@ impl Bridge {
         });
 
         let tailnet = NetNs::new(&format!("{purpose}-tn"));
-        veth(&bed.ours, "10.210.0.1/24", &tailnet, "10.210.0.2/24");
+        veth(
+            &bed.ours,
+            &with_prefix(TAILNET_UNDERLAY, LINK_PREFIX),
+            &tailnet,
+            &with_prefix(TAILNET_UNDERLAY_PEER, LINK_PREFIX),
+        );
         let (node_keys, peer_keys) = (KeyPair::generate(), KeyPair::generate());
         let device = unique_ifname("tpr");
         let tailnet_peer = tailnet.run(|| {
             let peer = WgPeer::start(
                 &device,
                 &peer_keys,
-                41641,
-                "100.64.0.2/10,fd7a:115c:a1e0::2/48",
+                TAILNET_PORT,
+                &format!(
+                    "{},{}",
+                    with_prefix(TAILNET_PEER, TAILNET_PREFIX),
+                    with_prefix(TAILNET_PEER_V6, TAILNET_PREFIX_V6)
+                ),
                 &[(
                     &node_keys.public,
-                    "100.64.0.1/32,fd7a:115c:a1e0::1/128,10.66.0.0/24,fd66::/64,10.201.0.0/24,192.168.8.0/24",
-                    Some("10.210.0.1:41641"),
+                    &format!(
+                        "{NODE_TS}/32,{NODE_TS_V6}/128,{WG_NET},{WG_NET_V6},{INTERNET_NET},{LAN_NET}"
+                    ),
+                    Some(&endpoint(TAILNET_UNDERLAY, TAILNET_PORT)),
                 )],
             );
             // The node's advertised routes, as Tailscale installs them.
             // (10.201.0.0/24 too, to show it is refused rather than unrouted.)
-            for net in ["10.66.0.0/24", "fd66::/64", "10.201.0.0/24", "192.168.8.0/24"] {
+            for net in [WG_NET, WG_NET_V6, INTERNET_NET, LAN_NET] {
                 run(Command::new("ip").args(["route", "add", net, "dev", &device]));
             }
             peer
@@ -172,17 +180,26 @@ impl Bridge {
         // The server's LAN: the server forwards to it, its hosts answer
         // through the server.
         let lan = NetNs::new(&format!("{purpose}-lan"));
-        veth(&bed.theirs, "192.168.8.1/24", &lan, "192.168.8.10/24");
+        veth(
+            &bed.theirs,
+            &with_prefix(LAN_GATEWAY, 24),
+            &lan,
+            &with_prefix(LAN_HOST, 24),
+        );
         bed.theirs
             .run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap());
-        lan.run(|| run(Command::new("ip").args(["route", "add", "default", "via", "192.168.8.1"])));
+        lan.run(|| run(Command::new("ip").args(["route", "add", "default", "via", LAN_GATEWAY])));
 
         let internet = NetNs::new(&format!("{purpose}-net"));
-        veth(&bed.ours, "10.201.0.1/24", &internet, "10.201.0.2/24");
+        veth(
+            &bed.ours,
+            &with_prefix(UPLINK, LINK_PREFIX),
+            &internet,
+            &with_prefix(INTERNET, LINK_PREFIX),
+        );
         // It answers everyone through TailGuard's uplink, so that only
         // TailGuard's policy can stop traffic from the two sides reaching it.
-        internet
-            .run(|| run(Command::new("ip").args(["route", "add", "default", "via", "10.201.0.1"])));
+        internet.run(|| run(Command::new("ip").args(["route", "add", "default", "via", UPLINK])));
         Self {
             bed,
             dir,
@@ -199,16 +216,19 @@ impl Bridge {
 
     /// What the daemon's environment must hold for the stand-in to log in
     /// and carry the tailnet to this bridge's tailnet peer.
-    pub fn standin_env(&self) -> Vec<(&str, &str)> {
+    pub fn standin_env(&self) -> Vec<(&'static str, String)> {
         vec![
-            ("TS_AUTHKEY", "tskey-bridge"),
-            ("STANDIN_WG_PRIVATE_KEY", self.node_keys.private.as_str()),
-            ("STANDIN_WG_LISTEN_PORT", "41641"),
-            ("STANDIN_PEER_PUBLIC_KEY", self.peer_keys.public.as_str()),
-            ("STANDIN_PEER_ENDPOINT", "10.210.0.2:41641"),
+            ("TS_AUTHKEY", "tskey-bridge".into()),
+            ("STANDIN_WG_PRIVATE_KEY", self.node_keys.private.clone()),
+            ("STANDIN_WG_LISTEN_PORT", TAILNET_PORT.to_string()),
+            ("STANDIN_PEER_PUBLIC_KEY", self.peer_keys.public.clone()),
+            (
+                "STANDIN_PEER_ENDPOINT",
+                endpoint(TAILNET_UNDERLAY_PEER, TAILNET_PORT),
+            ),
             (
                 "STANDIN_PEER_ALLOWED_IPS",
-                "100.64.0.2/32,fd7a:115c:a1e0::2/128",
+                format!("{TAILNET_PEER}/32,{TAILNET_PEER_V6}/128"),
             ),
         ]
     }
@@ -251,7 +271,7 @@ impl Bridge {
     /// TailGuard does.
     pub fn client_routes_everything_to_tailguard(&self) {
         self.client.run(|| {
-            let allowed = "10.66.0.0/24,fd66::/64,100.64.0.0/10,fd7a:115c:a1e0::/48,0.0.0.0/0";
+            let allowed = format!("{WG_NET},{WG_NET_V6},{TAILNET_BOTH},0.0.0.0/0");
             let device = &self.client_peer.name;
             let tailguard = &self.bed.keys.public;
             run(Command::new("wg").args([
@@ -260,7 +280,7 @@ impl Bridge {
                 "peer",
                 tailguard,
                 "allowed-ips",
-                allowed,
+                &allowed,
             ]));
             run(Command::new("ip").args(["route", "add", "default", "dev", device]));
         });

@@ -26,6 +26,7 @@ pub mod netns;
 pub mod node;
 pub mod packets;
 pub mod standin;
+pub mod topology;
 pub mod traffic;
 pub mod tun;
 pub mod wg;

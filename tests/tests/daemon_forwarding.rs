@@ -10,6 +10,7 @@ use tailguard_tests::{
     bridge::*,
     daemon::{DATAPATHS, DaemonUnderTest, counted, health, status},
     netns::{routing_state, run},
+    topology::*,
     traffic::*,
 };
 
@@ -46,7 +47,7 @@ fn forwarding_rows_nat_and_dest_ip() {
             DaemonUnderTest::builder(&b)
                 .envs(&[
                     ("TG_DATAPATH", datapath),
-                    ("TS_DEST_IP", "10.66.0.1,fd66::1"),
+                    ("TS_DEST_IP", WG_SERVER_BOTH),
                     ("TG_WEBUI_PORT", "8088"),
                 ])
                 .start_healthy()
@@ -84,7 +85,7 @@ fn forwarding_rows_nat_and_dest_ip() {
         let seen = b.bed.ours.run(|| who_am_i(INTERNET, inet.port));
         assert_eq!(
             seen.as_deref(),
-            Ok("10.201.0.1"),
+            Ok(UPLINK),
             "{}",
             ctx("the node to the uplink")
         );
@@ -94,7 +95,7 @@ fn forwarding_rows_nat_and_dest_ip() {
         assert!(refused.is_err(), "{}", ctx("ts -> uplink must be dropped"));
         assert_eq!(
             inet.last_seen(),
-            Some("10.201.0.1".into()),
+            Some(UPLINK.into()),
             "only the node got through"
         );
 

@@ -10,6 +10,7 @@ use tailguard_tests::{
     bridge::*,
     daemon::{DATAPATHS, DaemonUnderTest, counted, health, status, tailguard},
     netns::{NetNs, run},
+    topology::*,
     traffic::*,
     wg::{ConfigDir, KeyPair, Testbed},
 };
@@ -195,10 +196,7 @@ fn each_family_is_forwarded_only_with_its_own_switch() {
             let tn6 = b.tailnet.run(|| WhoAmI::listen(true));
             let mut node = b.bed.ours.run(|| {
                 DaemonUnderTest::builder(&b)
-                    .envs(&[
-                        ("TG_DATAPATH", datapath),
-                        ("TS_DEST_IP", "10.66.0.1,fd66::1"),
-                    ])
+                    .envs(&[("TG_DATAPATH", datapath), ("TS_DEST_IP", WG_SERVER_BOTH)])
                     .start_healthy()
             });
             let ctx = |what: &str| {
@@ -280,7 +278,7 @@ fn the_daemon_only_reads_the_switches() {
     let read_only = READ_ONLY_PROC_SYS;
     for datapath in DATAPATHS {
         let bed = Testbed::new(&format!("fwo-{datapath}"));
-        let dir = bed.config_dir(&bed.config("", "10.66.0.1/32, fd66::1/128"));
+        let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY));
         // Reserved beforehand, so that the daemon has nothing to write.
         bed.ours.run(|| {
             tailguard_tests::netns::sysctl("net.ipv4.ip_local_reserved_ports", "61000-65535")
@@ -341,7 +339,7 @@ fn the_daemon_only_reads_the_switches() {
 #[test]
 fn a_read_only_proc_sys_needs_the_reserved_ports_only_when_ephemeral_ports_reach_ours() {
     let bed = Testbed::new("fwr");
-    let dir = bed.config_dir(&bed.config("", "10.66.0.1/32, fd66::1/128"));
+    let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY));
     let env = [("TS_AUTHKEY", "tskey-x"), ("TG_DATAPATH", "ebpf")];
     let reserved = || {
         bed.ours

@@ -13,6 +13,7 @@ use tailguard_tests::{
     bridge::*,
     daemon::{DATAPATHS, DaemonUnderTest, counted},
     netns::{NetNs, set_mtu},
+    topology::*,
     traffic::*,
 };
 

@@ -16,8 +16,9 @@ use std::{
 };
 
 use tailguard_tests::{
-    bridge::{Bridge, NODE_TS, NODE_WG},
+    bridge::Bridge,
     daemon::{DaemonUnderTest, health},
+    topology::*,
 };
 
 const PAGE: u16 = 8088;
@@ -97,7 +98,7 @@ fn foreign_hosts_are_refused_and_isolated_peers_see_no_other_peer() {
         );
         // That request counted against the one a second.
         std::thread::sleep(Duration::from_millis(1100));
-        let ok = ask(NODE_WG, PAGE, "/status", Some("10.66.0.2:8088"));
+        let ok = ask(NODE_WG, PAGE, "/status", Some(&endpoint(NODE_WG, 8088)));
         assert_eq!(status_line(&ok), "HTTP/1.1 200 OK", "{}", ctx(&ok));
         assert!(ok.contains("\"forwarding\""), "{ok}");
         assert!(
@@ -354,7 +355,7 @@ fn two_thousand_idle_connections_leave_health_answering_and_the_cpu_idle() {
         scope.spawn(|| {
             b.bed.theirs.run(|| {
                 let peer = SocketAddr::new(NODE_WG.parse().unwrap(), PAGE);
-                from_peer.run(&["10.66.0.1".parse().unwrap()], peer, 1000, until);
+                from_peer.run(&[WG_SERVER.parse().unwrap()], peer, 1000, until);
             })
         });
         scope.spawn(|| {

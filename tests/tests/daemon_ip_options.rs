@@ -15,6 +15,7 @@ use std::{
 use tailguard_tests::{
     bridge::*,
     daemon::{DATAPATHS, DaemonUnderTest, counted},
+    topology::*,
     traffic::*,
 };
 

@@ -17,6 +17,7 @@ use tailguard_tests::{
     bridge::*,
     daemon::{DATAPATHS, DaemonUnderTest, counted, health, status},
     netns::{run, sysctl},
+    topology::*,
     traffic::*,
     tun::EgressInjector,
 };
@@ -74,10 +75,7 @@ fn dest_ip_leaves_the_hosts_own_udp_and_the_fast_path_ports_alone() {
         let echo = b.tailnet.run(UdpEcho::listen);
         let node = b.bed.ours.run(|| {
             DaemonUnderTest::builder(&b)
-                .envs(&[
-                    ("TG_DATAPATH", datapath),
-                    ("TS_DEST_IP", "10.66.0.1,fd66::1"),
-                ])
+                .envs(&[("TG_DATAPATH", datapath), ("TS_DEST_IP", WG_SERVER_BOTH)])
                 .start_healthy()
         });
         let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
@@ -327,7 +325,7 @@ fn fallen_back_to_netfilter_dest_ip_takes_every_port() {
         ];
         DaemonUnderTest::builder(&b)
             .via(&wrapper)
-            .envs(&[("TS_DEST_IP", "10.66.0.1,fd66::1")])
+            .envs(&[("TS_DEST_IP", WG_SERVER_BOTH)])
             .start()
     });
     b.bed.ours.run(|| {

@@ -21,6 +21,7 @@ use tailguard_tests::{
     bridge::*,
     daemon::{DATAPATHS, DaemonUnderTest, counted, status},
     netns::{NetNs, run},
+    topology::*,
     traffic::*,
 };
 
@@ -89,12 +90,7 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
 
         // The node itself reaches the uplink's host: the route is there.
         let seen = b.bed.ours.run(|| who_am_i(INTERNET, uplink.port));
-        assert_eq!(
-            seen.as_deref(),
-            Ok("10.201.0.1"),
-            "{}",
-            ctx("node -> uplink")
-        );
+        assert_eq!(seen.as_deref(), Ok(UPLINK), "{}", ctx("node -> uplink"));
         let from_wg = b.client.run(|| tcp_connects(INTERNET, server.port));
         assert!(
             from_wg.is_err(),
@@ -119,7 +115,7 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
                         && counted("tailscale", "drop:not-forwarded") > 0
                 });
                 let routes = &s["forwarding"]["routes"];
-                assert_eq!(routes["10.201.0.0/24"], "elsewhere", "{s:#}");
+                assert_eq!(routes[INTERNET_NET], "elsewhere", "{s:#}");
                 assert_eq!(routes["0.0.0.0/0"], "wireguard", "{s:#}");
             }
         });
@@ -139,8 +135,7 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
         server_takes_the_second_peers_ipv6(&b);
         let client_device = b.client.device_starting_with("wgc");
         b.client.run(|| {
-            let everything =
-                "10.66.0.0/24,fd66::/64,100.64.0.0/10,fd7a:115c:a1e0::/48,0.0.0.0/0,::/0";
+            let everything = format!("{WG_NET},{WG_NET_V6},{TAILNET_BOTH},0.0.0.0/0,::/0");
             let key = &b.bed.keys.public;
             run(Command::new("wg").args([
                 "set",
@@ -148,7 +143,7 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
                 "peer",
                 key,
                 "allowed-ips",
-                everything,
+                &everything,
             ]));
             run(Command::new("ip").args(["-6", "route", "add", "default", "dev", &client_device]));
         });

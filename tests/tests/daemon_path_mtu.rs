@@ -21,6 +21,7 @@ use tailguard_tests::{
     bridge::*,
     daemon::{DATAPATHS, DaemonUnderTest},
     netns::{NetNs, run},
+    topology::*,
     traffic::*,
 };
 
@@ -30,11 +31,8 @@ const DOWNLOAD: usize = 2 << 20;
 /// server (everything routed to it, its LAN behind it), `TS_DEST_IP` the
 /// server, and both peers on 1500-byte links.
 fn exit_node_bridge(purpose: &str, datapath: &str) -> (Bridge, DaemonUnderTest) {
-    let b = Bridge::with_ethernet_peers(purpose, "0.0.0.0/0, ::/0, 192.168.8.0/24");
-    let env = [
-        ("TG_DATAPATH", datapath),
-        ("TS_DEST_IP", "10.66.0.1,fd66::1"),
-    ];
+    let b = Bridge::with_ethernet_peers(purpose, WG_SERVER_EXIT);
+    let env = [("TG_DATAPATH", datapath), ("TS_DEST_IP", WG_SERVER_BOTH)];
     let node = b
         .bed
         .ours
@@ -352,7 +350,7 @@ fn too_big_datagrams_get_the_kernels_answer() {
                 tailnet,
                 &tailnet_device,
                 "exit node ts -> wg, IPv6",
-                addr("fd66::1", 9),
+                addr(WG_SERVER_V6, 9),
                 over_wg,
                 NODE_TS_V6,
                 wg_mtu,

@@ -17,6 +17,7 @@ use nix::sys::signal::Signal;
 use tailguard_tests::{
     daemon::{DaemonUnderTest, health},
     netns::{routing_state, run},
+    topology::*,
     wg::{ConfigDir, Testbed},
 };
 
@@ -32,10 +33,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// A config dir whose config has `interface` lines and `DNS =` (so the
 /// resolver file is written), with the resolver file in its first state.
 fn config_dir(bed: &Testbed, interface: &str) -> ConfigDir {
-    let dir = bed.config_dir(&bed.config(
-        &format!("DNS = 10.66.0.1\n{interface}"),
-        "10.66.0.1/32, fd66::1/128",
-    ));
+    let dir = bed.config_dir(&bed.config(&format!("DNS = 10.66.0.1\n{interface}"), WG_SERVER_ONLY));
     std::fs::write(dir.0.join("resolv.conf"), RESOLV).unwrap();
     dir
 }
@@ -360,9 +358,10 @@ fn sigterm_during_a_slow_name_lookup_tears_down_within_the_grace_period() {
             "add table inet drop_dns { chain input { type filter hook input priority 0; udp dport 53 drop; tcp dport 53 drop; }; }",
         ]))
     });
-    let text = bed
-        .config("DNS = 10.66.0.1", "10.66.0.1/32")
-        .replace("10.200.0.2:51820", "peer.tailguard.test:51820");
+    let text = bed.config("DNS = 10.66.0.1", WG_SERVER_ONLY_V4).replace(
+        &endpoint(UNDERLAY_PEER, WG_PORT),
+        "peer.tailguard.test:51820",
+    );
     let dir = bed.config_dir(&text);
     std::fs::write(dir.0.join("resolv.conf"), RESOLV).unwrap();
     let host_resolv = dir.0.join("host-resolv.conf");
@@ -420,7 +419,7 @@ fn nothing_the_daemon_starts_inherits_the_auth_key() {
     let hook_env = dir.0.join("postup.env");
     let text = bed.config(
         &format!("PostUp = env > {}", hook_env.display()),
-        "10.66.0.1/32",
+        WG_SERVER_ONLY_V4,
     );
     std::fs::write(dir.0.join(format!("{}.conf", bed.device)), text).unwrap();
     bed.ours.run(|| {

@@ -17,6 +17,7 @@ use tailguard_tests::{
     daemon::{DaemonUnderTest, health, status},
     netns::{routing_state, run, unique_ifname},
     standin,
+    topology::*,
     wg::Testbed,
 };
 
@@ -29,7 +30,7 @@ fn maps() -> Value {
 fn auth_key_login_sets_the_reference_preferences_and_turns_healthy() {
     // Pattern 1: the WireGuard side has a default route and a LAN.
     let bed = Testbed::new("ts-key");
-    let dir = bed.config_dir(&bed.config("", "0.0.0.0/0, ::/0, 192.168.8.0/24"));
+    let dir = bed.config_dir(&bed.config("", WG_SERVER_EXIT));
     bed.ours.run(|| {
         let before = routing_state();
         let mut node = DaemonUnderTest::builder((&bed, &dir))
@@ -49,7 +50,7 @@ fn auth_key_login_sets_the_reference_preferences_and_turns_healthy() {
         let p = standin::prefs(&node.standin().socket);
         assert_eq!(
             p["AdvertiseRoutes"],
-            json!(["192.168.8.0/24", "0.0.0.0/0", "::/0"]),
+            json!([LAN_NET, "0.0.0.0/0", "::/0"]),
             "{p}"
         );
         assert_eq!(
@@ -77,7 +78,7 @@ fn auth_key_login_sets_the_reference_preferences_and_turns_healthy() {
         );
         let text = node.log();
         assert!(
-            text.contains("tailnet addresses") && text.contains("100.64.0.1"),
+            text.contains("tailnet addresses") && text.contains(NODE_TS),
             "{text}"
         );
         assert!(
@@ -104,7 +105,7 @@ fn auth_key_login_sets_the_reference_preferences_and_turns_healthy() {
 #[test]
 fn interactive_login_prints_the_url_and_health_waits_for_it() {
     let bed = Testbed::new("ts-url");
-    let dir = bed.config_dir(&bed.config("", "10.66.0.1/32"));
+    let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
     bed.ours.run(|| {
         let mut node = DaemonUnderTest::builder((&bed, &dir)).standin().start();
         node.wait_for("the login URL", |d| d.log().contains("log in at:"));
@@ -166,7 +167,7 @@ fn client_mode_uses_the_exit_node_with_lan_access_and_advertises_nothing() {
 #[test]
 fn a_dead_tailscaled_is_restarted_and_health_follows() {
     let bed = Testbed::new("ts-restart");
-    let dir = bed.config_dir(&bed.config("", "10.66.0.1/32"));
+    let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
     bed.ours.run(|| {
         let mut node = DaemonUnderTest::builder((&bed, &dir))
             .standin()
@@ -202,11 +203,11 @@ fn a_dead_tailscaled_is_restarted_and_health_follows() {
 #[test]
 fn address_and_route_changes_reach_the_maps_and_going_offline_the_health() {
     let bed = Testbed::new("ts-addr");
-    let dir = bed.config_dir(&bed.config("", "10.66.0.1/32"));
+    let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
     bed.ours.run(|| {
         let env = [
             ("TS_AUTHKEY", "tskey-x"),
-            ("TS_DEST_IP", "10.66.0.1"),
+            ("TS_DEST_IP", WG_SERVER),
             (
                 "STANDIN_ROUTES",
                 "100.64.0.0/10,fd7a:115c:a1e0::/48,192.168.77.0/24",
@@ -218,18 +219,18 @@ fn address_and_route_changes_reach_the_maps_and_going_offline_the_health() {
             .start();
         node.wait_for("health", |_| health().0);
         node.wait_for("the tailnet addresses in the maps", |_| {
-            maps()["ts_v4"] == "100.64.0.1" && maps()["ts_v6"] == "fd7a:115c:a1e0::1"
+            maps()["ts_v4"] == NODE_TS && maps()["ts_v6"] == NODE_TS_V6
         });
         let m = maps();
         let index = nix::net::if_::if_nametoindex(node.standin().ts_device.as_str()).unwrap();
         assert_eq!(m["ts_ifindex"], index, "{m:#}");
         assert_eq!(m["ts_mtu"], 1280, "{m:#}");
-        assert_eq!(m["dest_v4"], "10.66.0.1", "{m:#}");
+        assert_eq!(m["dest_v4"], WG_SERVER, "{m:#}");
         assert_eq!(
             m["routes"]["192.168.77.0/24"], "tailscale",
             "table 52: {m:#}"
         );
-        assert_eq!(m["routes"]["100.64.0.0/10"], "tailscale", "{m:#}");
+        assert_eq!(m["routes"][TAILNET], "tailscale", "{m:#}");
 
         // Changes are followed on tailscaled's IPN bus.
         let log = standin::ask(
@@ -344,7 +345,7 @@ fn attach_mode_uses_a_running_tailscaled_and_leaves_it_running() {
         );
         assert_eq!(
             standin::prefs(&socket)["AdvertiseRoutes"],
-            json!(["10.66.0.1/32", "192.168.8.0/24"])
+            json!([WG_SERVER_ONLY_V4, LAN_NET])
         );
         node.stop();
         assert!(
@@ -368,9 +369,14 @@ fn the_tailnet_peer_is_reached_through_the_tailscale_device() {
         wg::{KeyPair, WgPeer},
     };
     let bed = Testbed::new("ts-peer");
-    let dir = bed.config_dir(&bed.config("", "10.66.0.1/32"));
+    let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
     let tailnet = NetNs::new("ts-peer-tailnet");
-    veth(&bed.ours, "10.210.0.1/24", &tailnet, "10.210.0.2/24");
+    veth(
+        &bed.ours,
+        &with_prefix(TAILNET_UNDERLAY, LINK_PREFIX),
+        &tailnet,
+        &with_prefix(TAILNET_UNDERLAY_PEER, LINK_PREFIX),
+    );
     let (node, peer) = (KeyPair::generate(), KeyPair::generate());
     let peer_device = unique_ifname("tpr");
     let _peer = tailnet.run(|| {
@@ -378,11 +384,11 @@ fn the_tailnet_peer_is_reached_through_the_tailscale_device() {
             &peer_device,
             &peer,
             41641,
-            "100.64.0.2/10,fd7a:115c:a1e0::2/48",
+            &format!("{TAILNET_PEER}/{TAILNET_PREFIX},{TAILNET_PEER_V6}/{TAILNET_PREFIX_V6}"),
             &[(
                 &node.public,
-                "100.64.0.1/32,fd7a:115c:a1e0::1/128",
-                Some("10.210.0.1:41641"),
+                &format!("{NODE_TS}/32,{NODE_TS_V6}/128"),
+                Some(&endpoint(TAILNET_UNDERLAY, TAILNET_PORT)),
             )],
         )
     });
@@ -392,10 +398,13 @@ fn the_tailnet_peer_is_reached_through_the_tailscale_device() {
             ("STANDIN_WG_PRIVATE_KEY", node.private.as_str()),
             ("STANDIN_WG_LISTEN_PORT", "41641"),
             ("STANDIN_PEER_PUBLIC_KEY", peer.public.as_str()),
-            ("STANDIN_PEER_ENDPOINT", "10.210.0.2:41641"),
+            (
+                "STANDIN_PEER_ENDPOINT",
+                &endpoint(TAILNET_UNDERLAY_PEER, TAILNET_PORT),
+            ),
             (
                 "STANDIN_PEER_ALLOWED_IPS",
-                "100.64.0.2/32,fd7a:115c:a1e0::2/128",
+                &format!("{TAILNET_PEER}/32,{TAILNET_PEER_V6}/128"),
             ),
         ];
         let mut node = DaemonUnderTest::builder((&bed, &dir))
@@ -403,13 +412,13 @@ fn the_tailnet_peer_is_reached_through_the_tailscale_device() {
             .envs(&env)
             .start();
         node.wait_for("health", |_| health().0);
-        let route = run(Command::new("ip").args(["route", "get", "100.64.0.2"]));
+        let route = run(Command::new("ip").args(["route", "get", TAILNET_PEER]));
         assert!(
             route.contains(&format!("dev {} table 52", node.standin().ts_device)),
             "{route}"
         );
-        ping("100.64.0.2");
-        ping("fd7a:115c:a1e0::2");
+        ping(TAILNET_PEER);
+        ping(TAILNET_PEER_V6);
         node.stop();
     });
 }

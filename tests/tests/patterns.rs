@@ -10,6 +10,7 @@ use tailguard_tests::{
     bridge::*,
     daemon::{DATAPATHS, DaemonUnderTest},
     standin,
+    topology::*,
     traffic::*,
 };
 
@@ -98,7 +99,12 @@ fn simple_bridge() {
         let p = standin::prefs(&node.standin().socket);
         assert_eq!(
             p["AdvertiseRoutes"],
-            json!(["10.66.0.1/32", "fd66::1/128", "10.66.0.3/32", "fd66::3/128"]),
+            json!([
+                WG_SERVER_ONLY_V4,
+                "fd66::1/128",
+                "10.66.0.3/32",
+                "fd66::3/128"
+            ]),
             "{p}"
         );
         assert_eq!(
@@ -122,12 +128,12 @@ fn simple_server() {
         // As such a client is configured: no tailnet routes; and a tailnet
         // that was told nothing has no route to the WireGuard side.
         b.client.run(|| {
-            for range in ["100.64.0.0/10", "fd7a:115c:a1e0::/48"] {
+            for range in [TAILNET, TAILNET_V6] {
                 tailguard_tests::netns::run(Command::new("ip").args(["route", "del", range]));
             }
         });
         b.tailnet.run(|| {
-            for net in ["10.66.0.0/24", "fd66::/64"] {
+            for net in [WG_NET, WG_NET_V6] {
                 tailguard_tests::netns::run(Command::new("ip").args(["route", "del", net]));
             }
         });
@@ -208,10 +214,7 @@ fn simple_server() {
 #[test]
 fn wireguard_as_exit_node() {
     for datapath in DATAPATHS {
-        let b = Bridge::with_server_allowed_ips(
-            &format!("sc1-{datapath}"),
-            "0.0.0.0/0, ::/0, 192.168.8.0/24",
-        );
+        let b = Bridge::with_server_allowed_ips(&format!("sc1-{datapath}"), WG_SERVER_EXIT);
         let server = b.bed.theirs.run(|| WhoAmI::listen(false));
         let server_sink = b.bed.theirs.run(Sink::listen);
         let lan = b.lan.run(|| WhoAmI::listen(false));
@@ -262,13 +265,7 @@ fn wireguard_as_exit_node() {
         let p = standin::prefs(&node.standin().socket);
         assert_eq!(
             p["AdvertiseRoutes"],
-            json!([
-                "192.168.8.0/24",
-                "10.66.0.3/32",
-                "fd66::3/128",
-                "0.0.0.0/0",
-                "::/0"
-            ]),
+            json!([LAN_NET, "10.66.0.3/32", "fd66::3/128", "0.0.0.0/0", "::/0"]),
             "{p}"
         );
         assert_eq!(p["CorpDNS"], json!(false), "{p}");
@@ -308,13 +305,10 @@ fn tailscale_exit_node_for_wireguard_clients() {
             ("TS_EXIT_NODE", "auto:any"),
             // The stand-in's tailnet, with the peer as exit node: its
             // default route in table 52 and through the tunnel to the peer.
-            (
-                "STANDIN_ROUTES",
-                "100.64.0.0/10,fd7a:115c:a1e0::/48,0.0.0.0/0",
-            ),
+            ("STANDIN_ROUTES", &format!("{TAILNET_BOTH},0.0.0.0/0")),
             (
                 "STANDIN_PEER_ALLOWED_IPS",
-                "100.64.0.2/32,fd7a:115c:a1e0::2/128,0.0.0.0/0",
+                &format!("{TAILNET_PEER}/32,{TAILNET_PEER_V6}/128,0.0.0.0/0"),
             ),
         ];
         let mut node = b

@@ -25,6 +25,7 @@ use crate::{
     bridge::Bridge,
     daemon::DaemonUnderTest,
     netns::{NetNs, run, sysctl},
+    topology::*,
     traffic::Tap,
 };
 
@@ -49,7 +50,7 @@ pub struct Rig {
 
 impl Rig {
     pub fn new(purpose: &str) -> Self {
-        let b = Bridge::with_server_allowed_ips(purpose, "0.0.0.0/0, ::/0, 192.168.8.0/24");
+        let b = Bridge::with_server_allowed_ips(purpose, WG_SERVER_EXIT);
         let node = b.bed.keys.public.clone();
         let mut taps = Vec::new();
         for site in Site::ALL {
@@ -59,26 +60,23 @@ impl Rig {
                     b.bed.peer.name.clone(),
                     node.clone(),
                     format!(
-                        "10.66.0.2/32,10.66.0.3/32,fd66::2/128,fd66::3/128,100.64.0.0/10,\
-                         fd7a:115c:a1e0::/48,10.201.0.0/24,{TAILNET_EXIT}"
+                        "{NODE_WG}/32,{WG_CLIENT}/32,{NODE_WG_V6}/128,{WG_CLIENT_V6}/128,\
+                         {TAILNET_BOTH},{INTERNET_NET},{TAILNET_EXIT}"
                     ),
                 ),
                 Site::Client => (
                     &b.client,
                     b.client_device().to_string(),
                     node.clone(),
-                    format!(
-                        "10.66.0.0/24,fd66::/64,100.64.0.0/10,fd7a:115c:a1e0::/48,\
-                         10.201.0.0/24,{TAILNET_EXIT}"
-                    ),
+                    format!("{WG_NET},{WG_NET_V6},{TAILNET_BOTH},{INTERNET_NET},{TAILNET_EXIT}"),
                 ),
                 Site::Tailnet => (
                     &b.tailnet,
                     b.tailnet_peer.name.clone(),
                     b.node_tailnet_public_key().to_string(),
                     format!(
-                        "100.64.0.1/32,fd7a:115c:a1e0::1/128,10.66.0.0/24,fd66::/64,\
-                         10.201.0.0/24,192.168.8.0/24,{WIREGUARD_EXIT}"
+                        "{NODE_TS}/32,{NODE_TS_V6}/128,{WG_NET},{WG_NET_V6},\
+                         {INTERNET_NET},{LAN_NET},{WIREGUARD_EXIT}"
                     ),
                 ),
                 Site::Internet => {
@@ -123,15 +121,12 @@ impl Rig {
     pub fn start(&self, datapath: &str, isolate: bool) -> DaemonUnderTest {
         let env = [
             ("TG_DATAPATH", datapath),
-            ("TS_DEST_IP", "10.66.0.1,fd66::1"),
+            ("TS_DEST_IP", WG_SERVER_BOTH),
             ("WG_ISOLATE_PEERS", if isolate { "1" } else { "0" }),
-            (
-                "STANDIN_ROUTES",
-                "100.64.0.0/10,fd7a:115c:a1e0::/48,198.18.0.0/24,2001:db8:18::/64",
-            ),
+            ("STANDIN_ROUTES", &format!("{TAILNET_BOTH},{TAILNET_EXIT}")),
             (
                 "STANDIN_PEER_ALLOWED_IPS",
-                "100.64.0.2/32,fd7a:115c:a1e0::2/128,198.18.0.0/24,2001:db8:18::/64",
+                &format!("{TAILNET_PEER}/32,{TAILNET_PEER_V6}/128,{TAILNET_EXIT}"),
             ),
         ];
         self.bridge.bed.ours.run(|| {
