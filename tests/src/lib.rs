@@ -1,5 +1,7 @@
-//! Helpers for TailGuard's privileged tests: network namespaces, TUN devices,
-//! packet injection and crafted packets.
+//! Helpers for TailGuard's privileged tests: the test networks' addresses
+//! ([`topology`]), the namespaces that carry them ([`netns`], [`wg`],
+//! [`bridge`]), the daemon under test ([`daemon`]), traffic tools
+//! ([`traffic`]), TUN devices, packet injection and crafted packets.
 //!
 //! Every test makes its own uniquely named namespace and removes it on drop,
 //! so tests can run in parallel and leave nothing behind even when they fail.
