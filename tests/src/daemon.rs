@@ -126,9 +126,13 @@ impl<'a> Builder<'a> {
             .env("TG_RESOLV_CONF", dir.0.join("resolv.conf"))
             .env("TG_BPF_DIR", dir.bpf_dir());
         let standin = (self.standin || matches!(self.site, Site::Bridge(_))).then(|| {
+            // A device the test names (a restart's, to find the first
+            // one's) is the stand-in's; else one of its own.
+            let named = self.env.iter().rev().find(|(k, _)| k == "TS_DEVICE");
             let standin = StandIn {
                 socket: dir.0.join("tailscaled.sock"),
-                ts_device: crate::netns::unique_ifname("ts"),
+                ts_device: named
+                    .map_or_else(|| crate::netns::unique_ifname("ts"), |(_, d)| d.clone()),
             };
             cmd.env("TS_DEVICE", &standin.ts_device)
                 .env("TS_TAILSCALED", crate::standin_bin())
@@ -140,13 +144,6 @@ impl<'a> Builder<'a> {
             cmd.envs(b.standin_env());
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        // A device the test names itself is the stand-in's.
-        let standin = standin.map(|mut standin| {
-            if let Some((_, device)) = self.env.iter().rev().find(|(k, _)| k == "TS_DEVICE") {
-                standin.ts_device.clone_from(device);
-            }
-            standin
-        });
         (cmd, standin)
     }
 

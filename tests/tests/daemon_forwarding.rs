@@ -7,7 +7,7 @@ use std::process::Command;
 use serde_json::Value;
 
 use tailguard_tests::{
-    bridge::*,
+    bridge::Bridge,
     daemon::{DATAPATHS, DaemonUnderTest, counted, health, status},
     netns::{routing_state, run},
     topology::*,
@@ -45,11 +45,8 @@ fn forwarding_rows_nat_and_dest_ip() {
         let host = b.bed.ours.run(|| WhoAmI::listen(false));
         let mut node = b.bed.ours.run(|| {
             DaemonUnderTest::builder(&b)
-                .envs(&[
-                    ("TG_DATAPATH", datapath),
-                    ("TS_DEST_IP", WG_SERVER_BOTH),
-                    ("TG_WEBUI_PORT", "8088"),
-                ])
+                .datapath(datapath)
+                .envs(&[("TS_DEST_IP", WG_SERVER_BOTH), ("TG_WEBUI_PORT", "8088")])
                 .start_healthy()
         });
         let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
@@ -156,8 +153,8 @@ fn exposed_host_isolated_peers_and_tailnet_sources_kept() {
         let before = b.bed.ours.run(routing_state);
         let mut node = b.bed.ours.run(|| {
             DaemonUnderTest::builder(&b)
+                .datapath(datapath)
                 .envs(&[
-                    ("TG_DATAPATH", datapath),
                     ("TG_EXPOSE_HOST", "1"),
                     ("WG_ISOLATE_PEERS", "1"),
                     ("TS_EXTRA_ARGS", "--snat-subnet-routes=false"),

@@ -7,7 +7,7 @@
 use std::{os::unix::fs::PermissionsExt as _, process::Command};
 
 use tailguard_tests::{
-    bridge::*,
+    bridge::Bridge,
     daemon::{DATAPATHS, DaemonUnderTest, counted, health, status, tailguard},
     netns::{NetNs, run},
     topology::*,
@@ -89,11 +89,8 @@ fn without_the_switches_the_host_serves_both_networks_and_forwards_nothing() {
         let (before_v4, before_v6) = b.bed.ours.run(|| (unforwarded(false), unforwarded(true)));
         let mut node = b.bed.ours.run(|| {
             DaemonUnderTest::builder(&b)
-                .envs(&[
-                    ("TG_DATAPATH", datapath),
-                    ("TG_EXPOSE_HOST", "1"),
-                    ("TG_WEBUI_PORT", "8088"),
-                ])
+                .datapath(datapath)
+                .envs(&[("TG_EXPOSE_HOST", "1"), ("TG_WEBUI_PORT", "8088")])
                 .start_healthy()
         });
         let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
@@ -196,7 +193,8 @@ fn each_family_is_forwarded_only_with_its_own_switch() {
             let tn6 = b.tailnet.run(|| WhoAmI::listen(true));
             let mut node = b.bed.ours.run(|| {
                 DaemonUnderTest::builder(&b)
-                    .envs(&[("TG_DATAPATH", datapath), ("TS_DEST_IP", WG_SERVER_BOTH)])
+                    .datapath(datapath)
+                    .envs(&[("TS_DEST_IP", WG_SERVER_BOTH)])
                     .start_healthy()
             });
             let ctx = |what: &str| {

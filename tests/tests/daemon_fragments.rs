@@ -10,7 +10,7 @@ use std::{
 };
 
 use tailguard_tests::{
-    bridge::*,
+    bridge::Bridge,
     daemon::{DATAPATHS, DaemonUnderTest, counted},
     netns::{NetNs, set_mtu},
     topology::*,

@@ -13,7 +13,7 @@ use std::{
 };
 
 use tailguard_tests::{
-    bridge::*,
+    bridge::Bridge,
     daemon::{DATAPATHS, DaemonUnderTest, counted},
     topology::*,
     traffic::*,

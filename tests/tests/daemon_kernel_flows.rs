@@ -14,7 +14,7 @@ use std::{
 use etherparse::PacketBuilder;
 use tailguard::firewall::FAST_PATH_PORTS;
 use tailguard_tests::{
-    bridge::*,
+    bridge::Bridge,
     daemon::{DATAPATHS, DaemonUnderTest, counted, health, status},
     netns::{run, sysctl},
     topology::*,
@@ -75,7 +75,8 @@ fn dest_ip_leaves_the_hosts_own_udp_and_the_fast_path_ports_alone() {
         let echo = b.tailnet.run(UdpEcho::listen);
         let node = b.bed.ours.run(|| {
             DaemonUnderTest::builder(&b)
-                .envs(&[("TG_DATAPATH", datapath), ("TS_DEST_IP", WG_SERVER_BOTH)])
+                .datapath(datapath)
+                .envs(&[("TS_DEST_IP", WG_SERVER_BOTH)])
                 .start_healthy()
         });
         let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());

@@ -18,7 +18,7 @@ use std::{
 
 use etherparse::{Ipv4HeaderSlice, TcpHeaderSlice, TcpOptionElement};
 use tailguard_tests::{
-    bridge::*,
+    bridge::Bridge,
     daemon::{DATAPATHS, DaemonUnderTest, counted, status},
     netns::{NetNs, run},
     topology::*,

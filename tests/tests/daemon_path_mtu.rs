@@ -18,7 +18,7 @@ use std::{
 
 use etherparse::{Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpHeaders, IpPayloadSlice};
 use tailguard_tests::{
-    bridge::*,
+    bridge::Bridge,
     daemon::{DATAPATHS, DaemonUnderTest},
     netns::{NetNs, run},
     topology::*,

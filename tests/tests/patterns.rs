@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::json;
 use tailguard_tests::{
-    bridge::*,
+    bridge::Bridge,
     daemon::{DATAPATHS, DaemonUnderTest},
     standin,
     topology::*,

@@ -10,7 +10,7 @@ use std::{
 
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
-use tailguard_tests::{bridge::*, daemon::DaemonUnderTest, topology::*, traffic::*};
+use tailguard_tests::{bridge::Bridge, daemon::DaemonUnderTest, topology::*, traffic::*};
 
 fn main() {
     if !nix::unistd::geteuid().is_root() {
