@@ -48,7 +48,7 @@ impl Path {
 }
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
-const NODE_TS: Ipv4Addr = tailguard_tests::node::TS4;
+const NODE_TS: Ipv4Addr = tailguard_tests::topology::TS4;
 const SERVER: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 9);
 const CLIENT_DIRECT: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 2);
 const SERVER_DIRECT: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 9);

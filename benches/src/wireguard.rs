@@ -17,8 +17,10 @@ use std::{
 };
 
 use tailguard_tests::{
-    bridge::{Bridge, TAILNET_PEER},
+    bridge::Bridge,
+    daemon::DaemonUnderTest,
     netns::{NetNs, run},
+    topology::*,
 };
 
 use crate::load::{self, CpuTime, UdpCounter};
@@ -42,10 +44,11 @@ pub fn round(datapath: &str, duration: Duration) -> Round {
     let b = Bridge::new("bench-wg");
     let counter = UdpCounter::install(&b.tailnet, &[&b.tailnet_peer.name]);
     let discard_port = b.tailnet.run(load::tcp_discard);
-    let node = b
-        .bed
-        .ours
-        .run(|| b.start_healthy(&[("TG_DATAPATH", datapath)]));
+    let node = b.bed.ours.run(|| {
+        DaemonUnderTest::builder(&b)
+            .datapath(datapath)
+            .start_healthy()
+    });
     for device in b.bed.ours.devices().iter().filter(|d| *d != "lo") {
         load::steer(&b.bed.ours, device, load::HOP_CPU);
     }
@@ -71,7 +74,7 @@ pub fn round(datapath: &str, duration: Duration) -> Round {
     let ns_used = load::namespace_cpu(&b.bed.ours) - ns_cpu;
     let used = CpuTime::now().since(cpu);
     drop(soaker);
-    b.bed.ours.run(|| node.daemon.stop());
+    b.bed.ours.run(|| node.stop());
     drop(counter);
     let gb = bytes as f64 / 1e9;
     Round {

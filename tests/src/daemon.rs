@@ -1,5 +1,7 @@
-//! A `tailguard run` started by a test (from its namespace thread, so the
-//! daemon runs in that namespace), its log collected as it goes.
+//! The daemon under test: a `tailguard run` started by a test (from its
+//! namespace thread, so the daemon runs in that namespace) through one
+//! builder, its log collected as it goes; and the CLI commands a test asks
+//! it with.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -15,6 +17,7 @@ use nix::{
 };
 
 use crate::{
+    bridge::Bridge,
     tailguard_bin,
     wg::{ConfigDir, Testbed},
 };
@@ -22,37 +25,92 @@ use crate::{
 /// How long a daemon may take to reach what a test waits for.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// A daemon whose "tailscaled" is the stand-in.
-pub struct WithStandIn {
-    pub daemon: Daemon,
-    /// The stand-in's LocalAPI socket.
-    pub socket: std::path::PathBuf,
-    pub ts_device: String,
+/// Where a daemon under test runs: next to a [`Testbed`]'s WireGuard peer
+/// with a configuration directory, or as the node of a [`Bridge`] (whose
+/// stand-in then carries the tailnet to the bridge's tailnet peer).
+pub enum Site<'a> {
+    Testbed(&'a Testbed, &'a ConfigDir),
+    Bridge(&'a Bridge),
 }
 
-pub struct Daemon {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    reader: Option<JoinHandle<()>>,
+impl<'a> From<(&'a Testbed, &'a ConfigDir)> for Site<'a> {
+    fn from((bed, dir): (&'a Testbed, &'a ConfigDir)) -> Self {
+        Self::Testbed(bed, dir)
+    }
 }
 
-impl Daemon {
-    /// `tailguard run` for a testbed's WireGuard device and configuration,
-    /// with a resolver file of its own (never the host's), and `env` on top.
-    pub fn start(bed: &Testbed, dir: &ConfigDir, env: &[(&str, &str)]) -> Self {
-        Self::start_via(&[], bed, dir, env)
+impl<'a> From<&'a Bridge> for Site<'a> {
+    fn from(bridge: &'a Bridge) -> Self {
+        Self::Bridge(bridge)
+    }
+}
+
+impl Site<'_> {
+    fn bed(&self) -> &Testbed {
+        match self {
+            Self::Testbed(bed, _) => bed,
+            Self::Bridge(b) => &b.bed,
+        }
     }
 
-    /// [`Daemon::start`] through `wrapper` (a command and its arguments, to
-    /// which the daemon's command line is appended), e.g. to drop privileges.
-    pub fn start_via(
-        wrapper: &[&str],
-        bed: &Testbed,
-        dir: &ConfigDir,
-        env: &[(&str, &str)],
-    ) -> Self {
+    fn dir(&self) -> &ConfigDir {
+        match self {
+            Self::Testbed(_, dir) => dir,
+            Self::Bridge(b) => &b.dir,
+        }
+    }
+}
+
+/// How a test starts its daemon: the one way to (see
+/// [`DaemonUnderTest::builder`]). Every start is `tailguard run` for the
+/// site's WireGuard device and configuration, with a resolver file and a
+/// pinning directory of the test's own (never the host's); what the test
+/// adds comes on top, later settings winning.
+#[must_use = "a builder starts nothing until `start`"]
+pub struct Builder<'a> {
+    site: Site<'a>,
+    standin: bool,
+    wrapper: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl<'a> Builder<'a> {
+    /// The Tailscale stand-in as the daemon's tailscaled: its LocalAPI
+    /// socket in the configuration directory, its device uniquely named
+    /// (a bridge's daemon always has it, logged in).
+    pub fn standin(mut self) -> Self {
+        self.standin = true;
+        self
+    }
+
+    /// `TG_DATAPATH`: `ebpf` or `netfilter`.
+    pub fn datapath(self, datapath: &str) -> Self {
+        self.env("TG_DATAPATH", datapath)
+    }
+
+    /// One more setting of the daemon's environment.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// More settings of the daemon's environment, in order.
+    pub fn envs(self, env: &[(&str, &str)]) -> Self {
+        env.iter().fold(self, |b, (key, value)| b.env(key, value))
+    }
+
+    /// Runs the daemon through `wrapper` (a command and its arguments, to
+    /// which the daemon's command line is appended), e.g. to drop
+    /// privileges or to give it a mount namespace of its own.
+    pub fn via(mut self, wrapper: &[&str]) -> Self {
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// The command and the stand-in it gives the daemon, if any.
+    fn prepare(&self) -> (Command, Option<StandIn>) {
         let daemon = tailguard_bin();
-        let mut cmd = match wrapper.split_first() {
+        let mut cmd = match self.wrapper.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
                 cmd.args(args).arg(daemon);
@@ -60,53 +118,125 @@ impl Daemon {
             }
             None => Command::new(daemon),
         };
-        run_args(&mut cmd, bed, dir, env);
-        Self::spawn(cmd)
-    }
-
-    /// The command [`Daemon::start`] runs, for a test that wants its own
-    /// standard streams.
-    pub fn command(bed: &Testbed, dir: &ConfigDir, env: &[(&str, &str)]) -> Command {
-        let mut cmd = Command::new(tailguard_bin());
-        run_args(&mut cmd, bed, dir, env);
-        cmd
-    }
-
-    /// [`Daemon::start`] with the Tailscale stand-in as its tailscaled: its
-    /// LocalAPI socket in `dir`, its device uniquely named.
-    pub fn with_standin(bed: &Testbed, dir: &ConfigDir, env: &[(&str, &str)]) -> WithStandIn {
-        Self::with_standin_via(&[], bed, dir, env)
-    }
-
-    /// [`Daemon::with_standin`] through a wrapper (see [`Daemon::start_via`]).
-    pub fn with_standin_via(
-        wrapper: &[&str],
-        bed: &Testbed,
-        dir: &ConfigDir,
-        env: &[(&str, &str)],
-    ) -> WithStandIn {
-        let socket = dir.0.join("tailscaled.sock");
-        let ts_device = crate::netns::unique_ifname("ts");
-        let standin = crate::standin_bin().display().to_string();
-        let socket_text = socket.display().to_string();
-        let state_dir = dir.0.join("state").display().to_string();
-        let mut all = vec![
-            ("TS_DEVICE", ts_device.as_str()),
-            ("TS_TAILSCALED", standin.as_str()),
-            ("TS_SOCKET", socket_text.as_str()),
-            ("TS_STATE_DIR", state_dir.as_str()),
-        ];
-        all.extend_from_slice(env);
-        WithStandIn {
-            daemon: Self::start_via(wrapper, bed, dir, &all),
-            socket,
-            ts_device,
+        let (bed, dir) = (self.site.bed(), self.site.dir());
+        crate::ensure_bpffs();
+        cmd.arg("run")
+            .env("WG_DEVICE", &bed.device)
+            .env("WG_CONFIG_DIR", &dir.0)
+            .env("TG_RESOLV_CONF", dir.0.join("resolv.conf"))
+            .env("TG_BPF_DIR", dir.bpf_dir());
+        let standin = (self.standin || matches!(self.site, Site::Bridge(_))).then(|| {
+            // A device the test names (a restart's, to find the first
+            // one's) is the stand-in's; else one of its own.
+            let named = self.env.iter().rev().find(|(k, _)| k == "TS_DEVICE");
+            let standin = StandIn {
+                socket: dir.0.join("tailscaled.sock"),
+                ts_device: named
+                    .map_or_else(|| crate::netns::unique_ifname("ts"), |(_, d)| d.clone()),
+            };
+            cmd.env("TS_DEVICE", &standin.ts_device)
+                .env("TS_TAILSCALED", crate::standin_bin())
+                .env("TS_SOCKET", &standin.socket)
+                .env("TS_STATE_DIR", dir.0.join("state"));
+            standin
+        });
+        if let Site::Bridge(b) = self.site {
+            cmd.envs(b.standin_env());
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        (cmd, standin)
+    }
+
+    /// The command [`Builder::start`] would run, for a test that wants its
+    /// own standard streams.
+    pub fn command(&self) -> Command {
+        self.prepare().0
+    }
+
+    /// Starts the daemon from the calling thread (which must be in the
+    /// site's namespace: the daemon runs where it is started).
+    pub fn start(self) -> DaemonUnderTest {
+        let (cmd, standin) = self.prepare();
+        let mut daemon = DaemonUnderTest::spawn(cmd);
+        daemon.standin = standin;
+        daemon
+    }
+
+    /// [`Builder::start`] on a bridge, then waits until the node is
+    /// healthy, the second WireGuard peer has its handshake (it retries
+    /// only every 5 s) and the fast path (when it runs) has the tailnet
+    /// side; where the peers are the kernel's, the daemon's device must be
+    /// too.
+    pub fn start_healthy(self) -> DaemonUnderTest {
+        let Site::Bridge(bridge) = self.site else {
+            panic!("start_healthy waits for a bridge's peers: build the daemon on a bridge")
+        };
+        let mut node = self.start();
+        node.wait_for("health", |_| health().0);
+        node.wait_for("the second WireGuard peer's handshake", |_| {
+            bridge.client_connected()
+        });
+        // The fast path (when it runs) takes the tailnet side once its maps
+        // know tailscaled's device and address: until then, flows are the
+        // kernel's and stay so.
+        node.wait_for("the fast path's tailnet side", |_| {
+            let f = &status()["forwarding"];
+            f.get("ts_ifindex").is_none()
+                || (f["ts_ifindex"].as_u64() != Some(0) && !f["ts_v4"].is_null())
+        });
+        // Where the peers are the kernel's, the daemon's device must be
+        // too: a userspace one has its UAPI socket.
+        if crate::wg::kernel_wireguard() {
+            let socket = format!("/var/run/wireguard/{}.sock", bridge.bed.device);
+            assert!(
+                !std::path::Path::new(&socket).exists(),
+                "the kernel has WireGuard, but the daemon runs userspace WireGuard:\n{}",
+                node.log()
+            );
+        }
+        node
+    }
+}
+
+/// The stand-in a daemon under test has as its tailscaled.
+pub struct StandIn {
+    /// Its LocalAPI socket.
+    pub socket: std::path::PathBuf,
+    /// The Tailscale device it makes.
+    pub ts_device: String,
+}
+
+/// A `tailguard run` started by a test, its log collected as it goes.
+pub struct DaemonUnderTest {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    reader: Option<JoinHandle<()>>,
+    standin: Option<StandIn>,
+}
+
+impl DaemonUnderTest {
+    /// How a test starts a daemon at `site`: a bridge, or
+    /// `(&testbed, &config_dir)`; e.g.
+    /// `DaemonUnderTest::builder(&bridge).datapath("ebpf").env("TS_DEST_IP", WG_SERVER).start_healthy()`.
+    pub fn builder<'a>(site: impl Into<Site<'a>>) -> Builder<'a> {
+        Builder {
+            site: site.into(),
+            standin: false,
+            wrapper: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// The daemon's stand-in tailscaled (see [`Builder::standin`]).
+    pub fn standin(&self) -> &StandIn {
+        self.standin
+            .as_ref()
+            .expect("a daemon started with the stand-in (`Builder::standin`, or on a bridge)")
     }
 
     /// Runs `cmd` — a `tailguard run`, perhaps wrapped in another command —
     /// collecting its log.
-    pub fn spawn(mut cmd: Command) -> Self {
+    fn spawn(mut cmd: Command) -> Self {
         // A process group of its own: a Ctrl-C at the terminal (the demo)
         // is for the caller, which then stops the daemon in order.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -129,6 +259,7 @@ impl Daemon {
             child,
             log,
             reader: Some(reader),
+            standin: None,
         }
     }
 
@@ -204,17 +335,15 @@ impl Daemon {
     }
 }
 
-/// `run` for a testbed's WireGuard device and configuration, with a
-/// resolver file (never the host's) and a pinning directory of the test's
-/// own, and `env` on top.
-fn run_args(cmd: &mut Command, bed: &Testbed, dir: &ConfigDir, env: &[(&str, &str)]) {
-    crate::ensure_bpffs();
-    cmd.arg("run")
-        .env("WG_DEVICE", &bed.device)
-        .env("WG_CONFIG_DIR", &dir.0)
-        .env("TG_RESOLV_CONF", dir.0.join("resolv.conf"))
-        .env("TG_BPF_DIR", dir.bpf_dir())
-        .envs(env.iter().copied());
+/// The datapaths a test runs once each, expecting the same (`TG_DATAPATH`).
+pub const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
+
+/// Packets the fast path counted for `device` with `outcome` (`tailguard
+/// status` in the calling thread's namespace); none before it answers.
+pub fn counted(device: &str, outcome: &str) -> u64 {
+    status()["counters"][device][outcome]["packets"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 /// `tailguard <args>` in the calling thread's namespace, with `env` on top.

@@ -1,10 +1,25 @@
-//! Helpers for TailGuard's privileged tests: network namespaces, TUN devices,
-//! packet injection and crafted packets.
+//! Helpers for TailGuard's privileged tests: the test networks' addresses
+//! ([`topology`]), the namespaces that carry them ([`netns`], [`wg`],
+//! [`bridge`]), the daemon under test ([`daemon`]), traffic tools
+//! ([`traffic`]), TUN devices, packet injection and crafted packets.
 //!
 //! Every test makes its own uniquely named namespace and removes it on drop,
 //! so tests can run in parallel and leave nothing behind even when they fail.
 //! A test that lacks something it needs (root, a kernel feature, a tool)
 //! panics saying what is missing: it never passes silently.
+//!
+//! The test files (`tests/tests/`) are named `<tier>_<subject>.rs`, the
+//! tier saying how much of TailGuard is under test:
+//!
+//! - `datapath_`: the eBPF programs alone, run by `BPF_PROG_TEST_RUN` or
+//!   attached in namespaces without the daemon;
+//! - `attach_`: attaching the programs to devices and detaching them;
+//! - `apply_`: one setup step of the daemon (WireGuard, resolver, GRO, the
+//!   LocalAPI client) against the kernel or the Tailscale stand-in;
+//! - `daemon_`: the whole daemon under test, started as users start it
+//!   ([`daemon::DaemonUnderTest::builder`]);
+//! - `patterns.rs`: the four usage patterns end to end;
+//! - `image_`: the container image on a Docker engine.
 
 pub mod bridge;
 pub mod daemon;
@@ -13,6 +28,8 @@ pub mod netns;
 pub mod node;
 pub mod packets;
 pub mod standin;
+pub mod topology;
+pub mod traffic;
 pub mod tun;
 pub mod wg;
 

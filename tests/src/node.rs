@@ -3,21 +3,13 @@
 //! addresses and routes, so the policy tests and the benchmarks measure the
 //! same node.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
-
 use ipnet::IpNet;
 use tailguard::datapath::{self, Datapath, Routes};
 use tailguard_common::{Config, Route, config::flag};
 
-pub const TS4: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
-pub const TS6: Ipv6Addr = Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 1);
-pub const WG4: Ipv4Addr = Ipv4Addr::new(10, 66, 0, 2);
-pub const WG6: Ipv6Addr = Ipv6Addr::new(0xfd66, 0, 0, 0, 0, 0, 0, 2);
-/// `TS_DEST_IP`: the WireGuard server.
-pub const DEST4: Ipv4Addr = Ipv4Addr::new(10, 66, 0, 1);
-pub const DEST6: Ipv6Addr = Ipv6Addr::new(0xfd66, 0, 0, 0, 0, 0, 0, 1);
+use crate::topology::*;
 
-/// A bridge node with `TS_DEST_IP=10.66.0.1,fd66::1`, both families, MTUs
+/// A bridge node with `TS_DEST_IP` the WireGuard server, both families, MTUs
 /// 1420 (WireGuard) and 1280 (Tailscale); routes to the WireGuard side's
 /// network and the tailnet, plus `extra` to the tailnet.
 pub fn bridge(
@@ -42,10 +34,10 @@ pub fn bridge(
     dp.write_config(&c)?;
     let mut routes = Routes::new();
     for (net, route) in [
-        ("10.66.0.0/24", Route::WIREGUARD),
-        ("fd66::/64", Route::WIREGUARD),
-        ("100.64.0.0/10", Route::TAILSCALE),
-        ("fd7a:115c:a1e0::/48", Route::TAILSCALE),
+        (WG_NET, Route::WIREGUARD),
+        (WG_NET_V6, Route::WIREGUARD),
+        (TAILNET, Route::TAILSCALE),
+        (TAILNET_V6, Route::TAILSCALE),
     ] {
         routes.insert(net.parse().expect("a prefix"), route);
     }
@@ -54,8 +46,9 @@ pub fn bridge(
 }
 
 /// A router between two veth links (the Ethernet mode's tests and the
-/// benchmarks): its WireGuard side 10.1.0.1/24, its tailnet side
-/// 100.64.0.1/10, MTUs 1500, IPv4; `extra` more routes to the tailnet.
+/// benchmarks): its WireGuard side [`ROUTER_WG`] on [`ROUTER_WG_NET`], its
+/// tailnet side [`TS4`] on [`TAILNET`], MTUs 1500, IPv4; `extra` more
+/// routes to the tailnet.
 pub fn veth_router(
     dp: &mut Datapath,
     (wg_ifindex, ts_ifindex): (u32, u32),
@@ -69,13 +62,13 @@ pub fn veth_router(
         ..Config::default()
     };
     c.set_ts(Some(TS4), None);
-    c.set_wg(Some(Ipv4Addr::new(10, 1, 0, 1)), None);
+    c.set_wg(Some(ROUTER_WG.parse().expect("an address")), None);
     c.set(flag::SNAT_TO_WG, true);
     forwarding_on(&mut c);
     dp.write_config(&c)?;
     let mut routes = Routes::new();
-    routes.insert("10.1.0.0/24".parse().expect("a prefix"), Route::WIREGUARD);
-    routes.insert("100.64.0.0/10".parse().expect("a prefix"), Route::TAILSCALE);
+    routes.insert(ROUTER_WG_NET.parse().expect("a prefix"), Route::WIREGUARD);
+    routes.insert(TAILNET.parse().expect("a prefix"), Route::TAILSCALE);
     routes.extend(extra.into_iter().map(|net| (net, Route::TAILSCALE)));
     dp.sync_routes(&routes)
 }

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::netns::run;
+use crate::{netns::run, topology::*};
 
 /// A key pair from `wg genkey` / `wg pubkey`.
 pub struct KeyPair {
@@ -155,9 +155,10 @@ impl Drop for WgPeer {
     }
 }
 
-/// TailGuard's namespace (10.200.0.1) and a peer namespace (10.200.0.2),
-/// joined by veth, where a WireGuard peer has 10.66.0.1 and fd66::1 and
-/// accepts TailGuard's key for 10.66.0.2, fd66::2 and 192.168.99.0/24.
+/// TailGuard's namespace ([`UNDERLAY`]) and a peer namespace
+/// ([`UNDERLAY_PEER`]), joined by veth, where a WireGuard peer has
+/// [`WG_SERVER`] and [`WG_SERVER_V6`] and accepts TailGuard's key for
+/// [`NODE_WG`], [`NODE_WG_V6`] and [`TESTBED_LAN`].
 pub struct Testbed {
     pub ours: crate::netns::NetNs,
     pub keys: KeyPair,
@@ -172,7 +173,10 @@ pub struct Testbed {
 
 impl Testbed {
     pub fn new(purpose: &str) -> Self {
-        Self::with_peer_allowed_ips(purpose, "10.66.0.2/32,fd66::2/128,192.168.99.0/24")
+        Self::with_peer_allowed_ips(
+            purpose,
+            &format!("{NODE_WG}/32,{NODE_WG_V6}/128,{TESTBED_LAN}"),
+        )
     }
 
     /// As [`Testbed::new`], with what the peer accepts from TailGuard (and
@@ -187,7 +191,12 @@ impl Testbed {
     /// given (a container's) and its forwarding switches left as they are.
     pub fn around(ours: crate::netns::NetNs, purpose: &str, allowed: &str) -> Self {
         let theirs = crate::netns::NetNs::new(&format!("{purpose}-peer"));
-        let links = crate::netns::veth(&ours, "10.200.0.1/24", &theirs, "10.200.0.2/24");
+        let links = crate::netns::veth(
+            &ours,
+            &with_prefix(UNDERLAY, LINK_PREFIX),
+            &theirs,
+            &with_prefix(UNDERLAY_PEER, LINK_PREFIX),
+        );
         let keys = KeyPair::generate();
         let peer_keys = KeyPair::generate();
         let peer_device = crate::netns::unique_ifname("wgp");
@@ -195,8 +204,12 @@ impl Testbed {
             WgPeer::start(
                 &peer_device,
                 &peer_keys,
-                51820,
-                "10.66.0.1/24,fd66::1/64",
+                WG_PORT,
+                &format!(
+                    "{},{}",
+                    with_prefix(WG_SERVER, WG_PREFIX),
+                    with_prefix(WG_SERVER_V6, WG_PREFIX_V6)
+                ),
                 &[(&keys.public, allowed, None)],
             )
         });
@@ -215,9 +228,13 @@ impl Testbed {
     /// [Interface], `allowed_ips` is the peer's AllowedIPs.
     pub fn config(&self, interface: &str, allowed_ips: &str) -> String {
         format!(
-            "[Interface]\nPrivateKey = {}\nAddress = 10.66.0.2/24, fd66::2/64\n{interface}\n\
-             [Peer]\nPublicKey = {}\nAllowedIPs = {allowed_ips}\nEndpoint = 10.200.0.2:51820\n",
-            self.keys.private, self.peer_public
+            "[Interface]\nPrivateKey = {}\nAddress = {}, {}\n{interface}\n\
+             [Peer]\nPublicKey = {}\nAllowedIPs = {allowed_ips}\nEndpoint = {}\n",
+            self.keys.private,
+            with_prefix(NODE_WG, WG_PREFIX),
+            with_prefix(NODE_WG_V6, WG_PREFIX_V6),
+            self.peer_public,
+            endpoint(UNDERLAY_PEER, WG_PORT)
         )
     }
 
@@ -250,18 +267,4 @@ impl Drop for ConfigDir {
         let _ = std::fs::remove_dir_all(&self.0);
         let _ = std::fs::remove_dir_all(self.bpf_dir());
     }
-}
-
-/// `ping` that must succeed.
-pub fn ping(target: &str) {
-    let out = Command::new("ping")
-        .args(["-c", "2", "-i", "0.2", "-W", "3", target])
-        .output()
-        .expect("running ping");
-    assert!(
-        out.status.success(),
-        "ping {target} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }

@@ -7,11 +7,13 @@ use std::{process::Command, time::Duration};
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use tailguard_tests::{
-    daemon::Daemon,
+    daemon::DaemonUnderTest,
     netns::{routing_state, run},
     require_root, tailguard_bin,
+    topology::*,
+    traffic::ping,
     tun::Tun,
-    wg::{Testbed, ping},
+    wg::Testbed,
 };
 
 const TS: &str = "tailscale0";
@@ -34,10 +36,12 @@ fn attached_programs(ifname: &str) -> Vec<String> {
 #[test]
 fn daemon_brings_up_wireguard_waits_for_tailscale_and_removes_everything_on_sigterm() {
     let bed = Testbed::new("daemon");
-    let dir = bed.config_dir(&bed.config("ListenPort = 51821", "10.66.0.1/32, fd66::1/128"));
+    let dir = bed.config_dir(&bed.config("ListenPort = 51821", WG_SERVER_ONLY));
     bed.ours.run(|| {
         let before = routing_state();
-        let mut daemon = Daemon::start(&bed, &dir, &[("TS_DEVICE", TS)]);
+        let mut daemon = DaemonUnderTest::builder((&bed, &dir))
+            .envs(&[("TS_DEVICE", TS)])
+            .start();
         daemon.wait_for("attaching to WireGuard", |_| {
             attached_programs(&bed.device).len() == 2
         });
@@ -45,7 +49,7 @@ fn daemon_brings_up_wireguard_waits_for_tailscale_and_removes_everything_on_sigt
             attached_programs(&bed.device),
             ["tg_wg_ingress", "tg_wg_egress"]
         );
-        ping("10.66.0.1");
+        ping(WG_SERVER);
 
         // tailscaled creates its device later; the programs follow it.
         let _ts = Tun::create(TS);
@@ -70,11 +74,14 @@ fn daemon_brings_up_wireguard_waits_for_tailscale_and_removes_everything_on_sigt
 #[test]
 fn a_config_error_stops_the_daemon_before_it_touches_anything() {
     let bed = Testbed::new("daemon-bad");
-    let broken = bed.config("MTU = tall", "10.66.0.1/32");
+    let broken = bed.config("MTU = tall", WG_SERVER_ONLY_V4);
     let dir = bed.config_dir(&broken);
     bed.ours.run(|| {
         let before = routing_state();
-        let (status, log) = Daemon::start(&bed, &dir, &[("TS_DEVICE", TS)]).exit();
+        let (status, log) = DaemonUnderTest::builder((&bed, &dir))
+            .envs(&[("TS_DEVICE", TS)])
+            .start()
+            .exit();
         assert!(!status.success(), "{log}");
         assert!(
             log.contains(&format!("{}.conf:4: MTU: \"tall\"", bed.device)),
@@ -87,11 +94,14 @@ fn a_config_error_stops_the_daemon_before_it_touches_anything() {
 #[test]
 fn a_device_that_is_not_wireguard_is_refused_and_nothing_is_left() {
     let bed = Testbed::new("daemon-tun");
-    let dir = bed.config_dir(&bed.config("", "10.66.0.1/32"));
+    let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
     bed.ours.run(|| {
         let _squatter = Tun::create(&bed.device);
         let before = routing_state();
-        let (status, log) = Daemon::start(&bed, &dir, &[("TS_DEVICE", TS)]).exit();
+        let (status, log) = DaemonUnderTest::builder((&bed, &dir))
+            .envs(&[("TS_DEVICE", TS)])
+            .start()
+            .exit();
         assert!(!status.success(), "{log}");
         assert!(
             log.contains(&format!(
@@ -116,7 +126,7 @@ fn restart_after_sigkill_takes_over_and_then_cleans_up() {
         let _ts = Tun::create(TS);
         let before = routing_state();
         let clsact = [("TS_DEVICE", TS), ("TG_TC_ATTACH", "clsact")];
-        let mut first = Daemon::start(&bed, &dir, &clsact);
+        let mut first = DaemonUnderTest::builder((&bed, &dir)).envs(&clsact).start();
         first.wait_for("attaching", |_| clsact_filters(TS).len() == 2);
         first.kill();
         let left = routing_state();
@@ -125,7 +135,7 @@ fn restart_after_sigkill_takes_over_and_then_cleans_up() {
             "the kill leaves the rules:\n{left}"
         );
 
-        let mut second = Daemon::start(&bed, &dir, &clsact);
+        let mut second = DaemonUnderTest::builder((&bed, &dir)).envs(&clsact).start();
         // The first one's filters are still there: the second's own log
         // says when it has taken them over (and can be stopped cleanly).
         second.wait_for("taking over and running", |d| {
@@ -147,7 +157,7 @@ fn restart_after_sigkill_takes_over_and_then_cleans_up() {
             left,
             "taking over must not duplicate rules or routes"
         );
-        ping("10.66.0.1");
+        ping(WG_SERVER);
 
         let log = second.stop();
         assert!(clsact_filters(TS).is_empty(), "{log}");
@@ -171,7 +181,7 @@ fn clsact_programs_of_a_deleted_device_need_no_removal() {
         let before = routing_state();
         let ts = Tun::create(TS);
         let clsact = [("TS_DEVICE", TS), ("TG_TC_ATTACH", "clsact")];
-        let mut daemon = Daemon::start(&bed, &dir, &clsact);
+        let mut daemon = DaemonUnderTest::builder((&bed, &dir)).envs(&clsact).start();
         daemon.wait_for("attaching", |_| clsact_filters(TS).len() == 2);
         drop(ts);
         let log = daemon.stop();
@@ -241,7 +251,7 @@ fn endpoint_host_names_are_resolved_again() {
         bed.ours.name(),
         "addr",
         "add",
-        "10.201.0.1/24",
+        &with_prefix(UPLINK, LINK_PREFIX),
         "dev",
         &bed.links.0,
     ]));
@@ -250,13 +260,14 @@ fn endpoint_host_names_are_resolved_again() {
         bed.theirs.name(),
         "addr",
         "add",
-        "10.201.0.2/24",
+        &with_prefix(INTERNET, LINK_PREFIX),
         "dev",
         &bed.links.1,
     ]));
-    let text = bed
-        .config("", "10.66.0.1/32")
-        .replace("10.200.0.2:51820", "peer.tailguard.test:51820");
+    let text = bed.config("", WG_SERVER_ONLY_V4).replace(
+        &endpoint(UNDERLAY_PEER, WG_PORT),
+        "peer.tailguard.test:51820",
+    );
     let dir = bed.config_dir(&text);
     let hosts = dir.0.join("hosts");
     std::fs::write(
@@ -265,27 +276,25 @@ fn endpoint_host_names_are_resolved_again() {
     )
     .unwrap();
     bed.ours.run(|| {
-        let mut unshare = Command::new("unshare");
-        unshare
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
-            ])
-            .arg(&hosts)
-            .arg(tailguard_bin())
-            .arg("run")
-            .env("WG_DEVICE", &bed.device)
-            .env("WG_CONFIG_DIR", &dir.0)
+        let hosts = hosts.display().to_string();
+        let wrapper = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+            &hosts,
+        ];
+        // The resolver file left alone: the name is in the bound hosts file.
+        let mut daemon = DaemonUnderTest::builder((&bed, &dir))
+            .via(&wrapper)
             .env("TG_RESOLV_CONF", "")
-            .env("TG_BPF_DIR", dir.bpf_dir())
-            .env("TG_ENDPOINT_REFRESH", "1");
-        let mut daemon = Daemon::spawn(unshare);
+            .env("TG_ENDPOINT_REFRESH", "1")
+            .start();
         // Empty until the device exists.
-        let endpoint = || {
+        let endpoints = || {
             let out = Command::new("wg")
                 .args(["show", &bed.device, "endpoints"])
                 .output()
@@ -294,9 +303,10 @@ fn endpoint_host_names_are_resolved_again() {
         };
         // Fully up (programs attach last), with the name's first address.
         daemon.wait_for("using the first address", |_| {
-            attached_programs(&bed.device).len() == 2 && endpoint().contains("10.200.0.2:51820")
+            attached_programs(&bed.device).len() == 2
+                && endpoints().contains(&endpoint(UNDERLAY_PEER, WG_PORT))
         });
-        ping("10.66.0.1");
+        ping(WG_SERVER);
 
         std::fs::write(
             &hosts,
@@ -304,9 +314,9 @@ fn endpoint_host_names_are_resolved_again() {
         )
         .unwrap();
         daemon.wait_for("following the name to the new address", |_| {
-            endpoint().contains("10.201.0.2:51820")
+            endpoints().contains(&endpoint(INTERNET, WG_PORT))
         });
-        ping("10.66.0.1");
+        ping(WG_SERVER);
 
         let log = daemon.stop();
         assert!(
@@ -327,7 +337,7 @@ fn endpoint_host_names_are_resolved_again() {
 #[test]
 fn an_incompatible_pinned_state_is_discarded_and_said() {
     let bed = Testbed::new("daemon-pin");
-    let dir = bed.config_dir(&bed.config("", "10.66.0.1/32"));
+    let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
     let state = dir.bpf_dir().join(&bed.device);
     let pin = state.join("NAT");
     bed.ours.run(|| {
@@ -338,7 +348,7 @@ fn an_incompatible_pinned_state_is_discarded_and_said() {
             "map", "create", &pin_text, "type", "hash", "key", "4", "value", "4", "entries", "8",
             "name", "NAT",
         ]));
-        let mut daemon = Daemon::start(&bed, &dir, &[("TS_DEVICE", TS)]);
+        let mut daemon = DaemonUnderTest::builder((&bed, &dir)).envs(&[("TS_DEVICE", TS)]).start();
         daemon.wait_for("attaching to WireGuard", |_| {
             attached_programs(&bed.device).len() == 2
         });

@@ -5,7 +5,7 @@
 //! path and older verifiers are tested.
 //!
 //! In each VM: every program through the verifier for both link layers
-//! (`tailguard programs`), then usage patterns (`scenarios`, both
+//! (`tailguard programs`), then usage patterns (`patterns`, both
 //! datapaths: traffic both ways, the translations the receivers see, the
 //! refusals) and the daemon's stop (`daemon_lifecycle`: after SIGKILL the
 //! next start takes over and its SIGTERM leaves the namespace as it was),
@@ -53,14 +53,14 @@ pub const KERNELS: [Kernel; 2] = [
         name: "6.1",
         what: "Debian 12 (bookworm)",
         pattern: r"^linux-image-6\.1\.0-[0-9]+-amd64$",
-        tests: &[("scenarios", &[]), ("daemon_lifecycle", &[STOP_TEST])],
+        tests: &[("patterns", &[]), ("daemon_lifecycle", &[STOP_TEST])],
     },
     Kernel {
         name: "6.12",
         what: "Debian 13 (trixie), and bookworm-backports",
         pattern: r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$",
         tests: &[
-            ("scenarios", &["simple_bridge", "wireguard_as_exit_node"]),
+            ("patterns", &["simple_bridge", "wireguard_as_exit_node"]),
             ("daemon_lifecycle", &[STOP_TEST]),
         ],
     },

@@ -10,7 +10,7 @@ use std::{
 
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
-use tailguard_tests::bridge::*;
+use tailguard_tests::{bridge::Bridge, daemon::DaemonUnderTest, topology::*, traffic::*};
 
 fn main() {
     if !nix::unistd::geteuid().is_root() {
@@ -35,10 +35,11 @@ fn main() {
     let tn = b.tailnet.run(|| WhoAmI::listen(false));
     let client = b.client.run(|| WhoAmI::listen(false));
     let server = b.bed.theirs.run(|| WhoAmI::listen(false));
-    let node = b
-        .bed
-        .ours
-        .run(|| b.start_healthy(&[("TS_DEST_IP", WG_SERVER)]));
+    let node = b.bed.ours.run(|| {
+        DaemonUnderTest::builder(&b)
+            .envs(&[("TS_DEST_IP", WG_SERVER)])
+            .start_healthy()
+    });
 
     println!(
         "
@@ -89,7 +90,7 @@ Ctrl-C stops the demo and removes everything it made.
     }
 
     println!("stopping: the daemon takes down what it set up ...");
-    b.bed.ours.run(|| node.daemon.stop());
+    b.bed.ours.run(|| node.stop());
     b.tailguard("cleanup");
     drop(b);
     println!("done: the demo's namespaces, links and programs are gone");

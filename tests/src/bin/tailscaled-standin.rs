@@ -22,6 +22,7 @@ use std::{env, net::IpAddr, path::PathBuf, process::Command, sync::Arc, time::Du
 
 use tailguard_tests::{
     standin::{StandIn, State},
+    topology::*,
     wg::{set_key_port_peers, spawn_wireguard_go},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -80,8 +81,7 @@ fn create_device(tun: &str) -> std::process::Child {
             .and_then(|p| p.parse().ok())
             .unwrap_or(41641);
         let peer = env::var("STANDIN_PEER_PUBLIC_KEY").unwrap_or_default();
-        let allowed = env::var("STANDIN_PEER_ALLOWED_IPS")
-            .unwrap_or_else(|_| "100.64.0.0/10,fd7a:115c:a1e0::/48".into());
+        let allowed = env::var("STANDIN_PEER_ALLOWED_IPS").unwrap_or_else(|_| TAILNET_BOTH.into());
         let endpoint = env::var("STANDIN_PEER_ENDPOINT").unwrap_or_default();
         let mut peer_args = Vec::new();
         if !peer.is_empty() {
@@ -129,7 +129,7 @@ fn install_routing(tun: &str, addresses: &[IpAddr]) -> Vec<Vec<String>> {
             tun.into(),
         ]);
     }
-    for route in list("STANDIN_ROUTES", "100.64.0.0/10,fd7a:115c:a1e0::/48") {
+    for route in list("STANDIN_ROUTES", TAILNET_BOTH) {
         let family = if route.contains(':') { "-6" } else { "-4" };
         run(&[
             "ip", family, "route", "add", &route, "dev", tun, "table", "52",
@@ -165,7 +165,7 @@ fn install_routing(tun: &str, addresses: &[IpAddr]) -> Vec<Vec<String>> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = args();
-    let addresses: Vec<IpAddr> = list("STANDIN_ADDRESSES", "100.64.0.1,fd7a:115c:a1e0::1")
+    let addresses: Vec<IpAddr> = list("STANDIN_ADDRESSES", &format!("{NODE_TS},{NODE_TS_V6}"))
         .iter()
         .map(|a| a.parse().expect("STANDIN_ADDRESSES holds addresses"))
         .collect();

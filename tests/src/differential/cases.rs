@@ -8,6 +8,8 @@ use std::{
 
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng, seq::IndexedRandom as _};
 
+use crate::topology::*;
+
 /// Where the test sends from and captures: one namespace each, at its
 /// WireGuard device (the uplink's veth for `Internet`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -49,10 +51,10 @@ impl Site {
 /// families.
 pub fn node_addrs() -> [IpAddr; 4] {
     [
-        "10.66.0.2".parse().unwrap(),
-        "fd66::2".parse().unwrap(),
-        "100.64.0.1".parse().unwrap(),
-        "fd7a:115c:a1e0::1".parse().unwrap(),
+        NODE_WG.parse().unwrap(),
+        NODE_WG_V6.parse().unwrap(),
+        NODE_TS.parse().unwrap(),
+        NODE_TS_V6.parse().unwrap(),
     ]
 }
 
@@ -83,8 +85,8 @@ fn targets(from: Site) -> Vec<Target> {
         vec![
             t(
                 "wg -> ts (masquerade)",
-                "100.64.0.2",
-                Some("fd7a:115c:a1e0::2"),
+                TAILNET_PEER,
+                Some(TAILNET_PEER_V6),
                 Some(Site::Tailnet),
             ),
             t(
@@ -94,36 +96,46 @@ fn targets(from: Site) -> Vec<Target> {
                 Some(Site::Tailnet),
             ),
             if other_peer == Site::Server {
-                t("wg -> wg", "10.66.0.1", Some("fd66::1"), Some(Site::Server))
+                t(
+                    "wg -> wg",
+                    WG_SERVER,
+                    Some(WG_SERVER_V6),
+                    Some(Site::Server),
+                )
             } else {
-                t("wg -> wg", "10.66.0.3", Some("fd66::3"), Some(Site::Client))
+                t(
+                    "wg -> wg",
+                    WG_CLIENT,
+                    Some(WG_CLIENT_V6),
+                    Some(Site::Client),
+                )
             },
             t(
                 "wg -> the node (not exposed)",
-                "10.66.0.2",
-                Some("fd66::2"),
+                NODE_WG,
+                Some(NODE_WG_V6),
                 None,
             ),
-            t("wg -> the uplink", "10.201.0.2", None, Some(Site::Internet)),
+            t("wg -> the uplink", INTERNET, None, Some(Site::Internet)),
         ]
     } else {
         vec![
             t(
                 "ts -> wg (SNAT)",
-                "10.66.0.1",
-                Some("fd66::1"),
+                WG_SERVER,
+                Some(WG_SERVER_V6),
                 Some(Site::Server),
             ),
             t(
                 "ts -> wg client (SNAT)",
-                "10.66.0.3",
-                Some("fd66::3"),
+                WG_CLIENT,
+                Some(WG_CLIENT_V6),
                 Some(Site::Client),
             ),
             t(
                 "ts -> TS_DEST_IP",
-                "100.64.0.1",
-                Some("fd7a:115c:a1e0::1"),
+                NODE_TS,
+                Some(NODE_TS_V6),
                 Some(Site::Server),
             ),
             t(
@@ -132,7 +144,7 @@ fn targets(from: Site) -> Vec<Target> {
                 Some("2001:db8:113::10"),
                 Some(Site::Server),
             ),
-            t("ts -> the uplink", "10.201.0.2", None, Some(Site::Internet)),
+            t("ts -> the uplink", INTERNET, None, Some(Site::Internet)),
         ]
     }
 }

@@ -335,7 +335,10 @@ fn quote(q: &[u8], names: &mut PortNames) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::differential::craft::{Ip, L4, build};
+    use crate::{
+        differential::craft::{Ip, L4, build},
+        topology::*,
+    };
 
     fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
         let ip = Ip {
@@ -356,7 +359,7 @@ mod tests {
     }
 
     fn fates(packets: &[Vec<u8>]) -> Vec<String> {
-        let mut names = PortNames::new(&["100.64.0.1".parse().unwrap()]);
+        let mut names = PortNames::new(&[NODE_TS.parse().unwrap()]);
         packets.iter().map(|p| describe(p, &mut names)).collect()
     }
 
@@ -364,31 +367,31 @@ mod tests {
     fn translation_ports_are_named_consistently_within_a_case() {
         // The same flow through two datapaths that chose different ports.
         let kernel = [
-            udp("100.64.0.1", 30000, "100.64.0.2", 53),
-            udp("100.64.0.1", 30000, "100.64.0.2", 53),
+            udp(NODE_TS, 30000, TAILNET_PEER, 53),
+            udp(NODE_TS, 30000, TAILNET_PEER, 53),
         ];
         let fast = [
-            udp("100.64.0.1", 61000, "100.64.0.2", 53),
-            udp("100.64.0.1", 61000, "100.64.0.2", 53),
+            udp(NODE_TS, 61000, TAILNET_PEER, 53),
+            udp(NODE_TS, 61000, TAILNET_PEER, 53),
         ];
         assert_eq!(fates(&kernel), fates(&fast));
         assert!(fates(&kernel)[0].contains("udp xlat#1 -> 53 csum ok"));
         // A flow whose port changes mid-flow is told apart.
         let taken_over = [
-            udp("100.64.0.1", 30000, "100.64.0.2", 53),
-            udp("100.64.0.1", 61000, "100.64.0.2", 53),
+            udp(NODE_TS, 30000, TAILNET_PEER, 53),
+            udp(NODE_TS, 61000, TAILNET_PEER, 53),
         ];
         assert_ne!(fates(&kernel), fates(&taken_over));
         // Ports away from the node's addresses are compared as they are.
         assert_ne!(
-            fates(&[udp("10.66.0.1", 30000, "100.64.0.2", 53)]),
-            fates(&[udp("10.66.0.1", 30001, "100.64.0.2", 53)])
+            fates(&[udp(WG_SERVER, 30000, TAILNET_PEER, 53)]),
+            fates(&[udp(WG_SERVER, 30001, TAILNET_PEER, 53)])
         );
     }
 
     #[test]
     fn checksums_options_and_fragments_show() {
-        let mut p = udp("10.66.0.1", 1, "100.64.0.2", 2);
+        let mut p = udp(WG_SERVER, 1, TAILNET_PEER, 2);
         let last = p.len() - 1;
         p[last] ^= 1;
         assert!(
@@ -396,8 +399,8 @@ mod tests {
             "a broken checksum shows"
         );
         let ip = Ip {
-            src: "fd66::1".parse().unwrap(),
-            dst: "fd7a:115c:a1e0::2".parse().unwrap(),
+            src: WG_SERVER_V6.parse().unwrap(),
+            dst: TAILNET_PEER_V6.parse().unwrap(),
             ttl: 64,
             df: false,
             options: vec![],

@@ -1,4 +1,4 @@
-//! The differential test's parts (`tests/tests/differential.rs`): the same
+//! The differential test's parts (`tests/tests/daemon_differential.rs`): the same
 //! generated traffic through both datapaths, each packet reduced to its
 //! fate as the receiver sees it.
 //!
@@ -31,7 +31,7 @@ pub fn run(datapath: &str, cases: &[Case]) -> Vec<Vec<Vec<String>>> {
         for case in cases.iter().filter(|c| c.isolate == isolate) {
             fates[case.index] = rig.run(case);
         }
-        rig.bridge.bed.ours.run(|| node.daemon.stop());
+        rig.bridge.bed.ours.run(|| node.stop());
     }
     fates
 }

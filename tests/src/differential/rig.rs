@@ -12,7 +12,6 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     process::Command,
     time::{Duration, Instant},
 };
@@ -24,121 +23,11 @@ use super::{
 };
 use crate::{
     bridge::Bridge,
-    daemon::WithStandIn,
+    daemon::DaemonUnderTest,
     netns::{NetNs, run, sysctl},
+    topology::*,
+    traffic::Tap,
 };
-
-const ETH_P_ALL: u16 = 0x0003;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-
-/// A packet socket on one device: sends IP packets out of it as they are
-/// (no routing, no fragmenting by the sender's stack) and captures what
-/// arrives on it.
-pub struct Tap {
-    fd: OwnedFd,
-    ifindex: i32,
-}
-
-impl Tap {
-    /// Opens the tap on `device` of the calling thread's namespace.
-    pub fn open(device: &str) -> Self {
-        let ifindex = nix::net::if_::if_nametoindex(device)
-            .unwrap_or_else(|e| panic!("no device {device}: {e}")) as i32;
-        // SAFETY: plain system calls on a socket this function owns.
-        unsafe {
-            let fd = libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                i32::from(ETH_P_ALL.to_be()),
-            );
-            assert!(
-                fd >= 0,
-                "a packet socket: {}",
-                std::io::Error::last_os_error()
-            );
-            let fd = OwnedFd::from_raw_fd(fd);
-            let addr = sockaddr(ETH_P_ALL, ifindex);
-            let bound = libc::bind(
-                fd.as_raw_fd(),
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
-            );
-            assert!(
-                bound == 0,
-                "binding the packet socket to {device}: {}",
-                std::io::Error::last_os_error()
-            );
-            Self { fd, ifindex }
-        }
-    }
-
-    /// Sends one IP packet out of the device.
-    pub fn send(&self, packet: &[u8]) {
-        let proto = if packet[0] >> 4 == 6 {
-            ETH_P_IPV6
-        } else {
-            ETH_P_IP
-        };
-        let addr = sockaddr(proto, self.ifindex);
-        // SAFETY: `packet` and `addr` outlive the call.
-        let sent = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert!(
-            sent == packet.len() as isize,
-            "sending {} bytes: {}",
-            packet.len(),
-            std::io::Error::last_os_error()
-        );
-    }
-
-    /// The IP packets that arrived since the last call (not those sent).
-    pub fn take(&self) -> Vec<Vec<u8>> {
-        let mut got = Vec::new();
-        let mut buffer = vec![0u8; 65536];
-        loop {
-            // SAFETY: an all-zero sockaddr_ll is valid; the buffers outlive
-            // the call.
-            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut len = size_of::<libc::sockaddr_ll>() as u32;
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    libc::MSG_DONTWAIT,
-                    (&raw mut from).cast(),
-                    &mut len,
-                )
-            };
-            if n < 0 {
-                return got;
-            }
-            let proto = u16::from_be(from.sll_protocol);
-            let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
-            if !outgoing && (proto == ETH_P_IP || proto == ETH_P_IPV6) {
-                got.push(buffer[..n as usize].to_vec());
-            }
-        }
-    }
-}
-
-fn sockaddr(proto: u16, ifindex: i32) -> libc::sockaddr_ll {
-    // SAFETY: an all-zero sockaddr_ll is valid.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = proto.to_be();
-    addr.sll_ifindex = ifindex;
-    addr
-}
 
 /// IPv6 neighbour discovery and multicast listener messages: the links'
 /// own chatter, not the test's traffic.
@@ -161,7 +50,7 @@ pub struct Rig {
 
 impl Rig {
     pub fn new(purpose: &str) -> Self {
-        let b = Bridge::with_server_allowed_ips(purpose, "0.0.0.0/0, ::/0, 192.168.8.0/24");
+        let b = Bridge::with_server_allowed_ips(purpose, WG_SERVER_EXIT);
         let node = b.bed.keys.public.clone();
         let mut taps = Vec::new();
         for site in Site::ALL {
@@ -171,26 +60,23 @@ impl Rig {
                     b.bed.peer.name.clone(),
                     node.clone(),
                     format!(
-                        "10.66.0.2/32,10.66.0.3/32,fd66::2/128,fd66::3/128,100.64.0.0/10,\
-                         fd7a:115c:a1e0::/48,10.201.0.0/24,{TAILNET_EXIT}"
+                        "{NODE_WG}/32,{WG_CLIENT}/32,{NODE_WG_V6}/128,{WG_CLIENT_V6}/128,\
+                         {TAILNET_BOTH},{INTERNET_NET},{TAILNET_EXIT}"
                     ),
                 ),
                 Site::Client => (
                     &b.client,
                     b.client_device().to_string(),
                     node.clone(),
-                    format!(
-                        "10.66.0.0/24,fd66::/64,100.64.0.0/10,fd7a:115c:a1e0::/48,\
-                         10.201.0.0/24,{TAILNET_EXIT}"
-                    ),
+                    format!("{WG_NET},{WG_NET_V6},{TAILNET_BOTH},{INTERNET_NET},{TAILNET_EXIT}"),
                 ),
                 Site::Tailnet => (
                     &b.tailnet,
                     b.tailnet_peer.name.clone(),
                     b.node_tailnet_public_key().to_string(),
                     format!(
-                        "100.64.0.1/32,fd7a:115c:a1e0::1/128,10.66.0.0/24,fd66::/64,\
-                         10.201.0.0/24,192.168.8.0/24,{WIREGUARD_EXIT}"
+                        "{NODE_TS}/32,{NODE_TS_V6}/128,{WG_NET},{WG_NET_V6},\
+                         {INTERNET_NET},{LAN_NET},{WIREGUARD_EXIT}"
                     ),
                 ),
                 Site::Internet => {
@@ -232,24 +118,23 @@ impl Rig {
     /// Starts TailGuard with `datapath` as the test's patterns want it,
     /// forwarding switched on in its namespace (as a container's
     /// `--sysctl` does).
-    pub fn start(&self, datapath: &str, isolate: bool) -> WithStandIn {
+    pub fn start(&self, datapath: &str, isolate: bool) -> DaemonUnderTest {
         let env = [
             ("TG_DATAPATH", datapath),
-            ("TS_DEST_IP", "10.66.0.1,fd66::1"),
+            ("TS_DEST_IP", WG_SERVER_BOTH),
             ("WG_ISOLATE_PEERS", if isolate { "1" } else { "0" }),
-            (
-                "STANDIN_ROUTES",
-                "100.64.0.0/10,fd7a:115c:a1e0::/48,198.18.0.0/24,2001:db8:18::/64",
-            ),
+            ("STANDIN_ROUTES", &format!("{TAILNET_BOTH},{TAILNET_EXIT}")),
             (
                 "STANDIN_PEER_ALLOWED_IPS",
-                "100.64.0.2/32,fd7a:115c:a1e0::2/128,198.18.0.0/24,2001:db8:18::/64",
+                &format!("{TAILNET_PEER}/32,{TAILNET_PEER_V6}/128,{TAILNET_EXIT}"),
             ),
         ];
         self.bridge.bed.ours.run(|| {
             sysctl("net.ipv4.ip_forward", "1");
             sysctl("net.ipv6.conf.all.forwarding", "1");
-            self.bridge.start_healthy(&env)
+            DaemonUnderTest::builder(&self.bridge)
+                .envs(&env)
+                .start_healthy()
         })
     }
 

@@ -16,8 +16,9 @@ use std::{
 };
 
 use tailguard_tests::{
-    bridge::{Bridge, NODE_TS, NODE_WG},
-    daemon::{WithStandIn, health},
+    bridge::Bridge,
+    daemon::{DaemonUnderTest, health},
+    topology::*,
 };
 
 const PAGE: u16 = 8088;
@@ -48,10 +49,10 @@ fn status_line(answer: &str) -> &str {
 }
 
 /// The bridge's daemon with the status page on, healthy.
-fn start(b: &Bridge, wrapper: &[&str], env: &[(&str, &str)]) -> WithStandIn {
+fn start(b: &Bridge, wrapper: &[&str], env: &[(&str, &str)]) -> DaemonUnderTest {
     b.bed.ours.run(|| {
-        let mut node = b.start_via(wrapper, env);
-        node.daemon.wait_for("health", |_| health().0);
+        let mut node = DaemonUnderTest::builder(b).via(wrapper).envs(env).start();
+        node.wait_for("health", |_| health().0);
         node
     })
 }
@@ -64,7 +65,7 @@ fn foreign_hosts_are_refused_and_isolated_peers_see_no_other_peer() {
         &[],
         &[("TG_WEBUI_PORT", "8088"), ("WG_ISOLATE_PEERS", "1")],
     );
-    let ctx = |what: &str| format!("{what}\n{}", node.daemon.log());
+    let ctx = |what: &str| format!("{what}\n{}", node.log());
     // The second WireGuard peer's AllowedIPs, as one of the WireGuard
     // side's routes in `/status`.
     let other_peer = "\"10.66.0.3/32\": \"wireguard\"";
@@ -97,7 +98,7 @@ fn foreign_hosts_are_refused_and_isolated_peers_see_no_other_peer() {
         );
         // That request counted against the one a second.
         std::thread::sleep(Duration::from_millis(1100));
-        let ok = ask(NODE_WG, PAGE, "/status", Some("10.66.0.2:8088"));
+        let ok = ask(NODE_WG, PAGE, "/status", Some(&endpoint(NODE_WG, 8088)));
         assert_eq!(status_line(&ok), "HTTP/1.1 200 OK", "{}", ctx(&ok));
         assert!(ok.contains("\"forwarding\""), "{ok}");
         assert!(
@@ -119,18 +120,17 @@ fn foreign_hosts_are_refused_and_isolated_peers_see_no_other_peer() {
         let refused = ask(NODE_TS, PAGE, "/status", Some("tailguard.evil.example"));
         assert_eq!(status_line(&refused), "HTTP/1.1 403 Forbidden", "{refused}");
     });
-    node.daemon.stop();
+    node.stop();
 }
 
 #[test]
 fn one_request_a_second_per_client_and_slow_headers_are_cut_off() {
     let b = Bridge::new("http-rate");
     let mut node = start(&b, &[], &[("TG_WEBUI_PORT", "8088")]);
-    node.daemon
-        .wait_for("the second WireGuard peer's handshake", |_| {
-            b.client_connected()
-        });
-    let ctx = |what: &str| format!("{what}\n{}", node.daemon.log());
+    node.wait_for("the second WireGuard peer's handshake", |_| {
+        b.client_connected()
+    });
+    let ctx = |what: &str| format!("{what}\n{}", node.log());
 
     // 30 requests at once from the second WireGuard peer.
     let (answers, took) = b.client.run(|| {
@@ -218,7 +218,7 @@ fn one_request_a_second_per_client_and_slow_headers_are_cut_off() {
         cut_after < HEADER_READ_TIMEOUT + Duration::from_secs(4),
         "cut off only after {cut_after:?}"
     );
-    node.daemon.stop();
+    node.stop();
 }
 
 /// How many connections are established at once, at most, and in all.
@@ -334,7 +334,7 @@ fn two_thousand_idle_connections_leave_health_answering_and_the_cpu_idle() {
         &["prlimit", "--nofile=1024:1024"],
         &[("TG_WEBUI_PORT", "8088")],
     );
-    let pid = node.daemon.pid();
+    let pid = node.pid();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     assert!(
         limits
@@ -355,7 +355,7 @@ fn two_thousand_idle_connections_leave_health_answering_and_the_cpu_idle() {
         scope.spawn(|| {
             b.bed.theirs.run(|| {
                 let peer = SocketAddr::new(NODE_WG.parse().unwrap(), PAGE);
-                from_peer.run(&["10.66.0.1".parse().unwrap()], peer, 1000, until);
+                from_peer.run(&[WG_SERVER.parse().unwrap()], peer, 1000, until);
             })
         });
         scope.spawn(|| {
@@ -381,7 +381,7 @@ fn two_thousand_idle_connections_leave_health_answering_and_the_cpu_idle() {
                 assert!(
                     healthy,
                     "tailguard health under the flood: {report}\n{}",
-                    node.daemon.log()
+                    node.log()
                 );
                 most_fds = most_fds.max(open_files(pid));
                 std::thread::sleep(Duration::from_millis(500));
@@ -390,7 +390,7 @@ fn two_thousand_idle_connections_leave_health_answering_and_the_cpu_idle() {
             (health_times, cpu, most_fds)
         })
     });
-    let log = node.daemon.log();
+    let log = node.log();
     let slowest = health_times.iter().max().unwrap();
     eprintln!(
         "flood: most connections open at once {} from the peer and {} over loopback \
@@ -426,5 +426,5 @@ fn two_thousand_idle_connections_leave_health_answering_and_the_cpu_idle() {
         .theirs
         .run(|| ask(NODE_WG, PAGE, "/healthz", Some(NODE_WG)));
     assert_eq!(status_line(&page), "HTTP/1.1 200 OK", "{page}\n{log}");
-    node.daemon.stop();
+    node.stop();
 }

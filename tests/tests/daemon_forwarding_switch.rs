@@ -7,13 +7,13 @@
 use std::{os::unix::fs::PermissionsExt as _, process::Command};
 
 use tailguard_tests::{
-    bridge::*,
-    daemon::{Daemon, WithStandIn, health, status, tailguard},
+    bridge::Bridge,
+    daemon::{DATAPATHS, DaemonUnderTest, counted, health, status, tailguard},
     netns::{NetNs, run},
+    topology::*,
+    traffic::*,
     wg::{ConfigDir, KeyPair, Testbed},
 };
-
-const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
 
 const V4_OFF: &str = "IPv4 forwarding is off: nothing is forwarded between the networks; \
                       start with --sysctl net.ipv4.ip_forward=1 to bridge";
@@ -40,13 +40,6 @@ fn said(ipv4: bool, ipv6: bool) -> [&'static str; 2] {
         if ipv4 { V4_ON } else { V4_OFF },
         if ipv6 { V6_ON } else { V6_OFF },
     ]
-}
-
-/// Packets the fast path counted for `device` with `outcome`.
-fn counted(device: &str, outcome: &str) -> u64 {
-    status()["counters"][device][outcome]["packets"]
-        .as_u64()
-        .unwrap_or(0)
 }
 
 /// The kernel's count, in the calling thread's namespace, of packets it
@@ -95,15 +88,14 @@ fn without_the_switches_the_host_serves_both_networks_and_forwards_nothing() {
         let host = b.bed.ours.run(|| WhoAmI::listen(false));
         let (before_v4, before_v6) = b.bed.ours.run(|| (unforwarded(false), unforwarded(true)));
         let mut node = b.bed.ours.run(|| {
-            b.start_healthy(&[
-                ("TG_DATAPATH", datapath),
-                ("TG_EXPOSE_HOST", "1"),
-                ("TG_WEBUI_PORT", "8088"),
-            ])
+            DaemonUnderTest::builder(&b)
+                .datapath(datapath)
+                .envs(&[("TG_EXPOSE_HOST", "1"), ("TG_WEBUI_PORT", "8088")])
+                .start_healthy()
         });
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
         for line in said(false, false) {
-            assert!(node.daemon.log().contains(line), "{}", ctx(line));
+            assert!(node.log().contains(line), "{}", ctx(line));
         }
 
         // The host's own service and status page, from both sides.
@@ -166,7 +158,7 @@ fn without_the_switches_the_host_serves_both_networks_and_forwards_nothing() {
             if datapath == "ebpf" {
                 // The fast path handed them over, saying why, and
                 // redirected nothing.
-                node.daemon.wait_for("the forwarding-off counters", |_| {
+                node.wait_for("the forwarding-off counters", |_| {
                     counted("wireguard", "kernel:forwarding-off") > 0
                         && counted("tailscale", "kernel:forwarding-off") > 0
                 });
@@ -182,7 +174,7 @@ fn without_the_switches_the_host_serves_both_networks_and_forwards_nothing() {
                 assert_eq!(status()["datapath"], "netfilter");
             }
         });
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
         assert_eq!(b.bed.ours.forwarding(), values(false, false), "{datapath}");
     }
 }
@@ -200,19 +192,19 @@ fn each_family_is_forwarded_only_with_its_own_switch() {
             let tn4 = b.tailnet.run(|| WhoAmI::listen(false));
             let tn6 = b.tailnet.run(|| WhoAmI::listen(true));
             let mut node = b.bed.ours.run(|| {
-                b.start_healthy(&[
-                    ("TG_DATAPATH", datapath),
-                    ("TS_DEST_IP", "10.66.0.1,fd66::1"),
-                ])
+                DaemonUnderTest::builder(&b)
+                    .datapath(datapath)
+                    .envs(&[("TS_DEST_IP", WG_SERVER_BOTH)])
+                    .start_healthy()
             });
             let ctx = |what: &str| {
                 format!(
                     "{datapath}, IPv4 {ipv4}, IPv6 {ipv6}: {what}\n{}",
-                    node.daemon.log()
+                    node.log()
                 )
             };
             for line in said(ipv4, ipv6) {
-                assert!(node.daemon.log().contains(line), "{}", ctx(line));
+                assert!(node.log().contains(line), "{}", ctx(line));
             }
             let cases: [(&NetNs, &str, u16, &str, bool, &str); 7] = [
                 (
@@ -261,14 +253,14 @@ fn each_family_is_forwarded_only_with_its_own_switch() {
             }
             b.bed.ours.run(|| {
                 if datapath == "ebpf" {
-                    node.daemon.wait_for("both outcomes counted", |_| {
+                    node.wait_for("both outcomes counted", |_| {
                         counted("wireguard", "redirected") > 0
                             && counted("tailscale", "redirected") > 0
                             && counted("wireguard", "kernel:forwarding-off") > 0
                             && counted("tailscale", "kernel:forwarding-off") > 0
                     });
                 }
-                node.daemon.stop();
+                node.stop();
             });
             assert_eq!(b.bed.ours.forwarding(), values(ipv4, ipv6), "{datapath}");
         }
@@ -284,28 +276,32 @@ fn the_daemon_only_reads_the_switches() {
     let read_only = READ_ONLY_PROC_SYS;
     for datapath in DATAPATHS {
         let bed = Testbed::new(&format!("fwo-{datapath}"));
-        let dir = bed.config_dir(&bed.config("", "10.66.0.1/32, fd66::1/128"));
+        let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY));
         // Reserved beforehand, so that the daemon has nothing to write.
         bed.ours.run(|| {
             tailguard_tests::netns::sysctl("net.ipv4.ip_local_reserved_ports", "61000-65535")
         });
         for (ipv4, ipv6) in [(false, false), (true, false), (false, true), (true, true)] {
             bed.ours.set_forwarding(ipv4, ipv6);
-            let ctx = |node: &WithStandIn, what: &str| {
+            let ctx = |node: &DaemonUnderTest, what: &str| {
                 format!(
                     "{datapath}, IPv4 {ipv4}, IPv6 {ipv6}: {what}\n{}",
-                    node.daemon.log()
+                    node.log()
                 )
             };
             bed.ours.run(|| {
                 let env = [("TS_AUTHKEY", "tskey-x"), ("TG_DATAPATH", datapath)];
-                let mut node = Daemon::with_standin_via(&read_only, &bed, &dir, &env);
-                node.daemon.wait_for("health", |_| health().0);
+                let mut node = DaemonUnderTest::builder((&bed, &dir))
+                    .standin()
+                    .via(&read_only)
+                    .envs(&env)
+                    .start();
+                node.wait_for("health", |_| health().0);
                 for line in said(ipv4, ipv6) {
-                    assert!(node.daemon.log().contains(line), "{}", ctx(&node, line));
+                    assert!(node.log().contains(line), "{}", ctx(&node, line));
                 }
                 if datapath == "ebpf" {
-                    node.daemon.wait_for("the maps", |_| {
+                    node.wait_for("the maps", |_| {
                         status()["forwarding"]["forward_v4"].as_bool().is_some()
                     });
                     let f = &status()["forwarding"];
@@ -322,7 +318,7 @@ fn the_daemon_only_reads_the_switches() {
                     "{}",
                     ctx(&node, "running")
                 );
-                let log = node.daemon.stop();
+                let log = node.stop();
                 assert!(log.contains("everything set up was removed"), "{log}");
             });
             assert_eq!(
@@ -341,7 +337,7 @@ fn the_daemon_only_reads_the_switches() {
 #[test]
 fn a_read_only_proc_sys_needs_the_reserved_ports_only_when_ephemeral_ports_reach_ours() {
     let bed = Testbed::new("fwr");
-    let dir = bed.config_dir(&bed.config("", "10.66.0.1/32, fd66::1/128"));
+    let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY));
     let env = [("TS_AUTHKEY", "tskey-x"), ("TG_DATAPATH", "ebpf")];
     let reserved = || {
         bed.ours
@@ -352,14 +348,18 @@ fn a_read_only_proc_sys_needs_the_reserved_ports_only_when_ephemeral_ports_reach
         tailguard_tests::netns::sysctl("net.ipv4.ip_local_port_range", "32768 60999");
     });
     bed.ours.run(|| {
-        let mut node = Daemon::with_standin_via(&READ_ONLY_PROC_SYS, &bed, &dir, &env);
-        node.daemon.wait_for("health", |_| health().0);
-        let log = node.daemon.log();
+        let mut node = DaemonUnderTest::builder((&bed, &dir))
+            .standin()
+            .via(&READ_ONLY_PROC_SYS)
+            .envs(&env)
+            .start();
+        node.wait_for("health", |_| health().0);
+        let log = node.log();
         assert!(
             log.contains("starting without it") && log.contains("ip_local_reserved_ports"),
             "{log}"
         );
-        let log = node.daemon.stop();
+        let log = node.stop();
         assert!(log.contains("everything set up was removed"), "{log}");
     });
     assert_eq!(reserved().trim(), "", "nothing was written");
@@ -367,17 +367,21 @@ fn a_read_only_proc_sys_needs_the_reserved_ports_only_when_ephemeral_ports_reach
     bed.ours
         .run(|| tailguard_tests::netns::sysctl("net.ipv4.ip_local_port_range", "1024 65535"));
     let log = bed.ours.run(|| {
-        let mut node = Daemon::with_standin_via(&READ_ONLY_PROC_SYS, &bed, &dir, &env);
+        let mut node = DaemonUnderTest::builder((&bed, &dir))
+            .standin()
+            .via(&READ_ONLY_PROC_SYS)
+            .envs(&env)
+            .start();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while node.daemon.exited().is_none() {
+        while node.exited().is_none() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "still running with the ephemeral ports in ours:\n{}",
-                node.daemon.log()
+                node.log()
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        let (status, log) = node.daemon.exit();
+        let (status, log) = node.exit();
         assert!(!status.success(), "{log}");
         log
     });

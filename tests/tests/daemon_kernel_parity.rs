@@ -18,21 +18,22 @@ use std::{
 
 use etherparse::{Ipv4HeaderSlice, TcpHeaderSlice, TcpOptionElement};
 use tailguard_tests::{
-    bridge::*,
-    daemon::{WithStandIn, status},
+    bridge::Bridge,
+    daemon::{DATAPATHS, DaemonUnderTest, counted, status},
     netns::{NetNs, run},
+    topology::*,
+    traffic::*,
 };
-
-const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
 
 /// Pattern 1, with both peers on 1500-byte links so that their own MSS is
 /// above what the node's devices carry.
-fn pattern_1(purpose: &str, datapath: &str) -> (Bridge, WithStandIn) {
+fn pattern_1(purpose: &str, datapath: &str) -> (Bridge, DaemonUnderTest) {
     let b = Bridge::with_ethernet_peers(purpose, "0.0.0.0/0, ::/0");
-    let node = b
-        .bed
-        .ours
-        .run(|| b.start_healthy(&[("TG_DATAPATH", datapath)]));
+    let node = b.bed.ours.run(|| {
+        DaemonUnderTest::builder(&b)
+            .datapath(datapath)
+            .start_healthy()
+    });
     (b, node)
 }
 
@@ -72,22 +73,6 @@ fn server_takes_the_second_peers_ipv6(b: &Bridge) {
     });
 }
 
-/// Packets the fast path counted for `device` with `outcome`.
-fn counted(device: &str, outcome: &str) -> u64 {
-    status()["counters"][device][outcome]["packets"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
-/// A TCP connection to `addr:port` from the calling thread's namespace is
-/// established (someone answered the SYN), or why not.
-fn connects(addr: &str, port: u16) -> Result<(), String> {
-    let target = SocketAddr::new(addr.parse().expect("an address"), port);
-    TcpStream::connect_timeout(&target, Duration::from_secs(2))
-        .map(drop)
-        .map_err(|e| format!("connecting to {target}: {e}"))
-}
-
 #[test]
 fn uplink_traffic_is_not_sent_into_wireguard() {
     for datapath in DATAPATHS {
@@ -101,23 +86,18 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
         b.client_routes_everything_to_tailguard();
         let server = b.bed.theirs.run(|| WhoAmI::listen(false));
         let uplink = b.internet.run(|| WhoAmI::listen(false));
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
 
         // The node itself reaches the uplink's host: the route is there.
         let seen = b.bed.ours.run(|| who_am_i(INTERNET, uplink.port));
-        assert_eq!(
-            seen.as_deref(),
-            Ok("10.201.0.1"),
-            "{}",
-            ctx("node -> uplink")
-        );
-        let from_wg = b.client.run(|| connects(INTERNET, server.port));
+        assert_eq!(seen.as_deref(), Ok(UPLINK), "{}", ctx("node -> uplink"));
+        let from_wg = b.client.run(|| tcp_connects(INTERNET, server.port));
         assert!(
             from_wg.is_err(),
             "{}",
             ctx(&format!("wg -> uplink: {from_wg:?}"))
         );
-        let from_ts = b.tailnet.run(|| connects(INTERNET, server.port));
+        let from_ts = b.tailnet.run(|| tcp_connects(INTERNET, server.port));
         assert!(
             from_ts.is_err(),
             "{}",
@@ -130,12 +110,12 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
             assert_eq!(s["datapath"], datapath, "{s:#}");
             if datapath == "ebpf" {
                 // The fast path dropped them itself, as the forward policy.
-                node.daemon.wait_for("both drops counted", |_| {
+                node.wait_for("both drops counted", |_| {
                     counted("wireguard", "drop:not-forwarded") > 0
                         && counted("tailscale", "drop:not-forwarded") > 0
                 });
                 let routes = &s["forwarding"]["routes"];
-                assert_eq!(routes["10.201.0.0/24"], "kernel", "{s:#}");
+                assert_eq!(routes[INTERNET_NET], "kernel", "{s:#}");
                 assert_eq!(routes["0.0.0.0/0"], "wireguard", "{s:#}");
             }
         });
@@ -155,8 +135,7 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
         server_takes_the_second_peers_ipv6(&b);
         let client_device = b.client.device_starting_with("wgc");
         b.client.run(|| {
-            let everything =
-                "10.66.0.0/24,fd66::/64,100.64.0.0/10,fd7a:115c:a1e0::/48,0.0.0.0/0,::/0";
+            let everything = format!("{WG_NET},{WG_NET_V6},{TAILNET_BOTH},0.0.0.0/0,::/0");
             let key = &b.bed.keys.public;
             run(Command::new("wg").args([
                 "set",
@@ -164,27 +143,26 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
                 "peer",
                 key,
                 "allowed-ips",
-                everything,
+                &everything,
             ]));
             run(Command::new("ip").args(["-6", "route", "add", "default", "dev", &client_device]));
         });
         let server_v6 = b.bed.theirs.run(|| WhoAmI::listen(true));
         if datapath == "ebpf" {
             b.bed.ours.run(|| {
-                node.daemon
-                    .wait_for("the static routes in the route map", |_| {
-                        let routes = &status()["forwarding"]["routes"];
-                        routes[STATIC_V4] == "kernel" && routes[STATIC_V6] == "kernel"
-                    })
+                node.wait_for("the static routes in the route map", |_| {
+                    let routes = &status()["forwarding"]["routes"];
+                    routes[STATIC_V4] == "kernel" && routes[STATIC_V6] == "kernel"
+                })
             });
         }
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
         for (host, port) in [
             (STATIC_HOST_V4, server.port),
             (STATIC_HOST_V6, server_v6.port),
         ] {
             let addr = host.split('/').next().unwrap();
-            let from_wg = b.client.run(|| connects(addr, port));
+            let from_wg = b.client.run(|| tcp_connects(addr, port));
             assert!(
                 from_wg.is_err(),
                 "{}",
@@ -198,7 +176,7 @@ fn uplink_traffic_is_not_sent_into_wireguard() {
             "{}",
             ctx("the server heard it")
         );
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
     }
 }
 
@@ -367,18 +345,18 @@ fn syn_mss_is_clamped_to_the_smaller_mtu_of_both_ways() {
                 got,
                 Ok((syn, syn_ack)),
                 "{datapath}: {what}: (SYN, SYN-ACK) MSS as received\n{}",
-                node.daemon.log()
+                node.log()
             );
             seen.push((what, got));
         }
         b.bed.ours.run(|| {
             assert_eq!(status()["datapath"], datapath);
             if datapath == "ebpf" {
-                node.daemon.wait_for("the fast path carried them", |_| {
+                node.wait_for("the fast path carried them", |_| {
                     counted("wireguard", "redirected") > 0 && counted("tailscale", "redirected") > 0
                 });
             }
-            node.daemon.stop();
+            node.stop();
         });
         seen_by_datapath.push(seen);
     }

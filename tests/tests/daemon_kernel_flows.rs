@@ -8,74 +8,19 @@
 use std::{
     net::{SocketAddr, UdpSocket},
     process::Command,
-    sync::mpsc,
-    thread::JoinHandle,
     time::Duration,
 };
 
 use etherparse::PacketBuilder;
 use tailguard::firewall::FAST_PATH_PORTS;
 use tailguard_tests::{
-    bridge::*,
-    daemon::{health, status},
+    bridge::Bridge,
+    daemon::{DATAPATHS, DaemonUnderTest, counted, health, status},
     netns::{run, sysctl},
+    topology::*,
+    traffic::*,
     tun::EgressInjector,
 };
-
-const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
-
-/// A UDP server that answers every datagram with the same bytes and tells
-/// from where each came.
-struct UdpEcho {
-    port: u16,
-    seen: mpsc::Receiver<SocketAddr>,
-    _thread: JoinHandle<()>,
-}
-
-impl UdpEcho {
-    fn listen() -> Self {
-        let socket = UdpSocket::bind("[::]:0").expect("binding the echo server");
-        let port = socket.local_addr().unwrap().port();
-        let (tx, seen) = mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let mut buffer = [0u8; 2048];
-            while let Ok((n, from)) = socket.recv_from(&mut buffer) {
-                let _ = socket.send_to(&buffer[..n], from);
-                if tx.send(from).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            port,
-            seen,
-            _thread: thread,
-        }
-    }
-
-    /// Where the next datagram came from (address as the server saw it).
-    fn next_source(&self) -> Option<SocketAddr> {
-        self.seen.recv_timeout(Duration::from_secs(3)).ok()
-    }
-}
-
-/// Sends `message` from `socket` to `addr:port`; the answer, if one comes
-/// within 3 s.
-fn ask(socket: &UdpSocket, addr: &str, port: u16, message: &[u8]) -> Option<Vec<u8>> {
-    socket
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    let target = SocketAddr::new(addr.parse().unwrap(), port);
-    socket.send_to(message, target).expect("sending");
-    let mut buffer = [0u8; 2048];
-    socket.recv(&mut buffer).ok().map(|n| buffer[..n].to_vec())
-}
-
-fn counted(device: &str, outcome: &str) -> u64 {
-    status()["counters"][device][outcome]["packets"]
-        .as_u64()
-        .unwrap_or(0)
-}
 
 /// Packets the WireGuard server's probe counted (see `probe`).
 fn probed() -> u64 {
@@ -129,12 +74,12 @@ fn dest_ip_leaves_the_hosts_own_udp_and_the_fast_path_ports_alone() {
         });
         let echo = b.tailnet.run(UdpEcho::listen);
         let node = b.bed.ours.run(|| {
-            b.start_healthy(&[
-                ("TG_DATAPATH", datapath),
-                ("TS_DEST_IP", "10.66.0.1,fd66::1"),
-            ])
+            DaemonUnderTest::builder(&b)
+                .datapath(datapath)
+                .envs(&[("TS_DEST_IP", WG_SERVER_BOTH)])
+                .start_healthy()
         });
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
 
         // The host's own query from its tailnet address, both families:
         // answered, and nothing of it reaches TS_DEST_IP.
@@ -149,7 +94,7 @@ fn dest_ip_leaves_the_hosts_own_udp_and_the_fast_path_ports_alone() {
                 s
             });
             for round in 0..3 {
-                let answer = ask(&socket, peer, echo.port, b"the host asks");
+                let answer = udp_ask(&socket, peer, echo.port, b"the host asks");
                 assert_eq!(
                     answer.as_deref(),
                     Some(&b"the host asks"[..]),
@@ -262,7 +207,7 @@ fn dest_ip_leaves_the_hosts_own_udp_and_the_fast_path_ports_alone() {
             std::thread::sleep(Duration::from_millis(1500));
             let (redirected, tracked) = counts();
             for _ in 0..3 {
-                assert!(ask(&socket, WG_SERVER, server.port, b"peer to peer").is_some());
+                assert!(udp_ask(&socket, WG_SERVER, server.port, b"peer to peer").is_some());
             }
             std::thread::sleep(Duration::from_millis(1500));
             let (redirected_after, tracked_after) = counts();
@@ -275,14 +220,14 @@ fn dest_ip_leaves_the_hosts_own_udp_and_the_fast_path_ports_alone() {
                 ))
             );
         }
-        node.daemon.stop();
+        node.stop();
     }
 }
 
 /// Asks until an answer comes (the tunnels may still be making their
 /// handshakes): whether one came within ten tries.
 fn ask_until_answered(socket: &UdpSocket, addr: &str, port: u16) -> bool {
-    (0..10).any(|_| ask(socket, addr, port, b"still there?").is_some())
+    (0..10).any(|_| udp_ask(socket, addr, port, b"still there?").is_some())
 }
 
 /// A UDP flow the kernel forwarded before the fast path took over keeps
@@ -301,12 +246,15 @@ fn a_udp_flow_from_before_the_fast_path_keeps_its_source_port() {
             sysctl("net.ipv6.conf.all.forwarding", "1");
         });
         let echo = b.tailnet.run(UdpEcho::listen);
-        let node = b.bed.ours.run(|| b.start_healthy(&env));
+        let node = b
+            .bed
+            .ours
+            .run(|| DaemonUnderTest::builder(&b).envs(&env).start_healthy());
         // The stand-in outlives the kill; the next daemon attaches to it
         // (and to its device).
-        let ts_device = node.ts_device.clone();
-        let socket_path = node.socket.display().to_string();
-        node.daemon.kill();
+        let ts_device = node.standin().ts_device.clone();
+        let socket_path = node.standin().socket.display().to_string();
+        node.kill();
         let socket = b.bed.theirs.run(|| UdpSocket::bind("0.0.0.0:0").unwrap());
         assert!(
             ask_until_answered(&socket, TAILNET_PEER, echo.port),
@@ -314,14 +262,17 @@ fn a_udp_flow_from_before_the_fast_path_keeps_its_source_port() {
         );
         let before = echo.next_source().expect("the echo saw the flow");
         assert_eq!(before.ip().to_canonical().to_string(), NODE_TS);
-        while echo.seen.try_recv().is_ok() {}
+        echo.forget_seen();
 
         let again = [("TG_DATAPATH", datapath), ("TS_DEVICE", ts_device.as_str())];
-        let mut node = b.bed.ours.run(|| b.start_healthy(&again));
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let mut node = b
+            .bed
+            .ours
+            .run(|| DaemonUnderTest::builder(&b).envs(&again).start_healthy());
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
         for _ in 0..4 {
             assert!(
-                ask(&socket, TAILNET_PEER, echo.port, b"and now?").is_some(),
+                udp_ask(&socket, TAILNET_PEER, echo.port, b"and now?").is_some(),
                 "{}",
                 ctx("no answer after the restart")
             );
@@ -334,13 +285,12 @@ fn a_udp_flow_from_before_the_fast_path_keeps_its_source_port() {
         );
         if datapath == "ebpf" {
             b.bed.ours.run(|| {
-                node.daemon
-                    .wait_for("the datagrams counted as the kernel's", |_| {
-                        counted("wireguard", "kernel:tracked-flow") >= 4
-                    })
+                node.wait_for("the datagrams counted as the kernel's", |_| {
+                    counted("wireguard", "kernel:tracked-flow") >= 4
+                })
             });
         }
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
         stop_orphan(&socket_path);
     }
 }
@@ -374,12 +324,15 @@ fn fallen_back_to_netfilter_dest_ip_takes_every_port() {
             "--inh-caps=-bpf,-sys_admin",
             "--bounding-set=-bpf,-sys_admin",
         ];
-        b.start_via(&wrapper, &[("TS_DEST_IP", "10.66.0.1,fd66::1")])
+        DaemonUnderTest::builder(&b)
+            .via(&wrapper)
+            .envs(&[("TS_DEST_IP", WG_SERVER_BOTH)])
+            .start()
     });
     b.bed.ours.run(|| {
-        node.daemon.wait_for("health", |_| health().0);
+        node.wait_for("health", |_| health().0);
         assert_eq!(status()["datapath"], "netfilter");
-        node.daemon.wait_for("the TS_DEST_IP rules", |_| {
+        node.wait_for("the TS_DEST_IP rules", |_| {
             dstnat_rules()
                 .iter()
                 .any(|r| r["expr"].to_string().contains("dnat"))
@@ -388,8 +341,8 @@ fn fallen_back_to_netfilter_dest_ip_takes_every_port() {
         assert!(
             !rules.iter().any(|r| r["comment"] == FAST_PATH_PORTS),
             "{rules:#?}\n{}",
-            node.daemon.log()
+            node.log()
         );
-        node.daemon.stop()
+        node.stop()
     });
 }

@@ -14,9 +14,11 @@ use std::{
 };
 
 use tailguard_tests::{
-    bridge::{Bridge, NODE_TS, TAILNET_PEER, WG_CLIENT, WhoAmI, who_am_i},
+    bridge::Bridge,
     netns::{NetNs, routing_state, run},
     require_root,
+    topology::*,
+    traffic::{WhoAmI, who_am_i},
 };
 
 /// `cargo xtask test` builds it (`cargo xtask image` alone, too).
@@ -176,7 +178,7 @@ fn an_examples_generator_writes_a_matching_pair_with_only_the_image() {
     );
     assert!(peer.contains("Endpoint = vpn.example.com:51820"), "{peer}");
     assert!(
-        peer.contains("100.64.0.0/10"),
+        peer.contains(TAILNET),
         "the client routes the tailnet: {peer}"
     );
     let _ = std::fs::remove_dir_all(dir.parent().unwrap());
@@ -284,11 +286,7 @@ fn the_image_joins_the_networks_healthy_through_the_fast_path_and_stops_clean() 
     );
     let at_client = b.client.run(|| WhoAmI::listen(false));
     let seen = b.tailnet.run(|| who_am_i(WG_CLIENT, at_client.port));
-    assert_eq!(
-        seen.as_deref(),
-        Ok("10.66.0.2"),
-        "tailnet -> WireGuard, SNAT"
-    );
+    assert_eq!(seen.as_deref(), Ok(NODE_WG), "tailnet -> WireGuard, SNAT");
     // The fast path carried both directions: its counters (read by the
     // daemon once a second) show packets redirected from each device.
     let redirected_from_both = |stats: &str| {

@@ -7,6 +7,7 @@ use tailguard::{host::gro::GroSetup, host::netlink::Netlink};
 use tailguard_tests::{
     netns::{NetNs, run, veth},
     require_root,
+    topology::*,
 };
 
 fn feature(dev: &str, name: &str) -> String {
@@ -25,9 +26,14 @@ fn uplink_gets_udp_gro_forwarding_until_we_stop() {
     require_root();
     let ours = NetNs::new("gro");
     let other = NetNs::new("gro-up");
-    let (uplink, _) = veth(&ours, "10.200.0.1/24", &other, "10.200.0.2/24");
+    let (uplink, _) = veth(
+        &ours,
+        &with_prefix(UNDERLAY, LINK_PREFIX),
+        &other,
+        &with_prefix(UNDERLAY_PEER, LINK_PREFIX),
+    );
     ours.run(|| {
-        run(Command::new("ip").args(["route", "add", "default", "via", "10.200.0.2"]));
+        run(Command::new("ip").args(["route", "add", "default", "via", UNDERLAY_PEER]));
         // Start from the opposite of what we want, to see both change.
         run(Command::new("ethtool").args([
             "-K",
@@ -64,7 +70,12 @@ fn without_a_default_route_nothing_is_touched() {
     require_root();
     let ours = NetNs::new("gro-none");
     let other = NetNs::new("gro-none-up");
-    let (uplink, _) = veth(&ours, "10.200.0.1/24", &other, "10.200.0.2/24");
+    let (uplink, _) = veth(
+        &ours,
+        &with_prefix(UNDERLAY, LINK_PREFIX),
+        &other,
+        &with_prefix(UNDERLAY_PEER, LINK_PREFIX),
+    );
     ours.run(|| {
         let before = run(Command::new("ethtool").args(["-k", &uplink]));
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -11,6 +11,7 @@ use tailguard::{
 use tailguard_tests::{
     netns::{NetNs, routing_state, run, veth},
     require_root,
+    topology::*,
 };
 
 const ORIGINAL: &str = "nameserver 192.0.2.53\nsearch example.invalid\noptions ndots:2 timeout:1\n";
@@ -20,7 +21,12 @@ fn resolver_file_and_fallback_routes_come_and_go() {
     require_root();
     let ours = NetNs::new("dns");
     let uplink = NetNs::new("dns-uplink");
-    veth(&ours, "10.200.0.1/24", &uplink, "10.200.0.2/24");
+    veth(
+        &ours,
+        &with_prefix(UNDERLAY, LINK_PREFIX),
+        &uplink,
+        &with_prefix(UNDERLAY_PEER, LINK_PREFIX),
+    );
     let dir = std::env::temp_dir().join(format!("tg-dns-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("resolv.conf");
@@ -39,7 +45,7 @@ fn resolver_file_and_fallback_routes_come_and_go() {
     let plan = Plan::new(&settings, &config);
 
     ours.run(|| {
-        run(Command::new("ip").args(["route", "add", "default", "via", "10.200.0.2"]));
+        run(Command::new("ip").args(["route", "add", "default", "via", UNDERLAY_PEER]));
         let before = routing_state();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {

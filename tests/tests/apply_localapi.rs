@@ -14,11 +14,10 @@ use tailguard::{
 };
 use tailguard_tests::standin::{StandIn, State};
 
+use tailguard_tests::topology::*;
+
 fn addresses() -> Vec<IpAddr> {
-    vec![
-        "100.64.0.1".parse().unwrap(),
-        "fd7a:115c:a1e0::1".parse().unwrap(),
-    ]
+    vec![NODE_TS.parse().unwrap(), NODE_TS_V6.parse().unwrap()]
 }
 
 /// A stand-in serving on a fresh socket, and a client for it.
@@ -59,22 +58,22 @@ async fn login_with_an_auth_key_then_preferences() {
     let prefs = MaskedPrefs {
         route_all: Some(true),
         corp_dns: Some(false),
-        advertise_routes: Some(vec!["192.168.8.0/24".parse().unwrap()]),
+        advertise_routes: Some(vec![LAN_NET.parse().unwrap()]),
         ..MaskedPrefs::default()
     };
     let after = api.edit_prefs(&prefs).await.unwrap();
     assert_eq!(after["RouteAll"], json!(true));
     assert_eq!(after["CorpDNS"], json!(false));
-    assert_eq!(after["AdvertiseRoutes"], json!(["192.168.8.0/24"]));
+    assert_eq!(after["AdvertiseRoutes"], json!([LAN_NET]));
     assert_eq!(
         api.prefs().await.unwrap()["AdvertiseRoutes"],
-        json!(["192.168.8.0/24"])
+        json!([LAN_NET])
     );
     let log = standin.state().log;
     assert_eq!(log[0]["start"]["AuthKey"], json!("<given>"));
     assert_eq!(log[1]["PATCH prefs"]["AdvertiseRoutesSet"], json!(true));
     assert_eq!(
-        api.whois("100.64.0.1:80").await.unwrap()["Node"]["ID"],
+        api.whois(&endpoint(NODE_TS, 80)).await.unwrap()["Node"]["ID"],
         json!("nStandin1CNTRL")
     );
     std::fs::remove_dir_all(dir).unwrap();

@@ -12,7 +12,7 @@ use tailguard::{
     datapath::{Counters, Datapath, LoadOptions},
 };
 use tailguard_common::{Counter, Device, Direction, PacketClass};
-use tailguard_tests::{netns::NetNs, require_root, tun::Tun};
+use tailguard_tests::{netns::NetNs, require_root, topology::*, tun::Tun};
 
 /// `struct virtio_net_hdr` (little-endian, as on every host the tests run).
 fn vnet_hdr(
@@ -38,8 +38,11 @@ const GSO_TCPV6: u8 = 4;
 fn tcp(ipv6: bool, payload: usize) -> Vec<u8> {
     let ip = if ipv6 {
         PacketBuilder::ipv6(
-            "fd66::7".parse::<std::net::Ipv6Addr>().unwrap().octets(),
-            "fd7a:115c:a1e0::9"
+            CRAFTED_WG_CLIENT_V6
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+            CRAFTED_TAILNET_PEER_V6
                 .parse::<std::net::Ipv6Addr>()
                 .unwrap()
                 .octets(),

@@ -8,6 +8,7 @@ use std::{ffi::OsStr, os::unix::fs::PermissionsExt as _, path::Path, process::Ou
 use tailguard_tests::{
     daemon::tailguard,
     netns::{NetNs, routing_state, run},
+    topology::*,
     wg::{KeyPair, Testbed},
 };
 
@@ -154,7 +155,7 @@ fn a_mangled_auth_key_argument_is_not_printed() {
 #[test]
 fn a_device_setting_that_names_the_uplink_is_refused_before_anything_changes() {
     let bed = Testbed::new("uplink");
-    let dir = bed.config_dir(&bed.config("", "10.66.0.1/32"));
+    let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
     let uplink = bed.links.0.clone();
     for (variable, expected) in [
         (
@@ -290,10 +291,13 @@ fn wg_pair_refuses_an_endpoint_that_is_not_a_host_and_port() {
 fn a_key_in_a_hook_command_is_not_logged() {
     let bed = Testbed::new("hookkey");
     let key = KeyPair::generate().private;
-    let dir = bed.config_dir(&bed.config(&format!("PreUp = test {key} = other"), "10.66.0.1/32"));
+    let dir =
+        bed.config_dir(&bed.config(&format!("PreUp = test {key} = other"), WG_SERVER_ONLY_V4));
     bed.ours.run(|| {
         let before = routing_state();
-        let (status, log) = tailguard_tests::daemon::Daemon::start(&bed, &dir, &[]).exit();
+        let (status, log) = tailguard_tests::daemon::DaemonUnderTest::builder((&bed, &dir))
+            .start()
+            .exit();
         assert!(!status.success(), "{log}");
         assert!(
             log.contains("PreUp hook `test <redacted> = other` failed"),

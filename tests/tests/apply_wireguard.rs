@@ -14,7 +14,9 @@ use tailguard::{
 };
 use tailguard_tests::{
     netns::{routing_state, run},
-    wg::{Testbed, ping},
+    topology::*,
+    traffic::ping,
+    wg::Testbed,
 };
 
 fn plan(bed: &Testbed, interface: &str, allowed_ips: &str) -> Plan {
@@ -88,7 +90,8 @@ fn device_comes_up_as_planned_and_leaves_no_trace() {
 
         let addrs = ip(&["-br", "addr", "show", "dev", dev]);
         assert!(
-            addrs.contains("10.66.0.2/24") && addrs.contains("fd66::2/64"),
+            addrs.contains(&with_prefix(NODE_WG, WG_PREFIX))
+                && addrs.contains(&with_prefix(NODE_WG_V6, WG_PREFIX_V6)),
             "{addrs}"
         );
         let link = ip(&["link", "show", "dev", dev]);
@@ -114,19 +117,19 @@ fn device_comes_up_as_planned_and_leaves_no_trace() {
         );
         // The WireGuard side's routes and own networks ahead of table 52.
         for to in [
-            "10.66.0.1",
+            WG_SERVER,
             "192.168.77.0/24",
-            "10.66.0.0/24",
-            "fd66::1",
-            "fd66::/64",
+            WG_NET,
+            WG_SERVER_V6,
+            WG_NET_V6,
         ] {
             let rule = format!("5260:\tfrom all to {to} lookup main");
             assert!(rules.contains(&rule), "{rule:?} missing:\n{rules}");
         }
 
         // A handshake happens and traffic crosses, both families.
-        ping("10.66.0.1");
-        ping("fd66::1");
+        ping(WG_SERVER);
+        ping(WG_SERVER_V6);
         let handshakes = wg(&["show", dev, "latest-handshakes"]);
         let when: u64 = handshakes
             .split_whitespace()
@@ -143,7 +146,7 @@ fn device_comes_up_as_planned_and_leaves_no_trace() {
             state,
             "a second start must not change the kernel state"
         );
-        ping("10.66.0.1");
+        ping(WG_SERVER);
         up.rt.block_on(again.teardown(&up.nl)).expect("teardown");
         up.down();
         assert_eq!(
@@ -180,10 +183,10 @@ fn default_routes_get_wg_quick_policy_routing() {
         }
         // Unmarked traffic takes the tunnel; WireGuard's own marked UDP
         // still leaves by the veth link, or nothing would arrive.
-        ping("10.66.0.1");
+        ping(WG_SERVER);
         let via = ip(&["route", "get", "192.168.99.1"]);
         assert!(via.contains(&format!("dev {dev} table 51820")), "{via}");
-        let marked = ip(&["route", "get", "10.200.0.2", "mark", "0xca6c"]);
+        let marked = ip(&["route", "get", UNDERLAY_PEER, "mark", "0xca6c"]);
         assert!(
             !marked.contains(dev.as_str()),
             "marked packets must not enter the tunnel: {marked}"
@@ -196,7 +199,11 @@ fn default_routes_get_wg_quick_policy_routing() {
 #[test]
 fn a_failing_hook_stops_the_start_and_undoes_it() {
     let bed = Testbed::new("wghook");
-    let plan = plan(&bed, "PostUp = echo broken %i >&2; false", "10.66.0.1/32");
+    let plan = plan(
+        &bed,
+        "PostUp = echo broken %i >&2; false",
+        WG_SERVER_ONLY_V4,
+    );
     bed.ours.run(|| {
         let before = routing_state();
         let error = match Up::try_new(&plan) {
@@ -216,13 +223,13 @@ fn a_failing_hook_stops_the_start_and_undoes_it() {
 #[test]
 fn mtu_follows_the_route_to_the_endpoint() {
     let bed = Testbed::new("wgmtu");
-    let plan = plan(&bed, "", "10.66.0.1/32");
+    let plan = plan(&bed, "", WG_SERVER_ONLY_V4);
     bed.ours.run(|| {
         ip(&["link", "set", "dev", &bed.links.0, "mtu", "1400"]);
         let up = Up::new(&plan);
         let link = ip(&["link", "show", "dev", &bed.device]);
         assert!(link.contains("mtu 1320"), "1400 - 80 expected:\n{link}");
-        ping("10.66.0.1");
+        ping(WG_SERVER);
         up.down();
     });
 }
@@ -278,17 +285,24 @@ fn table_setting_is_honoured() {
 #[test]
 fn wireguard_traffic_stays_out_of_tailscale_table_52() {
     let bed = Testbed::new("wg52");
-    let plan = plan(&bed, "ListenPort = 51822", "10.66.0.1/32");
+    let plan = plan(&bed, "ListenPort = 51822", WG_SERVER_ONLY_V4);
     bed.ours.run(|| {
         ip(&["rule", "add", "pref", "5270", "table", "52"]);
-        ip(&["route", "add", "blackhole", "10.200.0.2/32", "table", "52"]);
+        ip(&[
+            "route",
+            "add",
+            "blackhole",
+            &format!("{UNDERLAY_PEER}/32"),
+            "table",
+            "52",
+        ]);
         let up = Up::new(&plan);
-        let marked = ip(&["route", "get", "10.200.0.2", "mark", "0xca6e"]);
+        let marked = ip(&["route", "get", UNDERLAY_PEER, "mark", "0xca6e"]);
         assert!(
             !marked.contains("blackhole") && marked.contains(&bed.links.0),
             "{marked}"
         );
-        ping("10.66.0.1");
+        ping(WG_SERVER);
         up.down();
     });
 }
@@ -302,7 +316,7 @@ fn hooks_run_in_order_with_the_device_name() {
     let hooks = ["PreUp", "PostUp", "PreDown", "PostDown"]
         .map(|h| format!("{h} = echo {} %i >> {}", h.to_lowercase(), log.display()))
         .join("\n");
-    let plan = plan(&bed, &hooks, "10.66.0.1/32");
+    let plan = plan(&bed, &hooks, WG_SERVER_ONLY_V4);
     let dev = &bed.device;
     bed.ours.run(|| {
         let up = Up::new(&plan);

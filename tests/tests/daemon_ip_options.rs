@@ -13,16 +13,15 @@ use std::{
 };
 
 use tailguard_common::PolicyRule;
-use tailguard_tests::{bridge::*, daemon::status};
-
-const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
+use tailguard_tests::{
+    bridge::Bridge,
+    daemon::{DATAPATHS, DaemonUnderTest, counted},
+    topology::*,
+    traffic::*,
+};
 
 fn socket() -> UdpSocket {
-    let socket = UdpSocket::bind("[::]:0").expect("binding");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    socket
+    udp_socket(Duration::from_secs(2))
 }
 
 fn setsockopt(socket: &UdpSocket, level: i32, name: i32, value: &[u8]) {
@@ -46,27 +45,20 @@ const UDP_NO_CHECK6_TX: i32 = 101;
 
 /// The next datagram's text and source, if one comes within 2 s.
 fn receive(socket: &UdpSocket) -> Option<(String, SocketAddr)> {
-    let mut buffer = [0u8; 2048];
-    let (n, from) = socket.recv_from(&mut buffer).ok()?;
-    let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-    Some((String::from_utf8_lossy(&buffer[..n]).into_owned(), from))
-}
-
-fn counted(device: &str, outcome: &str) -> u64 {
-    status()["counters"][device][outcome]["packets"]
-        .as_u64()
-        .unwrap_or(0)
+    let (bytes, from) = receive_datagram(socket).ok()?;
+    Some((String::from_utf8_lossy(&bytes).into_owned(), from))
 }
 
 #[test]
 fn ipv4_options_and_udp6_without_checksum() {
     for datapath in DATAPATHS {
         let b = Bridge::new(&format!("opts-{datapath}"));
-        let mut node = b
-            .bed
-            .ours
-            .run(|| b.start_healthy(&[("TG_DATAPATH", datapath)]));
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let mut node = b.bed.ours.run(|| {
+            DaemonUnderTest::builder(&b)
+                .datapath(datapath)
+                .start_healthy()
+        });
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
         let listener = b.tailnet.run(socket);
         let port = listener.local_addr().unwrap().port();
         let peer4 = SocketAddr::new(TAILNET_PEER.parse().unwrap(), port);
@@ -130,7 +122,7 @@ fn ipv4_options_and_udp6_without_checksum() {
 
         b.bed.ours.run(|| {
             if datapath == "ebpf" {
-                node.daemon.wait_for("the counted fates", |_| {
+                node.wait_for("the counted fates", |_| {
                     counted("wireguard", "drop:options-of-our-flow") == 1
                         && counted("wireguard", "kernel:ip-options") >= 1
                         && counted("wireguard", "drop:udp6-zero-checksum") == 1
@@ -150,7 +142,7 @@ fn ipv4_options_and_udp6_without_checksum() {
                     .unwrap_or_else(|| panic!("no checksum-0 rule:\n{chain}"));
                 assert!(rule.contains("counter packets 1 "), "{rule}");
             }
-            node.daemon.stop();
+            node.stop();
         });
     }
 }

@@ -10,35 +10,23 @@ use std::{
 };
 
 use tailguard_tests::{
-    bridge::*,
-    daemon::status,
+    bridge::Bridge,
+    daemon::{DATAPATHS, DaemonUnderTest, counted},
     netns::{NetNs, set_mtu},
+    topology::*,
+    traffic::*,
 };
-
-const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
 
 /// Datagrams this long are fragmented by their senders (paths of 1280).
 const BIG: usize = 3000;
 
 fn socket() -> UdpSocket {
-    let socket = UdpSocket::bind("[::]:0").expect("binding");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    socket
+    udp_socket(Duration::from_secs(3))
 }
 
 /// The next datagram on `socket`, and where it came from (IPv4 as IPv4).
 fn receive(socket: &UdpSocket, what: &str) -> (Vec<u8>, SocketAddr) {
-    let mut buffer = vec![0u8; 65536];
-    let (n, from) = socket
-        .recv_from(&mut buffer)
-        .unwrap_or_else(|e| panic!("{what}: nothing arrived: {e}"));
-    buffer.truncate(n);
-    (
-        buffer,
-        SocketAddr::new(from.ip().to_canonical(), from.port()),
-    )
+    receive_datagram(socket).unwrap_or_else(|e| panic!("{what}: nothing arrived: {e}"))
 }
 
 /// A payload no two positions of which a mix-up of fragments would keep.
@@ -46,13 +34,6 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31) ^ (i >> 8) as u8 ^ seed)
         .collect()
-}
-
-/// Packets the fast path counted for `device` with `outcome`.
-fn counted(device: &str, outcome: &str) -> u64 {
-    status()["counters"][device][outcome]["packets"]
-        .as_u64()
-        .unwrap_or(0)
 }
 
 #[test]
@@ -63,10 +44,11 @@ fn fragmented_udp_keeps_its_flows_translation() {
         // both links (one too big for the tailnet is the path-MTU case).
         b.bed.theirs.run(|| set_mtu(&b.bed.peer.name, 1280));
         b.tailnet.run(|| set_mtu(&b.tailnet_peer.name, 1280));
-        let mut node = b
-            .bed
-            .ours
-            .run(|| b.start_healthy(&[("TG_DATAPATH", datapath)]));
+        let mut node = b.bed.ours.run(|| {
+            DaemonUnderTest::builder(&b)
+                .datapath(datapath)
+                .start_healthy()
+        });
         // (sender, receiver's address, the node's address the receiver
         // must see)
         let cases: [(&NetNs, &NetNs, &str, &str); 4] = [
@@ -76,7 +58,7 @@ fn fragmented_udp_keeps_its_flows_translation() {
             (&b.tailnet, &b.bed.theirs, WG_SERVER_V6, NODE_WG_V6),
         ];
         for (i, (from, to, receiver, translated)) in cases.into_iter().enumerate() {
-            let what = |s: &str| format!("{datapath}, to {receiver}: {s}\n{}", node.daemon.log());
+            let what = |s: &str| format!("{datapath}, to {receiver}: {s}\n{}", node.log());
             let sender = from.run(socket);
             let listener = to.run(socket);
             let target = SocketAddr::new(
@@ -116,7 +98,7 @@ fn fragmented_udp_keeps_its_flows_translation() {
                 // Each device took in 6 fragments and 4 whole datagrams
                 // of the flows, and 6 fragments of the answers. (The status
                 // page's counters are refreshed every few seconds.)
-                node.daemon.wait_for("the fast path's counters", |_| {
+                node.wait_for("the fast path's counters", |_| {
                     counted("wireguard", "redirected") >= 16
                         && counted("tailscale", "redirected") >= 16
                 });
@@ -127,7 +109,7 @@ fn fragmented_udp_keeps_its_flows_translation() {
                     "every fragment's first was seen first"
                 );
             }
-            node.daemon.stop();
+            node.stop();
         });
     }
 }

@@ -10,7 +10,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::AsRawFd as _,
     process::Command,
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -18,25 +18,25 @@ use std::{
 
 use etherparse::{Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpHeaders, IpPayloadSlice};
 use tailguard_tests::{
-    bridge::*,
-    daemon::WithStandIn,
+    bridge::Bridge,
+    daemon::{DATAPATHS, DaemonUnderTest},
     netns::{NetNs, run},
+    topology::*,
+    traffic::*,
 };
-
-const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
 
 const DOWNLOAD: usize = 2 << 20;
 
 /// The bridge as pattern 1 runs it: TailGuard a client of the WireGuard
 /// server (everything routed to it, its LAN behind it), `TS_DEST_IP` the
 /// server, and both peers on 1500-byte links.
-fn exit_node_bridge(purpose: &str, datapath: &str) -> (Bridge, WithStandIn) {
-    let b = Bridge::with_ethernet_peers(purpose, "0.0.0.0/0, ::/0, 192.168.8.0/24");
-    let env = [
-        ("TG_DATAPATH", datapath),
-        ("TS_DEST_IP", "10.66.0.1,fd66::1"),
-    ];
-    let node = b.bed.ours.run(|| b.start_healthy(&env));
+fn exit_node_bridge(purpose: &str, datapath: &str) -> (Bridge, DaemonUnderTest) {
+    let b = Bridge::with_ethernet_peers(purpose, WG_SERVER_EXIT);
+    let env = [("TG_DATAPATH", datapath), ("TS_DEST_IP", WG_SERVER_BOTH)];
+    let node = b
+        .bed
+        .ours
+        .run(|| DaemonUnderTest::builder(&b).envs(&env).start_healthy());
     (b, node)
 }
 
@@ -51,76 +51,19 @@ fn mtu_of(device: &str) -> u32 {
         .unwrap_or_else(|| panic!("no MTU for {device} in {shown:?}"))
 }
 
-/// Every packet that arrives on one device (an `AF_PACKET` socket, so
-/// nothing the sender's stack does to an ICMP error hides it).
-struct Capture(OwnedFd);
-
-impl Capture {
-    /// On `device`, in the calling thread's namespace.
-    fn open(device: &str) -> Self {
-        let ifindex = nix::net::if_::if_nametoindex(device).expect("the sender's device");
-        let all = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket calls on a descriptor we own.
-        unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(all));
-            assert!(
-                fd >= 0,
-                "AF_PACKET socket: {}",
-                std::io::Error::last_os_error()
-            );
-            let fd = OwnedFd::from_raw_fd(fd);
-            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_protocol = all;
-            addr.sll_ifindex = ifindex as i32;
-            let bound = libc::bind(
-                fd.as_raw_fd(),
-                (&raw const addr).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            assert_eq!(bound, 0, "binding: {}", std::io::Error::last_os_error());
-            Self(fd)
-        }
+/// An ICMP "fragmentation needed" / ICMPv6 "packet too big": the whole IP
+/// packet, as a [`Tap`] captures it.
+fn is_too_big(packet: &[u8]) -> bool {
+    match packet[0] >> 4 {
+        4 => packet.len() > 21 && packet[9] == 1 && packet[20] == 3 && packet[21] == 4,
+        6 => packet.len() > 40 && packet[6] == 58 && packet[40] == 2,
+        _ => false,
     }
+}
 
-    /// The next ICMP "fragmentation needed" / ICMPv6 "packet too big" that
-    /// arrives within 5 s: the whole IP packet.
-    fn too_big(&self) -> Option<Vec<u8>> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut buffer = vec![0u8; 65536];
-        while Instant::now() < deadline {
-            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-            // SAFETY: the buffers are ours and as long as said.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.0.as_raw_fd(),
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    libc::MSG_DONTWAIT,
-                    (&raw mut addr).cast(),
-                    &mut len,
-                )
-            };
-            if n <= 0 {
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
-            }
-            let packet = &buffer[..n as usize];
-            if addr.sll_pkttype == libc::PACKET_OUTGOING {
-                continue;
-            }
-            let is_too_big = match packet[0] >> 4 {
-                4 => packet.len() > 21 && packet[9] == 1 && packet[20] == 3 && packet[21] == 4,
-                6 => packet.len() > 40 && packet[6] == 58 && packet[40] == 2,
-                _ => false,
-            };
-            if is_too_big {
-                return Some(packet.to_vec());
-            }
-        }
-        None
-    }
+/// The next "too big" error that arrives at `tap` within 5 s.
+fn too_big(tap: &Tap) -> Option<Vec<u8>> {
+    tap.next_where(Duration::from_secs(5), is_too_big)
 }
 
 /// A UDP socket that sends with DF (IPv4) and never fragments (IPv6).
@@ -271,7 +214,7 @@ fn datagram_too_big(
 ) {
     let ipv6 = target.is_ipv6();
     let (packet, sender) = ns.run(|| {
-        let capture = Capture::open(device);
+        let capture = Tap::open(device);
         let socket = df_socket(ipv6);
         let headers = if ipv6 { 48 } else { 28 };
         socket
@@ -284,7 +227,7 @@ fn datagram_too_big(
             probe.local_addr().unwrap().ip(),
             socket.local_addr().unwrap().port(),
         );
-        (capture.too_big(), local)
+        (too_big(&capture), local)
     });
     let Some(packet) = packet else {
         panic!("{what}: no too-big error came back\n{}", context());
@@ -321,8 +264,8 @@ type Case<'a> = (
 fn too_big_datagrams_get_the_kernels_answer() {
     for datapath in DATAPATHS {
         let (b, node) = exit_node_bridge(&format!("pmtu-{datapath}"), datapath);
-        let context = || format!("{datapath}\n{}", node.daemon.log());
-        let ts_mtu = b.bed.ours.run(|| mtu_of(&node.ts_device));
+        let context = || format!("{datapath}\n{}", node.log());
+        let ts_mtu = b.bed.ours.run(|| mtu_of(&node.standin().ts_device));
         let wg_mtu = b.bed.ours.run(|| mtu_of(&b.bed.device));
         let tailnet_device = b.tailnet_peer.name.clone();
         let client_device = b.client.device_starting_with("wgc");
@@ -407,7 +350,7 @@ fn too_big_datagrams_get_the_kernels_answer() {
                 tailnet,
                 &tailnet_device,
                 "exit node ts -> wg, IPv6",
-                addr("fd66::1", 9),
+                addr(WG_SERVER_V6, 9),
                 over_wg,
                 NODE_TS_V6,
                 wg_mtu,
@@ -462,7 +405,7 @@ fn too_big_datagrams_get_the_kernels_answer() {
         let before = answered(&b);
         reply_too_big(&b, &lan_device, ts_mtu, &context);
         assert_answered_by(datapath, &b, before, "exit node reply wg -> ts");
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
     }
 }
 
@@ -520,11 +463,11 @@ fn reply_too_big(b: &Bridge, lan_device: &str, ts_mtu: u32, context: &dyn Fn() -
         .recv_from(&mut buffer)
         .unwrap_or_else(|e| panic!("exit node reply: the first datagram: {e}\n{}", context()));
     let packet = b.lan.run(|| {
-        let capture = Capture::open(lan_device);
+        let capture = Tap::open(lan_device);
         server
             .send_to(&vec![0x5a; ts_mtu as usize + 100 - 28], peer)
             .expect("replying");
-        capture.too_big()
+        too_big(&capture)
     });
     let Some(packet) = packet else {
         panic!(
@@ -608,9 +551,9 @@ fn bulk_download_through_the_exit_node_completes() {
             got,
             Ok(DOWNLOAD),
             "{datapath}: LAN host -> tailnet client download\n{}",
-            node.daemon.log()
+            node.log()
         );
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
     }
 }
 
@@ -667,8 +610,8 @@ fn fragmented(b: &Bridge) -> u64 {
 fn ipv4_without_df_is_fragmented_within_its_flow() {
     for datapath in DATAPATHS {
         let (b, node) = exit_node_bridge(&format!("pmtu-frag-{datapath}"), datapath);
-        let context = || format!("{datapath}\n{}", node.daemon.log());
-        let big = b.bed.ours.run(|| mtu_of(&node.ts_device)) as usize + 100 - 28;
+        let context = || format!("{datapath}\n{}", node.log());
+        let big = b.bed.ours.run(|| mtu_of(&node.standin().ts_device)) as usize + 100 - 28;
         let before = fragmented(&b);
 
         // Masquerade wg -> ts, from the WireGuard client and (exit node) from
@@ -748,6 +691,6 @@ fn ipv4_without_df_is_fragmented_within_its_flow() {
             "{datapath}: fragmented by the fast path\n{}",
             b.tailguard("status")
         );
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
     }
 }

@@ -16,6 +16,7 @@ use tailguard_common::{Counter, Device, Direction, PacketClass};
 use tailguard_tests::{
     netns::{NetNs, run},
     packets, require_root,
+    topology::*,
     tun::{EgressInjector, Tun},
 };
 
@@ -54,7 +55,7 @@ fn traffic() -> Vec<Sent> {
         let src: Ipv6Addr = format!("fd00:1::{n}").parse().unwrap();
         packets::ipv6_udp(
             src,
-            "fd7a:115c:a1e0::9".parse().unwrap(),
+            CRAFTED_TAILNET_PEER_V6.parse().unwrap(),
             5000,
             6000,
             &vec![n; len],

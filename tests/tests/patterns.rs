@@ -6,9 +6,13 @@
 use std::process::Command;
 
 use serde_json::json;
-use tailguard_tests::{bridge::*, standin, wg::ping};
-
-const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
+use tailguard_tests::{
+    bridge::Bridge,
+    daemon::{DATAPATHS, DaemonUnderTest},
+    standin,
+    topology::*,
+    traffic::*,
+};
 
 const BULK: usize = 1 << 20;
 
@@ -25,11 +29,12 @@ fn simple_bridge() {
         let cl6 = b.client.run(|| WhoAmI::listen(true));
         let cl_sink = b.client.run(Sink::listen);
         let inet = b.internet.run(|| WhoAmI::listen(false));
-        let node = b
-            .bed
-            .ours
-            .run(|| b.start_healthy(&[("TG_DATAPATH", datapath)]));
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let node = b.bed.ours.run(|| {
+            DaemonUnderTest::builder(&b)
+                .datapath(datapath)
+                .start_healthy()
+        });
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
 
         // WireGuard client -> tailnet.
         b.client.run(|| {
@@ -91,10 +96,15 @@ fn simple_bridge() {
 
         // What Tailscale was told: the WireGuard side's routes, routes
         // accepted, DNS left alone, no exit node.
-        let p = standin::prefs(&node.socket);
+        let p = standin::prefs(&node.standin().socket);
         assert_eq!(
             p["AdvertiseRoutes"],
-            json!(["10.66.0.1/32", "fd66::1/128", "10.66.0.3/32", "fd66::3/128"]),
+            json!([
+                WG_SERVER_ONLY_V4,
+                "fd66::1/128",
+                "10.66.0.3/32",
+                "fd66::3/128"
+            ]),
             "{p}"
         );
         assert_eq!(
@@ -102,7 +112,7 @@ fn simple_bridge() {
             (&json!(true), &json!(false)),
             "{p}"
         );
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
     }
 }
 
@@ -118,12 +128,12 @@ fn simple_server() {
         // As such a client is configured: no tailnet routes; and a tailnet
         // that was told nothing has no route to the WireGuard side.
         b.client.run(|| {
-            for range in ["100.64.0.0/10", "fd7a:115c:a1e0::/48"] {
+            for range in [TAILNET, TAILNET_V6] {
                 tailguard_tests::netns::run(Command::new("ip").args(["route", "del", range]));
             }
         });
         b.tailnet.run(|| {
-            for net in ["10.66.0.0/24", "fd66::/64"] {
+            for net in [WG_NET, WG_NET_V6] {
                 tailguard_tests::netns::run(Command::new("ip").args(["route", "del", net]));
             }
         });
@@ -137,8 +147,11 @@ fn simple_server() {
             ("TG_CLIENT_MODE", "1"),
             ("WG_ISOLATE_PEERS", "1"),
         ];
-        let node = b.bed.ours.run(|| b.start_healthy(&env));
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let node = b
+            .bed
+            .ours
+            .run(|| DaemonUnderTest::builder(&b).envs(&env).start_healthy());
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
 
         // The host, from both sides.
         b.client.run(|| ping(NODE_WG));
@@ -188,10 +201,10 @@ fn simple_server() {
         );
 
         // Tailscale: a client that accepts DNS and advertises nothing.
-        let p = standin::prefs(&node.socket);
+        let p = standin::prefs(&node.standin().socket);
         assert_eq!(p["AdvertiseRoutes"], json!([]), "{p}");
         assert_eq!(p["CorpDNS"], json!(true), "{p}");
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
     }
 }
 
@@ -201,17 +214,17 @@ fn simple_server() {
 #[test]
 fn wireguard_as_exit_node() {
     for datapath in DATAPATHS {
-        let b = Bridge::with_server_allowed_ips(
-            &format!("sc1-{datapath}"),
-            "0.0.0.0/0, ::/0, 192.168.8.0/24",
-        );
+        let b = Bridge::with_server_allowed_ips(&format!("sc1-{datapath}"), WG_SERVER_EXIT);
         let server = b.bed.theirs.run(|| WhoAmI::listen(false));
         let server_sink = b.bed.theirs.run(Sink::listen);
         let lan = b.lan.run(|| WhoAmI::listen(false));
         let tn_sink = b.tailnet.run(Sink::listen);
         let env = [("TG_DATAPATH", datapath), ("TS_DEST_IP", WG_SERVER)];
-        let node = b.bed.ours.run(|| b.start_healthy(&env));
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let node = b
+            .bed
+            .ours
+            .run(|| DaemonUnderTest::builder(&b).envs(&env).start_healthy());
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
 
         // The WireGuard server, at the node's own tailnet address.
         b.tailnet.run(|| ping(NODE_TS));
@@ -249,20 +262,14 @@ fn wireguard_as_exit_node() {
 
         // Tailscale was told: the LAN (and the second peer's addresses),
         // and both default routes: an exit node.
-        let p = standin::prefs(&node.socket);
+        let p = standin::prefs(&node.standin().socket);
         assert_eq!(
             p["AdvertiseRoutes"],
-            json!([
-                "192.168.8.0/24",
-                "10.66.0.3/32",
-                "fd66::3/128",
-                "0.0.0.0/0",
-                "::/0"
-            ]),
+            json!([LAN_NET, "10.66.0.3/32", "fd66::3/128", "0.0.0.0/0", "::/0"]),
             "{p}"
         );
         assert_eq!(p["CorpDNS"], json!(false), "{p}");
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
     }
 }
 
@@ -298,41 +305,41 @@ fn tailscale_exit_node_for_wireguard_clients() {
             ("TS_EXIT_NODE", "auto:any"),
             // The stand-in's tailnet, with the peer as exit node: its
             // default route in table 52 and through the tunnel to the peer.
-            (
-                "STANDIN_ROUTES",
-                "100.64.0.0/10,fd7a:115c:a1e0::/48,0.0.0.0/0",
-            ),
+            ("STANDIN_ROUTES", &format!("{TAILNET_BOTH},0.0.0.0/0")),
             (
                 "STANDIN_PEER_ALLOWED_IPS",
-                "100.64.0.2/32,fd7a:115c:a1e0::2/128,0.0.0.0/0",
+                &format!("{TAILNET_PEER}/32,{TAILNET_PEER_V6}/128,0.0.0.0/0"),
             ),
         ];
-        let mut node = b.bed.ours.run(|| b.start_healthy(&env));
+        let mut node = b
+            .bed
+            .ours
+            .run(|| DaemonUnderTest::builder(&b).envs(&env).start_healthy());
 
         let seen = b.client.run(|| who_am_i("10.220.0.2", site.port));
         assert_eq!(
             seen.as_deref(),
             Ok("10.220.0.1"),
             "{datapath}: client -> internet via the exit node\n{}",
-            node.daemon.log()
+            node.log()
         );
         b.client.run(|| ping("10.220.0.2"));
 
         // Tailscale was told: DNS accepted, nothing advertised, any exit
         // node with LAN access (set once healthy).
-        let socket = node.socket.clone();
+        let socket = node.standin().socket.clone();
         b.bed.ours.run(|| {
-            node.daemon.wait_for("the exit node preference", |_| {
+            node.wait_for("the exit node preference", |_| {
                 standin::prefs(&socket)["AutoExitNode"] == "any"
             })
         });
-        let p = standin::prefs(&node.socket);
+        let p = standin::prefs(&node.standin().socket);
         assert_eq!(p["AdvertiseRoutes"], json!([]), "{p}");
         assert_eq!(
             (&p["CorpDNS"], &p["ExitNodeAllowLANAccess"]),
             (&json!(true), &json!(true)),
             "{p}"
         );
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
     }
 }

@@ -7,31 +7,23 @@ use std::process::Command;
 use serde_json::Value;
 
 use tailguard_tests::{
-    bridge::*,
-    daemon::{WithStandIn, health, status},
+    bridge::Bridge,
+    daemon::{DATAPATHS, DaemonUnderTest, counted, health, status},
     netns::{routing_state, run},
+    topology::*,
+    traffic::*,
 };
-
-const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
-
-/// Packets the fast path counted for `device` with `outcome` (0 with the
-/// netfilter datapath, which has no counters).
-fn counted(device: &str, outcome: &str) -> u64 {
-    status()["counters"][device][outcome]["packets"]
-        .as_u64()
-        .unwrap_or(0)
-}
 
 /// With the eBPF datapath, the fast path carried traffic entering from both
 /// devices (and, with `dropped`, dropped isolated peers' traffic itself);
 /// with netfilter, there are no programs at all.
-fn assert_path(node: &mut WithStandIn, datapath: &str, dropped: Option<&str>) {
+fn assert_path(node: &mut DaemonUnderTest, datapath: &str, dropped: Option<&str>) {
     let s = status();
     assert_eq!(s["datapath"], datapath, "{s:#}");
     // Chosen, not fallen back to: nothing to explain.
     assert_eq!(s.get("datapath_fallback"), Some(&Value::Null), "{s:#}");
     if datapath == "ebpf" {
-        node.daemon.wait_for("the fast path's counters", |_| {
+        node.wait_for("the fast path's counters", |_| {
             counted("wireguard", "redirected") > 0
                 && counted("tailscale", "redirected") > 0
                 && dropped.is_none_or(|reason| counted("wireguard", reason) > 0)
@@ -52,13 +44,12 @@ fn forwarding_rows_nat_and_dest_ip() {
         let inet = b.internet.run(|| WhoAmI::listen(false));
         let host = b.bed.ours.run(|| WhoAmI::listen(false));
         let mut node = b.bed.ours.run(|| {
-            b.start_healthy(&[
-                ("TG_DATAPATH", datapath),
-                ("TS_DEST_IP", "10.66.0.1,fd66::1"),
-                ("TG_WEBUI_PORT", "8088"),
-            ])
+            DaemonUnderTest::builder(&b)
+                .datapath(datapath)
+                .envs(&[("TS_DEST_IP", WG_SERVER_BOTH), ("TG_WEBUI_PORT", "8088")])
+                .start_healthy()
         });
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
 
         // wg -> ts: masqueraded to the node's tailnet address.
         let seen = b.bed.theirs.run(|| who_am_i(TAILNET_PEER, tn4.port));
@@ -91,7 +82,7 @@ fn forwarding_rows_nat_and_dest_ip() {
         let seen = b.bed.ours.run(|| who_am_i(INTERNET, inet.port));
         assert_eq!(
             seen.as_deref(),
-            Ok("10.201.0.1"),
+            Ok(UPLINK),
             "{}",
             ctx("the node to the uplink")
         );
@@ -101,7 +92,7 @@ fn forwarding_rows_nat_and_dest_ip() {
         assert!(refused.is_err(), "{}", ctx("ts -> uplink must be dropped"));
         assert_eq!(
             inet.last_seen(),
-            Some("10.201.0.1".into()),
+            Some(UPLINK.into()),
             "only the node got through"
         );
 
@@ -135,7 +126,7 @@ fn forwarding_rows_nat_and_dest_ip() {
                 "61000-65535",
                 "the fast path's ports reserved"
             );
-            node.daemon.stop();
+            node.stop();
             let tables = run(Command::new("nft").args(["list", "tables"]));
             assert!(
                 !tables.contains("tailguard"),
@@ -161,14 +152,16 @@ fn exposed_host_isolated_peers_and_tailnet_sources_kept() {
         let host = b.bed.ours.run(|| WhoAmI::listen(false));
         let before = b.bed.ours.run(routing_state);
         let mut node = b.bed.ours.run(|| {
-            b.start_healthy(&[
-                ("TG_DATAPATH", datapath),
-                ("TG_EXPOSE_HOST", "1"),
-                ("WG_ISOLATE_PEERS", "1"),
-                ("TS_EXTRA_ARGS", "--snat-subnet-routes=false"),
-            ])
+            DaemonUnderTest::builder(&b)
+                .datapath(datapath)
+                .envs(&[
+                    ("TG_EXPOSE_HOST", "1"),
+                    ("WG_ISOLATE_PEERS", "1"),
+                    ("TS_EXTRA_ARGS", "--snat-subnet-routes=false"),
+                ])
+                .start_healthy()
         });
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
 
         // TG_EXPOSE_HOST=1: the host answers both sides.
         let seen = b.bed.theirs.run(|| who_am_i(NODE_WG, host.port));
@@ -203,7 +196,7 @@ fn exposed_host_isolated_peers_and_tailnet_sources_kept() {
         );
         b.bed.ours.run(|| {
             assert_path(&mut node, datapath, Some("drop:isolated-peers"));
-            node.daemon.stop()
+            node.stop()
         });
         assert_eq!(
             b.bed.ours.run(routing_state),
@@ -224,11 +217,12 @@ fn bulk_transfers_and_fragmented_datagrams_cross_both_mtus() {
         let tn_sink = b.tailnet.run(Sink::listen);
         let wg_udp = b.bed.theirs.run(UdpSink::bind);
         let tn_udp = b.tailnet.run(UdpSink::bind);
-        let node = b
-            .bed
-            .ours
-            .run(|| b.start_healthy(&[("TG_DATAPATH", datapath)]));
-        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.daemon.log());
+        let node = b.bed.ours.run(|| {
+            DaemonUnderTest::builder(&b)
+                .datapath(datapath)
+                .start_healthy()
+        });
+        let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
 
         let sent = b
             .bed
@@ -279,7 +273,7 @@ fn bulk_transfers_and_fragmented_datagrams_cross_both_mtus() {
             "{}",
             ctx("wg -> ts, fragmented UDP, IPv6")
         );
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
     }
 }
 
@@ -292,7 +286,10 @@ fn an_established_connection_survives_a_restart() {
         let b = Bridge::new(&format!("fwr-{datapath}"));
         let echo = b.tailnet.run(Echo::listen);
         let env = [("TG_DATAPATH", datapath), ("TG_NAT_FLOWS", "4096")];
-        let mut node = b.bed.ours.run(|| b.start_healthy(&env));
+        let mut node = b
+            .bed
+            .ours
+            .run(|| DaemonUnderTest::builder(&b).envs(&env).start_healthy());
         let mut stream = b.bed.theirs.run(|| {
             let target = std::net::SocketAddr::new(TAILNET_PEER.parse().unwrap(), echo.port);
             std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(3))
@@ -311,7 +308,7 @@ fn an_established_connection_survives_a_restart() {
             .nat_entries();
             assert!(capacity >= 8192);
             b.bed.ours.run(|| {
-                node.daemon.wait_for("the flow in tailguard stats", |_| {
+                node.wait_for("the flow in tailguard stats", |_| {
                     let s = b.tailguard("stats");
                     s.contains(&format!(
                         "connection table: 2 entries, 2 live, of {capacity}"
@@ -320,27 +317,29 @@ fn an_established_connection_survives_a_restart() {
                 })
             });
         }
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
         let pinned = b.dir.bpf_dir().join(&b.bed.device).join("NAT");
         assert_eq!(pinned.exists(), datapath == "ebpf", "{}", pinned.display());
 
-        let mut node = b.bed.ours.run(|| b.start_healthy(&env));
+        let mut node = b
+            .bed
+            .ours
+            .run(|| DaemonUnderTest::builder(&b).envs(&env).start_healthy());
         let answer = echo_line(&mut stream, "after");
         assert_eq!(
             answer.as_deref(),
             Ok("after"),
             "{datapath}:\n{}",
-            node.daemon.log()
+            node.log()
         );
         if datapath == "ebpf" {
             b.bed.ours.run(|| {
-                node.daemon
-                    .wait_for("the pinned flow carrying the reply", |_| {
-                        counted("tailscale", "redirected") > 0
-                    });
+                node.wait_for("the pinned flow carrying the reply", |_| {
+                    counted("tailscale", "redirected") > 0
+                });
             });
         }
-        b.bed.ours.run(|| node.daemon.stop());
+        b.bed.ours.run(|| node.stop());
         // `tailguard cleanup` removes what stop leaves on purpose.
         b.tailguard("cleanup");
         assert!(
@@ -363,12 +362,10 @@ fn without_the_fast_path_it_falls_back_to_netfilter() {
             "--inh-caps=-bpf,-sys_admin",
             "--bounding-set=-bpf,-sys_admin",
         ];
-        b.start_via(&wrapper, &[])
+        DaemonUnderTest::builder(&b).via(&wrapper).start()
     });
-    b.bed
-        .ours
-        .run(|| node.daemon.wait_for("health", |_| health().0));
-    let log = node.daemon.log();
+    b.bed.ours.run(|| node.wait_for("health", |_| health().0));
+    let log = node.log();
     let kernel = kernel_release();
     // One line: the kernel, why, and what forwards instead; the next line
     // is the next message (no verifier log, no error chain on lines of
@@ -394,7 +391,7 @@ fn without_the_fast_path_it_falls_back_to_netfilter() {
         "after the fast-path-off line: {next}\n{log}"
     );
     let seen = b.bed.theirs.run(|| who_am_i(TAILNET_PEER, tn4.port));
-    assert_eq!(seen.as_deref(), Ok(NODE_TS), "{}", node.daemon.log());
+    assert_eq!(seen.as_deref(), Ok(NODE_TS), "{}", node.log());
     b.bed.ours.run(|| {
         let s = status();
         assert_eq!(s["datapath"], "netfilter", "{s:#}");
@@ -404,7 +401,7 @@ fn without_the_fast_path_it_falls_back_to_netfilter() {
         let reason = fallback["reason"].as_str().unwrap_or_default();
         assert!(reason.contains("Operation not permitted"), "{s:#}");
         assert!(off.contains(reason.trim_end_matches('.')), "{off}\n{s:#}");
-        node.daemon.stop()
+        node.stop()
     });
 }
 

@@ -12,9 +12,10 @@ use tailguard::{
 };
 use tailguard_common::{Device, Outcome};
 use tailguard_tests::{
-    bridge::{WhoAmI, who_am_i},
     netns::{NetNs, run, veth},
     node, require_root,
+    topology::*,
+    traffic::{WhoAmI, who_am_i},
 };
 
 #[test]
@@ -23,10 +24,19 @@ fn the_fast_path_forwards_and_masquerades_between_veth_links() {
     let client = NetNs::new("eth-client");
     let router = NetNs::new("eth-router");
     let server = NetNs::new("eth-server");
-    let (_, wg_side) = veth(&client, "10.1.0.2/24", &router, "10.1.0.1/24");
-    let (ts_side, _) = veth(&router, "100.64.0.1/10", &server, "100.64.0.9/10");
-    client
-        .run(|| run(Command::new("ip").args(["route", "add", "100.64.0.0/10", "via", "10.1.0.1"])));
+    let (_, wg_side) = veth(
+        &client,
+        &with_prefix(ROUTER_CLIENT, 24),
+        &router,
+        &with_prefix(ROUTER_WG, 24),
+    );
+    let (ts_side, _) = veth(
+        &router,
+        &with_prefix(NODE_TS, TAILNET_PREFIX),
+        &server,
+        &with_prefix(ROUTER_SERVER, TAILNET_PREFIX),
+    );
+    client.run(|| run(Command::new("ip").args(["route", "add", TAILNET, "via", ROUTER_WG])));
     router.run(|| {
         assert_eq!(
             std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
@@ -53,12 +63,8 @@ fn the_fast_path_forwards_and_masquerades_between_veth_links() {
         let index = |name: &str| nix::net::if_::if_nametoindex(name).unwrap();
         node::veth_router(&mut dp, (index(&wg_side), index(&ts_side)), []).unwrap();
 
-        let seen = client.run(|| who_am_i("100.64.0.9", server_app.port));
-        assert_eq!(
-            seen.as_deref(),
-            Ok("100.64.0.1"),
-            "masqueraded by the programs"
-        );
+        let seen = client.run(|| who_am_i(ROUTER_SERVER, server_app.port));
+        assert_eq!(seen.as_deref(), Ok(NODE_TS), "masqueraded by the programs");
         let outcomes = dp.outcomes().unwrap();
         assert!(outcomes.get(Device::WireGuard, Outcome::Redirected).packets > 0);
         assert!(outcomes.get(Device::Tailscale, Outcome::Redirected).packets > 0);

@@ -15,13 +15,14 @@ use std::{
 
 use nix::sys::signal::Signal;
 use tailguard_tests::{
-    daemon::{Daemon, health},
+    daemon::{DaemonUnderTest, health},
     netns::{routing_state, run},
+    topology::*,
     wg::{ConfigDir, Testbed},
 };
 
 const TS: &str = "tailscale0";
-/// The resolver file's content before the daemon (`Daemon::start` points
+/// The resolver file's content before the daemon (`DaemonUnderTest::start` points
 /// TG_RESOLV_CONF at `resolv.conf` in the config directory).
 const RESOLV: &str = "nameserver 192.0.2.53\noptions ndots:2\n";
 /// Docker's default grace between SIGTERM and SIGKILL.
@@ -32,10 +33,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// A config dir whose config has `interface` lines and `DNS =` (so the
 /// resolver file is written), with the resolver file in its first state.
 fn config_dir(bed: &Testbed, interface: &str) -> ConfigDir {
-    let dir = bed.config_dir(&bed.config(
-        &format!("DNS = 10.66.0.1\n{interface}"),
-        "10.66.0.1/32, fd66::1/128",
-    ));
+    let dir = bed.config_dir(&bed.config(&format!("DNS = 10.66.0.1\n{interface}"), WG_SERVER_ONLY));
     std::fs::write(dir.0.join("resolv.conf"), RESOLV).unwrap();
     dir
 }
@@ -115,7 +113,7 @@ fn environment(pid: u32) -> String {
 }
 
 /// Waits for the daemon to end by itself; its status and log.
-fn wait_exit(mut daemon: Daemon) -> (std::process::ExitStatus, String) {
+fn wait_exit(mut daemon: DaemonUnderTest) -> (std::process::ExitStatus, String) {
     let deadline = Instant::now() + PATIENCE;
     while daemon.exited().is_none() {
         assert!(
@@ -135,24 +133,27 @@ fn sighup_leaves_the_daemon_running_and_sigterm_still_tears_down() {
     let dir = config_dir(&bed, "");
     bed.ours.run(|| {
         let before = full_state(&dir);
-        let mut node = Daemon::with_standin(&bed, &dir, &[("TS_AUTHKEY", "tskey-x")]);
-        node.daemon.wait_for("health", |_| health().0);
-        node.daemon.signal(Signal::SIGHUP);
-        node.daemon.wait_for("SIGHUP to be heard", |d| {
+        let mut node = DaemonUnderTest::builder((&bed, &dir))
+            .standin()
+            .envs(&[("TS_AUTHKEY", "tskey-x")])
+            .start();
+        node.wait_for("health", |_| health().0);
+        node.signal(Signal::SIGHUP);
+        node.wait_for("SIGHUP to be heard", |d| {
             d.log()
                 .contains("SIGHUP: reload is not supported yet; ignored")
         });
         std::thread::sleep(Duration::from_millis(500));
         assert!(
-            node.daemon.exited().is_none(),
+            node.exited().is_none(),
             "SIGHUP ended the daemon:\n{}",
-            node.daemon.log()
+            node.log()
         );
         let (healthy, report) = health();
         assert!(healthy, "healthy after SIGHUP: {report}");
         assert!(table_exists() && link_exists(&bed.device));
 
-        let log = node.daemon.stop();
+        let log = node.stop();
         assert!(log.contains("everything set up was removed"), "{log}");
         assert_eq!(full_state(&dir), before, "as before:\n{log}");
     });
@@ -166,7 +167,9 @@ fn closed_stdout_and_stderr_do_not_end_the_daemon() {
     let dir = config_dir(&bed, "");
     bed.ours.run(|| {
         let before = full_state(&dir);
-        let mut cmd = Daemon::command(&bed, &dir, &[("TS_DEVICE", TS)]);
+        let mut cmd = DaemonUnderTest::builder((&bed, &dir))
+            .env("TS_DEVICE", TS)
+            .command();
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut child = cmd
             .env("RUST_LOG", "info")
@@ -228,7 +231,9 @@ fn the_table_is_in_place_whenever_the_wireguard_device_exists() {
                 }
                 (with_device, violations)
             });
-            let mut daemon = Daemon::start(&bed, &dir, &[("TS_DEVICE", TS)]);
+            let mut daemon = DaemonUnderTest::builder((&bed, &dir))
+                .envs(&[("TS_DEVICE", TS)])
+                .start();
             daemon.wait_for("the start to finish", |d| {
                 d.log().contains("waiting for the Tailscale device")
             });
@@ -266,12 +271,12 @@ fn an_injected_panic_anywhere_in_the_start_leaves_nothing() {
             "serving",
             "spawning-tailscaled",
         ] {
-            let node = Daemon::with_standin(
-                &bed,
-                &dir,
-                &[("TS_AUTHKEY", "tskey-x"), ("TG_FAULT_PANIC", point)],
-            );
-            let (status, log) = wait_exit(node.daemon);
+            let node = DaemonUnderTest::builder((&bed, &dir))
+                .standin()
+                .envs(&[("TS_AUTHKEY", "tskey-x"), ("TG_FAULT_PANIC", point)])
+                .start();
+            let ts_device = node.standin().ts_device.clone();
+            let (status, log) = wait_exit(node);
             assert!(!status.success(), "{point}: a panic must fail: {status}");
             assert!(
                 log.contains(&format!("injected panic at fault point {point}")),
@@ -287,8 +292,9 @@ fn an_injected_panic_anywhere_in_the_start_leaves_nothing() {
                 "{point}: the namespace as before:\n{log}"
             );
             assert!(
-                processes().iter().all(|(_, _, cmd)| !cmd.contains(&bed.device)
-                    && !cmd.contains(&node.ts_device)),
+                processes()
+                    .iter()
+                    .all(|(_, _, cmd)| !cmd.contains(&bed.device) && !cmd.contains(&ts_device)),
                 "{point}: a process of ours is left"
             );
         }
@@ -298,7 +304,7 @@ fn an_injected_panic_anywhere_in_the_start_leaves_nothing() {
 /// SIGTERM to a daemon still starting: it must exit cleanly within
 /// Docker's grace, saying it was stopped during the start. How long it
 /// took, and its log.
-fn stop_during_the_start(mut daemon: Daemon) -> (Duration, String) {
+fn stop_during_the_start(mut daemon: DaemonUnderTest) -> (Duration, String) {
     let asked = Instant::now();
     daemon.signal(Signal::SIGTERM);
     while daemon.exited().is_none() && asked.elapsed() < PATIENCE {
@@ -328,7 +334,9 @@ fn sigterm_during_a_hanging_preup_tears_down_within_the_grace_period() {
     let sleeping = || processes().iter().any(|(_, _, cmd)| cmd == &sleep);
     bed.ours.run(|| {
         let before = full_state(&dir);
-        let mut daemon = Daemon::start(&bed, &dir, &[("TS_DEVICE", TS)]);
+        let mut daemon = DaemonUnderTest::builder((&bed, &dir))
+            .envs(&[("TS_DEVICE", TS)])
+            .start();
         daemon.wait_for("the PreUp hook to run", |_| sleeping());
         let (took, log) = stop_during_the_start(daemon);
         assert!(!sleeping(), "the hook's `{sleep}` is still running");
@@ -350,9 +358,10 @@ fn sigterm_during_a_slow_name_lookup_tears_down_within_the_grace_period() {
             "add table inet drop_dns { chain input { type filter hook input priority 0; udp dport 53 drop; tcp dport 53 drop; }; }",
         ]))
     });
-    let text = bed
-        .config("DNS = 10.66.0.1", "10.66.0.1/32")
-        .replace("10.200.0.2:51820", "peer.tailguard.test:51820");
+    let text = bed.config("DNS = 10.66.0.1", WG_SERVER_ONLY_V4).replace(
+        &endpoint(UNDERLAY_PEER, WG_PORT),
+        "peer.tailguard.test:51820",
+    );
     let dir = bed.config_dir(&text);
     std::fs::write(dir.0.join("resolv.conf"), RESOLV).unwrap();
     let host_resolv = dir.0.join("host-resolv.conf");
@@ -374,7 +383,10 @@ fn sigterm_during_a_slow_name_lookup_tears_down_within_the_grace_period() {
             "mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"",
             &host_resolv,
         ];
-        let mut daemon = Daemon::start_via(&wrapper, &bed, &dir, &[("TS_DEVICE", TS)]);
+        let mut daemon = DaemonUnderTest::builder((&bed, &dir))
+            .via(&wrapper)
+            .envs(&[("TS_DEVICE", TS)])
+            .start();
         // The device exists before its peers are configured (and their
         // endpoints resolved).
         daemon.wait_for("the device", |_| link_exists(&bed.device));
@@ -407,22 +419,21 @@ fn nothing_the_daemon_starts_inherits_the_auth_key() {
     let hook_env = dir.0.join("postup.env");
     let text = bed.config(
         &format!("PostUp = env > {}", hook_env.display()),
-        "10.66.0.1/32",
+        WG_SERVER_ONLY_V4,
     );
     std::fs::write(dir.0.join(format!("{}.conf", bed.device)), text).unwrap();
     bed.ours.run(|| {
-        let mut node = Daemon::with_standin(
-            &bed,
-            &dir,
-            &[
+        let mut node = DaemonUnderTest::builder((&bed, &dir))
+            .standin()
+            .envs(&[
                 ("TS_AUTHKEY", SECRET),
                 ("TS_AUTH_KEY", SECRET),
                 ("TS_EXTRA_ARGS", &format!("--authkey={SECRET}")),
                 ("TG_ENV_MARKER", "passed-through"),
-            ],
-        );
-        node.daemon.wait_for("health", |_| health().0);
-        let daemon = node.daemon.pid();
+            ])
+            .start();
+        node.wait_for("health", |_| health().0);
+        let daemon = node.pid();
         let tailscaled =
             child_of(daemon, "tailscaled-standin").expect("the stand-in, a child of the daemon");
         let mut environments = vec![
@@ -450,7 +461,7 @@ fn nothing_the_daemon_starts_inherits_the_auth_key() {
                 assert!(!env.contains(gone), "{who} inherited {gone}");
             }
         }
-        node.daemon.stop();
+        node.stop();
     });
 }
 

@@ -17,9 +17,13 @@ use tailguard_common::{
     nat::{FlowKey, NAT_PORT_FIRST, NatEntry},
 };
 use tailguard_tests::{
-    node::{self, DEST4, TS4, WG4},
+    node,
     packets::{MAC_A, MAC_B},
     require_root,
+    topology::{
+        CRAFTED_TAILNET_PEER, CRAFTED_TAILNET_PEER_V6, CRAFTED_WG_CLIENT, CRAFTED_WG_CLIENT_V6,
+        DEST4, DEST6, TS4, TS6, WG4, WG6,
+    },
 };
 
 const CONTINUE: u32 = u32::MAX; // TC_ACT_UNSPEC
@@ -28,15 +32,15 @@ const REDIRECT: u32 = 7; // TC_ACT_REDIRECT
 const WG_IFINDEX: u32 = 11;
 const TS_IFINDEX: u32 = 12;
 
-const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 66, 0, 7);
-const PEER4: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 9);
+const CLIENT4: Ipv4Addr = CRAFTED_WG_CLIENT;
+const PEER4: Ipv4Addr = CRAFTED_TAILNET_PEER;
 
 fn v6(s: &str) -> Ipv6Addr {
     s.parse().unwrap()
 }
 
 /// The programs, configured as the daemon would for a bridge with
-/// `TS_DEST_IP=10.66.0.1,fd66::1`.
+/// `TS_DEST_IP` the WireGuard server ([`DEST4`], [`DEST6`]).
 fn datapath(isolate: bool) -> Datapath {
     require_root();
     let mut dp =
@@ -247,23 +251,23 @@ fn wireguard_to_tailnet_is_masqueraded_and_replies_come_back() {
             || L4::Echo(true),
         ),
         (
-            v6("fd66::7").into(),
-            v6("fd7a:115c:a1e0::9").into(),
-            v6("fd7a:115c:a1e0::1").into(),
+            v6(CLIENT6).into(),
+            v6(PEER6).into(),
+            TS6.into(),
             || L4::Udp,
             || L4::Udp,
         ),
         (
-            v6("fd66::7").into(),
-            v6("fd7a:115c:a1e0::9").into(),
-            v6("fd7a:115c:a1e0::1").into(),
+            v6(CLIENT6).into(),
+            v6(PEER6).into(),
+            TS6.into(),
             || L4::Syn(1440),
             || L4::Ack,
         ),
         (
-            v6("fd66::7").into(),
-            v6("fd7a:115c:a1e0::9").into(),
-            v6("fd7a:115c:a1e0::1").into(),
+            v6(CLIENT6).into(),
+            v6(PEER6).into(),
+            TS6.into(),
             || L4::Echo(false),
             || L4::Echo(true),
         ),
@@ -319,12 +323,7 @@ fn dest_ip_translation_both_families() {
     let dp = datapath(false);
     let cases: [(IpAddr, IpAddr, IpAddr, IpAddr); 2] = [
         (PEER4.into(), TS4.into(), DEST4.into(), WG4.into()),
-        (
-            v6("fd7a:115c:a1e0::9").into(),
-            v6("fd7a:115c:a1e0::1").into(),
-            v6("fd66::1").into(),
-            v6("fd66::2").into(),
-        ),
+        (v6(PEER6).into(), TS6.into(), DEST6.into(), WG6.into()),
     ];
     for (peer, own_ts, dest, own_wg) in cases {
         let out = run(
@@ -356,11 +355,7 @@ fn tailnet_to_wireguard_is_source_natted() {
     let dp = datapath(false);
     let cases: [(IpAddr, IpAddr, IpAddr); 2] = [
         (PEER4.into(), CLIENT4.into(), WG4.into()),
-        (
-            v6("fd7a:115c:a1e0::9").into(),
-            v6("fd66::7").into(),
-            v6("fd66::2").into(),
-        ),
+        (v6(PEER6).into(), v6(CLIENT6).into(), WG6.into()),
     ];
     for (peer, host, own_wg) in cases {
         let out = run(
@@ -410,8 +405,8 @@ fn the_rest_goes_to_the_kernel_or_is_dropped() {
         let dp = datapath(true);
         let uplink = Ipv4Addr::new(8, 8, 8, 8);
         let host = Ipv4Addr::new(198, 51, 100, 1);
-        let client6: IpAddr = v6("fd66::7").into();
-        let peer6: IpAddr = v6("fd7a:115c:a1e0::9").into();
+        let client6: IpAddr = v6(CLIENT6).into();
+        let peer6: IpAddr = v6(PEER6).into();
         let uplink6: IpAddr = v6("2001:4860::8888").into();
         let cases: [(&str, Device, Vec<u8>, u32, Outcome); 17] = [
             (
@@ -438,7 +433,7 @@ fn the_rest_goes_to_the_kernel_or_is_dropped() {
             (
                 "wg -> wg, isolated, IPv6",
                 Device::WireGuard,
-                frame(client6, v6("fd66::1").into(), 1, 2, L4::Udp, 64),
+                frame(client6, DEST6.into(), 1, 2, L4::Udp, 64),
                 SHOT,
                 Outcome::DropIsolated,
             ),
@@ -452,14 +447,14 @@ fn the_rest_goes_to_the_kernel_or_is_dropped() {
             (
                 "to the host's WireGuard address, IPv6",
                 Device::WireGuard,
-                frame(client6, v6("fd66::2").into(), 1, 2, L4::Udp, 64),
+                frame(client6, WG6.into(), 1, 2, L4::Udp, 64),
                 CONTINUE,
                 Outcome::KernelLocal,
             ),
             (
                 "ts -> the host's WireGuard address, IPv6",
                 Device::Tailscale,
-                frame(peer6, v6("fd66::2").into(), 1, 2, L4::Udp, 64),
+                frame(peer6, WG6.into(), 1, 2, L4::Udp, 64),
                 CONTINUE,
                 Outcome::KernelLocal,
             ),
@@ -731,9 +726,9 @@ fn icmp_errors_about_our_flows_are_translated_back() {
             Ipv4Addr::new(100, 64, 0, 50).into(),
         ),
         (
-            v6("fd66::7").into(),
-            v6("fd7a:115c:a1e0::9").into(),
-            v6("fd7a:115c:a1e0::1").into(),
+            v6(CLIENT6).into(),
+            v6(PEER6).into(),
+            TS6.into(),
             v6("fd7a:115c:a1e0::50").into(),
         ),
     ];
@@ -794,11 +789,7 @@ fn translated_icmp_errors_keep_the_quoted_checksums_valid() {
     let dp = datapath(false);
     let cases: [(IpAddr, IpAddr, IpAddr); 2] = [
         (CLIENT4.into(), PEER4.into(), TS4.into()),
-        (
-            v6("fd66::7").into(),
-            v6("fd7a:115c:a1e0::9").into(),
-            v6("fd7a:115c:a1e0::1").into(),
-        ),
+        (v6(CLIENT6).into(), v6(PEER6).into(), TS6.into()),
     ];
     let mut sport = 41000;
     for (client, peer, own) in cases {
@@ -932,11 +923,7 @@ fn replies_to_udp_the_kernel_sent_are_the_kernels() {
     let dp = datapath(false);
     let cases: [(IpAddr, IpAddr, IpAddr); 2] = [
         (TS4.into(), PEER4.into(), DEST4.into()),
-        (
-            node::TS6.into(),
-            v6("fd7a:115c:a1e0::9").into(),
-            node::DEST6.into(),
-        ),
+        (TS6.into(), v6(PEER6).into(), DEST6.into()),
     ];
     for (own, peer, dest) in cases {
         send_by_kernel(
@@ -1052,12 +1039,7 @@ fn packets_too_big_for_the_egress_device_are_answered() {
     let mut dp = datapath(false);
     let cases: [(IpAddr, IpAddr, IpAddr, usize); 2] = [
         (CLIENT4.into(), PEER4.into(), WG4.into(), 576),
-        (
-            v6("fd66::7").into(),
-            v6("fd7a:115c:a1e0::9").into(),
-            tailguard_tests::node::WG6.into(),
-            1280,
-        ),
+        (v6(CLIENT6).into(), v6(PEER6).into(), WG6.into(), 1280),
     ];
     for (client, peer, own, answer_len) in cases {
         let ipv6 = client.is_ipv6();
@@ -1141,8 +1123,8 @@ fn gso_packets_are_sized_by_their_real_headers() {
 
 // Fragments, IPv4 options, IPv6 extension headers, IPv6 UDP checksum 0.
 
-const CLIENT6: &str = "fd66::7";
-const PEER6: &str = "fd7a:115c:a1e0::9";
+const CLIENT6: &str = CRAFTED_WG_CLIENT_V6;
+const PEER6: &str = CRAFTED_TAILNET_PEER_V6;
 
 /// A UDP packet from `src:sport` to `dst:dport` (no link layer), TTL 64.
 fn udp_packet(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
@@ -1309,14 +1291,14 @@ fn fragmented_udp_is_translated_as_its_flow() {
             Device::WireGuard,
             v6(CLIENT6).into(),
             v6(PEER6).into(),
-            node::TS6.into(),
+            TS6.into(),
         ),
         (Device::Tailscale, PEER4.into(), CLIENT4.into(), WG4.into()),
         (
             Device::Tailscale,
             v6(PEER6).into(),
             v6(CLIENT6).into(),
-            node::WG6.into(),
+            WG6.into(),
         ),
     ];
     let big: Vec<u8> = (0..2500u32).map(|i| (i * 7 + i / 256) as u8).collect();
@@ -1404,7 +1386,7 @@ fn unknown_later_fragments_are_dropped_unless_the_hosts() {
         (
             "to the host's WireGuard address, IPv6",
             Device::WireGuard,
-            later(v6(CLIENT6).into(), node::WG6.into(), 5),
+            later(v6(CLIENT6).into(), WG6.into(), 5),
             CONTINUE,
             Outcome::KernelNotHandled,
         ),
@@ -1423,7 +1405,7 @@ fn unknown_later_fragments_are_dropped_unless_the_hosts() {
     // The first fragment went to the kernel (to the host): so do the rest.
     for (src, dst) in [
         (IpAddr::from(CLIENT4), IpAddr::from(WG4)),
-        (v6(CLIENT6).into(), node::WG6.into()),
+        (v6(CLIENT6).into(), WG6.into()),
     ] {
         let frames = fragments(&udp_packet(src, dst, 5000, 53, &payload), 1000, 99);
         for (i, f) in frames.iter().enumerate() {
@@ -1564,7 +1546,7 @@ fn with_ipv6_extensions(packet: &[u8], headers: &[(u8, Vec<u8>)]) -> Vec<u8> {
 fn ipv6_extension_headers_are_walked() {
     let dp = datapath(false);
     let (client, peer, own): (IpAddr, IpAddr, IpAddr) =
-        (v6(CLIENT6).into(), v6(PEER6).into(), node::TS6.into());
+        (v6(CLIENT6).into(), v6(PEER6).into(), TS6.into());
     let plain = udp_packet(client, peer, 44000, 53, b"ours");
     let out = run(&dp, Device::WireGuard, &on_ethernet(&plain));
     assert_eq!(out.verdict, REDIRECT);
@@ -1616,7 +1598,7 @@ fn ipv6_extension_headers_are_walked() {
     let source_routed = vec![(ROUTING, routing_header(1, via))];
     let new = udp_packet(client, peer, 44001, 53, b"new");
     let seven = vec![(DEST_OPTIONS, padding_header()); 7];
-    let to_host = udp_packet(client, node::WG6.into(), 44002, 53, b"host");
+    let to_host = udp_packet(client, WG6.into(), 44002, 53, b"host");
     let cases: [(&str, Device, Vec<u8>, u32, Outcome); 5] = [
         (
             "source-routed, new",
@@ -1710,7 +1692,7 @@ fn ipv6_udp_without_checksum_is_dropped() {
         panic!("UDP")
     };
     assert_eq!(u.checksum, 0, "and stays without one");
-    let to_host = zero(udp_packet(client, node::WG6.into(), 45003, 53, b"host"));
+    let to_host = zero(udp_packet(client, WG6.into(), 45003, 53, b"host"));
     let out = run(&dp, Device::WireGuard, &to_host);
     assert_eq!(
         (out.verdict, &out.frame),
