@@ -560,7 +560,7 @@ impl Running {
         if let Some(gro) = self.gro.take()
             && let Err(e) = gro.restore().await
         {
-            errors.push(e);
+            errors.push(format!("{:#}", anyhow::Error::from(e)));
         }
         if let Some(mut firewall) = self.firewall.take()
             && let Err(e) = firewall.remove().await
