@@ -47,6 +47,7 @@ impl Keys {
 }
 
 /// An `--endpoint` that is not one host or address with an optional port.
+// debug-ok: it holds the endpoint as given, redacted, and no key.
 #[derive(Debug, thiserror::Error)]
 #[error("--endpoint \"{shown}\": expected a host name or address, optionally with :port")]
 pub struct BadEndpoint {

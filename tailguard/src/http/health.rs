@@ -348,11 +348,7 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<(StatusCode, String), A
             .body(Empty::<Bytes>::new())?;
         let response = sender.send_request(request).await?;
         let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await?
-            .to_bytes();
+        let body = response.into_body().collect().await?.to_bytes();
         Ok::<_, AskError>((status, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(Duration::from_secs(5), ask)
@@ -420,7 +416,10 @@ mod tests {
         let (tx, rx) = watch::channel(Health::new());
         let (local, _) = Limits::split(1024);
         tokio::spawn(serve(listener, rx, Audience::Host, local));
-        let e = check(addr).await.unwrap_err();
+        let e = match check(addr).await {
+            Err(CheckError::Unhealthy(report)) => report,
+            other => panic!("the report of an unhealthy node, not {other:?}"),
+        };
         assert!(
             e.starts_with("unhealthy: tailscaled has not answered yet"),
             "{e}"
@@ -438,11 +437,11 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
+        let e = check(closed).await.unwrap_err();
         assert!(
-            check(closed)
-                .await
-                .unwrap_err()
-                .contains("no TailGuard answers")
+            matches!(e, CheckError::Ask(AskError::NoAnswer { .. }))
+                && e.to_string().contains("no TailGuard answers"),
+            "{e}"
         );
     }
 

@@ -72,14 +72,23 @@ impl MaskedPrefs {
     }
 }
 
-const DEFAULT_ROUTES: [&str; 2] = ["0.0.0.0/0", "::/0"];
+const DEFAULT_ROUTES: [IpNet; 2] = [
+    IpNet::V4(ipnet::Ipv4Net::new_assert(
+        std::net::Ipv4Addr::UNSPECIFIED,
+        0,
+    )),
+    IpNet::V6(ipnet::Ipv6Net::new_assert(
+        std::net::Ipv6Addr::UNSPECIFIED,
+        0,
+    )),
+];
 
 /// The preferences set at start. The exit node is left to
 /// [`exit_node`], which may need the tailnet's peers to resolve a name.
 pub fn at_start(plan: &TailscalePlan) -> MaskedPrefs {
     let mut routes = plan.advertise.routes.clone();
     if plan.advertise.exit_node {
-        routes.extend(DEFAULT_ROUTES.map(|r| r.parse::<IpNet>().expect("valid prefix")));
+        routes.extend(DEFAULT_ROUTES);
     }
     let mut prefs = MaskedPrefs {
         control_url: plan.login_server.clone(),
@@ -95,7 +104,7 @@ pub fn at_start(plan: &TailscalePlan) -> MaskedPrefs {
 }
 
 /// A `TS_EXIT_NODE` name that cannot be turned into a peer (yet).
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ExitNodeError {
     #[error("TS_EXIT_NODE={0}: the tailnet's peers are not known yet")]
     PeersUnknown(String),
