@@ -78,8 +78,11 @@ impl Direction {
 /// Both directions (the original and the reply, NAT included) of every UDP
 /// flow in the calling thread's network namespace's conntrack table.
 pub fn udp_flows() -> Result<Vec<[Direction; 2]>, KernelFlowsError> {
-    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(socket_step("a netfilter netlink socket"))?;
-    socket.bind_auto().map_err(socket_step("binding the netfilter socket"))?;
+    let mut socket =
+        Socket::new(NETLINK_NETFILTER).map_err(socket_step("a netfilter netlink socket"))?;
+    socket
+        .bind_auto()
+        .map_err(socket_step("binding the netfilter socket"))?;
     socket
         .connect(&SocketAddr::new(0, 0))
         .map_err(socket_step("connecting the netfilter socket"))?;

@@ -75,9 +75,7 @@ impl Firewall {
 
     /// Removes the table (harmless when it is not there).
     pub async fn remove(&mut self) -> Result<(), FirewallError> {
-        run(rules::remove())
-            .await
-            .map_err(FirewallError::Remove)?;
+        run(rules::remove()).await.map_err(FirewallError::Remove)?;
         self.applied = None;
         Ok(())
     }

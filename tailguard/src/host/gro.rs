@@ -129,11 +129,9 @@ pub async fn features(ifname: &str) -> Result<(Vec<String>, HashMap<String, bool
         .feature()
         .get(Some(ifname))
         .execute()
-        .await
-        ?
+        .await?
         .try_collect()
-        .await
-        ?;
+        .await?;
     task.abort();
     let mut changeable = Vec::new();
     let mut active = HashMap::new();

@@ -220,11 +220,7 @@ impl Supervisor {
                         });
                     }
                     if socket_deadline.is_none() {
-                        self.publish(
-                            Err(NotReady::NoAnswer(e.to_string())),
-                            (None, None),
-                            None,
-                        );
+                        self.publish(Err(NotReady::NoAnswer(e.to_string())), (None, None), None);
                     }
                 }
             }

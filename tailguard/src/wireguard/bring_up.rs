@@ -135,8 +135,7 @@ impl WgSetup {
         self.creating = Some(wg.device.clone());
         let device = WgDevice::create(nl, &wg.device, userspace_program).await?;
         let ifindex = device.ifindex;
-        self.device = Some(device);
-        let device = self.device.as_ref().expect("just set");
+        let device = &*self.device.insert(device);
         device.configure(wg).await?;
         // What the device ended up with: its fwmark (the listen port when
         // neither was fixed) and its peers' endpoints (for the MTU rule).
@@ -343,14 +342,12 @@ async fn run_hooks(stage: &'static str, commands: &[String]) -> Result<(), Setup
         // usual, a literal one is not unheard of): shown redacted.
         let shown = crate::config::secrets::redact(command).into_owned();
         info!("{stage}: {shown}");
-        run_hook(command)
-            .await
-            .map_err(|e| SetupError::Hook {
-                stage,
-                command: shown,
-                // What the hook wrote may carry a key too.
-                message: crate::config::secrets::redact(&e.to_string()).into_owned(),
-            })?;
+        run_hook(command).await.map_err(|e| SetupError::Hook {
+            stage,
+            command: shown,
+            // What the hook wrote may carry a key too.
+            message: crate::config::secrets::redact(&e.to_string()).into_owned(),
+        })?;
     }
     Ok(())
 }
