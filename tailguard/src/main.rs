@@ -286,8 +286,7 @@ fn wg_pair(
     use std::os::unix::fs::OpenOptionsExt as _;
     use tailguard::cli::wg_pair::{Keys, pair};
 
-    let (wg0, peer) = pair(pattern, endpoint, &Keys::generate(), &Keys::generate())
-        .map_err(anyhow::Error::msg)?;
+    let (wg0, peer) = pair(pattern, endpoint, &Keys::generate(), &Keys::generate())?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     for (name, text) in [("wg0.conf", wg0), ("peer.conf", peer)] {
         let path = out.join(name);

@@ -46,6 +46,15 @@ impl Keys {
     }
 }
 
+/// An `--endpoint` that is not one host or address with an optional port.
+// debug-ok: it holds the endpoint as given, redacted, and no key.
+#[derive(Debug, thiserror::Error)]
+#[error("--endpoint \"{shown}\": expected a host name or address, optionally with :port")]
+pub struct BadEndpoint {
+    /// What was given, redacted and escaped for one line.
+    shown: String,
+}
+
 /// `(wg0.conf, peer.conf)` for `pattern`. `endpoint` is where the side
 /// that listens is reached (`host:port`; the port defaults to 51820); it
 /// must be one, so that nothing else can end up in the files.
@@ -54,7 +63,7 @@ pub fn pair(
     endpoint: &str,
     ours: &Keys,
     theirs: &Keys,
-) -> Result<(String, String), String> {
+) -> Result<(String, String), BadEndpoint> {
     let endpoint = checked_endpoint(endpoint)?;
     // Who listens: the WireGuard server is TailGuard, except when TailGuard
     // is the client of a server that routes everything.
@@ -110,14 +119,15 @@ pub fn pair(
 
 /// `--endpoint` as the files will say it: a host or address and a port
 /// that wg-quick (and our own parser) read back as exactly that.
-fn checked_endpoint(endpoint: &str) -> Result<String, String> {
+fn checked_endpoint(endpoint: &str) -> Result<String, BadEndpoint> {
     let with_port = with_port(endpoint);
     match crate::config::wg_quick::parse_endpoint(&with_port) {
         Ok(_) if !with_port.chars().any(|c| c.is_whitespace() || c == '#') => Ok(with_port),
-        _ => Err(format!(
-            "--endpoint \"{}\": expected a host name or address, optionally with :port",
-            crate::config::secrets::redact(endpoint).escape_debug()
-        )),
+        _ => Err(BadEndpoint {
+            shown: crate::config::secrets::redact(endpoint)
+                .escape_debug()
+                .to_string(),
+        }),
     }
 }
 
@@ -226,7 +236,9 @@ mod tests {
             "010.1.1.1",
             "",
         ] {
-            let e = pair(Pattern::Server, bad, &ours, &theirs).unwrap_err();
+            let e = pair(Pattern::Server, bad, &ours, &theirs)
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with("--endpoint "), "{bad:?}: {e}");
             assert!(
                 e.contains("expected a host name or address"),

@@ -261,18 +261,26 @@ pub enum Login {
     Interactive,
 }
 
+/// The auth key file could not be read (the message names the file, never
+/// the key).
+#[derive(Debug, thiserror::Error)]
+#[error("TS_AUTHKEY=file:{}: cannot read the key: {source}", path.display())]
+pub struct AuthKeyFileError {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
 impl Login {
     /// The auth key to log in with; `None` for an interactive login.
-    pub fn key(&self) -> Result<Option<String>, String> {
+    pub fn key(&self) -> Result<Option<String>, AuthKeyFileError> {
         match self {
             Self::AuthKey(key) => Ok(Some(key.expose().to_string())),
             Self::AuthKeyFile(path) => std::fs::read_to_string(path)
                 .map(|k| Some(k.trim().to_string()))
-                .map_err(|e| {
-                    format!(
-                        "TS_AUTHKEY=file:{}: cannot read the key: {e}",
-                        path.display()
-                    )
+                .map_err(|source| AuthKeyFileError {
+                    path: path.clone(),
+                    source,
                 }),
             Self::Interactive => Ok(None),
         }
@@ -1113,14 +1121,14 @@ mod tests {
         let path = std::env::temp_dir().join(format!("tg-authkey-{}", std::process::id()));
         std::fs::write(&path, "tskey-auth-123\n").unwrap();
         let from_file = Login::AuthKeyFile(path.clone());
-        assert_eq!(from_file.key(), Ok(Some("tskey-auth-123".into())));
+        assert_eq!(from_file.key().unwrap(), Some("tskey-auth-123".into()));
         assert_eq!(
-            Login::AuthKey(Secret::new("tskey-direct")).key(),
-            Ok(Some("tskey-direct".into()))
+            Login::AuthKey(Secret::new("tskey-direct")).key().unwrap(),
+            Some("tskey-direct".into())
         );
-        assert_eq!(Login::Interactive.key(), Ok(None));
+        assert_eq!(Login::Interactive.key().unwrap(), None);
         std::fs::remove_file(&path).unwrap();
-        let e = from_file.key().unwrap_err();
+        let e = from_file.key().unwrap_err().to_string();
         assert!(
             e.starts_with("TS_AUTHKEY=file:") && e.contains("cannot read the key"),
             "{e}"

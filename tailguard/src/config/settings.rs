@@ -482,99 +482,138 @@ pub struct AddressList(pub Vec<IpAddr>);
 // An empty value means "not set" (Docker Compose passes `VAR=` for blanks),
 // except for TS_ROUTES, where "set but empty" means "advertise none".
 
-fn flag(value: &str) -> Result<bool, String> {
+/// Why clap refused a variable's value (clap names the variable and value).
+#[derive(Debug, thiserror::Error)]
+pub enum ValueError {
+    #[error("expected 0 or 1")]
+    Flag,
+    #[error("an interface name has 1 to 15 characters")]
+    InterfaceNameLength,
+    #[error("an interface name cannot be \".\" or \"..\"")]
+    InterfaceNameDots,
+    #[error("an interface name cannot contain {0:?}")]
+    InterfaceNameChar(char),
+    #[error("expected an address and port, like 127.0.0.1:9002 or [::]:9002")]
+    SocketAddr,
+    #[error("expected a number of seconds from 1 to 86400")]
+    Seconds,
+    #[error("expected a number of flows from 1024 to 4194304")]
+    NatFlows,
+    #[error("expected a port number from 0 to 65535")]
+    Port,
+    #[error("expected a port number from 1 to 65535")]
+    NonZeroPort,
+    #[error("{0:?} is not an IP address")]
+    NotAnAddress(String),
+    #[error("{0} is not the address of one host (unspecified, loopback, multicast or broadcast)")]
+    NotOneHost(IpAddr),
+    #[error("at most one IPv4 address is allowed")]
+    SecondV4,
+    #[error("at most one IPv6 address is allowed")]
+    SecondV6,
+    #[error("{0:?} is not a prefix like 192.168.1.0/24")]
+    NotAPrefix(String),
+    #[error("{given} has host bits set; did you mean {meant}?")]
+    HostBits { given: String, meant: IpNet },
+    #[error("expected an http:// or https:// URL")]
+    NotAUrl,
+    #[error("the URL has no host")]
+    NoHost,
+    #[error("file: needs a path")]
+    FileWithoutPath,
+    #[error("this is an auth key, not a host name; give it as TS_AUTHKEY")]
+    KeyAsHostname,
+    #[error("expected a host name of up to 63 letters, digits and inner hyphens")]
+    Hostname,
+}
+
+fn flag(value: &str) -> Result<bool, ValueError> {
     match value {
         "1" => Ok(true),
         "0" | "" => Ok(false),
-        _ => Err("expected 0 or 1".into()),
+        _ => Err(ValueError::Flag),
     }
 }
 
 /// Linux's rules for interface names (`dev_valid_name`).
-fn interface_name(value: &str) -> Result<String, String> {
+fn interface_name(value: &str) -> Result<String, ValueError> {
     if value.is_empty() || value.len() > 15 {
-        return Err("an interface name has 1 to 15 characters".into());
+        return Err(ValueError::InterfaceNameLength);
     }
     if value == "." || value == ".." {
-        return Err("an interface name cannot be \".\" or \"..\"".into());
+        return Err(ValueError::InterfaceNameDots);
     }
     if let Some(c) = value
         .chars()
         .find(|c| *c == '/' || *c == ':' || c.is_whitespace())
     {
-        return Err(format!("an interface name cannot contain {c:?}"));
+        return Err(ValueError::InterfaceNameChar(c));
     }
     Ok(value.to_string())
 }
 
-fn socket_addr(value: &str) -> Result<std::net::SocketAddr, String> {
-    value
-        .parse()
-        .map_err(|_| "expected an address and port, like 127.0.0.1:9002 or [::]:9002".into())
+fn socket_addr(value: &str) -> Result<std::net::SocketAddr, ValueError> {
+    value.parse().map_err(|_| ValueError::SocketAddr)
 }
 
-fn seconds(value: &str) -> Result<u64, String> {
+fn seconds(value: &str) -> Result<u64, ValueError> {
     match value.parse::<u64>() {
         Ok(s) if (1..=86_400).contains(&s) => Ok(s),
-        _ => Err("expected a number of seconds from 1 to 86400".into()),
+        _ => Err(ValueError::Seconds),
     }
 }
 
 /// Between a small site's needs and what fits a large server's memory.
-fn nat_flows(value: &str) -> Result<u32, String> {
+fn nat_flows(value: &str) -> Result<u32, ValueError> {
     match value.parse::<u32>() {
         Ok(n) if (1024..=4_194_304).contains(&n) => Ok(n),
-        _ => Err("expected a number of flows from 1024 to 4194304".into()),
+        _ => Err(ValueError::NatFlows),
     }
 }
 
-fn optional_path(value: &str) -> Result<OrUnset<PathBuf>, String> {
+fn optional_path(value: &str) -> Result<OrUnset<PathBuf>, std::convert::Infallible> {
     Ok(OrUnset((!value.is_empty()).then(|| PathBuf::from(value))))
 }
 
-fn port(value: &str) -> Result<u16, String> {
-    value
-        .parse::<u16>()
-        .map_err(|_| "expected a port number from 0 to 65535".into())
+fn port(value: &str) -> Result<u16, ValueError> {
+    value.parse::<u16>().map_err(|_| ValueError::Port)
 }
 
-fn optional_port(value: &str) -> Result<OrUnset<u16>, String> {
+fn optional_port(value: &str) -> Result<OrUnset<u16>, ValueError> {
     if value.is_empty() {
         return Ok(OrUnset(None));
     }
     match value.parse::<u16>() {
-        Ok(0) | Err(_) => Err("expected a port number from 1 to 65535".into()),
+        Ok(0) | Err(_) => Err(ValueError::NonZeroPort),
         Ok(p) => Ok(OrUnset(Some(p))),
     }
 }
 
-fn address_list(value: &str) -> Result<AddressList, String> {
+fn address_list(value: &str) -> Result<AddressList, ValueError> {
     list(value)
         .map(|item| {
             item.parse::<IpAddr>()
-                .map_err(|_| format!("{item:?} is not an IP address"))
+                .map_err(|_| ValueError::NotAnAddress(item.to_string()))
         })
         .collect::<Result<_, _>>()
         .map(AddressList)
 }
 
-fn dest_ips(value: &str) -> Result<DestIps, String> {
+fn dest_ips(value: &str) -> Result<DestIps, ValueError> {
     let mut dest = DestIps::default();
     for item in list(value) {
         let parsed = item.parse::<IpAddr>();
         if let Ok(addr) = parsed
             && !is_unicast(addr)
         {
-            return Err(format!(
-                "{addr} is not the address of one host (unspecified, loopback, multicast or broadcast)"
-            ));
+            return Err(ValueError::NotOneHost(addr));
         }
         match parsed {
             Ok(IpAddr::V4(a)) if dest.v4.is_none() => dest.v4 = Some(a),
             Ok(IpAddr::V6(a)) if dest.v6.is_none() => dest.v6 = Some(a),
-            Ok(IpAddr::V4(_)) => return Err("at most one IPv4 address is allowed".into()),
-            Ok(IpAddr::V6(_)) => return Err("at most one IPv6 address is allowed".into()),
-            Err(_) => return Err(format!("{item:?} is not an IP address")),
+            Ok(IpAddr::V4(_)) => return Err(ValueError::SecondV4),
+            Ok(IpAddr::V6(_)) => return Err(ValueError::SecondV6),
+            Err(_) => return Err(ValueError::NotAnAddress(item.to_string())),
         }
     }
     Ok(dest)
@@ -588,17 +627,17 @@ fn is_unicast(addr: IpAddr) -> bool {
         || addr == IpAddr::V4(Ipv4Addr::BROADCAST))
 }
 
-fn routes(value: &str) -> Result<RouteList, String> {
+fn routes(value: &str) -> Result<RouteList, ValueError> {
     list(value)
         .map(|item| {
             let net: IpNet = item
                 .parse()
-                .map_err(|_| format!("{item:?} is not a prefix like 192.168.1.0/24"))?;
+                .map_err(|_| ValueError::NotAPrefix(item.to_string()))?;
             if net.trunc() != net {
-                return Err(format!(
-                    "{item} has host bits set; did you mean {}?",
-                    net.trunc()
-                ));
+                return Err(ValueError::HostBits {
+                    given: item.to_string(),
+                    meant: net.trunc(),
+                });
             }
             Ok(net)
         })
@@ -606,51 +645,51 @@ fn routes(value: &str) -> Result<RouteList, String> {
         .map(RouteList)
 }
 
-fn login_server(value: &str) -> Result<OrUnset<String>, String> {
+fn login_server(value: &str) -> Result<OrUnset<String>, ValueError> {
     if value.is_empty() {
         return Ok(OrUnset(None));
     }
     let rest = value
         .strip_prefix("https://")
         .or_else(|| value.strip_prefix("http://"))
-        .ok_or("expected an http:// or https:// URL")?;
+        .ok_or(ValueError::NotAUrl)?;
     if rest.is_empty() || rest.starts_with('/') {
-        return Err("the URL has no host".into());
+        return Err(ValueError::NoHost);
     }
     Ok(OrUnset(Some(value.to_string())))
 }
 
 /// Never echoes the value back, even in an error.
-fn secret(value: &str) -> Result<OrUnset<Secret>, String> {
+fn secret(value: &str) -> Result<OrUnset<Secret>, ValueError> {
     if value.is_empty() {
         return Ok(OrUnset(None));
     }
     if value == "file:" {
-        return Err("file: needs a path".into());
+        return Err(ValueError::FileWithoutPath);
     }
     Ok(OrUnset(Some(Secret::new(value))))
 }
 
 /// A DNS label, as Tailscale accepts for a host name.
-fn hostname(value: &str) -> Result<OrUnset<String>, String> {
+fn hostname(value: &str) -> Result<OrUnset<String>, ValueError> {
     if value.is_empty() {
         return Ok(OrUnset(None));
     }
     if crate::config::secrets::is_secret(value) {
         // Pasted into the wrong variable: it would be shown as the name.
-        return Err("this is an auth key, not a host name; give it as TS_AUTHKEY".into());
+        return Err(ValueError::KeyAsHostname);
     }
     let valid = value.len() <= 63
         && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         && !value.starts_with('-')
         && !value.ends_with('-');
     if !valid {
-        return Err("expected a host name of up to 63 letters, digits and inner hyphens".into());
+        return Err(ValueError::Hostname);
     }
     Ok(OrUnset(Some(value.to_string())))
 }
 
-fn non_empty(value: &str) -> Result<OrUnset<String>, String> {
+fn non_empty(value: &str) -> Result<OrUnset<String>, std::convert::Infallible> {
     Ok(OrUnset(
         (!value.trim().is_empty()).then(|| value.trim().to_string()),
     ))
@@ -736,11 +775,17 @@ fn is_auth_key_flag(arg: &str) -> bool {
     flag == "--ts-authkey"
 }
 
+/// Flags that do not make settings, as shown: clap's or validation's
+/// message, already redacted (the one form in which it may leave).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSettings(String);
+
 /// Settings from flags alone, ignoring the environment's defaults only in
 /// the sense that flags win; for tests and embedding. (The environment is
 /// the process's and shared by parallel tests, so the variables themselves
 /// are exercised by the tests that run `tailguard check` with its own.)
-pub fn parse_args(args: &[&str]) -> Result<(Settings, Vec<Warning>), String> {
+pub fn parse_args(args: &[&str]) -> Result<(Settings, Vec<Warning>), InvalidSettings> {
     use clap::Parser;
 
     #[derive(Parser, Debug)]
@@ -750,17 +795,17 @@ pub fn parse_args(args: &[&str]) -> Result<(Settings, Vec<Warning>), String> {
     }
 
     let argv = std::iter::once("tailguard").chain(args.iter().copied());
-    let cli = Cli::try_parse_from(argv).map_err(redact_cli_error)?;
+    let cli = Cli::try_parse_from(argv).map_err(|e| InvalidSettings(redact_cli_error(e)))?;
     cli.settings
         .validate()
-        .map_err(|e| redact(&e.to_string()).into_owned())
+        .map_err(|e| InvalidSettings(redact(&e.to_string()).into_owned()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<(Settings, Vec<Warning>), String> {
+    fn parse(args: &[&str]) -> Result<(Settings, Vec<Warning>), InvalidSettings> {
         parse_args(args)
     }
 
@@ -771,7 +816,7 @@ mod tests {
     fn error(args: &[&str]) -> String {
         match parse(args) {
             Ok(s) => panic!("{args:?} should fail, gave {s:?}"),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         }
     }
 

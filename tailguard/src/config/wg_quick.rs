@@ -436,13 +436,10 @@ impl Parser<'_> {
     fn once(&mut self, n: usize, section: Section, key: &'static str) -> Result<(), ConfigError> {
         let lines = match section {
             Section::Interface => &mut self.interface_lines,
-            Section::Peer => {
-                &mut self
-                    .peers
-                    .last_mut()
-                    .expect("a [Peer] section was opened")
-                    .lines
-            }
+            Section::Peer => match self.peers.last_mut() {
+                Some(peer) => &mut peer.lines,
+                None => return Err(outside_peer(self.file, n, key)),
+            },
         };
         let Some(first) = lines.of(key) else {
             lines.0.push((key, n));
@@ -504,9 +501,7 @@ impl Parser<'_> {
                     .ok()
                     .filter(|m| (576..=65535).contains(m));
                 self.interface.mtu =
-                    Some(mtu.ok_or_else(|| {
-                        err(format!("{value:?} is not an MTU from 576 to 65535"))
-                    })?);
+                    Some(mtu.ok_or_else(|| err(ValueError::Mtu(value.to_string())))?);
             }
             "Table" => self.interface.table = parse_table(value).map_err(err)?,
             "PreUp" => self.interface.pre_up.push(hook),
@@ -517,7 +512,7 @@ impl Parser<'_> {
                 self.interface.save_config = match value.to_ascii_lowercase().as_str() {
                     "true" => true,
                     "false" => false,
-                    _ => return Err(err(format!("{value:?} is neither true nor false"))),
+                    _ => return Err(err(ValueError::Bool(value.to_string()))),
                 }
             }
             _ => unreachable!("every [Interface] key is handled"),
@@ -528,7 +523,9 @@ impl Parser<'_> {
     fn peer_key(&mut self, n: usize, key: &'static str, value: &str) -> Result<(), ConfigError> {
         let err = key_error(self.file, n, key);
         let mut host_bits = Vec::new();
-        let peer = self.peers.last_mut().expect("a [Peer] section was opened");
+        let Some(peer) = self.peers.last_mut() else {
+            return Err(outside_peer(self.file, n, key));
+        };
         match key {
             "PublicKey" => peer.public_key = Some(PublicKey(decode_key(value).map_err(err)?)),
             "PresharedKey" => peer.preshared_key = Some(SecretKey(decode_key(value).map_err(err)?)),
@@ -546,11 +543,9 @@ impl Parser<'_> {
                 peer.persistent_keepalive = Some(if value.eq_ignore_ascii_case("off") {
                     0
                 } else {
-                    value.parse::<u16>().map_err(|_| {
-                        err(format!(
-                            "{value:?} is neither off nor a number of seconds up to 65535"
-                        ))
-                    })?
+                    value
+                        .parse::<u16>()
+                        .map_err(|_| err(ValueError::Keepalive(value.to_string())))?
                 })
             }
             _ => unreachable!("every [Peer] key is handled"),
@@ -709,7 +704,56 @@ fn key_as_shown(name: &str, section: Option<Section>) -> String {
 }
 
 /// Makes errors about one key on one line: "file:line: Key: message".
-fn key_error<'a>(file: &'a Path, line: usize, key: &'a str) -> impl Fn(String) -> ConfigError + 'a {
+/// Why one value of a key cannot be used; [`ConfigError`] adds the file,
+/// the line and the key (and redacts what is quoted back).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("not a valid key (expected 32 bytes in base64, as `wg genkey` prints)")]
+    KeyNotBase64,
+    #[error("not a valid key: {0} bytes instead of 32")]
+    KeyLength(usize),
+    #[error("{0:?} is not a port from 0 to 65535")]
+    Port(String),
+    #[error("{0:?} is neither off nor a 32-bit number")]
+    FwMark(String),
+    #[error("{0:?} is not an address like 10.0.0.2/24")]
+    Address(String),
+    #[error("{0:?} is not a prefix like 10.0.0.0/24")]
+    Prefix(String),
+    #[error("{0:?} is neither an IP address nor a search domain")]
+    Domain(String),
+    #[error("{0:?} is not an MTU from 576 to 65535")]
+    Mtu(String),
+    #[error("{0:?} is not off, auto, main or a table number")]
+    Table(String),
+    #[error("{0:?} is neither true nor false")]
+    Bool(String),
+    #[error("{0:?} is neither off nor a number of seconds up to 65535")]
+    Keepalive(String),
+    #[error("{0:?} is not host:port, address:port or [IPv6]:port")]
+    Endpoint(String),
+    #[error("{0:?}: port 0 is not a port a peer listens on")]
+    PortZero(String),
+    #[error(
+        "{0:?} is a number in a form other than a.b.c.d (inet_aton would read it as \
+         an address of its own choosing): write the address as four decimal numbers"
+    )]
+    NumericHost(String),
+    #[error("the zone {0:?} is neither a number nor an interface of this host")]
+    Zone(String),
+}
+
+/// A [Peer] key with no [Peer] section open (the parser opens one before it
+/// reads the keys of one, so this says what went wrong should that change).
+fn outside_peer(file: &Path, line: usize, key: &str) -> ConfigError {
+    ConfigError::new(file, line, format!("{key}: outside a [Peer] section"))
+}
+
+fn key_error<'a>(
+    file: &'a Path,
+    line: usize,
+    key: &'a str,
+) -> impl Fn(ValueError) -> ConfigError + 'a {
     move |message| ConfigError::new(file, line, format!("{key}: {message}"))
 }
 
@@ -719,24 +763,21 @@ fn list(value: &str) -> impl Iterator<Item = &str> {
 
 /// A WireGuard key: base64 of exactly 32 bytes. The message never repeats
 /// the value.
-fn decode_key(value: &str) -> Result<[u8; 32], String> {
+fn decode_key(value: &str) -> Result<[u8; 32], ValueError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(value)
-        .map_err(|_| {
-            "not a valid key (expected 32 bytes in base64, as `wg genkey` prints)".to_string()
-        })?;
-    <[u8; 32]>::try_from(bytes.as_slice())
-        .map_err(|_| format!("not a valid key: {} bytes instead of 32", bytes.len()))
+        .map_err(|_| ValueError::KeyNotBase64)?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| ValueError::KeyLength(bytes.len()))
 }
 
-fn parse_port(value: &str) -> Result<u16, String> {
+fn parse_port(value: &str) -> Result<u16, ValueError> {
     value
         .parse()
-        .map_err(|_| format!("{value:?} is not a port from 0 to 65535"))
+        .map_err(|_| ValueError::Port(value.to_string()))
 }
 
 /// `off`, a decimal number or a `0x` hexadecimal one; 0 means off.
-fn parse_fwmark(value: &str) -> Result<Option<u32>, String> {
+fn parse_fwmark(value: &str) -> Result<Option<u32>, ValueError> {
     if value.eq_ignore_ascii_case("off") {
         return Ok(None);
     }
@@ -747,22 +788,22 @@ fn parse_fwmark(value: &str) -> Result<Option<u32>, String> {
         Some(hex) => u32::from_str_radix(hex, 16),
         None => value.parse(),
     };
-    let mark = parsed.map_err(|_| format!("{value:?} is neither off nor a 32-bit number"))?;
+    let mark = parsed.map_err(|_| ValueError::FwMark(value.to_string()))?;
     Ok((mark != 0).then_some(mark))
 }
 
 /// An interface address: with a prefix length, or a single host.
-fn parse_address(value: &str) -> Result<IpNet, String> {
+fn parse_address(value: &str) -> Result<IpNet, ValueError> {
     if value.contains('/') {
         return parse_prefix(value);
     }
     value
         .parse::<IpAddr>()
         .map(IpNet::from)
-        .map_err(|_| format!("{value:?} is not an address like 10.0.0.2/24"))
+        .map_err(|_| ValueError::Address(value.to_string()))
 }
 
-fn parse_prefix(value: &str) -> Result<IpNet, String> {
+fn parse_prefix(value: &str) -> Result<IpNet, ValueError> {
     if !value.contains('/') {
         // wg accepts a bare address as a host route.
         if let Ok(addr) = value.parse::<IpAddr>() {
@@ -771,12 +812,12 @@ fn parse_prefix(value: &str) -> Result<IpNet, String> {
     }
     value
         .parse::<IpNet>()
-        .map_err(|_| format!("{value:?} is not a prefix like 10.0.0.0/24"))
+        .map_err(|_| ValueError::Prefix(value.to_string()))
 }
 
 /// A search domain or host name: DNS labels, optionally ending in a dot
 /// (fully qualified).
-fn parse_domain(value: &str) -> Result<String, String> {
+fn parse_domain(value: &str) -> Result<String, ValueError> {
     let name = value.strip_suffix('.').unwrap_or(value);
     let valid = !name.is_empty()
         && name.len() <= 253
@@ -790,13 +831,11 @@ fn parse_domain(value: &str) -> Result<String, String> {
     if valid {
         Ok(value.to_string())
     } else {
-        Err(format!(
-            "{value:?} is neither an IP address nor a search domain"
-        ))
+        Err(ValueError::Domain(value.to_string()))
     }
 }
 
-fn parse_table(value: &str) -> Result<Table, String> {
+fn parse_table(value: &str) -> Result<Table, ValueError> {
     match value.to_ascii_lowercase().as_str() {
         "auto" => Ok(Table::Auto),
         "off" => Ok(Table::Off),
@@ -806,17 +845,15 @@ fn parse_table(value: &str) -> Result<Table, String> {
         "default" => Ok(Table::Id(253)),
         _ => match value.parse::<u32>() {
             Ok(id) if id != 0 => Ok(Table::Id(id)),
-            _ => Err(format!(
-                "{value:?} is not off, auto, main or a table number"
-            )),
+            _ => Err(ValueError::Table(value.to_string())),
         },
     }
 }
 
 /// `host:port`, `1.2.3.4:port` or `[v6]:port`, where a link-local IPv6
 /// address may carry its zone (`[fe80::1%eth0]:51820`, or a zone number).
-pub fn parse_endpoint(value: &str) -> Result<Endpoint, String> {
-    let bad = || format!("{value:?} is not host:port, address:port or [IPv6]:port");
+pub fn parse_endpoint(value: &str) -> Result<Endpoint, ValueError> {
+    let bad = || ValueError::Endpoint(value.to_string());
     let (host, port, bracketed) = match value.strip_prefix('[') {
         Some(rest) => {
             let (inner, after) = rest.split_once(']').ok_or_else(bad)?;
@@ -829,7 +866,7 @@ pub fn parse_endpoint(value: &str) -> Result<Endpoint, String> {
     };
     let port: u16 = port.parse().map_err(|_| bad())?;
     if port == 0 {
-        return Err(format!("{value:?}: port 0 is not a port a peer listens on"));
+        return Err(ValueError::PortZero(value.to_string()));
     }
     if bracketed {
         let (address, zone) = match host.split_once('%') {
@@ -849,10 +886,7 @@ pub fn parse_endpoint(value: &str) -> Result<Endpoint, String> {
         return Ok(Endpoint::Address(SocketAddr::from((address, port))));
     }
     if looks_numeric(host) {
-        return Err(format!(
-            "{host:?} is a number in a form other than a.b.c.d (inet_aton would read it as \
-             an address of its own choosing): write the address as four decimal numbers"
-        ));
+        return Err(ValueError::NumericHost(host.to_string()));
     }
     parse_domain(host).map_err(|_| bad())?;
     Ok(Endpoint::Host {
@@ -879,12 +913,11 @@ fn looks_numeric(host: &str) -> bool {
 }
 
 /// An IPv6 zone: a number, or the name of an interface of this host.
-fn zone_index(zone: &str) -> Result<u32, String> {
+fn zone_index(zone: &str) -> Result<u32, ValueError> {
     if let Ok(index) = zone.parse::<u32>() {
         return Ok(index);
     }
-    nix::net::if_::if_nametoindex(zone)
-        .map_err(|_| format!("the zone {zone:?} is neither a number nor an interface of this host"))
+    nix::net::if_::if_nametoindex(zone).map_err(|_| ValueError::Zone(zone.to_string()))
 }
 
 #[cfg(test)]
@@ -1238,7 +1271,7 @@ mod tests {
     }
 
     fn endpoint(value: &str) -> Result<Endpoint, String> {
-        parse_endpoint(value)
+        parse_endpoint(value).map_err(|e| e.to_string())
     }
 
     #[test]

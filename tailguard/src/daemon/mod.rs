@@ -489,8 +489,9 @@ impl Running {
                     ) {
                         Ok(n) => info!(entries = n, "the kernel's UDP flows stay the kernel's"),
                         Err(e) => warn!(
-                            "reading the kernel's conntrack table: {e:#}; UDP flows it has \
-                             from before may be taken over by the fast path"
+                            "reading the kernel's conntrack table: {:#}; UDP flows it has \
+                             from before may be taken over by the fast path",
+                            anyhow::Error::from(e)
                         ),
                     }
                 }
@@ -554,12 +555,12 @@ impl Running {
         if let Some(gro) = self.gro.take()
             && let Err(e) = gro.restore().await
         {
-            errors.push(e);
+            errors.push(format!("{:#}", anyhow::Error::from(e)));
         }
         if let Some(mut firewall) = self.firewall.take()
             && let Err(e) = firewall.remove().await
         {
-            errors.push(format!("{e:#}"));
+            errors.push(format!("{:#}", anyhow::Error::from(e)));
         }
         if errors.is_empty() {
             info!("stopped; everything set up was removed");

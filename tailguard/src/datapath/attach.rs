@@ -252,9 +252,18 @@ fn detach_links(
     first_error.map_or(Ok(()), Err)
 }
 
+/// Why the clsact qdisc could not be removed, as rtnetlink said it.
+#[derive(Debug, thiserror::Error)]
+enum QdiscError {
+    #[error(transparent)]
+    Socket(#[from] std::io::Error),
+    #[error(transparent)]
+    Netlink(#[from] rtnetlink::Error),
+}
+
 /// `tc qdisc del dev IFINDEX clsact`, over rtnetlink.
-async fn delete_clsact(ifindex: u32) -> Result<(), String> {
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
+async fn delete_clsact(ifindex: u32) -> Result<(), QdiscError> {
+    let (connection, handle, _) = rtnetlink::new_connection()?;
     let connection = tokio::spawn(connection);
     let mut request = handle.qdisc().del(ifindex as i32);
     let header = &mut request.message_mut().header;
@@ -263,7 +272,7 @@ async fn delete_clsact(ifindex: u32) -> Result<(), String> {
         major: 0xffff,
         minor: 0,
     };
-    let result = request.execute().await.map_err(|e| e.to_string());
+    let result = request.execute().await.map_err(QdiscError::from);
     connection.abort();
     result
 }

@@ -5,7 +5,6 @@
 
 use std::net::IpAddr;
 
-use anyhow::{Context as _, Result, bail};
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
@@ -21,6 +20,31 @@ use tailguard_common::{
 };
 
 use crate::datapath::{Datapath, Routes};
+
+/// What failed while handing the kernel's flows to the fast path.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelFlowsError {
+    /// A step on the netfilter netlink socket; `step` says which.
+    #[error("{step}")]
+    Socket {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a conntrack message")]
+    Decode(#[source] netlink_packet_core::DecodeError),
+    #[error("the conntrack table: {0}")]
+    Refused(netlink_packet_core::ErrorMessage),
+    #[error("reading the boot-time clock")]
+    Clock(#[source] nix::errno::Errno),
+    #[error(transparent)]
+    Datapath(#[from] super::Error),
+}
+
+/// `step` failed on the netfilter socket with `source`.
+fn socket_step(step: &'static str) -> impl FnOnce(std::io::Error) -> KernelFlowsError {
+    move |source| KernelFlowsError::Socket { step, source }
+}
 
 /// One direction of a flow, as its packets carry it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,12 +78,15 @@ impl Direction {
 
 /// Both directions (the original and the reply, NAT included) of every UDP
 /// flow in the calling thread's network namespace's conntrack table.
-pub fn udp_flows() -> Result<Vec<[Direction; 2]>> {
-    let mut socket = Socket::new(NETLINK_NETFILTER).context("a netfilter netlink socket")?;
-    socket.bind_auto().context("binding the netfilter socket")?;
+pub fn udp_flows() -> Result<Vec<[Direction; 2]>, KernelFlowsError> {
+    let mut socket =
+        Socket::new(NETLINK_NETFILTER).map_err(socket_step("a netfilter netlink socket"))?;
+    socket
+        .bind_auto()
+        .map_err(socket_step("binding the netfilter socket"))?;
     socket
         .connect(&SocketAddr::new(0, 0))
-        .context("connecting the netfilter socket")?;
+        .map_err(socket_step("connecting the netfilter socket"))?;
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     let mut request = NetlinkMessage::new(
@@ -74,21 +101,21 @@ pub fn udp_flows() -> Result<Vec<[Direction; 2]>> {
     request.serialize(&mut buffer);
     socket
         .send(&buffer, 0)
-        .context("asking for the conntrack table")?;
+        .map_err(socket_step("asking for the conntrack table"))?;
 
     let mut flows = Vec::new();
     let mut received = vec![0u8; 1 << 16];
     loop {
         let size = socket
             .recv(&mut &mut received[..], 0)
-            .context("reading the conntrack table")?;
+            .map_err(socket_step("reading the conntrack table"))?;
         let mut offset = 0;
         while offset < size {
             let message = <NetlinkMessage<NetfilterMessage>>::deserialize(&received[offset..size])
-                .context("a conntrack message")?;
+                .map_err(KernelFlowsError::Decode)?;
             match message.payload {
                 NetlinkPayload::Done(_) => return Ok(flows),
-                NetlinkPayload::Error(e) => bail!("the conntrack table: {e}"),
+                NetlinkPayload::Error(e) => return Err(KernelFlowsError::Refused(e)),
                 NetlinkPayload::InnerMessage(NetfilterMessage {
                     inner:
                         NetfilterMessageInner::Conntrack(
@@ -196,10 +223,14 @@ pub fn kernel_entries<'a>(
 /// Gives the fast path the UDP flows the kernel tracks now (at most
 /// `limit` entries): their packets stay the kernel's. Entries of the fast
 /// path's own flows are left as they are. How many entries were written.
-pub fn keep_for_kernel(datapath: &mut Datapath, routes: &Routes, limit: usize) -> Result<usize> {
+pub fn keep_for_kernel(
+    datapath: &mut Datapath,
+    routes: &Routes,
+    limit: usize,
+) -> Result<usize, KernelFlowsError> {
     let flows = udp_flows()?;
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .context("reading the boot-time clock")?;
+        .map_err(KernelFlowsError::Clock)?;
     let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
     let mut nat = datapath.nat()?;
     let mut written = 0;

@@ -7,7 +7,6 @@ mod rules;
 
 pub use rules::{FAST_PATH_PORTS, FirewallPlan, TABLE};
 
-use anyhow::{Context as _, Result};
 use nftables::{helper, schema::Nftables};
 use tracing::info;
 
@@ -15,6 +14,22 @@ use crate::{
     config::{plan::Plan, settings::DatapathMode},
     host::observed::Observed,
 };
+
+/// What failed while changing TailGuard's table.
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error("applying the nftables table inet {TABLE}")]
+    Apply(#[source] BatchError),
+    #[error("removing the nftables table inet {TABLE}")]
+    Remove(#[source] BatchError),
+}
+
+/// Why one batch did not go through `nft`.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Nft(#[from] helper::NftablesError),
+}
 
 impl FirewallPlan {
     /// The table for `plan` while the kernel and Tailscale report `observed`.
@@ -45,30 +60,26 @@ pub struct Firewall {
 
 impl Firewall {
     /// Makes the table match `plan`; nothing happens when it already does.
-    pub async fn apply(&mut self, plan: &FirewallPlan) -> Result<()> {
+    pub async fn apply(&mut self, plan: &FirewallPlan) -> Result<(), FirewallError> {
         if self.applied.as_ref() == Some(plan) {
             return Ok(());
         }
         run(rules::replace(plan))
             .await
-            .with_context(|| format!("applying the nftables table inet {TABLE}"))?;
+            .map_err(FirewallError::Apply)?;
         info!(table = TABLE, ts_v4 = ?plan.ts_v4, ts_v6 = ?plan.ts_v6, "nftables table applied");
         self.applied = Some(plan.clone());
         Ok(())
     }
 
     /// Removes the table (harmless when it is not there).
-    pub async fn remove(&mut self) -> Result<()> {
-        run(rules::remove())
-            .await
-            .with_context(|| format!("removing the nftables table inet {TABLE}"))?;
+    pub async fn remove(&mut self) -> Result<(), FirewallError> {
+        run(rules::remove()).await.map_err(FirewallError::Remove)?;
         self.applied = None;
         Ok(())
     }
 }
 
-async fn run(commands: Nftables<'static>) -> Result<()> {
-    helper::apply_ruleset_async(&commands)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))
+async fn run(commands: Nftables<'static>) -> Result<(), BatchError> {
+    Ok(helper::apply_ruleset_async(&commands).await?)
 }

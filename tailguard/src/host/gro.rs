@@ -24,6 +24,26 @@ use crate::host::netlink::Netlink;
 pub const UDP_GRO_FORWARDING: &str = "rx-udp-gro-forwarding";
 pub const GRO_LIST: &str = "rx-gro-list";
 
+/// What failed while reading or setting the uplink's features.
+#[derive(Debug, thiserror::Error)]
+pub enum GroError {
+    /// Opening a netlink socket, or the kernel refusing the change.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Ethtool(#[from] ethtool::EthtoolError),
+    #[error(transparent)]
+    Genetlink(#[from] genetlink::GenetlinkError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("restoring the GRO features of {device}")]
+    Restore {
+        device: String,
+        #[source]
+        source: Box<GroError>,
+    },
+}
+
 /// What we changed, to put back.
 pub struct GroSetup {
     ifname: String,
@@ -58,7 +78,7 @@ impl GroSetup {
         }
     }
 
-    async fn apply(ifname: &str, ifindex: u32) -> Result<Option<Self>, String> {
+    async fn apply(ifname: &str, ifindex: u32) -> Result<Option<Self>, GroError> {
         let (changeable, active) = features(ifname).await?;
         if !changeable.contains(&UDP_GRO_FORWARDING.to_string()) {
             info!(
@@ -91,26 +111,27 @@ impl GroSetup {
     }
 
     /// Puts the previous values back.
-    pub async fn restore(self) -> Result<(), String> {
+    pub async fn restore(self) -> Result<(), GroError> {
         set_features(self.ifindex, &self.previous)
             .await
-            .map_err(|e| format!("restoring the GRO features of {}: {e}", self.ifname))
+            .map_err(|e| GroError::Restore {
+                device: self.ifname,
+                source: Box::new(e),
+            })
     }
 }
 
 /// The features the device lets us change, and which are on now.
-pub async fn features(ifname: &str) -> Result<(Vec<String>, HashMap<String, bool>), String> {
-    let (connection, mut handle, _) = ethtool::new_connection().map_err(|e| e.to_string())?;
+pub async fn features(ifname: &str) -> Result<(Vec<String>, HashMap<String, bool>), GroError> {
+    let (connection, mut handle, _) = ethtool::new_connection()?;
     let task = tokio::spawn(connection);
     let replies: Vec<_> = handle
         .feature()
         .get(Some(ifname))
         .execute()
-        .await
-        .map_err(|e| e.to_string())?
+        .await?
         .try_collect()
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     task.abort();
     let mut changeable = Vec::new();
     let mut active = HashMap::new();
@@ -130,8 +151,8 @@ pub async fn features(ifname: &str) -> Result<(Vec<String>, HashMap<String, bool
     Ok((changeable, active))
 }
 
-async fn set_features(ifindex: u32, bits: &[(&'static str, bool)]) -> Result<(), String> {
-    let (connection, mut handle, _) = genetlink::new_connection().map_err(|e| e.to_string())?;
+async fn set_features(ifindex: u32, bits: &[(&'static str, bool)]) -> Result<(), GroError> {
+    let (connection, mut handle, _) = genetlink::new_connection()?;
     let task = tokio::spawn(connection);
     let mut message = NetlinkMessage::from(GenlMessage::from_payload(FeaturesSet {
         ifindex,
@@ -139,12 +160,12 @@ async fn set_features(ifindex: u32, bits: &[(&'static str, bool)]) -> Result<(),
     }));
     message.header.flags = NLM_F_REQUEST | NLM_F_ACK;
     let result = async {
-        let mut replies = handle.request(message).await.map_err(|e| e.to_string())?;
-        while let Some(reply) = replies.try_next().await.map_err(|e| e.to_string())? {
+        let mut replies = handle.request(message).await?;
+        while let Some(reply) = replies.try_next().await? {
             if let NetlinkPayload::Error(e) = reply.payload
                 && e.code.is_some()
             {
-                return Err(e.to_io().to_string());
+                return Err(e.to_io().into());
             }
         }
         Ok(())

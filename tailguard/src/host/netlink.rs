@@ -300,10 +300,9 @@ impl Netlink {
     /// The main table's default route of a family: its device and gateway.
     pub async fn default_route(&self, ipv6: bool) -> Result<Option<(u32, Option<IpAddr>)>> {
         let routes = self.routes(ipv6, None).await?;
-        Ok(routes
-            .into_iter()
-            .find(|(dest, oif, _)| dest.prefix_len() == 0 && oif.is_some())
-            .map(|(_, oif, gw)| (oif.expect("checked"), gw)))
+        Ok(routes.into_iter().find_map(|(dest, oif, gw)| {
+            oif.filter(|_| dest.prefix_len() == 0).map(|oif| (oif, gw))
+        }))
     }
 
     /// Routes of one table (`None`: main) and family, as (destination,

@@ -2,9 +2,8 @@
 //! missing capability, device or switch is named with the flag that grants
 //! it, instead of surfacing later as a bare "operation not permitted".
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
 use tracing::{info, warn};
 
 /// Capability numbers from `linux/capability.h`.
@@ -37,21 +36,30 @@ impl Capabilities {
     }
 }
 
+/// What TailGuard cannot run without, each with the flag that grants it.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    #[error(
+        "missing CAP_NET_ADMIN: WireGuard, addresses, routes and the nftables table need it \
+         (docker: --cap-add NET_ADMIN)"
+    )]
+    NoNetAdmin,
+    #[error(
+        "no {}: tailscaled and userspace WireGuard make TUN devices (docker: --device /dev/net/tun)",
+        .0.display()
+    )]
+    NoTun(PathBuf),
+}
+
 /// Checks what TailGuard needs and says what is missing: fails for what it
 /// cannot run without, warns for what only costs the fast path or the
 /// pinned connection state. `ebpf`: the eBPF datapath is wanted.
-pub fn check(caps: Capabilities, tun: &Path, ebpf: bool) -> Result<()> {
+pub fn check(caps: Capabilities, tun: &Path, ebpf: bool) -> Result<(), PrivilegeError> {
     if !caps.has(CAP_NET_ADMIN) {
-        bail!(
-            "missing CAP_NET_ADMIN: WireGuard, addresses, routes and the nftables table need it \
-             (docker: --cap-add NET_ADMIN)"
-        );
+        return Err(PrivilegeError::NoNetAdmin);
     }
     if !tun.exists() {
-        bail!(
-            "no {}: tailscaled and userspace WireGuard make TUN devices (docker: --device /dev/net/tun)",
-            tun.display()
-        );
+        return Err(PrivilegeError::NoTun(tun.to_path_buf()));
     }
     let bpf = caps.has(CAP_BPF) || caps.has(CAP_SYS_ADMIN);
     if ebpf && !bpf {

@@ -21,7 +21,7 @@ use tokio::{
 use tracing::info;
 
 use super::server::{self, Client, Limits, Site};
-use crate::config::tailnet::in_tailnet;
+use crate::{config::tailnet::in_tailnet, tailscale::status::NotReady};
 
 /// Why the netfilter datapath forwards although the eBPF one was wanted:
 /// the fast path could not be loaded or attached.
@@ -47,7 +47,7 @@ pub struct Health {
     /// Set when the eBPF datapath was wanted and netfilter forwards instead.
     pub datapath_fallback: Option<Fallback>,
     /// `Err`: why Tailscale is not ready.
-    pub tailscale: Result<(), String>,
+    pub tailscale: Result<(), NotReady>,
     /// The forwarding plane's maps as last read back from the kernel.
     pub forwarding: serde_json::Value,
     /// The fast path's outcome counters, read each second.
@@ -56,6 +56,52 @@ pub struct Health {
     /// it: names the node goes by, for the `Host` check.
     pub ts_hostname: Option<String>,
     pub dns_name: Option<String>,
+}
+
+/// One reason the node is not healthy.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Reason {
+    #[error(transparent)]
+    Tailscale(NotReady),
+    #[error("the WireGuard device is not up")]
+    WireGuardDown,
+    #[error("the eBPF programs are not attached to both devices")]
+    ProgramsNotAttached,
+    #[error("the Tailscale device does not exist")]
+    NoTailscaleDevice,
+}
+
+/// Every reason the node is not healthy, in one line.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(Reason::to_string).collect::<Vec<_>>().join("; "))]
+pub struct Unhealthy(pub Vec<Reason>);
+
+/// Why `tailguard health` / `status` could not get an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error("no TailGuard answers on {addr}: {source}")]
+    NoAnswer {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    /// `path` does not make a request.
+    #[error(transparent)]
+    Request(#[from] hyper::http::Error),
+    #[error("TailGuard on {addr} did not answer within 5 s")]
+    TimedOut { addr: SocketAddr },
+}
+
+/// What `tailguard health` reports when it is not `healthy`.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The daemon's report of why it is not healthy.
+    #[error("{0}")]
+    Unhealthy(String),
+    #[error(transparent)]
+    Ask(#[from] AskError),
 }
 
 impl Health {
@@ -68,7 +114,7 @@ impl Health {
             tailscale_attached: false,
             programs_required: true,
             datapath_fallback: None,
-            tailscale: Err("tailscaled has not answered yet".into()),
+            tailscale: Err(NotReady::NotAnsweredYet),
             forwarding: serde_json::Value::Null,
             counters: serde_json::Value::Null,
             ts_hostname: None,
@@ -95,23 +141,23 @@ impl Health {
     }
 
     /// `Ok`, or every reason the node is not healthy.
-    pub fn verdict(&self) -> Result<(), String> {
+    pub fn verdict(&self) -> Result<(), Unhealthy> {
         let mut reasons = Vec::new();
         if let Err(why) = &self.tailscale {
-            reasons.push(why.clone());
+            reasons.push(Reason::Tailscale(why.clone()));
         }
         if !self.wireguard_up {
-            reasons.push("the WireGuard device is not up".into());
+            reasons.push(Reason::WireGuardDown);
         }
         if self.programs_required && !(self.wireguard_attached && self.tailscale_attached) {
-            reasons.push("the eBPF programs are not attached to both devices".into());
+            reasons.push(Reason::ProgramsNotAttached);
         } else if !self.tailscale_attached {
-            reasons.push("the Tailscale device does not exist".into());
+            reasons.push(Reason::NoTailscaleDevice);
         }
         if reasons.is_empty() {
             Ok(())
         } else {
-            Err(reasons.join("; "))
+            Err(Unhealthy(reasons))
         }
     }
 
@@ -148,7 +194,7 @@ impl Health {
     fn status(&self) -> serde_json::Value {
         serde_json::json!({
             "healthy": self.verdict().is_ok(),
-            "reason": self.verdict().err(),
+            "reason": self.verdict().err().map(|why| why.to_string()),
             "started_at": unix_seconds(self.started_at),
             "first_healthy_at": self.first_healthy_at.map(unix_seconds),
             "datapath": if self.programs_required { "ebpf" } else { "netfilter" },
@@ -270,16 +316,16 @@ pub async fn serve(
 
 /// Asks a running daemon (`tailguard health`): `Ok(report)` when healthy,
 /// `Err(report or why it could not ask)` otherwise.
-pub async fn check(addr: SocketAddr) -> Result<String, String> {
+pub async fn check(addr: SocketAddr) -> Result<String, CheckError> {
     match get(addr, "/healthz").await? {
         (StatusCode::OK, body) => Ok(body),
-        (_, body) => Err(body),
+        (_, body) => Err(CheckError::Unhealthy(body)),
     }
 }
 
 /// `GET path` from a running daemon's health server: the status and body,
 /// or why it could not be asked.
-pub async fn get(addr: SocketAddr, path: &str) -> Result<(StatusCode, String), String> {
+pub async fn get(addr: SocketAddr, path: &str) -> Result<(StatusCode, String), AskError> {
     // A server on all addresses is asked on loopback, by that address.
     let addr = match addr.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => {
@@ -293,31 +339,21 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<(StatusCode, String), S
     let ask = async {
         let stream = TcpStream::connect(addr)
             .await
-            .map_err(|e| format!("no TailGuard answers on {addr}: {e}"))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| AskError::NoAnswer { addr, source })?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
         let request = Request::get(path)
             .header(hyper::header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())
-            .expect("valid");
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
+            .body(Empty::<Bytes>::new())?;
+        let response = sender.send_request(request).await?;
         let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok::<_, AskError>((status, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(Duration::from_secs(5), ask)
         .await
-        .unwrap_or_else(|_| Err(format!("TailGuard on {addr} did not answer within 5 s")))
+        .unwrap_or(Err(AskError::TimedOut { addr }))
 }
 
 #[cfg(test)]
@@ -338,21 +374,23 @@ mod tests {
     fn every_missing_part_is_named() {
         assert_eq!(healthy().verdict(), Ok(()));
         let h = Health {
-            tailscale: Err("tailscaled is NeedsLogin, not Running".into()),
+            tailscale: Err(NotReady::NotRunning("NeedsLogin".into())),
             tailscale_attached: false,
             ..healthy()
         };
         assert_eq!(
-            h.verdict(),
-            Err("tailscaled is NeedsLogin, not Running; the eBPF programs are not attached to both devices".into())
+            h.verdict().unwrap_err().to_string(),
+            "tailscaled is NeedsLogin, not Running; the eBPF programs are not attached to both devices"
         );
         assert_eq!(
             Health {
                 wireguard_up: false,
                 ..healthy()
             }
-            .verdict(),
-            Err("the WireGuard device is not up".into())
+            .verdict()
+            .unwrap_err()
+            .to_string(),
+            "the WireGuard device is not up"
         );
     }
 
@@ -364,7 +402,7 @@ mod tests {
         let mut h = healthy();
         h.mark();
         let first = h.first_healthy_at.expect("marked");
-        h.tailscale = Err("offline".into());
+        h.tailscale = Err(NotReady::Offline);
         h.mark();
         h.tailscale = Ok(());
         h.mark();
@@ -378,7 +416,10 @@ mod tests {
         let (tx, rx) = watch::channel(Health::new());
         let (local, _) = Limits::split(1024);
         tokio::spawn(serve(listener, rx, Audience::Host, local));
-        let e = check(addr).await.unwrap_err();
+        let e = match check(addr).await {
+            Err(CheckError::Unhealthy(report)) => report,
+            other => panic!("the report of an unhealthy node, not {other:?}"),
+        };
         assert!(
             e.starts_with("unhealthy: tailscaled has not answered yet"),
             "{e}"
@@ -396,11 +437,11 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
+        let e = check(closed).await.unwrap_err();
         assert!(
-            check(closed)
-                .await
-                .unwrap_err()
-                .contains("no TailGuard answers")
+            matches!(e, CheckError::Ask(AskError::NoAnswer { .. }))
+                && e.to_string().contains("no TailGuard answers"),
+            "{e}"
         );
     }
 

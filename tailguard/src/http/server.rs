@@ -183,6 +183,8 @@ pub async fn serve(listener: TcpListener, limits: Limits, site: impl Site) {
             .clone()
             .acquire_owned()
             .await
+            // `acquire_owned` fails only on a closed semaphore, and this
+            // one is never closed: it lives here, unshared with a closer.
             .expect("the semaphore is never closed");
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,

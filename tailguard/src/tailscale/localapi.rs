@@ -186,7 +186,10 @@ impl LocalApi {
             .header(hyper::header::HOST, HOST)
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
-            .expect("a valid request");
+            .map_err(|e| LocalApiError::Http {
+                path: path.into(),
+                message: e.to_string(),
+            })?;
         let response = sender.send_request(request).await.map_err(http)?;
         let status = response.status();
         if status.is_success() {

@@ -72,14 +72,23 @@ impl MaskedPrefs {
     }
 }
 
-const DEFAULT_ROUTES: [&str; 2] = ["0.0.0.0/0", "::/0"];
+const DEFAULT_ROUTES: [IpNet; 2] = [
+    IpNet::V4(ipnet::Ipv4Net::new_assert(
+        std::net::Ipv4Addr::UNSPECIFIED,
+        0,
+    )),
+    IpNet::V6(ipnet::Ipv6Net::new_assert(
+        std::net::Ipv6Addr::UNSPECIFIED,
+        0,
+    )),
+];
 
 /// The preferences set at start. The exit node is left to
 /// [`exit_node`], which may need the tailnet's peers to resolve a name.
 pub fn at_start(plan: &TailscalePlan) -> MaskedPrefs {
     let mut routes = plan.advertise.routes.clone();
     if plan.advertise.exit_node {
-        routes.extend(DEFAULT_ROUTES.map(|r| r.parse::<IpNet>().expect("valid prefix")));
+        routes.extend(DEFAULT_ROUTES);
     }
     let mut prefs = MaskedPrefs {
         control_url: plan.login_server.clone(),
@@ -94,22 +103,29 @@ pub fn at_start(plan: &TailscalePlan) -> MaskedPrefs {
     prefs
 }
 
+/// A `TS_EXIT_NODE` name that cannot be turned into a peer (yet).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExitNodeError {
+    #[error("TS_EXIT_NODE={0}: the tailnet's peers are not known yet")]
+    PeersUnknown(String),
+    #[error("TS_EXIT_NODE={0}: no peer of that name in the tailnet")]
+    NoSuchPeer(String),
+}
+
 /// The exit node to use (client mode), with LAN access kept, as the
 /// reference's `--exit-node-allow-lan-access`. `auto:EXPR` becomes
 /// tailscaled's `AutoExitNode`; an IP is passed as is; a name is looked up
 /// among the tailnet's peers, which needs `status`.
-pub fn exit_node(selector: &str, status: Option<&Status>) -> Result<MaskedPrefs, String> {
+pub fn exit_node(selector: &str, status: Option<&Status>) -> Result<MaskedPrefs, ExitNodeError> {
     let node = if let Some(expr) = selector.strip_prefix("auto:") {
         ExitNode::Auto(expr.to_string())
     } else if let Ok(ip) = selector.parse::<IpAddr>() {
         ExitNode::Ip(ip)
     } else {
-        let status = status.ok_or_else(|| {
-            format!("TS_EXIT_NODE={selector}: the tailnet's peers are not known yet")
-        })?;
-        let peer = status.find_peer(selector).ok_or_else(|| {
-            format!("TS_EXIT_NODE={selector}: no peer of that name in the tailnet")
-        })?;
+        let status = status.ok_or_else(|| ExitNodeError::PeersUnknown(selector.to_string()))?;
+        let peer = status
+            .find_peer(selector)
+            .ok_or_else(|| ExitNodeError::NoSuchPeer(selector.to_string()))?;
         ExitNode::Id(peer.id.clone())
     };
     Ok(MaskedPrefs {
@@ -122,7 +138,10 @@ pub fn exit_node(selector: &str, status: Option<&Status>) -> Result<MaskedPrefs,
 /// What the reference does once the node is healthy: set the exit node
 /// again (so `auto:any` and names resolve against a full netmap) and start
 /// the web client.
-pub fn once_healthy(plan: &TailscalePlan, status: &Status) -> Result<Option<MaskedPrefs>, String> {
+pub fn once_healthy(
+    plan: &TailscalePlan,
+    status: &Status,
+) -> Result<Option<MaskedPrefs>, ExitNodeError> {
     let mut prefs = match &plan.exit_node {
         Some(selector) => exit_node(selector, Some(status))?,
         None => MaskedPrefs::default(),
@@ -260,11 +279,13 @@ mod tests {
         assert!(
             exit_node("exit-fra", None)
                 .unwrap_err()
+                .to_string()
                 .contains("not known yet")
         );
         assert!(
             exit_node("nowhere", Some(&status()))
                 .unwrap_err()
+                .to_string()
                 .contains("TS_EXIT_NODE=nowhere: no peer")
         );
     }

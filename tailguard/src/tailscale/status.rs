@@ -87,6 +87,30 @@ where
     Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
+/// Why Tailscale is not ready for TailGuard's purposes. Kept (and compared)
+/// as the daemon's state, so what came from elsewhere is kept as its text.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    #[error("tailscaled has not answered yet")]
+    NotAnsweredYet,
+    /// The LocalAPI stopped answering: its error.
+    #[error("tailscaled does not answer: {0}")]
+    NoAnswer(String),
+    /// The socket did not open in time (seconds) after a start.
+    #[error("tailscaled did not answer within {seconds} s: {error}")]
+    NeverAnswered { seconds: u64, error: String },
+    /// tailscaled exited: its exit status (or why it could not be read).
+    #[error("tailscaled exited ({0})")]
+    Exited(String),
+    /// The backend state, when it is not `Running`.
+    #[error("tailscaled is {0}, not Running")]
+    NotRunning(String),
+    #[error("the node has no tailnet address yet")]
+    NoAddress,
+    #[error("the control server does not see the node online")]
+    Offline,
+}
+
 impl Status {
     /// The node's own tailnet addresses, one per family at most.
     pub fn own_addresses(&self) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
@@ -96,19 +120,18 @@ impl Status {
     /// Healthy for TailGuard's purposes: running, with addresses, and online
     /// (an address stays after the node is removed from the tailnet, so it
     /// alone proves nothing). `Err` says what is missing.
-    pub fn ready(&self) -> Result<(), String> {
+    pub fn ready(&self) -> Result<(), NotReady> {
         if self.backend_state != "Running" {
-            return Err(format!(
-                "tailscaled is {}, not Running",
-                or_unknown(&self.backend_state)
+            return Err(NotReady::NotRunning(
+                or_unknown(&self.backend_state).to_string(),
             ));
         }
         if self.tailscale_ips.is_empty() {
-            return Err("the node has no tailnet address yet".into());
+            return Err(NotReady::NoAddress);
         }
         match &self.self_node {
             Some(node) if node.online => Ok(()),
-            _ => Err("the control server does not see the node online".into()),
+            _ => Err(NotReady::Offline),
         }
     }
 
@@ -239,8 +262,8 @@ mod tests {
         .unwrap();
         assert_eq!(s.auth_url, "https://login.tailscale.com/a/0123abcd");
         assert_eq!(
-            s.ready(),
-            Err("tailscaled is NeedsLogin, not Running".into())
+            s.ready().unwrap_err().to_string(),
+            "tailscaled is NeedsLogin, not Running"
         );
     }
 
@@ -249,11 +272,14 @@ mod tests {
         let mut s: Status = serde_json::from_str(RUNNING).unwrap();
         s.self_node.as_mut().unwrap().online = false;
         assert_eq!(
-            s.ready(),
-            Err("the control server does not see the node online".into())
+            s.ready().unwrap_err().to_string(),
+            "the control server does not see the node online"
         );
         s.tailscale_ips.clear();
-        assert_eq!(s.ready(), Err("the node has no tailnet address yet".into()));
+        assert_eq!(
+            s.ready().unwrap_err().to_string(),
+            "the node has no tailnet address yet"
+        );
     }
 
     #[test]

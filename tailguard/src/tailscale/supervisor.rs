@@ -21,10 +21,19 @@ use tracing::{error, info, warn};
 use super::{
     localapi::{self, LocalApi, LocalApiError},
     prefs,
-    status::Status,
+    status::{NotReady, Status},
 };
 use crate::config::plan::{Login, TailscalePlan};
 use futures_util::{FutureExt as _, Stream, StreamExt as _};
+
+/// tailscaled could not be started.
+#[derive(Debug, thiserror::Error)]
+#[error("starting tailscaled `{program}`: {source}")]
+pub struct SpawnError {
+    program: String,
+    #[source]
+    source: std::io::Error,
+}
 
 /// What the rest of the daemon needs to know about Tailscale.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,7 +42,7 @@ pub struct TailscaleState {
     pub v4: Option<Ipv4Addr>,
     pub v6: Option<Ipv6Addr>,
     /// `Ok` once Running, with addresses, online; else why not.
-    pub ready: Result<(), String>,
+    pub ready: Result<(), NotReady>,
     /// The node's MagicDNS name (`Self.DNSName`), once known.
     pub dns_name: Option<String>,
 }
@@ -43,7 +52,7 @@ impl Default for TailscaleState {
         Self {
             v4: None,
             v6: None,
-            ready: Err("tailscaled has not answered yet".into()),
+            ready: Err(NotReady::NotAnsweredYet),
             dns_name: None,
         }
     }
@@ -123,7 +132,7 @@ impl Supervisor {
         }
     }
 
-    fn spawn(&self) -> Result<Child, String> {
+    fn spawn(&self) -> Result<Child, SpawnError> {
         crate::fault::point("spawning-tailscaled");
         let tailscaled = &self.plan.tailscaled;
         let mut cmd = Command::new(&tailscaled.program);
@@ -136,9 +145,10 @@ impl Supervisor {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("starting tailscaled `{}`: {e}", tailscaled.program))?;
+        let mut child = cmd.spawn().map_err(|source| SpawnError {
+            program: tailscaled.program.clone(),
+            source,
+        })?;
         // Its log becomes ours.
         for pipe in [
             child
@@ -192,17 +202,13 @@ impl Supervisor {
                 Err(e) => {
                     bus = None;
                     if socket_deadline.is_some_and(|d| Instant::now() > d) {
-                        return Outcome::Exited(format!(
-                            "tailscaled did not answer within {} s: {e}",
-                            SOCKET_WAIT.as_secs()
-                        ));
+                        return Outcome::Exited(NotReady::NeverAnswered {
+                            seconds: SOCKET_WAIT.as_secs(),
+                            error: e.to_string(),
+                        });
                     }
                     if socket_deadline.is_none() {
-                        self.publish(
-                            Err(format!("tailscaled does not answer: {e}")),
-                            (None, None),
-                            None,
-                        );
+                        self.publish(Err(NotReady::NoAnswer(e.to_string())), (None, None), None);
                     }
                 }
             }
@@ -218,7 +224,7 @@ impl Supervisor {
             let wait = if bus.is_some() { RESYNC } else { POLL };
             tokio::select! {
                 status = exited(child.as_deref_mut()) => {
-                    return Outcome::Exited(format!("tailscaled exited ({status})"));
+                    return Outcome::Exited(NotReady::Exited(status));
                 }
                 note = next_notification(&mut bus) => match note {
                     // A burst of notifications leads to one status read.
@@ -285,7 +291,7 @@ impl Supervisor {
 
     fn publish(
         &self,
-        ready: Result<(), String>,
+        ready: Result<(), NotReady>,
         (v4, v6): (Option<Ipv4Addr>, Option<Ipv6Addr>),
         dns_name: Option<String>,
     ) {
@@ -316,7 +322,7 @@ impl Supervisor {
 
 enum Outcome {
     Shutdown,
-    Exited(String),
+    Exited(NotReady),
 }
 
 /// What has been done in one life of tailscaled, so each step happens once.

@@ -94,8 +94,7 @@ impl WgSetup {
         self.creating = Some(wg.device.clone());
         let device = WgDevice::create(nl, &wg.device, &wg.userspace_program).await?;
         let ifindex = device.ifindex;
-        self.device = Some(device);
-        let device = self.device.as_ref().expect("just set");
+        let device = &*self.device.insert(device);
         device.configure(wg).await?;
         // What the device ended up with: its fwmark (the listen port when
         // neither was fixed) and its peers' endpoints (for the MTU rule).
@@ -232,22 +231,39 @@ async fn run_hooks(stage: &'static str, commands: &[String]) -> Result<(), Setup
         // usual, a literal one is not unheard of): shown redacted.
         let shown = crate::config::secrets::redact(command).into_owned();
         info!("{stage}: {shown}");
-        run_hook(command)
-            .await
-            .map_err(|message| SetupError::Hook {
-                stage,
-                command: shown,
-                message: crate::config::secrets::redact(&message).into_owned(),
-            })?;
+        run_hook(command).await.map_err(|e| SetupError::Hook {
+            stage,
+            command: shown,
+            // What the hook wrote may carry a key too.
+            message: crate::config::secrets::redact(&e.to_string()).into_owned(),
+        })?;
     }
     Ok(())
+}
+
+/// Why a hook failed.
+#[derive(Debug, thiserror::Error)]
+enum HookError {
+    /// `sh` could not be started or waited for.
+    #[error(transparent)]
+    Run(#[from] std::io::Error),
+    #[error(
+        "still running after {} s: killed, with everything it started",
+        HOOK_TIMEOUT.as_secs()
+    )]
+    TimedOut,
+    #[error("{status} {stderr}")]
+    Failed {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
 }
 
 /// One hook, `sh -c COMMAND`, in a process group of its own, so that it and
 /// everything it started can be killed together: when it outlives
 /// [`HOOK_TIMEOUT`], and when this future is dropped (the start it belongs
 /// to abandoned). What a hook that exits leaves running is its business.
-async fn run_hook(command: &str) -> Result<(), String> {
+async fn run_hook(command: &str) -> Result<(), HookError> {
     let child = tokio::process::Command::new("sh")
         .args(["-c", command])
         .process_group(0)
@@ -255,22 +271,17 @@ async fn run_hook(command: &str) -> Result<(), String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| e.to_string())?;
+        .spawn()?;
     let group = KillGroupOnDrop(child.id().map(|pid| Pid::from_raw(pid as i32)));
     let out = tokio::time::timeout(HOOK_TIMEOUT, child.wait_with_output())
         .await
-        .map_err(|_| {
-            format!(
-                "still running after {} s: killed, with everything it started",
-                HOOK_TIMEOUT.as_secs()
-            )
-        })?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| HookError::TimedOut)??;
     group.disarm();
     if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(format!("{} {}", out.status, stderr.trim()));
+        return Err(HookError::Failed {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }

@@ -176,7 +176,7 @@ impl WgDevice {
         let (name, backend) = (self.interface_name()?, self.backend);
         tokio::task::spawn_blocking(move || wireguard_control::Device::get(&name, backend))
             .await
-            .expect("the WireGuard query does not panic")
+            .map_err(|e| self.configure_error(format!("the WireGuard query did not finish: {e}")))?
             .map_err(|e| self.configure_error(e.to_string()))
     }
 
@@ -191,7 +191,7 @@ impl WgDevice {
         let (name, backend) = (self.interface_name()?, self.backend);
         tokio::task::spawn_blocking(move || update.apply(&name, backend))
             .await
-            .expect("the WireGuard update does not panic")
+            .map_err(|e| self.configure_error(format!("the WireGuard update did not finish: {e}")))?
             .map_err(|e| self.configure_error(e.to_string()))
     }
 
