@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod errors;
 pub mod fault;
 pub mod firewall;
 pub mod host;

@@ -275,7 +275,7 @@ async fn run(settings: &Settings) -> Result<()> {
             }
         }
     };
-    daemon::run(settings, shutdown).await
+    Ok(daemon::run(settings, shutdown).await?)
 }
 
 fn wg_pair(

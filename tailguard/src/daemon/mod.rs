@@ -11,30 +11,93 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::{Context as _, Result, anyhow};
 use futures_util::{FutureExt as _, StreamExt as _, future::Shared};
 use tailguard_common::{Device, Direction};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    config::plan::Plan,
+    config::plan::{MismatchError, Plan},
     config::settings::{DatapathMode, Settings},
     config::tailnet::TAILSCALE_TABLE,
+    config::wg_quick::ConfigError,
     config::wg_quick::WgConfig,
+    daemon::preflight::PreflightError,
     datapath::map_contents,
     datapath::{self, Datapath, LoadOptions, pin},
+    errors::one_line,
+    firewall::FirewallError,
     firewall::{Firewall, FirewallPlan},
     host::gro::GroSetup,
     host::netlink::Netlink,
     host::observed::Observed,
     host::resolver::ResolverSetup,
     host::sysctls::{Forwarding, Sysctls},
+    host::{netlink::NetlinkError, privileges::PrivilegeError, resolver::ResolverError},
     http::health::{self, Health},
     tailscale::supervisor::{Supervisor, TailscaleState},
     wireguard::bring_up::WgSetup,
     wireguard::endpoints,
+    wireguard::{bring_up::SetupError, device::WireGuardError},
 };
+
+/// What stops the daemon (its start, or its service), each naming the step
+/// that failed with the cause as its source.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Mismatch(#[from] MismatchError),
+    #[error(transparent)]
+    Privileges(#[from] PrivilegeError),
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error("reading the forwarding switches")]
+    ForwardingSwitches(#[source] std::io::Error),
+    #[error("opening rtnetlink")]
+    Rtnetlink(#[source] std::io::Error),
+    #[error("watching links and routes")]
+    KernelChanges(#[source] std::io::Error),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Firewall(#[from] FirewallError),
+    #[error("bringing up WireGuard")]
+    WireGuard(#[source] SetupError),
+    #[error(transparent)]
+    WireGuardDevice(#[from] WireGuardError),
+    #[error("the WireGuard device {0} is gone")]
+    WireGuardGone(String),
+    #[error("configuring name resolution")]
+    Resolver(#[source] ResolverError),
+    #[error("setting the kernel's switches")]
+    Switches(#[source] std::io::Error),
+    #[error("TG_HEALTH_ADDR={addr}: cannot listen")]
+    HealthListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TG_WEBUI_PORT={port}: cannot listen")]
+    PageListen {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Datapath(#[from] datapath::Error),
+    #[error("attaching the eBPF programs")]
+    Attach(#[source] datapath::Error),
+    #[error("filling the forwarding plane's maps")]
+    FirstFill(#[source] Box<Error>),
+    #[error("tailscaled's supervisor ended unexpectedly")]
+    SupervisorEnded,
+    #[error("teardown left {} error(s): {}", .0.len(), .0.join("; "))]
+    Teardown(Vec<String>),
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Said with `tailguard programs`' load failures: the usual cause is
 /// missing privileges (the daemon's start checks them first).
@@ -73,9 +136,9 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
     crate::http::server::raise_open_file_limit();
     let plan = plan(settings)?;
     // The user's, once: the daemon never turns it on (or off).
-    let forwarding = Forwarding::read().context("reading the forwarding switches")?;
+    let forwarding = Forwarding::read().map_err(Error::ForwardingSwitches)?;
     forwarding.log();
-    let nl = Netlink::connect().context("opening rtnetlink")?;
+    let nl = Netlink::connect().map_err(Error::Rtnetlink)?;
     crate::daemon::preflight::devices(&nl, &plan).await?;
     let mut running = Running {
         nl,
@@ -102,7 +165,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         Ok(result) => result.and(teardown),
         Err(panic) => {
             if let Err(e) = teardown {
-                error!("{e:#}");
+                error!("{}", one_line(&e));
             }
             std::panic::resume_unwind(panic)
         }
@@ -196,7 +259,7 @@ impl Running {
             biased;
             () = shutdown.clone() => return Ok(Start::Stopped),
             up = wg.bring_up_in_place(&self.nl, plan) => {
-                up.context("bringing up WireGuard")?;
+                up.map_err(Error::WireGuard)?;
             }
         }
         crate::fault::point("after-wireguard");
@@ -209,13 +272,12 @@ impl Running {
             return Ok(Start::Stopped);
         }
         let resolver = ResolverSetup::apply(&self.nl, &plan.resolver).await;
-        self.resolver = Some(resolver.context("configuring name resolution")?);
+        self.resolver = Some(resolver.map_err(Error::Resolver)?);
         crate::fault::point("after-resolver");
         if stop_requested(shutdown) {
             return Ok(Start::Stopped);
         }
-        self.sysctls =
-            Some(Sysctls::apply(&plan.switches).context("setting the kernel's switches")?);
+        self.sysctls = Some(Sysctls::apply(&plan.switches).map_err(Error::Switches)?);
         Ok(Start::Done)
     }
 
@@ -229,14 +291,17 @@ impl Running {
         let (local_limits, page_limits) = crate::http::server::Limits::of_this_process();
         let listener = TcpListener::bind(plan.health_addr)
             .await
-            .with_context(|| format!("TG_HEALTH_ADDR={}: cannot listen", plan.health_addr))?;
+            .map_err(|source| Error::HealthListen {
+                addr: plan.health_addr,
+                source,
+            })?;
         // The status page: the same `/status` and `/healthz`, on all
         // addresses, for both sides (the firewall opens it to them).
         if let Some(port) = plan.forwarding.status_page_port {
             let page = std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
             let listener = TcpListener::bind(page)
                 .await
-                .with_context(|| format!("TG_WEBUI_PORT={port}: cannot listen"))?;
+                .map_err(|source| Error::PageListen { port, source })?;
             let audience = health::Audience::Peers {
                 isolate_peers: plan.forwarding.isolate_peers,
             };
@@ -256,10 +321,7 @@ impl Running {
                     };
                     // A refused program's whole verifier log: thousands of
                     // lines, for RUST_LOG=debug only.
-                    debug!(
-                        "the eBPF fast path's error in full: {:#}",
-                        anyhow::Error::from(e)
-                    );
+                    debug!("the eBPF fast path's error in full: {}", one_line(&e));
                     error!(
                         "THE eBPF FAST PATH IS OFF on kernel {}: {}. The netfilter datapath \
                          forwards everything (the same policy, forwarded by the kernel, slower).",
@@ -274,12 +336,11 @@ impl Running {
         // Every link or route change may move the Tailscale device or table
         // 52: both are re-read on each one, and on a slow timer in case a
         // notification was lost (the socket drops them when it overflows).
-        let mut kernel_changes =
-            Netlink::watch_links_and_routes().context("watching links and routes")?;
+        let mut kernel_changes = Netlink::watch_links_and_routes().map_err(Error::KernelChanges)?;
         let mut tailscale_state = TailscaleState::default();
         self.refresh(plan, &tailscale_state, &health)
             .await
-            .context("filling the forwarding plane's maps")?;
+            .map_err(|e| Error::FirstFill(Box::new(e)))?;
         if !health.borrow().tailscale_attached {
             info!(device = %plan.tailscale.device, "waiting for the Tailscale device");
         }
@@ -307,7 +368,7 @@ impl Running {
                     self.supervisor = None;
                     return match ended {
                         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                        _ => Err(anyhow!("tailscaled's supervisor ended unexpectedly")),
+                        _ => Err(Error::SupervisorEnded),
                     };
                 }
                 Some(()) = kernel_changes.next() => {
@@ -339,7 +400,7 @@ impl Running {
                 }
             }
             if let Err(e) = self.refresh(plan, &tailscale_state, &health).await {
-                warn!("updating the forwarding plane: {e:#}");
+                warn!("updating the forwarding plane: {}", one_line(&e));
             }
         }
     }
@@ -385,7 +446,7 @@ impl Running {
             .nl
             .link_index(&plan.wireguard.device)
             .await?
-            .with_context(|| format!("the WireGuard device {} is gone", plan.wireguard.device))?;
+            .ok_or_else(|| Error::WireGuardGone(plan.wireguard.device.clone()))?;
         let mut table52 = Vec::new();
         if let Some((ts_index, _)) = ts_device {
             for ipv6 in [false, true] {
@@ -443,7 +504,7 @@ impl Running {
                             plan.forwarding.attach,
                         )
                         .await
-                        .context("attaching the eBPF programs")?;
+                        .map_err(Error::Attach)?;
                 }
                 Some((index, self.nl.link_mtu(index).await?))
             }
@@ -489,9 +550,9 @@ impl Running {
                     ) {
                         Ok(n) => info!(entries = n, "the kernel's UDP flows stay the kernel's"),
                         Err(e) => warn!(
-                            "reading the kernel's conntrack table: {:#}; UDP flows it has \
+                            "reading the kernel's conntrack table: {}; UDP flows it has \
                              from before may be taken over by the fast path",
-                            anyhow::Error::from(e)
+                            one_line(&e)
                         ),
                     }
                 }
@@ -555,22 +616,18 @@ impl Running {
         if let Some(gro) = self.gro.take()
             && let Err(e) = gro.restore().await
         {
-            errors.push(format!("{:#}", anyhow::Error::from(e)));
+            errors.push(one_line(&e));
         }
         if let Some(mut firewall) = self.firewall.take()
             && let Err(e) = firewall.remove().await
         {
-            errors.push(format!("{:#}", anyhow::Error::from(e)));
+            errors.push(one_line(&e));
         }
         if errors.is_empty() {
             info!("stopped; everything set up was removed");
             Ok(())
         } else {
-            Err(anyhow!(
-                "teardown left {} error(s): {}",
-                errors.len(),
-                errors.join("; ")
-            ))
+            Err(Error::Teardown(errors))
         }
     }
 }

@@ -22,6 +22,8 @@ pub use object::{LinkLayer, LoadOptions, Program};
 
 use std::collections::BTreeMap;
 
+use crate::errors::one_line;
+
 use crate::config::settings::AttachMode;
 
 use aya::{
@@ -86,34 +88,15 @@ impl Error {
                     Some(reason) => format!("{name} was refused by the verifier: {reason}"),
                     None => format!("{name}: the BPF_PROG_LOAD syscall returned {io_error}"),
                 },
-                _ => chain(self),
+                _ => one_line(self),
             },
-            _ => chain(self),
+            _ => one_line(self),
         };
         match line.char_indices().nth(SUMMARY_MAX) {
             Some((cut, _)) => format!("{}…", &line[..cut]),
             None => line,
         }
     }
-}
-
-/// `error` and its sources in one line, each by its first line, and each
-/// only once (the messages here already embed their source's).
-fn chain(error: &dyn std::error::Error) -> String {
-    let first_line = |e: &dyn std::error::Error| {
-        let text = e.to_string();
-        text.lines().next().unwrap_or_default().trim().to_string()
-    };
-    let mut line = first_line(error);
-    let mut source = error.source();
-    while let Some(e) = source {
-        let text = first_line(e);
-        if !line.contains(&text) {
-            line = format!("{line}: {text}");
-        }
-        source = e.source();
-    }
-    line
 }
 
 impl Datapath {
