@@ -1,8 +1,9 @@
-//! The preferences TailGuard asks of tailscaled, what a `tailscale up` would
-//! set (docs/architecture.md, "Tailscale's preferences"): always accept routes; outside client mode no tailnet
-//! DNS and the discovered routes (plus both default routes when offering an
-//! exit node); in client mode tailnet DNS, nothing advertised but explicit
-//! routes, and the chosen exit node with LAN access.
+//! The preferences TailGuard asks of tailscaled, those a `tailscale up`
+//! would set (docs/architecture.md, "Tailscale's preferences"): always
+//! accept routes; outside client mode no tailnet DNS and the discovered
+//! routes (plus both default routes when offering an exit node); in client
+//! mode tailnet DNS, nothing advertised but explicit routes, and the chosen
+//! exit node with LAN access.
 //!
 //! They go to tailscaled as *masked* preferences (`PATCH /localapi/v0/prefs`):
 //! each field set is accompanied by `<Field>Set: true`, and fields not set
