@@ -1,7 +1,7 @@
 //! Fault injection, a TEST AID: named points in the daemon's start where a
 //! test can make it panic, to check that a panic after the first change to
 //! the kernel still takes down everything set up so far
-//! (`tests/tests/start_stop.rs`).
+//! (`tests/tests/daemon_start_stop.rs`).
 //!
 //! `TG_FAULT_PANIC=<point>[,<point>...]` in the daemon's environment makes
 //! [`point`] panic at each point named. Unset (as it always is outside the

@@ -12,9 +12,9 @@
 //! ```
 //!
 //! The second WireGuard peer (10.66.0.3, fd66::3) is a client of TailGuard
-//! that routes the tailnet ranges to it, as in the reference's simple bridge.
+//! that routes the tailnet ranges to it, as in the simple bridge (README.md, pattern 3).
 //!
-//! The WireGuard side routes the tailnet ranges to TailGuard (the reference's
+//! The WireGuard side routes the tailnet ranges to TailGuard (README.md's
 //! "simple bridge"); the tailnet peer routes the WireGuard side's networks
 //! to the node, as Tailscale does for advertised routes. Both links are real
 //! userspace WireGuard.
@@ -49,7 +49,7 @@ impl Bridge {
     }
 
     /// As [`Bridge::new`], with TailGuard's `AllowedIPs` for the WireGuard
-    /// server given (e.g. `0.0.0.0/0, ::/0, 192.168.8.0/24`: the reference's
+    /// server given (e.g. `0.0.0.0/0, ::/0, 192.168.8.0/24`: README.md's
     /// "WireGuard as exit node" with the LAN behind the server).
     /// TailGuard's namespace forwards both families, as a bridge must
     /// ([`NetNs::for_daemon`]); `bed.ours.set_forwarding` changes that.
@@ -124,7 +124,7 @@ impl Bridge {
                 )],
             )
         });
-        // It routes the tailnet to TailGuard (the reference's simple bridge).
+        // It routes the tailnet to TailGuard (README.md's simple bridge).
         client.run(|| {
             for range in [TAILNET, TAILNET_V6] {
                 run(Command::new("ip").args(["route", "add", range, "dev", &client_device]));

@@ -1,4 +1,4 @@
-//! The forwarding policy of the reference (§3) with real traffic: a
+//! The forwarding policy (docs/policy.md) with real traffic: a
 //! WireGuard server namespace and a tailnet peer on either side of the
 //! daemon, every check run once per datapath, expecting the same results.
 

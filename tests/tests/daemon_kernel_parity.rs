@@ -1,6 +1,6 @@
 //! Two corners where the fast path once did otherwise than the kernel path
 //! (the differential test's findings F and G), with real traffic once per
-//! datapath on the reference's pattern 1: TailGuard a client of a WireGuard
+//! datapath on README.md's pattern 1: TailGuard a client of a WireGuard
 //! server that takes everything (`AllowedIPs = 0.0.0.0/0, ::/0`).
 //!
 //! - The uplink's own network is the main table's, ahead of the WireGuard

@@ -3,7 +3,7 @@
 //! "fragmentation needed" / ICMPv6 "packet too big" back, as the sender
 //! receives it on its own device: the egress MTU, from the node's address on
 //! the side the packet came in, quoting the packet as the sender sent it,
-//! checksums valid. Every translation kind and family, on the reference's
+//! checksums valid. Every translation kind and family, on README.md's
 //! "WireGuard as exit node" pattern (`tests/src/bridge.rs` draws it), and the
 //! bulk download that stalls without it.
 

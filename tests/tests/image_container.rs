@@ -268,7 +268,7 @@ fn the_image_joins_the_networks_healthy_through_the_fast_path_and_stops_clean() 
     let logs = String::from_utf8_lossy(&docker(&["logs", &node.0]).stderr).into_owned();
     assert!(!logs.contains("FAST PATH IS OFF"), "{logs}");
 
-    // Both directions, each seeing the other as the reference says.
+    // Both directions, each seeing the other's source as docs/policy.md says.
     let deadline = Instant::now() + Duration::from_secs(20);
     while !b.client_connected() {
         assert!(

@@ -1,4 +1,4 @@
-//! The reference's usage patterns (§6), each as a user would check it: the
+//! The four usage patterns (README.md, examples/README.md), each as a user would check it: the
 //! whole daemon started from the environment and `wg0.conf`, between real
 //! userspace WireGuard peers and the Tailscale stand-in's tailnet peer
 //! (`tests/src/bridge.rs` draws the topology), once per datapath.

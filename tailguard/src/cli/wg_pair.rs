@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use clap::ValueEnum;
 
-/// The reference's four usage patterns.
+/// The four usage patterns (README.md, examples/README.md).
 // debug-ok: a choice among four patterns, no key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Pattern {

@@ -38,9 +38,9 @@ pub fn discover(peers: &[Peer]) -> Discovered {
     found
 }
 
-/// The reference's rules: outside client mode, the discovered routes (or
-/// `TS_ROUTES` when set, even empty) and the exit node when a peer has a
-/// default route. In client mode nothing is discovered or offered as exit
+/// What is advertised (README.md, settings): outside client mode, the
+/// discovered routes (or `TS_ROUTES` when set, even empty) and the exit node
+/// when a peer has a default route. In client mode nothing is discovered or offered as exit
 /// node, but an explicit `TS_ROUTES` is still advertised (on purpose).
 pub fn advertisement(settings: &Settings, peers: &[Peer]) -> Advertisement {
     let discovered = discover(peers);

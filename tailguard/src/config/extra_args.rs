@@ -50,8 +50,8 @@ pub enum ExitNode {
 /// `--authkey`/`--auth-key`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExtraArgs {
-    /// Applied over the preferences TailGuard sets (they win, as they
-    /// would on the reference's command line).
+    /// Applied over the preferences TailGuard sets: the user's flags win,
+    /// as later flags do on a `tailscale up` command line.
     pub prefs: MaskedPrefs,
     pub auth_key: Option<Secret>,
 }

@@ -388,7 +388,7 @@ impl SettingsArgs {
         if let Some(node) = &ts_exit_node
             && !self.client_mode
         {
-            // As the reference does: an exit node only makes sense for a client.
+            // An exit node only makes sense for a client (README.md, settings).
             warnings.push(Warning(format!(
                 "TS_EXIT_NODE={node} is ignored: it only applies with TG_CLIENT_MODE=1"
             )));

@@ -1,8 +1,9 @@
-//! The preferences TailGuard asks of tailscaled, as the reference sets them
-//! with `tailscale up`: always accept routes; outside client mode no tailnet
-//! DNS and the discovered routes (plus both default routes when offering an
-//! exit node); in client mode tailnet DNS, nothing advertised but explicit
-//! routes, and the chosen exit node with LAN access.
+//! The preferences TailGuard asks of tailscaled, those a `tailscale up`
+//! would set (docs/architecture.md, "Tailscale's preferences"): always
+//! accept routes; outside client mode no tailnet DNS and the discovered
+//! routes (plus both default routes when offering an exit node); in client
+//! mode tailnet DNS, nothing advertised but explicit routes, and the chosen
+//! exit node with LAN access.
 //!
 //! They go to tailscaled as *masked* preferences (`PATCH /localapi/v0/prefs`):
 //! each field set is accompanied by `<Field>Set: true`, and fields not set
@@ -112,8 +113,8 @@ pub enum ExitNodeError {
     NoSuchPeer(String),
 }
 
-/// The exit node to use (client mode), with LAN access kept, as the
-/// reference's `--exit-node-allow-lan-access`. `auto:EXPR` becomes
+/// The exit node to use (client mode), with LAN access kept, as
+/// `tailscale up --exit-node-allow-lan-access` keeps it. `auto:EXPR` becomes
 /// tailscaled's `AutoExitNode`; an IP is passed as is; a name is looked up
 /// among the tailnet's peers, which needs `status`.
 pub fn exit_node(selector: &str, status: Option<&Status>) -> Result<MaskedPrefs, ExitNodeError> {
@@ -135,7 +136,7 @@ pub fn exit_node(selector: &str, status: Option<&Status>) -> Result<MaskedPrefs,
     })
 }
 
-/// What the reference does once the node is healthy: set the exit node
+/// What is set once the node is healthy: set the exit node
 /// again (so `auto:any` and names resolve against a full netmap) and start
 /// the web client.
 pub fn once_healthy(
