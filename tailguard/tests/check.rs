@@ -72,7 +72,7 @@ fn stderr(out: &Output) -> String {
 }
 
 #[test]
-fn the_seed_example_plans_the_reference_setup() {
+fn the_seed_example_plans_the_bridge_readme_describes() {
     let dir = ConfigDir::new("seed", CONFIG);
     let out = check(
         dir.path(),

@@ -198,7 +198,7 @@ mod tests {
     }
 
     #[test]
-    fn the_patterns_route_what_the_reference_says() {
+    fn the_patterns_route_what_readme_says() {
         let (ours, theirs) = (keys(1), keys(2));
         let (wg0, _) = pair(Pattern::ExitNode, "10.0.0.1:4000", &ours, &theirs).unwrap();
         assert!(wg0.contains("AllowedIPs = 0.0.0.0/0, ::/0"), "{wg0}");

@@ -831,7 +831,7 @@ mod tests {
     }
 
     #[test]
-    fn defaults_match_the_reference() {
+    fn defaults_are_the_originals() {
         let s = settings(&[]);
         assert!(!s.expose_host && !s.client_mode && !s.wg_isolate_peers && !s.ts_webclient);
         assert_eq!(

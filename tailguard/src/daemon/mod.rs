@@ -232,7 +232,7 @@ impl Running {
     }
 
     /// The start: the nftables table first, so that no device of ours ever
-    /// carries a packet without the policy; then, in the reference's order,
+    /// carries a packet without the policy; then, in the order docs/architecture.md gives ("Apply"),
     /// the uplink's UDP GRO forwarding (never fatal), WireGuard, name
     /// resolution, and the fast path's reserved ports last.
     ///
