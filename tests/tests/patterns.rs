@@ -220,6 +220,11 @@ fn wireguard_as_exit_node() {
         let lan = b.lan.run(|| WhoAmI::listen(false));
         let tn_sink = b.tailnet.run(Sink::listen);
         let env = [("TG_DATAPATH", datapath), ("TS_DEST_IP", WG_SERVER)];
+        // A new namespace may inherit the switch from the host's: off, so
+        // that the node's own setting shows.
+        b.bed
+            .ours
+            .run(|| tailguard_tests::netns::sysctl("net.ipv4.conf.all.src_valid_mark", "0"));
         let node = b
             .bed
             .ours
@@ -269,7 +274,22 @@ fn wireguard_as_exit_node() {
             "{p}"
         );
         assert_eq!(p["CorpDNS"], json!(false), "{p}");
-        b.bed.ours.run(|| node.stop());
+
+        // wg-quick's IPv4 policy routing needs src_valid_mark while the
+        // node runs; the stop puts back what the namespace had.
+        let src_valid_mark = || {
+            std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/src_valid_mark")
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        let running = b.bed.ours.run(src_valid_mark);
+        assert_eq!(running, "1", "{}", ctx("src_valid_mark while running"));
+        let after = b.bed.ours.run(|| {
+            node.stop();
+            src_valid_mark()
+        });
+        assert_eq!(after, "0", "{datapath}: src_valid_mark put back");
     }
 }
 
