@@ -88,7 +88,7 @@ pub struct WireGuardPlan {
     pub fwmark: FwMark,
     pub peers: Vec<PeerPlan>,
     /// One route per AllowedIPs prefix (longest first, as wg-quick adds them).
-    pub routes: Vec<Route>,
+    pub routes: Vec<WireGuardRoute>,
     /// wg-quick's policy routing, for configurations with a default route.
     pub policy_routing: Option<PolicyRouting>,
     /// Hook commands with `%i` replaced by the device name.
@@ -189,8 +189,10 @@ pub struct PeerPlan {
     pub persistent_keepalive: Option<u16>,
 }
 
+/// A route the bring-up adds through the WireGuard device (one per
+/// AllowedIPs prefix).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Route {
+pub struct WireGuardRoute {
     pub destination: IpNet,
     /// `None`: the main table.
     pub table: Option<u32>,
@@ -420,7 +422,7 @@ fn wireguard(settings: &Settings, config: &WgConfig) -> WireGuardPlan {
     for destination in prefixes {
         match i.table {
             Table::Off => {}
-            Table::Id(table) => routes.push(Route {
+            Table::Id(table) => routes.push(WireGuardRoute {
                 destination,
                 table: Some(table),
             }),
@@ -434,12 +436,12 @@ fn wireguard(settings: &Settings, config: &WgConfig) -> WireGuardPlan {
                     IpNet::V4(_) => p.ipv4 = true,
                     IpNet::V6(_) => p.ipv6 = true,
                 }
-                routes.push(Route {
+                routes.push(WireGuardRoute {
                     destination,
                     table: Some(policy_table),
                 });
             }
-            Table::Auto => routes.push(Route {
+            Table::Auto => routes.push(WireGuardRoute {
                 destination,
                 table: None,
             }),
@@ -494,7 +496,7 @@ fn wireguard(settings: &Settings, config: &WgConfig) -> WireGuardPlan {
 /// wg-quick's policy routing has them), then wg-quick's two rules per
 /// family for a default route.
 fn ip_rules(
-    routes: &[Route],
+    routes: &[WireGuardRoute],
     addresses: &[IpNet],
     policy_routing: Option<PolicyRouting>,
 ) -> Vec<IpRule> {
@@ -882,8 +884,8 @@ mod tests {
         )
     }
 
-    fn route(dest: &str, table: Option<u32>) -> Route {
-        Route {
+    fn route(dest: &str, table: Option<u32>) -> WireGuardRoute {
+        WireGuardRoute {
             destination: dest.parse().unwrap(),
             table,
         }
