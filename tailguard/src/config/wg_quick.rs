@@ -208,7 +208,7 @@ pub fn parse_bytes(bytes: &[u8], file: &Path) -> Result<(WgConfig, Vec<String>),
     let mut parser = Parser {
         file,
         interface: Interface::default(),
-        interface_lines: Lines::default(),
+        interface_lines: KeyLines::default(),
         peers: Vec::new(),
         section: None,
         warnings: Vec::new(),
@@ -291,9 +291,9 @@ impl Section {
 
 /// Lines on which a section's single-valued keys were given.
 #[derive(Default)]
-struct Lines(Vec<(&'static str, usize)>);
+struct KeyLines(Vec<(&'static str, usize)>);
 
-impl Lines {
+impl KeyLines {
     fn of(&self, key: &str) -> Option<usize> {
         self.0.iter().find(|(k, _)| *k == key).map(|(_, n)| *n)
     }
@@ -302,7 +302,7 @@ impl Lines {
 /// A `[Peer]` being read: its keys may come in any order.
 struct PeerDraft {
     line: usize,
-    lines: Lines,
+    lines: KeyLines,
     public_key: Option<PublicKey>,
     preshared_key: Option<SecretKey>,
     allowed_ips: Vec<IpNet>,
@@ -313,7 +313,7 @@ struct PeerDraft {
 struct Parser<'a> {
     file: &'a Path,
     interface: Interface,
-    interface_lines: Lines,
+    interface_lines: KeyLines,
     peers: Vec<PeerDraft>,
     section: Option<Section>,
     warnings: Vec<String>,
@@ -384,7 +384,7 @@ impl Parser<'_> {
             "[peer]" => {
                 self.peers.push(PeerDraft {
                     line: n,
-                    lines: Lines::default(),
+                    lines: KeyLines::default(),
                     public_key: None,
                     preshared_key: None,
                     allowed_ips: Vec::new(),
