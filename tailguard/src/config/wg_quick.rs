@@ -21,7 +21,7 @@ use base64::Engine as _;
 use ipnet::IpNet;
 
 use crate::config::{
-    secrets::redact,
+    secrets::{plain_name, redact},
     tailnet::{TAILNET_RANGES, TAILSCALE_MARK_MASK, TAILSCALE_TABLE},
 };
 
@@ -693,13 +693,11 @@ fn overlaps(a: &IpNet, b: &IpNet) -> bool {
 fn key_as_shown(name: &str, section: Option<Section>) -> String {
     // One word: a name with a space in it may be `Key value` with the `=`
     // forgotten, and the value a secret.
-    let name = name.trim();
-    let plain =
-        !name.is_empty() && name.len() <= 32 && name.chars().all(|c| c.is_ascii_alphabetic());
+    let plain = plain_name(name.trim(), 32, |c| c.is_ascii_alphabetic());
     match (plain, section) {
-        (true, _) => name.to_string(),
-        (false, Some(section)) => format!("a line that is not `Key = value` of {}", section.name()),
-        (false, None) => "a line".to_string(),
+        (Some(name), _) => name.to_string(),
+        (None, Some(section)) => format!("a line that is not `Key = value` of {}", section.name()),
+        (None, None) => "a line".to_string(),
     }
 }
 
