@@ -32,10 +32,12 @@ pub struct WgConfig {
     pub peers: Vec<Peer>,
 }
 
-/// The `[Interface]` section.
+/// The `[Interface]` section. `Key` is what holds the private key: the
+/// parser reads into an `Interface<Option<SecretKey>>`, since the key may
+/// come last, and hands out an `Interface` only once it has one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Interface {
-    pub private_key: Option<SecretKey>,
+pub struct Interface<Key = SecretKey> {
+    pub private_key: Key,
     pub listen_port: Option<u16>,
     /// `None`: not set (or `off`).
     pub fwmark: Option<u32>,
@@ -51,6 +53,42 @@ pub struct Interface {
     pub pre_down: Vec<String>,
     pub post_down: Vec<String>,
     pub save_config: bool,
+}
+
+impl Interface<Option<SecretKey>> {
+    /// The section read, if it has its private key.
+    fn with_private_key(self) -> Option<Interface> {
+        let Self {
+            private_key,
+            listen_port,
+            fwmark,
+            addresses,
+            dns_servers,
+            dns_search,
+            mtu,
+            table,
+            pre_up,
+            post_up,
+            pre_down,
+            post_down,
+            save_config,
+        } = self;
+        Some(Interface {
+            private_key: private_key?,
+            listen_port,
+            fwmark,
+            addresses,
+            dns_servers,
+            dns_search,
+            mtu,
+            table,
+            pre_up,
+            post_up,
+            pre_down,
+            post_down,
+            save_config,
+        })
+    }
 }
 
 /// `Table =`: which routing table gets the AllowedIPs routes.
@@ -312,7 +350,7 @@ struct PeerDraft {
 
 struct Parser<'a> {
     file: &'a Path,
-    interface: Interface,
+    interface: Interface<Option<SecretKey>>,
     interface_lines: KeyLines,
     peers: Vec<PeerDraft>,
     section: Option<Section>,
@@ -587,13 +625,10 @@ impl Parser<'_> {
                 line: draft.line,
             });
         }
-        if self.interface.private_key.is_none() {
+        let Some(interface) = std::mem::take(&mut self.interface).with_private_key() else {
             return Err(self.error(0, "[Interface] has no PrivateKey"));
-        }
-        let config = WgConfig {
-            interface: std::mem::take(&mut self.interface),
-            peers,
         };
+        let config = WgConfig { interface, peers };
         self.check_interface(&config)?;
         self.warn_about_allowed_ips(&config);
         Ok((config, self.warnings))
@@ -992,7 +1027,7 @@ mod tests {
              PreDown = echo pre down\nPostDown = echo post down\nSaveConfig = false\n"
         ));
         let i = &c.interface;
-        assert!(i.private_key.is_some());
+        assert_eq!(i.private_key, SecretKey(decode_key(PRIVATE).unwrap()));
         assert_eq!(i.listen_port, Some(51820));
         assert_eq!(i.fwmark, Some(0x1234));
         assert_eq!(
