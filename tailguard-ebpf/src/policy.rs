@@ -177,7 +177,7 @@ fn ours_or_kernel(cfg: &Config, p: &Packet, device: Device, outcome: Outcome) ->
 /// Where `p`, arrived on `device`, is bound, as the nftables table sees it.
 #[inline(always)]
 fn destination(cfg: &Config, p: &Packet, device: Device) -> Bound {
-    if is_own(cfg, p, Own::Tailnet, &p.dst) {
+    if is_node_address(cfg, p, NodeAddress::Tailnet, &p.dst) {
         let dest_ip = if p.ipv6 { flag::DEST_V6 } else { flag::DEST_V4 };
         return if device == Device::Tailscale && cfg.has(dest_ip) {
             Bound::DestIp
@@ -185,7 +185,7 @@ fn destination(cfg: &Config, p: &Packet, device: Device) -> Bound {
             Bound::Host
         };
     }
-    if is_own(cfg, p, Own::WireGuard, &p.dst) {
+    if is_node_address(cfg, p, NodeAddress::WireGuard, &p.dst) {
         return Bound::Host;
     }
     match (route(p), device) {
@@ -206,73 +206,73 @@ fn switches(cfg: &Config) -> Switches {
 
 /// Which of the node's own addresses (of the packet's family) to use.
 #[derive(Clone, Copy)]
-pub enum Own {
+pub enum NodeAddress {
     Tailnet,
     WireGuard,
     DestIp,
 }
 
-impl Own {
+impl NodeAddress {
     /// The node's address on `device`'s side.
     #[inline(always)]
-    pub fn on(device: Device) -> Own {
+    pub fn on(device: Device) -> NodeAddress {
         match device {
-            Device::Tailscale => Own::Tailnet,
-            Device::WireGuard => Own::WireGuard,
+            Device::Tailscale => NodeAddress::Tailnet,
+            Device::WireGuard => NodeAddress::WireGuard,
         }
     }
 }
 
 /// The address, if the daemon set it (as the 4 or 16 bytes of the family).
 #[inline(always)]
-fn own_v4(cfg: &Config, which: Own) -> Option<&[u8; 4]> {
+fn node_v4(cfg: &Config, which: NodeAddress) -> Option<&[u8; 4]> {
     match which {
-        Own::Tailnet => cfg.has(flag::TS_V4).then_some(&cfg.ts_v4),
-        Own::WireGuard => cfg.has(flag::WG_V4).then_some(&cfg.wg_v4),
-        Own::DestIp => cfg.has(flag::DEST_V4).then_some(&cfg.dest_v4),
+        NodeAddress::Tailnet => cfg.has(flag::TS_V4).then_some(&cfg.ts_v4),
+        NodeAddress::WireGuard => cfg.has(flag::WG_V4).then_some(&cfg.wg_v4),
+        NodeAddress::DestIp => cfg.has(flag::DEST_V4).then_some(&cfg.dest_v4),
     }
 }
 
 #[inline(always)]
-fn own_v6(cfg: &Config, which: Own) -> Option<&[u8; 16]> {
+fn node_v6(cfg: &Config, which: NodeAddress) -> Option<&[u8; 16]> {
     match which {
-        Own::Tailnet => cfg.has(flag::TS_V6).then_some(&cfg.ts_v6),
-        Own::WireGuard => cfg.has(flag::WG_V6).then_some(&cfg.wg_v6),
-        Own::DestIp => cfg.has(flag::DEST_V6).then_some(&cfg.dest_v6),
+        NodeAddress::Tailnet => cfg.has(flag::TS_V6).then_some(&cfg.ts_v6),
+        NodeAddress::WireGuard => cfg.has(flag::WG_V6).then_some(&cfg.wg_v6),
+        NodeAddress::DestIp => cfg.has(flag::DEST_V6).then_some(&cfg.dest_v6),
     }
 }
 
 /// `addr` is the node's `which` address.
 #[inline(always)]
-fn is_own(cfg: &Config, p: &Packet, which: Own, addr: &[u8; 16]) -> bool {
+fn is_node_address(cfg: &Config, p: &Packet, which: NodeAddress, addr: &[u8; 16]) -> bool {
     if p.ipv6 {
-        own_v6(cfg, which).is_some_and(|own| *own == *addr)
+        node_v6(cfg, which).is_some_and(|node| *node == *addr)
     } else {
-        own_v4(cfg, which).is_some_and(|own| {
-            own[0] == addr[0] && own[1] == addr[1] && own[2] == addr[2] && own[3] == addr[3]
+        node_v4(cfg, which).is_some_and(|node| {
+            node[0] == addr[0] && node[1] == addr[1] && node[2] == addr[2] && node[3] == addr[3]
         })
     }
 }
 
 /// Copies the node's `which` address into `out`; false if it has none.
 #[inline(always)]
-pub fn copy_own(cfg: &Config, p: &Packet, which: Own, out: &mut [u8; 16]) -> bool {
+pub fn copy_node_address(cfg: &Config, p: &Packet, which: NodeAddress, out: &mut [u8; 16]) -> bool {
     if p.ipv6 {
-        match own_v6(cfg, which) {
-            Some(own) => {
-                *out = *own;
+        match node_v6(cfg, which) {
+            Some(node) => {
+                *out = *node;
                 true
             }
             None => false,
         }
     } else {
-        match own_v4(cfg, which) {
-            Some(own) => {
+        match node_v4(cfg, which) {
+            Some(node) => {
                 *out = [0; 16];
-                out[0] = own[0];
-                out[1] = own[1];
-                out[2] = own[2];
-                out[3] = own[3];
+                out[0] = node[0];
+                out[1] = node[1];
+                out[2] = node[2];
+                out[3] = node[3];
                 true
             }
             None => false,
@@ -342,7 +342,7 @@ fn from_wireguard(
             snat,
             ..
         } => {
-            if !copy_own(cfg, p, Own::Tailnet, &mut s.src) {
+            if !copy_node_address(cfg, p, NodeAddress::Tailnet, &mut s.src) {
                 return kernel(Outcome::KernelNoRoute);
             }
             s.dst = p.dst;
@@ -391,7 +391,7 @@ fn from_tailscale(
         // and `srcnat:ts-to-wg` unless it is off.
         NewFlow::Forwarded { dnat, snat, .. } => {
             if dnat.is_some() {
-                if !copy_own(cfg, p, Own::DestIp, &mut s.dst) {
+                if !copy_node_address(cfg, p, NodeAddress::DestIp, &mut s.dst) {
                     return kernel(Outcome::KernelLocal);
                 }
             } else {
@@ -478,7 +478,7 @@ fn to_wireguard(
     now: u64,
 ) -> (i32, Outcome) {
     if snat {
-        if !copy_own(cfg, p, Own::WireGuard, &mut s.src) {
+        if !copy_node_address(cfg, p, NodeAddress::WireGuard, &mut s.src) {
             return kernel(Outcome::KernelNoRoute);
         }
     } else {

@@ -37,7 +37,7 @@ use crate::{
     nat,
     packet::Packet,
     parse,
-    policy::{Own, copy_own},
+    policy::{NodeAddress, copy_node_address},
     rewrite::FIELD_16_BITS,
 };
 
@@ -108,7 +108,7 @@ pub fn answer_or(
 fn arrival(cfg: &Config, p: &Packet, out: &mut [u8; 16]) -> Option<(Device, u32)> {
     let device = nat::arrival()?;
     let ifindex = cfg.ifindex(device);
-    if ifindex == 0 || !copy_own(cfg, p, Own::on(device), out) {
+    if ifindex == 0 || !copy_node_address(cfg, p, NodeAddress::on(device), out) {
         return None;
     }
     Some((device, ifindex))
@@ -138,8 +138,8 @@ fn answer(ctx: &TcContext, cfg: &Config, p: &Packet, mtu: u32) -> Option<(i32, O
     if p.len < quote {
         return None;
     }
-    let mut own = [0u8; 16];
-    let (device, ifindex) = arrival(cfg, p, &mut own)?;
+    let mut node = [0u8; 16];
+    let (device, ifindex) = arrival(cfg, p, &mut node)?;
     load(ctx, p.l3, &mut s.quoted[..header])?;
     // Cut to the quote (this also makes the packet linear and no longer
     // GSO). From here on it is no longer the packet that came in: whatever
@@ -147,7 +147,7 @@ fn answer(ctx: &TcContext, cfg: &Config, p: &Packet, mtu: u32) -> Option<(i32, O
     if ctx.change_tail(p.l3 as u32 + quote, 0).is_err() {
         return Some(failed());
     }
-    let built = build(ctx, s, p, &own, header, quote, mtu);
+    let built = build(ctx, s, p, &node, header, quote, mtu);
     Some(match built {
         Some(()) => (
             crate::policy::redirect(ctx, device, ifindex),
@@ -165,7 +165,7 @@ fn build(
     ctx: &TcContext,
     s: &mut TooBigScratch,
     p: &Packet,
-    own: &[u8; 16],
+    node: &[u8; 16],
     header: usize,
     quote: u32,
     mtu: u32,
@@ -178,11 +178,11 @@ fn build(
         .ok()?;
     let total = (header + icmp::HEADER) as u32 + quote;
     if p.ipv6 {
-        write_ipv6(s, own, &p.src, total, mtu, sum)?;
+        write_ipv6(s, node, &p.src, total, mtu, sum)?;
         ctx.store(p.l3, &s.headers, 0).ok()?;
         ctx.store(p.l3 + V6_HEADERS, &s.quoted, 0).ok()
     } else {
-        write_ipv4(s, own, &p.src, total, mtu, sum)?;
+        write_ipv4(s, node, &p.src, total, mtu, sum)?;
         let headers: &[u8; V4_HEADERS] = s.headers[..V4_HEADERS].try_into().ok()?;
         let quoted: &[u8; ipv4::HEADER] = s.quoted[..ipv4::HEADER].try_into().ok()?;
         ctx.store(p.l3, headers, 0).ok()?;
@@ -307,7 +307,7 @@ fn settle_quoted_checksum(
 #[inline(always)]
 fn write_ipv4(
     s: &mut TooBigScratch,
-    own: &[u8; 16],
+    node: &[u8; 16],
     sender: &[u8; 16],
     total: u32,
     mtu: u32,
@@ -323,7 +323,7 @@ fn write_ipv4(
     h[ipv4::ID..][..2].copy_from_slice(&id.to_ne_bytes());
     h[ipv4::TTL] = TTL;
     h[ipv4::PROTOCOL] = IPPROTO_ICMP;
-    h[ipv4::SRC..][..ipv4::ADDR_LEN].copy_from_slice(&own[..ipv4::ADDR_LEN]);
+    h[ipv4::SRC..][..ipv4::ADDR_LEN].copy_from_slice(&node[..ipv4::ADDR_LEN]);
     h[ipv4::DST..][..ipv4::ADDR_LEN].copy_from_slice(&sender[..ipv4::ADDR_LEN]);
     let ip_sum = !fold(sum_of(&mut h[..ipv4::HEADER], 0)?);
     h[ipv4::CHECKSUM..][..2].copy_from_slice(&ip_sum.to_ne_bytes());
@@ -341,7 +341,7 @@ fn write_ipv4(
 #[inline(always)]
 fn write_ipv6(
     s: &mut TooBigScratch,
-    own: &[u8; 16],
+    node: &[u8; 16],
     sender: &[u8; 16],
     total: u32,
     mtu: u32,
@@ -354,7 +354,7 @@ fn write_ipv6(
     h[ipv6::PAYLOAD_LEN..][..2].copy_from_slice(&(payload as u16).to_be_bytes());
     h[ipv6::NEXT_HEADER] = IPPROTO_ICMPV6;
     h[ipv6::HOP_LIMIT] = TTL;
-    h[ipv6::SRC..][..ipv6::ADDR_LEN].copy_from_slice(own);
+    h[ipv6::SRC..][..ipv6::ADDR_LEN].copy_from_slice(node);
     h[ipv6::DST..][..ipv6::ADDR_LEN].copy_from_slice(sender);
     // ICMPv6: "packet too big" (code 0), the MTU.
     h[ipv6::HEADER + icmp::TYPE] = icmpv6::PACKET_TOO_BIG;

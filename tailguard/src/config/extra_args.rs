@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::config::secrets::Secret;
+use crate::config::secrets::{Secret, plain_name};
 
 /// A masked preferences body. Only `Some` fields are sent, each with its
 /// `…Set` flag.
@@ -127,14 +127,9 @@ pub fn parse_extra_args(text: &str) -> (ExtraArgs, Vec<String>) {
 /// A flag's name as a warning may show it: `--name` when it is one, else
 /// not at all.
 fn shown_flag(name: &str) -> String {
-    let plain = !name.is_empty()
-        && name.len() <= 40
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        && !crate::config::secrets::is_secret(name);
-    if plain {
-        format!("--{name}")
-    } else {
-        "a flag (not shown)".into()
+    match plain_name(name, 40, |c| c.is_ascii_alphanumeric() || c == '-') {
+        Some(name) => format!("--{name}"),
+        None => "a flag (not shown)".into(),
     }
 }
 

@@ -456,10 +456,7 @@ fn wireguard(settings: &Settings, config: &WgConfig) -> WireGuardPlan {
     let expand = |hooks: &[String]| hooks.iter().map(|h| h.replace("%i", &device)).collect();
     let rules = ip_rules(&routes, &i.addresses, policy_routing);
     WireGuardPlan {
-        private_key: i
-            .private_key
-            .clone()
-            .expect("the parser requires a PrivateKey"),
+        private_key: i.private_key.clone(),
         config: settings.wg_config_path(),
         addresses: i.addresses.clone(),
         mtu: i.mtu.map_or(Mtu::Auto, Mtu::Fixed),

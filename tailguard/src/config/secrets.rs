@@ -89,6 +89,16 @@ pub fn is_secret(token: &str) -> bool {
     secret_spans(token) == [(0, token.len())]
 }
 
+/// A name from the input (a key's, a flag's) as a message may show it: the
+/// name itself when it is plain (not empty, at most `max_len` bytes, every
+/// character `allowed`, and not a secret), else `None`, since a value may
+/// stand where the name should (a key with its `=` forgotten).
+pub fn plain_name(name: &str, max_len: usize, allowed: fn(char) -> bool) -> Option<&str> {
+    let plain =
+        !name.is_empty() && name.len() <= max_len && name.chars().all(allowed) && !is_secret(name);
+    plain.then_some(name)
+}
+
 /// Byte ranges of the secret-looking tokens in `text`, in order and apart.
 fn secret_spans(text: &str) -> Vec<(usize, usize)> {
     let mut spans = auth_key_spans(text);
@@ -217,6 +227,24 @@ mod tests {
         assert!(is_secret("tskey-abc"));
         assert!(!is_secret(&format!("x {KEY}")));
         assert!(!is_secret("vpn.example.com"));
+    }
+
+    #[test]
+    fn a_name_is_shown_only_when_it_is_plain() {
+        let letters: fn(char) -> bool = |c| c.is_ascii_alphabetic();
+        let words: fn(char) -> bool = |c| c.is_ascii_alphanumeric() || c == '-';
+        assert_eq!(plain_name("PrivateKey", 32, letters), Some("PrivateKey"));
+        assert_eq!(
+            plain_name("accept-routes", 40, words),
+            Some("accept-routes")
+        );
+        // Not of the alphabet, too long, empty, or a secret: not shown.
+        assert_eq!(plain_name("accept-routes", 40, letters), None);
+        assert_eq!(plain_name(&"a".repeat(33), 32, letters), None);
+        assert_eq!(plain_name("", 32, letters), None);
+        assert_eq!(plain_name("tskey-abc", 40, words), None);
+        let unpadded = KEY.trim_end_matches('=');
+        assert_eq!(plain_name(unpadded, 64, |c| c.is_ascii()), None);
     }
 
     /// `wireguard_control`'s keys print themselves in `Debug` (and so does

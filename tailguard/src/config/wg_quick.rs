@@ -21,7 +21,7 @@ use base64::Engine as _;
 use ipnet::IpNet;
 
 use crate::config::{
-    secrets::redact,
+    secrets::{plain_name, redact},
     tailnet::{TAILNET_RANGES, TAILSCALE_MARK_MASK, TAILSCALE_TABLE},
 };
 
@@ -32,10 +32,12 @@ pub struct WgConfig {
     pub peers: Vec<Peer>,
 }
 
-/// The `[Interface]` section.
+/// The `[Interface]` section. `Key` is what holds the private key: the
+/// parser reads into an `Interface<Option<SecretKey>>`, since the key may
+/// come last, and hands out an `Interface` only once it has one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Interface {
-    pub private_key: Option<SecretKey>,
+pub struct Interface<Key = SecretKey> {
+    pub private_key: Key,
     pub listen_port: Option<u16>,
     /// `None`: not set (or `off`).
     pub fwmark: Option<u32>,
@@ -51,6 +53,42 @@ pub struct Interface {
     pub pre_down: Vec<String>,
     pub post_down: Vec<String>,
     pub save_config: bool,
+}
+
+impl Interface<Option<SecretKey>> {
+    /// The section read, if it has its private key.
+    fn with_private_key(self) -> Option<Interface> {
+        let Self {
+            private_key,
+            listen_port,
+            fwmark,
+            addresses,
+            dns_servers,
+            dns_search,
+            mtu,
+            table,
+            pre_up,
+            post_up,
+            pre_down,
+            post_down,
+            save_config,
+        } = self;
+        Some(Interface {
+            private_key: private_key?,
+            listen_port,
+            fwmark,
+            addresses,
+            dns_servers,
+            dns_search,
+            mtu,
+            table,
+            pre_up,
+            post_up,
+            pre_down,
+            post_down,
+            save_config,
+        })
+    }
 }
 
 /// `Table =`: which routing table gets the AllowedIPs routes.
@@ -208,7 +246,7 @@ pub fn parse_bytes(bytes: &[u8], file: &Path) -> Result<(WgConfig, Vec<String>),
     let mut parser = Parser {
         file,
         interface: Interface::default(),
-        interface_lines: Lines::default(),
+        interface_lines: KeyLines::default(),
         peers: Vec::new(),
         section: None,
         warnings: Vec::new(),
@@ -291,9 +329,9 @@ impl Section {
 
 /// Lines on which a section's single-valued keys were given.
 #[derive(Default)]
-struct Lines(Vec<(&'static str, usize)>);
+struct KeyLines(Vec<(&'static str, usize)>);
 
-impl Lines {
+impl KeyLines {
     fn of(&self, key: &str) -> Option<usize> {
         self.0.iter().find(|(k, _)| *k == key).map(|(_, n)| *n)
     }
@@ -302,7 +340,7 @@ impl Lines {
 /// A `[Peer]` being read: its keys may come in any order.
 struct PeerDraft {
     line: usize,
-    lines: Lines,
+    lines: KeyLines,
     public_key: Option<PublicKey>,
     preshared_key: Option<SecretKey>,
     allowed_ips: Vec<IpNet>,
@@ -312,8 +350,8 @@ struct PeerDraft {
 
 struct Parser<'a> {
     file: &'a Path,
-    interface: Interface,
-    interface_lines: Lines,
+    interface: Interface<Option<SecretKey>>,
+    interface_lines: KeyLines,
     peers: Vec<PeerDraft>,
     section: Option<Section>,
     warnings: Vec<String>,
@@ -384,7 +422,7 @@ impl Parser<'_> {
             "[peer]" => {
                 self.peers.push(PeerDraft {
                     line: n,
-                    lines: Lines::default(),
+                    lines: KeyLines::default(),
                     public_key: None,
                     preshared_key: None,
                     allowed_ips: Vec::new(),
@@ -587,13 +625,10 @@ impl Parser<'_> {
                 line: draft.line,
             });
         }
-        if self.interface.private_key.is_none() {
+        let Some(interface) = std::mem::take(&mut self.interface).with_private_key() else {
             return Err(self.error(0, "[Interface] has no PrivateKey"));
-        }
-        let config = WgConfig {
-            interface: std::mem::take(&mut self.interface),
-            peers,
         };
+        let config = WgConfig { interface, peers };
         self.check_interface(&config)?;
         self.warn_about_allowed_ips(&config);
         Ok((config, self.warnings))
@@ -693,13 +728,11 @@ fn overlaps(a: &IpNet, b: &IpNet) -> bool {
 fn key_as_shown(name: &str, section: Option<Section>) -> String {
     // One word: a name with a space in it may be `Key value` with the `=`
     // forgotten, and the value a secret.
-    let name = name.trim();
-    let plain =
-        !name.is_empty() && name.len() <= 32 && name.chars().all(|c| c.is_ascii_alphabetic());
+    let plain = plain_name(name.trim(), 32, |c| c.is_ascii_alphabetic());
     match (plain, section) {
-        (true, _) => name.to_string(),
-        (false, Some(section)) => format!("a line that is not `Key = value` of {}", section.name()),
-        (false, None) => "a line".to_string(),
+        (Some(name), _) => name.to_string(),
+        (None, Some(section)) => format!("a line that is not `Key = value` of {}", section.name()),
+        (None, None) => "a line".to_string(),
     }
 }
 
@@ -994,7 +1027,7 @@ mod tests {
              PreDown = echo pre down\nPostDown = echo post down\nSaveConfig = false\n"
         ));
         let i = &c.interface;
-        assert!(i.private_key.is_some());
+        assert_eq!(i.private_key, SecretKey(decode_key(PRIVATE).unwrap()));
         assert_eq!(i.listen_port, Some(51820));
         assert_eq!(i.fwmark, Some(0x1234));
         assert_eq!(

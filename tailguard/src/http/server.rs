@@ -168,7 +168,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 /// Serves `site` on `listener` within `limits` until the task is dropped.
 pub async fn serve(listener: TcpListener, limits: Limits, site: impl Site) {
-    let own = Arc::new(Own {
+    let responder = Arc::new(Responder {
         site,
         machine: machine_host_name(),
         rate: limits.requests_per_second.map(RateLimit::new),
@@ -206,16 +206,16 @@ pub async fn serve(listener: TcpListener, limits: Limits, site: impl Site) {
             },
             None => None,
         };
-        if let Some(rate) = &own.rate
+        if let Some(rate) = &responder.rate
             && idle_forgotten.elapsed() > FORGET_IDLE_CLIENTS
         {
             rate.forget_idle();
             idle_forgotten = Instant::now();
         }
-        let own = own.clone();
+        let responder = responder.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                let response = own.answer(&request, &client);
+                let response = responder.answer(&request, &client);
                 async move { Ok::<_, Infallible>(response) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
@@ -231,14 +231,15 @@ pub async fn serve(listener: TcpListener, limits: Limits, site: impl Site) {
     }
 }
 
-/// What every connection of one listener shares.
-struct Own<S> {
+/// What answers a listener's requests, shared by its connections: the site
+/// behind the rate limit and the `Host` check.
+struct Responder<S> {
     site: S,
     machine: Option<String>,
     rate: Option<RateLimit>,
 }
 
-impl<S: Site> Own<S> {
+impl<S: Site> Responder<S> {
     fn answer<B>(&self, request: &Request<B>, client: &Client) -> Response<Full<Bytes>> {
         if let Some(rate) = &self.rate
             && let Err(wait) = rate.check(client.peer.ip())

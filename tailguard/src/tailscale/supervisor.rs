@@ -190,14 +190,14 @@ impl Supervisor {
         mut child: Option<&mut Child>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Outcome {
-        let mut life = Life::default();
+        let mut setup = SetupProgress::default();
         let mut socket_deadline = Some(Instant::now() + SOCKET_WAIT);
         let mut bus: Option<Bus> = None;
         loop {
             match self.api.status(true).await {
                 Ok(status) => {
                     socket_deadline = None;
-                    self.follow(&status, &mut life).await;
+                    self.follow(&status, &mut setup).await;
                 }
                 Err(e) => {
                     bus = None;
@@ -243,12 +243,12 @@ impl Supervisor {
 
     /// Acts on one status: log in if needed, set preferences once running,
     /// the once-healthy ones once healthy, and publish the state.
-    async fn follow(&self, status: &Status, life: &mut Life) {
-        let Life {
+    async fn follow(&self, status: &Status, setup: &mut SetupProgress) {
+        let SetupProgress {
             login,
             prefs_set,
             healthy_prefs_set,
-        } = life;
+        } = setup;
         match status.backend_state.as_str() {
             "NeedsLogin" | "NoState" => login.advance(&self.api, &self.plan, status).await,
             "NeedsMachineAuth" if !login.machine_auth_said => {
@@ -325,9 +325,10 @@ enum Outcome {
     Exited(NotReady),
 }
 
-/// What has been done in one life of tailscaled, so each step happens once.
+/// How far the node's setup (login, preferences) has come with one run of
+/// tailscaled, so each step happens once per run.
 #[derive(Default)]
-struct Life {
+struct SetupProgress {
     login: LoginProgress,
     /// The preferences of the plan are set.
     prefs_set: bool,

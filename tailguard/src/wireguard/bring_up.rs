@@ -98,7 +98,7 @@ impl WgSetup {
         device.configure(wg).await?;
         // What the device ended up with: its fwmark (the listen port when
         // neither was fixed) and its peers' endpoints (for the MTU rule).
-        let state = device.info().await?;
+        let state = device.reported().await?;
         let fwmark = state.fwmark;
 
         for address in &wg.addresses {

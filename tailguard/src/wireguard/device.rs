@@ -172,7 +172,7 @@ impl WgDevice {
     }
 
     /// The device as WireGuard reports it.
-    pub async fn info(&self) -> Result<wireguard_control::Device> {
+    pub async fn reported(&self) -> Result<wireguard_control::Device> {
         let (name, backend) = (self.interface_name()?, self.backend);
         tokio::task::spawn_blocking(move || wireguard_control::Device::get(&name, backend))
             .await
@@ -181,7 +181,7 @@ impl WgDevice {
     }
 
     pub async fn listen_port(&self) -> Result<u16> {
-        self.info()
+        self.reported()
             .await?
             .listen_port
             .ok_or_else(|| self.configure_error("the device reports no listen port".into()))

@@ -43,7 +43,7 @@ pub async fn refresh(device: &WgDevice, plan: &WireGuardPlan) -> Result<usize, W
         return Ok(0);
     }
     let current: HashMap<PublicKey, Option<SocketAddr>> = device
-        .info()
+        .reported()
         .await?
         .peers
         .into_iter()

@@ -20,9 +20,7 @@ pub fn render(config: &WgConfig) -> String {
         let _ = writeln!(out, "{key} = {value}");
     };
     let i = &config.interface;
-    if let Some(key) = &i.private_key {
-        line("PrivateKey", &base64(&key.0));
-    }
+    line("PrivateKey", &base64(&i.private_key.0));
     if let Some(port) = i.listen_port {
         line("ListenPort", &port);
     }
@@ -172,7 +170,7 @@ mod tests {
                     (key, listen_port, fwmark, addresses, dns_servers, dns_search, mtu),
                     (table, pre_up, post_up, pre_down, post_down, save_config),
                 )| Interface {
-                    private_key: Some(SecretKey(key)),
+                    private_key: SecretKey(key),
                     listen_port,
                     fwmark,
                     addresses,
