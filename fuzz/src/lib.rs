@@ -38,7 +38,7 @@ fn settings_run(text: &str) -> Vec<String> {
         .collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match tailguard::config::settings::parse_args(&args) {
-        Err(error) => vec![error],
+        Err(error) => vec![error.to_string()],
         Ok((_, warnings)) => warnings.iter().map(ToString::to_string).collect(),
     }
 }
