@@ -125,15 +125,90 @@ fn parse_targets(output: &str) -> Vec<Source> {
 pub mod tests {
     use super::*;
 
-    /// Source files as Debian writes them, under `xtask/fixtures/apt/CASE`
-    /// (`sources.list`, `sources.list.d/`), with made-up hosts.
-    pub fn fixture(case: &str) -> SourceFiles {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+    /// What the fixtures write where a mirror's address goes: the tests
+    /// put this machine's own mirror there at run time, so that no file of
+    /// the project names one.
+    const MIRROR: &str = "@MIRROR@";
+
+    /// This machine's own mirror (the scheme and host of its first `deb`
+    /// source), read the way setup reads it.
+    pub fn machine_mirror() -> String {
+        static MACHINE_MIRROR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        MACHINE_MIRROR
+            .get_or_init(|| {
+                let system = SourceFiles::system();
+                let sources = system
+                    .sources()
+                    .expect("reading this machine's apt sources");
+                let first = sources.first().unwrap_or_else(|| {
+                    panic!(
+                        "the apt tests write their fixtures with this machine's own mirror, \
+                         and {} has no `deb` source",
+                        system.describe()
+                    )
+                });
+                let host_starts = first.uri.find("://").map_or(0, |scheme| scheme + 3);
+                let path_starts = first.uri[host_starts..]
+                    .find('/')
+                    .map_or(first.uri.len(), |slash| host_starts + slash);
+                first.uri[..path_starts].to_string()
+            })
+            .clone()
+    }
+
+    /// Source files as Debian writes them, from `xtask/fixtures/apt/CASE`
+    /// (`sources.list`, `sources.list.d/`), copied into a directory of the
+    /// calling test's own with [`machine_mirror`] written in; removed when
+    /// dropped.
+    pub fn fixture(case: &str) -> Fixture {
+        let from = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("fixtures/apt")
             .join(case);
-        SourceFiles {
+        let dir = std::env::temp_dir().join(format!(
+            "tailguard-xtask-{case}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let files = SourceFiles {
             list: dir.join("sources.list"),
             parts: dir.join("sources.list.d"),
+        };
+        std::fs::create_dir_all(&files.parts).unwrap();
+        let mirror = machine_mirror();
+        let copy = |from: &Path, to: &Path| {
+            let text = std::fs::read_to_string(from).unwrap();
+            std::fs::write(to, text.replace(MIRROR, &mirror)).unwrap();
+        };
+        let list = from.join("sources.list");
+        if list.exists() {
+            copy(&list, &files.list);
+        }
+        for entry in std::fs::read_dir(from.join("sources.list.d"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            copy(&entry.path(), &files.parts.join(entry.file_name()));
+        }
+        Fixture { files }
+    }
+
+    /// A fixture's copy, for one test.
+    pub struct Fixture {
+        files: SourceFiles,
+    }
+
+    impl std::ops::Deref for Fixture {
+        type Target = SourceFiles;
+        fn deref(&self) -> &SourceFiles {
+            &self.files
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.files.parts.parent().unwrap());
         }
     }
 
@@ -146,8 +221,9 @@ pub mod tests {
             .collect()
     }
 
-    fn pair(suite: &str, uri: &str) -> (String, String) {
-        (suite.to_string(), uri.to_string())
+    /// `(suite, the machine's mirror + path)`.
+    fn pair(suite: &str, path: &str) -> (String, String) {
+        (suite.to_string(), format!("{}{path}", machine_mirror()))
     }
 
     #[test]
@@ -156,16 +232,13 @@ pub mod tests {
         assert_eq!(
             suites(&files),
             [
-                pair("bookworm", "http://mirror.example/debian/"),
-                pair("bookworm-updates", "http://mirror.example/debian/"),
-                pair(
-                    "bookworm-security",
-                    "http://mirror.example/debian-security/"
-                ),
+                pair("bookworm", "/debian/"),
+                pair("bookworm-updates", "/debian/"),
+                pair("bookworm-security", "/debian-security/"),
             ]
         );
         let archive = files.archive("bookworm").unwrap();
-        assert_eq!(archive.uri, "http://mirror.example/debian/");
+        assert_eq!(archive.uri, format!("{}/debian/", machine_mirror()));
         assert!(
             archive.entry.ends_with("sources.list.d/debian.sources:1"),
             "{}",
@@ -180,12 +253,9 @@ pub mod tests {
         assert_eq!(
             suites(&fixture("one-line")),
             [
-                pair("bookworm", "http://mirror.example/debian/"),
-                pair(
-                    "bookworm-security",
-                    "http://security.mirror.example/debian-security/"
-                ),
-                pair("bookworm-updates", "http://mirror.example/debian/"),
+                pair("bookworm", "/debian/"),
+                pair("bookworm-security", "/security/debian-security/"),
+                pair("bookworm-updates", "/debian/"),
             ]
         );
     }
@@ -195,10 +265,7 @@ pub mod tests {
         // `Enabled: no`, a `.sources.disabled` file apt ignores, and a
         // `deb-src` line (source packages only).
         let files = fixture("disabled");
-        assert_eq!(
-            suites(&files),
-            [pair("trixie", "http://mirror.example/debian/")]
-        );
+        assert_eq!(suites(&files), [pair("trixie", "/debian/")]);
         assert_eq!(files.find("bookworm").unwrap(), None);
     }
 

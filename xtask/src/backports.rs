@@ -218,7 +218,7 @@ pub fn ensure(decision: &Decision, files: &SourceFiles, may_write: bool) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apt::tests::fixture;
+    use crate::apt::tests::{fixture, machine_mirror};
 
     const BOOKWORM: &str = r#"PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"
 NAME="Debian GNU/Linux"
@@ -303,32 +303,9 @@ UBUNTU_CODENAME=noble
         );
     }
 
-    /// A copy of fixture `case` in a directory of its own, to write into.
-    fn scratch(case: &str) -> SourceFiles {
-        let from = fixture(case);
-        let dir = std::env::temp_dir().join(format!(
-            "tailguard-xtask-{case}-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        let files = SourceFiles {
-            list: dir.join("sources.list"),
-            parts: dir.join("sources.list.d"),
-        };
-        fs::create_dir_all(&files.parts).unwrap();
-        if from.list.exists() {
-            fs::copy(&from.list, &files.list).unwrap();
-        }
-        for entry in fs::read_dir(&from.parts).into_iter().flatten().flatten() {
-            fs::copy(entry.path(), files.parts.join(entry.file_name())).unwrap();
-        }
-        files
-    }
-
     #[test]
     fn adding_backports_takes_the_release_mirror_and_a_second_run_changes_nothing() {
-        let files = scratch("deb822");
+        let files = fixture("deb822");
         let decision = decide(BOOKWORM);
         let change = ensure(&decision, &files, true).unwrap();
         let file = files.parts.join("tailguard-bookworm-backports.sources");
@@ -347,7 +324,7 @@ UBUNTU_CODENAME=noble
         assert!(mirror_of.entry.contains("debian.sources"), "{mirror_of:?}");
         // apt itself now reads the suite, on the release's mirror.
         let added = files.find("bookworm-backports").unwrap().unwrap();
-        assert_eq!(added.uri, "http://mirror.example/debian/");
+        assert_eq!(added.uri, format!("{}/debian/", machine_mirror()));
         let written = fs::read_to_string(&file).unwrap();
 
         let again = ensure(&decision, &files, true).unwrap();
@@ -359,21 +336,19 @@ UBUNTU_CODENAME=noble
             )
         );
         assert_eq!(fs::read_to_string(&file).unwrap(), written);
-        fs::remove_dir_all(files.parts.parent().unwrap()).unwrap();
     }
 
     #[test]
     fn a_one_line_release_source_gives_the_mirror_too() {
-        let files = scratch("one-line");
+        let files = fixture("one-line");
         ensure(&decide(BOOKWORM), &files, true).unwrap();
         let added = files.find("bookworm-backports").unwrap().unwrap();
-        assert_eq!(added.uri, "http://mirror.example/debian/");
-        fs::remove_dir_all(files.parts.parent().unwrap()).unwrap();
+        assert_eq!(added.uri, format!("{}/debian/", machine_mirror()));
     }
 
     #[test]
     fn without_the_release_source_nothing_is_written_and_the_files_are_named() {
-        let files = scratch("none");
+        let files = fixture("none");
         let error = format!("{:#}", ensure(&decide(BOOKWORM), &files, true).unwrap_err());
         assert!(
             error.contains("no `deb` source for the suite bookworm in"),
@@ -381,21 +356,19 @@ UBUNTU_CODENAME=noble
         );
         assert!(error.contains(&files.list.display().to_string()), "{error}");
         assert_eq!(fs::read_dir(&files.parts).unwrap().count(), 0);
-        fs::remove_dir_all(files.parts.parent().unwrap()).unwrap();
     }
 
     #[test]
     fn a_release_without_backports_touches_no_file() {
-        let files = scratch("none");
+        let files = fixture("none");
         let change = ensure(&decide(TRIXIE), &files, true).unwrap();
         assert!(matches!(change, Change::None { .. }), "{change:?}");
         assert_eq!(fs::read_dir(&files.parts).unwrap().count(), 0);
-        fs::remove_dir_all(files.parts.parent().unwrap()).unwrap();
     }
 
     #[test]
     fn adding_needs_root_and_says_so() {
-        let files = scratch("deb822");
+        let files = fixture("deb822");
         let error = format!(
             "{:#}",
             ensure(&decide(BOOKWORM), &files, false).unwrap_err()
@@ -407,6 +380,5 @@ UBUNTU_CODENAME=noble
                 .join("tailguard-bookworm-backports.sources")
                 .exists()
         );
-        fs::remove_dir_all(files.parts.parent().unwrap()).unwrap();
     }
 }
