@@ -34,6 +34,8 @@ impl NetNs {
 
     fn unique_name(purpose: &str) -> String {
         static NEXT: AtomicU32 = AtomicU32::new(0);
+        static ORPHANS_REMOVED: std::sync::Once = std::sync::Once::new();
+        ORPHANS_REMOVED.call_once(remove_orphans);
         format!(
             "tg-{purpose}-{}-{}",
             std::process::id(),
@@ -152,6 +154,39 @@ impl Drop for NetNs {
     }
 }
 
+/// Removes the namespaces of test processes that are gone: a test process
+/// killed (by a timeout, or by hand while a test hung) runs no destructor,
+/// and its namespaces would stay, with their devices and processes, until
+/// the machine reboots. A namespace's name carries its maker's pid (see
+/// [`NetNs::new`]); one whose maker still runs is left alone.
+fn remove_orphans() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        if maker_pid(name)
+            .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+        {
+            drop(NetNs {
+                name: name.to_string(),
+            });
+        }
+    }
+}
+
+/// The pid in `tg-<purpose>-<pid>-<n>`, if `name` is a test's namespace.
+fn maker_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("tg-")?;
+    let mut from_end = rest.rsplit('-');
+    from_end.next()?.parse::<u32>().ok()?;
+    let pid = from_end.next()?.parse().ok()?;
+    from_end.next()?;
+    Some(pid)
+}
+
 /// A veth pair between two namespaces, each end up with its address.
 /// Returns the two interface names.
 pub fn veth(a: &NetNs, a_addr: &str, b: &NetNs, b_addr: &str) -> (String, String) {
@@ -244,4 +279,55 @@ pub fn sysctl(key: &str, value: &str) {
 /// Sets the MTU of `device` in the current namespace.
 pub fn set_mtu(device: &str, mtu: u32) {
     run(Command::new("ip").args(["link", "set", "dev", device, "mtu", &mtu.to_string()]));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_maker_pid_is_read_from_a_test_namespace_name_only() {
+        assert_eq!(maker_pid("tg-life-table-4242-7"), Some(4242));
+        assert_eq!(maker_pid("tg-x-1-0"), Some(1));
+        for other in [
+            "tg-4242-7",
+            "life-4242-7",
+            "tg-x-4242",
+            "tg-x-y-7",
+            "tg-x-4242-z",
+        ] {
+            assert_eq!(maker_pid(other), None, "{other}");
+        }
+    }
+
+    /// The namespace of a test process that is gone is removed; one of a
+    /// process that runs stays.
+    #[test]
+    fn an_orphaned_namespace_is_removed_and_a_live_ones_stays() {
+        crate::require_root();
+        let mut gone = Command::new("true").spawn().unwrap();
+        let gone_pid = gone.id();
+        gone.wait().unwrap();
+        let orphan = format!("tg-orphan-{gone_pid}-0");
+        let live = format!("tg-orphan-{}-{}", std::process::id(), u32::MAX);
+        for name in [&orphan, &live] {
+            run(Command::new("ip").args(["netns", "add", name]));
+        }
+        remove_orphans();
+        let listed = String::from_utf8(
+            Command::new("ip")
+                .args(["netns", "list"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        let names: Vec<&str> = listed
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        drop(NetNs { name: live.clone() });
+        assert!(!names.contains(&orphan.as_str()), "{listed}");
+        assert!(names.contains(&live.as_str()), "{listed}");
+    }
 }

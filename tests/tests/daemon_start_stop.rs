@@ -231,14 +231,18 @@ fn the_table_is_in_place_whenever_the_wireguard_device_exists() {
                 }
                 (with_device, violations)
             });
-            let mut daemon = DaemonUnderTest::builder((&bed, &dir))
-                .envs(&[("TS_DEVICE", TS)])
-                .start();
-            daemon.wait_for("the start to finish", |d| {
-                d.log().contains("waiting for the Tailscale device")
-            });
-            let log = daemon.stop();
-            done.store(true, Ordering::Relaxed);
+            // The poller stops however this ends: a panic here would
+            // otherwise leave the scope waiting for it forever.
+            let log = {
+                let _stop_polling = StopOnDrop(&done);
+                let mut daemon = DaemonUnderTest::builder((&bed, &dir))
+                    .envs(&[("TS_DEVICE", TS)])
+                    .start();
+                daemon.wait_for("the start to finish", |d| {
+                    d.log().contains("waiting for the Tailscale device")
+                });
+                daemon.stop()
+            };
             (poller.join().unwrap(), log)
         });
         let (with_device, violations) = samples;
@@ -253,6 +257,15 @@ fn the_table_is_in_place_whenever_the_wireguard_device_exists() {
         );
         assert_eq!(full_state(&dir), before, "as before:\n{log}");
     });
+}
+
+/// Sets its flag when dropped, unwinding included.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A panic at each fault point of the start (`tailguard/src/fault.rs`):
