@@ -232,7 +232,9 @@ fn wireguard_as_exit_node() {
         let ctx = |what: &str| format!("{datapath}: {what}\n{}", node.log());
 
         // The WireGuard server, at the node's own tailnet address.
-        b.tailnet.run(|| ping(NODE_TS));
+        if let Err(failure) = b.tailnet.run(|| try_ping(NODE_TS)) {
+            panic!("{}", ctx(&format!("tailnet -> TS_DEST_IP: {failure}")));
+        }
         let seen = b.tailnet.run(|| who_am_i(NODE_TS, server.port));
         assert_eq!(
             seen.as_deref(),
