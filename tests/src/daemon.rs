@@ -107,6 +107,23 @@ impl<'a> Builder<'a> {
         self
     }
 
+    /// Runs the daemon in a mount namespace of its own where `file` is seen
+    /// at `target` (e.g. `/etc/hosts`); the machine's own stays as it is.
+    pub fn with_file_at(self, target: &str, file: &std::path::Path) -> Self {
+        let bind = format!("mount --bind \"$0\" {target} && exec \"$@\"");
+        let file = file.display().to_string();
+        self.via(&[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &bind,
+            &file,
+        ])
+    }
+
     /// The command and the stand-in it gives the daemon, if any.
     fn prepare(&self) -> (Command, Option<StandIn>) {
         let daemon = tailguard_bin();

@@ -21,17 +21,24 @@ fn feature(dev: &str, name: &str) -> String {
         .to_string()
 }
 
-#[test]
-fn uplink_gets_udp_gro_forwarding_until_we_stop() {
+/// Our namespace (`tg-PURPOSE-…`), its peer's and our end of the veth
+/// between them.
+fn with_uplink(purpose: &str) -> (NetNs, NetNs, String) {
     require_root();
-    let ours = NetNs::new("gro");
-    let other = NetNs::new("gro-up");
+    let ours = NetNs::new(purpose);
+    let other = NetNs::new(&format!("{purpose}-up"));
     let (uplink, _) = veth(
         &ours,
         &with_prefix(UNDERLAY, LINK_PREFIX),
         &other,
         &with_prefix(UNDERLAY_PEER, LINK_PREFIX),
     );
+    (ours, other, uplink)
+}
+
+#[test]
+fn uplink_gets_udp_gro_forwarding_until_we_stop() {
+    let (ours, _other, uplink) = with_uplink("gro");
     ours.run(|| {
         run(Command::new("ip").args(["route", "add", "default", "via", UNDERLAY_PEER]));
         // Start from the opposite of what we want, to see both change.
@@ -67,15 +74,7 @@ fn uplink_gets_udp_gro_forwarding_until_we_stop() {
 
 #[test]
 fn without_a_default_route_nothing_is_touched() {
-    require_root();
-    let ours = NetNs::new("gro-none");
-    let other = NetNs::new("gro-none-up");
-    let (uplink, _) = veth(
-        &ours,
-        &with_prefix(UNDERLAY, LINK_PREFIX),
-        &other,
-        &with_prefix(UNDERLAY_PEER, LINK_PREFIX),
-    );
+    let (ours, _other, uplink) = with_uplink("gro-none");
     ours.run(|| {
         let before = run(Command::new("ethtool").args(["-k", &uplink]));
         let rt = tokio::runtime::Builder::new_current_thread()

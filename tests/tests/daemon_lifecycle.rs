@@ -276,20 +276,9 @@ fn endpoint_host_names_are_resolved_again() {
     )
     .unwrap();
     bed.ours.run(|| {
-        let hosts = hosts.display().to_string();
-        let wrapper = [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
-            &hosts,
-        ];
         // The resolver file left alone: the name is in the bound hosts file.
         let mut daemon = DaemonUnderTest::builder((&bed, &dir))
-            .via(&wrapper)
+            .with_file_at("/etc/hosts", &hosts)
             .env("TG_RESOLV_CONF", "")
             .env("TG_ENDPOINT_REFRESH", "1")
             .start();

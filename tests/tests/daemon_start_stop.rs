@@ -383,21 +383,10 @@ fn sigterm_during_a_slow_name_lookup_tears_down_within_the_grace_period() {
         "nameserver 10.200.0.2\noptions timeout:30 attempts:1\n",
     )
     .unwrap();
-    let host_resolv = host_resolv.display().to_string();
     bed.ours.run(|| {
         let before = full_state(&dir);
-        let wrapper = [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            "mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"",
-            &host_resolv,
-        ];
         let mut daemon = DaemonUnderTest::builder((&bed, &dir))
-            .via(&wrapper)
+            .with_file_at("/etc/resolv.conf", &host_resolv)
             .envs(&[("TS_DEVICE", TS)])
             .start();
         // The device exists before its peers are configured (and their
