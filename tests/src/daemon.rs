@@ -193,14 +193,15 @@ impl<'a> Builder<'a> {
         node.wait_for("the second WireGuard peer's handshake", |_| {
             bridge.client_connected()
         });
-        // The fast path (when it runs) takes the tailnet side once its maps
-        // know tailscaled's device and address: until then, flows are the
-        // kernel's and stay so.
-        node.wait_for("the fast path's tailnet side", |_| {
-            let f = &status()["forwarding"];
+        // Healthy means the fast path (when it runs) has the tailnet side:
+        // its maps know tailscaled's device and address.
+        let f = &status()["forwarding"];
+        assert!(
             f.get("ts_ifindex").is_none()
-                || (f["ts_ifindex"].as_u64() != Some(0) && !f["ts_v4"].is_null())
-        });
+                || (f["ts_ifindex"].as_u64() != Some(0) && !f["ts_v4"].is_null()),
+            "healthy, but the fast path's maps lack the tailnet side: {f:#}\n{}",
+            node.log()
+        );
         // Where the peers are the kernel's, the daemon's device must be
         // too: a userspace one has its UAPI socket.
         if crate::wg::kernel_wireguard() {

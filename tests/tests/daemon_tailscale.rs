@@ -200,6 +200,44 @@ fn a_dead_tailscaled_is_restarted_and_health_follows() {
     });
 }
 
+/// The first healthy answer comes only once the forwarding plane holds
+/// the node's tailnet addresses: `TS_DEST_IP` and the masquerade match on
+/// them, so a client told "healthy" earlier would see its first packets
+/// dropped. Polled as fast as `tailguard status` answers, from the start.
+#[test]
+fn healthy_only_once_the_maps_and_the_table_have_the_tailnet_addresses() {
+    let bed = Testbed::new("ts-inline");
+    let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
+    bed.ours.run(|| {
+        let node = DaemonUnderTest::builder((&bed, &dir))
+            .standin()
+            .envs(&[("TS_AUTHKEY", "tskey-x"), ("TS_DEST_IP", WG_SERVER)])
+            .start();
+        let deadline = Instant::now() + tailguard_tests::patience(Duration::from_secs(30));
+        let first_healthy = loop {
+            let now = status();
+            if now["healthy"] == true {
+                break now;
+            }
+            assert!(Instant::now() < deadline, "never healthy:\n{}", node.log());
+        };
+        let table = run(Command::new("nft").args(["list", "table", "inet", "tailguard"]));
+        let m = &first_healthy["forwarding"];
+        assert_eq!(
+            (&m["ts_v4"], &m["ts_v6"]),
+            (&json!(NODE_TS), &json!(NODE_TS_V6)),
+            "healthy before the maps had the addresses: {first_healthy:#}\n{}",
+            node.log()
+        );
+        assert!(
+            table.contains(&format!("ip daddr {NODE_TS}")),
+            "healthy before the table had the address:\n{table}\n{}",
+            node.log()
+        );
+        node.stop();
+    });
+}
+
 #[test]
 fn address_and_route_changes_reach_the_maps_and_going_offline_the_health() {
     let bed = Testbed::new("ts-addr");
@@ -218,10 +256,13 @@ fn address_and_route_changes_reach_the_maps_and_going_offline_the_health() {
             .envs(&env)
             .start();
         node.wait_for("health", |_| health().0);
-        node.wait_for("the tailnet addresses in the maps", |_| {
-            maps()["ts_v4"] == NODE_TS && maps()["ts_v6"] == NODE_TS_V6
-        });
+        // Healthy: the maps have the addresses already.
         let m = maps();
+        assert_eq!(
+            (&m["ts_v4"], &m["ts_v6"]),
+            (&json!(NODE_TS), &json!(NODE_TS_V6)),
+            "{m:#}"
+        );
         let index = nix::net::if_::if_nametoindex(node.standin().ts_device.as_str()).unwrap();
         assert_eq!(m["ts_ifindex"], index, "{m:#}");
         assert_eq!(m["ts_mtu"], 1280, "{m:#}");

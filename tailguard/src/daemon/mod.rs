@@ -378,10 +378,12 @@ impl Running {
                 _ = resync.tick() => {}
                 Ok(()) = tailscale.changed() => {
                     tailscale_state = tailscale.borrow_and_update().clone();
+                    // Healthy again only once the refresh below has
+                    // brought the forwarding plane in line.
                     health.send_modify(|h| {
                         h.tailscale = tailscale_state.ready.clone();
                         h.dns_name = tailscale_state.dns_name.clone();
-                        h.mark();
+                        h.forwarding_in_line = false;
                     });
                 }
                 _ = counters.tick(), if self.datapath.is_some() => {
@@ -514,11 +516,12 @@ impl Running {
             let attached = ts_device.is_some();
             let changed = h.tailscale_attached != attached;
             h.tailscale_attached = attached;
-            h.mark();
+            h.forwarding_in_line &= !changed;
             changed
         });
         let observed = self.observe(plan, tailscale, ts_device).await?;
         if self.observed.as_ref() == Some(&observed) {
+            health.send_if_modified(forwarding_in_line);
             return Ok(());
         }
         if let Some(firewall) = self.firewall.as_mut() {
@@ -569,7 +572,10 @@ impl Running {
             table52 = observed.table52.len(),
             "forwarding plane updated"
         );
-        health.send_modify(|h| h.forwarding = view);
+        health.send_modify(|h| {
+            h.forwarding = view;
+            forwarding_in_line(h);
+        });
         self.observed = Some(observed);
         Ok(())
     }
@@ -633,6 +639,15 @@ impl Running {
 }
 
 /// The running kernel's release, as `uname -r` says it.
+/// The forwarding plane holds what was observed last: noted (and the first
+/// healthy moment with it); whether that changed the health.
+fn forwarding_in_line(health: &mut Health) -> bool {
+    let changed = !health.forwarding_in_line;
+    health.forwarding_in_line = true;
+    health.mark();
+    changed
+}
+
 fn kernel_release() -> String {
     nix::sys::utsname::uname().map_or_else(
         |e| format!("unknown ({e})"),

@@ -1,6 +1,7 @@
 //! Health: the node is healthy when Tailscale runs with addresses and is
-//! online, the WireGuard device is up, and the programs are attached on both
-//! devices. `/healthz` answers 200 or 503 with the reason (and when the
+//! online, the WireGuard device is up, the programs are attached on both
+//! devices, and the maps and the nftables table have followed Tailscale's
+//! latest state (its addresses above all). `/healthz` answers 200 or 503 with the reason (and when the
 //! node started and first became healthy); `tailguard health` asks it, for
 //! Docker's HEALTHCHECK. `/status` shows the health and the forwarding
 //! plane; on the status page (`TG_WEBUI_PORT`), what peers may see of it.
@@ -48,6 +49,12 @@ pub struct Health {
     pub datapath_fallback: Option<Fallback>,
     /// `Err`: why Tailscale is not ready.
     pub tailscale: Result<(), NotReady>,
+    /// The maps and the table hold what the kernel and Tailscale said last:
+    /// false from a change of Tailscale's state or device until the
+    /// forwarding plane has followed it (the node's tailnet address is what
+    /// `TS_DEST_IP` and the masquerade rules match on, so "healthy" before
+    /// that would send a client to a node that drops its first packets).
+    pub forwarding_in_line: bool,
     /// The forwarding plane's maps as last read back from the kernel.
     pub forwarding: serde_json::Value,
     /// The fast path's outcome counters, read each second.
@@ -69,6 +76,8 @@ pub enum Reason {
     ProgramsNotAttached,
     #[error("the Tailscale device does not exist")]
     NoTailscaleDevice,
+    #[error("the forwarding plane has not yet followed Tailscale's latest state")]
+    ForwardingBehind,
 }
 
 /// Every reason the node is not healthy, in one line.
@@ -115,6 +124,7 @@ impl Health {
             programs_required: true,
             datapath_fallback: None,
             tailscale: Err(NotReady::NotAnsweredYet),
+            forwarding_in_line: false,
             forwarding: serde_json::Value::Null,
             counters: serde_json::Value::Null,
             ts_hostname: None,
@@ -153,6 +163,9 @@ impl Health {
             reasons.push(Reason::ProgramsNotAttached);
         } else if !self.tailscale_attached {
             reasons.push(Reason::NoTailscaleDevice);
+        }
+        if !self.forwarding_in_line {
+            reasons.push(Reason::ForwardingBehind);
         }
         if reasons.is_empty() {
             Ok(())
@@ -366,6 +379,7 @@ mod tests {
             wireguard_attached: true,
             tailscale_attached: true,
             tailscale: Ok(()),
+            forwarding_in_line: true,
             ..Health::new()
         }
     }
@@ -391,6 +405,16 @@ mod tests {
             .unwrap_err()
             .to_string(),
             "the WireGuard device is not up"
+        );
+        assert_eq!(
+            Health {
+                forwarding_in_line: false,
+                ..healthy()
+            }
+            .verdict()
+            .unwrap_err()
+            .to_string(),
+            "the forwarding plane has not yet followed Tailscale's latest state"
         );
     }
 
