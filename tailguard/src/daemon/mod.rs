@@ -25,7 +25,7 @@ use crate::{
     daemon::preflight::PreflightError,
     datapath::map_contents,
     datapath::{self, Datapath, LoadOptions, pin},
-    errors::one_line,
+    errors::{in_full, one_line},
     firewall::FirewallError,
     firewall::{Firewall, FirewallPlan},
     host::gro::GroSetup,
@@ -321,7 +321,7 @@ impl Running {
                     };
                     // A refused program's whole verifier log: thousands of
                     // lines, for RUST_LOG=debug only.
-                    debug!("the eBPF fast path's error in full: {}", one_line(&e));
+                    debug!("the eBPF fast path's error in full: {}", in_full(&e));
                     error!(
                         "THE eBPF FAST PATH IS OFF on kernel {}: {}. The netfilter datapath \
                          forwards everything (the same policy, forwarded by the kernel, slower).",
