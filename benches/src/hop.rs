@@ -145,7 +145,6 @@ impl Hop {
             runtime.block_on(firewall.apply(&plan))?;
             // The daemon's switches, as its plan sets them without policy routing.
             let switches = SwitchesPlan {
-                reserve_translation_ports: true,
                 src_valid_mark: false,
             };
             Ok(Sysctls::apply(&switches)?)

@@ -259,6 +259,46 @@ fn the_table_is_in_place_whenever_the_wireguard_device_exists() {
     });
 }
 
+/// With wg-quick's IPv4 policy routing (a default route through
+/// WireGuard), `src_valid_mark` is on before PostUp runs, as wg-quick sets
+/// it, and put back at the stop.
+#[test]
+fn src_valid_mark_is_on_before_post_up_and_put_back_at_the_stop() {
+    let bed = Testbed::new("life-mark");
+    let seen_by_hook = std::env::temp_dir().join(format!("tg-life-mark-{}", std::process::id()));
+    let hook = format!(
+        "PostUp = cat /proc/sys/net/ipv4/conf/all/src_valid_mark > {}",
+        seen_by_hook.display()
+    );
+    let dir = bed.config_dir(&bed.config(&hook, WG_SERVER_EXIT));
+    let mark = || {
+        std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/src_valid_mark")
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    bed.ours.run(|| {
+        tailguard_tests::netns::sysctl("net.ipv4.conf.all.src_valid_mark", "0");
+        let mut daemon = DaemonUnderTest::builder((&bed, &dir))
+            .envs(&[("TS_DEVICE", TS)])
+            .start();
+        daemon.wait_for("the start to finish", |d| {
+            d.log().contains("waiting for the Tailscale device")
+        });
+        let at_post_up = std::fs::read_to_string(&seen_by_hook).map_err(|e| e.to_string());
+        let _ = std::fs::remove_file(&seen_by_hook);
+        let running = mark();
+        let log = daemon.stop();
+        assert_eq!(
+            at_post_up.as_deref().map(str::trim),
+            Ok("1"),
+            "src_valid_mark as PostUp saw it:\n{log}"
+        );
+        assert_eq!(running, "1", "{log}");
+        assert_eq!(mark(), "0", "put back at the stop:\n{log}");
+    });
+}
+
 /// Sets its flag when dropped, unwinding included.
 struct StopOnDrop<'a>(&'a AtomicBool);
 

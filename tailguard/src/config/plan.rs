@@ -53,11 +53,11 @@ pub struct Plan {
 }
 
 /// The kernel switches the daemon writes while it runs (and puts back at
-/// its stop). Forwarding is not among them: it is the user's, only read.
+/// its stop): the fast path's translation ports always join
+/// `ip_local_reserved_ports`, whichever datapath runs, and `src_valid_mark`
+/// when asked. Forwarding is not among them: it is the user's, only read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SwitchesPlan {
-    /// The fast path's translation ports added to `ip_local_reserved_ports`.
-    pub reserve_translation_ports: bool,
     /// `net.ipv4.conf.all.src_valid_mark=1`, as wg-quick sets it for an
     /// IPv4 default route through WireGuard: replies to marked packets then
     /// pass the reverse-path check.
@@ -395,7 +395,6 @@ impl Plan {
                 fallback: settings.nameservers.clone(),
             },
             switches: SwitchesPlan {
-                reserve_translation_ports: true,
                 src_valid_mark: wireguard.policy_routing.is_some_and(|p| p.ipv4),
             },
             health_addr: settings.health_addr,
@@ -845,12 +844,10 @@ impl fmt::Display for Plan {
         }
         let sw = &self.switches;
         writeln!(f, "Kernel switches (put back at the stop)")?;
-        if sw.reserve_translation_ports {
-            writeln!(
-                f,
-                "  net.ipv4.ip_local_reserved_ports: + {NAT_PORT_FIRST}-65535 (the fast path's translation ports)"
-            )?;
-        }
+        writeln!(
+            f,
+            "  net.ipv4.ip_local_reserved_ports: + {NAT_PORT_FIRST}-65535 (the fast path's translation ports)"
+        )?;
         if sw.src_valid_mark {
             writeln!(
                 f,

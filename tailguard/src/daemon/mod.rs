@@ -232,9 +232,9 @@ impl Running {
     }
 
     /// The start: the nftables table first, so that no device of ours ever
-    /// carries a packet without the policy; then, in the order docs/architecture.md gives ("Apply"),
-    /// the uplink's UDP GRO forwarding (never fatal), WireGuard, name
-    /// resolution, and the fast path's reserved ports last.
+    /// carries a packet without the policy; then, in the order
+    /// docs/architecture.md gives ("Apply"), the uplink's UDP GRO forwarding
+    /// (never fatal), the kernel switches, WireGuard and name resolution.
     ///
     /// `shutdown` is heard between the steps and during the WireGuard
     /// bring-up, which can take long (hooks, endpoint names to resolve) and
@@ -254,6 +254,10 @@ impl Running {
             return Ok(Start::Stopped);
         }
         self.gro = GroSetup::enable(&self.nl).await;
+        // Before WireGuard, as wg-quick sets `src_valid_mark` before PostUp
+        // (a hook may rely on it), and so that WireGuard's own random
+        // listen port cannot land among the fast path's reserved ports.
+        self.sysctls = Some(Sysctls::apply(&plan.switches).map_err(Error::Switches)?);
         let wg = self.wg.insert(WgSetup::new(&plan.wireguard));
         tokio::select! {
             biased;
@@ -277,7 +281,6 @@ impl Running {
         if stop_requested(shutdown) {
             return Ok(Start::Stopped);
         }
-        self.sysctls = Some(Sysctls::apply(&plan.switches).map_err(Error::Switches)?);
         Ok(Start::Done)
     }
 
@@ -581,8 +584,8 @@ impl Running {
     }
 
     /// Takes down everything, collecting errors instead of stopping at one:
-    /// tailscaled (and its device), the programs, the reserved ports, the
-    /// WireGuard side, the resolver, GRO, and the nftables table last, once
+    /// tailscaled (and its device), the programs, the WireGuard side, the
+    /// resolver, the kernel switches, GRO, and the nftables table last, once
     /// no device of ours is left to carry a packet.
     async fn teardown(&mut self) -> Result<()> {
         let mut errors: Vec<String> = Vec::new();
@@ -604,11 +607,6 @@ impl Running {
                 errors.extend(e.iter().map(ToString::to_string));
             }
         }
-        if let Some(sysctls) = self.sysctls.take()
-            && let Err(e) = sysctls.restore()
-        {
-            errors.push(e.to_string());
-        }
         if let Some(wg) = self.wg.take()
             && let Err(e) = wg.teardown(&self.nl).await
         {
@@ -618,6 +616,11 @@ impl Running {
             && let Err(e) = resolver.teardown(&self.nl).await
         {
             errors.extend(e.iter().map(ToString::to_string));
+        }
+        if let Some(sysctls) = self.sysctls.take()
+            && let Err(e) = sysctls.restore()
+        {
+            errors.push(e.to_string());
         }
         if let Some(gro) = self.gro.take()
             && let Err(e) = gro.restore().await
@@ -638,7 +641,6 @@ impl Running {
     }
 }
 
-/// The running kernel's release, as `uname -r` says it.
 /// The forwarding plane holds what was observed last: noted (and the first
 /// healthy moment with it); whether that changed the health.
 fn forwarding_in_line(health: &mut Health) -> bool {
@@ -648,6 +650,7 @@ fn forwarding_in_line(health: &mut Health) -> bool {
     changed
 }
 
+/// The running kernel's release, as `uname -r` says it.
 fn kernel_release() -> String {
     nix::sys::utsname::uname().map_or_else(
         |e| format!("unknown ({e})"),

@@ -121,17 +121,13 @@ pub struct Sysctls {
 }
 
 impl Sysctls {
-    /// Sets the switches `plan` asks for. Calling it again, or with the
+    /// Sets the switches: the reserved ports, and what `plan` asks for. Calling it again, or with the
     /// switches already set, changes nothing.
     pub fn apply(plan: &SwitchesPlan) -> io::Result<Self> {
-        let mut applied = Self::default();
-        if plan.reserve_translation_ports {
-            applied.reserved_ports_before = reserve_translation_ports()?;
-        }
-        if plan.src_valid_mark {
-            applied.src_valid_mark_before = enable_src_valid_mark();
-        }
-        Ok(applied)
+        Ok(Self {
+            reserved_ports_before: reserve_translation_ports()?,
+            src_valid_mark_before: plan.src_valid_mark.then(enable_src_valid_mark).flatten(),
+        })
     }
 
     /// Puts back what [`Sysctls::apply`] changed.
