@@ -180,6 +180,17 @@ pub enum FwMark {
     ActualListenPort,
 }
 
+impl FwMark {
+    /// The mark, when the plan knows it (not the port a device ends up with).
+    pub fn known(self) -> Option<u32> {
+        match self {
+            Self::Config(mark) | Self::PolicyTable(mark) => Some(mark),
+            Self::ListenPort(port) => Some(u32::from(port)),
+            Self::ActualListenPort => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerPlan {
     pub public_key: PublicKey,
@@ -687,12 +698,7 @@ impl fmt::Display for Plan {
         for rule in &wg.rules {
             writeln!(f, "  ip rule:        {rule}")?;
         }
-        let mark_rules = match wg.fwmark {
-            FwMark::Config(m) | FwMark::PolicyTable(m) => Some(m),
-            FwMark::ListenPort(p) => Some(u32::from(p)),
-            FwMark::ActualListenPort => None,
-        };
-        match mark_rules {
+        match wg.fwmark.known() {
             Some(mark) => {
                 for rule in WireGuardPlan::mark_rules(mark) {
                     writeln!(f, "  ip rule:        {rule}")?;

@@ -17,10 +17,10 @@ use crate::config::extra_args::{ExtraArgs, parse_extra_args};
 pub use crate::config::secrets::Secret;
 use crate::config::secrets::{REDACTED, redact};
 
-/// Settings as given. [`SettingsArgs::validate`] turns them into [`Settings`].
 /// tailscaled's default LocalAPI socket on Linux.
 pub const DEFAULT_LOCALAPI_SOCKET: &str = "/var/run/tailscale/tailscaled.sock";
 
+/// Settings as given. [`SettingsArgs::validate`] turns them into [`Settings`].
 #[derive(Args, Debug, Clone)]
 pub struct SettingsArgs {
     /// `1`: accept connections from WireGuard and Tailscale peers to this host.

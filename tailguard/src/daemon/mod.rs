@@ -690,8 +690,8 @@ fn log_counters(datapath: &Datapath) {
 mod tests {
     use super::*;
 
-    /// The table applied before any device exists is the one the devices'
-    /// observed give: it depends on nothing those observed add.
+    /// The table applied before any device exists is the one made from
+    /// what is observed with the devices: it depends on nothing they add.
     #[test]
     fn the_table_before_the_devices_is_the_table_with_them() {
         let config = crate::config::wg_quick::parse(

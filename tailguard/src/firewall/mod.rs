@@ -7,7 +7,7 @@ mod rules;
 
 pub use rules::{FAST_PATH_PORTS, FirewallPlan, TABLE};
 
-use nftables::{helper, schema::Nftables};
+use nftables::helper;
 use tracing::info;
 
 use crate::{
@@ -19,16 +19,9 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum FirewallError {
     #[error("applying the nftables table inet {TABLE}")]
-    Apply(#[source] BatchError),
+    Apply(#[source] helper::NftablesError),
     #[error("removing the nftables table inet {TABLE}")]
-    Remove(#[source] BatchError),
-}
-
-/// Why one batch did not go through `nft`.
-#[derive(Debug, thiserror::Error)]
-pub enum BatchError {
-    #[error(transparent)]
-    Nft(#[from] helper::NftablesError),
+    Remove(#[source] helper::NftablesError),
 }
 
 impl FirewallPlan {
@@ -64,7 +57,7 @@ impl Firewall {
         if self.applied.as_ref() == Some(plan) {
             return Ok(());
         }
-        run(rules::replace(plan))
+        helper::apply_ruleset_async(&rules::replace(plan))
             .await
             .map_err(FirewallError::Apply)?;
         info!(table = TABLE, ts_v4 = ?plan.ts_v4, ts_v6 = ?plan.ts_v6, "nftables table applied");
@@ -74,12 +67,10 @@ impl Firewall {
 
     /// Removes the table (harmless when it is not there).
     pub async fn remove(&mut self) -> Result<(), FirewallError> {
-        run(rules::remove()).await.map_err(FirewallError::Remove)?;
+        helper::apply_ruleset_async(&rules::remove())
+            .await
+            .map_err(FirewallError::Remove)?;
         self.applied = None;
         Ok(())
     }
-}
-
-async fn run(commands: Nftables<'static>) -> Result<(), BatchError> {
-    Ok(helper::apply_ruleset_async(&commands).await?)
 }

@@ -123,10 +123,8 @@ impl WgDevice {
         if let Some(port) = plan.listen_port {
             update = update.set_listen_port(port);
         }
-        match plan.fwmark {
-            FwMark::Config(mark) | FwMark::PolicyTable(mark) => update = update.set_fwmark(mark),
-            FwMark::ListenPort(port) => update = update.set_fwmark(u32::from(port)),
-            FwMark::ActualListenPort => {}
+        if let Some(mark) = plan.fwmark.known() {
+            update = update.set_fwmark(mark);
         }
         for peer in &plan.peers {
             let mut builder = PeerConfigBuilder::new(&Key(peer.public_key.0)).replace_allowed_ips();
