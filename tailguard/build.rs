@@ -20,13 +20,32 @@ const AYA_BUILD_SKIP: &str = "AYA_BUILD_SKIP";
 /// The object's file name in `OUT_DIR`: the eBPF crate's binary target.
 const OBJECT: &str = "tailguard";
 
+/// The benchmarks' floor: an object (and a feature of the eBPF crate) of
+/// its own, built only with this crate's `bench` feature.
+const BENCH_FLOOR: &str = "bench-floor";
+
+fn bench() -> bool {
+    env::var_os("CARGO_FEATURE_BENCH").is_some()
+}
+
+/// The objects `include_bytes!` reads.
+fn objects() -> Vec<&'static str> {
+    let mut objects = vec![OBJECT];
+    if bench() {
+        objects.push(BENCH_FLOOR);
+    }
+    objects
+}
+
 fn main() -> anyhow::Result<()> {
     println!("cargo::rerun-if-env-changed={AYA_BUILD_SKIP}");
     if let Some(value) = skip_requested() {
         // aya-build writes nothing then, and `include_bytes!` needs a file.
         let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR is not set")?);
-        let object = out_dir.join(OBJECT);
-        fs::write(&object, []).with_context(|| format!("writing {}", object.display()))?;
+        for name in objects() {
+            let object = out_dir.join(name);
+            fs::write(&object, []).with_context(|| format!("writing {}", object.display()))?;
+        }
         println!(
             "cargo::warning={AYA_BUILD_SKIP}={value}: no eBPF programs built; this tailguard \
              cannot load its fast path"
@@ -51,12 +70,7 @@ fn main() -> anyhow::Result<()> {
 
     let root = toolchain::workspace_root().join("tailguard-ebpf");
     let root = root.to_str().context("workspace path is not UTF-8")?;
-    // The benchmarks' floor is its own object, built only for them.
-    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_BENCH").is_some() {
-        &["bench-floor"]
-    } else {
-        &[]
-    };
+    let features: &[&str] = if bench() { &[BENCH_FLOOR] } else { &[] };
     aya_build::build_ebpf(
         [Package {
             name: "tailguard-ebpf",

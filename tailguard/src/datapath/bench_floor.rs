@@ -15,6 +15,10 @@ pub struct BenchFloor(Ebpf);
 
 impl BenchFloor {
     pub fn load() -> Result<Self, Error> {
+        // aya would call an empty object (AYA_BUILD_SKIP) a malformed ELF file.
+        if OBJECT.is_empty() {
+            return Err(Error::ObjectNotBuilt);
+        }
         let mut ebpf = Ebpf::load(OBJECT).map_err(|e| Error::Object(Box::new(e)))?;
         let program: &mut SchedClassifier = ebpf
             .program_mut(NAME)
