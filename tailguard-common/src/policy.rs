@@ -74,14 +74,6 @@ pub enum Chain {
 }
 
 impl Chain {
-    pub const ALL: [Self; 5] = [
-        Self::Input,
-        Self::Mss,
-        Self::Forward,
-        Self::Dstnat,
-        Self::Srcnat,
-    ];
-
     pub const fn name(self) -> &'static str {
         match self {
             Self::Input => "input",
@@ -297,8 +289,6 @@ pub enum NewFlow {
         dnat: Option<PolicyRule>,
         forward: PolicyRule,
         snat: Option<PolicyRule>,
-        /// The device it leaves by.
-        to: Device,
     },
     /// Dropped by this row.
     Refused(PolicyRule),
@@ -319,7 +309,6 @@ pub const fn new_flow(from: Device, bound: Bound, ipv6: bool, switches: Switches
             dnat: None,
             forward: PolicyRule::ForwardWgToTs,
             snat: Some(PolicyRule::SrcnatWgToTs),
-            to: Device::Tailscale,
         },
         (Device::WireGuard, Bound::WireGuard) if switches.isolate_peers => {
             NewFlow::Refused(PolicyRule::ForwardIsolatedPeers)
@@ -328,7 +317,6 @@ pub const fn new_flow(from: Device, bound: Bound, ipv6: bool, switches: Switches
             dnat: None,
             forward: PolicyRule::ForwardWgToWg,
             snat: None,
-            to: Device::WireGuard,
         },
         (Device::Tailscale, Bound::DestIp) => NewFlow::Forwarded {
             dnat: Some(if ipv6 {
@@ -338,13 +326,11 @@ pub const fn new_flow(from: Device, bound: Bound, ipv6: bool, switches: Switches
             }),
             forward: PolicyRule::ForwardTsToWg,
             snat: ts_to_wg_snat,
-            to: Device::WireGuard,
         },
         (Device::Tailscale, Bound::WireGuard) => NewFlow::Forwarded {
             dnat: None,
             forward: PolicyRule::ForwardTsToWg,
             snat: ts_to_wg_snat,
-            to: Device::WireGuard,
         },
         // `DestIp` is only ever bound from the tailnet; from WireGuard the
         // node's tailnet address is the host's.
@@ -406,7 +392,6 @@ pub const fn kernel_table(p: Arrival, switches: Switches, fast_path_ports: bool)
             dnat: None,
             forward: PolicyRule::ForwardReplies,
             snat: None,
-            to: p.from.other(),
         }
     } else {
         new_flow(p.from, bound, p.ipv6, switches)
@@ -514,6 +499,39 @@ mod tests {
             for b in &PolicyRule::ALL[i + 1..] {
                 assert_ne!(a, *b);
                 assert_ne!(row.name, b.name());
+            }
+        }
+    }
+
+    /// docs/policy.md, the page users read, lists every row once, with the
+    /// family and the fast path's count the table gives it.
+    #[test]
+    fn the_policy_page_lists_every_row_as_the_table_has_it() {
+        extern crate std;
+        use std::{format, vec::Vec};
+        let page = include_str!("../../docs/policy.md");
+        for rule in PolicyRule::ALL {
+            let row = rule.row();
+            let start = format!("| `{}` |", row.name);
+            let lines: Vec<&str> = page.lines().filter(|l| l.starts_with(&start)).collect();
+            let [line] = lines[..] else {
+                panic!("docs/policy.md lists {} {} times", row.name, lines.len());
+            };
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let family = match row.families {
+                Families::Both => "both",
+                Families::V4 => "IPv4",
+                Families::V6 => "IPv6",
+            };
+            assert_eq!(cells[2], family, "{line}");
+            // The input rows are the kernel's alone: no count column.
+            if row.chain != Chain::Input {
+                let counted = cells[cells.len() - 2];
+                assert!(
+                    counted.starts_with(&format!("`{}`", row.outcome.name())),
+                    "{line}: counted as {}",
+                    row.outcome.name()
+                );
             }
         }
     }
