@@ -815,13 +815,4 @@ mod tests {
             "no TS_DEST_IP, no exception"
         );
     }
-
-    #[test]
-    fn the_commands_read_back_as_nftables_json() {
-        for commands in [replace(&everything()), remove()] {
-            let json = serde_json::to_value(&commands).unwrap();
-            let parsed: Nftables<'static> = serde_json::from_value(json).unwrap();
-            assert_eq!(parsed, commands);
-        }
-    }
 }
