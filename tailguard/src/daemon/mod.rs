@@ -380,13 +380,15 @@ impl Running {
                 }
                 _ = resync.tick() => {}
                 Ok(()) = tailscale.changed() => {
+                    let before = (tailscale_state.v4, tailscale_state.v6);
                     tailscale_state = tailscale.borrow_and_update().clone();
-                    // Healthy again only once the refresh below has
-                    // brought the forwarding plane in line.
+                    // New addresses: healthy again only once the refresh
+                    // below has brought the forwarding plane in line.
+                    let moved = before != (tailscale_state.v4, tailscale_state.v6);
                     health.send_modify(|h| {
                         h.tailscale = tailscale_state.ready.clone();
                         h.dns_name = tailscale_state.dns_name.clone();
-                        h.forwarding_in_line = false;
+                        h.forwarding_in_line &= !moved;
                     });
                 }
                 _ = counters.tick(), if self.datapath.is_some() => {
