@@ -129,22 +129,7 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         // The namespace's devices, for their userspace WireGuard sockets.
         let devices = self.devices();
-        // A process left inside keeps the namespace (and its devices) alive
-        // after `ip netns del`: end them first.
-        if let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill")
-                    .args(["-9", pid])
-                    .stderr(std::process::Stdio::null())
-                    .status();
-            }
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        remove_namespace(&self.name);
         // A killed wireguard-go cannot remove its socket, and /run/wireguard
         // is shared by all namespaces: remove it here, so that even a test
         // that failed half way leaves nothing behind.
@@ -152,6 +137,21 @@ impl Drop for NetNs {
             let _ = std::fs::remove_file(format!("/var/run/wireguard/{device}.sock"));
         }
     }
+}
+
+/// Ends the processes left in namespace `name`, then deletes it.
+fn remove_namespace(name: &str) {
+    // A process left inside keeps the namespace (and its devices) alive
+    // after `ip netns del`: end them first.
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("kill")
+                .args(["-9", pid])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", name]).status();
 }
 
 /// Removes the namespaces of test processes that are gone: a test process
@@ -167,12 +167,13 @@ fn remove_orphans() {
         let Some(name) = line.split_whitespace().next() else {
             continue;
         };
+        // Its devices' WireGuard sockets stay: a live test's device may
+        // have the same name, and a stale socket is replaced by the next
+        // wireguard-go of that name.
         if maker_pid(name)
             .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
         {
-            drop(NetNs {
-                name: name.to_string(),
-            });
+            remove_namespace(name);
         }
     }
 }
@@ -326,7 +327,7 @@ mod tests {
             .lines()
             .filter_map(|l| l.split_whitespace().next())
             .collect();
-        drop(NetNs { name: live.clone() });
+        remove_namespace(&live);
         assert!(!names.contains(&orphan.as_str()), "{listed}");
         assert!(names.contains(&live.as_str()), "{listed}");
     }

@@ -131,7 +131,7 @@ pub mod tests {
     const MIRROR: &str = "@MIRROR@";
 
     /// This machine's own mirror (the scheme and host of its first `deb`
-    /// source), read the way setup reads it.
+    /// source with a host), read the way setup reads it.
     pub fn machine_mirror() -> String {
         static MACHINE_MIRROR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         MACHINE_MIRROR
@@ -140,13 +140,16 @@ pub mod tests {
                 let sources = system
                     .sources()
                     .expect("reading this machine's apt sources");
-                let first = sources.first().unwrap_or_else(|| {
-                    panic!(
-                        "the apt tests write their fixtures with this machine's own mirror, \
+                let first = sources
+                    .iter()
+                    .find(|s| s.uri.contains("://"))
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "the apt tests write their fixtures with this machine's own mirror, \
                          and {} has no `deb` source",
-                        system.describe()
-                    )
-                });
+                            system.describe()
+                        )
+                    });
                 let host_starts = first.uri.find("://").map_or(0, |scheme| scheme + 3);
                 let path_starts = first.uri[host_starts..]
                     .find('/')
@@ -175,10 +178,13 @@ pub mod tests {
             parts: dir.join("sources.list.d"),
         };
         std::fs::create_dir_all(&files.parts).unwrap();
-        let mirror = machine_mirror();
+        // Only a fixture that has the placeholder needs the machine's mirror.
         let copy = |from: &Path, to: &Path| {
-            let text = std::fs::read_to_string(from).unwrap();
-            std::fs::write(to, text.replace(MIRROR, &mirror)).unwrap();
+            let mut text = std::fs::read_to_string(from).unwrap();
+            if text.contains(MIRROR) {
+                text = text.replace(MIRROR, &machine_mirror());
+            }
+            std::fs::write(to, text).unwrap();
         };
         let list = from.join("sources.list");
         if list.exists() {
