@@ -534,6 +534,14 @@ mod tests {
                 );
             }
         }
+        // And no row on the page that the table lacks.
+        for line in page.lines().filter(|l| l.starts_with("| `")) {
+            let name = line.split('`').nth(1).unwrap_or_default();
+            assert!(
+                PolicyRule::ALL.iter().any(|r| r.name() == name),
+                "docs/policy.md lists {name}, which the table does not have"
+            );
+        }
     }
 
     #[test]

@@ -180,10 +180,10 @@ impl<'a> Builder<'a> {
     }
 
     /// [`Builder::start`] on a bridge, then waits until the node is
-    /// healthy, the second WireGuard peer has its handshake (it retries
-    /// only every 5 s) and the fast path (when it runs) has the tailnet
-    /// side; where the peers are the kernel's, the daemon's device must be
-    /// too.
+    /// healthy and the second WireGuard peer has its handshake (it retries
+    /// only every 5 s); asserts that healthy means the fast path (when it
+    /// runs) has the tailnet side, and that where the peers are the
+    /// kernel's, the daemon's device is too.
     pub fn start_healthy(self) -> DaemonUnderTest {
         let Site::Bridge(bridge) = self.site else {
             panic!("start_healthy waits for a bridge's peers: build the daemon on a bridge")

@@ -539,7 +539,6 @@ mod tests {
                 dnat,
                 forward,
                 snat,
-                ..
             } => dnat.into_iter().chain([forward]).chain(snat).collect(),
         }
     }

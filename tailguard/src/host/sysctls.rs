@@ -5,14 +5,15 @@
 //!   by the fast path, so the host still serves both networks itself (the
 //!   simple-server pattern) without joining them;
 //! - the fast path's translation ports reserved (`ip_local_reserved_ports`)
-//!   while it runs, back to what they were afterwards, so the host never
+//!   while the daemon runs, whichever datapath it uses, back to what they
+//!   were afterwards, so the host never
 //!   binds one of them itself, even with a widened ephemeral range: a port
 //!   the fast path hands out is never also the host's own on the same
 //!   address;
 //! - `src_valid_mark` on for wg-quick's IPv4 policy routing (replies to
 //!   marked packets then pass the reverse-path check), back afterwards.
 //!
-//! Which switches are written is the plan's ([`SwitchesPlan`]).
+//! Whether `src_valid_mark` is written is the plan's ([`SwitchesPlan`]).
 
 use std::{fmt, fs, io};
 
