@@ -23,7 +23,10 @@ use tailguard::{
     firewall::{Firewall, FirewallPlan},
     host::sysctls::Sysctls,
 };
-use tailguard_common::Device;
+use tailguard_common::{
+    Device,
+    nat::{NAT_MIN_FLOWS, TableSize},
+};
 use tailguard_tests::netns::{NetNs, run, sysctl, veth};
 
 use crate::load::{self, CpuTime, UdpCounter};
@@ -176,7 +179,7 @@ impl Hop {
             discard_port,
             extra_routes,
             nat_flows,
-            pin: pin.join("NAT"),
+            pin,
             runtime,
             firewall,
             sysctls: Some(sysctls),
@@ -214,8 +217,8 @@ impl Hop {
 
     fn attach(&self) -> Result<Datapath> {
         let options = LoadOptions {
-            nat_pin: Some(self.pin.clone()),
-            nat_flows: self.nat_flows,
+            pin_dir: Some(self.pin.clone()),
+            nat: self.table_size(),
             ..LoadOptions::uniform(LinkLayer::Ethernet)
         };
         let mut dp = Datapath::load(&options)?;
@@ -240,14 +243,24 @@ impl Hop {
     /// it holds; the programs loaded (not attached) to read it.
     pub fn ebpf_nat_memory(&self) -> Result<(u64, usize)> {
         let options = LoadOptions {
-            nat_pin: Some(self.pin.clone()),
-            nat_flows: self.nat_flows,
+            pin_dir: Some(self.pin.clone()),
+            nat: self.table_size(),
             ..LoadOptions::uniform(LinkLayer::Ethernet)
         };
-        let mut dp = Datapath::load(&options)?;
-        let bytes = dp.map_memory()?.get("NAT").copied().unwrap_or(0);
-        let entries = dp.nat()?.keys().count();
+        let dp = Datapath::load(&options)?;
+        let bytes = dp.map_memory()?.get("NAT4").copied().unwrap_or(0);
+        let entries = dp.halves()?.len();
         Ok((bytes, entries))
+    }
+
+    /// A table for the flows, all IPv4 from one client (no budget: the
+    /// routers' configuration sets none).
+    fn table_size(&self) -> TableSize {
+        TableSize {
+            v4_flows: self.nat_flows.max(NAT_MIN_FLOWS),
+            v6_flows: NAT_MIN_FLOWS,
+            unreplied_per_source: 0,
+        }
     }
 
     /// Connections the router's conntrack holds.
@@ -306,9 +319,7 @@ impl Drop for Hop {
             let _ = self.runtime.block_on(self.firewall.remove());
             self.sysctls.take().map(Sysctls::restore)
         });
-        if let Some(dir) = self.pin.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        let _ = std::fs::remove_dir_all(&self.pin);
     }
 }
 

@@ -72,10 +72,12 @@ fn main() -> Result<()> {
     let per_packet = per_packet::run()?;
     let mut per_packet_scale = Vec::new();
     for routes in ROUTE_POINTS {
-        per_packet_scale.push(per_packet::scale_point(routes, 1_000)?);
+        per_packet_scale.push(per_packet::scale_point(routes, 1_000, false)?);
     }
-    for flows in FLOW_POINTS {
-        per_packet_scale.push(per_packet::scale_point(10, flows)?);
+    for ipv6 in [false, true] {
+        for flows in FLOW_POINTS {
+            per_packet_scale.push(per_packet::scale_point(10, flows, ipv6)?);
+        }
     }
 
     eprintln!("forwarding over veth: direct, eBPF, netfilter in turn");

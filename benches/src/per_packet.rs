@@ -7,7 +7,10 @@ use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use etherparse::PacketBuilder;
 use ipnet::IpNet;
 use tailguard::datapath::{BenchFloor, Datapath, LinkLayer, LoadOptions};
-use tailguard_common::{Device, Direction};
+use tailguard_common::{
+    Device, Direction,
+    nat::{NAT_MIN_FLOWS, TableSize},
+};
 
 /// Runs per path: enough for a stable median on 2 cores in seconds.
 const RUNS: usize = 20_000;
@@ -86,12 +89,12 @@ fn v6(s: &str) -> Ipv6Addr {
     s.parse().expect("a valid address")
 }
 
-/// The programs loaded with a connection table for `nat_flows` flows
-/// (0: the default), configured as a node with both families, and their
-/// routes (the sides' networks, and `extra_routes` more to the tailnet).
-fn loaded(nat_flows: u32, extra_routes: usize) -> Result<Datapath> {
+/// The programs loaded with a connection table of `nat` (0: the default),
+/// configured as a node with both families, and their routes (the sides'
+/// networks, and `extra_routes` more to the tailnet).
+fn loaded(nat: TableSize, extra_routes: usize) -> Result<Datapath> {
     let mut dp = Datapath::load(&LoadOptions {
-        nat_flows,
+        nat,
         ..LoadOptions::uniform(LinkLayer::Ethernet)
     })
     .context("loading the programs")?;
@@ -109,7 +112,7 @@ pub fn run() -> Result<Vec<Row>> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the benchmarks load eBPF programs: run them as root (cargo xtask bench does)");
     }
-    let dp = loaded(0, 0)?;
+    let dp = loaded(TableSize::COMPILED, 0)?;
     let floor_program = BenchFloor::load().context("loading the floor program")?;
 
     struct Family {
@@ -193,22 +196,25 @@ fn run_once(dp: &Datapath, device: Device, frame: &[u8]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// One point of the scale runs: established IPv4 flows' cost with the route
+/// One point of the scale runs: established flows' cost with the route
 /// tries or the connection table at a size.
 pub struct ScalePoint {
+    pub ipv6: bool,
     pub routes: usize,
     pub nat_flows: usize,
     /// Entries found in the table after filling it (two per flow).
     pub nat_entries: usize,
     pub median_ns: u64,
     pub p90_ns: u64,
-    /// Kernel memory of the connection table (the whole preallocated map).
+    /// Kernel memory of the family's connection table (the whole
+    /// preallocated map, as its fdinfo's `memlock` says).
     pub nat_bytes: u64,
 }
 
 impl ScalePoint {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
+            "family": if self.ipv6 { "IPv6" } else { "IPv4" },
             "routes": self.routes, "nat_flows": self.nat_flows, "nat_entries": self.nat_entries,
             "median_ns": self.median_ns, "p90_ns": self.p90_ns, "nat_bytes": self.nat_bytes,
             "nat_bytes_per_flow": self.nat_bytes as f64 / self.nat_flows.max(1) as f64,
@@ -221,12 +227,26 @@ impl ScalePoint {
 const SAMPLE: usize = 256;
 
 /// Established-flow cost with `routes` routes and `nat_flows` live flows
-/// (a table sized for them, filled by the programs themselves: each flow's
-/// first packet run once).
-pub fn scale_point(routes: usize, nat_flows: usize) -> Result<ScalePoint> {
-    let mut dp = loaded(u32::try_from(nat_flows)?, routes)?;
-    let client = IpAddr::V4(Ipv4Addr::new(10, 66, 0, 7));
-    let peer = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 9));
+/// of one family (a table sized for them, filled by the programs
+/// themselves: each flow's first packet run once, from one WireGuard client
+/// to one tailnet peer; the budget of unreplied flows is off in the test
+/// configuration).
+pub fn scale_point(routes: usize, nat_flows: usize, ipv6: bool) -> Result<ScalePoint> {
+    let flows = u32::try_from(nat_flows)?;
+    let size = TableSize {
+        v4_flows: if ipv6 { NAT_MIN_FLOWS } else { flows },
+        v6_flows: if ipv6 { flows } else { NAT_MIN_FLOWS },
+        unreplied_per_source: 0,
+    };
+    let dp = loaded(size, routes)?;
+    let (client, peer): (IpAddr, IpAddr) = if ipv6 {
+        (v6("fd66::7").into(), v6("fd7a:115c:a1e0::9").into())
+    } else {
+        (
+            Ipv4Addr::new(10, 66, 0, 7).into(),
+            Ipv4Addr::new(100, 64, 0, 9).into(),
+        )
+    };
     let frame = |i: usize| {
         let f = crate::load::flow(i);
         udp(client, peer, f.sport, f.dport)
@@ -236,9 +256,15 @@ pub fn scale_point(routes: usize, nat_flows: usize) -> Result<ScalePoint> {
     }
     let sample: Vec<Vec<u8>> = (0..SAMPLE).map(|k| frame(k * nat_flows / SAMPLE)).collect();
     let (_, s) = time(dp.program(Device::WireGuard, Direction::Ingress)?, &sample)?;
-    let nat_bytes = dp.map_memory()?.get("NAT").copied().unwrap_or(0);
-    let nat_entries = dp.nat()?.keys().count();
+    let table = if ipv6 { "NAT6" } else { "NAT4" };
+    let nat_bytes = dp.map_memory()?.get(table).copied().unwrap_or(0);
+    let nat_entries = dp
+        .halves()?
+        .iter()
+        .filter(|(k, _)| k.is_ipv6() == ipv6)
+        .count();
     Ok(ScalePoint {
+        ipv6,
         routes,
         nat_flows,
         nat_entries,

@@ -62,15 +62,17 @@ impl Results {
         );
         out.push_str(&per_packet::markdown(&self.per_packet));
         out.push_str(
-            "\n### Scale: established IPv4 flow per packet, and the connection table's memory\n\n",
+            "\n### Scale: established flow per packet, and the connection table's memory (fdinfo's memlock of the family's map, kernel overhead included)\n\n",
         );
-        out.push_str("| routes | live flows | median ns | p90 ns | x first point | table entries | table memory | bytes per flow |\n|---|---|---|---|---|---|---|---|\n");
-        for points in [&self.per_packet_scale[..3], &self.per_packet_scale[3..]] {
+        out.push_str("| family | routes | live flows | median ns | p90 ns | x first point | table entries | table memory | bytes per flow |\n|---|---|---|---|---|---|---|---|---|\n");
+        let scale = &self.per_packet_scale;
+        for points in scale.chunks(3) {
             let first = points.first().map_or(1, |p| p.median_ns.max(1));
             for p in points {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} | {:.2} | {} | {:.1} MiB | {:.0} |",
+                    "| {} | {} | {} | {} | {} | {:.2} | {} | {:.1} MiB | {:.0} |",
+                    if p.ipv6 { "IPv6" } else { "IPv4" },
                     p.routes,
                     p.nat_flows,
                     p.median_ns,

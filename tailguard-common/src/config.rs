@@ -32,6 +32,9 @@ pub struct Config {
     pub ts_v6: [u8; 16],
     pub wg_v6: [u8; 16],
     pub dest_v6: [u8; 16],
+    /// Unreplied flows one source may hold in the connection table at
+    /// once (`tailguard_common::nat::TableSize`); 0 until the daemon sets it.
+    pub unreplied_per_source: u32,
 }
 
 /// The bits of [`Config::flags`]: each one a program reads. (What only the
@@ -130,6 +133,71 @@ impl Config {
         self.set(flag::DEST_V6, v6.is_some());
         self.dest_v6 = v6.map_or([0; 16], |a| a.octets());
     }
+
+    /// The node's `which` address of the family, if the daemon set it.
+    #[inline(always)]
+    pub fn node_v4(&self, which: NodeAddress) -> Option<&[u8; 4]> {
+        match which {
+            NodeAddress::Tailnet => self.has(flag::TS_V4).then_some(&self.ts_v4),
+            NodeAddress::WireGuard => self.has(flag::WG_V4).then_some(&self.wg_v4),
+            NodeAddress::DestIp => self.has(flag::DEST_V4).then_some(&self.dest_v4),
+        }
+    }
+
+    #[inline(always)]
+    pub fn node_v6(&self, which: NodeAddress) -> Option<&[u8; 16]> {
+        match which {
+            NodeAddress::Tailnet => self.has(flag::TS_V6).then_some(&self.ts_v6),
+            NodeAddress::WireGuard => self.has(flag::WG_V6).then_some(&self.wg_v6),
+            NodeAddress::DestIp => self.has(flag::DEST_V6).then_some(&self.dest_v6),
+        }
+    }
+
+    /// Copies the node's `which` address into `out` (an IPv4 one into its
+    /// first four bytes, the rest zero); false if it has none.
+    #[inline(always)]
+    pub fn copy_node_address(&self, ipv6: bool, which: NodeAddress, out: &mut [u8; 16]) -> bool {
+        if ipv6 {
+            match self.node_v6(which) {
+                Some(node) => {
+                    *out = *node;
+                    true
+                }
+                None => false,
+            }
+        } else {
+            match self.node_v4(which) {
+                Some(node) => {
+                    *out = [0; 16];
+                    out[0] = node[0];
+                    out[1] = node[1];
+                    out[2] = node[2];
+                    out[3] = node[3];
+                    true
+                }
+                None => false,
+            }
+        }
+    }
+}
+
+/// Which of the node's own addresses (of a packet's family) to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeAddress {
+    Tailnet,
+    WireGuard,
+    DestIp,
+}
+
+impl NodeAddress {
+    /// The node's address on `device`'s side.
+    #[inline(always)]
+    pub const fn on(device: Device) -> NodeAddress {
+        match device {
+            Device::Tailscale => NodeAddress::Tailnet,
+            Device::WireGuard => NodeAddress::WireGuard,
+        }
+    }
 }
 
 #[cfg(feature = "user")]
@@ -212,6 +280,6 @@ mod tests {
         assert!(c.has(flag::ISOLATE_PEERS) && c.has(flag::DEST_V4));
         c.set(flag::ISOLATE_PEERS, false);
         assert!(!c.has(flag::ISOLATE_PEERS) && c.has(flag::DEST_V4));
-        assert_eq!(core::mem::size_of::<Config>(), 76);
+        assert_eq!(core::mem::size_of::<Config>(), 80);
     }
 }

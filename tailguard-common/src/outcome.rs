@@ -85,10 +85,16 @@ pub enum Outcome {
     /// 1858's tiny fragments): its ports cannot be read, and a filter that
     /// judges a datagram by its first fragment is bypassed with one.
     DropTinyFragment = 22,
+    /// Handed to the kernel: the connection table of the family is full
+    /// (its live flows stay; the new one is the kernel's).
+    KernelTableFull = 23,
+    /// Handed to the kernel: the flow's source holds all its budget of
+    /// unreplied flows (`TG_NAT_UNREPLIED_PER_SOURCE`).
+    KernelOverBudget = 24,
 }
 
 impl Outcome {
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 25;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::Redirected,
@@ -114,6 +120,8 @@ impl Outcome {
         Self::DropExtHeaders,
         Self::KernelTrackedFlow,
         Self::DropTinyFragment,
+        Self::KernelTableFull,
+        Self::KernelOverBudget,
     ];
 
     /// The index of (`device`, `self`) in `OUTCOMES`.
@@ -146,6 +154,8 @@ impl Outcome {
             Self::DropExtHeaders => "drop:ext-headers",
             Self::KernelTrackedFlow => "kernel:tracked-flow",
             Self::DropTinyFragment => "drop:tiny-fragment",
+            Self::KernelTableFull => "kernel:table-full",
+            Self::KernelOverBudget => "kernel:over-budget",
         }
     }
 }

@@ -8,7 +8,7 @@ use aya_ebpf::programs::TcContext;
 use tailguard_common::{
     Config, Device, Outcome,
     fragment::{Fragment, IPV6_MAX_EXT_HEADERS, Ipv6Step, ipv6_step},
-    nat::{FlowKey, state},
+    nat::FlowKey,
     wire::{
         IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, icmp, icmpv6, ip_version, ipv4,
         ipv6, tcp, udp,
@@ -258,23 +258,22 @@ pub fn translate(
     l3: usize,
 ) -> Option<(i32, Outcome)> {
     let s = nat::scratch()?;
-    let e = &mut s.error;
-    IcmpError::read(ctx, l3, e)?;
-    s.key = e.reply_key(device);
-    let entry = nat::lookup(&s.key, nat::now())?;
-    // SAFETY: from the map lookup, valid for this program run.
-    let entry = unsafe { &*entry };
-    // A flow the kernel's (see `kernel_flows`): so is the error about it.
-    if entry.state & state::KERNEL != 0 {
+    IcmpError::read(ctx, l3, &mut s.error)?;
+    s.key = s.error.reply_key(device);
+    // (A flow the kernel's, see `kernel_flows`, is not in the table: nor
+    // is the error about it ours.)
+    nat::find(s)?;
+    if !tailguard_common::nat::resolve(cfg, &s.key, &s.half, &mut s.translation) {
         return None;
     }
+    let e = &mut s.error;
     // The quoted packet left us from the flow's translated address, so an
     // error about it is addressed there; one to anyone else only quotes
     // our flow and is not ours to deliver.
     if e.dst != e.inner_src {
         return None;
     }
-    Some(crate::policy::send_error(ctx, cfg, e, entry))
+    Some(crate::policy::send_error(ctx, cfg, e, &s.translation))
 }
 
 /// Rewrites the error as `entry` (the flow's reply entry) says: the quote
@@ -285,7 +284,7 @@ pub fn translate(
 pub fn rewrite_error(
     ctx: &TcContext,
     e: &mut IcmpError,
-    entry: &tailguard_common::nat::NatEntry,
+    entry: &tailguard_common::nat::Translation,
 ) -> Result<(), Failed> {
     let csum = e.l4 + icmp::CHECKSUM;
     let echo = e.inner_icmp();

@@ -6,8 +6,8 @@
 //! the kernel when no port was free, or the host's own (its DNS, NTP, ...),
 //! whose replies to its tailnet address would even go to `TS_DEST_IP`.
 //! The programs cannot ask conntrack itself (its lookup is a kfunc, which
-//! this toolchain cannot call), so the NAT map holds entries marked
-//! `state::KERNEL` for such flows, from three sources:
+//! this toolchain cannot call), so the `KERNEL_FLOWS` map holds a mark for
+//! such flows, from three sources:
 //! - the egress programs: a UDP datagram the kernel sends out of a device
 //!   (forwarded by it, or the host's own) makes its replies, as they will
 //!   arrive on that device, the kernel's;
@@ -18,15 +18,60 @@
 //! Packets the fast path sends itself carry a mark in `tc_index` (as
 //! Cilium marks its redirected packets), so the egress programs can tell
 //! them from the kernel's.
+//!
+//! The marks are hints, kept apart from the connection table in an LRU map:
+//! losing one to eviction at worst lets the fast path take over a kernel
+//! flow with a port of its own (the flow's next datagrams leave from
+//! another port), and they never take a flow's place in the table.
 
-use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
+use aya_ebpf::{
+    EbpfContext as _, bindings::__sk_buff, macros::map, maps::LruHashMap, programs::TcContext,
+};
 use tailguard_common::{
     Device, Direction,
     fragment::Fragment,
+    nat::{FlowKey, FlowState, KERNEL_FLOWS_COMPILED},
     wire::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, ip_version, ipv4, ipv6},
 };
 
 use crate::{link_layer::ip_header_offset, nat, packet::Packet};
+
+/// When a kernel flow's packet last went by (the table's clock, seconds),
+/// by its key as its packets arrive.
+#[map]
+static KERNEL_FLOWS: LruHashMap<FlowKey, u32> =
+    LruHashMap::with_max_entries(KERNEL_FLOWS_COMPILED, 0);
+
+/// How long a mark outlives the last packet: the kernel's timeout for an
+/// answered UDP flow, the longest it keeps one.
+const IDLE: u32 = FlowState::Replied.timeout(IPPROTO_UDP);
+
+/// Whether packets keyed `key` belong to a flow the kernel tracks; a live
+/// mark is stamped again.
+#[inline(always)]
+pub fn owns(key: &FlowKey, now: u32) -> bool {
+    let Some(seen) = KERNEL_FLOWS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: from the map lookup, valid for this program run.
+    unsafe {
+        if now.saturating_sub(*seen) > IDLE {
+            return false;
+        }
+        if *seen != now {
+            *seen = now;
+        }
+    }
+    true
+}
+
+/// Says that packets keyed `key` belong to a flow the kernel tracks.
+#[inline(always)]
+pub fn keep(key: &FlowKey, now: u32) {
+    if !owns(key, now) {
+        let _ = KERNEL_FLOWS.insert(key, &now, 0);
+    }
+}
 
 /// The `tc_index` bit of packets the fast path sends.
 const SENT_BY_FAST_PATH: u32 = 1 << 15;
@@ -84,5 +129,5 @@ pub fn learn(ctx: &TcContext, device: Device) {
     // The packet that answers this one, or (for an echo reply) the next
     // request.
     let reply = nat::key_of(p, device).reply(device as u8);
-    nat::keep_for_kernel(&reply, nat::now());
+    keep(&reply, nat::now());
 }

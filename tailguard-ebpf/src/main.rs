@@ -10,6 +10,10 @@
 #![no_main]
 // `parse::at_least_one` hides a value from the compiler with an empty `asm!`.
 #![feature(asm_experimental_arch)]
+// BPF's atomic compare-and-exchange and fetch-and-add (the target's `core`
+// offers atomics without them).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 // aya's `#[classifier]` generates a public wrapper taking the kernel's raw
 // `__sk_buff` pointer; that is the BPF calling convention, not our API.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
@@ -25,6 +29,7 @@ mod packet;
 mod parse;
 mod policy;
 mod rewrite;
+mod table;
 mod too_big;
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};

@@ -1,38 +1,50 @@
-//! The connection-state map and the outcome counters.
+//! Flows through the connection table (`tailguard_common::nat`): a new
+//! flow's pair made whole, a known flow's packets translated, its state
+//! followed, a missing half made again; and the outcome counters.
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, bpf_fib_lookup},
+    bindings::bpf_fib_lookup,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
     macros::map,
-    maps::{LruHashMap, PerCpuArray},
+    maps::PerCpuArray,
 };
 use tailguard_common::{
-    Counter, Device, Outcome,
+    Config, Counter, Device, Outcome,
     fragment::{FragEntry, FragKey},
-    nat::{FlowKey, NAT_MAX_ENTRIES, NAT_PORT_TRIES, NatEntry, nat_port, state, timeout_ns},
+    nat::{
+        self, CHARGED, FlowKey, FlowState, Half, Meta, NAT_PORT_TRIES, REPLY_SEEN, TableEvent,
+        Translation, kind, nat_port, next_state_bits, paired_half, paired_key, resolve,
+    },
     outcome::OUTCOME_SLOTS,
-    wire::{ipv4, ipv6},
+    wire::{IPPROTO_TCP, ipv4, ipv6, tcp},
 };
 
-use crate::{icmp::IcmpError, packet::Packet};
+use crate::{
+    icmp::IcmpError,
+    packet::Packet,
+    table::{self, Charge, Compact, Refused, Stored},
+};
 
-/// Both directions of every flow the fast path owns. The daemon pins it, so
-/// flows outlive a restart of the daemon.
-#[map]
-static NAT: LruHashMap<FlowKey, NatEntry> = LruHashMap::with_max_entries(NAT_MAX_ENTRIES, 0);
-
-/// Room for the keys and entries of a new flow: BPF programs get 512 bytes
-/// of stack, and these would take most of it.
+/// Room for the keys and halves of a flow: BPF programs get 512 bytes of
+/// stack, and these would take most of it.
 #[repr(C)]
 pub struct Scratch {
     /// The packet's flow as it arrived.
     pub key: FlowKey,
+    /// The other half's key: a new flow's reply, or the half a packet's
+    /// own half pairs with.
+    pub other: FlowKey,
+    /// The packet's half as found, and the other half as found or made.
+    pub half: Half,
+    pub other_half: Half,
+    /// A half read back to compare with one made.
+    pub spare: Half,
+    /// What the packet becomes.
+    pub translation: Translation,
     /// What a new flow's packets leave with.
     pub src: [u8; 16],
     pub dst: [u8; 16],
-    pub reply: FlowKey,
-    pub back: NatEntry,
-    pub entry: NatEntry,
+    pub compact: Compact,
     /// The kernel's FIB lookup for destinations outside our routes.
     pub fib: bpf_fib_lookup,
     /// A fragment's datagram, and what its first fragment was.
@@ -74,9 +86,17 @@ pub fn count(device: Device, outcome: Outcome, len: u32) {
     }
 }
 
-pub fn now() -> u64 {
+/// Counts a table event (for `policy`, which decides what a refusal means).
+#[inline(always)]
+pub fn count_table(event: TableEvent) {
+    table::count(event);
+}
+
+/// The table's clock: whole seconds since boot.
+#[inline(always)]
+pub fn now() -> u32 {
     // SAFETY: a plain helper call.
-    unsafe { bpf_ktime_get_boot_ns() }
+    nat::seconds(unsafe { bpf_ktime_get_boot_ns() })
 }
 
 /// The key of `p` as it arrives on `device`.
@@ -94,113 +114,243 @@ pub fn key_of(p: &Packet, device: Device) -> FlowKey {
     }
 }
 
-/// The live entry for `key`, if any (an expired one counts as none).
+/// The half of `key`'s flow, copied into `s.half`.
 #[inline(always)]
-pub fn lookup(key: &FlowKey, now: u64) -> Option<*mut NatEntry> {
-    let entry = NAT.get_ptr_mut(key)?;
-    // SAFETY: from the map lookup, valid for this program run.
-    let (last, state) = unsafe { ((*entry).last_seen, (*entry).state) };
-    if now.saturating_sub(last) > timeout_ns(key.proto, state) {
-        return None;
+pub fn find(s: &mut Scratch) -> Option<Stored> {
+    table::get(&mut s.compact, &s.key, &mut s.half)
+}
+
+/// A packet of a known flow (its half found by `find` in `s.half`, at
+/// `stored`), resolved into `s.translation`: its time stamped, its pair
+/// checked whole once a second (and made whole again if a half went
+/// missing), the flow's state moved on by `tcp_flags`. False when the
+/// flow is gone (its half could not be paired again) or cannot be
+/// translated (the configuration lost the address it needs).
+#[inline(always)]
+pub fn follow(cfg: &Config, s: &mut Scratch, stored: Stored, tcp_flags: u8, now: u32) -> bool {
+    if !resolve(cfg, &s.key, &s.half, &mut s.translation) {
+        return false;
     }
-    Some(entry)
+    let origin = s.half.meta.is_origin();
+    let first_reply = !origin && s.half.meta.state & REPLY_SEEN == 0;
+    // The origin half holds the state; a reply needs it only when it can
+    // move it: the first one, and TCP's SYN, FIN and RST. (The reply
+    // side's plain ACKs move nothing but LAST_ACK to TIME_WAIT, which the
+    // shorter timeout covers.)
+    let news = first_reply
+        || (s.key.proto == IPPROTO_TCP && tcp_flags & (tcp::SYN | tcp::FIN | tcp::RST) != 0);
+    let stamped = stored.touch(now);
+    let mut origin_at = if origin { Some(stored) } else { None };
+    if stamped || (!origin && news) {
+        s.other = paired_key(&s.translation, &s.key);
+        let other = match table::get(&mut s.compact, &s.other, &mut s.other_half) {
+            Some(other) => other,
+            None => match repair(s, now) {
+                Some(other) => other,
+                None => {
+                    table::remove(&mut s.compact, &s.key);
+                    table::count(TableEvent::Ended);
+                    return false;
+                }
+            },
+        };
+        if !origin {
+            origin_at = Some(other);
+        }
+    }
+    if first_reply {
+        let meta = stored.meta();
+        let seen = Meta {
+            state: meta.state | REPLY_SEEN,
+            ..meta
+        };
+        // Only this bit of a reply half changes, and every writer sets it.
+        stored.replace_meta(meta, seen);
+    }
+    if (origin || news)
+        && let Some(at) = origin_at
+    {
+        advance(s, at, origin, tcp_flags);
+    }
+    true
+}
+
+/// Makes the half that pairs with `s.half` again at `s.other`, where none
+/// was found. `None` when the key is now another flow's (a newer flow of
+/// the same client, or a port taken meanwhile): this half's flow is over.
+#[inline(always)]
+fn repair(s: &mut Scratch, now: u32) -> Option<Stored> {
+    s.other_half = paired_half(&s.key, &s.half, now);
+    match table::insert_new(&mut s.compact, &s.other, &s.other_half) {
+        Ok(()) => table::count(TableEvent::Repaired),
+        Err(Refused::Full) => return None,
+        // Another CPU made a half there first: ours only if it is the one
+        // this half pairs with.
+        Err(Refused::Taken) => {}
+    }
+    let stored = table::get(&mut s.compact, &s.other, &mut s.spare)?;
+    let same = s.spare.addr == s.other_half.addr
+        && s.spare.meta.port == s.other_half.meta.port
+        && s.spare.meta.kind == s.other_half.meta.kind;
+    same.then_some(stored)
+}
+
+/// Moves the flow's state (in its origin half, at `at`) on by a packet
+/// from `from_origin`'s side; whoever installs a state out of the
+/// unreplied ones gives its source's budget back.
+#[inline(always)]
+fn advance(s: &mut Scratch, at: Stored, from_origin: bool, tcp_flags: u8) {
+    // A few tries: each failure means another CPU moved it meanwhile.
+    for _ in 0..4 {
+        let meta = at.meta();
+        let Some((state, release)) =
+            next_state_bits(meta.state, s.key.proto, from_origin, tcp_flags)
+        else {
+            return;
+        };
+        if at.replace_meta(meta, Meta { state, ..meta }) {
+            if release {
+                // The client is the origin key's source.
+                let client = if from_origin { s.key } else { s.other };
+                table::refund(&mut s.compact, &client);
+            }
+            if matches!(meta.flow_state(), FlowState::TimeWait | FlowState::Close)
+                && FlowState::from_bits(state) == FlowState::SynSent
+            {
+                table::count(TableEvent::Reopened);
+            }
+            return;
+        }
+    }
+}
+
+/// What became of a new flow.
+pub enum Made {
+    /// Its pair is in the table, as `s.translation` says.
+    Created,
+    /// Another CPU made the same flow first: its pair is used, resolved
+    /// into `s.translation`.
+    Adopted,
+    /// Refused, for the reason counted.
+    Refused(TableEvent),
 }
 
 /// Records a new flow: `p` (keyed `s.key`) leaves through `egress` with
 /// `s.src`/`s.dst` and, when `allocate`, a fresh source port from the fast
-/// path's range; its replies arrive on `egress` and go back through the
-/// other device.
-/// The reply entry is inserted first and only if free, which is what makes
-/// a port ours alone. Leaves the entry for `p` in `s.entry`; false when no
-/// port was free.
+/// path's range; `service` says `s.dst` is `TS_DEST_IP` (so the reply's
+/// source is the node's tailnet address). The reply half is added first,
+/// and only where no entry is, which is what makes a port ours alone; then
+/// the origin half, or, if another CPU added that first, its flow is used
+/// and our reply half taken back.
 #[inline(always)]
-pub fn create(p: &Packet, s: &mut Scratch, allocate: bool, egress: Device, now: u64) -> bool {
-    let icmp = p.is_icmp();
+pub fn create(
+    cfg: &Config,
+    p: &Packet,
+    s: &mut Scratch,
+    allocate: bool,
+    service: bool,
+    egress: Device,
+    now: u32,
+) -> Made {
+    let charged = match table::charge(&mut s.compact, &s.key, cfg.unreplied_per_source) {
+        Charge::Taken => CHARGED,
+        Charge::Unlimited => 0,
+        Charge::Refused => return Made::Refused(TableEvent::OverBudget),
+    };
+    let service = if service {
+        kind::SERVICE_FROM_CONFIG
+    } else {
+        0
+    };
+    s.half = Half {
+        addr: s.src,
+        meta: Meta {
+            port: p.sport,
+            kind: kind::ORIGIN | service,
+            state: FlowState::first(p.proto) as u8 | charged,
+        },
+        last_seen: now,
+    };
+    s.other_half = Half {
+        addr: p.src,
+        meta: Meta {
+            port: s.key.client_port(true),
+            kind: service,
+            state: 0,
+        },
+        last_seen: now,
+    };
     // The reply as it will arrive: the answer to the packet as it leaves.
-    s.reply = FlowKey {
+    s.other = FlowKey {
         src: s.src,
         dst: s.dst,
         ..s.key
     }
     .reply(egress as u8);
-    // The reply turns back into what `p` came from (with the ports of the
-    // answer to `p`, before a port of ours is chosen).
-    s.back = NatEntry {
-        src: p.dst,
-        dst: p.src,
-        sport: s.reply.sport,
-        dport: s.reply.dport,
-        egress: egress.other() as u32,
-        last_seen: now,
-        state: 0,
-        _pad: 0,
+    let made = if allocate {
+        claim_port(s)
+    } else {
+        table::insert_new(&mut s.compact, &s.other, &s.other_half).map_err(refusal)
     };
-    let mut sport = p.sport;
-    if allocate {
-        // SAFETY: a plain helper call.
-        let random = unsafe { bpf_get_prandom_u32() };
-        let mut found = false;
-        for attempt in 0..NAT_PORT_TRIES {
-            let port = nat_port(random, attempt).to_be();
-            if icmp {
-                s.reply.sport = port;
-            } else {
-                s.reply.dport = port;
+    if let Err(event) = made {
+        if charged != 0 {
+            table::refund(&mut s.compact, &s.key);
+        }
+        return Made::Refused(event);
+    }
+    match table::insert_new(&mut s.compact, &s.key, &s.half) {
+        Ok(()) => {
+            table::count(TableEvent::Created);
+            resolve(cfg, &s.key, &s.half, &mut s.translation);
+            Made::Created
+        }
+        Err(why) => {
+            table::remove(&mut s.compact, &s.other);
+            if charged != 0 {
+                table::refund(&mut s.compact, &s.key);
             }
-            // Free, or held by a flow that has gone idle past its timeout
-            // (the LRU has not evicted it yet): ours.
-            let free = NAT
-                .insert(&s.reply, &s.back, u64::from(BPF_NOEXIST))
-                .is_ok()
-                || (lookup(&s.reply, now).is_none() && NAT.insert(&s.reply, &s.back, 0).is_ok());
-            if free {
-                sport = port;
-                found = true;
-                break;
+            if why == Refused::Full {
+                return Made::Refused(TableEvent::TableFull);
+            }
+            table::count(TableEvent::RaceLost);
+            match find(s) {
+                Some(stored) if follow(cfg, s, stored, p.tcp_flags, now) => Made::Adopted,
+                _ => Made::Refused(TableEvent::RaceLost),
             }
         }
-        if !found {
-            return false;
-        }
-    } else if NAT.insert(&s.reply, &s.back, 0).is_err() {
-        return false;
     }
-    s.entry = NatEntry {
-        src: s.src,
-        dst: s.dst,
-        sport,
-        dport: if icmp { 0 } else { p.dport },
-        egress: egress as u32,
-        last_seen: now,
-        state: 0,
-        _pad: 0,
-    };
-    if NAT.insert(&s.key, &s.entry, 0).is_err() {
-        let _ = NAT.remove(&s.reply);
-        return false;
-    }
-    true
 }
 
-/// Says that packets keyed `key` belong to a flow the kernel tracks (see
-/// `kernel_flows`): a new entry marked `state::KERNEL`, or a live one's
-/// time refreshed. A live flow of the fast path's own under that key stays
-/// as it is.
-#[inline(always)]
-pub fn keep_for_kernel(key: &FlowKey, now: u64) {
-    if let Some(entry) = lookup(key, now) {
-        // SAFETY: from the map lookup, valid for this program run.
-        unsafe {
-            if (*entry).state & state::KERNEL != 0 {
-                (*entry).last_seen = now;
-            }
-        }
-        return;
+fn refusal(why: Refused) -> TableEvent {
+    match why {
+        Refused::Taken => TableEvent::PortsTaken,
+        Refused::Full => TableEvent::TableFull,
     }
-    let marker = NatEntry {
-        last_seen: now,
-        state: state::KERNEL,
-        ..NatEntry::default()
-    };
-    let _ = NAT.insert(key, &marker, 0);
+}
+
+/// Finds a port of the fast path's range that no half holds and adds the
+/// reply half (`s.other`, `s.other_half`) with it; the origin half
+/// (`s.half`) gets the same port.
+#[inline(always)]
+fn claim_port(s: &mut Scratch) -> Result<(), TableEvent> {
+    // SAFETY: a plain helper call.
+    let random = unsafe { bpf_get_prandom_u32() };
+    for attempt in 0..NAT_PORT_TRIES {
+        let port = nat_port(random, attempt).to_be();
+        s.other.set_client_port(false, port);
+        // Looked up first: a taken port costs no failed insert.
+        if table::exists(&mut s.compact, &s.other) {
+            continue;
+        }
+        match table::insert_new(&mut s.compact, &s.other, &s.other_half) {
+            Ok(()) => {
+                s.half.meta.port = port;
+                return Ok(());
+            }
+            // Another CPU took it between the look and the insert.
+            Err(Refused::Taken) => continue,
+            Err(Refused::Full) => return Err(TableEvent::TableFull),
+        }
+    }
+    Err(TableEvent::PortsTaken)
 }

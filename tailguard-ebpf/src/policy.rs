@@ -18,11 +18,11 @@ use aya_ebpf::{
 };
 use tailguard_common::{
     Config, Device, Direction, Outcome, PolicyRule, Route,
-    config::flag,
+    config::{NodeAddress, flag},
     fragment::Fragment,
-    nat::{NatEntry, state},
+    nat::{TableEvent, Translation},
     policy::{self, Bound, NewFlow, Switches},
-    wire::{AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, tcp, udp},
+    wire::{AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, udp},
 };
 
 use crate::{
@@ -31,7 +31,7 @@ use crate::{
     icmp::{self, IcmpError},
     kernel_flows,
     link_layer::{has_ethernet, ip_header_offset},
-    nat::{self, Scratch},
+    nat::{self, Made, Scratch},
     packet::Packet,
     rewrite, too_big,
 };
@@ -73,8 +73,10 @@ fn decide(ctx: &TcContext, device: Device) -> (i32, Outcome) {
     if p.unreadable {
         return ours_or_kernel(cfg, p, device, Outcome::DropExtHeaders);
     }
+    // One call of `flow` for every kind of packet: inlined once, the
+    // programs stay within the verifier's and the jumps' reach.
     match p.part {
-        Fragment::Whole => flow(ctx, cfg, p, s, device),
+        Fragment::Whole => {}
         // The ports are the first fragment's; the datagram goes where it
         // went.
         Fragment::Later => {
@@ -84,24 +86,25 @@ fn decide(ctx: &TcContext, device: Device) -> (i32, Outcome) {
                     p.sport = first.sport;
                     p.dport = first.dport;
                     p.proto = first.proto;
-                    flow(ctx, cfg, p, s, device)
                 }
                 // The kernel has the first fragment and reassembles.
-                Some(_) => kernel(Outcome::KernelNotHandled),
-                None => ours_or_kernel(cfg, p, device, Outcome::DropFragmentUnknown),
+                Some(_) => return kernel(Outcome::KernelNotHandled),
+                None => return ours_or_kernel(cfg, p, device, Outcome::DropFragmentUnknown),
             }
         }
         Fragment::First => {
             s.frag_key = fragments::key_of(p, device);
             s.frag_first = fragments::first_of(p);
-            let decided = flow(ctx, cfg, p, s, device);
-            // Anything but "the kernel's" (translated, or dropped by the
-            // policy) the later fragments get from the fast path too.
-            s.frag_first.ours = u8::from(decided.0 != TC_ACT_UNSPEC);
-            fragments::remember(&s.frag_key, &s.frag_first);
-            decided
         }
     }
+    let decided = flow(ctx, cfg, p, s, device);
+    if p.part == Fragment::First {
+        // Anything but "the kernel's" (translated, or dropped by the
+        // policy) the later fragments get from the fast path too.
+        s.frag_first.ours = u8::from(decided.0 != TC_ACT_UNSPEC);
+        fragments::remember(&s.frag_key, &s.frag_first);
+    }
+    decided
 }
 
 /// The flow of `p`: the way its flow is translated if it is ours, else
@@ -117,29 +120,28 @@ fn flow(
     s.key = nat::key_of(p, device);
     let now = nat::now();
     // A packet of a flow we own: translated the way its flow is.
-    if let Some(entry) = nat::lookup(&s.key, now) {
-        // SAFETY: from the map lookup, valid for this program run.
-        let entry = unsafe { &mut *entry };
-        entry.last_seen = now;
-        if entry.state & state::KERNEL != 0 {
-            // `forward:replies` in the kernel (see `kernel_flows`).
-            return kernel(Outcome::KernelTrackedFlow);
-        }
+    if let Some(stored) = nat::find(s) {
         if p.options {
             // The kernel would take it for a connection of its own and
             // translate it anew (or answer it as the host's).
             return (TC_ACT_SHOT, Outcome::DropOptionsOfOurFlow);
         }
-        if p.tcp_flags & (tcp::FIN | tcp::RST) != 0 {
-            entry.state |= state::CLOSING;
+        if !nat::follow(cfg, s, stored, p.tcp_flags, now) {
+            return kernel(Outcome::KernelNotOurFlow);
         }
-        return send(ctx, cfg, p, entry, device);
+        return send(ctx, cfg, p, &s.translation, device);
+    }
+    // `forward:replies` in the kernel (see `kernel_flows`).
+    if p.proto != IPPROTO_TCP && kernel_flows::owns(&s.key, now) {
+        return kernel(Outcome::KernelTrackedFlow);
     }
     if p.options {
         // nft: the kernel processes options and source routes
         // (`accept_source_route`), then its rules apply; the flow it starts
         // is the kernel's from then on.
-        nat::keep_for_kernel(&s.key, now);
+        if p.proto != IPPROTO_TCP {
+            kernel_flows::keep(&s.key, now);
+        }
         return kernel(Outcome::KernelIpOptions);
     }
     // A first fragment too short for its transport header: nothing to
@@ -204,79 +206,15 @@ fn switches(cfg: &Config) -> Switches {
     }
 }
 
-/// Which of the node's own addresses (of the packet's family) to use.
-#[derive(Clone, Copy)]
-pub enum NodeAddress {
-    Tailnet,
-    WireGuard,
-    DestIp,
-}
-
-impl NodeAddress {
-    /// The node's address on `device`'s side.
-    #[inline(always)]
-    pub fn on(device: Device) -> NodeAddress {
-        match device {
-            Device::Tailscale => NodeAddress::Tailnet,
-            Device::WireGuard => NodeAddress::WireGuard,
-        }
-    }
-}
-
-/// The address, if the daemon set it (as the 4 or 16 bytes of the family).
-#[inline(always)]
-fn node_v4(cfg: &Config, which: NodeAddress) -> Option<&[u8; 4]> {
-    match which {
-        NodeAddress::Tailnet => cfg.has(flag::TS_V4).then_some(&cfg.ts_v4),
-        NodeAddress::WireGuard => cfg.has(flag::WG_V4).then_some(&cfg.wg_v4),
-        NodeAddress::DestIp => cfg.has(flag::DEST_V4).then_some(&cfg.dest_v4),
-    }
-}
-
-#[inline(always)]
-fn node_v6(cfg: &Config, which: NodeAddress) -> Option<&[u8; 16]> {
-    match which {
-        NodeAddress::Tailnet => cfg.has(flag::TS_V6).then_some(&cfg.ts_v6),
-        NodeAddress::WireGuard => cfg.has(flag::WG_V6).then_some(&cfg.wg_v6),
-        NodeAddress::DestIp => cfg.has(flag::DEST_V6).then_some(&cfg.dest_v6),
-    }
-}
-
 /// `addr` is the node's `which` address.
 #[inline(always)]
 fn is_node_address(cfg: &Config, p: &Packet, which: NodeAddress, addr: &[u8; 16]) -> bool {
     if p.ipv6 {
-        node_v6(cfg, which).is_some_and(|node| *node == *addr)
+        cfg.node_v6(which).is_some_and(|node| *node == *addr)
     } else {
-        node_v4(cfg, which).is_some_and(|node| {
+        cfg.node_v4(which).is_some_and(|node| {
             node[0] == addr[0] && node[1] == addr[1] && node[2] == addr[2] && node[3] == addr[3]
         })
-    }
-}
-
-/// Copies the node's `which` address into `out`; false if it has none.
-#[inline(always)]
-pub fn copy_node_address(cfg: &Config, p: &Packet, which: NodeAddress, out: &mut [u8; 16]) -> bool {
-    if p.ipv6 {
-        match node_v6(cfg, which) {
-            Some(node) => {
-                *out = *node;
-                true
-            }
-            None => false,
-        }
-    } else {
-        match node_v4(cfg, which) {
-            Some(node) => {
-                *out = [0; 16];
-                out[0] = node[0];
-                out[1] = node[1];
-                out[2] = node[2];
-                out[3] = node[3];
-                true
-            }
-            None => false,
-        }
     }
 }
 
@@ -330,7 +268,7 @@ fn from_wireguard(
     cfg: &Config,
     p: &mut Packet,
     s: &mut Scratch,
-    now: u64,
+    now: u32,
 ) -> (i32, Outcome) {
     let bound = destination(cfg, p, Device::WireGuard);
     match policy::new_flow(Device::WireGuard, bound, p.ipv6, switches(cfg)) {
@@ -342,25 +280,31 @@ fn from_wireguard(
             snat,
             ..
         } => {
-            if !copy_node_address(cfg, p, NodeAddress::Tailnet, &mut s.src) {
+            if !cfg.copy_node_address(p.ipv6, NodeAddress::Tailnet, &mut s.src) {
                 return kernel(Outcome::KernelNoRoute);
             }
             s.dst = p.dst;
-            start(ctx, cfg, p, s, snat.is_some(), Device::Tailscale, now)
+            start(
+                ctx,
+                cfg,
+                p,
+                s,
+                snat.is_some(),
+                false,
+                Device::Tailscale,
+                now,
+            )
         }
         // `forward:wg-to-wg`, untranslated.
         NewFlow::Forwarded { .. } => {
-            s.entry = NatEntry {
+            s.translation = Translation {
                 src: p.src,
                 dst: p.dst,
                 sport: p.sport,
                 dport: p.dport,
                 egress: Device::WireGuard as u32,
-                last_seen: now,
-                state: 0,
-                _pad: 0,
             };
-            send(ctx, cfg, p, &s.entry, Device::WireGuard)
+            send(ctx, cfg, p, &s.translation, Device::WireGuard)
         }
         NewFlow::Refused(PolicyRule::ForwardIsolatedPeers) => {
             // The kernel's forward chain drops it, but only after the
@@ -382,7 +326,7 @@ fn from_tailscale(
     cfg: &Config,
     p: &mut Packet,
     s: &mut Scratch,
-    now: u64,
+    now: u32,
 ) -> (i32, Outcome) {
     let bound = destination(cfg, p, Device::Tailscale);
     match policy::new_flow(Device::Tailscale, bound, p.ipv6, switches(cfg)) {
@@ -391,13 +335,13 @@ fn from_tailscale(
         // and `srcnat:ts-to-wg` unless it is off.
         NewFlow::Forwarded { dnat, snat, .. } => {
             if dnat.is_some() {
-                if !copy_node_address(cfg, p, NodeAddress::DestIp, &mut s.dst) {
+                if !cfg.copy_node_address(p.ipv6, NodeAddress::DestIp, &mut s.dst) {
                     return kernel(Outcome::KernelLocal);
                 }
             } else {
                 s.dst = p.dst;
             }
-            to_wireguard(ctx, cfg, p, s, snat.is_some(), now)
+            to_wireguard(ctx, cfg, p, s, snat.is_some(), dnat.is_some(), now)
         }
         // `forward:refused`: ts -> anything but wg.
         NewFlow::Refused(_) => outside_our_routes(ctx, p, s),
@@ -466,38 +410,42 @@ fn outside_our_routes(ctx: &TcContext, p: &Packet, s: &mut Scratch) -> (i32, Out
     kernel(Outcome::KernelLocal)
 }
 
-/// ts -> wg (to `s.dst`): source-NATed to the node's WireGuard address
-/// if `snat` (`srcnat:ts-to-wg`).
+/// ts -> wg (to `s.dst`, `TS_DEST_IP` if `service`): source-NATed to the
+/// node's WireGuard address if `snat` (`srcnat:ts-to-wg`).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn to_wireguard(
     ctx: &TcContext,
     cfg: &Config,
     p: &mut Packet,
     s: &mut Scratch,
     snat: bool,
-    now: u64,
+    service: bool,
+    now: u32,
 ) -> (i32, Outcome) {
     if snat {
-        if !copy_node_address(cfg, p, NodeAddress::WireGuard, &mut s.src) {
+        if !cfg.copy_node_address(p.ipv6, NodeAddress::WireGuard, &mut s.src) {
             return kernel(Outcome::KernelNoRoute);
         }
     } else {
         s.src = p.src;
     }
-    start(ctx, cfg, p, s, snat, Device::WireGuard, now)
+    start(ctx, cfg, p, s, snat, service, Device::WireGuard, now)
 }
 
 /// The first packet of a flow: checks what would make the kernel answer
-/// instead, records the flow, sends the packet.
+/// instead, records the flow (see `nat::create`), sends the packet.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn start(
     ctx: &TcContext,
     cfg: &Config,
     p: &mut Packet,
     s: &mut Scratch,
     allocate: bool,
+    service: bool,
     to: Device,
-    now: u64,
+    now: u32,
 ) -> (i32, Outcome) {
     if p.part == Fragment::Later {
         // Its first fragment started no flow (the policy dropped it).
@@ -513,15 +461,30 @@ fn start(
     if p.udp6_no_checksum {
         return (TC_ACT_SHOT, UDP6_ZERO_CHECKSUM);
     }
-    if !nat::create(p, s, allocate, to, now) {
-        // The kernel's conntrack has the flow from now on: so do we.
-        if p.proto == IPPROTO_UDP {
-            nat::keep_for_kernel(&s.key, now);
+    match nat::create(cfg, p, s, allocate, service, to, now) {
+        // A new flow always crosses from the other network.
+        Made::Created | Made::Adopted => translate(
+            ctx,
+            p,
+            &s.translation,
+            to,
+            ifindex,
+            mtu,
+            cfg.mtu(to.other()),
+        ),
+        Made::Refused(why) => {
+            nat::count_table(why);
+            // The kernel's conntrack has the flow from now on: so do we.
+            if p.proto == IPPROTO_UDP {
+                kernel_flows::keep(&s.key, now);
+            }
+            kernel(match why {
+                TableEvent::OverBudget => Outcome::KernelOverBudget,
+                TableEvent::TableFull => Outcome::KernelTableFull,
+                _ => Outcome::KernelNoPort,
+            })
         }
-        return kernel(Outcome::KernelNoPort);
     }
-    // A new flow always crosses from the other network.
-    translate(ctx, p, &s.entry, to, ifindex, mtu, cfg.mtu(to.other()))
 }
 
 /// Sends a packet of a flow we own, arrived on `from`, as its `entry` says.
@@ -530,7 +493,7 @@ fn send(
     ctx: &TcContext,
     cfg: &Config,
     p: &mut Packet,
-    entry: &NatEntry,
+    entry: &Translation,
     from: Device,
 ) -> (i32, Outcome) {
     let to = Device::from_role(entry.egress);
@@ -552,7 +515,7 @@ fn send(
 fn translate(
     ctx: &TcContext,
     p: &mut Packet,
-    entry: &NatEntry,
+    entry: &Translation,
     to: Device,
     ifindex: u32,
     mtu: u32,
@@ -587,7 +550,7 @@ pub fn send_error(
     ctx: &TcContext,
     cfg: &Config,
     e: &mut IcmpError,
-    entry: &NatEntry,
+    entry: &Translation,
 ) -> (i32, Outcome) {
     let to = Device::from_role(entry.egress);
     let (ifindex, _) = match egress(cfg, to, e.ipv6, e.ttl, |mtu| e.len <= mtu) {

@@ -235,7 +235,7 @@ fn csum_fold(sum: u32) -> u16 {
 pub fn set_quoted_l4_checksum(
     ctx: &TcContext,
     e: &IcmpError,
-    entry: &tailguard_common::nat::NatEntry,
+    entry: &tailguard_common::nat::Translation,
 ) -> Result {
     if e.inner_csum == 0 {
         return Ok(());

@@ -28,18 +28,13 @@ use aya_ebpf::{
 };
 use tailguard_common::{
     Config, Device, Outcome,
+    config::NodeAddress,
     wire::{
         IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, icmp, icmpv6, ipv4, ipv6, tcp, udp,
     },
 };
 
-use crate::{
-    nat,
-    packet::Packet,
-    parse,
-    policy::{NodeAddress, copy_node_address},
-    rewrite::FIELD_16_BITS,
-};
+use crate::{nat, packet::Packet, parse, rewrite::FIELD_16_BITS};
 
 /// The quote's length: what is left of 576 (IPv4) / 1280 (IPv6) bytes after
 /// the error's own IP and ICMP headers (the kernel's `icmp_send` and
@@ -108,7 +103,7 @@ pub fn answer_or(
 fn arrival(cfg: &Config, p: &Packet, out: &mut [u8; 16]) -> Option<(Device, u32)> {
     let device = nat::arrival()?;
     let ifindex = cfg.ifindex(device);
-    if ifindex == 0 || !copy_node_address(cfg, p, NodeAddress::on(device), out) {
+    if ifindex == 0 || !cfg.copy_node_address(p.ipv6, NodeAddress::on(device), out) {
         return None;
     }
     Some((device, ifindex))

@@ -171,14 +171,6 @@ async fn status(settings: &Settings) -> Result<()> {
 }
 
 async fn stats(settings: &Settings) -> Result<()> {
-    let dir = tailguard::config::plan::pin_dir(settings);
-    match tailguard::datapath::pin::occupancy(&dir)? {
-        Some(o) => println!(
-            "connection table: {} entries, {} live, of {} (two per flow)",
-            o.entries, o.live, o.capacity
-        ),
-        None => println!("connection table: none pinned in {}", dir.display()),
-    }
     let (_, body) = tailguard::http::health::get(settings.health_addr, "/status")
         .await
         .map_err(anyhow::Error::msg)?;
@@ -187,6 +179,7 @@ async fn stats(settings: &Settings) -> Result<()> {
         "datapath: {}",
         status["datapath"].as_str().unwrap_or("unknown")
     );
+    print_connection_table(&status["connection_table"]);
     println!(
         "{:<10} {:<24} {:>12} {:>14}",
         "device", "outcome", "packets", "bytes"
@@ -204,6 +197,44 @@ async fn stats(settings: &Settings) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The connection table's part of `/status`, as `tailguard stats` shows it.
+fn print_connection_table(table: &serde_json::Value) {
+    if table.is_null() {
+        println!("connection table: not swept yet (or the netfilter datapath)");
+        return;
+    }
+    for family in ["ipv4", "ipv6"] {
+        println!(
+            "connection table {family}: {} flows of {}",
+            table[family]["flows"].as_u64().unwrap_or(0),
+            table[family]["capacity"].as_u64().unwrap_or(0)
+        );
+    }
+    let line = |what: &str, counts: &serde_json::Value| {
+        let counts: Vec<String> = counts
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect();
+        let counts = if counts.is_empty() {
+            "none".to_string()
+        } else {
+            counts.join(", ")
+        };
+        println!("  {what}: {counts}");
+    };
+    line("live by state", &table["live"]);
+    line("expired by state", &table["expired"]);
+    line("events", &table["events"]);
+    println!(
+        "  unreplied per source: {}; restored {}, orphan halves removed {}",
+        table["unreplied_per_source"],
+        table["restored"].as_u64().unwrap_or(0),
+        table["orphans_removed"].as_u64().unwrap_or(0)
+    );
 }
 
 async fn cleanup(settings: &Settings) -> Result<()> {

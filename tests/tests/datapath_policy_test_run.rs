@@ -7,216 +7,15 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use etherparse::{
-    Icmpv4Header, Icmpv6Header, NetHeaders, PacketBuilder, PacketHeaders, TcpOptionElement,
-    TransportHeader,
-};
-use tailguard::datapath::{Datapath, LinkLayer, LoadOptions};
-use tailguard_common::{
-    Device, Direction, Outcome,
-    nat::{FlowKey, NAT_PORT_FIRST, NatEntry},
-};
+use etherparse::{PacketBuilder, PacketHeaders, TransportHeader};
+use tailguard::datapath::Datapath;
+use tailguard_common::{Device, Direction, Outcome, nat::NAT_PORT_FIRST};
 use tailguard_tests::{
-    node,
+    crafted::*,
     packets::{MAC_A, MAC_B},
     require_root,
-    topology::{
-        CRAFTED_TAILNET_PEER, CRAFTED_TAILNET_PEER_V6, CRAFTED_WG_CLIENT, CRAFTED_WG_CLIENT_V6,
-        DEST4, DEST6, TS4, TS6, WG4, WG6,
-    },
+    topology::{CRAFTED_TAILNET_PEER_V6, CRAFTED_WG_CLIENT_V6, DEST4, DEST6, TS4, TS6, WG4, WG6},
 };
-
-const CONTINUE: u32 = u32::MAX; // TC_ACT_UNSPEC
-const SHOT: u32 = 2; // TC_ACT_SHOT
-const REDIRECT: u32 = 7; // TC_ACT_REDIRECT
-const WG_IFINDEX: u32 = 11;
-const TS_IFINDEX: u32 = 12;
-
-const CLIENT4: Ipv4Addr = CRAFTED_WG_CLIENT;
-const PEER4: Ipv4Addr = CRAFTED_TAILNET_PEER;
-
-fn v6(s: &str) -> Ipv6Addr {
-    s.parse().unwrap()
-}
-
-/// The programs, configured as the daemon would for a bridge with
-/// `TS_DEST_IP` the WireGuard server ([`DEST4`], [`DEST6`]).
-fn datapath(isolate: bool) -> Datapath {
-    require_root();
-    let mut dp =
-        Datapath::load(&LoadOptions::uniform(LinkLayer::Ethernet)).expect("loading programs");
-    node::bridge(&mut dp, (WG_IFINDEX, TS_IFINDEX), isolate, []).expect("configuring");
-    dp
-}
-
-/// What left: verdict, and the frame's headers with their checksums checked.
-struct Out {
-    verdict: u32,
-    frame: Vec<u8>,
-}
-
-impl Out {
-    fn ip(&self) -> (IpAddr, IpAddr, u8) {
-        let h = PacketHeaders::from_ethernet_slice(&self.frame).expect("a valid frame");
-        match h.net.expect("an IP header") {
-            NetHeaders::Ipv4(ip, _) => (ip.source.into(), ip.destination.into(), ip.time_to_live),
-            NetHeaders::Ipv6(ip, _) => (ip.source.into(), ip.destination.into(), ip.hop_limit),
-            NetHeaders::Arp(_) => panic!("ARP"),
-        }
-    }
-
-    /// Source and destination port (the echo identifier twice for ICMP).
-    fn ports(&self) -> (u16, u16) {
-        let h = PacketHeaders::from_ethernet_slice(&self.frame).unwrap();
-        match h.transport.expect("a transport header") {
-            TransportHeader::Udp(u) => (u.source_port, u.destination_port),
-            TransportHeader::Tcp(t) => (t.source_port, t.destination_port),
-            TransportHeader::Icmpv4(i) => match i.icmp_type {
-                etherparse::Icmpv4Type::EchoRequest(e) | etherparse::Icmpv4Type::EchoReply(e) => {
-                    (e.id, e.id)
-                }
-                other => panic!("{other:?}"),
-            },
-            TransportHeader::Icmpv6(i) => match i.icmp_type {
-                etherparse::Icmpv6Type::EchoRequest(e) | etherparse::Icmpv6Type::EchoReply(e) => {
-                    (e.id, e.id)
-                }
-                other => panic!("{other:?}"),
-            },
-            TransportHeader::Igmp(_) => panic!("IGMP"),
-        }
-    }
-
-    fn mss(&self) -> Option<u16> {
-        let h = PacketHeaders::from_ethernet_slice(&self.frame).unwrap();
-        let Some(TransportHeader::Tcp(t)) = h.transport else {
-            return None;
-        };
-        t.options_iterator().find_map(|o| match o {
-            Ok(TcpOptionElement::MaximumSegmentSize(m)) => Some(m),
-            _ => None,
-        })
-    }
-
-    /// Every checksum in the frame is what etherparse computes for it.
-    fn assert_checksums(&self) {
-        let h = PacketHeaders::from_ethernet_slice(&self.frame).expect("a valid frame");
-        let payload = h.payload.slice();
-        match (h.net.unwrap(), h.transport.unwrap()) {
-            (NetHeaders::Ipv4(ip, _), transport) => {
-                assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "IPv4 header");
-                match transport {
-                    TransportHeader::Udp(u) => {
-                        assert_eq!(
-                            u.checksum,
-                            u.calc_checksum_ipv4(&ip, payload).unwrap(),
-                            "UDP"
-                        )
-                    }
-                    TransportHeader::Tcp(t) => {
-                        assert_eq!(
-                            t.checksum,
-                            t.calc_checksum_ipv4(&ip, payload).unwrap(),
-                            "TCP"
-                        )
-                    }
-                    TransportHeader::Icmpv4(i) => assert_eq!(
-                        i.checksum,
-                        Icmpv4Header::with_checksum(i.icmp_type.clone(), payload).checksum,
-                        "ICMP"
-                    ),
-                    other => panic!("{other:?}"),
-                }
-            }
-            (NetHeaders::Ipv6(ip, _), transport) => match transport {
-                TransportHeader::Udp(u) => {
-                    assert_eq!(
-                        u.checksum,
-                        u.calc_checksum_ipv6(&ip, payload).unwrap(),
-                        "UDP"
-                    )
-                }
-                TransportHeader::Tcp(t) => {
-                    assert_eq!(
-                        t.checksum,
-                        t.calc_checksum_ipv6(&ip, payload).unwrap(),
-                        "TCP"
-                    )
-                }
-                TransportHeader::Icmpv6(i) => assert_eq!(
-                    i.checksum,
-                    Icmpv6Header::with_checksum(i.icmp_type, ip.source, ip.destination, payload)
-                        .unwrap()
-                        .checksum,
-                    "ICMPv6"
-                ),
-                other => panic!("{other:?}"),
-            },
-            (net, _) => panic!("{net:?}"),
-        }
-    }
-}
-
-fn run(dp: &Datapath, device: Device, frame: &[u8]) -> Out {
-    let program = dp.program(device, Direction::Ingress).unwrap();
-    let mut output = vec![0u8; frame.len() + 256];
-    let result = program
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut output),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    output.truncate(result.data_size_out as usize);
-    Out {
-        verdict: result.return_value,
-        frame: output,
-    }
-}
-
-enum L4 {
-    Udp,
-    Syn(u16),
-    Ack,
-    Echo(bool),
-}
-
-/// A frame from `src:sport` to `dst:dport` with `ttl`.
-fn frame(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, l4: L4, ttl: u8) -> Vec<u8> {
-    let eth = PacketBuilder::ethernet2(MAC_A, MAC_B);
-    let ip = match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), ttl),
-        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), ttl),
-        _ => panic!("mixed families"),
-    };
-    let payload = b"tailguard policy test";
-    let mut out = Vec::new();
-    match l4 {
-        L4::Udp => ip.udp(sport, dport).write(&mut out, payload),
-        L4::Syn(mss) => ip
-            .tcp(sport, dport, 1000, 64240)
-            .syn()
-            .options(&[TcpOptionElement::MaximumSegmentSize(mss)])
-            .unwrap()
-            .write(&mut out, &[]),
-        L4::Ack => ip
-            .tcp(sport, dport, 1000, 64240)
-            .ack(1)
-            .write(&mut out, payload),
-        L4::Echo(reply) => match (src, reply) {
-            (IpAddr::V4(_), false) => ip.icmpv4_echo_request(sport, 1).write(&mut out, payload),
-            (IpAddr::V4(_), true) => ip.icmpv4_echo_reply(sport, 1).write(&mut out, payload),
-            (IpAddr::V6(_), false) => ip.icmpv6_echo_request(sport, 1).write(&mut out, payload),
-            (IpAddr::V6(_), true) => ip.icmpv6_echo_reply(sport, 1).write(&mut out, payload),
-        },
-    }
-    .unwrap();
-    out
-}
-
-fn outcome_count(dp: &Datapath, device: Device, outcome: Outcome) -> u64 {
-    dp.outcomes().unwrap().get(device, outcome).packets
-}
 
 /// Client, tailnet peer, the node's tailnet address, the first packet and
 /// the reply's kind.
@@ -545,120 +344,6 @@ fn the_rest_goes_to_the_kernel_or_is_dropped() {
     });
 }
 
-/// The reply key a masqueraded UDP flow from anywhere to PEER4:443 would
-/// get with `port`.
-fn reply_key(port: u16) -> FlowKey {
-    let mut key = FlowKey {
-        sport: 443u16.to_be(),
-        dport: port.to_be(),
-        proto: 17,
-        ingress: Device::Tailscale as u8,
-        family: 4,
-        ..FlowKey::default()
-    };
-    key.src[..4].copy_from_slice(&PEER4.octets());
-    key.dst[..4].copy_from_slice(&TS4.octets());
-    key
-}
-
-/// Ports taken by live flows (here: inserted by hand) are never handed out
-/// again; the port of a flow idle past its timeout is.
-#[test]
-fn translation_ports_never_collide_and_idle_ones_are_reused() {
-    let mut dp = datapath(false);
-    let live = NatEntry {
-        last_seen: u64::MAX / 2,
-        ..NatEntry::default()
-    };
-    {
-        let mut nat = dp.nat().unwrap();
-        for port in (NAT_PORT_FIRST..=u16::MAX).step_by(2) {
-            nat.insert(&reply_key(port), &live, 0).unwrap();
-        }
-    }
-    for i in 0..40u16 {
-        let input = frame(CLIENT4.into(), PEER4.into(), 30000 + i, 443, L4::Udp, 64);
-        let out = run(&dp, Device::WireGuard, &input);
-        assert_eq!(out.verdict, REDIRECT, "flow {i}");
-        let (port, _) = out.ports();
-        assert!(
-            port >= NAT_PORT_FIRST && (port - NAT_PORT_FIRST) % 2 == 1,
-            "flow {i} got a taken port {port}"
-        );
-    }
-    // Every port held by a flow that went idle long ago (last seen at
-    // boot): their ports are handed out again, to the new flow's reply.
-    {
-        let mut nat = dp.nat().unwrap();
-        for port in NAT_PORT_FIRST..=u16::MAX {
-            nat.insert(&reply_key(port), &NatEntry::default(), 0)
-                .unwrap();
-        }
-    }
-    let out = run(
-        &dp,
-        Device::WireGuard,
-        &frame(CLIENT4.into(), PEER4.into(), 31001, 443, L4::Udp, 64),
-    );
-    assert_eq!(out.verdict, REDIRECT, "an idle flow's port is free again");
-    let reply = dp.nat().unwrap().get(&reply_key(out.ports().0), 0).unwrap();
-    assert_eq!(
-        reply.dst[..4],
-        CLIENT4.octets(),
-        "the port's reply now leads to the new flow"
-    );
-}
-
-/// With every port held by a live flow, a new flow is left to the kernel.
-#[test]
-fn a_full_range_of_live_flows_leaves_new_ones_to_the_kernel() {
-    let mut dp = datapath(false);
-    let live = NatEntry {
-        last_seen: u64::MAX / 2,
-        ..NatEntry::default()
-    };
-    {
-        let mut nat = dp.nat().unwrap();
-        for port in NAT_PORT_FIRST..=u16::MAX {
-            nat.insert(&reply_key(port), &live, 0).unwrap();
-        }
-    }
-    let before = outcome_count(&dp, Device::WireGuard, Outcome::KernelNoPort);
-    let input = frame(CLIENT4.into(), PEER4.into(), 31000, 443, L4::Udp, 64);
-    let out = run(&dp, Device::WireGuard, &input);
-    assert_eq!(
-        (out.verdict, &out.frame),
-        (CONTINUE, &input),
-        "no port left: the kernel's"
-    );
-    assert_eq!(
-        outcome_count(&dp, Device::WireGuard, Outcome::KernelNoPort),
-        before + 1
-    );
-    // The kernel has the flow now (its conntrack masquerades it): its next
-    // datagrams stay the kernel's, even once ports are free again.
-    {
-        let mut nat = dp.nat().unwrap();
-        for port in NAT_PORT_FIRST..=u16::MAX {
-            nat.remove(&reply_key(port)).unwrap();
-        }
-    }
-    let before = outcome_count(&dp, Device::WireGuard, Outcome::KernelTrackedFlow);
-    let out = run(&dp, Device::WireGuard, &input);
-    assert_eq!(
-        (out.verdict, &out.frame),
-        (CONTINUE, &input),
-        "the next datagram: still the kernel's"
-    );
-    assert_eq!(
-        outcome_count(&dp, Device::WireGuard, Outcome::KernelTrackedFlow),
-        before + 1
-    );
-    // While a new flow is the fast path's again.
-    let other = frame(CLIENT4.into(), PEER4.into(), 31002, 443, L4::Udp, 64);
-    assert_eq!(run(&dp, Device::WireGuard, &other).verdict, REDIRECT);
-}
-
 /// The IP packet (header and first 8 bytes after it) an ICMP error quotes.
 fn quote(frame: &[u8], ipv6: bool) -> Vec<u8> {
     let header = if ipv6 { 40 } else { 20 };
@@ -862,12 +547,8 @@ fn icmp_errors_to_another_address_or_with_a_bad_quote_are_the_kernels() {
     let mut misread = reply_key(0);
     misread.sport = 9u16.to_be();
     misread.dport = u16::from_be_bytes([100, 64]).to_be();
-    let live = NatEntry {
-        egress: Device::WireGuard as u32,
-        last_seen: u64::MAX / 2,
-        ..NatEntry::default()
-    };
-    dp.nat().unwrap().insert(&misread, &live, 0).unwrap();
+    dp.insert_half(&misread, &reply_half_to(CLIENT4, 0), false)
+        .unwrap();
     let with = |edit: fn(&mut Vec<u8>)| {
         let mut q = good.clone();
         edit(&mut q);
@@ -1036,7 +717,7 @@ fn run_with_context(dp: &Datapath, device: Device, frame: &[u8], context: &[u8])
 /// kernel gets it (to fragment).
 #[test]
 fn packets_too_big_for_the_egress_device_are_answered() {
-    let mut dp = datapath(false);
+    let dp = datapath(false);
     let cases: [(IpAddr, IpAddr, IpAddr, usize); 2] = [
         (CLIENT4.into(), PEER4.into(), WG4.into(), 576),
         (v6(CLIENT6).into(), v6(PEER6).into(), WG6.into(), 1280),
@@ -1044,7 +725,7 @@ fn packets_too_big_for_the_egress_device_are_answered() {
     for (client, peer, own, answer_len) in cases {
         let ipv6 = client.is_ipv6();
         let sent = big_udp(client, peer, 1400, true);
-        let flows = dp.nat().unwrap().keys().count();
+        let flows = dp.halves().unwrap().len();
         let out = run(&dp, Device::WireGuard, &sent);
         assert_eq!(out.verdict, REDIRECT, "{client}: answered");
         out.assert_checksums();
@@ -1072,7 +753,7 @@ fn packets_too_big_for_the_egress_device_are_answered() {
             &sent[14..14 + answer_len - header - 8],
             "{client}: the quote is the packet as sent"
         );
-        assert_eq!(dp.nat().unwrap().keys().count(), flows, "no flow recorded");
+        assert_eq!(dp.halves().unwrap().len(), flows, "no flow recorded");
         assert!(outcome_count(&dp, Device::WireGuard, Outcome::TooBigAnswered) > 0);
     }
     // IPv4 without DF: the kernel's, untouched.
@@ -1270,13 +951,6 @@ fn forward_fragments(dp: &Datapath, device: Device, packet: &[u8], id: u32) -> O
     }
 }
 
-impl Out {
-    fn payload(&self) -> Vec<u8> {
-        let h = PacketHeaders::from_ethernet_slice(&self.frame).expect("a valid frame");
-        h.payload.slice().to_vec()
-    }
-}
-
 /// A fragmented UDP datagram of a flow is translated the way the flow's
 /// whole datagrams are (the same translated port), whether the flow starts
 /// with it or not; reassembled, it has the right checksum, and so have the
@@ -1330,14 +1004,14 @@ fn fragmented_udp_is_translated_as_its_flow() {
             assert_eq!(a.ports(), (nat_port, 4500), "{what}");
             assert_eq!(b.ports(), (nat_port, 4500), "{what}: the same port");
             let fragmented = if fragments_first { &a } else { &b };
-            assert_eq!(fragmented.payload(), big, "{what}: the payload");
+            assert_eq!(fragmented.l4_payload(), big, "{what}: the payload");
 
             let reply = udp_packet(receiver, own, 4500, nat_port, &big);
             let back = forward_fragments(&dp, from.other(), &reply, id + 1);
             back.assert_checksums();
             assert_eq!(back.ip(), (receiver, sender, 63), "{what}: the reply");
             assert_eq!(back.ports(), (4500, sport), "{what}: the reply");
-            assert_eq!(back.payload(), big, "{what}: the reply's payload");
+            assert_eq!(back.l4_payload(), big, "{what}: the reply's payload");
         }
     }
 }

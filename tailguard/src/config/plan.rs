@@ -315,8 +315,9 @@ pub struct ForwardingPlan {
     /// Where the fast path's connection state is pinned (`TG_BPF_DIR` and
     /// the WireGuard device's name), so flows survive a restart.
     pub pin_dir: PathBuf,
-    /// `TG_NAT_FLOWS`: flows the connection table holds at once.
-    pub nat_flows: u32,
+    /// `TG_NAT_FLOWS` (split by `TG_NAT_V6_SHARE`) and
+    /// `TG_NAT_UNREPLIED_PER_SOURCE`: the connection table's size.
+    pub nat: tailguard_common::nat::TableSize,
 }
 
 /// Settings that do not fit the WireGuard configuration.
@@ -397,7 +398,7 @@ impl Plan {
                 attach: settings.tc_attach,
                 datapath: settings.datapath,
                 pin_dir: pin_dir(settings),
-                nat_flows: settings.nat_flows,
+                nat: settings.nat,
             },
             resolver: ResolverPlan {
                 file: settings.resolv_conf.clone(),
@@ -838,8 +839,10 @@ impl fmt::Display for Plan {
                 )?;
                 writeln!(
                     f,
-                    "  connection table:         {} flows, pinned in {}",
-                    fw.nat_flows,
+                    "  connection table:         {} IPv4 and {} IPv6 flows, {} unreplied per source, pinned in {}",
+                    fw.nat.v4_flows,
+                    fw.nat.v6_flows,
+                    fw.nat.unreplied_per_source,
                     fw.pin_dir.display()
                 )?;
             }

@@ -11,7 +11,7 @@ use std::{
 
 use clap::{ArgAction, Args, ValueEnum};
 use ipnet::IpNet;
-use tailguard_common::nat::{nat_map_entries_here, nat_table_bytes};
+use tailguard_common::nat::TableSize;
 
 use crate::config::extra_args::{ExtraArgs, parse_extra_args};
 pub use crate::config::secrets::Secret;
@@ -188,10 +188,22 @@ pub struct SettingsArgs {
     )]
     pub bpf_dir: PathBuf,
 
-    /// Flows the fast path tracks at once (the least recently used give way
-    /// beyond that); its map is allocated whole, about 300 bytes per flow.
+    /// Flows the fast path tracks at once, both families; beyond that new
+    /// flows go the kernel's way (live ones are never evicted). Its maps
+    /// are allocated whole, about 200 bytes per IPv4 flow, 260 per IPv6.
     #[arg(long, env = "TG_NAT_FLOWS", value_name = "TG_NAT_FLOWS", default_value_t = tailguard_common::nat::NAT_DEFAULT_FLOWS, value_parser = nat_flows)]
     pub nat_flows: u32,
+
+    /// The share of TG_NAT_FLOWS kept for IPv6 flows, in percent (each
+    /// family gets at least 1024).
+    #[arg(long, env = "TG_NAT_V6_SHARE", value_name = "TG_NAT_V6_SHARE", default_value_t = tailguard_common::nat::NAT_DEFAULT_V6_SHARE, value_parser = percent)]
+    pub nat_v6_share: u32,
+
+    /// How many unreplied flows (TCP: handshake not done) one source (an
+    /// address; for IPv6 its /64) may hold at once; its further new flows
+    /// go the kernel's way. 0: a sixteenth of TG_NAT_FLOWS, at least 256.
+    #[arg(long, env = "TG_NAT_UNREPLIED_PER_SOURCE", value_name = "TG_NAT_UNREPLIED_PER_SOURCE", default_value_t = 0, value_parser = unreplied_per_source)]
+    pub nat_unreplied_per_source: u32,
 
     /// `ebpf`: the TC/eBPF fast path between the two devices, with the
     /// nftables table for what it hands to the kernel; `netfilter`: the
@@ -252,7 +264,8 @@ pub struct Settings {
     pub tc_attach: AttachMode,
     pub datapath: DatapathMode,
     pub bpf_dir: PathBuf,
-    pub nat_flows: u32,
+    /// TG_NAT_FLOWS, TG_NAT_V6_SHARE and TG_NAT_UNREPLIED_PER_SOURCE.
+    pub nat: TableSize,
 }
 
 /// A setting that is accepted but will not do what its value says. Shown
@@ -345,9 +358,10 @@ fn check_webui_port(
 /// The connection table is allocated whole when the programs load: one
 /// that cannot fit is refused now, with the figure, rather than failing
 /// (or pushing the host into swap) later.
-fn check_nat_memory(flows: u32, available_bytes: Option<u64>) -> Result<(), SettingsError> {
+fn check_nat_memory(size: TableSize, available_bytes: Option<u64>) -> Result<(), SettingsError> {
     const MIB: u64 = 1024 * 1024;
-    let needed = nat_table_bytes(nat_map_entries_here(flows));
+    let flows = size.v4_flows.saturating_add(size.v6_flows);
+    let needed = size.kernel_bytes();
     match available_bytes {
         Some(available) if needed > available => Err(SettingsError::NatTooLarge {
             flows,
@@ -381,8 +395,13 @@ impl SettingsArgs {
             .map(String::from)
             .collect();
         check_tailscaled_args(&ts_tailscaled_extra_args)?;
+        let nat = TableSize::new(
+            self.nat_flows,
+            self.nat_v6_share,
+            self.nat_unreplied_per_source,
+        );
         if self.datapath == DatapathMode::Ebpf {
-            check_nat_memory(self.nat_flows, memory_available())?;
+            check_nat_memory(nat, memory_available())?;
         }
         let mut ts_exit_node = self.ts_exit_node.and_then(OrUnset::get);
         if let Some(node) = &ts_exit_node
@@ -439,7 +458,7 @@ impl SettingsArgs {
             tc_attach: self.tc_attach,
             datapath: self.datapath,
             bpf_dir: self.bpf_dir,
-            nat_flows: self.nat_flows,
+            nat,
         };
         Ok((settings, warnings))
     }
@@ -499,6 +518,10 @@ pub enum ValueError {
     Seconds,
     #[error("expected a number of flows from 1024 to 4194304")]
     NatFlows,
+    #[error("expected a percentage from 0 to 100")]
+    Percent,
+    #[error("expected a number of flows from 0 (automatic) to 4194304")]
+    UnrepliedPerSource,
     #[error("expected a port number from 0 to 65535")]
     Port,
     #[error("expected a port number from 1 to 65535")]
@@ -568,6 +591,20 @@ fn nat_flows(value: &str) -> Result<u32, ValueError> {
     match value.parse::<u32>() {
         Ok(n) if (1024..=4_194_304).contains(&n) => Ok(n),
         _ => Err(ValueError::NatFlows),
+    }
+}
+
+fn percent(value: &str) -> Result<u32, ValueError> {
+    match value.parse::<u32>() {
+        Ok(n) if n <= 100 => Ok(n),
+        _ => Err(ValueError::Percent),
+    }
+}
+
+fn unreplied_per_source(value: &str) -> Result<u32, ValueError> {
+    match value.parse::<u32>() {
+        Ok(n) if n <= 4_194_304 => Ok(n),
+        _ => Err(ValueError::UnrepliedPerSource),
     }
 }
 
@@ -868,12 +905,14 @@ mod tests {
         assert_eq!(s.health_addr, "127.0.0.1:9002".parse().unwrap());
         assert_eq!(s.tc_attach, AttachMode::Auto);
         assert_eq!(s.datapath, DatapathMode::Ebpf);
-        assert_eq!(s.nat_flows, 65_536);
+        assert_eq!(s.nat, TableSize::new(65_536, 25, 0));
+        assert_eq!((s.nat.v4_flows, s.nat.v6_flows), (49_152, 16_384));
     }
 
     #[test]
     fn nat_flows_are_bounded() {
-        assert_eq!(settings(&["--nat-flows=1000000"]).nat_flows, 1_000_000);
+        let nat = settings(&["--nat-flows=1000000"]).nat;
+        assert_eq!(nat.v4_flows + nat.v6_flows, 1_000_000);
         for bad in ["100", "5000000", "many", ""] {
             let e = error(&[&format!("--nat-flows={bad}")]);
             assert!(
@@ -881,6 +920,22 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn the_v6_share_and_the_source_budget_are_bounded() {
+        let nat = settings(&["--nat-v6-share=50", "--nat-unreplied-per-source=100"]).nat;
+        assert_eq!((nat.v4_flows, nat.v6_flows), (32_768, 32_768));
+        assert_eq!(nat.unreplied_per_source, 100);
+        for bad in ["101", "-1", "half"] {
+            let e = error(&[&format!("--nat-v6-share={bad}")]);
+            assert!(
+                e.contains("TG_NAT_V6_SHARE") && e.contains("0 to 100"),
+                "{e}"
+            );
+        }
+        let e = error(&["--nat-unreplied-per-source=lots"]);
+        assert!(e.contains("TG_NAT_UNREPLIED_PER_SOURCE"), "{e}");
     }
 
     #[test]
@@ -1180,17 +1235,22 @@ mod tests {
 
     #[test]
     fn a_connection_table_larger_than_memory_is_refused_with_the_figure() {
-        let e = check_nat_memory(4_194_304, Some(512 * 1024 * 1024))
+        let e = check_nat_memory(TableSize::new(4_194_304, 25, 0), Some(512 * 1024 * 1024))
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("TG_NAT_FLOWS=4194304: its table takes about 1")
-                && e.contains("MiB, more than the 512 MiB of memory available"),
+            e.starts_with(&format!(
+                "TG_NAT_FLOWS=4194304: its table takes about {} MiB",
+                TableSize::new(4_194_304, 25, 0).kernel_bytes().div_ceil(1 << 20)
+            )) && e.contains("MiB, more than the 512 MiB of memory available"),
             "{e}"
         );
-        assert_eq!(check_nat_memory(65_536, Some(512 * 1024 * 1024)), Ok(()));
         assert_eq!(
-            check_nat_memory(4_194_304, None),
+            check_nat_memory(TableSize::new(65_536, 25, 0), Some(512 * 1024 * 1024)),
+            Ok(())
+        );
+        assert_eq!(
+            check_nat_memory(TableSize::new(4_194_304, 25, 0), None),
             Ok(()),
             "unknown memory: no guess"
         );

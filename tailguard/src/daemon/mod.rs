@@ -24,7 +24,7 @@ use crate::{
     config::wg_quick::WgConfig,
     daemon::preflight::PreflightError,
     datapath::map_contents,
-    datapath::{self, Datapath, LoadOptions, pin},
+    datapath::{self, Datapath, LoadOptions, pin, sweeper},
     errors::{in_full, one_line},
     firewall::FirewallError,
     firewall::{Firewall, FirewallPlan},
@@ -362,6 +362,8 @@ impl Running {
         endpoint_refresh.tick().await; // the first tick is now; bring-up just resolved them
         let mut resync = tokio::time::interval(RESYNC);
         let mut counters = tokio::time::interval(COUNTERS);
+        let mut sweep = tokio::time::interval(sweeper::CADENCE);
+        let mut swept = sweeper::Totals::default();
         loop {
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
@@ -397,6 +399,20 @@ impl Running {
                     }
                     continue;
                 }
+                _ = sweep.tick(), if self.datapath.is_some() => {
+                    if let Some(datapath) = self.datapath.as_mut() {
+                        let events = sweeper::sweep(datapath, &mut swept)
+                            .and_then(|()| datapath.table_events());
+                        match events {
+                            Ok(events) => health.send_modify(|h| {
+                                h.connection_table =
+                                    sweeper::report(&swept, &events, &plan.forwarding.nat);
+                            }),
+                            Err(e) => warn!("sweeping the connection table: {}", one_line(&e)),
+                        }
+                    }
+                    continue;
+                }
                 _ = endpoint_refresh.tick(), if dynamic => {
                     if let Some(device) = self.wg.as_ref().and_then(WgSetup::device)
                         && let Err(e) = endpoints::refresh(device, &plan.wireguard).await
@@ -417,13 +433,13 @@ impl Running {
     async fn load_datapath(&mut self, plan: &Plan) -> Result<(), datapath::Error> {
         let dir = &plan.forwarding.pin_dir;
         let mut options = LoadOptions {
-            nat_flows: plan.forwarding.nat_flows,
+            nat: plan.forwarding.nat,
             ..LoadOptions::default()
         };
         // Without a place to pin it (no bpffs, and no CAP_SYS_ADMIN to
         // mount one: a container), the fast path still runs; its flows
         // just start over with the daemon.
-        options.nat_pin = match pin::prepare(dir, options.nat_entries()) {
+        options.pin_dir = match pin::prepare(dir, &plan.forwarding.nat) {
             Ok(pin) => Some(pin),
             Err(e) => {
                 warn!("connection state not pinned, flows will not survive a restart: {e}");
@@ -545,12 +561,7 @@ impl Running {
                 let routes =
                     map_contents::routes(plan, &observed.table52, &observed.main_kernel_routes);
                 if takes_over {
-                    let limit = LoadOptions {
-                        nat_flows: plan.forwarding.nat_flows,
-                        ..LoadOptions::default()
-                    }
-                    .nat_entries()
-                        / 2;
+                    let limit = plan.forwarding.nat.kernel_flows();
                     match crate::datapath::kernel_flows::keep_for_kernel(
                         datapath,
                         &routes,

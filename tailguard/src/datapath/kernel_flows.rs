@@ -1,7 +1,8 @@
 //! The UDP flows the kernel's conntrack tracks, read when the fast path
 //! takes over a device, so that those flows stay the kernel's (see
 //! `tailguard-ebpf/src/kernel_flows.rs`): the programs mark them as such in
-//! the NAT map from then on, this gives them the flows from before.
+//! the `KERNEL_FLOWS` map from then on, this gives them the flows from
+//! before.
 
 use std::net::IpAddr;
 
@@ -13,11 +14,7 @@ use netlink_packet_netfilter::{
     conntrack::{ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Tuple},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
-use tailguard_common::{
-    Device,
-    nat::{FlowKey, NatEntry, state},
-    wire::IPPROTO_UDP,
-};
+use tailguard_common::{Device, nat::FlowKey, wire::IPPROTO_UDP};
 
 use crate::datapath::{Datapath, Routes};
 
@@ -35,8 +32,6 @@ pub enum KernelFlowsError {
     Decode(#[source] netlink_packet_core::DecodeError),
     #[error("the conntrack table: {0}")]
     Refused(netlink_packet_core::ErrorMessage),
-    #[error("reading the boot-time clock")]
-    Clock(#[source] nix::errno::Errno),
     #[error(transparent)]
     Datapath(#[from] super::Error),
 }
@@ -56,7 +51,7 @@ pub struct Direction {
 }
 
 impl Direction {
-    /// The NAT map's key for this direction's packets arriving on `device`.
+    /// The key of this direction's packets arriving on `device`.
     pub fn key(&self, device: Device) -> FlowKey {
         let mut key = FlowKey {
             sport: self.sport.to_be(),
@@ -196,47 +191,36 @@ fn arrives_on(routes: &Routes, addr: IpAddr) -> Option<Device> {
         .device()
 }
 
-/// The NAT map's entries saying the flows' packets are the kernel's, in
-/// either direction, keyed for the device each direction's packets arrive
-/// on (by `routes`; a direction from elsewhere, such as WireGuard's own
-/// datagrams on the uplink, needs none): at most `limit` of them. `now` is
-/// the boot-time clock the programs use.
-pub fn kernel_entries<'a>(
+/// The keys saying the flows' packets are the kernel's, in either
+/// direction, for the device each direction's packets arrive on (by
+/// `routes`; a direction from elsewhere, such as WireGuard's own datagrams
+/// on the uplink, needs none): at most `limit` of them.
+pub fn kernel_keys<'a>(
     flows: &'a [[Direction; 2]],
     routes: &'a Routes,
-    now: u64,
     limit: usize,
-) -> impl Iterator<Item = (FlowKey, NatEntry)> + 'a {
-    let entry = NatEntry {
-        last_seen: now,
-        state: state::KERNEL,
-        ..NatEntry::default()
-    };
+) -> impl Iterator<Item = FlowKey> + 'a {
     flows
         .iter()
         .flatten()
         .filter_map(|d| Some(d.key(arrives_on(routes, d.src)?)))
-        .map(move |key| (key, entry))
         .take(limit)
 }
 
 /// Gives the fast path the UDP flows the kernel tracks now (at most
-/// `limit` entries): their packets stay the kernel's. Entries of the fast
-/// path's own flows are left as they are. How many entries were written.
+/// `limit` of them): their packets stay the kernel's. How many marks were
+/// written.
 pub fn keep_for_kernel(
     datapath: &mut Datapath,
     routes: &Routes,
     limit: usize,
 ) -> Result<usize, KernelFlowsError> {
     let flows = udp_flows()?;
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map_err(KernelFlowsError::Clock)?;
-    let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
-    let mut nat = datapath.nat()?;
+    let now = super::sweeper::now();
+    let mut marks = datapath.kernel_flows()?;
     let mut written = 0;
-    for (key, entry) in kernel_entries(&flows, routes, now, limit) {
-        // BPF_NOEXIST: a flow of the fast path's own under that key stays.
-        if nat.insert(&key, &entry, 1).is_ok() {
+    for key in kernel_keys(&flows, routes, limit) {
+        if marks.insert(&key, &now, 0).is_ok() {
             written += 1;
         }
     }
@@ -298,8 +282,7 @@ mod tests {
             d("100.64.0.2", 2, "100.64.0.1", 1),
         ];
         let flows = [underlay, masqueraded, subnet];
-        let entries: Vec<_> = kernel_entries(&flows, &routes, 7, 100).collect();
-        let keys: Vec<_> = entries.iter().map(|(k, _)| *k).collect();
+        let keys: Vec<_> = kernel_keys(&flows, &routes, 100).collect();
         assert_eq!(
             keys,
             [
@@ -310,11 +293,6 @@ mod tests {
             ],
             "the underlay arrives on neither; the longest prefix decides"
         );
-        assert!(
-            entries
-                .iter()
-                .all(|(_, e)| e.state == state::KERNEL && e.last_seen == 7)
-        );
-        assert_eq!(kernel_entries(&flows, &routes, 7, 3).count(), 3);
+        assert_eq!(kernel_keys(&flows, &routes, 3).count(), 3);
     }
 }

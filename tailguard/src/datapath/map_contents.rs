@@ -16,6 +16,7 @@ pub fn config(plan: &Plan, observed: &Observed) -> Config {
     let mut config = Config {
         wg_ifindex: observed.wg_ifindex,
         wg_mtu: clamp_mtu(observed.wg_mtu),
+        unreplied_per_source: plan.forwarding.nat.unreplied_per_source,
         ..Config::default()
     };
     if let Some((index, mtu)) = observed.ts_device {

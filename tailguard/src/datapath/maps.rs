@@ -9,10 +9,7 @@ use aya::{
     maps::{Array, LpmTrie, Map, MapError, lpm_trie::Key},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use tailguard_common::{
-    Config, Route,
-    nat::{FlowKey, NatEntry},
-};
+use tailguard_common::{Config, Route};
 
 use super::Error;
 
@@ -41,15 +38,8 @@ pub(super) fn get<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a Map, Err
     ebpf.map(name).ok_or_else(|| missing(name))
 }
 
-fn get_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map, Error> {
+pub(super) fn get_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map, Error> {
     ebpf.map_mut(name).ok_or_else(|| missing(name))
-}
-
-pub(super) fn nat(
-    ebpf: &mut Ebpf,
-) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, FlowKey, NatEntry>, Error> {
-    const NAT: &str = "NAT";
-    aya::maps::HashMap::try_from(get_mut(ebpf, NAT)?).map_err(map_error(NAT))
 }
 
 pub(super) fn write_config(ebpf: &mut Ebpf, config: &Config) -> Result<(), Error> {

@@ -1,7 +1,7 @@
 //! The eBPF datapath: the TC programs embedded in this binary, loaded with
 //! aya and attached to the WireGuard and Tailscale devices; the maps the
-//! daemon fills (configuration, route tries), the connection state (pinned,
-//! `pin`), and the counters.
+//! daemon fills (configuration, route tries), the connection table
+//! (`table`, pinned by `pin`, swept by `sweeper`), and the counters.
 
 mod attach;
 #[cfg(feature = "bench")]
@@ -12,6 +12,8 @@ pub mod map_contents;
 mod maps;
 mod object;
 pub mod pin;
+pub mod sweeper;
+pub mod table;
 
 pub use attach::Backend;
 #[cfg(feature = "bench")]
@@ -30,10 +32,7 @@ use aya::{
     Ebpf,
     programs::{ProgramError, SchedClassifier},
 };
-use tailguard_common::{
-    Config, Device, Direction,
-    nat::{FlowKey, NatEntry},
-};
+use tailguard_common::{Config, Device, Direction};
 
 /// The loaded programs and everything they are attached to. Dropping it
 /// detaches the programs; [`Datapath::detach`] also removes any clsact qdisc
@@ -160,16 +159,9 @@ impl Datapath {
         maps::read_routes(&self.ebpf)
     }
 
-    /// The connection-state map, to read (or, in tests, to fill).
-    pub fn nat(
-        &mut self,
-    ) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, FlowKey, NatEntry>, Error> {
-        maps::nat(&mut self.ebpf)
-    }
-
     /// Kernel memory of each map, in bytes, as the kernel accounts it
     /// (`memlock` in the map's fdinfo: the whole preallocated table for the
-    /// LRU connection state, however full it is).
+    /// connection state, however full it is).
     pub fn map_memory(&self) -> Result<BTreeMap<String, u64>, Error> {
         maps::memory(&self.ebpf)
     }

@@ -4,7 +4,9 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{ProgramError, SchedClassifier},
 };
-use tailguard_common::{Device, Direction, nat::nat_map_entries_here};
+use tailguard_common::{Device, Direction, nat::TableSize};
+
+use super::table::STATE_MAPS;
 
 use super::Error;
 
@@ -24,15 +26,15 @@ pub enum LinkLayer {
 }
 
 /// Settings fixed when the object is loaded.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub wireguard: LinkLayer,
     pub tailscale: LinkLayer,
-    /// Where the connection-state map is pinned (reused if it is there);
-    /// `None`: an unpinned map that goes with the programs.
-    pub nat_pin: Option<std::path::PathBuf>,
-    /// Flows the connection-state map holds; 0: the compiled default.
-    pub nat_flows: u32,
+    /// Where the connection table's maps are pinned (reused if they are
+    /// there, see `pin`); `None`: unpinned maps that go with the programs.
+    pub pin_dir: Option<std::path::PathBuf>,
+    /// The connection table's size.
+    pub nat: TableSize,
 }
 
 impl LoadOptions {
@@ -41,15 +43,15 @@ impl LoadOptions {
         Self {
             wireguard: link_layer,
             tailscale: link_layer,
-            nat_pin: None,
-            nat_flows: 0,
+            pin_dir: None,
+            nat: TableSize::COMPILED,
         }
     }
+}
 
-    /// Entries of the connection-state map on this machine (see
-    /// [`tailguard_common::nat::nat_map_entries`]).
-    pub fn nat_entries(&self) -> u32 {
-        nat_map_entries_here(self.nat_flows)
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self::uniform(LinkLayer::default())
     }
 }
 
@@ -110,9 +112,11 @@ fn load_object(object: &[u8], options: &LoadOptions) -> Result<Ebpf, Error> {
     loader
         .override_global("WG_ETHERNET", &wg, true)
         .override_global("TS_ETHERNET", &ts, true);
-    loader.map_max_entries("NAT", options.nat_entries());
-    if let Some(pin) = &options.nat_pin {
-        loader.map_pin_path("NAT", pin.as_path());
+    for map in STATE_MAPS {
+        loader.map_max_entries(map.name, (map.entries)(&options.nat));
+        if let Some(dir) = &options.pin_dir {
+            loader.map_pin_path(map.name, dir.join(map.name));
+        }
     }
     let mut ebpf = loader
         .load(object)

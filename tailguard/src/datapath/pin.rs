@@ -1,7 +1,9 @@
-//! Where connection state outlives the daemon: the `NAT` map pinned on a
-//! bpffs (`TG_BPF_DIR/<WG_DEVICE>/NAT`), so established flows through the
-//! fast path survive a restart. A pin whose layout does not match this
-//! build's is discarded, with a warning, rather than misread.
+//! Where connection state outlives the daemon: the connection table's maps
+//! (`table::STATE_MAPS`) pinned on a bpffs (`TG_BPF_DIR/<WG_DEVICE>/`), so
+//! established flows through the fast path survive a restart. Pins whose
+//! layout or size does not match this build's and settings' are discarded
+//! (all of them: they only make sense together), with a warning, rather
+//! than misread.
 
 use crate::host::privileges::is_bpffs;
 
@@ -11,18 +13,18 @@ use std::{
 };
 
 use aya::maps::MapData;
-use tailguard_common::nat::{FlowKey, NatEntry};
+use tailguard_common::nat::TableSize;
 use tracing::{info, warn};
+
+use super::table::{STATE_MAPS, StateMap};
 
 /// Where bpffs is normally mounted.
 const BPFFS: &str = "/sys/fs/bpf";
-/// `BPF_MAP_TYPE_LRU_HASH`.
-const LRU_HASH: u32 = 9;
 
 /// Makes `dir` ready for pins (mounting bpffs on /sys/fs/bpf when nothing
-/// is mounted there, as in many containers) and returns the path for the
-/// `NAT` pin, after discarding one of another layout or size (`entries`).
-pub fn prepare(dir: &Path, entries: u32) -> io::Result<PathBuf> {
+/// is mounted there, as in many containers) and returns it, after
+/// discarding pins of another layout or size (`size`).
+pub fn prepare(dir: &Path, size: &TableSize) -> io::Result<PathBuf> {
     if dir.starts_with(BPFFS) && !is_bpffs(Path::new(BPFFS)) {
         nix::mount::mount(
             Some("bpffs"),
@@ -42,20 +44,45 @@ pub fn prepare(dir: &Path, entries: u32) -> io::Result<PathBuf> {
     }
     std::fs::create_dir_all(dir)
         .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
-    let pin = dir.join(NAT_PIN);
-    if pin.exists() && !compatible(&pin, entries) {
+    let stale = STATE_MAPS
+        .iter()
+        .any(|map| dir.join(map.name).exists() && !compatible(&dir.join(map.name), map, size))
+        || dir.join(LEGACY_PIN).exists();
+    if stale {
         warn!(
-            pin = %pin.display(),
-            "connection state of another layout or size (TailGuard version or TG_NAT_FLOWS changed): discarded (its flows start over)"
+            dir = %dir.display(),
+            "connection state of another layout or size (TailGuard version or TG_NAT_* changed): discarded (its flows start over)"
         );
-        std::fs::remove_file(&pin)?;
+        remove_pins(dir)?;
     }
-    Ok(pin)
+    Ok(dir.to_path_buf())
 }
 
+/// The single map of TailGuard's versions before the per-family tables.
+const LEGACY_PIN: &str = "NAT";
+
 /// The pins TailGuard makes in its directory; nothing else there is ours.
-const NAT_PIN: &str = "NAT";
-const OUR_PINS: [&str; 1] = [NAT_PIN];
+fn our_pins() -> impl Iterator<Item = &'static str> {
+    STATE_MAPS.iter().map(|m| m.name).chain([LEGACY_PIN])
+}
+
+/// Removes our pins in `dir`; true if there was one.
+fn remove_pins(dir: &Path) -> io::Result<bool> {
+    let mut removed = false;
+    for name in our_pins() {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => removed = true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("removing {}: {e}", dir.join(name).display()),
+                ));
+            }
+        }
+    }
+    Ok(removed)
+}
 
 fn not_bpffs(dir: &Path) -> io::Error {
     io::Error::other(format!(
@@ -75,73 +102,20 @@ pub fn remove(dir: &Path) -> io::Result<bool> {
     if !is_bpffs(dir) {
         return Err(not_bpffs(dir));
     }
-    let mut removed = false;
-    for name in OUR_PINS {
-        match std::fs::remove_file(dir.join(name)) {
-            Ok(()) => removed = true,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("removing {}: {e}", dir.join(name).display()),
-                ));
-            }
-        }
-    }
+    let removed = remove_pins(dir)?;
     // Left in place when something else lives there.
     let _ = std::fs::remove_dir(dir);
     Ok(removed)
 }
 
-/// The pinned map has this build's type, key and value, and `entries`.
-fn compatible(pin: &Path, entries: u32) -> bool {
+/// The pinned map has this build's type, key and value, and the entries
+/// `size` asks for.
+fn compatible(pin: &Path, map: &StateMap, size: &TableSize) -> bool {
     let Ok(info) = MapData::from_pin(pin).and_then(|m| m.info()) else {
         return false;
     };
-    info.map_type().ok().map(|t| t as u32) == Some(LRU_HASH)
-        && info.key_size() as usize == size_of::<FlowKey>()
-        && info.value_size() as usize == size_of::<NatEntry>()
-        && info.max_entries() == entries
-}
-
-/// How full the pinned connection state is.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Occupancy {
-    /// Entries in the map (two per flow: one per direction).
-    pub entries: usize,
-    /// Of those, the ones not yet idle past their timeout.
-    pub live: usize,
-    /// Entries the map can hold.
-    pub capacity: u32,
-}
-
-/// Counts the entries of the pinned `NAT` map in `dir`; `None` when there
-/// is none (netfilter datapath, or never started).
-pub fn occupancy(dir: &Path) -> io::Result<Option<Occupancy>> {
-    use aya::maps::{HashMap, Map};
-    use tailguard_common::nat::timeout_ns;
-
-    let pin = dir.join(NAT_PIN);
-    if !pin.exists() {
-        return Ok(None);
-    }
-    let data = MapData::from_pin(&pin).map_err(io::Error::other)?;
-    let capacity = data.info().map_err(io::Error::other)?.max_entries();
-    let map: HashMap<MapData, FlowKey, NatEntry> =
-        HashMap::try_from(Map::LruHashMap(data)).map_err(io::Error::other)?;
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .map_err(io::Error::other)?;
-    let mut counted = Occupancy {
-        capacity,
-        ..Occupancy::default()
-    };
-    for item in map.iter() {
-        let (key, entry) = item.map_err(io::Error::other)?;
-        counted.entries += 1;
-        if now.saturating_sub(entry.last_seen) <= timeout_ns(key.proto, entry.state) {
-            counted.live += 1;
-        }
-    }
-    Ok(Some(counted))
+    info.map_type().ok().map(|t| t as u32) == Some(map.map_type)
+        && info.key_size() as usize == map.key_size
+        && info.value_size() as usize == map.value_size
+        && info.max_entries() == (map.entries)(size)
 }

@@ -59,6 +59,9 @@ pub struct Health {
     pub forwarding: serde_json::Value,
     /// The fast path's outcome counters, read each second.
     pub counters: serde_json::Value,
+    /// The connection table: flows per family and state, what the sweeper
+    /// removed, what the programs refused (`datapath::sweeper::report`).
+    pub connection_table: serde_json::Value,
     /// `TS_HOSTNAME`, and the node's MagicDNS name once tailscaled tells
     /// it: names the node goes by, for the `Host` check.
     pub ts_hostname: Option<String>,
@@ -127,6 +130,7 @@ impl Health {
             forwarding_in_line: false,
             forwarding: serde_json::Value::Null,
             counters: serde_json::Value::Null,
+            connection_table: serde_json::Value::Null,
             ts_hostname: None,
             dns_name: None,
         }
@@ -214,6 +218,7 @@ impl Health {
             "datapath_fallback": self.datapath_fallback,
             "forwarding": self.forwarding,
             "counters": self.counters,
+            "connection_table": self.connection_table,
         })
     }
 }
