@@ -419,6 +419,16 @@ pub fn paired_half(key: &FlowKey, half: &Half, now: u32) -> Half {
     }
 }
 
+/// Whether `found`, the half at the key a half pairs with, is the one it
+/// pairs with (`expected`, from [`paired_half`]): the same client address
+/// and port, the same side. Anything else there belongs to another flow.
+#[inline(always)]
+pub fn pairs_with(expected: &Half, found: &Half) -> bool {
+    found.addr == expected.addr
+        && found.meta.port == expected.meta.port
+        && found.meta.is_origin() == expected.meta.is_origin()
+}
+
 /// Where a flow stands, after conntrack's states (`nf_conntrack_proto_tcp`,
 /// `_udp`, `_icmp`), with the kernel's default timeouts. Without sequence
 /// numbers to check, the TCP states follow the flags alone.

@@ -13,7 +13,7 @@ use tailguard_common::{
     fragment::{FragEntry, FragKey},
     nat::{
         self, CHARGED, FlowKey, FlowState, Half, Meta, NAT_PORT_TRIES, REPLY_SEEN, TableEvent,
-        Translation, kind, nat_port, next_state_bits, paired_half, paired_key, resolve,
+        Translation, kind, nat_port, next_state_bits, paired_half, paired_key, pairs_with, resolve,
     },
     outcome::OUTCOME_SLOTS,
     wire::{IPPROTO_TCP, ipv4, ipv6, tcp},
@@ -37,7 +37,7 @@ pub struct Scratch {
     /// The packet's half as found, and the other half as found or made.
     pub half: Half,
     pub other_half: Half,
-    /// A half read back to compare with one made.
+    /// The half the packet's half pairs with, as it should be.
     pub spare: Half,
     /// What the packet becomes.
     pub translation: Translation,
@@ -143,16 +143,18 @@ pub fn follow(cfg: &Config, s: &mut Scratch, stored: Stored, tcp_flags: u8, now:
     let mut origin_at = if origin { Some(stored) } else { None };
     if stamped || (!origin && news) {
         s.other = paired_key(&s.translation, &s.key);
+        s.spare = paired_half(&s.key, &s.half, now);
         let other = match table::get(&mut s.compact, &s.other, &mut s.other_half) {
-            Some(other) => other,
-            None => match repair(s, now) {
-                Some(other) => other,
-                None => {
-                    table::remove(&mut s.compact, &s.key);
-                    table::count(TableEvent::Ended);
-                    return false;
-                }
-            },
+            // Another flow's half where ours should be: this flow's port
+            // (or its client's tuple) is no longer its own.
+            Some(_) if !pairs_with(&s.spare, &s.other_half) => None,
+            Some(other) => Some(other),
+            None => repair(s),
+        };
+        let Some(other) = other else {
+            table::remove(&mut s.compact, &s.key);
+            table::count(TableEvent::Ended);
+            return false;
         };
         if !origin {
             origin_at = Some(other);
@@ -175,24 +177,21 @@ pub fn follow(cfg: &Config, s: &mut Scratch, stored: Stored, tcp_flags: u8, now:
     true
 }
 
-/// Makes the half that pairs with `s.half` again at `s.other`, where none
-/// was found. `None` when the key is now another flow's (a newer flow of
-/// the same client, or a port taken meanwhile): this half's flow is over.
+/// Makes the half that pairs with `s.half` (`s.spare`, from
+/// `paired_half`) again at `s.other`, where none was found. `None` when the
+/// key is now another flow's (a newer flow of the same client, or a port
+/// taken meanwhile): this half's flow is over.
 #[inline(always)]
-fn repair(s: &mut Scratch, now: u32) -> Option<Stored> {
-    s.other_half = paired_half(&s.key, &s.half, now);
-    match table::insert_new(&mut s.compact, &s.other, &s.other_half) {
+fn repair(s: &mut Scratch) -> Option<Stored> {
+    match table::insert_new(&mut s.compact, &s.other, &s.spare) {
         Ok(()) => table::count(TableEvent::Repaired),
         Err(Refused::Full) => return None,
         // Another CPU made a half there first: ours only if it is the one
         // this half pairs with.
         Err(Refused::Taken) => {}
     }
-    let stored = table::get(&mut s.compact, &s.other, &mut s.spare)?;
-    let same = s.spare.addr == s.other_half.addr
-        && s.spare.meta.port == s.other_half.meta.port
-        && s.spare.meta.kind == s.other_half.meta.kind;
-    same.then_some(stored)
+    let stored = table::get(&mut s.compact, &s.other, &mut s.other_half)?;
+    pairs_with(&s.spare, &s.other_half).then_some(stored)
 }
 
 /// Moves the flow's state (in its origin half, at `at`) on by a packet

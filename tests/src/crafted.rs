@@ -40,9 +40,13 @@ pub fn v6(s: &str) -> Ipv6Addr {
 /// The programs, configured as the daemon would for a bridge with
 /// `TS_DEST_IP` the WireGuard server ([`DEST4`], [`DEST6`]).
 pub fn datapath(isolate: bool) -> Datapath {
+    datapath_with(LoadOptions::uniform(LinkLayer::Ethernet), isolate)
+}
+
+/// [`datapath`] loaded with `options` (a connection table of another size).
+pub fn datapath_with(options: LoadOptions, isolate: bool) -> Datapath {
     require_root();
-    let mut dp =
-        Datapath::load(&LoadOptions::uniform(LinkLayer::Ethernet)).expect("loading programs");
+    let mut dp = Datapath::load(&options).expect("loading programs");
     node::bridge(&mut dp, (WG_IFINDEX, TS_IFINDEX), isolate, []).expect("configuring");
     dp
 }
