@@ -1241,7 +1241,9 @@ mod tests {
         assert!(
             e.starts_with(&format!(
                 "TG_NAT_FLOWS=4194304: its table takes about {} MiB",
-                TableSize::new(4_194_304, 25, 0).kernel_bytes().div_ceil(1 << 20)
+                TableSize::new(4_194_304, 25, 0)
+                    .kernel_bytes()
+                    .div_ceil(1 << 20)
             )) && e.contains("MiB, more than the 512 MiB of memory available"),
             "{e}"
         );
