@@ -12,6 +12,7 @@
 //!    and 1,000,000 live flows, and the memory their tables take.
 
 mod chart;
+mod churn;
 mod hop;
 mod load;
 mod per_packet;
@@ -80,6 +81,9 @@ fn main() -> Result<()> {
         }
     }
 
+    eprintln!("the connection table under churn, with and without the source budget");
+    let churn = vec![churn::run(4096)?, churn::run(0)?];
+
     eprintln!("forwarding over veth: direct, eBPF, netfilter in turn");
     let veth = throughput::veth(ROUNDS)?;
     eprintln!("scale over veth");
@@ -98,6 +102,7 @@ fn main() -> Result<()> {
         seconds: started.elapsed().as_secs(),
         per_packet,
         per_packet_scale,
+        churn,
         veth,
         scale,
         wireguard,
@@ -124,6 +129,15 @@ fn sections(only: &[String]) -> Result<()> {
     for section in only {
         match section.as_str() {
             "per-packet" => print!("{}", per_packet::markdown(&per_packet::run()?)),
+            // The connection table: its memory per family at a million
+            // flows, and churn with and without the source budget.
+            "table" => {
+                for ipv6 in [false, true] {
+                    let p = per_packet::scale_point(10, 1_000_000, ipv6)?;
+                    println!("{}", p.to_json());
+                }
+                print!("{}", churn::markdown(&[churn::run(4096)?, churn::run(0)?]));
+            }
             "veth" => {
                 for c in throughput::veth(ROUNDS)? {
                     println!("{}: ratio {:.2}", c.metric, c.ratio.median);
@@ -150,7 +164,7 @@ fn sections(only: &[String]) -> Result<()> {
                 println!("{section}: {pps:.0} datagrams/s, {ns:.0} hop CPU ns each");
             }
             other => bail!(
-                "no section {other:?}: per-packet, veth, wireguard, flood-ebpf or flood-netfilter"
+                "no section {other:?}: per-packet, table, veth, wireguard, flood-ebpf or flood-netfilter"
             ),
         }
     }

@@ -49,7 +49,7 @@ pub fn markdown(rows: &[Row]) -> String {
 
 const MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 
-fn udp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
+pub(crate) fn udp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
     let eth = PacketBuilder::ethernet2(MAC, MAC);
     let ip = match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
@@ -92,7 +92,7 @@ fn v6(s: &str) -> Ipv6Addr {
 /// The programs loaded with a connection table of `nat` (0: the default),
 /// configured as a node with both families, and their routes (the sides'
 /// networks, and `extra_routes` more to the tailnet).
-fn loaded(nat: TableSize, extra_routes: usize) -> Result<Datapath> {
+pub(crate) fn loaded(nat: TableSize, extra_routes: usize) -> Result<Datapath> {
     let mut dp = Datapath::load(&LoadOptions {
         nat,
         ..LoadOptions::uniform(LinkLayer::Ethernet)
@@ -112,7 +112,13 @@ pub fn run() -> Result<Vec<Row>> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the benchmarks load eBPF programs: run them as root (cargo xtask bench does)");
     }
-    let dp = loaded(TableSize::COMPILED, 0)?;
+    // Room in both families for every new flow the runs make.
+    let room = TableSize {
+        v4_flows: 2 * RUNS as u32,
+        v6_flows: 2 * RUNS as u32,
+        unreplied_per_source: 0,
+    };
+    let dp = loaded(room, 0)?;
     let floor_program = BenchFloor::load().context("loading the floor program")?;
 
     struct Family {
@@ -183,7 +189,7 @@ pub fn run() -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-fn run_once(dp: &Datapath, device: Device, frame: &[u8]) -> Result<Vec<u8>> {
+pub(crate) fn run_once(dp: &Datapath, device: Device, frame: &[u8]) -> Result<Vec<u8>> {
     let mut out = vec![0u8; 256];
     let result = dp
         .program(device, Direction::Ingress)?

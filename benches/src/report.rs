@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde_json::{Value, json};
 
 use crate::{
+    churn::{self, Churn},
     per_packet::{self, Row, ScalePoint},
     throughput::{Compared, ScaleRun, Spread},
 };
@@ -15,6 +16,7 @@ pub struct Results {
     pub seconds: u64,
     pub per_packet: Vec<Row>,
     pub per_packet_scale: Vec<ScalePoint>,
+    pub churn: Vec<Churn>,
     pub veth: Vec<Compared>,
     pub scale: Vec<ScaleRun>,
     pub wireguard: Vec<Compared>,
@@ -40,6 +42,7 @@ impl Results {
             "seconds": self.seconds,
             "per_packet": self.per_packet.iter().map(Row::to_json).collect::<Vec<_>>(),
             "per_packet_scale": self.per_packet_scale.iter().map(ScalePoint::to_json).collect::<Vec<_>>(),
+            "churn": self.churn.iter().map(Churn::to_json).collect::<Vec<_>>(),
             "veth": self.veth.iter().map(Compared::to_json).collect::<Vec<_>>(),
             "veth_scale": self.scale.iter().map(ScaleRun::to_json).collect::<Vec<_>>(),
             "wireguard": self.wireguard.iter().map(Compared::to_json).collect::<Vec<_>>(),
@@ -84,6 +87,8 @@ impl Results {
                 );
             }
         }
+        out.push_str("\n### The connection table under churn (`BPF_PROG_TEST_RUN`): 1000 answered flows of 200 clients, then one client's flood\n\n");
+        out.push_str(&churn::markdown(&self.churn));
         out.push_str("\n### Scale: the veth hop's CPU ns per small UDP datagram (1000 of the live flows measured)\n\n");
         out.push_str("| routes | live flows | eBPF ns | netfilter ns | eBPF / netfilter | eBPF x first point | netfilter x first point | eBPF datagrams/s | netfilter datagrams/s | eBPF table bytes per flow | conntrack entries |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
         for points in [&self.scale[..3], &self.scale[3..]] {

@@ -320,42 +320,46 @@ fn endpoint_host_names_are_resolved_again() {
     });
 }
 
-/// Connection state pinned by an incompatible version (here: a map of
-/// another layout made with bpftool) is discarded with a warning, and the
+/// Connection state pinned by an incompatible version (here: the table of
+/// another layout, made with bpftool, and the single map of versions
+/// before the per-family tables) is discarded with a warning, and the
 /// daemon pins its own in its place.
 #[test]
 fn an_incompatible_pinned_state_is_discarded_and_said() {
     let bed = Testbed::new("daemon-pin");
     let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
     let state = dir.bpf_dir().join(&bed.device);
-    let pin = state.join("NAT");
+    let (pin, legacy) = (state.join("NAT4"), state.join("NAT"));
     bed.ours.run(|| {
         tailguard_tests::ensure_bpffs();
         std::fs::create_dir_all(&state).unwrap();
         let pin_text = pin.display().to_string();
-        run(Command::new("bpftool").args([
-            "map", "create", &pin_text, "type", "hash", "key", "4", "value", "4", "entries", "8",
-            "name", "NAT",
-        ]));
+        for (path, name) in [(&pin_text, "NAT4"), (&legacy.display().to_string(), "NAT")] {
+            run(Command::new("bpftool").args([
+                "map", "create", path, "type", "hash", "key", "4", "value", "4", "entries", "8",
+                "name", name,
+            ]));
+        }
         let mut daemon = DaemonUnderTest::builder((&bed, &dir)).envs(&[("TS_DEVICE", TS)]).start();
         daemon.wait_for("attaching to WireGuard", |_| {
             attached_programs(&bed.device).len() == 2
         });
         let log = daemon.stop();
         assert!(
-            log.contains("connection state of another layout or size (TailGuard version or TG_NAT_FLOWS changed): discarded"),
+            log.contains("connection state of another layout or size (TailGuard version or TG_NAT_* changed): discarded"),
             "{log}"
         );
+        assert!(!legacy.exists(), "the old version's map is gone");
         let shown = run(Command::new("bpftool").args(["-j", "map", "show", "pinned", &pin_text]));
         let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
         assert_eq!(
             (&shown["type"], &shown["bytes_key"], &shown["bytes_value"]),
             (
-                &serde_json::json!("lru_hash"),
-                &serde_json::json!(40),
-                &serde_json::json!(56)
+                &serde_json::json!("hash"),
+                &serde_json::json!(16),
+                &serde_json::json!(12)
             ),
-            "the daemon's own map is pinned now: {shown}"
+            "the daemon's own table is pinned now: {shown}"
         );
     });
 }
