@@ -390,7 +390,7 @@ impl Running {
                     health.send_modify(|h| {
                         h.tailscale = tailscale_state.ready.clone();
                         h.dns_name = tailscale_state.dns_name.clone();
-                        h.forwarding_in_line &= !moved;
+                        h.forwarding_behind(moved);
                     });
                 }
                 _ = counters.tick(), if self.datapath.is_some() => {
@@ -537,12 +537,12 @@ impl Running {
             let attached = ts_device.is_some();
             let changed = h.tailscale_attached != attached;
             h.tailscale_attached = attached;
-            h.forwarding_in_line &= !changed;
+            h.forwarding_behind(changed);
             changed
         });
         let observed = self.observe(plan, tailscale, ts_device).await?;
         if self.observed.as_ref() == Some(&observed) {
-            health.send_if_modified(forwarding_in_line);
+            health.send_if_modified(Health::forwarding_followed);
             return Ok(());
         }
         if let Some(firewall) = self.firewall.as_mut() {
@@ -590,7 +590,7 @@ impl Running {
         );
         health.send_modify(|h| {
             h.forwarding = view;
-            forwarding_in_line(h);
+            h.forwarding_followed();
         });
         self.observed = Some(observed);
         Ok(())
@@ -652,15 +652,6 @@ impl Running {
             Err(Error::Teardown(errors))
         }
     }
-}
-
-/// The forwarding plane holds what was observed last: noted (and the first
-/// healthy moment with it); whether that changed the health.
-fn forwarding_in_line(health: &mut Health) -> bool {
-    let changed = !health.forwarding_in_line;
-    health.forwarding_in_line = true;
-    health.mark();
-    changed
 }
 
 /// The running kernel's release, as `uname -r` says it.

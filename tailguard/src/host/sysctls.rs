@@ -122,8 +122,8 @@ pub struct Sysctls {
 }
 
 impl Sysctls {
-    /// Sets the switches: the reserved ports, and what `plan` asks for. Calling it again, or with the
-    /// switches already set, changes nothing.
+    /// Sets the switches: the reserved ports, and what `plan` asks for.
+    /// Calling it again, or with the switches already set, changes nothing.
     pub fn apply(plan: &SwitchesPlan) -> io::Result<Self> {
         Ok(Self {
             reserved_ports_before: reserve_translation_ports()?,

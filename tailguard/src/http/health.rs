@@ -178,6 +178,24 @@ impl Health {
         }
     }
 
+    /// The forwarding plane no longer holds what Tailscale or the kernel
+    /// says (`moved`: new tailnet addresses, the Tailscale device changed):
+    /// not healthy until [`Health::forwarding_followed`].
+    pub fn forwarding_behind(&mut self, moved: bool) {
+        if moved {
+            self.forwarding_in_line = false;
+        }
+    }
+
+    /// The forwarding plane holds what was observed last: noted (and the
+    /// first healthy moment with it); whether that changed the health.
+    pub fn forwarding_followed(&mut self) -> bool {
+        let changed = !self.forwarding_in_line;
+        self.forwarding_in_line = true;
+        self.mark();
+        changed
+    }
+
     /// Records the first healthy moment (once).
     pub fn mark(&mut self) {
         if self.first_healthy_at.is_none() && self.verdict().is_ok() {
