@@ -215,6 +215,8 @@ pub struct ScalePoint {
     /// Kernel memory of the family's connection table (the whole
     /// preallocated map, as its fdinfo's `memlock` says).
     pub nat_bytes: u64,
+    /// How long the daemon's sweeper takes to go through the full table.
+    pub sweep_ms: u64,
 }
 
 impl ScalePoint {
@@ -224,6 +226,7 @@ impl ScalePoint {
             "routes": self.routes, "nat_flows": self.nat_flows, "nat_entries": self.nat_entries,
             "median_ns": self.median_ns, "p90_ns": self.p90_ns, "nat_bytes": self.nat_bytes,
             "nat_bytes_per_flow": self.nat_bytes as f64 / self.nat_flows.max(1) as f64,
+            "sweep_ms": self.sweep_ms,
         })
     }
 }
@@ -244,7 +247,7 @@ pub fn scale_point(routes: usize, nat_flows: usize, ipv6: bool) -> Result<ScaleP
         v6_flows: if ipv6 { flows } else { NAT_MIN_FLOWS },
         unreplied_per_source: 0,
     };
-    let dp = loaded(size, routes)?;
+    let mut dp = loaded(size, routes)?;
     let (client, peer): (IpAddr, IpAddr) = if ipv6 {
         (v6("fd66::7").into(), v6("fd7a:115c:a1e0::9").into())
     } else {
@@ -269,6 +272,8 @@ pub fn scale_point(routes: usize, nat_flows: usize, ipv6: bool) -> Result<ScaleP
         .iter()
         .filter(|(k, _)| k.is_ipv6() == ipv6)
         .count();
+    let mut swept = tailguard::datapath::sweeper::Totals::default();
+    tailguard::datapath::sweeper::sweep(&mut dp, &mut swept)?;
     Ok(ScalePoint {
         ipv6,
         routes,
@@ -277,5 +282,6 @@ pub fn scale_point(routes: usize, nat_flows: usize, ipv6: bool) -> Result<ScaleP
         median_ns: s[s.len() / 2],
         p90_ns: s[s.len() * 9 / 10],
         nat_bytes,
+        sweep_ms: swept.last_duration.as_millis() as u64,
     })
 }

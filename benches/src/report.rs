@@ -67,14 +67,14 @@ impl Results {
         out.push_str(
             "\n### Scale: established flow per packet, and the connection table's memory (fdinfo's memlock of the family's map, kernel overhead included)\n\n",
         );
-        out.push_str("| family | routes | live flows | median ns | p90 ns | x first point | table entries | table memory | bytes per flow |\n|---|---|---|---|---|---|---|---|---|\n");
+        out.push_str("| family | routes | live flows | median ns | p90 ns | x first point | table entries | table memory | bytes per flow | one sweep |\n|---|---|---|---|---|---|---|---|---|---|\n");
         let scale = &self.per_packet_scale;
         for points in scale.chunks(3) {
             let first = points.first().map_or(1, |p| p.median_ns.max(1));
             for p in points {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} | {} | {:.2} | {} | {:.1} MiB | {:.0} |",
+                    "| {} | {} | {} | {} | {} | {:.2} | {} | {:.1} MiB | {:.0} | {} ms |",
                     if p.ipv6 { "IPv6" } else { "IPv4" },
                     p.routes,
                     p.nat_flows,
@@ -84,6 +84,7 @@ impl Results {
                     p.nat_entries,
                     p.nat_bytes as f64 / 1048576.0,
                     p.nat_bytes as f64 / p.nat_flows.max(1) as f64,
+                    p.sweep_ms,
                 );
             }
         }

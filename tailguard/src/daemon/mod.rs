@@ -410,6 +410,7 @@ impl Running {
                             }),
                             Err(e) => warn!("sweeping the connection table: {}", one_line(&e)),
                         }
+                        sweep.reset_after(sweeper::next_sweep(swept.last_duration));
                     }
                     continue;
                 }

@@ -26,6 +26,14 @@ use super::{Datapath, Error, table::TableEvents};
 /// How often the table is swept: well inside the shortest timeout (10 s),
 /// so a closed flow's port is free again soon after.
 pub const CADENCE: Duration = Duration::from_secs(5);
+/// When the next sweep is due after one that took `last`: every
+/// [`CADENCE`], or less often when the table is so large that a sweep
+/// takes long, so that the sweeper never takes more than a tenth of a CPU
+/// (a million flows take about a second to read and judge).
+pub fn next_sweep(last: Duration) -> Duration {
+    CADENCE.max(last * 10)
+}
+
 /// How long a reply half may be without its origin half before it is
 /// removed: the origin is added just after the reply when a flow starts,
 /// and a sweep may read the table between the two.
@@ -246,6 +254,12 @@ mod tests {
         let reply = paired_key(&t, &origin);
         let reply_half = tailguard_common::nat::paired_half(&origin, &half, reply_seen);
         [(origin, half), (reply, reply_half)]
+    }
+
+    #[test]
+    fn a_long_sweep_makes_the_next_one_later() {
+        assert_eq!(next_sweep(Duration::from_millis(20)), CADENCE);
+        assert_eq!(next_sweep(Duration::from_secs(1)), Duration::from_secs(10));
     }
 
     #[test]
