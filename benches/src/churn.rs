@@ -9,15 +9,14 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result, ensure};
-use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::{PacketHeaders, TransportHeader};
 use tailguard::datapath::Datapath;
 use tailguard_common::{
-    Device, Direction,
+    Device,
     nat::{NAT_MIN_FLOWS, TableEvent, TableSize},
 };
 
-use crate::per_packet::{loaded, udp};
+use crate::per_packet::{loaded, run_verdict, udp};
 
 const REDIRECT: u32 = 7;
 /// Flows the table holds (IPv4), as `TG_NAT_FLOWS`'s default gives it.
@@ -83,49 +82,30 @@ pub fn markdown(runs: &[Churn]) -> String {
     out
 }
 
-/// Runs `frame` through `device`'s ingress program: its verdict, and the
-/// frame's translated source port if it was redirected.
-fn send(dp: &Datapath, device: Device, frame: &[u8]) -> Result<Option<u16>> {
-    let mut out = vec![0u8; 256];
-    let result = dp
-        .program(device, Direction::Ingress)?
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })?;
-    if result.return_value != REDIRECT {
+/// Runs `frame` through `device`'s ingress program: if it was redirected,
+/// its UDP ports as it left.
+fn send(dp: &Datapath, device: Device, frame: &[u8]) -> Result<Option<(u16, u16)>> {
+    let (verdict, out) = run_verdict(dp, device, frame)?;
+    if verdict != REDIRECT {
         return Ok(None);
     }
-    out.truncate(result.data_size_out as usize);
     let h = PacketHeaders::from_ethernet_slice(&out).context("a redirected frame")?;
     match h.transport {
-        Some(TransportHeader::Udp(u)) => Ok(Some(u.source_port)),
+        Some(TransportHeader::Udp(u)) => Ok(Some((u.source_port, u.destination_port))),
         other => anyhow::bail!("not UDP: {other:?}"),
     }
 }
 
-/// The answer of the tailnet peer to a flow translated to `port`, and the
-/// client port it must reach.
+/// The client port the tailnet peer's answer to a flow translated to
+/// `port` reaches, if it is forwarded.
 fn answered_by(dp: &Datapath, port: u16, service: u16) -> Result<Option<u16>> {
     let answer = udp(PEER.into(), NODE.into(), service, port);
-    let mut out = vec![0u8; 256];
-    let result = dp
-        .program(Device::Tailscale, Direction::Ingress)?
-        .test_run(TestRunOptions {
-            data_in: Some(&answer),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })?;
-    if result.return_value != REDIRECT {
-        return Ok(None);
-    }
-    out.truncate(result.data_size_out as usize);
-    let h = PacketHeaders::from_ethernet_slice(&out).context("a redirected answer")?;
-    match h.transport {
-        Some(TransportHeader::Udp(u)) => Ok(Some(u.destination_port)),
-        _ => Ok(None),
-    }
+    Ok(send(dp, Device::Tailscale, &answer)?.map(|(_, to)| to))
+}
+
+/// The translated source port of a new flow's first datagram, if taken.
+fn opened(dp: &Datapath, frame: &[u8]) -> Result<Option<u16>> {
+    Ok(send(dp, Device::WireGuard, frame)?.map(|(from, _)| from))
 }
 
 fn client(i: u8) -> Ipv4Addr {
@@ -147,12 +127,8 @@ pub fn run(budget: u32) -> Result<Churn> {
     for c in 0..CLIENTS {
         for f in 0..FLOWS_PER_CLIENT {
             let (sport, service) = (30000 + f, 5000 + u16::from(c));
-            let port = send(
-                &dp,
-                Device::WireGuard,
-                &udp(client(c).into(), PEER.into(), sport, service),
-            )?
-            .context("an answered flow before the flood")?;
+            let port = opened(&dp, &udp(client(c).into(), PEER.into(), sport, service))?
+                .context("an answered flow before the flood")?;
             ensure!(
                 answered_by(&dp, port, service)? == Some(sport),
                 "the first answer"
@@ -170,11 +146,7 @@ pub fn run(budget: u32) -> Result<Churn> {
         // A thousand services, so that the flood is not cut short by the
         // 4536 translation ports each service's replies can tell apart.
         let (sport, service) = (1024 + (i / 1000) as u16, 10000 + (i % 1000) as u16);
-        send(
-            &dp,
-            Device::WireGuard,
-            &udp(FLOODER.into(), PEER.into(), sport, service),
-        )?;
+        opened(&dp, &udp(FLOODER.into(), PEER.into(), sport, service))?;
     }
     let flood_taken = events(&dp, TableEvent::Created)? - before.2;
     let mut survived = 0;
@@ -187,7 +159,7 @@ pub fn run(budget: u32) -> Result<Churn> {
     for n in 0..NEWCOMERS {
         let c = (n % u16::from(CLIENTS)) as u8;
         let frame = udp(client(c).into(), PEER.into(), 40000 + n, 7000);
-        if send(&dp, Device::WireGuard, &frame)?.is_some() {
+        if opened(&dp, &frame)?.is_some() {
             newcomers_taken += 1;
         }
     }

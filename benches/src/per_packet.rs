@@ -190,6 +190,12 @@ pub fn run() -> Result<Vec<Row>> {
 }
 
 pub(crate) fn run_once(dp: &Datapath, device: Device, frame: &[u8]) -> Result<Vec<u8>> {
+    run_verdict(dp, device, frame).map(|(_, out)| out)
+}
+
+/// Runs `device`'s ingress program on `frame` once: the verdict and what
+/// left.
+pub(crate) fn run_verdict(dp: &Datapath, device: Device, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
     let mut out = vec![0u8; 256];
     let result = dp
         .program(device, Direction::Ingress)?
@@ -199,7 +205,7 @@ pub(crate) fn run_once(dp: &Datapath, device: Device, frame: &[u8]) -> Result<Ve
             ..Default::default()
         })?;
     out.truncate(result.data_size_out as usize);
-    Ok(out)
+    Ok((result.return_value, out))
 }
 
 /// One point of the scale runs: established flows' cost with the route

@@ -13,6 +13,9 @@
 //!
 //! The second WireGuard peer (10.66.0.3, fd66::3) is a client of TailGuard
 //! that routes the tailnet ranges to it, as in the simple bridge (README.md, pattern 3).
+//! [`Bridge::with_more_clients`] adds more such clients, each in a namespace
+//! of its own ([`MORE_WG_CLIENTS`]), for tests that need more peers on the
+//! WireGuard side.
 //!
 //! The WireGuard side routes the tailnet ranges to TailGuard (README.md's
 //! "simple bridge"); the tailnet peer routes the WireGuard side's networks
@@ -41,6 +44,24 @@ pub struct Bridge {
     /// The tailnet peer's WireGuard device (in `tailnet`).
     pub tailnet_peer: WgPeer,
     client_peer: WgPeer,
+    /// The clients [`Bridge::with_more_clients`] adds (none otherwise).
+    pub more_clients: Vec<Client>,
+}
+
+/// A WireGuard client of TailGuard that [`Bridge::with_more_clients`] adds,
+/// set up as the second WireGuard peer is.
+pub struct Client {
+    /// Its namespace.
+    pub ns: NetNs,
+    pub addresses: ClientAddresses,
+    peer: WgPeer,
+}
+
+impl Client {
+    /// Its WireGuard device (in `ns`).
+    pub fn device(&self) -> &str {
+        &self.peer.name
+    }
 }
 
 impl Bridge {
@@ -55,7 +76,19 @@ impl Bridge {
     /// ([`NetNs::for_daemon`]); `bed.ours.set_forwarding` changes that.
     pub fn with_server_allowed_ips(purpose: &str, allowed: &str) -> Self {
         crate::require_root();
-        Self::around(NetNs::for_daemon(purpose), purpose, allowed)
+        Self::around(NetNs::for_daemon(purpose), purpose, allowed, 0)
+    }
+
+    /// As [`Bridge::new`], with `count` more WireGuard clients of TailGuard
+    /// ([`Bridge::more_clients`], addressed as [`MORE_WG_CLIENTS`] says).
+    pub fn with_more_clients(purpose: &str, count: usize) -> Self {
+        assert!(
+            count <= MORE_WG_CLIENTS.len(),
+            "the topology has addresses for {} more WireGuard clients, not {count}",
+            MORE_WG_CLIENTS.len()
+        );
+        crate::require_root();
+        Self::around(NetNs::for_daemon(purpose), purpose, WG_SERVER_ONLY, count)
     }
 
     /// As [`Bridge::with_server_allowed_ips`], with the tailnet peer and
@@ -75,14 +108,23 @@ impl Bridge {
     /// [`Bridge::new`] around a given namespace for TailGuard (a
     /// container's), its forwarding switches left as they are.
     pub fn in_namespace(ours: NetNs, purpose: &str) -> Self {
-        Self::around(ours, purpose, WG_SERVER_ONLY)
+        Self::around(ours, purpose, WG_SERVER_ONLY, 0)
     }
 
-    fn around(ours: NetNs, purpose: &str, allowed: &str) -> Self {
+    fn around(ours: NetNs, purpose: &str, allowed: &str, more_clients: usize) -> Self {
+        let clients: Vec<(ClientAddresses, KeyPair)> = std::iter::once(WG_CLIENT_ADDRESSES)
+            .chain(MORE_WG_CLIENTS.into_iter().take(more_clients))
+            .map(|addresses| (addresses, KeyPair::generate()))
+            .collect();
+        // The server takes from TailGuard what its clients send it.
+        let client_sources: String = clients
+            .iter()
+            .map(|(c, _)| format!("{}/32,", c.address))
+            .collect();
         let bed = Testbed::around(
             ours,
             purpose,
-            &format!("{NODE_WG}/32,{WG_CLIENT}/32,{NODE_WG_V6}/128,{TAILNET_BOTH},{INTERNET_NET}"),
+            &format!("{NODE_WG}/32,{client_sources}{NODE_WG_V6}/128,{TAILNET_BOTH},{INTERNET_NET}"),
         );
         bed.theirs.run(|| {
             for range in [TAILNET, TAILNET_V6, INTERNET_NET] {
@@ -92,55 +134,39 @@ impl Bridge {
         // The keepalive makes the first handshake early: the server side
         // has no endpoint for TailGuard until TailGuard has spoken.
         let peer = format!("{allowed}\nPersistentKeepalive = 1");
-        let client_keys = KeyPair::generate();
+        let client_peers: String = clients
+            .iter()
+            .map(|(c, keys)| {
+                format!(
+                    "\n[Peer]\nPublicKey = {}\nAllowedIPs = {}/32, {}/128\n",
+                    keys.public, c.address, c.address_v6
+                )
+            })
+            .collect();
         let config = format!(
-            "{}\n[Peer]\nPublicKey = {}\nAllowedIPs = {WG_CLIENT}/32, {WG_CLIENT_V6}/128\n",
-            bed.config(&format!("ListenPort = {WG_CLIENT_PORT}"), &peer),
-            client_keys.public
+            "{}{client_peers}",
+            bed.config(&format!("ListenPort = {WG_CLIENT_PORT}"), &peer)
         );
         let dir = bed.config_dir(&config);
-        let client = NetNs::new(&format!("{purpose}-cl"));
-        veth(
-            &bed.ours,
-            &with_prefix(CLIENT_UNDERLAY, LINK_PREFIX),
-            &client,
-            &with_prefix(CLIENT_UNDERLAY_PEER, LINK_PREFIX),
-        );
-        let client_device = unique_ifname("wgc");
-        let client_peer = client.run(|| {
-            WgPeer::start(
-                &client_device,
-                &client_keys,
-                WG_CLIENT_PORT,
-                &format!(
-                    "{},{}",
-                    with_prefix(WG_CLIENT, WG_PREFIX),
-                    with_prefix(WG_CLIENT_V6, WG_PREFIX_V6)
-                ),
-                &[(
-                    &bed.keys.public,
-                    &format!("{WG_NET},{WG_NET_V6},{TAILNET_BOTH}"),
-                    Some(&endpoint(CLIENT_UNDERLAY, WG_CLIENT_PORT)),
-                )],
-            )
-        });
-        // It routes the tailnet to TailGuard (README.md's simple bridge).
-        client.run(|| {
-            for range in [TAILNET, TAILNET_V6] {
-                run(Command::new("ip").args(["route", "add", range, "dev", &client_device]));
+        let mut clients = clients.iter().enumerate().map(|(n, (addresses, keys))| {
+            // The second peer's namespace keeps the name it always had.
+            let name = match n {
+                0 => format!("{purpose}-cl"),
+                n => format!("{purpose}-cl{n}"),
+            };
+            let (ns, peer) = start_client(&bed, &name, addresses, keys);
+            Client {
+                ns,
+                addresses: *addresses,
+                peer,
             }
         });
-        // It speaks first, so TailGuard learns where it is.
-        client.run(|| {
-            run(Command::new("wg").args([
-                "set",
-                &client_device,
-                "peer",
-                &bed.keys.public,
-                "persistent-keepalive",
-                "1",
-            ]))
-        });
+        let Client {
+            ns: client,
+            peer: client_peer,
+            ..
+        } = clients.next().expect("the second WireGuard peer");
+        let more_clients = clients.collect();
 
         let tailnet = NetNs::new(&format!("{purpose}-tn"));
         veth(
@@ -211,6 +237,7 @@ impl Bridge {
             peer_keys,
             tailnet_peer,
             client_peer,
+            more_clients,
         }
     }
 
@@ -286,14 +313,69 @@ impl Bridge {
         });
     }
 
-    /// The second WireGuard peer has a handshake with TailGuard. It retries
-    /// only every 5 s, so after TailGuard starts this can take a while.
+    /// The second WireGuard peer (and every client [`Bridge::more_clients`]
+    /// has) has a handshake with TailGuard. Each retries only every 5 s, so
+    /// after TailGuard starts this can take a while.
     pub fn client_connected(&self) -> bool {
-        self.client.run(|| {
-            run(Command::new("wg").args(["show", &self.client_peer.name, "latest-handshakes"]))
-                .split_whitespace()
-                .nth(1)
-                .is_some_and(|t| t != "0")
-        })
+        std::iter::once((&self.client, self.client_device()))
+            .chain(self.more_clients.iter().map(|c| (&c.ns, c.device())))
+            .all(|(ns, device)| {
+                ns.run(|| {
+                    run(Command::new("wg").args(["show", device, "latest-handshakes"]))
+                        .split_whitespace()
+                        .nth(1)
+                        .is_some_and(|t| t != "0")
+                })
+            })
     }
+}
+
+/// A WireGuard client of TailGuard in a namespace of its own (`name`),
+/// joined to TailGuard's by an underlay link: it routes the tailnet to
+/// TailGuard (README.md's simple bridge) and speaks first, so TailGuard
+/// learns where it is.
+fn start_client(
+    bed: &Testbed,
+    name: &str,
+    addresses: &ClientAddresses,
+    keys: &KeyPair,
+) -> (NetNs, WgPeer) {
+    let ns = NetNs::new(name);
+    veth(
+        &bed.ours,
+        &with_prefix(addresses.underlay, LINK_PREFIX),
+        &ns,
+        &with_prefix(addresses.underlay_peer, LINK_PREFIX),
+    );
+    let device = unique_ifname("wgc");
+    let peer = ns.run(|| {
+        let peer = WgPeer::start(
+            &device,
+            keys,
+            WG_CLIENT_PORT,
+            &format!(
+                "{},{}",
+                with_prefix(addresses.address, WG_PREFIX),
+                with_prefix(addresses.address_v6, WG_PREFIX_V6)
+            ),
+            &[(
+                &bed.keys.public,
+                &format!("{WG_NET},{WG_NET_V6},{TAILNET_BOTH}"),
+                Some(&endpoint(addresses.underlay, WG_CLIENT_PORT)),
+            )],
+        );
+        for range in [TAILNET, TAILNET_V6] {
+            run(Command::new("ip").args(["route", "add", range, "dev", &device]));
+        }
+        run(Command::new("wg").args([
+            "set",
+            &device,
+            "peer",
+            &bed.keys.public,
+            "persistent-keepalive",
+            "1",
+        ]));
+        peer
+    });
+    (ns, peer)
 }

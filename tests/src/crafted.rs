@@ -165,8 +165,14 @@ impl Out {
     }
 }
 
+/// Runs `device`'s ingress program on `frame`.
 pub fn run(dp: &Datapath, device: Device, frame: &[u8]) -> Out {
-    let program = dp.program(device, Direction::Ingress).unwrap();
+    run_hook(dp, device, Direction::Ingress, frame)
+}
+
+/// Runs the program of `device`'s `direction` on `frame`.
+pub fn run_hook(dp: &Datapath, device: Device, direction: Direction, frame: &[u8]) -> Out {
+    let program = dp.program(device, direction).unwrap();
     let mut output = vec![0u8; frame.len() + 256];
     let result = program
         .test_run(TestRunOptions {

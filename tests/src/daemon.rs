@@ -180,8 +180,8 @@ impl<'a> Builder<'a> {
     }
 
     /// [`Builder::start`] on a bridge, then waits until the node is
-    /// healthy and the second WireGuard peer has its handshake (it retries
-    /// only every 5 s); asserts that healthy means the fast path (when it
+    /// healthy and the second WireGuard peer (and any more clients) has its
+    /// handshake (each retries only every 5 s); asserts that healthy means the fast path (when it
     /// runs) has the tailnet side, and that where the peers are the
     /// kernel's, the daemon's device is too.
     pub fn start_healthy(self) -> DaemonUnderTest {
@@ -190,7 +190,7 @@ impl<'a> Builder<'a> {
         };
         let mut node = self.start();
         node.wait_for("health", |_| health().0);
-        node.wait_for("the second WireGuard peer's handshake", |_| {
+        node.wait_for("the WireGuard clients' handshakes", |_| {
             bridge.client_connected()
         });
         // Healthy means the fast path (when it runs) has the tailnet side:

@@ -53,6 +53,44 @@ pub const WG_CLIENT_PORT: u16 = 51821;
 pub const CLIENT_UNDERLAY: &str = "10.202.0.1";
 pub const CLIENT_UNDERLAY_PEER: &str = "10.202.0.2";
 
+/// A WireGuard client of TailGuard (on [`WG_CLIENT_PORT`]), in a namespace
+/// of its own: its addresses, and the underlay link to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddresses {
+    pub address: &'static str,
+    pub address_v6: &'static str,
+    /// TailGuard's end of the underlay link.
+    pub underlay: &'static str,
+    /// The client's end of it.
+    pub underlay_peer: &'static str,
+}
+
+/// The second WireGuard peer's, as one [`ClientAddresses`].
+pub const WG_CLIENT_ADDRESSES: ClientAddresses = ClientAddresses {
+    address: WG_CLIENT,
+    address_v6: WG_CLIENT_V6,
+    underlay: CLIENT_UNDERLAY,
+    underlay_peer: CLIENT_UNDERLAY_PEER,
+};
+
+/// More WireGuard clients, for tests that need more peers on the WireGuard
+/// side than the server and the second peer
+/// ([`crate::bridge::Bridge::with_more_clients`]).
+pub const MORE_WG_CLIENTS: [ClientAddresses; 2] = [
+    ClientAddresses {
+        address: "10.66.0.4",
+        address_v6: "fd66::4",
+        underlay: "10.203.0.1",
+        underlay_peer: "10.203.0.2",
+    },
+    ClientAddresses {
+        address: "10.66.0.5",
+        address_v6: "fd66::5",
+        underlay: "10.204.0.1",
+        underlay_peer: "10.204.0.2",
+    },
+];
+
 /// The LAN behind the WireGuard server: the server's end and a host on it.
 pub const LAN_NET: &str = "192.168.8.0/24";
 pub const LAN_GATEWAY: &str = "192.168.8.1";
@@ -158,5 +196,44 @@ mod tests {
         );
         assert_eq!(WG_NET, with_prefix("10.66.0.0", WG_PREFIX));
         assert_eq!(WG_NET_V6, with_prefix("fd66::", WG_PREFIX_V6));
+    }
+
+    /// The clients' addresses are on the WireGuard network, and no two
+    /// hosts (a namespace's or a crafted packet's) share one.
+    #[test]
+    fn every_wireguard_client_has_addresses_of_its_own() {
+        let net: ipnet::Ipv4Net = WG_NET.parse().unwrap();
+        let net6: ipnet::Ipv6Net = WG_NET_V6.parse().unwrap();
+        let clients: Vec<ClientAddresses> = std::iter::once(WG_CLIENT_ADDRESSES)
+            .chain(MORE_WG_CLIENTS)
+            .collect();
+        let mut taken = vec![
+            WG_SERVER.to_string(),
+            NODE_WG.to_string(),
+            CRAFTED_WG_CLIENT.to_string(),
+        ];
+        let mut taken_v6 = vec![WG_SERVER_V6, NODE_WG_V6, CRAFTED_WG_CLIENT_V6];
+        let mut underlays = vec![UNDERLAY, INTERNET_NET, TAILNET_UNDERLAY];
+        for c in clients {
+            assert!(
+                net.contains(&c.address.parse::<Ipv4Addr>().unwrap()),
+                "{c:?}"
+            );
+            assert!(
+                net6.contains(&c.address_v6.parse::<Ipv6Addr>().unwrap()),
+                "{c:?}"
+            );
+            assert!(!taken.iter().any(|a| a == c.address), "{c:?}");
+            assert!(!taken_v6.contains(&c.address_v6), "{c:?}");
+            let link = |a: &str| a.rsplit_once('.').unwrap().0.to_string();
+            assert_eq!(link(c.underlay), link(c.underlay_peer), "{c:?}");
+            assert!(
+                !underlays.iter().any(|u| link(u) == link(c.underlay)),
+                "{c:?}"
+            );
+            taken.push(c.address.to_string());
+            taken_v6.push(c.address_v6);
+            underlays.push(c.underlay);
+        }
     }
 }

@@ -300,39 +300,143 @@ pub fn receive_datagram(socket: &UdpSocket) -> std::io::Result<(Vec<u8>, SocketA
 /// from where each came.
 pub struct UdpEcho {
     pub port: u16,
-    seen: mpsc::Receiver<SocketAddr>,
+    heard: mpsc::Receiver<Heard>,
     _thread: JoinHandle<()>,
+}
+
+/// A datagram a [`UdpEcho`] received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Heard {
+    /// Where it came from (as the server saw it).
+    pub from: SocketAddr,
+    pub bytes: Vec<u8>,
+    /// Whether the server answered it.
+    pub answered: bool,
 }
 
 impl UdpEcho {
     pub fn listen() -> Self {
+        Self::answering_every(1)
+    }
+
+    /// As [`UdpEcho::listen`], answering only the `nth` datagram, the
+    /// `2·nth`, and so on (counted as they arrive, from any source): a
+    /// server whose replies are sparse, which keeps a flow nearly one-way.
+    pub fn answering_every(nth: usize) -> Self {
+        assert!(nth > 0, "answering every 0th datagram");
         let socket = UdpSocket::bind("[::]:0").expect("binding the echo server");
         let port = socket.local_addr().unwrap().port();
-        let (tx, seen) = mpsc::channel();
+        let (tx, heard) = mpsc::channel();
         let thread = std::thread::spawn(move || {
             let mut buffer = [0u8; 2048];
+            let mut received = 0usize;
             while let Ok((n, from)) = socket.recv_from(&mut buffer) {
-                let _ = socket.send_to(&buffer[..n], from);
-                if tx.send(from).is_err() {
+                received += 1;
+                let answered = received.is_multiple_of(nth);
+                if answered {
+                    let _ = socket.send_to(&buffer[..n], from);
+                }
+                let bytes = buffer[..n].to_vec();
+                if tx
+                    .send(Heard {
+                        from,
+                        bytes,
+                        answered,
+                    })
+                    .is_err()
+                {
                     break;
                 }
             }
         });
         Self {
             port,
-            seen,
+            heard,
             _thread: thread,
         }
     }
 
     /// Where the next datagram came from (address as the server saw it).
     pub fn next_source(&self) -> Option<SocketAddr> {
-        self.seen.recv_timeout(Duration::from_secs(3)).ok()
+        self.heard
+            .recv_timeout(Duration::from_secs(3))
+            .ok()
+            .map(|h| h.from)
     }
 
     /// Forgets the sources seen so far, so that the next is a new one.
     pub fn forget_seen(&self) {
-        while self.seen.try_recv().is_ok() {}
+        while self.heard.try_recv().is_ok() {}
+    }
+
+    /// The datagrams received since the last call (or since
+    /// [`UdpEcho::forget_seen`]), in order.
+    pub fn heard(&self) -> Vec<Heard> {
+        self.heard.try_iter().collect()
+    }
+}
+
+/// Counts the packets arriving in the calling thread's namespace (on any of
+/// its devices) that match an nftables expression, such as `ip saddr
+/// 100.64.0.2 udp sport 5000`: a capture that misses none however busy the
+/// devices are. Its table goes with the namespace.
+pub struct ArrivalCounter {
+    table: String,
+}
+
+impl ArrivalCounter {
+    /// Starts counting, in the calling thread's namespace.
+    pub fn install(matching: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let table = format!(
+            "tg_arrivals_{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let nft = |args: &[&str]| crate::netns::run(Command::new("nft").args(args));
+        nft(&["add", "table", "inet", &table]);
+        // Before conntrack and every other hook: all that arrives.
+        nft(&[
+            "add",
+            "chain",
+            "inet",
+            &table,
+            "arriving",
+            "{ type filter hook prerouting priority -400 ; }",
+        ]);
+        nft(&[
+            "add",
+            "rule",
+            "inet",
+            &table,
+            "arriving",
+            &format!("{matching} counter"),
+        ]);
+        Self { table }
+    }
+
+    /// The packets counted so far (read in the calling thread's namespace,
+    /// the one it was installed in).
+    pub fn packets(&self) -> u64 {
+        let out = crate::netns::run(Command::new("nft").args([
+            "-j",
+            "list",
+            "chain",
+            "inet",
+            &self.table,
+            "arriving",
+        ]));
+        let json: serde_json::Value = serde_json::from_str(&out).expect("nft's JSON");
+        json["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find_map(|item| {
+                item["rule"]["expr"]
+                    .as_array()?
+                    .iter()
+                    .find_map(|e| e["counter"]["packets"].as_u64())
+            })
+            .unwrap_or_else(|| panic!("no counter in table {}: {out}", self.table))
     }
 }
 

@@ -582,16 +582,8 @@ fn icmp_errors_to_another_address_or_with_a_bad_quote_are_the_kernels() {
 
 /// Runs the egress program of `device` on `frame` (the kernel sending it).
 fn send_by_kernel(dp: &Datapath, device: Device, frame: &[u8]) {
-    let program = dp.program(device, Direction::Egress).unwrap();
-    let mut output = vec![0u8; frame.len() + 256];
-    let result = program
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut output),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    assert_eq!(result.return_value, CONTINUE, "egress only looks");
+    let out = run_hook(dp, device, Direction::Egress, frame);
+    assert_eq!(out.verdict, CONTINUE, "egress only looks");
 }
 
 /// The host's own UDP from its tailnet address (its DNS, say), sent by the
