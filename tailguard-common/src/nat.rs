@@ -421,12 +421,13 @@ pub fn paired_half(key: &FlowKey, half: &Half, now: u32) -> Half {
 
 /// Whether `found`, the half at the key a half pairs with, is the one it
 /// pairs with (`expected`, from [`paired_half`]): the same client address
-/// and port, the same side. Anything else there belongs to another flow.
+/// and port, the same side and way of translating. Anything else there
+/// belongs to another flow.
 #[inline(always)]
 pub fn pairs_with(expected: &Half, found: &Half) -> bool {
     found.addr == expected.addr
         && found.meta.port == expected.meta.port
-        && found.meta.is_origin() == expected.meta.is_origin()
+        && found.meta.kind == expected.meta.kind
 }
 
 /// Where a flow stands, after conntrack's states (`nf_conntrack_proto_tcp`,
@@ -437,7 +438,7 @@ pub fn pairs_with(expected: &Half, found: &Half) -> bool {
 pub enum FlowState {
     /// UDP or ICMP echo, nothing back yet.
     Unreplied = 0,
-    /// UDP or ICMP echo, answered.
+    /// UDP or ICMP echo, answered (a DNS query's one exchange).
     Replied = 1,
     /// TCP: the client's SYN.
     SynSent = 2,
@@ -455,10 +456,13 @@ pub enum FlowState {
     TimeWait = 8,
     /// TCP: reset.
     Close = 9,
+    /// UDP or ICMP echo, answered and then sent to again: a stream
+    /// (conntrack's ASSURED).
+    Assured = 10,
 }
 
 impl FlowState {
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Unreplied,
         Self::Replied,
         Self::SynSent,
@@ -469,6 +473,7 @@ impl FlowState {
         Self::LastAck,
         Self::TimeWait,
         Self::Close,
+        Self::Assured,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -485,6 +490,7 @@ impl FlowState {
             6 => Self::FinFromReply,
             7 => Self::LastAck,
             8 => Self::TimeWait,
+            10 => Self::Assured,
             _ => Self::Close,
         }
     }
@@ -502,9 +508,9 @@ impl FlowState {
     /// the kernel's `nf_conntrack_*_timeout_*` defaults.
     pub const fn timeout(self, proto: u8) -> u32 {
         match self {
-            Self::Unreplied => 30,
-            Self::Replied if proto == IPPROTO_UDP => 120,
-            Self::Replied => 30,
+            Self::Unreplied | Self::Replied => 30,
+            Self::Assured if proto == IPPROTO_UDP => 120,
+            Self::Assured => 30,
             Self::SynSent => 120,
             Self::SynRecv => 60,
             Self::Established => 5 * 24 * 3600,
@@ -522,6 +528,13 @@ impl FlowState {
         matches!(self, Self::Unreplied | Self::SynSent | Self::SynRecv)
     }
 
+    /// Whether reaching this state gives the budget back: an answer, a
+    /// handshake done. A reset is not one: a scan of closed ports is
+    /// answered with resets, and its flows keep counting until they go.
+    pub const fn answered(self) -> bool {
+        !self.holds_budget() && !matches!(self, Self::Close)
+    }
+
     /// The state after a packet with `tcp_flags` (0 for UDP and ICMP) from
     /// the client (`from_origin`) or the server.
     #[inline(always)]
@@ -529,6 +542,7 @@ impl FlowState {
         if proto != IPPROTO_TCP {
             return match self {
                 Self::Unreplied if !from_origin => Self::Replied,
+                Self::Replied if from_origin => Self::Assured,
                 other => other,
             };
         }
@@ -563,6 +577,7 @@ impl FlowState {
         match self {
             Self::Unreplied => "unreplied",
             Self::Replied => "replied",
+            Self::Assured => "assured",
             Self::SynSent => "syn-sent",
             Self::SynRecv => "syn-recv",
             Self::Established => "established",
@@ -589,7 +604,7 @@ pub const fn next_state_bits(
     let now = FlowState::from_bits(state);
     let next = now.after(proto, from_origin, tcp_flags);
     let charged = state & CHARGED != 0;
-    let release = charged && !next.holds_budget();
+    let release = charged && next.answered();
     if next as u8 == now as u8 {
         return None;
     }
@@ -610,8 +625,9 @@ pub const fn expired(proto: u8, state: u8, last_seen: u32, now: u32) -> bool {
 }
 
 /// Who a flow counts against in the unreplied budget: its client's
-/// address, an IPv6 client by its /64 (one host can take a whole /64), an
-/// IPv4 one as `::ffff:a.b.c.d`.
+/// address (an IPv4 one as `::ffff:a.b.c.d`). Per address, not per IPv6
+/// /64: WireGuard peers and tailnet nodes get single addresses out of one
+/// shared prefix, and WireGuard's AllowedIPs already keeps a peer to its own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
 pub struct SourceKey {
@@ -620,20 +636,16 @@ pub struct SourceKey {
 
 impl SourceKey {
     pub const fn of(key: &FlowKey) -> Self {
-        let mut addr = [0; 16];
-        let mut i = 0;
         if key.is_ipv6() {
-            while i < 8 {
-                addr[i] = key.src[i];
-                i += 1;
-            }
-        } else {
-            addr[10] = 0xff;
-            addr[11] = 0xff;
-            while i < 4 {
-                addr[12 + i] = key.src[i];
-                i += 1;
-            }
+            return SourceKey { addr: key.src };
+        }
+        let mut addr = [0; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        let mut i = 0;
+        while i < 4 {
+            addr[12 + i] = key.src[i];
+            i += 1;
         }
         SourceKey { addr }
     }
@@ -658,7 +670,8 @@ pub enum TableEvent {
     /// A half found missing was made again from the other.
     Repaired = 5,
     /// A half found missing could not be made again (its key was taken):
-    /// the flow was ended, both halves gone.
+    /// the flow was ended (the half removed; the key it paired with is
+    /// another flow's).
     Ended = 6,
     /// A TCP flow closed or reset was opened again on the same ports.
     Reopened = 7,
@@ -988,9 +1001,14 @@ mod tests {
             walk(IPPROTO_UDP, &[(true, 0), (false, 0)]),
             FlowState::Replied
         );
+        assert_eq!(
+            walk(IPPROTO_UDP, &[(true, 0), (false, 0), (true, 0)]),
+            FlowState::Assured
+        );
         assert_eq!(FlowState::Unreplied.timeout(IPPROTO_UDP), 30);
-        assert_eq!(FlowState::Replied.timeout(IPPROTO_UDP), 120);
-        assert_eq!(FlowState::Replied.timeout(IPPROTO_ICMP), 30);
+        assert_eq!(FlowState::Replied.timeout(IPPROTO_UDP), 30);
+        assert_eq!(FlowState::Assured.timeout(IPPROTO_UDP), 120);
+        assert_eq!(FlowState::Assured.timeout(IPPROTO_ICMP), 30);
     }
 
     #[test]
@@ -1015,6 +1033,16 @@ mod tests {
         assert_eq!(reopened, FlowState::SynSent as u8);
         let (_, release) = next_state_bits(reopened, IPPROTO_TCP, false, RST).unwrap();
         assert!(!release);
+        // A SYN answered by a reset (a scan of a closed port) keeps
+        // counting against its source.
+        let (closed, release) = next_state_bits(
+            FlowState::SynSent as u8 | CHARGED,
+            IPPROTO_TCP,
+            false,
+            RST | ACK,
+        )
+        .unwrap();
+        assert_eq!((closed, release), (FlowState::Close as u8 | CHARGED, false));
     }
 
     #[test]
@@ -1028,12 +1056,16 @@ mod tests {
     }
 
     #[test]
-    fn sources_are_addresses_and_v6_64s() {
+    fn sources_are_addresses() {
         let mut k = key(IPPROTO_UDP, 1, 2);
-        k.src = [0x20, 1, 0xd, 0xb8, 0, 0, 0, 1, 9, 9, 9, 9, 9, 9, 9, 9];
-        let mut same64 = k;
-        same64.src[15] = 1;
-        assert_eq!(SourceKey::of(&k), SourceKey::of(&same64));
+        k.src = [0xfd, 0x66, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
+        let mut neighbour = k;
+        neighbour.src[15] = 4;
+        assert_ne!(
+            SourceKey::of(&k),
+            SourceKey::of(&neighbour),
+            "one /64, two peers"
+        );
         k.family = 4;
         k.src = [0; 16];
         k.src[..4].copy_from_slice(&[100, 64, 0, 7]);

@@ -42,9 +42,9 @@ use crate::{link_layer::ip_header_offset, nat, packet::Packet};
 static KERNEL_FLOWS: LruHashMap<FlowKey, u32> =
     LruHashMap::with_max_entries(KERNEL_FLOWS_COMPILED, 0);
 
-/// How long a mark outlives the last packet: the kernel's timeout for an
-/// answered UDP flow, the longest it keeps one.
-const IDLE: u32 = FlowState::Replied.timeout(IPPROTO_UDP);
+/// How long a mark outlives the last packet: the kernel's timeout for a
+/// UDP stream, the longest it keeps one.
+const IDLE: u32 = FlowState::Assured.timeout(IPPROTO_UDP);
 
 /// Whether packets keyed `key` belong to a flow the kernel tracks; a live
 /// mark is stamped again.

@@ -135,8 +135,8 @@ pub fn follow(cfg: &Config, s: &mut Scratch, stored: Stored, tcp_flags: u8, now:
     let first_reply = !origin && s.half.meta.state & REPLY_SEEN == 0;
     // The origin half holds the state; a reply needs it only when it can
     // move it: the first one, and TCP's SYN, FIN and RST. (The reply
-    // side's plain ACKs move nothing but LAST_ACK to TIME_WAIT, which the
-    // shorter timeout covers.)
+    // side's plain ACKs would move only LAST_ACK to TIME_WAIT: such a pair
+    // goes after LAST_ACK's 30 s, where conntrack keeps it 120 s.)
     let news = first_reply
         || (s.key.proto == IPPROTO_TCP && tcp_flags & (tcp::SYN | tcp::FIN | tcp::RST) != 0);
     let stamped = stored.touch(now);
@@ -153,6 +153,9 @@ pub fn follow(cfg: &Config, s: &mut Scratch, stored: Stored, tcp_flags: u8, now:
         };
         let Some(other) = other else {
             table::remove(&mut s.compact, &s.key);
+            if origin && s.half.meta.state & CHARGED != 0 {
+                table::refund(&mut s.compact, &s.key);
+            }
             table::count(TableEvent::Ended);
             return false;
         };
@@ -160,7 +163,12 @@ pub fn follow(cfg: &Config, s: &mut Scratch, stored: Stored, tcp_flags: u8, now:
             origin_at = Some(other);
         }
     }
-    if first_reply {
+    let advanced = match origin_at {
+        Some(at) if origin || news => advance(s, at, origin, tcp_flags),
+        _ => false,
+    };
+    // Marked only once the origin's state has taken the reply in.
+    if first_reply && advanced {
         let meta = stored.meta();
         let seen = Meta {
             state: meta.state | REPLY_SEEN,
@@ -168,11 +176,6 @@ pub fn follow(cfg: &Config, s: &mut Scratch, stored: Stored, tcp_flags: u8, now:
         };
         // Only this bit of a reply half changes, and every writer sets it.
         stored.replace_meta(meta, seen);
-    }
-    if (origin || news)
-        && let Some(at) = origin_at
-    {
-        advance(s, at, origin, tcp_flags);
     }
     true
 }
@@ -194,18 +197,30 @@ fn repair(s: &mut Scratch) -> Option<Stored> {
     pairs_with(&s.spare, &s.other_half).then_some(stored)
 }
 
-/// Moves the flow's state (in its origin half, at `at`) on by a packet
-/// from `from_origin`'s side; whoever installs a state out of the
-/// unreplied ones gives its source's budget back.
+/// Moves the flow's state (in its origin half, at `at`, copied in
+/// `s.half` or `s.other_half`) on by a packet from `from_origin`'s side;
+/// whoever installs an answered state gives its source's budget back.
+/// True once the state holds the packet (moved, or nothing to move).
 #[inline(always)]
-fn advance(s: &mut Scratch, at: Stored, from_origin: bool, tcp_flags: u8) {
+fn advance(s: &mut Scratch, at: Stored, from_origin: bool, tcp_flags: u8) -> bool {
+    let copy = if from_origin {
+        s.half.meta
+    } else {
+        s.other_half.meta
+    };
     // A few tries: each failure means another CPU moved it meanwhile.
     for _ in 0..4 {
         let meta = at.meta();
+        // A preallocated map reuses a deleted element at once: if the
+        // sweeper took this pair meanwhile, the element may be another
+        // flow's now (its port and kind tell).
+        if meta.port != copy.port || meta.kind != copy.kind {
+            return false;
+        }
         let Some((state, release)) =
             next_state_bits(meta.state, s.key.proto, from_origin, tcp_flags)
         else {
-            return;
+            return true;
         };
         if at.replace_meta(meta, Meta { state, ..meta }) {
             if release {
@@ -218,9 +233,10 @@ fn advance(s: &mut Scratch, at: Stored, from_origin: bool, tcp_flags: u8) {
             {
                 table::count(TableEvent::Reopened);
             }
-            return;
+            return true;
         }
     }
+    false
 }
 
 /// What became of a new flow.
@@ -230,8 +246,11 @@ pub enum Made {
     /// Another CPU made the same flow first: its pair is used, resolved
     /// into `s.translation`.
     Adopted,
-    /// Refused, for the reason counted.
+    /// Refused, for this reason (the caller counts it).
     Refused(TableEvent),
+    /// Another CPU made the same flow first, and it was gone again before
+    /// it could be used (counted as a race lost).
+    Lost,
 }
 
 /// Records a new flow: `p` (keyed `s.key`) leaves through `egress` with
@@ -286,17 +305,28 @@ pub fn create(
         ..s.key
     }
     .reply(egress as u8);
+    // Whether the reply half is the one this packet added (else another
+    // CPU's, for the same flow).
     let made = if allocate {
-        claim_port(s)
+        claim_port(s).map(|()| true)
     } else {
-        table::insert_new(&mut s.compact, &s.other, &s.other_half).map_err(refusal)
-    };
-    if let Err(event) = made {
-        if charged != 0 {
-            table::refund(&mut s.compact, &s.key);
+        match table::insert_new(&mut s.compact, &s.other, &s.other_half) {
+            Ok(()) => Ok(true),
+            // Untranslated, both CPUs make the same reply half: if that
+            // is what is there, the race is on the origin half below.
+            Err(Refused::Taken) if same_half_at_other(s) => Ok(false),
+            Err(why) => Err(refusal(why)),
         }
-        return Made::Refused(event);
-    }
+    };
+    let ours = match made {
+        Ok(ours) => ours,
+        Err(event) => {
+            if charged != 0 {
+                table::refund(&mut s.compact, &s.key);
+            }
+            return Made::Refused(event);
+        }
+    };
     match table::insert_new(&mut s.compact, &s.key, &s.half) {
         Ok(()) => {
             table::count(TableEvent::Created);
@@ -304,7 +334,9 @@ pub fn create(
             Made::Created
         }
         Err(why) => {
-            table::remove(&mut s.compact, &s.other);
+            if ours {
+                table::remove(&mut s.compact, &s.other);
+            }
             if charged != 0 {
                 table::refund(&mut s.compact, &s.key);
             }
@@ -312,12 +344,23 @@ pub fn create(
                 return Made::Refused(TableEvent::TableFull);
             }
             table::count(TableEvent::RaceLost);
-            match find(s) {
-                Some(stored) if follow(cfg, s, stored, p.tcp_flags, now) => Made::Adopted,
-                _ => Made::Refused(TableEvent::RaceLost),
+            // The winner's pair is brand new: nothing to check or move on,
+            // only to translate by.
+            if find(s).is_some() && resolve(cfg, &s.key, &s.half, &mut s.translation) {
+                Made::Adopted
+            } else {
+                Made::Lost
             }
         }
     }
+}
+
+/// Whether the half at `s.other` is the reply half `s.other_half` this
+/// flow would make.
+#[inline(always)]
+fn same_half_at_other(s: &mut Scratch) -> bool {
+    table::get(&mut s.compact, &s.other, &mut s.spare).is_some()
+        && pairs_with(&s.other_half, &s.spare)
 }
 
 fn refusal(why: Refused) -> TableEvent {

@@ -22,7 +22,7 @@ use tailguard_common::{
     fragment::Fragment,
     nat::{TableEvent, Translation},
     policy::{self, Bound, NewFlow, Switches},
-    wire::{AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, udp},
+    wire::{AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, udp},
 };
 
 use crate::{
@@ -131,15 +131,17 @@ fn flow(
         }
         return send(ctx, cfg, p, &s.translation, device);
     }
-    // `forward:replies` in the kernel (see `kernel_flows`).
-    if p.proto != IPPROTO_TCP && kernel_flows::owns(&s.key, now) {
+    // `forward:replies` in the kernel (see `kernel_flows`): a datagram of
+    // a flow the kernel tracks, or a SYN it was left (retransmitted).
+    let may_start = p.proto != IPPROTO_TCP || p.starts_flow();
+    if may_start && kernel_flows::owns(&s.key, now) {
         return kernel(Outcome::KernelTrackedFlow);
     }
     if p.options {
         // nft: the kernel processes options and source routes
         // (`accept_source_route`), then its rules apply; the flow it starts
         // is the kernel's from then on.
-        if p.proto != IPPROTO_TCP {
+        if may_start {
             kernel_flows::keep(&s.key, now);
         }
         return kernel(Outcome::KernelIpOptions);
@@ -472,12 +474,13 @@ fn start(
             mtu,
             cfg.mtu(to.other()),
         ),
+        Made::Lost => kernel(Outcome::KernelNotOurFlow),
         Made::Refused(why) => {
             nat::count_table(why);
-            // The kernel's conntrack has the flow from now on: so do we.
-            if p.proto == IPPROTO_UDP {
-                kernel_flows::keep(&s.key, now);
-            }
+            // The kernel's conntrack has the flow from now on: so do we
+            // (a SYN's retransmission too, or its connection would be
+            // split between the kernel's port and one of ours).
+            kernel_flows::keep(&s.key, now);
             kernel(match why {
                 TableEvent::OverBudget => Outcome::KernelOverBudget,
                 TableEvent::TableFull => Outcome::KernelTableFull,

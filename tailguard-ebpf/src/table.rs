@@ -46,9 +46,10 @@ pub struct Compact {
 }
 
 /// A half in the table: the map value's first word, its `meta` and
-/// `last_seen` (see `Half4`). Valid for this program run (the map's
-/// element stays allocated while a program holds it under RCU, even if
-/// deleted meanwhile).
+/// `last_seen` (see `Half4`). The memory stays valid for this program run,
+/// but not the half: a preallocated map hands a deleted element to the
+/// next insert at once, so whoever moves a state through it checks first
+/// that the port and kind are still the half's (`nat::advance`).
 #[derive(Clone, Copy)]
 pub struct Stored {
     word: *mut u64,

@@ -347,6 +347,17 @@ fn one_source_holds_at_most_its_unreplied_budget() {
         outcome_count(&dp, Device::WireGuard, Outcome::KernelOverBudget),
         outcome + 1
     );
+    // A SYN refused so is the kernel's, and so is its retransmission: its
+    // connection is never split between the kernel's port and one of ours.
+    let syn = from_client(CLIENT4, 29997, L4::Tcp(SYN));
+    assert_eq!(run(&dp, Device::WireGuard, &syn).verdict, CONTINUE);
+    let tracked = outcome_count(&dp, Device::WireGuard, Outcome::KernelTrackedFlow);
+    assert_eq!(run(&dp, Device::WireGuard, &syn).verdict, CONTINUE);
+    assert_eq!(
+        outcome_count(&dp, Device::WireGuard, Outcome::KernelTrackedFlow),
+        tracked + 1,
+        "the retransmitted SYN: the kernel's flow"
+    );
     forwarded_port(&dp, &from_client(OTHER_CLIENT, 20000, L4::Udp));
     // An answer: that flow is replied, and its budget is back.
     assert_reaches(&dp, &answer(ports[0], L4::Udp), CLIENT4, 20000);
@@ -362,7 +373,7 @@ fn one_source_holds_at_most_its_unreplied_budget() {
 
 /// A flow whose reply half went missing: the next packet (in a new
 /// second) makes it again and the answers come back; if its port has been
-/// taken meanwhile, the flow is ended instead (both halves gone, counted)
+/// taken meanwhile, the flow is ended instead (its half removed, counted)
 /// and the next packet starts a new flow with another port.
 #[test]
 fn a_missing_half_is_made_again_or_its_flow_ended() {

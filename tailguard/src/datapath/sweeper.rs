@@ -24,7 +24,8 @@ use tailguard_common::{
 use super::{Datapath, Error, table::TableEvents};
 
 /// How often the table is swept: well inside the shortest timeout (10 s),
-/// so a closed flow's port is free again soon after.
+/// so a closed flow's port is free again soon after (see [`next_sweep`]
+/// for very large tables).
 pub const CADENCE: Duration = Duration::from_secs(5);
 /// When the next sweep is due after one that took `last`: every
 /// [`CADENCE`], or less often when the table is so large that a sweep
@@ -116,6 +117,8 @@ pub struct Totals {
     pub restored: u64,
     /// Reply halves removed without their origin half.
     pub orphans: u64,
+    /// Pairs the kernel refused to change (left for the next sweep).
+    pub failed: u64,
     /// The last sweep: the table's live pairs by state and family, and
     /// how long it took.
     pub live: [u64; FlowState::COUNT],
@@ -145,6 +148,7 @@ pub fn report(totals: &Totals, events: &TableEvents, size: &TableSize) -> serde_
         "expired": by_state(&totals.expired),
         "restored": totals.restored,
         "orphans_removed": totals.orphans,
+        "sweep_failures": totals.failed,
         "events": events.0,
         "sweeps": totals.sweeps,
         "last_sweep_ms": totals.last_duration.as_millis() as u64,
@@ -157,46 +161,50 @@ pub fn now() -> u32 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |t| t.tv_sec() as u32)
 }
 
-/// Sweeps the table once, adding what it did to `totals`.
+/// Sweeps the table once, adding what it did to `totals`. A pair the
+/// kernel refuses to change is counted and left for the next sweep; the
+/// others go on.
 pub fn sweep(dp: &mut Datapath, totals: &mut Totals) -> Result<(), Error> {
     let started = Instant::now();
     let cfg = dp.config()?;
     let now = now();
+    // The budgets as the programs count them, read before the table: what
+    // they change while the sweep runs is added to the recount below.
+    let counted_before = dp.sources()?;
     let plan = plan(&dp.halves()?, &cfg, now);
     for pair in &plan.expired {
-        // The origin half first: until the reply half goes too, its port
-        // stays taken, so no new flow can be handed the replies.
-        dp.remove_half(&pair.origin)?;
-        let Some(reply) = pair.reply else {
-            totals.expired[pair.half.meta.flow_state() as usize] += 1;
-            continue;
-        };
-        match dp.half(&reply)? {
-            Some(half) if half.last_seen > pair.last_seen => {
-                // A reply came in between: the flow lives on.
-                dp.insert_half(&pair.origin, &pair.half, true)?;
-                totals.restored += 1;
-            }
-            _ => {
-                dp.remove_half(&reply)?;
-                totals.expired[pair.half.meta.flow_state() as usize] += 1;
+        match remove_pair(dp, pair) {
+            Ok(Removed::Expired) => totals.expired[pair.half.meta.flow_state() as usize] += 1,
+            Ok(Removed::Restored) => totals.restored += 1,
+            Ok(Removed::Gone) => {}
+            Err(e) => {
+                totals.failed += 1;
+                tracing::debug!("sweeping a pair: {e}");
             }
         }
     }
     for (key, last_seen) in &plan.orphans {
-        if dp.half(key)?.is_some_and(|h| h.last_seen == *last_seen) {
-            dp.remove_half(key)?;
-            totals.orphans += 1;
+        match dp.take_half(key) {
+            Ok(Some(half)) if half.last_seen != *last_seen => {
+                // It had a packet meanwhile: its origin half is back, or
+                // will be made again from it.
+                let _ = dp.insert_half(key, &half, true);
+            }
+            Ok(Some(_)) => totals.orphans += 1,
+            Ok(None) => {}
+            Err(_) => totals.failed += 1,
         }
     }
     let counted = dp.sources()?;
-    for (source, count) in &plan.sources {
-        if counted.get(source) != Some(count) {
-            dp.set_source(source, *count)?;
+    for source in plan.sources.keys().chain(counted.keys()) {
+        let changed_meanwhile = counted.get(source).copied().unwrap_or(0)
+            - counted_before.get(source).copied().unwrap_or(0);
+        let wanted = (plan.sources.get(source).copied().unwrap_or(0) + changed_meanwhile).max(0);
+        if counted.get(source).copied().unwrap_or(0) != wanted
+            || (wanted == 0 && counted.contains_key(source))
+        {
+            dp.set_source(source, wanted)?;
         }
-    }
-    for source in counted.keys().filter(|s| !plan.sources.contains_key(s)) {
-        dp.set_source(source, 0)?;
     }
     totals.live = plan.live;
     totals.flows_v4 = plan.flows_v4;
@@ -204,6 +212,45 @@ pub fn sweep(dp: &mut Datapath, totals: &mut Totals) -> Result<(), Error> {
     totals.sweeps += 1;
     totals.last_duration = started.elapsed();
     Ok(())
+}
+
+/// What removing an expired pair came to.
+enum Removed {
+    Expired,
+    /// A packet came in between: the pair is back as it was.
+    Restored,
+    /// Its origin half was gone already.
+    Gone,
+}
+
+/// Removes an expired pair, each half taken in one step so that a packet
+/// in between is seen: the origin half first (until the reply half goes
+/// too, its port stays taken, so no new flow can be handed the replies),
+/// then the reply half; a half newer than the plan puts the pair back.
+fn remove_pair(dp: &mut Datapath, pair: &Expired) -> Result<Removed, Error> {
+    let Some(origin) = dp.take_half(&pair.origin)? else {
+        return Ok(Removed::Gone);
+    };
+    if origin.last_seen > pair.half.last_seen {
+        dp.insert_half(&pair.origin, &origin, true)?;
+        return Ok(Removed::Restored);
+    }
+    let Some(reply) = pair.reply else {
+        return Ok(Removed::Expired);
+    };
+    match dp.take_half(&reply)? {
+        Some(half) if half.last_seen > pair.last_seen => {
+            dp.insert_half(&reply, &half, true)?;
+            dp.insert_half(&pair.origin, &origin, true)?;
+            Ok(Removed::Restored)
+        }
+        _ => {
+            // A reply that found its half just before it went may have
+            // made the origin half again: alone now, it goes too.
+            dp.take_half(&pair.origin)?;
+            Ok(Removed::Expired)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -265,10 +312,10 @@ mod tests {
     #[test]
     fn a_pair_expires_by_its_later_half() {
         // The client last sent at 100; the server's replies keep coming.
-        let halves = pair(IPPROTO_UDP, FlowState::Replied, 100, 1000);
+        let halves = pair(IPPROTO_UDP, FlowState::Assured, 100, 1000);
         let plan = plan(&halves, &Config::default(), 1100);
         assert!(plan.expired.is_empty(), "{plan:?}");
-        assert_eq!(plan.live[FlowState::Replied as usize], 1);
+        assert_eq!(plan.live[FlowState::Assured as usize], 1);
         let plan = super::plan(&halves, &Config::default(), 1121);
         assert_eq!(plan.expired.len(), 1);
         assert_eq!(plan.expired[0].reply, Some(halves[1].0));

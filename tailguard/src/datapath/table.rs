@@ -90,6 +90,54 @@ struct BatchAttr {
 }
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// `union bpf_attr`'s part for the element commands.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Pod, Zeroable)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Removes `key`'s entry and returns what it held at that moment
+/// (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, hash maps since Linux 5.14): one
+/// step, so nothing a program writes in between is lost unseen.
+fn take<K: Pod, V: Pod>(map: &MapData, name: &'static str, key: &K) -> Result<Option<V>, Error> {
+    let mut value = V::zeroed();
+    let mut attr = ElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_mut(&mut value) as u64,
+        ..ElemAttr::default()
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size given; `key`
+    // and `value` have the map's sizes.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &raw mut attr,
+            size_of::<ElemAttr>(),
+        )
+    };
+    if ret == 0 {
+        return Ok(Some(value));
+    }
+    let errno = std::io::Error::last_os_error();
+    if errno.raw_os_error() == Some(libc::ENOENT) {
+        return Ok(None);
+    }
+    Err(maps::map_error(name)(aya::maps::MapError::SyscallError(
+        aya::sys::SyscallError {
+            call: "bpf_map_lookup_and_delete_elem",
+            io_error: errno,
+        },
+    )))
+}
 /// The map update flag "only if the key is new".
 const BPF_NOEXIST: u64 = 1;
 
@@ -238,6 +286,21 @@ impl Datapath {
                 Ok(false)
             }
             Err((name, e)) => Err(maps::map_error(name)(e)),
+        }
+    }
+
+    /// Removes the half keyed `key` and returns it as it was at that moment.
+    pub fn take_half(&mut self, key: &FlowKey) -> Result<Option<Half>, Error> {
+        if key.is_ipv6() {
+            Ok(
+                take::<Key6, Half6>(data(&self.ebpf, NAT6)?, NAT6, &key.to_v6())?
+                    .map(|h| Half::from_v6(&h)),
+            )
+        } else {
+            Ok(
+                take::<Key4, Half4>(data(&self.ebpf, NAT4)?, NAT4, &key.to_v4())?
+                    .map(|h| Half::from_v4(&h)),
+            )
         }
     }
 
