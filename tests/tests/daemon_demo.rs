@@ -51,7 +51,7 @@ fn the_demo_shows_traffic_and_counters_and_leaves_nothing_on_ctrl_c() {
     for expected in [
         "stand-in   tailscaled and the tailnet's control plane",
         "client->tailnet seen as 100.64.0.1 | tailnet->client seen as 10.66.0.2 | tailnet->100.64.0.1 reached the server, seen as 10.66.0.2",
-        "connection table: ",
+        "connection table ipv4: ",
         "wireguard  redirected",
         "wireguard  drop:not-forwarded",
         "done: the demo's namespaces, links and programs are gone",

@@ -394,21 +394,24 @@ impl Running {
                     });
                 }
                 _ = counters.tick(), if self.datapath.is_some() => {
-                    if let Some(Ok(outcomes)) = self.datapath.as_ref().map(Datapath::outcomes) {
-                        health.send_modify(|h| h.counters = outcomes.to_json());
+                    // The programs' counts each second; the table's flows
+                    // and expiry as of the last sweep.
+                    if let Some(datapath) = self.datapath.as_ref()
+                        && let (Ok(outcomes), Ok(events)) =
+                            (datapath.outcomes(), datapath.table_events())
+                    {
+                        health.send_modify(|h| {
+                            h.counters = outcomes.to_json();
+                            h.connection_table =
+                                sweeper::report(&swept, &events, &plan.forwarding.nat);
+                        });
                     }
                     continue;
                 }
                 _ = sweep.tick(), if self.datapath.is_some() => {
                     if let Some(datapath) = self.datapath.as_mut() {
-                        let events = sweeper::sweep(datapath, &mut swept)
-                            .and_then(|()| datapath.table_events());
-                        match events {
-                            Ok(events) => health.send_modify(|h| {
-                                h.connection_table =
-                                    sweeper::report(&swept, &events, &plan.forwarding.nat);
-                            }),
-                            Err(e) => warn!("sweeping the connection table: {}", one_line(&e)),
+                        if let Err(e) = sweeper::sweep(datapath, &mut swept) {
+                            warn!("sweeping the connection table: {}", one_line(&e));
                         }
                         sweep.reset_after(sweeper::next_sweep(swept.last_duration));
                     }
