@@ -86,12 +86,6 @@ pub fn count(device: Device, outcome: Outcome, len: u32) {
     }
 }
 
-/// Counts a table event (for `policy`, which decides what a refusal means).
-#[inline(always)]
-pub fn count_table(event: TableEvent) {
-    table::count(event);
-}
-
 /// The table's clock: whole seconds since boot.
 #[inline(always)]
 pub fn now() -> u32 {
@@ -246,7 +240,7 @@ pub enum Made {
     /// Another CPU made the same flow first: its pair is used, resolved
     /// into `s.translation`.
     Adopted,
-    /// Refused, for this reason (the caller counts it).
+    /// Refused, for this reason (the caller counts it, `table::count`).
     Refused(TableEvent),
     /// Another CPU made the same flow first, and it was gone again before
     /// it could be used (counted as a race lost).

@@ -33,7 +33,7 @@ use crate::{
     link_layer::{has_ethernet, ip_header_offset},
     nat::{self, Made, Scratch},
     packet::Packet,
-    rewrite, too_big,
+    rewrite, table, too_big,
 };
 
 /// Decides, translates and redirects, or hands the packet to the kernel.
@@ -476,7 +476,7 @@ fn start(
         ),
         Made::Lost => kernel(Outcome::KernelNotOurFlow),
         Made::Refused(why) => {
-            nat::count_table(why);
+            table::count(why);
             // The kernel's conntrack has the flow from now on: so do we
             // (a SYN's retransmission too, or its connection would be
             // split between the kernel's port and one of ours).

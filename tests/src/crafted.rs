@@ -172,12 +172,29 @@ pub fn run(dp: &Datapath, device: Device, frame: &[u8]) -> Out {
 
 /// Runs the program of `device`'s `direction` on `frame`.
 pub fn run_hook(dp: &Datapath, device: Device, direction: Direction, frame: &[u8]) -> Out {
+    run_full(dp, device, direction, frame, None)
+}
+
+/// Runs `device`'s ingress program on `frame` with `context` as its
+/// `__sk_buff` (GSO fields and the like).
+pub fn run_with_context(dp: &Datapath, device: Device, frame: &[u8], context: &[u8]) -> Out {
+    run_full(dp, device, Direction::Ingress, frame, Some(context))
+}
+
+fn run_full(
+    dp: &Datapath,
+    device: Device,
+    direction: Direction,
+    frame: &[u8],
+    context: Option<&[u8]>,
+) -> Out {
     let program = dp.program(device, direction).unwrap();
     let mut output = vec![0u8; frame.len() + 256];
     let result = program
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut output),
+            ctx_in: context,
             ..Default::default()
         })
         .expect("BPF_PROG_TEST_RUN");

@@ -6,7 +6,6 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::{PacketBuilder, PacketHeaders, TransportHeader};
 use tailguard::datapath::Datapath;
 use tailguard_common::{Device, Direction, Outcome, nat::NAT_PORT_FIRST};
@@ -680,24 +679,6 @@ fn gso_context(gso_size: u32) -> Vec<u8> {
     ctx[164..168].copy_from_slice(&2u32.to_ne_bytes()); // gso_segs
     ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
     ctx
-}
-
-fn run_with_context(dp: &Datapath, device: Device, frame: &[u8], context: &[u8]) -> Out {
-    let program = dp.program(device, Direction::Ingress).unwrap();
-    let mut output = vec![0u8; frame.len() + 256];
-    let result = program
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut output),
-            ctx_in: Some(context),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    output.truncate(result.data_size_out as usize);
-    Out {
-        verdict: result.return_value,
-        frame: output,
-    }
 }
 
 /// Too big for the egress device (1400 bytes towards the 1280-byte
