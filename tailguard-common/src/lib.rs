@@ -5,6 +5,7 @@
 //! copies map values byte for byte, so both sides must agree on every byte.
 #![no_std]
 
+pub mod checksum;
 pub mod classify;
 pub mod config;
 pub mod counters;

@@ -32,7 +32,7 @@ use crate::{
 /// four bytes of each address field; for ICMP echo, `sport` is the
 /// identifier and `dport` is 0. Ports are kept in network byte order, as in
 /// the packet. The table itself holds the compact [`Key4`] / [`Key6`].
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -168,7 +168,7 @@ pub struct Key4 {
 }
 
 /// The `NAT6` map's key (40 bytes).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct Key6 {
     pub src: [u8; 16],
@@ -238,7 +238,7 @@ pub mod kind {
 
 /// One half of a pair in the form the programs and the daemon work with;
 /// the table holds the compact [`Half4`] / [`Half6`].
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Half {
     /// The client side's address the packet gets: a forward packet's new
@@ -324,7 +324,7 @@ mod user {
 
 /// What a packet of a flow becomes, and where it goes: a half resolved
 /// against the packet's key and the configuration ([`resolve`]).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Translation {
     pub src: [u8; 16],

@@ -26,21 +26,22 @@ use crate::{
 const QUOTED_L4: usize = 8;
 
 /// The outer packet's fields that change, and where the quote starts.
+#[repr(C, align(8))]
 pub struct IcmpError {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub inner_src: [u8; 16],
+    pub inner_dst: [u8; 16],
     pub ipv6: bool,
     pub l3: usize,
     /// Where the ICMP header starts (its checksum is at +2).
     pub l4: usize,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
     pub ttl: u8,
     pub len: u32,
     /// The quoted packet: its IP header, transport header, protocol.
     pub inner_l3: usize,
     pub inner_l4: usize,
     pub inner_proto: u8,
-    pub inner_src: [u8; 16],
-    pub inner_dst: [u8; 16],
     /// Ports, or the echo identifier in `inner_sport` (and 0).
     pub inner_sport: u16,
     pub inner_dport: u16,

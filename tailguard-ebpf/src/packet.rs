@@ -1,6 +1,7 @@
-//! The fields the policy needs, read with `bpf_skb_load_bytes` (through
-//! `TcContext::load`), so offsets may vary without pointer proofs.
+//! The fields the policy needs, read straight from the packet
+//! (`parse::read`).
 
+use crate::parse::read;
 use aya_ebpf::{
     EbpfContext as _, bindings::__sk_buff, macros::map, maps::PerCpuArray, programs::TcContext,
 };
@@ -20,7 +21,10 @@ const _: () = assert!(udp::HEADER == icmp::HEADER);
 /// A packet the fast path can handle: IPv4 or IPv6 (behind a bounded chain
 /// of extension headers), whole or a fragment, carrying TCP, UDP or an ICMP
 /// echo.
+#[repr(C, align(8))]
 pub struct Packet {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     pub ipv6: bool,
     /// Where the IP header starts (after Ethernet, if any).
     pub l3: usize,
@@ -29,8 +33,6 @@ pub struct Packet {
     /// How long that header is (TCP: with its options).
     pub l4_len: u32,
     pub proto: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
     /// Network byte order; for ICMP echo, `sport` is the identifier.
     pub sport: u16,
     pub dport: u16,
@@ -91,10 +93,12 @@ impl Packet {
 
     #[inline(always)]
     fn read_into(&mut self, ctx: &TcContext, l3: usize) -> Option<()> {
-        let first: u8 = ctx.load(l3).ok()?;
+        // SAFETY: the context points at the kernel's `__sk_buff` for this run.
+        let gso_size = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).gso_size };
+        // Every IP header is at least IPv4's fixed part long.
+        let h: [u8; ipv4::HEADER] = read(ctx, l3)?;
+        let first = h[0];
         let len = ctx.len().checked_sub(l3 as u32)?;
-        // Each load is a helper call: whole headers at once, not field by
-        // field.
         let p = self;
         *p = match ip_version(first) {
             ipv4::VERSION => {
@@ -102,7 +106,6 @@ impl Packet {
                 if ihl < ipv4::HEADER {
                     return None;
                 }
-                let h: [u8; ipv4::HEADER] = ctx.load(l3).ok()?;
                 let mut src = [0u8; 16];
                 let mut dst = [0u8; 16];
                 src[..ipv4::ADDR_LEN].copy_from_slice(&h[ipv4::SRC..][..ipv4::ADDR_LEN]);
@@ -130,39 +133,34 @@ impl Packet {
                     udp6_no_checksum: false,
                 }
             }
-            ipv6::VERSION => {
-                // Version to hop limit.
-                let h: [u8; ipv6::SRC] = ctx.load(l3).ok()?;
-                Self {
-                    ipv6: true,
-                    l3,
-                    l4: l3 + ipv6::HEADER,
-                    l4_len: SHORT_L4_HEADER,
-                    proto: h[ipv6::NEXT_HEADER],
-                    src: ctx.load(l3 + ipv6::SRC).ok()?,
-                    dst: ctx.load(l3 + ipv6::DST).ok()?,
-                    sport: 0,
-                    dport: 0,
-                    ttl: h[ipv6::HOP_LIMIT],
-                    tcp_flags: 0,
-                    icmp_type: 0,
-                    len,
-                    gso_size: 0,
-                    part: Fragment::Whole,
-                    frag_id: 0,
-                    frag_proto: 0,
-                    options: false,
-                    unreadable: false,
-                    udp6_no_checksum: false,
-                }
-            }
+            ipv6::VERSION => Self {
+                ipv6: true,
+                l3,
+                l4: l3 + ipv6::HEADER,
+                l4_len: SHORT_L4_HEADER,
+                proto: h[ipv6::NEXT_HEADER],
+                src: read(ctx, l3 + ipv6::SRC)?,
+                dst: read(ctx, l3 + ipv6::DST)?,
+                sport: 0,
+                dport: 0,
+                ttl: h[ipv6::HOP_LIMIT],
+                tcp_flags: 0,
+                icmp_type: 0,
+                len,
+                gso_size: 0,
+                part: Fragment::Whole,
+                frag_id: 0,
+                frag_proto: 0,
+                options: false,
+                unreadable: false,
+                udp6_no_checksum: false,
+            },
             _ => return None,
         };
         if p.ipv6 {
             p.walk_extensions(ctx)?;
         }
-        // SAFETY: the context points at the kernel's `__sk_buff` for this run.
-        p.gso_size = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).gso_size };
+        p.gso_size = gso_size;
         if p.unreadable {
             return Some(());
         }
@@ -178,14 +176,14 @@ impl Packet {
         match p.proto {
             IPPROTO_TCP => {
                 // Ports (kept in network byte order) through the flags.
-                let h: [u8; tcp::FLAGS + 1] = ctx.load(p.l4).ok()?;
+                let h: [u8; tcp::FLAGS + 1] = read(ctx, p.l4)?;
                 p.sport = u16::from_ne_bytes([h[tcp::SRC_PORT], h[tcp::SRC_PORT + 1]]);
                 p.dport = u16::from_ne_bytes([h[tcp::DST_PORT], h[tcp::DST_PORT + 1]]);
                 p.tcp_flags = h[tcp::FLAGS];
                 p.l4_len = tcp::header_len(h[tcp::DATA_OFFSET]) as u32;
             }
             IPPROTO_UDP => {
-                let h: [u8; udp::HEADER] = ctx.load(p.l4).ok()?;
+                let h: [u8; udp::HEADER] = read(ctx, p.l4)?;
                 p.sport = u16::from_ne_bytes([h[udp::SRC_PORT], h[udp::SRC_PORT + 1]]);
                 p.dport = u16::from_ne_bytes([h[udp::DST_PORT], h[udp::DST_PORT + 1]]);
                 p.udp6_no_checksum = p.ipv6 && h[udp::CHECKSUM] == 0 && h[udp::CHECKSUM + 1] == 0;
@@ -208,7 +206,7 @@ impl Packet {
             if !is_extension(self.proto) {
                 return Some(());
             }
-            let h: [u8; 8] = ctx.load(self.l4).ok()?;
+            let h: [u8; 8] = read(ctx, self.l4)?;
             match ipv6_step(self.proto, h) {
                 Ipv6Step::Skip { next, len } => {
                     self.l4 += len;
@@ -239,11 +237,13 @@ impl Packet {
     /// ICMP: only echo requests and replies; errors go to the kernel.
     #[inline(always)]
     fn read_echo(&mut self, ctx: &TcContext, request: u8, reply: u8) -> Option<()> {
-        self.icmp_type = ctx.load(self.l4 + icmp::TYPE).ok()?;
+        let h: [u8; icmp::HEADER] = read(ctx, self.l4)?;
+        self.icmp_type = h[icmp::TYPE];
         if self.icmp_type != request && self.icmp_type != reply {
             return None;
         }
-        self.sport = ctx.load(self.l4 + icmp::ECHO_ID).ok()?;
+        // Network byte order, as the ports.
+        self.sport = u16::from_ne_bytes([h[icmp::ECHO_ID], h[icmp::ECHO_ID + 1]]);
         Some(())
     }
 

@@ -13,6 +13,7 @@ use network_types::{
 use tailguard_common::{
     PacketClass,
     classify::{self, Arrived},
+    fragment::IPV6_MAX_EXT_HEADERS,
     wire::{self, icmp, ipv4, ipv6, tcp, udp},
 };
 
@@ -63,6 +64,50 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
         return None;
     }
     Some((start + offset) as *const T)
+}
+
+/// Every offset the programs read or write at is below this: the deepest
+/// header is behind the longest IPv6 chain they walk (extension headers
+/// are at most 2 KiB each). The verifier marks a checked packet pointer
+/// readable only if its largest possible offset stays below 64 KiB.
+const OFFSET_MASK: usize = 0x7fff;
+const _: () = assert!(
+    wire::ETH_HEADER + ipv6::HEADER + (IPV6_MAX_EXT_HEADERS + 1) * 2048 + 64 <= OFFSET_MASK
+);
+
+/// A `T` read at `offset`, straight from the packet (no helper call). `T`
+/// is at least two bytes: see `classify` on one-byte reads.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let at = at_mut::<T>(ctx, offset)?;
+    // SAFETY: `at_mut` checked that a whole `T` lies within the packet;
+    // packet data has no alignment to rely on.
+    Some(unsafe { core::ptr::read_unaligned(at) })
+}
+
+/// Where a `T` at `offset` sits in the packet, to read or write in place.
+/// When the packet's linear part (all that programs can point into) is too
+/// short, as for a GSO or GRO packet whose rest is in pages, the bytes up
+/// to the end of `T` are pulled into it first, and only then. `None` past
+/// the packet's end. Valid until a helper that may move the packet's data.
+#[inline(always)]
+pub fn at_mut<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    // Bounded for the verifier, also once the compiler has spilled the
+    // offset to the stack and loaded it back (offsets kept in map memory
+    // come back to it unbounded, and 6.1's does not carry a later check over
+    // to a reloaded copy). The mask changes no offset the programs read at.
+    let offset = offset & OFFSET_MASK;
+    if let Some(at) = ptr_at::<T>(ctx, offset) {
+        return Some(at as *mut T);
+    }
+    let want = (offset + core::mem::size_of::<T>()) as u32;
+    if want > ctx.len() {
+        return None;
+    }
+    // Moves bytes into the linear part; every packet pointer is invalid
+    // after it, so the one returned is derived again.
+    ctx.pull_data(want).ok()?;
+    ptr_at::<T>(ctx, offset).map(|at| at as *mut T)
 }
 
 /// Classifies the packet. `ethernet` says whether an Ethernet header comes

@@ -524,18 +524,7 @@ fn translate(
     mtu: u32,
     arrival_mtu: u32,
 ) -> (i32, Outcome) {
-    let icmp = p.is_icmp();
-    let rewritten = rewrite::set_addr(ctx, p, true, &entry.src)
-        .and_then(|()| rewrite::set_addr(ctx, p, false, &entry.dst))
-        .and_then(|()| rewrite::set_port(ctx, p, true, entry.sport))
-        .and_then(|()| {
-            if icmp {
-                Ok(())
-            } else {
-                rewrite::set_port(ctx, p, false, entry.dport)
-            }
-        })
-        .and_then(|()| rewrite::decrement_ttl(ctx, p))
+    let rewritten = rewrite::translate_headers(ctx, p, entry)
         .and_then(|()| rewrite::clear_df_of_fragment(ctx, p))
         .and_then(|()| rewrite::clamp_mss(ctx, p, mtu.min(arrival_mtu)));
     if rewritten.is_err() {

@@ -1,19 +1,22 @@
 //! Rewriting a packet in place: addresses, ports (or the echo identifier),
-//! the TTL, the TCP MSS, each with its checksums updated incrementally by
-//! the kernel's helpers.
+//! the TTL, the TCP MSS, each with its checksums updated incrementally
+//! (`tailguard_common::checksum`). A flow's packets are rewritten directly,
+//! with the transport checksum left to the kernel's helper, which alone
+//! knows how the packet keeps it (`translate_headers`); the rarer rewrites
+//! (ICMP errors, the MSS, fragments) go through the helpers throughout.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_csum_diff,
     programs::TcContext,
 };
 use tailguard_common::{
+    checksum,
     fragment::Fragment,
-    nat::mss_for,
+    nat::{Translation, mss_for},
     wire::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, icmp, ipv4, ipv6, tcp, udp},
 };
 
-use crate::{icmp::IcmpError, packet::Packet};
+use crate::{icmp::IcmpError, packet::Packet, parse};
 
 /// The low bits of the checksum helpers' flags: the size of the field
 /// replaced (a port, the TTL and protocol word, a flags word).
@@ -46,25 +49,6 @@ fn l4_checksum(p: &Packet) -> (usize, u64) {
         ),
         IPPROTO_ICMP => (p.l4 + icmp::CHECKSUM, 0),
         _ => (p.l4 + icmp::CHECKSUM, u64::from(BPF_F_PSEUDO_HDR)),
-    }
-}
-
-/// The checksum difference of replacing `old` by `new` (the first `n`
-/// bytes: 4 or 16).
-#[inline(always)]
-fn addr_diff(old: &[u8; 16], new: &[u8; 16], n: usize) -> core::result::Result<u64, Failed> {
-    let mut from = [0u32; 4];
-    let mut to = [0u32; 4];
-    for i in 0..4 {
-        from[i] = u32::from_ne_bytes([old[4 * i], old[4 * i + 1], old[4 * i + 2], old[4 * i + 3]]);
-        to[i] = u32::from_ne_bytes([new[4 * i], new[4 * i + 1], new[4 * i + 2], new[4 * i + 3]]);
-    }
-    // SAFETY: both buffers are on our stack and `n` bytes long (4 or 16).
-    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), n as u32, to.as_mut_ptr(), n as u32, 0) };
-    if diff < 0 {
-        Err(Failed)
-    } else {
-        Ok(diff as u64)
     }
 }
 
@@ -108,7 +92,7 @@ fn replace_addr(
     l4_sum: usize,
     l4_flags: u64,
 ) -> Result {
-    let diff = addr_diff(old, new, addr_len(ipv6))?;
+    let diff = u64::from(checksum::replace_addr(0, old, new, addr_len(ipv6)));
     if l4_flags & u64::from(BPF_F_PSEUDO_HDR) != 0 {
         ok(ctx.l4_csum_replace(l4_sum, 0, diff, l4_flags))?;
     }
@@ -116,23 +100,6 @@ fn replace_addr(
         ok(ctx.l3_csum_replace(l3 + ipv4::CHECKSUM, 0, diff, 0))?;
     }
     store_addr(ctx, addr_offset(l3, ipv6, source), ipv6, new)
-}
-
-/// Replaces the source (`source` true) or destination address.
-#[inline(always)]
-pub fn set_addr(ctx: &TcContext, p: &mut Packet, source: bool, new: &[u8; 16]) -> Result {
-    let old = if source { p.src } else { p.dst };
-    if old == *new {
-        return Ok(());
-    }
-    let (l4_sum, l4_flags) = l4_checksum(p);
-    replace_addr(ctx, p.l3, p.ipv6, source, &old, new, l4_sum, l4_flags)?;
-    if source {
-        p.src = *new;
-    } else {
-        p.dst = *new;
-    }
-    Ok(())
 }
 
 /// Replaces an address of an ICMP error's outer header (ICMPv6's checksum
@@ -183,7 +150,7 @@ pub fn set_quoted_addr(
     if old == new {
         return Ok(());
     }
-    let diff = addr_diff(old, new, addr_len(ipv6))?;
+    let diff = u64::from(checksum::replace_addr(0, old, new, addr_len(ipv6)));
     if ipv6 {
         ok(ctx.l4_csum_replace(icmp_sum, 0, diff, 0))?;
     } else {
@@ -208,22 +175,6 @@ pub fn set_quoted_port(
     ok(ctx.store(offset, &new, 0))
 }
 
-/// One's-complement addition, as checksums add.
-fn csum_add(sum: u32, add: u32) -> u32 {
-    let (s, carry) = sum.overflowing_add(add);
-    s + u32::from(carry)
-}
-
-/// Adds the change of one 16-bit word from `from` to `to`.
-fn csum_replace(sum: u32, from: u16, to: u16) -> u32 {
-    csum_add(csum_add(sum, u32::from(!from)), u32::from(to))
-}
-
-fn csum_fold(sum: u32) -> u16 {
-    let s = (sum & 0xffff) + (sum >> 16);
-    ((s & 0xffff) + (s >> 16)) as u16
-}
-
 /// Keeps the checksum of the packet an ICMP error quotes consistent with
 /// the quote's new addresses and ports (the flow's reply `entry`, as
 /// `icmp::rewrite_error` writes them), as the kernel's NAT does for the
@@ -232,11 +183,7 @@ fn csum_fold(sum: u32) -> u16 {
 /// identifier (and for ICMPv6 the addresses). The ICMP checksum then
 /// accounts for the changed checksum field. Call before the quote changes.
 #[inline(always)]
-pub fn set_quoted_l4_checksum(
-    ctx: &TcContext,
-    e: &IcmpError,
-    entry: &tailguard_common::nat::Translation,
-) -> Result {
+pub fn set_quoted_l4_checksum(ctx: &TcContext, e: &IcmpError, entry: &Translation) -> Result {
     if e.inner_csum == 0 {
         return Ok(());
     }
@@ -249,18 +196,18 @@ pub fn set_quoted_l4_checksum(
         for i in 0..ipv6::ADDR_LEN / 2 {
             if 2 * i < n {
                 let word = |a: &[u8; 16]| u16::from_ne_bytes([a[2 * i], a[2 * i + 1]]);
-                sum = csum_replace(sum, word(&e.inner_src), word(&entry.dst));
-                sum = csum_replace(sum, word(&e.inner_dst), word(&entry.src));
+                sum = checksum::replace16(sum, word(&e.inner_src), word(&entry.dst));
+                sum = checksum::replace16(sum, word(&e.inner_dst), word(&entry.src));
             }
         }
     }
     if e.inner_proto == IPPROTO_TCP || e.inner_proto == IPPROTO_UDP {
-        sum = csum_replace(sum, e.inner_sport, entry.dport);
-        sum = csum_replace(sum, e.inner_dport, entry.sport);
+        sum = checksum::replace16(sum, e.inner_sport, entry.dport);
+        sum = checksum::replace16(sum, e.inner_dport, entry.sport);
     } else {
-        sum = csum_replace(sum, e.inner_sport, entry.sport);
+        sum = checksum::replace16(sum, e.inner_sport, entry.sport);
     }
-    let mut new = !csum_fold(sum);
+    let mut new = !checksum::fold(sum);
     // A zero UDP checksum would mean "none": the kernel writes its
     // equivalent, all ones.
     if new == 0 && e.inner_proto == IPPROTO_UDP {
@@ -278,48 +225,83 @@ pub fn set_quoted_l4_checksum(
     ok(ctx.store(e.inner_csum, &new, 0))
 }
 
-/// Replaces the source (`source` true) or destination port; for ICMP echo
-/// the identifier (`source` true).
+/// Rewrites a packet of a flow as `entry` says, in place: both addresses,
+/// both ports (or the echo identifier), one off the TTL / hop limit (the
+/// caller has checked it is > 1). The IP header is written directly and its
+/// IPv4 checksum computed here. The transport checksum goes through the
+/// kernel's helper, which knows how the packet's checksum is kept (a
+/// CHECKSUM_PARTIAL packet from a TUN device holds only the pseudo
+/// header's sum there): one call for the addresses, which the pseudo
+/// header covers, one for the ports, and only for what changed.
 #[inline(always)]
-pub fn set_port(ctx: &TcContext, p: &mut Packet, source: bool, new: u16) -> Result {
-    let old = if source { p.sport } else { p.dport };
-    if old == new {
-        return Ok(());
+pub fn translate_headers(ctx: &TcContext, p: &mut Packet, entry: &Translation) -> Result {
+    let len = addr_len(p.ipv6);
+    let src_changed = p.src != entry.src;
+    let dst_changed = p.dst != entry.dst;
+    let addresses = checksum::replace_addr(
+        checksum::replace_addr(0, &p.src, &entry.src, len),
+        &p.dst,
+        &entry.dst,
+        len,
+    );
+    let new_ttl = p.ttl - 1;
+    if p.ipv6 {
+        let h = parse::at_mut::<[u8; ipv6::HEADER]>(ctx, p.l3).ok_or(Failed)?;
+        // SAFETY: `at_mut` checked that the whole header lies within the
+        // packet; nothing else points into it while this runs.
+        let h = unsafe { &mut *h };
+        h[ipv6::HOP_LIMIT] = new_ttl;
+        h[ipv6::SRC..][..ipv6::ADDR_LEN].copy_from_slice(&entry.src);
+        h[ipv6::DST..][..ipv6::ADDR_LEN].copy_from_slice(&entry.dst);
+    } else {
+        let h = parse::at_mut::<[u8; ipv4::HEADER]>(ctx, p.l3).ok_or(Failed)?;
+        // SAFETY: as above.
+        let h = unsafe { &mut *h };
+        let field = u16::from_ne_bytes([h[ipv4::CHECKSUM], h[ipv4::CHECKSUM + 1]]);
+        // The checksum covers TTL and protocol as one 16-bit word.
+        let ttl_word = |ttl: u8| u16::from_ne_bytes([ttl, p.proto]);
+        let diff = checksum::replace16(addresses, ttl_word(p.ttl), ttl_word(new_ttl));
+        h[ipv4::CHECKSUM..][..2].copy_from_slice(&checksum::updated(field, diff).to_ne_bytes());
+        h[ipv4::TTL] = new_ttl;
+        h[ipv4::SRC..][..ipv4::ADDR_LEN].copy_from_slice(&entry.src[..ipv4::ADDR_LEN]);
+        h[ipv4::DST..][..ipv4::ADDR_LEN].copy_from_slice(&entry.dst[..ipv4::ADDR_LEN]);
     }
+    p.ttl = new_ttl;
+    p.src = entry.src;
+    p.dst = entry.dst;
+    // ICMP echo: the identifier only; TCP's and UDP's ports sit alike.
+    let icmp = p.is_icmp();
+    let dport = if icmp { p.dport } else { entry.dport };
+    let ports = checksum::replace16(checksum::replace16(0, p.sport, entry.sport), p.dport, dport);
+    let ports_changed = p.sport != entry.sport || p.dport != dport;
+    p.sport = entry.sport;
+    p.dport = dport;
     if p.part == Fragment::Later {
-        // Its ports are in the first fragment.
-        if source {
-            p.sport = new;
-        } else {
-            p.dport = new;
-        }
+        // Its ports and transport checksum are in the first fragment.
         return Ok(());
     }
-    // TCP's and UDP's ports sit alike.
-    let offset = if p.is_icmp() {
-        p.l4 + icmp::ECHO_ID
-    } else if source {
-        p.l4 + udp::SRC_PORT
-    } else {
-        p.l4 + udp::DST_PORT
-    };
-    let (l4_sum, l4_flags) = l4_checksum(p);
-    let flags = (l4_flags & u64::from(BPF_F_MARK_MANGLED_0)) | FIELD_16_BITS;
-    ok(ctx.l4_csum_replace(l4_sum, u64::from(old), u64::from(new), flags))?;
-    ok(ctx.store(offset, &new, 0))?;
-    if source {
-        p.sport = new;
-    } else {
-        p.dport = new;
+    if ports_changed {
+        if icmp {
+            let id = parse::at_mut::<[u8; 2]>(ctx, p.l4 + icmp::ECHO_ID).ok_or(Failed)?;
+            // SAFETY: checked by `at_mut`.
+            unsafe { *id = p.sport.to_ne_bytes() };
+        } else {
+            let h = parse::at_mut::<[u8; 4]>(ctx, p.l4 + udp::SRC_PORT).ok_or(Failed)?;
+            let (s, d) = (p.sport.to_ne_bytes(), p.dport.to_ne_bytes());
+            // SAFETY: checked by `at_mut`.
+            unsafe { *h = [s[0], s[1], d[0], d[1]] };
+        }
     }
-    Ok(())
-}
-
-/// Takes one from the TTL / hop limit (the caller has checked it is > 1).
-#[inline(always)]
-pub fn decrement_ttl(ctx: &TcContext, p: &mut Packet) -> Result {
-    decrement_ttl_at(ctx, p.l3, p.ipv6, p.ttl, p.proto)?;
-    p.ttl -= 1;
+    // The helpers last: they may move the packet's data, which makes every
+    // pointer into it invalid.
+    let (l4_sum, l4_flags) = l4_checksum(p);
+    if (src_changed || dst_changed) && l4_flags & u64::from(BPF_F_PSEUDO_HDR) != 0 {
+        ok(ctx.l4_csum_replace(l4_sum, 0, u64::from(addresses), l4_flags))?;
+    }
+    if ports_changed {
+        let flags = l4_flags & u64::from(BPF_F_MARK_MANGLED_0);
+        ok(ctx.l4_csum_replace(l4_sum, 0, u64::from(ports), flags))?;
+    }
     Ok(())
 }
 
