@@ -35,6 +35,32 @@ pub struct Config {
     /// Unreplied flows one source may hold in the connection table at
     /// once (`tailguard_common::nat::TableSize`); 0 until the daemon sets it.
     pub unreplied_per_source: u32,
+    /// The table's clock (see [`Clock`]), as the daemon measured it.
+    pub clock: Clock,
+}
+
+/// The connection table's clock: whole seconds of `CLOCK_MONOTONIC`, which
+/// the programs count from the kernel's jiffies (`bpf_jiffies64`, which the
+/// verifier inlines: no helper call per packet). Jiffies tick `hz` times a
+/// second (the kernel's `CONFIG_HZ`, which no interface reports) and stood
+/// at `zero` when the monotonic clock did; the daemon measures both when it
+/// loads the programs (`tailguard::datapath::clock`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Clock {
+    pub zero: u64,
+    pub hz: u32,
+    pub _pad: u32,
+}
+
+impl Clock {
+    /// Whole seconds at `jiffies` (0 before the clock is set).
+    pub const fn seconds(&self, jiffies: u64) -> u32 {
+        if self.hz == 0 {
+            return 0;
+        }
+        (jiffies.wrapping_sub(self.zero) / self.hz as u64) as u32
+    }
 }
 
 /// The bits of [`Config::flags`]: each one a program reads. (What only the

@@ -246,7 +246,7 @@ pub struct Half {
     pub addr: [u8; 16],
     pub meta: Meta,
     /// When the last packet of this direction went through, in whole
-    /// seconds of `CLOCK_BOOTTIME` (see [`seconds`]).
+    /// seconds of `CLOCK_MONOTONIC` (see [`crate::config::Clock`]).
     pub last_seen: u32,
 }
 
@@ -610,12 +610,6 @@ pub const fn next_state_bits(
     }
     let kept = if charged && !release { CHARGED } else { 0 };
     Some((next as u8 | kept, release))
-}
-
-/// Whole seconds of `CLOCK_BOOTTIME` from nanoseconds: the table's clock
-/// (a u32 lasts 136 years of uptime).
-pub const fn seconds(boot_ns: u64) -> u32 {
-    (boot_ns / 1_000_000_000) as u32
 }
 
 /// A pair is expired when neither direction has had a packet for its

@@ -34,7 +34,7 @@ use tailguard_common::{
     wire::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, ip_version, ipv4, ipv6},
 };
 
-use crate::{link_layer::ip_header_offset, nat, packet::Packet};
+use crate::{config::config, link_layer::ip_header_offset, nat, packet::Packet};
 
 /// When a kernel flow's packet last went by (the table's clock, seconds),
 /// by its key as its packets arrive.
@@ -128,6 +128,9 @@ pub fn learn(ctx: &TcContext, device: Device) {
     }
     // The packet that answers this one, or (for an echo reply) the next
     // request.
+    let Some(cfg) = config() else {
+        return;
+    };
     let reply = nat::key_of(p, device).reply(device as u8);
-    keep(&reply, nat::now());
+    keep(&reply, nat::now(cfg));
 }

@@ -32,31 +32,55 @@ mod rewrite;
 mod table;
 mod too_big;
 
-use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC,
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
+    macros::classifier,
+    programs::TcContext,
+};
 use tailguard_common::{CounterSlot, Device, Direction};
 
 #[classifier]
+#[inline(always)]
 pub fn tg_wg_ingress(ctx: TcContext) -> i32 {
     observe(&ctx, Device::WireGuard, Direction::Ingress);
     policy::ingress(&ctx, Device::WireGuard)
 }
 
 #[classifier]
+#[inline(always)]
 pub fn tg_wg_egress(ctx: TcContext) -> i32 {
     kernel_flows::learn(&ctx, Device::WireGuard);
     observe(&ctx, Device::WireGuard, Direction::Egress)
 }
 
 #[classifier]
+#[inline(always)]
 pub fn tg_ts_ingress(ctx: TcContext) -> i32 {
     observe(&ctx, Device::Tailscale, Direction::Ingress);
     policy::ingress(&ctx, Device::Tailscale)
 }
 
 #[classifier]
+#[inline(always)]
 pub fn tg_ts_egress(ctx: TcContext) -> i32 {
     kernel_flows::learn(&ctx, Device::Tailscale);
     observe(&ctx, Device::Tailscale, Direction::Egress)
+}
+
+/// The daemon's measure of the table's clock (`tailguard_common::config::
+/// Clock`), run only through `BPF_PROG_TEST_RUN`, never attached: writes
+/// the jiffies and the monotonic clock's nanoseconds, read together, over
+/// the first 16 bytes of the packet it is given.
+#[classifier]
+pub fn tg_clock(ctx: TcContext) -> i32 {
+    // SAFETY: plain helper calls.
+    let (jiffies, nanos) = unsafe { (bpf_jiffies64(), bpf_ktime_get_ns()) };
+    if let Some(out) = parse::at_mut::<[u64; 2]>(&ctx, 0) {
+        // SAFETY: `at_mut` checked that 16 bytes lie within the packet.
+        unsafe { core::ptr::write_unaligned(out, [jiffies, nanos]) };
+    }
+    TC_ACT_UNSPEC
 }
 
 /// Counts the packet and lets it go on. `TC_ACT_UNSPEC` rather than

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
+    helpers::{bpf_get_prandom_u32, bpf_jiffies64},
     macros::map,
     maps::PerCpuArray,
 };
@@ -12,7 +12,7 @@ use tailguard_common::{
     Config, Counter, Device, Outcome,
     fragment::{FragEntry, FragKey},
     nat::{
-        self, CHARGED, FlowKey, FlowState, Half, Meta, NAT_PORT_TRIES, REPLY_SEEN, TableEvent,
+        CHARGED, FlowKey, FlowState, Half, Meta, NAT_PORT_TRIES, REPLY_SEEN, TableEvent,
         Translation, kind, nat_port, next_state_bits, paired_half, paired_key, pairs_with, resolve,
     },
     outcome::OUTCOME_SLOTS,
@@ -86,11 +86,12 @@ pub fn count(device: Device, outcome: Outcome, len: u32) {
     }
 }
 
-/// The table's clock: whole seconds since boot.
+/// The table's clock: whole seconds of the monotonic clock, counted from
+/// jiffies as `cfg` says (see `tailguard_common::config::Clock`).
 #[inline(always)]
-pub fn now() -> u32 {
-    // SAFETY: a plain helper call.
-    nat::seconds(unsafe { bpf_ktime_get_boot_ns() })
+pub fn now(cfg: &Config) -> u32 {
+    // SAFETY: a plain helper call (which the verifier inlines).
+    cfg.clock.seconds(unsafe { bpf_jiffies64() })
 }
 
 /// The key of `p` as it arrives on `device`.

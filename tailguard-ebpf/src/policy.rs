@@ -118,7 +118,7 @@ fn flow(
     device: Device,
 ) -> (i32, Outcome) {
     s.key = nat::key_of(p, device);
-    let now = nat::now();
+    let now = nat::now(cfg);
     // A packet of a flow we own: translated the way its flow is.
     if let Some(stored) = nat::find(s) {
         if p.options {

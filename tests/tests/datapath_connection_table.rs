@@ -414,3 +414,34 @@ fn a_missing_half_is_made_again_or_its_flow_ended() {
     let fresh = forwarded_port(&dp, &from_client(CLIENT4, 30001, L4::Udp));
     assert_ne!(fresh, port, "a new flow, a free port");
 }
+
+/// The programs' clock (jiffies, at the rate the daemon measured) is the
+/// sweeper's: a new flow's halves are stamped with the monotonic second it
+/// went through, and a packet seconds later moves the stamp on by as much.
+#[test]
+fn the_programs_stamp_flows_with_the_sweepers_clock() {
+    let dp = datapath(false);
+    let before = sweeper::now();
+    let port = forwarded_port(&dp, &from_client(CLIENT4, 31000, L4::Udp));
+    let after = sweeper::now();
+    let stamp = |dp: &Datapath| {
+        dp.half(&origin_key(CLIENT4, 31000, 17))
+            .unwrap()
+            .expect("the origin half")
+            .last_seen
+    };
+    let first = stamp(&dp);
+    assert!(
+        (before..=after).contains(&first),
+        "stamped {first}, the monotonic clock read {before}..={after}"
+    );
+    let reply = dp.half(&reply_key(port)).unwrap().expect("the reply half");
+    assert_eq!(reply.last_seen, first, "both halves at once");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    forwarded_port(&dp, &from_client(CLIENT4, 31000, L4::Udp));
+    let moved = stamp(&dp) - first;
+    assert!(
+        (2..=3).contains(&moved),
+        "2.1 s later the stamp moved {moved} s"
+    );
+}

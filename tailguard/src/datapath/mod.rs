@@ -6,6 +6,7 @@
 mod attach;
 #[cfg(feature = "bench")]
 mod bench_floor;
+pub mod clock;
 mod counters;
 pub mod kernel_flows;
 pub mod map_contents;
@@ -40,6 +41,8 @@ use tailguard_common::{Config, Device, Direction};
 pub struct Datapath {
     ebpf: Ebpf,
     attachments: attach::Attachments,
+    /// The table's clock as measured at load, for the configuration entry.
+    clock: tailguard_common::config::Clock,
 }
 
 /// Errors of the datapath, naming the program or device involved.
@@ -101,9 +104,12 @@ impl Error {
 impl Datapath {
     /// Loads every program through the kernel verifier.
     pub fn load(options: &LoadOptions) -> Result<Self, Error> {
+        let mut ebpf = object::load(options)?;
+        let clock = clock::measure(&mut ebpf)?;
         Ok(Self {
-            ebpf: object::load(options)?,
+            ebpf,
             attachments: attach::Attachments::default(),
+            clock,
         })
     }
 
@@ -139,9 +145,14 @@ impl Datapath {
         counters::read_outcomes(&self.ebpf)
     }
 
-    /// Writes the configuration entry the programs read.
+    /// Writes the configuration entry the programs read, with the table's
+    /// clock as measured at load (whatever `config.clock` says).
     pub fn write_config(&mut self, config: &Config) -> Result<(), Error> {
-        maps::write_config(&mut self.ebpf, config)
+        let config = Config {
+            clock: self.clock,
+            ..*config
+        };
+        maps::write_config(&mut self.ebpf, &config)
     }
 
     /// The configuration entry as the kernel holds it.

@@ -155,10 +155,10 @@ pub fn report(totals: &Totals, events: &TableEvents, size: &TableSize) -> serde_
     })
 }
 
-/// The table's clock now: whole seconds of `CLOCK_BOOTTIME`, as the
-/// programs read it.
+/// The table's clock now: whole seconds of `CLOCK_MONOTONIC`, as the
+/// programs count them (`tailguard_common::config::Clock`).
 pub fn now() -> u32 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |t| t.tv_sec() as u32)
+    super::clock::monotonic_seconds()
 }
 
 /// Sweeps the table once, adding what it did to `totals`. A pair the
