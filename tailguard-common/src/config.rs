@@ -10,6 +10,11 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::Device;
 
+/// Prefixes each route trie holds at most. The daemon writes only the
+/// prefixes that change an answer (a tailnet peer's /32 inside the
+/// tailnet's /10 does not), and refuses more than this, clearly.
+pub const MAX_ROUTES: u32 = 1 << 20;
+
 /// The single entry of the `CONFIG` array map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -306,6 +311,6 @@ mod tests {
         assert!(c.has(flag::ISOLATE_PEERS) && c.has(flag::DEST_V4));
         c.set(flag::ISOLATE_PEERS, false);
         assert!(!c.has(flag::ISOLATE_PEERS) && c.has(flag::DEST_V4));
-        assert_eq!(core::mem::size_of::<Config>(), 80);
+        assert_eq!(core::mem::size_of::<Config>(), 96);
     }
 }

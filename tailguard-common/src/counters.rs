@@ -2,6 +2,9 @@
 //!
 //! The counter map is a per-CPU array indexed by [`CounterSlot::index`]; each
 //! CPU increments its own copy without atomics and the daemon sums the copies.
+//! The egress programs count there what the kernel sends (what the fast path
+//! sends is counted once, at its ingress, under its outcome); the ingress
+//! hooks' slots the daemon sums from the outcomes (`crate::outcome`).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -43,7 +46,19 @@ pub enum PacketClass {
 }
 
 impl PacketClass {
-    pub const ALL: [Self; 4] = [Self::Ipv4, Self::Ipv6, Self::NotIp, Self::Malformed];
+    pub const COUNT: u32 = 4;
+    pub const ALL: [Self; Self::COUNT as usize] =
+        [Self::Ipv4, Self::Ipv6, Self::NotIp, Self::Malformed];
+
+    /// The class numbered `index` (anything past the last is malformed).
+    pub const fn from_index(index: u32) -> Self {
+        match index {
+            0 => Self::Ipv4,
+            1 => Self::Ipv6,
+            2 => Self::NotIp,
+            _ => Self::Malformed,
+        }
+    }
 
     pub const fn name(self) -> &'static str {
         match self {

@@ -1,8 +1,9 @@
-//! What the ingress programs did with each packet, counted per device in the
-//! per-CPU `OUTCOMES` array (packets and bytes), so `tailguard status` can say
-//! how much took the fast path and why the rest did not.
+//! What the ingress programs did with each packet, counted per device and
+//! packet class in the per-CPU `OUTCOMES` array (packets and bytes), so
+//! `tailguard status` can say how much took the fast path and why the rest
+//! did not. It is the ingress hooks' only count: one update per packet.
 
-use crate::Device;
+use crate::{Device, PacketClass};
 
 /// One numbered outcome. Numbers are stable: they index the map.
 #[repr(u32)]
@@ -124,9 +125,11 @@ impl Outcome {
         Self::KernelOverBudget,
     ];
 
-    /// The index of (`device`, `self`) in `OUTCOMES`.
-    pub const fn index(self, device: Device) -> u32 {
-        device as u32 * Self::COUNT + self as u32
+    /// The index of (`device`, `class`, `self`) in `OUTCOMES`: each
+    /// packet is counted once, in the slot of what it was and what became
+    /// of it (the per-class counts of the ingress hooks are these summed).
+    pub const fn index(self, device: Device, class: PacketClass) -> u32 {
+        (device as u32 * PacketClass::COUNT + class as u32) * Self::COUNT + self as u32
     }
 
     pub const fn name(self) -> &'static str {
@@ -160,8 +163,9 @@ impl Outcome {
     }
 }
 
-/// Slots in `OUTCOMES`: every outcome for both devices.
-pub const OUTCOME_SLOTS: u32 = Device::COUNT * Outcome::COUNT;
+/// Slots in `OUTCOMES`: every outcome of every packet class for both
+/// devices.
+pub const OUTCOME_SLOTS: u32 = Device::COUNT * PacketClass::COUNT * Outcome::COUNT;
 
 #[cfg(test)]
 mod tests {
@@ -171,11 +175,13 @@ mod tests {
     fn every_outcome_has_its_own_slot() {
         let mut seen = [false; OUTCOME_SLOTS as usize];
         for device in Device::ALL {
-            for (i, outcome) in Outcome::ALL.into_iter().enumerate() {
-                assert_eq!(outcome as usize, i, "ALL is in number order");
-                let slot = outcome.index(device) as usize;
-                assert!(!seen[slot]);
-                seen[slot] = true;
+            for class in PacketClass::ALL {
+                for (i, outcome) in Outcome::ALL.into_iter().enumerate() {
+                    assert_eq!(outcome as usize, i, "ALL is in number order");
+                    let slot = outcome.index(device, class) as usize;
+                    assert!(!seen[slot]);
+                    seen[slot] = true;
+                }
             }
         }
         assert!(seen.iter().all(|s| *s));

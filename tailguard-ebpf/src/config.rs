@@ -7,10 +7,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LpmTrie, lpm_trie::Key},
 };
-use tailguard_common::{Config, Route};
-
-/// Routes per family; table 52 holds one per tailnet peer and subnet.
-const MAX_ROUTES: u32 = 16384;
+use tailguard_common::{Config, Route, config::MAX_ROUTES};
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

@@ -28,13 +28,13 @@ use aya_ebpf::{
     EbpfContext as _, bindings::__sk_buff, macros::map, maps::LruHashMap, programs::TcContext,
 };
 use tailguard_common::{
-    Device, Direction,
+    Device,
     fragment::Fragment,
     nat::{FlowKey, FlowState, KERNEL_FLOWS_COMPILED},
-    wire::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, ip_version, ipv4, ipv6},
+    wire::{IPPROTO_TCP, IPPROTO_UDP},
 };
 
-use crate::{config::config, link_layer::ip_header_offset, nat, packet::Packet};
+use crate::{config::config, nat, packet::Packet};
 
 /// When a kernel flow's packet last went by (the table's clock, seconds),
 /// by its key as its packets arrive.
@@ -87,50 +87,37 @@ pub fn mark_sent(ctx: &TcContext) {
     }
 }
 
-/// On a device's egress: a UDP datagram or ICMP echo the kernel sends makes
-/// the flow's replies, arriving on `device`, the kernel's. The fast path's own packets
-/// only lose their mark.
+/// Whether the fast path sent this packet (see `mark_sent`); the mark is
+/// taken off, so that nothing past this hook sees it.
 #[inline(always)]
-pub fn learn(ctx: &TcContext, device: Device) {
+pub fn sent_by_fast_path(ctx: &TcContext) -> bool {
     // SAFETY: as in `mark_sent`.
     let skb = ctx.as_ptr() as *mut __sk_buff;
     unsafe {
-        if (*skb).tc_index & SENT_BY_FAST_PATH != 0 {
-            (*skb).tc_index &= !SENT_BY_FAST_PATH;
-            return;
+        if (*skb).tc_index & SENT_BY_FAST_PATH == 0 {
+            return false;
         }
+        (*skb).tc_index &= !SENT_BY_FAST_PATH;
     }
-    let l3 = ip_header_offset(device);
-    // Only UDP and ICMP echo need this (every other packet of a TCP flow
-    // but its SYN is the kernel's anyway): a look at the protocol before
-    // reading it all.
-    let Ok(first) = ctx.load::<u8>(l3) else {
-        return;
-    };
-    let protocol_at = if ip_version(first) == ipv6::VERSION {
-        l3 + ipv6::NEXT_HEADER
-    } else {
-        l3 + ipv4::PROTOCOL
-    };
-    let Ok(protocol) = ctx.load::<u8>(protocol_at) else {
-        return;
-    };
-    if protocol != IPPROTO_UDP && protocol != IPPROTO_ICMP && protocol != IPPROTO_ICMPV6 {
-        return;
-    }
-    // (Of ICMP, only echo requests and replies are read.)
-    let Some(p) = Packet::read(ctx, l3, Direction::Egress) else {
-        return;
-    };
-    // A later fragment carries no ports: its first fragment said it all.
+    true
+}
+
+/// On a device's egress: a UDP datagram or ICMP echo the kernel sends
+/// (`p`, read by `Packet::read`) makes the flow's replies, arriving on
+/// `device`, the kernel's.
+#[inline(always)]
+pub fn learn(p: &Packet, device: Device) {
+    // Only UDP and ICMP echo need this: every other packet of a TCP flow
+    // but its SYN is the kernel's anyway. A later fragment carries no
+    // ports: its first fragment said it all.
     if p.proto == IPPROTO_TCP || p.part == Fragment::Later {
         return;
     }
-    // The packet that answers this one, or (for an echo reply) the next
-    // request.
     let Some(cfg) = config() else {
         return;
     };
+    // The packet that answers this one, or (for an echo reply) the next
+    // request.
     let reply = nat::key_of(p, device).reply(device as u8);
     keep(&reply, nat::now(cfg));
 }

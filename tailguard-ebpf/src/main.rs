@@ -1,11 +1,12 @@
 //! TailGuard's TC programs, one per device role and hook.
 //!
-//! Every program counts the packet by class (IPv4, IPv6, not IP, malformed)
-//! in the per-CPU `COUNTERS` map. The ingress programs then apply the
-//! forwarding policy (`policy`): translate and redirect the packet to the
-//! other device, drop it, or leave it to the kernel and its nftables twin.
-//! The egress programs count, and note the UDP flows the kernel sends
-//! (`kernel_flows`).
+//! Every program reads the packet once (`packet::Packet::read`) and
+//! counts it once. The ingress programs apply the forwarding policy
+//! (`policy`): translate and redirect the packet to the other device, drop
+//! it, or leave it to the kernel and its nftables twin; they count it by
+//! class and outcome (`OUTCOMES`). The egress programs let the fast path's
+//! own packets by untouched, count the kernel's by class (`COUNTERS`), and
+//! note the UDP flows the kernel sends (`kernel_flows`).
 #![no_std]
 #![no_main]
 // `parse::at_least_one` hides a value from the compiler with an empty `asm!`.
@@ -38,34 +39,53 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
+use packet::Packet;
 use tailguard_common::{CounterSlot, Device, Direction};
 
 #[classifier]
 #[inline(always)]
 pub fn tg_wg_ingress(ctx: TcContext) -> i32 {
-    observe(&ctx, Device::WireGuard, Direction::Ingress);
     policy::ingress(&ctx, Device::WireGuard)
 }
 
 #[classifier]
 #[inline(always)]
 pub fn tg_wg_egress(ctx: TcContext) -> i32 {
-    kernel_flows::learn(&ctx, Device::WireGuard);
-    observe(&ctx, Device::WireGuard, Direction::Egress)
+    egress(&ctx, Device::WireGuard)
 }
 
 #[classifier]
 #[inline(always)]
 pub fn tg_ts_ingress(ctx: TcContext) -> i32 {
-    observe(&ctx, Device::Tailscale, Direction::Ingress);
     policy::ingress(&ctx, Device::Tailscale)
 }
 
 #[classifier]
 #[inline(always)]
 pub fn tg_ts_egress(ctx: TcContext) -> i32 {
-    kernel_flows::learn(&ctx, Device::Tailscale);
-    observe(&ctx, Device::Tailscale, Direction::Egress)
+    egress(&ctx, Device::Tailscale)
+}
+
+/// A packet leaving `device`: one the fast path sent goes on untouched (it
+/// was counted at its ingress); one the kernel sends is counted by class
+/// and, if it is UDP or an ICMP echo, makes its flow's replies the
+/// kernel's (`kernel_flows`). `TC_ACT_UNSPEC` rather than `TC_ACT_OK`:
+/// under TCX any other verdict ends the chain, and programs that others
+/// attached after ours must still see the packet.
+#[inline(always)]
+fn egress(ctx: &TcContext, device: Device) -> i32 {
+    if kernel_flows::sent_by_fast_path(ctx) {
+        return TC_ACT_UNSPEC;
+    }
+    let (class, p) = Packet::read(ctx, device, Direction::Egress);
+    if let Some(p) = p {
+        kernel_flows::learn(p, device);
+    }
+    counters::count(
+        CounterSlot::new(device, Direction::Egress, class),
+        ctx.len(),
+    );
+    TC_ACT_UNSPEC
 }
 
 /// The daemon's measure of the table's clock (`tailguard_common::config::
@@ -80,16 +100,6 @@ pub fn tg_clock(ctx: TcContext) -> i32 {
         // SAFETY: `at_mut` checked that 16 bytes lie within the packet.
         unsafe { core::ptr::write_unaligned(out, [jiffies, nanos]) };
     }
-    TC_ACT_UNSPEC
-}
-
-/// Counts the packet and lets it go on. `TC_ACT_UNSPEC` rather than
-/// `TC_ACT_OK`: under TCX any other verdict ends the chain, and programs that
-/// others attached after ours must still see the packet.
-#[inline(always)]
-fn observe(ctx: &TcContext, device: Device, direction: Direction) -> i32 {
-    let class = parse::classify(ctx, link_layer::has_ethernet(device));
-    counters::count(CounterSlot::new(device, direction, class), ctx.len());
     TC_ACT_UNSPEC
 }
 

@@ -9,7 +9,7 @@ use aya_ebpf::{
     maps::PerCpuArray,
 };
 use tailguard_common::{
-    Config, Counter, Device, Outcome,
+    Config, Counter, Device, Outcome, PacketClass,
     fragment::{FragEntry, FragKey},
     nat::{
         CHARGED, FlowKey, FlowState, Half, Meta, NAT_PORT_TRIES, REPLY_SEEN, TableEvent,
@@ -52,6 +52,8 @@ pub struct Scratch {
     pub frag_first: FragEntry,
     /// An ICMP error being translated.
     pub error: IcmpError,
+    /// The class of the packet being decided (`note_class`).
+    pub class: u32,
 }
 
 #[map]
@@ -75,9 +77,22 @@ pub fn arrival() -> Option<Device> {
 #[map]
 static OUTCOMES: PerCpuArray<Counter> = PerCpuArray::with_max_entries(OUTCOME_SLOTS, 0);
 
+/// Keeps the class of the packet being decided until `count`, in map
+/// memory: a value the verifier does not follow, so that it walks the
+/// policy once rather than once per class.
+#[inline(always)]
+pub fn note_class(class: PacketClass) {
+    if let Some(s) = scratch() {
+        s.class = class as u32;
+    }
+}
+
+/// Counts the packet being decided (of the class `note_class` kept) under
+/// `outcome`: its one count.
 #[inline(always)]
 pub fn count(device: Device, outcome: Outcome, len: u32) {
-    if let Some(counter) = OUTCOMES.get_ptr_mut(outcome.index(device)) {
+    let class = scratch().map_or(PacketClass::Malformed, |s| PacketClass::from_index(s.class));
+    if let Some(counter) = OUTCOMES.get_ptr_mut(outcome.index(device, class)) {
         // SAFETY: from the map lookup; only this CPU writes its copy.
         unsafe {
             (*counter).packets += 1;

@@ -1,12 +1,15 @@
 //! The fields the policy needs, read straight from the packet
 //! (`parse::read`).
 
-use crate::parse::read;
+use crate::{
+    link_layer::{has_ethernet, ip_header_offset},
+    parse::{self, read},
+};
 use aya_ebpf::{
     EbpfContext as _, bindings::__sk_buff, macros::map, maps::PerCpuArray, programs::TcContext,
 };
 use tailguard_common::{
-    Direction,
+    Device, Direction, PacketClass,
     fragment::{Fragment, IPV6_MAX_EXT_HEADERS, Ipv6Step, ipv4_fragment, ipv6_step},
     wire::{
         IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, icmp, icmpv6, ip_version, ipv4,
@@ -79,16 +82,31 @@ pub fn is_extension(next: u8) -> bool {
 static PACKETS: PerCpuArray<Packet> = PerCpuArray::with_max_entries(Direction::COUNT, 0);
 
 impl Packet {
-    /// Reads the packet into this CPU's slot for `direction`; `None` for
-    /// anything the fast path leaves alone.
+    /// Reads the packet on `device` once, for everything a program does
+    /// with it: its class (the counters': `parse::classify` judges the
+    /// link-layer and IP headers) and, for a packet the fast path can
+    /// handle, its fields, in this CPU's slot for `direction` (`None` for
+    /// anything the fast path leaves alone).
     #[inline(always)]
-    pub fn read(ctx: &TcContext, l3: usize, direction: Direction) -> Option<&'static mut Self> {
-        let slot = PACKETS.get_ptr_mut(direction as u32)?;
+    pub fn read(
+        ctx: &TcContext,
+        device: Device,
+        direction: Direction,
+    ) -> (PacketClass, Option<&'static mut Self>) {
+        let class = parse::classify(ctx, has_ethernet(device));
+        if class != PacketClass::Ipv4 && class != PacketClass::Ipv6 {
+            return (class, None);
+        }
+        let Some(slot) = PACKETS.get_ptr_mut(direction as u32) else {
+            return (class, None);
+        };
         // SAFETY: a per-CPU slot; a program runs to completion on one CPU,
         // and the two that can nest use different slots.
         let p = unsafe { &mut *slot };
-        p.read_into(ctx, l3)?;
-        Some(p)
+        match p.read_into(ctx, ip_header_offset(device)) {
+            Some(()) => (class, Some(p)),
+            None => (class, None),
+        }
     }
 
     #[inline(always)]

@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tailguard_common::{
-    Config, Device, Direction, Outcome, PolicyRule, Route,
+    Config, Device, Direction, Outcome, PacketClass, PolicyRule, Route,
     config::{NodeAddress, flag},
     fragment::Fragment,
     nat::{TableEvent, Translation},
@@ -39,7 +39,9 @@ use crate::{
 /// Decides, translates and redirects, or hands the packet to the kernel.
 #[inline(always)]
 pub fn ingress(ctx: &TcContext, device: Device) -> i32 {
-    let (verdict, outcome) = decide(ctx, device);
+    let (class, p) = Packet::read(ctx, device, Direction::Ingress);
+    nat::note_class(class);
+    let (verdict, outcome) = decide(ctx, device, class, p);
     nat::count(device, outcome, ctx.len());
     verdict
 }
@@ -56,15 +58,22 @@ const REFUSED: Outcome = PolicyRule::ForwardRefused.outcome();
 const UDP6_ZERO_CHECKSUM: Outcome = PolicyRule::ForwardUdp6ZeroChecksum.outcome();
 
 #[inline(always)]
-fn decide(ctx: &TcContext, device: Device) -> (i32, Outcome) {
+fn decide(
+    ctx: &TcContext,
+    device: Device,
+    class: PacketClass,
+    p: Option<&mut Packet>,
+) -> (i32, Outcome) {
     let Some(cfg) = config() else {
         return kernel(Outcome::KernelNotConfigured);
     };
-    let l3 = ip_header_offset(device);
-    let Some(p) = Packet::read(ctx, l3, Direction::Ingress) else {
+    let Some(p) = p else {
+        if class != PacketClass::Ipv4 && class != PacketClass::Ipv6 {
+            return kernel(Outcome::KernelNotHandled);
+        }
         // An ICMP error about a flow of ours is translated back; anything
         // else unusual is the kernel's.
-        return icmp::translate(ctx, cfg, device, l3)
+        return icmp::translate(ctx, cfg, device, ip_header_offset(device))
             .unwrap_or_else(|| kernel(Outcome::KernelNotHandled));
     };
     let Some(s) = nat::scratch() else {

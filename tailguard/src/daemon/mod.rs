@@ -683,11 +683,17 @@ fn log_counters(datapath: &Datapath) {
     for device in Device::ALL {
         for direction in Direction::ALL {
             let c = counters.hook_total(device, direction);
+            // What the fast path sends is counted once, where it arrived.
+            let counted = match direction {
+                Direction::Ingress => "arrived",
+                Direction::Egress => "sent by the kernel",
+            };
             info!(
                 device = device.name(),
                 direction = direction.name(),
                 packets = c.packets,
                 bytes = c.bytes,
+                counted,
                 "counted"
             );
         }

@@ -1,4 +1,5 @@
-//! Reading the per-CPU counters the programs keep.
+//! Reading the per-CPU counters the programs keep: one count per packet
+//! and hook (see `tailguard_common::counters`).
 
 use std::collections::BTreeMap;
 
@@ -42,8 +43,16 @@ impl Counters {
     }
 }
 
+/// The counters: the egress hooks' as the programs keep them, the ingress
+/// hooks' summed from the outcomes (which count each arriving packet once,
+/// by class and outcome).
 pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
-    sum_per_cpu(ebpf, MAP, CounterSlot::all().map(|slot| slot.index())).map(Counters)
+    let mut counters = sum_per_cpu(ebpf, MAP, CounterSlot::all().map(|slot| slot.index()))?;
+    let outcomes = read_outcomes(ebpf)?;
+    for slot in CounterSlot::all().filter(|slot| slot.direction == Direction::Ingress) {
+        counters.insert(slot.index(), outcomes.class_total(slot.device, slot.class));
+    }
+    Ok(Counters(counters))
 }
 
 /// Each index of the per-CPU counter array `name`, summed over CPUs.
@@ -72,11 +81,27 @@ fn sum_per_cpu(
 pub struct Outcomes(BTreeMap<u32, Counter>);
 
 impl Outcomes {
+    /// Packets of every class on `device` that came to `outcome`.
     pub fn get(&self, device: Device, outcome: Outcome) -> Counter {
+        PacketClass::ALL
+            .into_iter()
+            .map(|class| self.of_class(device, class, outcome))
+            .fold(Counter::default(), Counter::add)
+    }
+
+    fn of_class(&self, device: Device, class: PacketClass, outcome: Outcome) -> Counter {
         self.0
-            .get(&outcome.index(device))
+            .get(&outcome.index(device, class))
             .copied()
             .unwrap_or_default()
+    }
+
+    /// Packets of `class` that arrived on `device`, whatever became of them.
+    fn class_total(&self, device: Device, class: PacketClass) -> Counter {
+        Outcome::ALL
+            .into_iter()
+            .map(|outcome| self.of_class(device, class, outcome))
+            .fold(Counter::default(), Counter::add)
     }
 
     /// `{"wireguard": {"redirected": {"packets": .., "bytes": ..}, ..}, ..}`,

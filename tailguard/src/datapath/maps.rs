@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, LpmTrie, Map, MapError, lpm_trie::Key},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use tailguard_common::{Config, Route};
+use tailguard_common::{Config, Route, config::MAX_ROUTES};
 
 use super::Error;
 
@@ -53,11 +53,58 @@ pub(super) fn read_config(ebpf: &Ebpf) -> Result<Config, Error> {
     map.get(&0, 0).map_err(map_error(CONFIG))
 }
 
-/// Makes the route tries hold exactly `routes`.
+/// Makes the route tries answer every destination as `routes` does. They
+/// hold only the prefixes that change an answer (`without_redundant`), and
+/// only what differs from what they hold is written.
 pub(super) fn sync_routes(ebpf: &mut Ebpf, routes: &Routes) -> Result<(), Error> {
-    let (v4, v6) = trie_entries(routes);
+    let (v4, v6) = trie_entries(&without_redundant(routes));
+    for (family, count) in [("IPv4", v4.len()), ("IPv6", v6.len())] {
+        if count > MAX_ROUTES as usize {
+            return Err(Error::TooManyRoutes {
+                family,
+                count,
+                max: MAX_ROUTES,
+            });
+        }
+    }
     sync_trie(ebpf, ROUTES_V4, &v4)?;
     sync_trie(ebpf, ROUTES_V6, &v6)
+}
+
+/// `routes` without the prefixes that change no answer: those whose
+/// nearest covering prefix leads to the same place (a tailnet peer's /32
+/// inside the tailnet's /10). Longest-prefix lookups answer every
+/// destination as before: where a removed prefix matched, its nearest
+/// cover now does, with the same route, and a cover removed too has the
+/// same route as its own.
+pub fn without_redundant(routes: &Routes) -> Routes {
+    // The prefix lengths in use, per family, longest first: a cover is
+    // looked for at these only.
+    let mut lengths: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    for net in routes.keys() {
+        let family = usize::from(net.addr().is_ipv6());
+        if !lengths[family].contains(&net.prefix_len()) {
+            lengths[family].push(net.prefix_len());
+        }
+    }
+    for family in &mut lengths {
+        family.sort_unstable_by(|a, b| b.cmp(a));
+    }
+    routes
+        .iter()
+        .filter(|(net, route)| {
+            let family = usize::from(net.addr().is_ipv6());
+            let cover = lengths[family]
+                .iter()
+                .filter(|&&len| len < net.prefix_len())
+                .find_map(|&len| {
+                    let cover = IpNet::new(net.addr(), len).ok()?.trunc();
+                    routes.get(&cover)
+                });
+            cover != Some(*route)
+        })
+        .map(|(net, route)| (*net, *route))
+        .collect()
 }
 
 /// A route trie's key: prefix length and network address.
@@ -82,21 +129,29 @@ fn trie_entries(routes: &Routes) -> (BTreeMap<TrieKey<4>, Route>, BTreeMap<TrieK
     (v4, v6)
 }
 
-/// What turns a trie holding the keys `present` into one holding exactly
-/// `wanted`: every wanted entry written (new and changed alike), then
+/// What turns a trie holding `present` into one holding exactly `wanted`:
+/// the wanted entries it lacks or holds with another route written, then
 /// every present key that is not wanted removed. Applied in that order, a
-/// destination that stays routed never disappears in between.
+/// destination that stays routed never disappears in between; a trie
+/// already as wanted is not written at all.
 #[derive(Debug, PartialEq, Eq)]
 struct TrieUpdate<K, V> {
     insert: Vec<(K, V)>,
     remove: Vec<K>,
 }
 
-fn trie_update<K: Ord + Copy, V: Copy>(present: &[K], wanted: &BTreeMap<K, V>) -> TrieUpdate<K, V> {
+fn trie_update<K: Ord + Copy, V: Copy + PartialEq>(
+    present: &BTreeMap<K, V>,
+    wanted: &BTreeMap<K, V>,
+) -> TrieUpdate<K, V> {
     TrieUpdate {
-        insert: wanted.iter().map(|(k, v)| (*k, *v)).collect(),
-        remove: present
+        insert: wanted
             .iter()
+            .filter(|(k, v)| present.get(k) != Some(v))
+            .map(|(k, v)| (*k, *v))
+            .collect(),
+        remove: present
+            .keys()
             .filter(|key| !wanted.contains_key(key))
             .copied()
             .collect(),
@@ -110,9 +165,9 @@ fn sync_trie<const N: usize>(
 ) -> Result<(), Error> {
     let mut trie: LpmTrie<_, [u8; N], Route> =
         LpmTrie::try_from(get_mut(ebpf, name)?).map_err(map_error(name))?;
-    let present: Vec<TrieKey<N>> = trie
-        .keys()
-        .map(|key| key.map(|key| (key.prefix_len(), key.data())))
+    let present: BTreeMap<TrieKey<N>, Route> = trie
+        .iter()
+        .map(|entry| entry.map(|(key, route)| ((key.prefix_len(), key.data()), route)))
         .collect::<Result<_, _>>()
         .map_err(map_error(name))?;
     let update = trie_update(&present, wanted);
@@ -231,8 +286,7 @@ mod tests {
         trie: &mut BTreeMap<K, Route>,
         wanted: &BTreeMap<K, Route>,
     ) -> Result<(), TestCaseError> {
-        let present: Vec<K> = trie.keys().copied().collect();
-        let update = trie_update(&present, wanted);
+        let update = trie_update(trie, wanted);
         for (key, route) in update.insert {
             trie.insert(key, route);
         }
@@ -273,6 +327,15 @@ mod tests {
         v4.chain(v6).collect()
     }
 
+    /// Where a longest-prefix lookup of `addr` in `routes` leads.
+    fn lookup(routes: &Routes, addr: std::net::IpAddr) -> Option<Route> {
+        routes
+            .iter()
+            .filter(|(net, _)| net.contains(&addr))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, route)| *route)
+    }
+
     proptest! {
         #[test]
         fn the_tries_end_equal_to_each_wanted_set(
@@ -282,11 +345,58 @@ mod tests {
             // Whatever an earlier run left in the pinned tries.
             let (mut v4, mut v6) = trie_entries(&stale);
             for wanted in &updates {
-                let (want_v4, want_v6) = trie_entries(wanted);
+                let (want_v4, want_v6) = trie_entries(&without_redundant(wanted));
                 sync_model(&mut v4, &want_v4)?;
                 sync_model(&mut v6, &want_v6)?;
-                prop_assert_eq!(&read_model(&v4, &v6), wanted);
+                prop_assert_eq!(read_model(&v4, &v6), without_redundant(wanted));
+                // Once there, the same set writes nothing.
+                prop_assert!(trie_update(&v4, &want_v4).insert.is_empty());
+                prop_assert!(trie_update(&v6, &want_v6).remove.is_empty());
             }
         }
+
+        /// Without the prefixes that change nothing, every destination
+        /// (each network's first address and its neighbours, where answers
+        /// change) is answered as before.
+        #[test]
+        fn leaving_out_redundant_prefixes_changes_no_answer(wanted in routes()) {
+            let kept = without_redundant(&wanted);
+            prop_assert!(kept.len() <= wanted.len());
+            let probes = wanted.keys().flat_map(|net| {
+                let first = net.network();
+                let next = match first {
+                    std::net::IpAddr::V4(a) => std::net::IpAddr::V4((u32::from(a).wrapping_add(1)).into()),
+                    std::net::IpAddr::V6(a) => std::net::IpAddr::V6((u128::from(a).wrapping_add(1)).into()),
+                };
+                [first, next, net.broadcast()]
+            });
+            for addr in probes {
+                prop_assert_eq!(lookup(&kept, addr), lookup(&wanted, addr), "at {}", addr);
+            }
+        }
+    }
+
+    #[test]
+    fn a_peer_inside_the_tailnet_range_is_left_out_a_subnet_inside_a_wireguard_route_is_not() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let routes: Routes = [
+            (net("100.64.0.0/10"), Route::TAILSCALE),
+            (net("100.101.102.103/32"), Route::TAILSCALE),
+            (net("10.0.0.0/8"), Route::WIREGUARD),
+            (net("10.1.0.0/16"), Route::TAILSCALE),
+            (net("10.1.2.3/32"), Route::WIREGUARD),
+            (net("10.1.9.9/32"), Route::TAILSCALE),
+        ]
+        .into_iter()
+        .collect();
+        let kept: Vec<String> = without_redundant(&routes)
+            .keys()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(
+            kept,
+            ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.3/32", "100.64.0.0/10"],
+            "the /32s with their cover's route go; the one that differs stays"
+        );
     }
 }

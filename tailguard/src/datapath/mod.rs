@@ -67,6 +67,16 @@ pub enum Error {
         #[source]
         source: Box<aya::maps::MapError>,
     },
+    #[error(
+        "{count} {family} routes change where a destination goes, more than the fast \
+         path's {max}: the tailnet's and the WireGuard side's routes together must stay \
+         within it (or set TG_DATAPATH=netfilter)"
+    )]
+    TooManyRoutes {
+        family: &'static str,
+        count: usize,
+        max: u32,
+    },
     #[error("device {device}: {message}")]
     Device { device: String, message: String },
 }
@@ -160,7 +170,8 @@ impl Datapath {
         maps::read_config(&self.ebpf)
     }
 
-    /// Makes the route tries hold exactly `routes`.
+    /// Makes the route tries answer every destination as `routes` does
+    /// (holding only the prefixes that change an answer).
     pub fn sync_routes(&mut self, routes: &Routes) -> Result<(), Error> {
         maps::sync_routes(&mut self.ebpf, routes)
     }
