@@ -581,8 +581,10 @@ impl Running {
                 }
                 datapath.write_config(&map_contents::config(plan, &observed))?;
                 datapath.sync_routes(&routes)?;
-                // What the kernel now holds, read back, is what `/status` shows.
-                map_contents::describe(&datapath.config()?, &datapath.routes()?)
+                // The config entry as the kernel now holds it, and every
+                // route the tries answer by (they hold only the prefixes
+                // that change an answer, and answer as `routes` does).
+                map_contents::describe(&datapath.config()?, &routes)
             }
             None => serde_json::json!({"datapath": "netfilter"}),
         };
