@@ -189,17 +189,10 @@ pub fn set_quoted_l4_checksum(ctx: &TcContext, e: &IcmpError, entry: &Translatio
     }
     let old: u16 = ctx.load(e.inner_csum).map_err(|_| Failed)?;
     let mut sum = u32::from(!old);
-    // In software, 16 bits at a time: the helper's buffers would not fit
-    // the stack next to the error's fields.
     if e.inner_proto != IPPROTO_ICMP {
         let n = addr_len(e.ipv6);
-        for i in 0..ipv6::ADDR_LEN / 2 {
-            if 2 * i < n {
-                let word = |a: &[u8; 16]| u16::from_ne_bytes([a[2 * i], a[2 * i + 1]]);
-                sum = checksum::replace16(sum, word(&e.inner_src), word(&entry.dst));
-                sum = checksum::replace16(sum, word(&e.inner_dst), word(&entry.src));
-            }
-        }
+        sum = checksum::replace_addr(sum, &e.inner_src, &entry.dst, n);
+        sum = checksum::replace_addr(sum, &e.inner_dst, &entry.src, n);
     }
     if e.inner_proto == IPPROTO_TCP || e.inner_proto == IPPROTO_UDP {
         sum = checksum::replace16(sum, e.inner_sport, entry.dport);
