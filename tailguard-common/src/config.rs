@@ -42,6 +42,42 @@ pub struct Config {
     pub unreplied_per_source: u32,
     /// The table's clock (see [`Clock`]), as the daemon measured it.
     pub clock: Clock,
+    /// On Ethernet devices: the frame addresses a redirected packet leaves
+    /// each device with (see [`LinkAddresses`]).
+    pub wg_link: LinkAddresses,
+    pub ts_link: LinkAddresses,
+}
+
+/// The Ethernet addresses of a device's frames: the next hop's (the
+/// destination) and the device's own (the source). The daemon reads them
+/// from the kernel's neighbour table and writes them again when they
+/// change, so a redirected frame needs no route and neighbour lookup of its
+/// own (`bpf_redirect_neigh`). Unknown (`known == 0`) on L3 devices and
+/// until the neighbour is resolved: then the kernel looks the next hop up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct LinkAddresses {
+    /// The Ethernet header's first 12 bytes as they go out: destination
+    /// (the next hop), then source (the device).
+    pub header: [u8; 12],
+    pub known: u32,
+}
+
+impl LinkAddresses {
+    pub const fn new(next_hop: [u8; 6], own: [u8; 6]) -> Self {
+        let mut header = [0; 12];
+        let mut i = 0;
+        while i < 6 {
+            header[i] = next_hop[i];
+            header[i + 6] = own[i];
+            i += 1;
+        }
+        Self { header, known: 1 }
+    }
+
+    pub const fn is_known(&self) -> bool {
+        self.known != 0
+    }
 }
 
 /// The connection table's clock: whole seconds of `CLOCK_MONOTONIC`, which
@@ -66,6 +102,17 @@ impl Clock {
         }
         (jiffies.wrapping_sub(self.zero) / self.hz as u64) as u32
     }
+}
+
+/// The benchmarks' floor program's one entry (`HOP`): the device it
+/// redirects every packet to (0: the loopback device, for
+/// `BPF_PROG_TEST_RUN`) and the Ethernet addresses it writes first, as the
+/// fast path does on an Ethernet device.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FloorHop {
+    pub link: LinkAddresses,
+    pub ifindex: u32,
 }
 
 /// The bits of [`Config::flags`]: each one a program reads. (What only the
@@ -95,6 +142,22 @@ impl Config {
         match device {
             Device::WireGuard => self.wg_ifindex,
             Device::Tailscale => self.ts_ifindex,
+        }
+    }
+
+    /// The Ethernet addresses of frames sent out of `device`.
+    #[inline(always)]
+    pub const fn link(&self, device: Device) -> &LinkAddresses {
+        match device {
+            Device::WireGuard => &self.wg_link,
+            Device::Tailscale => &self.ts_link,
+        }
+    }
+
+    pub const fn set_link(&mut self, device: Device, addresses: LinkAddresses) {
+        match device {
+            Device::WireGuard => self.wg_link = addresses,
+            Device::Tailscale => self.ts_link = addresses,
         }
     }
 
@@ -235,6 +298,10 @@ impl NodeAddress {
 // SAFETY: `Pod` per bytemuck's derive (no padding, any bit pattern valid).
 unsafe impl aya::Pod for Config {}
 
+#[cfg(feature = "user")]
+// SAFETY: as for `Config`.
+unsafe impl aya::Pod for FloorHop {}
+
 /// The value of the route tries (`ROUTES_V4`, `ROUTES_V6`): which device a
 /// destination is routed out of.
 #[repr(C)]
@@ -304,6 +371,23 @@ mod tests {
     }
 
     #[test]
+    fn link_addresses_are_the_next_hop_then_the_device() {
+        let mut c = Config::default();
+        assert!(!c.link(Device::WireGuard).is_known());
+        let a = LinkAddresses::new([1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]);
+        c.set_link(Device::Tailscale, a);
+        assert_eq!(
+            c.link(Device::Tailscale).header,
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+        );
+        assert!(c.link(Device::Tailscale).is_known());
+        assert!(
+            !c.link(Device::WireGuard).is_known(),
+            "one device's addresses only"
+        );
+    }
+
+    #[test]
     fn flags_are_independent() {
         let mut c = Config::default();
         c.set(flag::ISOLATE_PEERS, true);
@@ -311,6 +395,6 @@ mod tests {
         assert!(c.has(flag::ISOLATE_PEERS) && c.has(flag::DEST_V4));
         c.set(flag::ISOLATE_PEERS, false);
         assert!(!c.has(flag::ISOLATE_PEERS) && c.has(flag::DEST_V4));
-        assert_eq!(core::mem::size_of::<Config>(), 96);
+        assert_eq!(core::mem::size_of::<Config>(), 128);
     }
 }

@@ -30,7 +30,7 @@ use crate::{
     fragments,
     icmp::{self, IcmpError},
     kernel_flows,
-    link_layer::{has_ethernet, ip_header_offset},
+    link_layer::{address_frame, has_ethernet, ip_header_offset},
     nat::{self, Made, Scratch},
     packet::Packet,
     rewrite, table, too_big,
@@ -567,14 +567,15 @@ pub fn send_error(
     (redirect(ctx, to, ifindex), Outcome::ErrorTranslated)
 }
 
-/// Sends the packet out of `ifindex`, the device `to`. On L3
-/// devices it goes as it is; on Ethernet devices (veth) the kernel fills in
-/// the link-layer addresses of the next hop (`bpf_redirect_neigh`).
+/// Sends the packet out of `ifindex`, the device `to`. On L3 devices it
+/// goes as it is; on Ethernet devices (veth) with the next hop's and the
+/// device's addresses the daemon read from the neighbour table, or, while
+/// it has none, with those the kernel looks up (`bpf_redirect_neigh`).
 /// Returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the helper refused.
 #[inline(always)]
 pub fn redirect(ctx: &TcContext, to: Device, ifindex: u32) -> i32 {
     kernel_flows::mark_sent(ctx);
-    if has_ethernet(to) {
+    if has_ethernet(to) && !address_frame(ctx, to) {
         // SAFETY: a plain helper call; no params means "look the next hop
         // up".
         unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }

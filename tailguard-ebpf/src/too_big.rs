@@ -475,6 +475,12 @@ fn send_fragments(
     // The clone carries the mark: its egress must not take it for the
     // kernel's own datagram (see `kernel_flows`).
     crate::kernel_flows::mark_sent(ctx);
+    // A clone has no neighbour lookup of its own: on an Ethernet device it
+    // leaves with the addresses the daemon knows (the rest is redirected,
+    // and addressed, as any packet).
+    if crate::link_layer::has_ethernet(to) {
+        crate::link_layer::address_frame(ctx, to);
+    }
     ctx.clone_redirect(ifindex, 0).ok()?;
     // The rest, where the first fragment's payload ended.
     ctx.change_tail(l3 + V4_HEADER + tail, 0).ok()?;

@@ -9,6 +9,7 @@ mod bench_floor;
 pub mod clock;
 mod counters;
 pub mod kernel_flows;
+pub mod link_addresses;
 pub mod map_contents;
 mod maps;
 mod object;
@@ -33,7 +34,7 @@ use aya::{
     Ebpf,
     programs::{ProgramError, SchedClassifier},
 };
-use tailguard_common::{Config, Device, Direction};
+use tailguard_common::{Config, Device, Direction, config::LinkAddresses};
 
 /// The loaded programs and everything they are attached to. Dropping it
 /// detaches the programs; [`Datapath::detach`] also removes any clsact qdisc
@@ -43,6 +44,9 @@ pub struct Datapath {
     attachments: attach::Attachments,
     /// The table's clock as measured at load, for the configuration entry.
     clock: tailguard_common::config::Clock,
+    /// The Ethernet addresses of frames out of each device, by
+    /// `Device as usize` (see `link_addresses`), for the configuration entry.
+    links: [LinkAddresses; 2],
 }
 
 /// Errors of the datapath, naming the program or device involved.
@@ -120,6 +124,7 @@ impl Datapath {
             ebpf,
             attachments: attach::Attachments::default(),
             clock,
+            links: Default::default(),
         })
     }
 
@@ -156,13 +161,30 @@ impl Datapath {
     }
 
     /// Writes the configuration entry the programs read, with the table's
-    /// clock as measured at load (whatever `config.clock` says).
+    /// clock as measured at load and the link addresses last set (whatever
+    /// `config` says of them).
     pub fn write_config(&mut self, config: &Config) -> Result<(), Error> {
-        let config = Config {
+        let mut config = Config {
             clock: self.clock,
             ..*config
         };
+        for device in Device::ALL {
+            config.set_link(device, self.links[device as usize]);
+        }
         maps::write_config(&mut self.ebpf, &config)
+    }
+
+    /// Gives the programs the Ethernet addresses of frames they redirect
+    /// out of `device` (see `link_addresses`), in the entry they read now
+    /// and in every one written later.
+    pub fn set_link_addresses(
+        &mut self,
+        device: Device,
+        addresses: LinkAddresses,
+    ) -> Result<(), Error> {
+        self.links[device as usize] = addresses;
+        let current = self.config()?;
+        self.write_config(&current)
     }
 
     /// The configuration entry as the kernel holds it.

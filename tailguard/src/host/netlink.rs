@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use netlink_packet_route::{
     AddressFamily,
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
     route::{RouteAttribute, RouteMessage},
     rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
 };
@@ -61,7 +62,7 @@ enum LinkQuery<'a> {
     Index(u32),
 }
 
-/// A stream with one `()` per link or route change. Dropping it closes the
+/// A stream with one `()` per link or route (or neighbour) change. Dropping it closes the
 /// socket (the connection task would otherwise go on reading for nobody).
 pub struct KernelChanges {
     messages: std::pin::Pin<Box<dyn futures_util::Stream<Item = ()> + Send>>,
@@ -114,6 +115,60 @@ impl Netlink {
             messages: Box::pin(futures_util::StreamExt::map(messages, drop)),
             connection: tokio::spawn(connection),
         })
+    }
+
+    /// Notifications of neighbour-table changes (`ip monitor neigh`).
+    pub fn watch_neighbours() -> std::io::Result<KernelChanges> {
+        let (connection, _, messages) =
+            rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Neigh])?;
+        Ok(KernelChanges {
+            messages: Box::pin(futures_util::StreamExt::map(messages, drop)),
+            connection: tokio::spawn(connection),
+        })
+    }
+
+    /// The Ethernet addresses of frames out of link `index` to the
+    /// neighbour `next_hop`: the neighbour's, while the kernel holds it as
+    /// usable (not incomplete or failed), and the link's own. `None` while
+    /// either is unknown, or the link has no Ethernet address.
+    pub async fn link_addresses(
+        &self,
+        index: u32,
+        next_hop: IpAddr,
+    ) -> Result<Option<([u8; 6], [u8; 6])>> {
+        let ethernet = |bytes: &[u8]| <[u8; 6]>::try_from(bytes).ok();
+        let own = self.link(LinkQuery::Index(index)).await?.and_then(|l| {
+            l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Address(mac) => ethernet(mac),
+                _ => None,
+            })
+        });
+        let Some(own) = own else {
+            return Ok(None);
+        };
+        let what = || format!("listing the neighbours of link {index}");
+        let mut neighbours = self.handle.neighbours().get().execute();
+        while let Some(n) = neighbours
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::new(what(), e))?
+        {
+            let usable = !matches!(
+                n.header.state,
+                NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None
+            );
+            if n.header.ifindex != index || !usable || neighbour_address(&n) != Some(next_hop) {
+                continue;
+            }
+            let mac = n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::LinkLayerAddress(mac) => ethernet(mac),
+                _ => None,
+            });
+            if let Some(mac) = mac {
+                return Ok(Some((mac, own)));
+            }
+        }
+        Ok(None)
     }
 
     /// A link by name or index; `None` when there is no such link.
@@ -423,6 +478,14 @@ fn route_table(msg: &RouteMessage) -> u32 {
             _ => None,
         })
         .unwrap_or(u32::from(msg.header.table))
+}
+
+fn neighbour_address(n: &NeighbourMessage) -> Option<IpAddr> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+        _ => None,
+    })
 }
 
 fn route_address(a: &netlink_packet_route::route::RouteAddress) -> Option<IpAddr> {
