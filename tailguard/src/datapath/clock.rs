@@ -61,7 +61,7 @@ pub(super) fn measure(ebpf: &mut Ebpf) -> Result<Clock, Error> {
         last = read()?;
     }
     let second = after_a_tick(&read, last)?;
-    clock_from(first, second).ok_or_else(|| stood_still(PROGRAM))
+    clock_from(first, second).ok_or_else(stood_still)
 }
 
 /// The first reading after `from` in which the jiffies moved on.
@@ -75,18 +75,15 @@ fn after_a_tick(
             return Ok(now);
         }
         if now.nanos > from.nanos + PATIENCE.as_nanos() as u64 {
-            return Err(stood_still(PROGRAM));
+            return Err(stood_still());
         }
     }
 }
 
-fn stood_still(name: &'static str) -> Error {
-    Error::Device {
-        device: name.into(),
-        message: format!(
-            "the kernel's jiffies did not move within {} s: the connection table has no clock",
-            PATIENCE.as_secs()
-        ),
+fn stood_still() -> Error {
+    Error::ClockStoodStill {
+        probe: PROGRAM,
+        seconds: PATIENCE.as_secs(),
     }
 }
 

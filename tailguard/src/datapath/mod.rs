@@ -83,6 +83,11 @@ pub enum Error {
     },
     #[error("device {device}: {message}")]
     Device { device: String, message: String },
+    #[error(
+        "the kernel's jiffies did not move within {seconds} s (read by {probe}): the \
+         connection table has no clock"
+    )]
+    ClockStoodStill { probe: &'static str, seconds: u64 },
 }
 
 /// The longest [`Error::summary`], in characters: a log line, a field of
