@@ -6,7 +6,13 @@
 //!
 //! - netfilter: the daemon's nftables table and sysctls, the kernel forwards;
 //! - eBPF: the same, plus the programs in Ethernet mode on both veth ends,
-//!   with their connection state pinned so that it outlives each round.
+//!   with their connection state pinned so that it outlives each round, and
+//!   the links' Ethernet addresses given (so they redirect with
+//!   `bpf_redirect`, as the floor does, not `bpf_redirect_neigh`);
+//! - floor: the same, but instead of our programs the benchmarks' floor on
+//!   the router's WireGuard side, which only writes the Ethernet addresses
+//!   and redirects to the tailnet side: what any eBPF hop costs on this
+//!   veth path, the cost our policy adds to is measured from.
 //!
 //! ```text
 //!  client 10.1.0.2 --veth-- 10.1.0.1 router 100.64.0.1/10 --veth-- 100.64.0.9 server
@@ -16,15 +22,17 @@
 use std::{net::Ipv4Addr, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result};
+use aya::programs::{SchedClassifier, TcAttachType};
 use ipnet::IpNet;
 use tailguard::{
     config::{plan::SwitchesPlan, settings::AttachMode},
-    datapath::{Datapath, LinkLayer, LoadOptions},
+    datapath::{BenchFloor, Datapath, LinkLayer, LoadOptions},
     firewall::{Firewall, FirewallPlan},
     host::sysctls::Sysctls,
 };
 use tailguard_common::{
     Device,
+    config::{FloorHop, LinkAddresses},
     nat::{NAT_MIN_FLOWS, TableSize},
 };
 use tailguard_tests::netns::{NetNs, run, sysctl, veth};
@@ -36,6 +44,8 @@ use crate::load::{self, CpuTime, UdpCounter};
 pub enum Path {
     /// Straight over one veth pair: what the endpoints cost by themselves.
     Direct,
+    /// The floor program in place of ours: the hop's fixed eBPF cost.
+    Floor,
     Ebpf,
     Netfilter,
 }
@@ -44,6 +54,7 @@ impl Path {
     pub const fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
+            Self::Floor => "floor",
             Self::Ebpf => "ebpf",
             Self::Netfilter => "netfilter",
         }
@@ -72,6 +83,11 @@ pub struct Hop {
     client_direct: String,
     macs_via_router: ([u8; 6], [u8; 6]),
     macs_direct: ([u8; 6], [u8; 6]),
+    /// What frames leave the router's WireGuard and tailnet sides with.
+    wg_link: LinkAddresses,
+    ts_link: LinkAddresses,
+    /// Loaded once, configured to forward to the tailnet side.
+    floor: BenchFloor,
     discard_port: u16,
     /// Unused routes to the tailnet, on top of the router's own.
     extra_routes: usize,
@@ -103,15 +119,21 @@ impl Hop {
             "via",
             "10.1.0.1",
         ]));
-        // The router's receive work on a CPU of its own, the endpoints'
-        // on another: the hop's CPU time can be read off, and a flood
-        // measures the hop rather than the sender.
+        // The router's receive work on a CPU of its own, the sender's on
+        // another: the hop's CPU time can be read off, and a flood
+        // measures the hop rather than the sender. The server's side of
+        // the hop is received on the hop's CPU too: handing each batch to
+        // another CPU would cost an IPI (a VM exit here) per batch, which
+        // a faster path pays more often per datagram (smaller batches);
+        // that, not its program, would decide the comparison. The
+        // server's receive (a drop at its device's ingress) is then in
+        // every path's hop CPU alike, and out of the added-cost ratio.
         for (ns, device, cpu) in [
             (&router, &router_wg, load::HOP_CPU),
             (&router, &router_ts, load::HOP_CPU),
             (&client, &client_to_router, load::ENDPOINT_CPU),
             (&client, &client_direct, load::ENDPOINT_CPU),
-            (&server, &server_to_router, load::ENDPOINT_CPU),
+            (&server, &server_to_router, load::HOP_CPU),
             (&server, &server_direct, load::ENDPOINT_CPU),
         ] {
             load::steer(ns, device, cpu);
@@ -161,6 +183,16 @@ impl Hop {
             load::mac(&client, &client_direct),
             load::mac(&server, &server_direct),
         );
+        let wg_link = LinkAddresses::new(macs_via_router.0, macs_via_router.1);
+        let ts_link = LinkAddresses::new(
+            load::mac(&server, &server_to_router),
+            load::mac(&router, &router_ts),
+        );
+        let mut floor = BenchFloor::load().context("loading the floor program")?;
+        floor.set_hop(&FloorHop {
+            link: ts_link,
+            ifindex: router.run(|| nix::net::if_::if_nametoindex(router_ts.as_str()))?,
+        })?;
         let pin = PathBuf::from(PIN_BASE).join(router.name());
         tailguard_tests::ensure_bpffs();
         std::fs::create_dir_all(&pin).with_context(|| format!("creating {}", pin.display()))?;
@@ -176,6 +208,9 @@ impl Hop {
             client_direct,
             macs_via_router,
             macs_direct,
+            wg_link,
+            ts_link,
+            floor,
             discard_port,
             extra_routes,
             nat_flows,
@@ -190,7 +225,9 @@ impl Hop {
     pub fn frames(&self, path: Path, flows: impl Iterator<Item = load::Flow>) -> Vec<Vec<u8>> {
         match path {
             Path::Direct => load::frames(self.macs_direct, CLIENT_DIRECT, SERVER_DIRECT, flows),
-            _ => load::frames(self.macs_via_router, CLIENT, SERVER, flows),
+            Path::Floor | Path::Ebpf | Path::Netfilter => {
+                load::frames(self.macs_via_router, CLIENT, SERVER, flows)
+            }
         }
     }
 
@@ -204,15 +241,36 @@ impl Hop {
     /// Sets the router up for `path` and runs `f`; the programs are
     /// detached afterwards (their connection state stays pinned).
     pub fn with<T>(&self, path: Path, f: impl FnOnce(&Self) -> T) -> Result<T> {
-        if path != Path::Ebpf {
-            return Ok(f(self));
+        match path {
+            Path::Direct | Path::Netfilter => Ok(f(self)),
+            Path::Floor => {
+                let (mut program, link) = self.router.run(|| self.attach_floor())?;
+                let result = f(self);
+                program.detach(link)?;
+                Ok(result)
+            }
+            Path::Ebpf => {
+                let datapath = self.router.run(|| self.attach())?;
+                let result = f(self);
+                self.router
+                    .run(|| self.runtime.block_on(datapath.detach()))
+                    .map_err(|e| anyhow::anyhow!("detaching: {e:?}"))?;
+                Ok(result)
+            }
         }
-        let datapath = self.router.run(|| self.attach())?;
-        let result = f(self);
-        self.router
-            .run(|| self.runtime.block_on(datapath.detach()))
-            .map_err(|e| anyhow::anyhow!("detaching: {e:?}"))?;
-        Ok(result)
+    }
+
+    /// The floor program on the router's WireGuard side, where our ingress
+    /// program sits, attached as ours are (`TcAttachType::Ingress` picks
+    /// TCX where the kernel has it, as `AttachMode::Auto` does). Through a
+    /// handle of its own: `BenchFloor` lends its program only to read.
+    fn attach_floor(&self) -> Result<(SchedClassifier, aya::programs::tc::SchedClassifierLinkId)> {
+        let loaded = self.floor.program()?;
+        let mut program =
+            SchedClassifier::from_program_info(loaded.info()?, "tg_bench_floor".into())?;
+        let ifindex = nix::net::if_::if_nametoindex(self.router_wg.as_str())?;
+        let link = program.attach(ifindex, TcAttachType::Ingress)?;
+        Ok((program, link))
     }
 
     fn attach(&self) -> Result<Datapath> {
@@ -236,6 +294,9 @@ impl Hop {
         );
         let extra = load::unused_routes(self.extra_routes).map(IpNet::V4);
         tailguard_tests::node::veth_router(&mut dp, ifindexes, extra)?;
+        load::check_unused_routes(&dp, self.extra_routes)?;
+        dp.set_link_addresses(Device::WireGuard, self.wg_link)?;
+        dp.set_link_addresses(Device::Tailscale, self.ts_link)?;
         Ok(dp)
     }
 
@@ -263,10 +324,11 @@ impl Hop {
         }
     }
 
-    /// Connections the router's conntrack holds.
-    pub fn conntrack_count(&self) -> u64 {
+    /// One of conntrack's figures as the router's namespace sees it
+    /// (`nf_conntrack_count`, `_max`, `_buckets`; 0 if unreadable).
+    pub fn conntrack(&self, figure: &str) -> u64 {
         self.router.run(|| {
-            std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
+            std::fs::read_to_string(format!("/proc/sys/net/netfilter/nf_conntrack_{figure}"))
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
                 .unwrap_or(0)

@@ -290,8 +290,11 @@ fn nft(ns: &str, args: &[&str], stdin: Option<&str>) -> String {
 }
 
 /// CPU time so far, from /proc/stat, in seconds: the whole machine's
-/// (everything but idle and iowait), and the kernel's on [`HOP_CPU`]
-/// (system, irq, softirq: the hop's work, beside a [`Soaker`]'s user time).
+/// (everything but idle and iowait), and the interrupts' and softirqs' on
+/// [`HOP_CPU`] (the hop's work: its devices receive there, beside a
+/// [`Soaker`]'s user time). Not the CPU's system time: kernel threads
+/// that happen to run there (kdamond reclaiming memory, a compiler's
+/// system calls) book theirs as that, and the hop's work books none.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuTime {
     pub machine: f64,
@@ -355,7 +358,7 @@ impl CpuTime {
         };
         Self {
             machine: seconds("cpu", &[0, 1, 2, 5, 6, 7]),
-            hop: seconds(&format!("cpu{HOP_CPU}"), &[2, 5, 6]),
+            hop: seconds(&format!("cpu{HOP_CPU}"), &[5, 6]),
         }
     }
 
@@ -444,9 +447,89 @@ pub fn tcp_stream(target: SocketAddr, duration: Duration) -> u64 {
     sent
 }
 
-/// `n` host routes inside the tailnet range that no traffic uses: they only
-/// make the tables bigger.
+/// conntrack's limit of connections (settable only from the first
+/// network namespace; the others read it).
+pub const CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+/// conntrack's hash table's bucket count, shared by every namespace.
+pub const CONNTRACK_HASHSIZE: &str = "/sys/module/nf_conntrack/parameters/hashsize";
+
+/// A kernel setting raised (if below) for a while and put back on drop, so
+/// that a run leaves the machine as it found it.
+pub struct KernelSetting {
+    path: &'static str,
+    /// What it was, if it was raised.
+    before: Option<String>,
+}
+
+impl KernelSetting {
+    pub fn at_least(path: &'static str, value: u64) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let now = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+        if now.trim().parse::<u64>().unwrap_or(0) >= value {
+            // Not written at all: writing conntrack's hashsize rehashes
+            // every connection, even to the same size.
+            return Ok(Self { path, before: None });
+        }
+        std::fs::write(path, value.to_string())
+            .with_context(|| format!("writing {value} to {path}"))?;
+        Ok(Self {
+            path,
+            before: Some(now),
+        })
+    }
+}
+
+impl Drop for KernelSetting {
+    fn drop(&mut self) {
+        if let Some(before) = &self.before {
+            let _ = std::fs::write(self.path, before.trim());
+        }
+    }
+}
+
+/// Where [`unused_routes`] lie: outside every network the benchmarks
+/// route (inside the tailnet's 100.64.0.0/10 they would be redundant, and
+/// the tries would drop them), and no test traffic goes there.
+pub const UNUSED_NET: ipnet::Ipv4Net = match ipnet::Ipv4Net::new(Ipv4Addr::new(44, 0, 0, 0), 8) {
+    Ok(net) => net,
+    Err(_) => panic!("a valid prefix"),
+};
+
+/// `n` host routes in [`UNUSED_NET`] that no traffic uses: they only make
+/// the tables bigger.
 pub fn unused_routes(n: usize) -> impl Iterator<Item = ipnet::Ipv4Net> {
-    let first = u32::from(Ipv4Addr::new(100, 100, 0, 0));
+    let first = u32::from(UNUSED_NET.network());
     (0..n as u32).map(move |i| ipnet::Ipv4Net::new(Ipv4Addr::from(first + i), 32).expect("a /32"))
+}
+
+/// Fails unless the route tries hold all `n` of [`unused_routes`]: a scale
+/// point that silently loaded fewer would measure a smaller table than it
+/// says.
+pub fn check_unused_routes(dp: &tailguard::datapath::Datapath, n: usize) -> anyhow::Result<()> {
+    let held = dp
+        .routes()?
+        .keys()
+        .filter(|net| matches!(net, ipnet::IpNet::V4(v4) if UNUSED_NET.contains(v4)))
+        .count();
+    anyhow::ensure!(
+        held == n,
+        "the route tries hold {held} of the {n} extra routes"
+    );
+    Ok(())
+}
+
+/// `items` in an order that looks random but is the same every run
+/// (Fisher-Yates, driven by splitmix64): consecutive packets of a flood go
+/// to flows all over the table, as traffic's would, rather than walking it
+/// in the order it was filled.
+pub fn shuffle<T>(items: &mut [T]) {
+    let mut state = 0x5eed_u64;
+    for i in (1..items.len()).rev() {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        items.swap(i, (z % (i as u64 + 1)) as usize);
+    }
 }

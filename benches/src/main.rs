@@ -8,8 +8,9 @@
 //! 2. Forwarding throughput through a TailGuard namespace, both datapaths in
 //!    turn: over veth (`hop`), and as users run it, the daemon between
 //!    userspace WireGuard on both sides (`wireguard`).
-//! 3. Scale: the same with 10, 1,000 and 10,000 routes and 1,000, 100,000
-//!    and 1,000,000 live flows, and the memory their tables take.
+//! 3. Scale: the same with 10, 10,000, 100,000 and 1,000,000 routes and
+//!    1,000, 100,000 and 1,000,000 live flows (each run or datagram a
+//!    different one of them), and the memory their tables take.
 
 mod chart;
 mod churn;
@@ -28,8 +29,13 @@ use anyhow::{Result, bail};
 const ROUNDS: usize = 5;
 const SCALE_ROUNDS: usize = 3;
 const WIREGUARD_ROUNDS: usize = 3;
-const ROUTE_POINTS: [usize; 3] = [10, 1_000, 10_000];
+const ROUTE_POINTS: [usize; 4] = [10, 10_000, 100_000, 1_000_000];
 const FLOW_POINTS: [usize; 3] = [1_000, 100_000, 1_000_000];
+/// Live flows at the route points, routes at the flow points.
+const BASE_FLOWS: usize = 1_000;
+const BASE_ROUTES: usize = 10;
+/// conntrack's limit for the run: the million-flow point's, with room.
+const CONNTRACK_ROOM: u64 = 1 << 21;
 
 /// Set by SIGINT/SIGTERM: the runs stop at the next round and everything
 /// they made is taken down as usual (namespaces, programs, conntrack's
@@ -67,17 +73,17 @@ fn main() -> Result<()> {
         return sections(&only);
     }
     let started = Instant::now();
-    let _conntrack = ConntrackMax::raise(1 << 21)?;
+    let _conntrack = load::KernelSetting::at_least(load::CONNTRACK_MAX, CONNTRACK_ROOM)?;
 
     eprintln!("per-packet cost (BPF_PROG_TEST_RUN)");
     let per_packet = per_packet::run()?;
     let mut per_packet_scale = Vec::new();
     for routes in ROUTE_POINTS {
-        per_packet_scale.push(per_packet::scale_point(routes, 1_000, false)?);
+        per_packet_scale.push(per_packet::scale_point(routes, BASE_FLOWS, false)?);
     }
     for ipv6 in [false, true] {
         for flows in FLOW_POINTS {
-            per_packet_scale.push(per_packet::scale_point(10, flows, ipv6)?);
+            per_packet_scale.push(per_packet::scale_point(BASE_ROUTES, flows, ipv6)?);
         }
     }
 
@@ -89,10 +95,10 @@ fn main() -> Result<()> {
     eprintln!("scale over veth");
     let mut scale = Vec::new();
     for routes in ROUTE_POINTS {
-        scale.push(throughput::veth_scale(routes, 1_000, SCALE_ROUNDS)?);
+        scale.push(throughput::veth_scale(routes, BASE_FLOWS, SCALE_ROUNDS)?);
     }
     for flows in FLOW_POINTS {
-        scale.push(throughput::veth_scale(10, flows, SCALE_ROUNDS)?);
+        scale.push(throughput::veth_scale(BASE_ROUTES, flows, SCALE_ROUNDS)?);
     }
     eprintln!("forwarding between userspace WireGuard: the daemon with each datapath in turn");
     let wireguard = throughput::wireguard(WIREGUARD_ROUNDS)?;
@@ -140,8 +146,32 @@ fn sections(only: &[String]) -> Result<()> {
             }
             "veth" => {
                 for c in throughput::veth(ROUNDS)? {
-                    println!("{}: ratio {:.2}", c.metric, c.ratio.median);
+                    print!("{}: ratio {:.2}", c.metric, c.ratio.median);
+                    if let Some(added) = c.added_cost {
+                        print!(", added cost over the floor {:.2}", added.median);
+                    }
+                    println!();
                 }
+            }
+            // One scale point, e.g. `scale:10:1000000` (routes, flows):
+            // per packet in both families, then over veth.
+            scale if scale.starts_with("scale:") => {
+                let mut sizes = scale["scale:".len()..].split(':').map(str::parse::<usize>);
+                let (Some(Ok(routes)), Some(Ok(flows)), None) =
+                    (sizes.next(), sizes.next(), sizes.next())
+                else {
+                    bail!("{scale:?}: say scale:ROUTES:FLOWS");
+                };
+                let _conntrack =
+                    load::KernelSetting::at_least(load::CONNTRACK_MAX, CONNTRACK_ROOM)?;
+                for ipv6 in [false, true] {
+                    println!(
+                        "{}",
+                        per_packet::scale_point(routes, flows, ipv6)?.to_json()
+                    );
+                }
+                let run = throughput::veth_scale(routes, flows, SCALE_ROUNDS)?;
+                println!("{}", run.to_json());
             }
             "wireguard" => {
                 for c in throughput::wireguard(WIREGUARD_ROUNDS)? {
@@ -149,11 +179,11 @@ fn sections(only: &[String]) -> Result<()> {
                 }
             }
             // One path's flood for 10 s, to profile (`perf record -C 1`).
-            "flood-ebpf" | "flood-netfilter" => {
-                let path = if section == "flood-ebpf" {
-                    hop::Path::Ebpf
-                } else {
-                    hop::Path::Netfilter
+            "flood-floor" | "flood-ebpf" | "flood-netfilter" => {
+                let path = match section.as_str() {
+                    "flood-floor" => hop::Path::Floor,
+                    "flood-ebpf" => hop::Path::Ebpf,
+                    _ => hop::Path::Netfilter,
                 };
                 let hop = hop::Hop::new(10, 0)?;
                 let frames = hop.frames(path, (0..1000).map(load::flow));
@@ -164,31 +194,9 @@ fn sections(only: &[String]) -> Result<()> {
                 println!("{section}: {pps:.0} datagrams/s, {ns:.0} hop CPU ns each");
             }
             other => bail!(
-                "no section {other:?}: per-packet, table, veth, wireguard, flood-ebpf or flood-netfilter"
+                "no section {other:?}: per-packet, table, veth, scale:ROUTES:FLOWS, wireguard, flood-floor, flood-ebpf or flood-netfilter"
             ),
         }
     }
     Ok(())
-}
-
-/// conntrack's limit, raised for the run (the million-flow point) and put
-/// back afterwards. It can only be set from the first network namespace.
-struct ConntrackMax(String);
-
-const CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
-
-impl ConntrackMax {
-    fn raise(to: u64) -> Result<Self> {
-        let before = std::fs::read_to_string(CONNTRACK_MAX)?;
-        if before.trim().parse::<u64>().unwrap_or(0) < to {
-            std::fs::write(CONNTRACK_MAX, to.to_string())?;
-        }
-        Ok(Self(before))
-    }
-}
-
-impl Drop for ConntrackMax {
-    fn drop(&mut self) {
-        let _ = std::fs::write(CONNTRACK_MAX, self.0.trim());
-    }
 }
