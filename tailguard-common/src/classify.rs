@@ -78,6 +78,40 @@ pub const fn version(nibble: u8, announced: Option<u8>) -> Result<u8, PacketClas
     }
 }
 
+/// How much of the quoted transport header an ICMP error must carry: the
+/// 8 bytes that hold the ports (as the kernel's conntrack insists too).
+pub const QUOTED_L4: usize = 8;
+
+/// What the packet an ICMP error quotes carried after its fixed IP header,
+/// as that header states it: IPv4's total length less the header
+/// (`header`, options included), IPv6's payload length (`stated`, which
+/// counts extension headers). These describe the packet as it was sent,
+/// not the quote, which may be cut short. `None` when the lengths do not
+/// add up or leave no room for the transport header's first `QUOTED_L4`
+/// bytes: not a packet the fast path sent.
+pub const fn quoted_payload(ipv6: bool, stated: usize, header: usize) -> Option<usize> {
+    let payload = if ipv6 {
+        stated
+    } else if stated < header {
+        return None;
+    } else {
+        stated - header
+    };
+    if payload < QUOTED_L4 {
+        None
+    } else {
+        Some(payload)
+    }
+}
+
+/// Whether a quoted UDP header's length field is one the packet could have
+/// had: at least the header, and within the `payload` the IP header states,
+/// unless that is a first fragment's, whose UDP length is the whole
+/// datagram's.
+pub const fn quoted_udp_len(udp_len: usize, payload: usize, first_fragment: bool) -> bool {
+    udp_len >= crate::wire::udp::HEADER && (udp_len <= payload || first_fragment)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,5 +200,32 @@ mod tests {
         assert_eq!(version(4, Some(6)), Err(PacketClass::Malformed));
         assert_eq!(version(6, Some(4)), Err(PacketClass::Malformed));
         assert_eq!(version(0, Some(4)), Err(PacketClass::Malformed));
+    }
+
+    #[test]
+    fn a_quoted_packet_must_state_room_for_its_ports() {
+        assert_eq!(quoted_payload(false, 20 + 8, 20), Some(8));
+        assert_eq!(quoted_payload(false, 24 + 30, 24), Some(30), "options");
+        assert_eq!(quoted_payload(false, 16, 20), None, "total below header");
+        assert_eq!(quoted_payload(false, 20 + 7, 20), None, "under 8 bytes");
+        assert_eq!(
+            quoted_payload(true, 8, ipv6::HEADER),
+            Some(8),
+            "IPv6 states its payload"
+        );
+        assert_eq!(quoted_payload(true, 7, ipv6::HEADER), None);
+    }
+
+    #[test]
+    fn a_quoted_udp_length_must_fit_what_the_ip_header_states() {
+        assert!(quoted_udp_len(8, 8, false));
+        assert!(quoted_udp_len(29, 29, false));
+        assert!(!quoted_udp_len(7, 29, false), "below the header");
+        assert!(!quoted_udp_len(7, 29, true), "below the header");
+        assert!(!quoted_udp_len(30, 29, false), "past the datagram");
+        assert!(
+            quoted_udp_len(3000, 1472, true),
+            "a first fragment's is the datagram's"
+        );
     }
 }

@@ -7,23 +7,20 @@
 use aya_ebpf::programs::TcContext;
 use tailguard_common::{
     Config, Device, Outcome,
-    fragment::{Fragment, IPV6_MAX_EXT_HEADERS, Ipv6Step, ipv6_step},
+    classify::{QUOTED_L4, quoted_payload, quoted_udp_len},
+    fragment::Fragment,
     nat::FlowKey,
     wire::{
-        IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, icmp, icmpv6, ip_version, ipv4,
-        ipv6, tcp, udp,
+        IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, icmp, icmpv6, ipv4, ipv6, tcp, udp,
     },
 };
 
 use crate::{
     nat,
-    packet::is_extension,
+    packet::Packet,
+    parse::read,
     rewrite::{self, Failed},
 };
-
-/// How much of the quoted transport header an error must carry: the 8
-/// bytes that hold the ports (as the kernel's conntrack insists too).
-const QUOTED_L4: usize = 8;
 
 /// The outer packet's fields that change, and where the quote starts.
 #[repr(C, align(8))]
@@ -48,6 +45,9 @@ pub struct IcmpError {
     /// Where the quoted transport checksum sits, when the quote holds it
     /// and it is in use (a zero UDP checksum means none); 0 otherwise.
     pub inner_csum: usize,
+    /// Where `Packet`'s reader puts the headers it reads: the error's own
+    /// IP header, then the quoted packet's, at its offset.
+    headers: Packet,
 }
 
 fn is_error(ipv6: bool, icmp_type: u8) -> bool {
@@ -64,162 +64,93 @@ fn is_error(ipv6: bool, icmp_type: u8) -> bool {
 impl IcmpError {
     /// Reads an ICMP error and the header it quotes into `e` (scratch
     /// space: it does not fit the stack next to the rest); `None` for
-    /// anything else.
+    /// anything else. Both IP headers are read as `Packet` reads every
+    /// packet, the quote by its own rules: it may be cut short after the
+    /// first `QUOTED_L4` bytes of its transport header, and its length
+    /// fields are the original packet's.
     #[inline(always)]
     pub fn read(ctx: &TcContext, l3: usize, e: &mut Self) -> Option<()> {
-        let first: u8 = ctx.load(l3).ok()?;
-        let ipv6 = ip_version(first) == ipv6::VERSION;
-        *e = Self {
-            ipv6,
-            l3,
-            l4: 0,
-            src: [0; 16],
-            dst: [0; 16],
-            ttl: 0,
-            len: ctx.len().checked_sub(l3 as u32)?,
-            inner_l3: 0,
-            inner_l4: 0,
-            inner_proto: 0,
-            inner_src: [0; 16],
-            inner_dst: [0; 16],
-            inner_sport: 0,
-            inner_dport: 0,
-            inner_csum: 0,
-        };
-        if ipv6 {
-            if ctx.load::<u8>(l3 + ipv6::NEXT_HEADER).ok()? != IPPROTO_ICMPV6 {
-                return None;
-            }
-            e.l4 = l3 + ipv6::HEADER;
-            e.ttl = ctx.load(l3 + ipv6::HOP_LIMIT).ok()?;
-            e.src = ctx.load(l3 + ipv6::SRC).ok()?;
-            e.dst = ctx.load(l3 + ipv6::DST).ok()?;
-        } else {
-            if ip_version(first) != ipv4::VERSION
-                || ctx.load::<u8>(l3 + ipv4::PROTOCOL).ok()? != IPPROTO_ICMP
-            {
-                return None;
-            }
-            // Not a fragment (MF or an offset).
-            let frag: u16 = ctx.load(l3 + ipv4::FRAG).ok()?;
-            if u16::from_be(frag) & (ipv4::FLAG_MF | ipv4::OFFSET_MASK) != 0 {
-                return None;
-            }
-            let ihl = ipv4::header_len(first);
-            if ihl < ipv4::HEADER {
-                return None;
-            }
-            e.l4 = l3 + ihl;
-            e.ttl = ctx.load(l3 + ipv4::TTL).ok()?;
-            let s: [u8; ipv4::ADDR_LEN] = ctx.load(l3 + ipv4::SRC).ok()?;
-            let d: [u8; ipv4::ADDR_LEN] = ctx.load(l3 + ipv4::DST).ok()?;
-            e.src[..ipv4::ADDR_LEN].copy_from_slice(&s);
-            e.dst[..ipv4::ADDR_LEN].copy_from_slice(&d);
-        }
-        if !is_error(ipv6, ctx.load(e.l4 + icmp::TYPE).ok()?) {
+        let outer = &mut e.headers;
+        outer.read_ip_header(ctx, l3)?;
+        // ICMP right after the IP header (behind IPv6 extension headers it
+        // is the kernel's), not in an IPv4 fragment.
+        if outer.proto != outer.icmp_proto() || outer.part != Fragment::Whole {
             return None;
         }
+        // Type and code: a one-byte read would not pass the verifier.
+        let kind: [u8; 2] = read(ctx, outer.l4 + icmp::TYPE)?;
+        if !is_error(outer.ipv6, kind[0]) {
+            return None;
+        }
+        e.ipv6 = outer.ipv6;
+        e.l3 = l3;
+        e.l4 = outer.l4;
+        e.src = outer.src;
+        e.dst = outer.dst;
+        e.ttl = outer.ttl;
+        e.len = outer.len;
+        e.inner_l3 = outer.l4 + icmp::HEADER;
         // The quote: the same family, a well-formed header whose lengths
-        // cover at least the 8 bytes after it, and (IPv4) no later fragment,
-        // which would carry no ports. Anything else is not an error about a
+        // cover at least the 8 bytes after it, and no later fragment, which
+        // would carry no ports (an IPv6 quote's extension headers walked as
+        // `Packet` walks them). Anything else is not an error about a
         // packet we sent; the kernel judges it.
-        e.inner_l3 = e.l4 + icmp::HEADER;
-        let inner_first: u8 = ctx.load(e.inner_l3).ok()?;
-        // What the quoted packet says it carried after its IP header.
-        let inner_payload;
-        let mut first_fragment = false;
-        if ipv6 {
-            if ip_version(inner_first) != ipv6::VERSION {
-                return None;
-            }
-            inner_payload =
-                usize::from(u16::from_be(ctx.load(e.inner_l3 + ipv6::PAYLOAD_LEN).ok()?));
-            e.inner_proto = ctx.load(e.inner_l3 + ipv6::NEXT_HEADER).ok()?;
-            e.inner_l4 = e.inner_l3 + ipv6::HEADER;
-            // The quoted packet's extension headers, as `Packet` walks
-            // them: a first fragment's quote holds the ports; a later one's
-            // does not.
-            for _ in 0..IPV6_MAX_EXT_HEADERS {
-                if !is_extension(e.inner_proto) {
-                    break;
-                }
-                let h: [u8; 8] = ctx.load(e.inner_l4).ok()?;
-                match ipv6_step(e.inner_proto, h) {
-                    Ipv6Step::Skip { next, len } | Ipv6Step::SourceRouted { next, len } => {
-                        e.inner_l4 += len;
-                        e.inner_proto = next;
-                    }
-                    Ipv6Step::Fragment { next, part, .. } => {
-                        if part == Fragment::Later {
-                            return None;
-                        }
-                        first_fragment = true;
-                        e.inner_l4 += ipv6::FRAGMENT_HEADER;
-                        e.inner_proto = next;
-                    }
-                    Ipv6Step::Upper(_) => break,
-                }
-            }
-            e.inner_src = ctx.load(e.inner_l3 + ipv6::SRC).ok()?;
-            e.inner_dst = ctx.load(e.inner_l3 + ipv6::DST).ok()?;
-        } else {
-            let ihl = ipv4::header_len(inner_first);
-            if ip_version(inner_first) != ipv4::VERSION || ihl < ipv4::HEADER {
-                return None;
-            }
-            let total = usize::from(u16::from_be(ctx.load(e.inner_l3 + ipv4::TOTAL_LEN).ok()?));
-            let frag = u16::from_be(ctx.load(e.inner_l3 + ipv4::FRAG).ok()?);
-            if frag & ipv4::OFFSET_MASK != 0 || total < ihl {
-                return None;
-            }
-            inner_payload = total - ihl;
-            // A first fragment's UDP length is the whole datagram's.
-            first_fragment = frag & ipv4::FLAG_MF != 0;
-            e.inner_proto = ctx.load(e.inner_l3 + ipv4::PROTOCOL).ok()?;
-            e.inner_l4 = e.inner_l3 + ihl;
-            let s: [u8; ipv4::ADDR_LEN] = ctx.load(e.inner_l3 + ipv4::SRC).ok()?;
-            let d: [u8; ipv4::ADDR_LEN] = ctx.load(e.inner_l3 + ipv4::DST).ok()?;
-            e.inner_src[..ipv4::ADDR_LEN].copy_from_slice(&s);
-            e.inner_dst[..ipv4::ADDR_LEN].copy_from_slice(&d);
-        }
-        // How much of the quoted transport header the error carries: the
-        // 8 bytes that hold the ports at least, as the kernel's conntrack
-        // insists too.
-        let quoted = (ctx.len() as usize).saturating_sub(e.inner_l4);
-        if inner_payload < QUOTED_L4 || quoted < QUOTED_L4 {
+        let q = &mut e.headers;
+        q.read_ip_header(ctx, e.inner_l3)?;
+        if q.ipv6 != e.ipv6 {
             return None;
         }
-        match e.inner_proto {
+        let header = q.l4 - q.l3;
+        if q.ipv6 {
+            q.walk_extensions(ctx)?;
+        }
+        if q.unreadable || q.part == Fragment::Later {
+            return None;
+        }
+        let payload = quoted_payload(q.ipv6, usize::from(q.stated_len), header)?;
+        // How much of the quoted transport header the error carries.
+        let quoted = (ctx.len() as usize).saturating_sub(q.l4);
+        // TCP, UDP or (its family's) ICMP: the quote's first 8 bytes of it
+        // hold what the flow is known by.
+        if !matches!(q.proto, IPPROTO_TCP | IPPROTO_UDP) && q.proto != q.icmp_proto() {
+            return None;
+        }
+        let h: [u8; QUOTED_L4] = read(ctx, q.l4)?;
+        e.inner_csum = 0;
+        match q.proto {
             IPPROTO_TCP => {
-                e.inner_sport = ctx.load(e.inner_l4 + tcp::SRC_PORT).ok()?;
-                e.inner_dport = ctx.load(e.inner_l4 + tcp::DST_PORT).ok()?;
+                q.take_ports(&h);
                 // Only a whole TCP header holds the checksum (as the
                 // kernel's NAT requires too).
                 if quoted >= tcp::HEADER {
-                    e.inner_csum = e.inner_l4 + tcp::CHECKSUM;
+                    e.inner_csum = q.l4 + tcp::CHECKSUM;
                 }
             }
             IPPROTO_UDP => {
-                let udp_len = usize::from(u16::from_be(ctx.load(e.inner_l4 + udp::LEN).ok()?));
-                if udp_len < udp::HEADER || (udp_len > inner_payload && !first_fragment) {
+                let udp_len = usize::from(u16::from_be_bytes([h[udp::LEN], h[udp::LEN + 1]]));
+                if !quoted_udp_len(udp_len, payload, q.part == Fragment::First) {
                     return None;
                 }
-                e.inner_sport = ctx.load(e.inner_l4 + udp::SRC_PORT).ok()?;
-                e.inner_dport = ctx.load(e.inner_l4 + udp::DST_PORT).ok()?;
-                if ctx.load::<u16>(e.inner_l4 + udp::CHECKSUM).ok()? != 0 {
-                    e.inner_csum = e.inner_l4 + udp::CHECKSUM;
+                q.take_ports(&h);
+                if h[udp::CHECKSUM] != 0 || h[udp::CHECKSUM + 1] != 0 {
+                    e.inner_csum = q.l4 + udp::CHECKSUM;
                 }
             }
-            IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-                let t: u8 = ctx.load(e.inner_l4 + icmp::TYPE).ok()?;
-                if t != icmp::ECHO_REQUEST && t != icmpv6::ECHO_REQUEST {
+            _ => {
+                q.take_echo(&h);
+                // An echo request: its reply would be a flow's.
+                if !q.starts_flow() {
                     return None;
                 }
-                e.inner_sport = ctx.load(e.inner_l4 + icmp::ECHO_ID).ok()?;
-                e.inner_csum = e.inner_l4 + icmp::CHECKSUM;
+                e.inner_csum = q.l4 + icmp::CHECKSUM;
             }
-            _ => return None,
         }
+        e.inner_l4 = q.l4;
+        e.inner_proto = q.proto;
+        e.inner_src = q.src;
+        e.inner_dst = q.dst;
+        e.inner_sport = q.sport;
+        e.inner_dport = q.dport;
         Some(())
     }
 

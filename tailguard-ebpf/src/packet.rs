@@ -1,5 +1,6 @@
 //! The fields the policy needs, read straight from the packet
-//! (`parse::read`).
+//! (`parse::read`). The same reader reads the packet an ICMP error quotes,
+//! at the quote's offset (`icmp`).
 
 use crate::{
     link_layer::{has_ethernet, ip_header_offset},
@@ -64,6 +65,11 @@ pub struct Packet {
     pub unreadable: bool,
     /// IPv6 UDP with checksum 0, which IPv6 forbids.
     pub udp6_no_checksum: bool,
+    /// The length its IP header states: IPv4's total length, IPv6's
+    /// payload length (extension headers included). `parse::classify` has
+    /// judged it for the packet a program decides on; a quoted packet's
+    /// describes the packet as it was sent, not the quote.
+    pub stated_len: u16,
 }
 
 /// An IPv6 extension header the fast path walks past.
@@ -113,12 +119,57 @@ impl Packet {
     fn read_into(&mut self, ctx: &TcContext, l3: usize) -> Option<()> {
         // SAFETY: the context points at the kernel's `__sk_buff` for this run.
         let gso_size = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).gso_size };
+        let p = self;
+        p.read_ip_header(ctx, l3)?;
+        if p.ipv6 {
+            p.walk_extensions(ctx)?;
+        }
+        p.gso_size = gso_size;
+        if p.unreadable {
+            return Some(());
+        }
+        if p.part == Fragment::Later {
+            // Payload only: the flow is whatever the first fragment said.
+            return match p.proto {
+                IPPROTO_TCP | IPPROTO_UDP => Some(()),
+                IPPROTO_ICMP if !p.ipv6 => Some(()),
+                IPPROTO_ICMPV6 | ipv6::DEST_OPTS if p.ipv6 => Some(()),
+                _ => None,
+            };
+        }
+        match p.proto {
+            IPPROTO_TCP => {
+                // Ports (kept in network byte order) through the flags.
+                let h: [u8; tcp::FLAGS + 1] = read(ctx, p.l4)?;
+                p.take_ports(&h);
+                p.tcp_flags = h[tcp::FLAGS];
+                p.l4_len = tcp::header_len(h[tcp::DATA_OFFSET]) as u32;
+            }
+            IPPROTO_UDP => {
+                let h: [u8; udp::HEADER] = read(ctx, p.l4)?;
+                p.take_ports(&h);
+                p.udp6_no_checksum = p.ipv6 && h[udp::CHECKSUM] == 0 && h[udp::CHECKSUM + 1] == 0;
+            }
+            IPPROTO_ICMP if !p.ipv6 => p.read_echo(ctx, icmp::ECHO_REQUEST, icmp::ECHO_REPLY)?,
+            IPPROTO_ICMPV6 if p.ipv6 => {
+                p.read_echo(ctx, icmpv6::ECHO_REQUEST, icmpv6::ECHO_REPLY)?
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+
+    /// Reads the IP header at `l3`, either family, into `self`: `l4` and
+    /// `proto` then say where the transport header (IPv6: the first
+    /// extension header, if any; see `walk_extensions`) starts and what it
+    /// is. Every other field starts over (the ports 0).
+    #[inline(always)]
+    pub fn read_ip_header(&mut self, ctx: &TcContext, l3: usize) -> Option<()> {
         // Every IP header is at least IPv4's fixed part long.
         let h: [u8; ipv4::HEADER] = read(ctx, l3)?;
         let first = h[0];
         let len = ctx.len().checked_sub(l3 as u32)?;
-        let p = self;
-        *p = match ip_version(first) {
+        *self = match ip_version(first) {
             ipv4::VERSION => {
                 let ihl = ipv4::header_len(first);
                 if ihl < ipv4::HEADER {
@@ -149,69 +200,40 @@ impl Packet {
                     options: ihl > ipv4::HEADER,
                     unreadable: false,
                     udp6_no_checksum: false,
+                    stated_len: u16::from_be_bytes([h[ipv4::TOTAL_LEN], h[ipv4::TOTAL_LEN + 1]]),
                 }
             }
-            ipv6::VERSION => Self {
-                ipv6: true,
-                l3,
-                l4: l3 + ipv6::HEADER,
-                l4_len: SHORT_L4_HEADER,
-                proto: h[ipv6::NEXT_HEADER],
-                src: read(ctx, l3 + ipv6::SRC)?,
-                dst: read(ctx, l3 + ipv6::DST)?,
-                sport: 0,
-                dport: 0,
-                ttl: h[ipv6::HOP_LIMIT],
-                tcp_flags: 0,
-                icmp_type: 0,
-                len,
-                gso_size: 0,
-                part: Fragment::Whole,
-                frag_id: 0,
-                frag_proto: 0,
-                options: false,
-                unreadable: false,
-                udp6_no_checksum: false,
-            },
+            ipv6::VERSION => {
+                let a: [[u8; ipv6::ADDR_LEN]; 2] = read(ctx, l3 + ipv6::SRC)?;
+                Self {
+                    ipv6: true,
+                    l3,
+                    l4: l3 + ipv6::HEADER,
+                    l4_len: SHORT_L4_HEADER,
+                    proto: h[ipv6::NEXT_HEADER],
+                    src: a[0],
+                    dst: a[1],
+                    sport: 0,
+                    dport: 0,
+                    ttl: h[ipv6::HOP_LIMIT],
+                    tcp_flags: 0,
+                    icmp_type: 0,
+                    len,
+                    gso_size: 0,
+                    part: Fragment::Whole,
+                    frag_id: 0,
+                    frag_proto: 0,
+                    options: false,
+                    unreadable: false,
+                    udp6_no_checksum: false,
+                    stated_len: u16::from_be_bytes([
+                        h[ipv6::PAYLOAD_LEN],
+                        h[ipv6::PAYLOAD_LEN + 1],
+                    ]),
+                }
+            }
             _ => return None,
         };
-        if p.ipv6 {
-            p.walk_extensions(ctx)?;
-        }
-        p.gso_size = gso_size;
-        if p.unreadable {
-            return Some(());
-        }
-        if p.part == Fragment::Later {
-            // Payload only: the flow is whatever the first fragment said.
-            return match p.proto {
-                IPPROTO_TCP | IPPROTO_UDP => Some(()),
-                IPPROTO_ICMP if !p.ipv6 => Some(()),
-                IPPROTO_ICMPV6 | ipv6::DEST_OPTS if p.ipv6 => Some(()),
-                _ => None,
-            };
-        }
-        match p.proto {
-            IPPROTO_TCP => {
-                // Ports (kept in network byte order) through the flags.
-                let h: [u8; tcp::FLAGS + 1] = read(ctx, p.l4)?;
-                p.sport = u16::from_ne_bytes([h[tcp::SRC_PORT], h[tcp::SRC_PORT + 1]]);
-                p.dport = u16::from_ne_bytes([h[tcp::DST_PORT], h[tcp::DST_PORT + 1]]);
-                p.tcp_flags = h[tcp::FLAGS];
-                p.l4_len = tcp::header_len(h[tcp::DATA_OFFSET]) as u32;
-            }
-            IPPROTO_UDP => {
-                let h: [u8; udp::HEADER] = read(ctx, p.l4)?;
-                p.sport = u16::from_ne_bytes([h[udp::SRC_PORT], h[udp::SRC_PORT + 1]]);
-                p.dport = u16::from_ne_bytes([h[udp::DST_PORT], h[udp::DST_PORT + 1]]);
-                p.udp6_no_checksum = p.ipv6 && h[udp::CHECKSUM] == 0 && h[udp::CHECKSUM + 1] == 0;
-            }
-            IPPROTO_ICMP if !p.ipv6 => p.read_echo(ctx, icmp::ECHO_REQUEST, icmp::ECHO_REPLY)?,
-            IPPROTO_ICMPV6 if p.ipv6 => {
-                p.read_echo(ctx, icmpv6::ECHO_REQUEST, icmpv6::ECHO_REPLY)?
-            }
-            _ => return None,
-        }
         Some(())
     }
 
@@ -219,7 +241,7 @@ impl Packet {
     /// fragment, to the fragment header), at most `IPV6_MAX_EXT_HEADERS` of
     /// them. `None` if one is cut short.
     #[inline(always)]
-    fn walk_extensions(&mut self, ctx: &TcContext) -> Option<()> {
+    pub fn walk_extensions(&mut self, ctx: &TcContext) -> Option<()> {
         for _ in 0..IPV6_MAX_EXT_HEADERS {
             if !is_extension(self.proto) {
                 return Some(());
@@ -256,13 +278,37 @@ impl Packet {
     #[inline(always)]
     fn read_echo(&mut self, ctx: &TcContext, request: u8, reply: u8) -> Option<()> {
         let h: [u8; icmp::HEADER] = read(ctx, self.l4)?;
-        self.icmp_type = h[icmp::TYPE];
+        self.take_echo(&h);
         if self.icmp_type != request && self.icmp_type != reply {
             return None;
         }
-        // Network byte order, as the ports.
-        self.sport = u16::from_ne_bytes([h[icmp::ECHO_ID], h[icmp::ECHO_ID + 1]]);
         Some(())
+    }
+
+    /// TCP's or UDP's ports (they sit alike), from the header's start `h`,
+    /// kept in network byte order.
+    #[inline(always)]
+    pub fn take_ports<const N: usize>(&mut self, h: &[u8; N]) {
+        const { assert!(N >= udp::DST_PORT + 2) };
+        self.sport = u16::from_ne_bytes([h[udp::SRC_PORT], h[udp::SRC_PORT + 1]]);
+        self.dport = u16::from_ne_bytes([h[udp::DST_PORT], h[udp::DST_PORT + 1]]);
+    }
+
+    /// An ICMP message's type and, for an echo, its identifier, from its
+    /// header `h`: in `sport`, in network byte order as the ports.
+    #[inline(always)]
+    pub fn take_echo(&mut self, h: &[u8; icmp::HEADER]) {
+        self.icmp_type = h[icmp::TYPE];
+        self.sport = u16::from_ne_bytes([h[icmp::ECHO_ID], h[icmp::ECHO_ID + 1]]);
+    }
+
+    /// The ICMP of the packet's family.
+    pub fn icmp_proto(&self) -> u8 {
+        if self.ipv6 {
+            IPPROTO_ICMPV6
+        } else {
+            IPPROTO_ICMP
+        }
     }
 
     pub fn is_icmp(&self) -> bool {

@@ -518,6 +518,92 @@ fn translated_icmp_errors_keep_the_quoted_checksums_valid() {
     }
 }
 
+/// Quotes of every kind the reader takes, each translated back with every
+/// checksum valid and the quote as the client sent it: IPv6 behind
+/// extension headers, an echo request, IPv4 UDP without a checksum (which
+/// stays without), TCP cut to its first 8 bytes (its checksum not quoted).
+#[test]
+fn translated_icmp_errors_read_every_kind_of_quote() {
+    let dp = datapath(false);
+    // Sends `input` wg -> ts, quotes what left (edited by `edit`) in an
+    // error from a tailnet router, and returns the error translated back.
+    let translate = |input: &[u8], edit: &dyn Fn(&mut Vec<u8>)| {
+        let ipv6 = input[12..14] == [0x86, 0xdd];
+        let out = run(&dp, Device::WireGuard, input);
+        assert_eq!(out.verdict, REDIRECT, "the flow's first packet");
+        let mut q = out.frame[14..].to_vec();
+        edit(&mut q);
+        let (router, own): (IpAddr, IpAddr) = if ipv6 {
+            (v6("fd7a:115c:a1e0::50").into(), TS6.into())
+        } else {
+            (Ipv4Addr::new(100, 64, 0, 50).into(), TS4.into())
+        };
+        let back = run(&dp, Device::Tailscale, &icmp_error(router, own, &q));
+        assert_eq!(back.verdict, REDIRECT, "translated");
+        back.assert_checksums();
+        back
+    };
+    let (client6, peer6): (IpAddr, IpAddr) = (v6(CLIENT6).into(), v6(PEER6).into());
+
+    // Hop-by-hop and destination options (each 8 bytes of padding) between
+    // the quoted IPv6 header and its UDP header.
+    let input = frame(client6, peer6, 43001, 443, L4::Udp, 64);
+    let back = translate(&input, &|q| {
+        let udp = q[6];
+        q[6] = 0; // hop-by-hop
+        q.splice(40..40, [60, 0, 1, 4, 0, 0, 0, 0, udp, 0, 1, 4, 0, 0, 0, 0]);
+        let payload = u16::from_be_bytes([q[4], q[5]]) + 16;
+        q[4..6].copy_from_slice(&payload.to_be_bytes());
+    });
+    let quote = quoted_frame(&back.frame, true);
+    assert_eq!(
+        (quote.ip().0, quote.ip().1, quote.ports()),
+        (client6, peer6, (43001, 443)),
+        "IPv6 with extension headers"
+    );
+    quote.assert_checksums();
+
+    for (client, peer) in [(CLIENT4.into(), PEER4.into()), (client6, peer6)] {
+        let input = frame(client, peer, 43002, 0, L4::Echo(false), 64);
+        let quote = quoted_frame(&translate(&input, &|_| {}).frame, client.is_ipv6());
+        assert_eq!(
+            (quote.ip().0, quote.ip().1, quote.ports()),
+            (client, peer, (43002, 43002)),
+            "{client}: an echo request"
+        );
+        quote.assert_checksums();
+    }
+
+    let mut input = frame(CLIENT4.into(), PEER4.into(), 43003, 443, L4::Udp, 64);
+    let udp_checksum = 14 + 20 + 6;
+    input[udp_checksum..udp_checksum + 2].fill(0);
+    let back = translate(&input, &|_| {});
+    let (src, dst, sport, dport, header_valid) = quoted(&back.frame, false);
+    assert_eq!(
+        (src, dst, sport, dport, header_valid),
+        (CLIENT4.into(), PEER4.into(), 43003, 443, true),
+        "UDP without a checksum"
+    );
+    let quoted_udp_checksum = 14 + 20 + 8 + 20 + 6;
+    assert_eq!(
+        back.frame[quoted_udp_checksum..quoted_udp_checksum + 2],
+        [0, 0],
+        "still without one"
+    );
+
+    for (client, peer) in [(CLIENT4.into(), PEER4.into()), (client6, peer6)] {
+        let ipv6 = client.is_ipv6();
+        let header = if ipv6 { 40 } else { 20 };
+        let input = frame(client, peer, 43004, 443, L4::Syn(1460), 64);
+        let back = translate(&input, &|q| q.truncate(header + 8));
+        assert_eq!(
+            quoted(&back.frame, ipv6),
+            (client, peer, 43004, 443, true),
+            "{client}: TCP cut to 8 bytes"
+        );
+    }
+}
+
 /// Errors that quote one of our flows but are addressed to someone else
 /// than the flow's translated address, or whose quote is not a well-formed
 /// packet, are not translated: the kernel gets them unchanged.
