@@ -126,3 +126,80 @@ async fn errors_say_what_failed() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A tailscaled that has stopped (SIGSTOP, a deadlock): the kernel still
+/// accepts connections into the socket's backlog, and nothing answers.
+/// Every request gives up at the client's timeout with an error that says
+/// so, and the bus's start is timed too; a bus that has started may stay
+/// quiet as long as it likes.
+#[tokio::test]
+async fn a_tailscaled_that_does_not_answer_times_out_every_request() {
+    let dir = std::env::temp_dir().join(format!("tg-localapi-hung-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("tailscaled.sock");
+    let _ = std::fs::remove_file(&socket);
+    // Accepted (so connecting succeeds) and never read or answered.
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            connections.push(stream);
+        }
+    });
+    let timeout = Duration::from_millis(300);
+    let api = LocalApi::with_timeout(&socket, timeout);
+    // Bounded here too, so that a client without a timeout fails the test
+    // rather than hanging it.
+    async fn by_itself<T>(request: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), request)
+            .await
+            .expect("the client gives up by itself")
+    }
+    for (what, request) in [
+        (
+            "status?peers=false",
+            by_itself(api.status(false)).await.map(drop),
+        ),
+        ("prefs", by_itself(api.prefs()).await.map(drop)),
+        ("start", by_itself(api.start(json!({}))).await),
+        (
+            "watch-ipn-bus?mask=6",
+            by_itself(api.watch(watch::INITIAL_STATE | watch::INITIAL_PREFS))
+                .await
+                .map(drop),
+        ),
+    ] {
+        let e = request.expect_err(what);
+        assert!(matches!(e, LocalApiError::TimedOut { .. }), "{what}: {e}");
+        assert_eq!(
+            e.to_string(),
+            format!("LocalAPI {what}: no answer within 0.3 s")
+        );
+    }
+    // Each gave up at its own timeout, not later.
+    let started = std::time::Instant::now();
+    let _ = by_itself(api.status(true)).await;
+    let took = started.elapsed();
+    assert!(
+        took >= timeout && took < timeout * 4,
+        "gave up after {took:?}"
+    );
+
+    let (_standin, _, standin_dir) = serve("answers-in-time").await;
+    let quick = LocalApi::with_timeout(
+        standin_dir.join("tailscaled.sock"),
+        Duration::from_millis(300),
+    );
+    assert!(
+        quick.status(false).await.is_ok(),
+        "an answering one is unaffected"
+    );
+    let mut bus = std::pin::pin!(quick.watch(watch::INITIAL_STATE).await.unwrap());
+    assert!(bus.next().await.is_some(), "the first notification");
+    // The bus stays open past the timeout while nothing happens.
+    let quiet = tokio::time::timeout(Duration::from_millis(900), bus.next()).await;
+    assert!(quiet.is_err(), "a quiet bus is not cut off: {quiet:?}");
+    held.abort();
+    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(standin_dir).unwrap();
+}

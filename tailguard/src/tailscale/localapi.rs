@@ -3,7 +3,7 @@
 //! `Host: local-tailscaled.sock` and no Origin/Referer, as tailscaled
 //! requires; over the socket, root may read and write.
 
-use std::path::PathBuf;
+use std::{future::Future, path::PathBuf, time::Duration};
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -17,6 +17,13 @@ use super::status::Status;
 use crate::config::extra_args::MaskedPrefs;
 
 const HOST: &str = "local-tailscaled.sock";
+
+/// How long one request may take, from connecting to the whole answer (for
+/// the IPN bus: to its headers). tailscaled answers its LocalAPI in
+/// milliseconds; one that has not answered in this long is stopped,
+/// deadlocked or its socket's backlog full, and a caller blocked on it
+/// would watch neither its child nor the daemon's stop.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalApiError {
@@ -35,6 +42,8 @@ pub enum LocalApiError {
     },
     #[error("LocalAPI {path}: unexpected answer: {message}")]
     Decode { path: String, message: String },
+    #[error("LocalAPI {path}: no answer within {} s", timeout.as_secs_f32())]
+    TimedOut { path: String, timeout: Duration },
 }
 
 type Result<T> = std::result::Result<T, LocalApiError>;
@@ -51,13 +60,32 @@ pub mod watch {
 #[derive(Clone, Debug)]
 pub struct LocalApi {
     socket: PathBuf,
+    timeout: Duration,
 }
 
 impl LocalApi {
+    /// A client whose requests give up after [`REQUEST_TIMEOUT`].
     pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self::with_timeout(socket, REQUEST_TIMEOUT)
+    }
+
+    pub fn with_timeout(socket: impl Into<PathBuf>, timeout: Duration) -> Self {
         Self {
             socket: socket.into(),
+            timeout,
         }
+    }
+
+    /// `work` (part of a request to `path`), given up after the timeout.
+    async fn in_time<T>(&self, path: &str, work: impl Future<Output = Result<T>>) -> Result<T> {
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(LocalApiError::TimedOut {
+                    path: path.into(),
+                    timeout: self.timeout,
+                })
+            })
     }
 
     /// `GET status`, without the peer map when `peers` is false.
@@ -101,10 +129,13 @@ impl LocalApi {
     }
 
     /// `GET watch-ipn-bus?mask=`: a stream of notifications (one JSON object
-    /// each) until tailscaled closes it or the stream is dropped.
+    /// each) until tailscaled closes it or the stream is dropped. Only its
+    /// start is timed: a bus may rightly stay quiet for hours.
     pub async fn watch(&self, mask: u64) -> Result<impl Stream<Item = Result<Value>> + use<>> {
         let path = format!("watch-ipn-bus?mask={mask}");
-        let body = self.request(Method::GET, &path, None).await?;
+        let body = self
+            .in_time(&path, self.request(Method::GET, &path, None))
+            .await?;
         Ok(futures_util::stream::unfold(
             (body, Vec::<u8>::new(), path),
             |(mut body, mut buffer, path)| async move {
@@ -155,10 +186,14 @@ impl LocalApi {
         })
     }
 
-    /// One request; the whole body of a successful answer.
+    /// One request; the whole body of a successful answer, within the
+    /// timeout.
     async fn send(&self, method: Method, path: &str, body: Option<Value>) -> Result<Bytes> {
-        let response = self.request(method, path, body).await?;
-        collect(path, response).await
+        self.in_time(path, async {
+            let response = self.request(method, path, body).await?;
+            collect(path, response).await
+        })
+        .await
     }
 
     /// One request; the body of a successful (2xx) answer, unread. Any other
