@@ -200,6 +200,80 @@ fn a_dead_tailscaled_is_restarted_and_health_follows() {
     });
 }
 
+/// A tailscaled that stops answering (SIGSTOP: its socket still accepts,
+/// nothing answers) is noticed, killed and started again; a SIGTERM to the
+/// daemon while its tailscaled hangs still stops everything promptly. The
+/// times to notice, to recover and to stop are printed (`FAULT |` lines).
+#[test]
+fn a_stopped_tailscaled_is_killed_and_started_again() {
+    let bed = Testbed::new("ts-hang");
+    let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
+    bed.ours.run(|| {
+        let mut node = DaemonUnderTest::builder((&bed, &dir))
+            .standin()
+            .envs(&[("TS_AUTHKEY", "tskey-x")])
+            .start();
+        node.wait_for("health", |_| health().0);
+        let daemon_pid = node.pid().to_string();
+        let standin_pid = || {
+            let out = Command::new("pgrep")
+                .args(["-P", &daemon_pid, "-f", "tailscaled-standin"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        let first = standin_pid();
+        assert!(!first.is_empty(), "the stand-in runs as the daemon's child");
+        let stopped = Instant::now();
+        run(Command::new("kill").args(["-STOP", &first]));
+        node.wait_for("unhealthy, saying tailscaled does not answer", |_| {
+            let (healthy, why) = health();
+            !healthy && why.contains("no answer within")
+        });
+        let detected = stopped.elapsed();
+        assert!(
+            detected <= Duration::from_secs(10),
+            "noticed after {detected:?}"
+        );
+        node.wait_for("the hung one killed and a new one healthy", |_| {
+            let now = standin_pid();
+            !now.is_empty() && now != first && health().0
+        });
+        let recovered = stopped.elapsed();
+        assert!(
+            !std::path::Path::new(&format!("/proc/{first}")).exists(),
+            "the hung stand-in is gone"
+        );
+        assert!(
+            node.log().contains("tailscaled stopped answering"),
+            "{}",
+            node.log()
+        );
+        println!(
+            "FAULT | tailscaled stopped (SIGSTOP) | detected {:.1} s | recovered {:.1} s",
+            detected.as_secs_f32(),
+            recovered.as_secs_f32()
+        );
+
+        // Stopped again, then the daemon told to stop while it hangs.
+        let second = standin_pid();
+        run(Command::new("kill").args(["-STOP", &second]));
+        std::thread::sleep(Duration::from_secs(1));
+        let stopping = Instant::now();
+        node.stop();
+        let took = stopping.elapsed();
+        assert!(took <= Duration::from_secs(10), "stopped after {took:?}");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{second}")).exists(),
+            "the hung stand-in is gone with the daemon"
+        );
+        println!(
+            "FAULT | SIGTERM to the daemon while tailscaled hangs | stopped in {:.1} s",
+            took.as_secs_f32()
+        );
+    });
+}
+
 /// The first healthy answer comes only once the forwarding plane holds
 /// the node's tailnet addresses: `TS_DEST_IP` and the masquerade match on
 /// them, so a client told "healthy" earlier would see its first packets

@@ -102,6 +102,10 @@ pub enum NotReady {
     /// tailscaled exited: its exit status (or why it could not be read).
     #[error("tailscaled exited ({0})")]
     Exited(String),
+    /// Ours stopped answering (stopped, deadlocked, its socket gone) after
+    /// it had answered: the last error. It is killed and started again.
+    #[error("tailscaled stopped answering ({0}): killed")]
+    Hung(String),
     /// The backend state, when it is not `Running`.
     #[error("tailscaled is {0}, not Running")]
     NotRunning(String),

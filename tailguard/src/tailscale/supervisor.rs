@@ -1,6 +1,7 @@
 //! Supervising tailscaled: start it (or use one that already answers on the
 //! socket: attach mode), log it in, set the preferences, follow its status,
-//! and start it again with back-off when it exits. The rest of TailGuard
+//! and start it again with back-off when it exits, or kill it first when it
+//! stops answering (each request is timed: `localapi`). The rest of TailGuard
 //! (the forwarding plane, health) keeps running meanwhile; it learns what
 //! Tailscale is doing from the [`TailscaleState`] this publishes.
 
@@ -25,6 +26,7 @@ use super::{
 };
 use crate::config::plan::{Login, TailscalePlan};
 use futures_util::{FutureExt as _, Stream, StreamExt as _};
+use nix::sys::signal::Signal;
 
 /// tailscaled could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -60,8 +62,16 @@ impl Default for TailscaleState {
 
 /// How often to read tailscaled's status until its IPN bus is followed.
 const POLL: Duration = Duration::from_secs(1);
-/// How often to read it while following the bus.
+/// How often to read it whole while following the bus.
 const RESYNC: Duration = Duration::from_secs(10);
+/// How often to check that it still answers while following the bus (a
+/// stopped tailscaled leaves its bus open and quiet): a status read without
+/// the peers.
+const LIVENESS_EVERY: Duration = Duration::from_secs(2);
+/// Failed status reads in a row, after a first answer, that make ours hung:
+/// killed and started again. (An attached one is only reported: it is not
+/// ours to kill.)
+const HUNG_AFTER: u32 = 2;
 /// How long tailscaled may take to open its socket.
 const SOCKET_WAIT: Duration = Duration::from_secs(30);
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
@@ -110,11 +120,15 @@ impl Supervisor {
             let started = Instant::now();
             let outcome = self.serve(child.as_mut(), &mut shutdown).await;
             if let Some(child) = child.as_mut() {
-                stop(child).await;
+                match outcome {
+                    // Hung: a SIGTERM would wait for it in vain.
+                    Outcome::Hung(_) => kill_group(child).await,
+                    _ => stop(child).await,
+                }
             }
             match outcome {
                 Outcome::Shutdown => return,
-                Outcome::Exited(why) => {
+                Outcome::Exited(why) | Outcome::Hung(why) => {
                     self.state.send_replace(TailscaleState {
                         ready: Err(why.clone()),
                         ..TailscaleState::default()
@@ -193,11 +207,20 @@ impl Supervisor {
         let mut setup = SetupProgress::default();
         let mut socket_deadline = Some(Instant::now() + SOCKET_WAIT);
         let mut bus: Option<Bus> = None;
+        // When the status was last read whole (the peers too) and followed.
+        let mut followed: Option<Instant> = None;
+        let mut failures = 0;
         loop {
-            match self.api.status(true).await {
+            // While the bus is followed and quiet, only check it answers.
+            let whole = bus.is_none() || followed.is_none_or(|at| at.elapsed() >= RESYNC);
+            match self.api.status(whole).await {
                 Ok(status) => {
                     socket_deadline = None;
-                    self.follow(&status, &mut setup).await;
+                    failures = 0;
+                    if whole {
+                        followed = Some(Instant::now());
+                        self.follow(&status, &mut setup).await;
+                    }
                 }
                 Err(e) => {
                     bus = None;
@@ -208,11 +231,15 @@ impl Supervisor {
                         });
                     }
                     if socket_deadline.is_none() {
+                        failures += 1;
+                        if child.is_some() && failures >= HUNG_AFTER {
+                            return Outcome::Hung(NotReady::Hung(e.to_string()));
+                        }
                         self.publish(Err(NotReady::NoAnswer(e.to_string())), (None, None), None);
                     }
                 }
             }
-            if bus.is_none() && socket_deadline.is_none() {
+            if bus.is_none() && socket_deadline.is_none() && failures == 0 {
                 match self.api.watch(localapi::watch::INITIAL_STATE).await {
                     Ok(stream) => bus = Some(Box::pin(stream) as Bus),
                     Err(e) => warn!(
@@ -221,14 +248,18 @@ impl Supervisor {
                     ),
                 }
             }
-            let wait = if bus.is_some() { RESYNC } else { POLL };
+            let wait = if bus.is_some() { LIVENESS_EVERY } else { POLL };
             tokio::select! {
                 status = exited(child.as_deref_mut()) => {
                     return Outcome::Exited(NotReady::Exited(status));
                 }
                 note = next_notification(&mut bus) => match note {
-                    // A burst of notifications leads to one status read.
-                    Some(Ok(_)) => while let Some(Some(Ok(_))) = next_notification(&mut bus).now_or_never() {},
+                    // A burst of notifications leads to one status read,
+                    // whole.
+                    Some(Ok(_)) => {
+                        while let Some(Some(Ok(_))) = next_notification(&mut bus).now_or_never() {}
+                        followed = None;
+                    }
                     Some(Err(e)) => { warn!("tailscaled's IPN bus: {e}"); bus = None; }
                     None => bus = None,
                 },
@@ -323,6 +354,8 @@ impl Supervisor {
 enum Outcome {
     Shutdown,
     Exited(NotReady),
+    /// Ours stopped answering: to be killed and started again.
+    Hung(NotReady),
 }
 
 /// How far the node's setup (login, preferences) has come with one run of
@@ -415,21 +448,31 @@ async fn exited(child: Option<&mut Child>) -> String {
     }
 }
 
-/// SIGTERM, then SIGKILL if it does not go within 5 s.
+/// SIGTERM, then SIGKILL if it does not go within 5 s. A SIGCONT follows
+/// the SIGTERM: a stopped tailscaled acts on it only once it runs again.
 async fn stop(child: &mut Child) {
     if let Some(pid) = child.id() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        for signal in [Signal::SIGTERM, Signal::SIGCONT] {
+            let _ = nix::sys::signal::kill(pid, signal);
+        }
     }
     if tokio::time::timeout(Duration::from_secs(5), child.wait())
         .await
         .is_err()
     {
         warn!("tailscaled did not stop within 5 s; killing it");
-        let _ = child.kill().await;
+        kill_group(child).await;
     }
+}
+
+/// SIGKILL to tailscaled's process group (it has one of its own, see
+/// `spawn`: whatever it started goes with it), then waits for it.
+async fn kill_group(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    let _ = child.kill().await;
 }
 
 /// Sleeps `duration` unless shutdown comes first; true means shut down.
