@@ -84,6 +84,14 @@ impl State {
         self.online = true;
     }
 
+    /// What `tailscale logout` (or a node key expiring) leaves: the
+    /// backend needs a login again, and until then the node has no
+    /// tailnet address (`status` shows addresses only while running).
+    fn log_out(&mut self) {
+        self.backend_state = "NeedsLogin".into();
+        self.online = false;
+    }
+
     fn status(&self) -> Value {
         let logged_in = self.backend_state == "Running";
         let ips: Vec<String> = if logged_in {
@@ -242,6 +250,13 @@ impl StandIn {
                 self.update(|s| {
                     s.auth_url = "https://login.standin.invalid/a/0123456789".into();
                     s.log.push(json!({"login-interactive": true}));
+                });
+                reply(StatusCode::NO_CONTENT, Value::Null)
+            }
+            (Method::POST, "/localapi/v0/logout") => {
+                self.update(|s| {
+                    s.log_out();
+                    s.log.push(json!({"logout": true}));
                 });
                 reply(StatusCode::NO_CONTENT, Value::Null)
             }

@@ -274,6 +274,50 @@ fn a_stopped_tailscaled_is_killed_and_started_again() {
     });
 }
 
+/// A node logged out (or whose node key expired) is logged in again with
+/// the auth key, and its preferences set again, without a restart.
+#[test]
+fn a_logged_out_node_is_logged_in_again_with_the_auth_key() {
+    let bed = Testbed::new("ts-relogin");
+    let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
+    bed.ours.run(|| {
+        let mut node = DaemonUnderTest::builder((&bed, &dir))
+            .standin()
+            .envs(&[("TS_AUTHKEY", "tskey-x")])
+            .start();
+        node.wait_for("health", |_| health().0);
+        let socket = node.standin().socket.clone();
+        let log = || standin::ask(&socket, Method::GET, "/standin/log", Value::Null);
+        let logged_out = Instant::now();
+        standin::ask(&socket, Method::POST, "/localapi/v0/logout", Value::Null);
+        node.wait_for("a second login with the key, then health", |_| {
+            let log = log();
+            let after_logout: Vec<&Value> = log
+                .as_array()
+                .into_iter()
+                .flatten()
+                .skip_while(|e| e.get("logout").is_none())
+                .collect();
+            let login_again = after_logout
+                .iter()
+                .any(|e| e["start"]["AuthKey"] == json!("<given>"));
+            let prefs_again = after_logout.iter().any(|e| e.get("PATCH prefs").is_some());
+            login_again && prefs_again && health().0
+        });
+        let recovered = logged_out.elapsed();
+        assert!(
+            node.log().contains("tailscaled needs a login again"),
+            "{}",
+            node.log()
+        );
+        println!(
+            "FAULT | logged out | logged in again and healthy in {:.1} s",
+            recovered.as_secs_f32()
+        );
+        node.stop();
+    });
+}
+
 /// The first healthy answer comes only once the forwarding plane holds
 /// the node's tailnet addresses: `TS_DEST_IP` and the masquerade match on
 /// them, so a client told "healthy" earlier would see its first packets

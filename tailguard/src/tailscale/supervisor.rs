@@ -275,10 +275,19 @@ impl Supervisor {
     /// Acts on one status: log in if needed, set preferences once running,
     /// the once-healthy ones once healthy, and publish the state.
     async fn follow(&self, status: &Status, setup: &mut SetupProgress) {
+        let needs_login = matches!(status.backend_state.as_str(), "NeedsLogin" | "NoState");
+        if needs_login && setup.was_running {
+            // Logged out, its node key expired, or restarted without its
+            // state: the whole setup again, the login first.
+            warn!("tailscaled needs a login again; logging in again");
+            *setup = SetupProgress::default();
+        }
+        setup.was_running |= status.backend_state == "Running";
         let SetupProgress {
             login,
             prefs_set,
             healthy_prefs_set,
+            was_running: _,
         } = setup;
         match status.backend_state.as_str() {
             "NeedsLogin" | "NoState" => login.advance(&self.api, &self.plan, status).await,
@@ -359,7 +368,8 @@ enum Outcome {
 }
 
 /// How far the node's setup (login, preferences) has come with one run of
-/// tailscaled, so each step happens once per run.
+/// tailscaled, so each step happens once per run, or once more after the
+/// node fell back to needing a login.
 #[derive(Default)]
 struct SetupProgress {
     login: LoginProgress,
@@ -367,6 +377,8 @@ struct SetupProgress {
     prefs_set: bool,
     /// The once-healthy ones (exit node, web client) too.
     healthy_prefs_set: bool,
+    /// The backend has been Running since the login.
+    was_running: bool,
 }
 
 /// Where the login stands.
