@@ -274,6 +274,49 @@ fn a_stopped_tailscaled_is_killed_and_started_again() {
     });
 }
 
+/// A LocalAPI socket that disappears (deleted by hand, a tmpfs cleaned)
+/// is a failure of tailscaled: ours is killed and started again, and the
+/// new one opens the socket again.
+#[test]
+fn a_removed_localapi_socket_gets_tailscaled_started_again() {
+    let bed = Testbed::new("ts-nosock");
+    let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
+    bed.ours.run(|| {
+        let mut node = DaemonUnderTest::builder((&bed, &dir))
+            .standin()
+            .envs(&[("TS_AUTHKEY", "tskey-x")])
+            .start();
+        node.wait_for("health", |_| health().0);
+        let socket = node.standin().socket.clone();
+        let removed = Instant::now();
+        std::fs::remove_file(&socket).unwrap();
+        node.wait_for("unhealthy, saying tailscaled cannot be reached", |_| {
+            let (healthy, why) = health();
+            !healthy && why.contains("cannot reach tailscaled")
+        });
+        let detected = removed.elapsed();
+        assert!(
+            detected <= Duration::from_secs(10),
+            "noticed after {detected:?}"
+        );
+        node.wait_for("the socket back and health again", |_| {
+            socket.exists() && health().0
+        });
+        let recovered = removed.elapsed();
+        assert!(
+            node.log().contains("tailscaled stopped answering"),
+            "{}",
+            node.log()
+        );
+        println!(
+            "FAULT | LocalAPI socket removed | detected {:.1} s | recovered {:.1} s",
+            detected.as_secs_f32(),
+            recovered.as_secs_f32()
+        );
+        node.stop();
+    });
+}
+
 /// A node logged out (or whose node key expired) is logged in again with
 /// the auth key, and its preferences set again, without a restart.
 #[test]
