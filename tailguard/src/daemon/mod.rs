@@ -426,8 +426,14 @@ impl Running {
                     continue;
                 }
             }
-            if let Err(e) = self.refresh(plan, &tailscale_state, &health).await {
-                warn!("updating the forwarding plane: {}", one_line(&e));
+            let refreshed = self.refresh(plan, &tailscale_state, &health).await;
+            let wireguard_up = !matches!(refreshed, Err(Error::WireGuardGone(_)));
+            note_wireguard(&health, &plan.wireguard.device, wireguard_up);
+            match refreshed {
+                // Said once, when it went (`note_wireguard`).
+                Err(Error::WireGuardGone(_)) => {}
+                Err(e) => warn!("updating the forwarding plane: {}", one_line(&e)),
+                Ok(()) => {}
             }
         }
     }
@@ -661,6 +667,23 @@ impl Running {
 }
 
 /// The running kernel's release, as `uname -r` says it.
+/// Health follows the WireGuard device: gone (deleted, or its wireguard-go
+/// ended, which takes the device with it) or back, said once per change.
+fn note_wireguard(health: &watch::Sender<Health>, device: &str, up: bool) {
+    health.send_if_modified(|h| {
+        if h.wireguard_up == up {
+            return false;
+        }
+        if up {
+            info!("the WireGuard device {device} is back");
+        } else {
+            warn!("the WireGuard device {device} is gone: traffic to and from WireGuard stops");
+        }
+        h.wireguard_up = up;
+        true
+    });
+}
+
 fn kernel_release() -> String {
     nix::sys::utsname::uname().map_or_else(
         |e| format!("unknown ({e})"),
