@@ -235,15 +235,13 @@ fn a_stopped_tailscaled_is_killed_and_started_again() {
             detected <= Duration::from_secs(10),
             "noticed after {detected:?}"
         );
-        node.wait_for("the hung one killed and a new one healthy", |_| {
+        let gone = |pid: &str| !std::path::Path::new(&format!("/proc/{pid}")).exists();
+        node.wait_for("the hung one killed", |_| gone(&first));
+        node.wait_for("a new one healthy", |_| {
             let now = standin_pid();
             !now.is_empty() && now != first && health().0
         });
         let recovered = stopped.elapsed();
-        assert!(
-            !std::path::Path::new(&format!("/proc/{first}")).exists(),
-            "the hung stand-in is gone"
-        );
         assert!(
             node.log().contains("tailscaled stopped answering"),
             "{}",
@@ -263,10 +261,7 @@ fn a_stopped_tailscaled_is_killed_and_started_again() {
         node.stop();
         let took = stopping.elapsed();
         assert!(took <= Duration::from_secs(10), "stopped after {took:?}");
-        assert!(
-            !std::path::Path::new(&format!("/proc/{second}")).exists(),
-            "the hung stand-in is gone with the daemon"
-        );
+        assert!(gone(&second), "the hung stand-in is gone with the daemon");
         println!(
             "FAULT | SIGTERM to the daemon while tailscaled hangs | stopped in {:.1} s",
             took.as_secs_f32()
