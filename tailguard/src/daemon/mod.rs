@@ -364,6 +364,7 @@ impl Running {
         let mut counters = tokio::time::interval(COUNTERS);
         let mut sweep = tokio::time::interval(sweeper::CADENCE);
         let mut swept = sweeper::Totals::default();
+        let mut wg_recovery = Retry::default();
         loop {
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
@@ -426,7 +427,23 @@ impl Running {
                     continue;
                 }
             }
-            let refreshed = self.refresh(plan, &tailscale_state, &health).await;
+            let mut refreshed = self.refresh(plan, &tailscale_state, &health).await;
+            if matches!(refreshed, Err(Error::WireGuardGone(_))) {
+                note_wireguard(&health, &plan.wireguard.device, false);
+                if wg_recovery.due() {
+                    match self.recreate_wireguard(plan).await {
+                        Ok(()) => {
+                            wg_recovery.succeeded();
+                            refreshed = self.refresh(plan, &tailscale_state, &health).await;
+                        }
+                        Err(e) => warn!(
+                            "bringing the WireGuard side up again: {}; trying again in {} s",
+                            one_line(&e),
+                            wg_recovery.failed().as_secs()
+                        ),
+                    }
+                }
+            }
             let wireguard_up = !matches!(refreshed, Err(Error::WireGuardGone(_)));
             note_wireguard(&health, &plan.wireguard.device, wireguard_up);
             match refreshed {
@@ -436,6 +453,42 @@ impl Running {
                 Ok(()) => {}
             }
         }
+    }
+
+    /// Brings the WireGuard side back from the plan after its device went
+    /// (deleted, or its wireguard-go ended): what is left of the old
+    /// bring-up is removed (rules, routes, hooks, as `wg-quick down` would),
+    /// it is brought up again, and the programs are attached to the new
+    /// device. The maps follow at the next refresh, which the new ifindex
+    /// makes a change. On failure the record of what was done stays in
+    /// `self.wg`, for the next attempt (or the stop) to remove.
+    async fn recreate_wireguard(&mut self, plan: &Plan) -> Result<()> {
+        if let Some(old) = self.wg.take()
+            && let Err(errors) = old.teardown(&self.nl).await
+        {
+            for e in errors {
+                warn!("removing what is left of the WireGuard side: {e}");
+            }
+        }
+        let wg = self.wg.insert(WgSetup::new(&plan.wireguard));
+        wg.bring_up_in_place(&self.nl, plan)
+            .await
+            .map_err(Error::WireGuard)?;
+        if let Some(datapath) = self.datapath.as_mut() {
+            datapath
+                .attach(
+                    Device::WireGuard,
+                    &plan.wireguard.device,
+                    plan.forwarding.attach,
+                )
+                .await
+                .map_err(Error::Attach)?;
+        }
+        info!(
+            device = plan.wireguard.device,
+            "the WireGuard side is up again"
+        );
+        Ok(())
     }
 
     /// Loads the programs and attaches them to the WireGuard device; on
@@ -667,6 +720,44 @@ impl Running {
 }
 
 /// The running kernel's release, as `uname -r` says it.
+/// When to try a recovery again: at once the first time, then after a
+/// delay that doubles with each failure (up to a minute), from the start
+/// again once one succeeds.
+struct Retry {
+    not_before: tokio::time::Instant,
+    delay: Duration,
+}
+
+impl Retry {
+    const FIRST: Duration = Duration::from_secs(2);
+    const MAX: Duration = Duration::from_secs(60);
+
+    fn due(&self) -> bool {
+        tokio::time::Instant::now() >= self.not_before
+    }
+
+    /// Notes a failure; returns how long until the next attempt.
+    fn failed(&mut self) -> Duration {
+        let wait = self.delay;
+        self.not_before = tokio::time::Instant::now() + wait;
+        self.delay = (self.delay * 2).min(Self::MAX);
+        wait
+    }
+
+    fn succeeded(&mut self) {
+        *self = Self::default();
+    }
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            not_before: tokio::time::Instant::now(),
+            delay: Self::FIRST,
+        }
+    }
+}
+
 /// Health follows the WireGuard device: gone (deleted, or its wireguard-go
 /// ended, which takes the device with it) or back, said once per change.
 fn note_wireguard(health: &watch::Sender<Health>, device: &str, up: bool) {
