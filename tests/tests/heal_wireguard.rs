@@ -10,7 +10,7 @@ use std::{
 };
 
 use tailguard_tests::{
-    daemon::{DaemonUnderTest, health},
+    daemon::{DATAPATHS, DaemonUnderTest, health},
     netns::run,
     topology::*,
     wg::Testbed,
@@ -35,17 +35,17 @@ fn ping(ns: &tailguard_tests::netns::NetNs, to: &str) -> bool {
     })
 }
 
-/// Runs the daemon in a fresh testbed, healthy and with traffic through
-/// WireGuard, then `fault` (given the testbed and the daemon's pid); waits
-/// for `/healthz` to say the WireGuard device is not up, then for health
-/// and traffic both ways again.
-fn heal(name: &str, fault: impl Fn(&Testbed, u32) + Send + Sync) -> Healed {
-    let bed = Testbed::new(name);
+/// Runs the daemon (with `datapath`) in a fresh testbed, healthy and with
+/// traffic through WireGuard, then `fault` (given the testbed and the
+/// daemon's pid); waits for `/healthz` to say the WireGuard device is not
+/// up, then for health and traffic both ways again.
+fn heal(name: &str, datapath: &str, fault: &(impl Fn(&Testbed, u32) + Send + Sync)) -> Healed {
+    let bed = Testbed::new(&format!("{name}-{datapath}"));
     let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
     bed.ours.run(|| {
         let mut node = DaemonUnderTest::builder((&bed, &dir))
             .standin()
-            .envs(&[("TS_AUTHKEY", "tskey-x")])
+            .envs(&[("TS_AUTHKEY", "tskey-x"), ("TG_DATAPATH", datapath)])
             .start();
         node.wait_for("health", |_| health().0);
         node.wait_for("traffic through WireGuard", |_| ping(&bed.ours, WG_SERVER));
@@ -75,14 +75,14 @@ fn heal(name: &str, fault: impl Fn(&Testbed, u32) + Send + Sync) -> Healed {
     })
 }
 
-fn report(fault: &str, healed: &Healed) {
+fn report(fault: &str, datapath: &str, healed: &Healed) {
     assert!(
         healed.noticed <= NOTICED_WITHIN,
         "noticed after {:?}",
         healed.noticed
     );
     println!(
-        "FAULT | {fault} | detected {:.1} s | recovered (health, traffic both ways) {:.1} s",
+        "FAULT | {fault} ({datapath}) | detected {:.1} s | recovered (health, traffic both ways) {:.1} s",
         healed.noticed.as_secs_f32(),
         healed.recovered.as_secs_f32()
     );
@@ -90,15 +90,21 @@ fn report(fault: &str, healed: &Healed) {
 
 #[test]
 fn a_deleted_wireguard_device_is_brought_back() {
-    let healed = heal("heal-del", |bed, _| {
+    let delete = |bed: &Testbed, _| {
         run(Command::new("ip").args(["link", "del", &bed.device]));
-    });
-    report("WireGuard device deleted", &healed);
+    };
+    for datapath in DATAPATHS {
+        report(
+            "WireGuard device deleted",
+            datapath,
+            &heal("heal-del", datapath, &delete),
+        );
+    }
 }
 
 #[test]
 fn a_killed_wireguard_go_is_started_again() {
-    let healed = heal("heal-wgkill", |bed, daemon| {
+    let kill = |bed: &Testbed, daemon: u32| {
         let out = Command::new("pgrep")
             .args([
                 "-P",
@@ -111,6 +117,12 @@ fn a_killed_wireguard_go_is_started_again() {
         let pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
         assert!(!pid.is_empty(), "wireguard-go runs as the daemon's child");
         run(Command::new("kill").args(["-9", &pid]));
-    });
-    report("wireguard-go killed", &healed);
+    };
+    for datapath in DATAPATHS {
+        report(
+            "wireguard-go killed",
+            datapath,
+            &heal("heal-kill", datapath, &kill),
+        );
+    }
 }
