@@ -27,9 +27,15 @@ enum Command {
     /// Check the settings and the WireGuard configuration and print what
     /// the daemon would set up; touches nothing.
     Check,
-    /// Ask the running daemon whether it is healthy (for Docker's
-    /// HEALTHCHECK): exit status 0 if so, 1 with the reason if not.
-    Health,
+    /// Ask the running daemon whether it is ready: traffic can flow both
+    /// ways now (`/healthz`, for Docker's HEALTHCHECK): exit status 0 if
+    /// so, 1 with every reason if not.
+    Health {
+        /// Ask whether it is alive instead (`/livez`: its loop turns,
+        /// ready or not).
+        #[arg(long)]
+        live: bool,
+    },
     /// Print the running daemon's status as JSON: health, and the
     /// forwarding plane's maps as the kernel holds them.
     Status,
@@ -112,7 +118,7 @@ async fn command(cli: Cli) -> Result<()> {
         Command::Run => run(&validated(cli.settings)?).await,
         Command::Check => check(&validated(cli.settings)?).await,
         Command::Programs => programs(),
-        Command::Health => health(&validated(cli.settings)?).await,
+        Command::Health { live } => health(&validated(cli.settings)?, live).await,
         Command::Status => status(&validated(cli.settings)?).await,
         Command::Cleanup => cleanup(&validated(cli.settings)?).await,
         Command::Stats => stats(&validated(cli.settings)?).await,
@@ -149,8 +155,8 @@ fn validated(args: SettingsArgs) -> Result<Settings> {
     Ok(settings)
 }
 
-async fn health(settings: &Settings) -> Result<()> {
-    match tailguard::http::health::check(settings.health_addr).await {
+async fn health(settings: &Settings, live: bool) -> Result<()> {
+    match tailguard::http::health::check(settings.health_addr, live).await {
         Ok(report) => {
             print!("{report}");
             Ok(())

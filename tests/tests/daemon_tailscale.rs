@@ -14,7 +14,7 @@ use nix::{
 };
 use serde_json::{Value, json};
 use tailguard_tests::{
-    daemon::{DaemonUnderTest, health, status},
+    daemon::{DaemonUnderTest, health, status, tailguard},
     netns::{routing_state, run, unique_ifname},
     standin,
     topology::*,
@@ -235,6 +235,11 @@ fn a_stopped_tailscaled_is_killed_and_started_again() {
             detected <= Duration::from_secs(10),
             "noticed after {detected:?}"
         );
+        // Not ready, yet alive: a liveness probe must not restart a daemon
+        // that is recovering.
+        let live = tailguard(&["health", "--live"], &[]);
+        assert!(live.status.success(), "{live:?}");
+        assert_eq!(String::from_utf8_lossy(&live.stdout), "alive\n");
         let gone = |pid: &str| !std::path::Path::new(&format!("/proc/{pid}")).exists();
         node.wait_for("the hung one killed", |_| gone(&first));
         node.wait_for("a new one healthy", |_| {

@@ -366,6 +366,11 @@ impl Running {
         let mut swept = sweeper::Totals::default();
         let mut wg_recovery = Retry::default();
         loop {
+            // For `/livez`; nobody needs waking for it.
+            health.send_if_modified(|h| {
+                h.loop_turned = std::time::Instant::now();
+                false
+            });
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
                 ended = supervisor_ended(&mut self.supervisor) => {

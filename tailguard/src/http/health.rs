@@ -3,12 +3,15 @@
 //! devices, and the maps and the nftables table have followed Tailscale's
 //! latest state (its addresses above all). `/healthz` answers 200 or 503 with the reason (and when the
 //! node started and first became healthy); `tailguard health` asks it, for
-//! Docker's HEALTHCHECK. `/status` shows the health and the forwarding
-//! plane; on the status page (`TG_WEBUI_PORT`), what peers may see of it.
+//! Docker's HEALTHCHECK: readiness. `/livez` answers 200 while the daemon's
+//! loop turns, whatever the readiness (liveness: a stuck process is for
+//! its supervisor to restart; one that is not ready is recovering).
+//! `/status` shows the health and the forwarding plane; on the status page
+//! (`TG_WEBUI_PORT`), what peers may see of it.
 
 use std::{
     net::{IpAddr, SocketAddr},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
@@ -35,9 +38,16 @@ pub struct Fallback {
     pub reason: String,
 }
 
+/// How long the daemon's loop may go without a turn before `/livez` says
+/// it is stuck. It turns at least every 5 s (its resync), each second
+/// with the fast path (its counters).
+pub const LIVE_WITHIN: Duration = Duration::from_secs(30);
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Health {
     pub started_at: SystemTime,
+    /// The daemon's loop's last turn: what `/livez` judges by.
+    pub loop_turned: Instant,
     pub first_healthy_at: Option<SystemTime>,
     pub wireguard_up: bool,
     pub wireguard_attached: bool,
@@ -120,6 +130,7 @@ impl Health {
     pub fn new() -> Self {
         Self {
             started_at: SystemTime::now(),
+            loop_turned: Instant::now(),
             first_healthy_at: None,
             wireguard_up: false,
             wireguard_attached: false,
@@ -225,6 +236,23 @@ impl Health {
         }
     }
 
+    /// `/livez`: whether the daemon's loop still turns (liveness, for a
+    /// supervisor that restarts a stuck process), whatever the readiness.
+    fn liveness(&self, now: Instant) -> (StatusCode, String) {
+        let since = now.saturating_duration_since(self.loop_turned);
+        if since <= LIVE_WITHIN {
+            (StatusCode::OK, "alive\n".into())
+        } else {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "stuck: the daemon's loop has not turned for {} s\n",
+                    since.as_secs()
+                ),
+            )
+        }
+    }
+
     /// `/status`: the health and what the forwarding plane holds, as JSON.
     fn status(&self) -> serde_json::Value {
         serde_json::json!({
@@ -323,6 +351,10 @@ impl Site for Pages {
                 let (status, body) = self.health.borrow().report();
                 server::response(status, "text/plain; charset=utf-8", body)
             }
+            "/livez" => {
+                let (status, body) = self.health.borrow().liveness(Instant::now());
+                server::response(status, "text/plain; charset=utf-8", body)
+            }
             "/status" => {
                 let mut status = self.health.borrow().status();
                 if !self.audience.sees_wireguard_peers(client) {
@@ -333,7 +365,7 @@ impl Site for Pages {
             _ => server::response(
                 StatusCode::NOT_FOUND,
                 "text/plain; charset=utf-8",
-                "/healthz and /status here\n".into(),
+                "/healthz, /livez and /status here\n".into(),
             ),
         }
     }
@@ -350,10 +382,12 @@ pub async fn serve(
     server::serve(listener, limits, Pages { health, audience }).await;
 }
 
-/// Asks a running daemon (`tailguard health`): `Ok(report)` when healthy,
-/// `Err(report or why it could not ask)` otherwise.
-pub async fn check(addr: SocketAddr) -> Result<String, CheckError> {
-    match get(addr, "/healthz").await? {
+/// Asks a running daemon (`tailguard health`): `Ok(report)` when ready
+/// (`/healthz`) or, with `live`, alive (`/livez`); `Err(report or why it
+/// could not ask)` otherwise.
+pub async fn check(addr: SocketAddr, live: bool) -> Result<String, CheckError> {
+    let path = if live { "/livez" } else { "/healthz" };
+    match get(addr, path).await? {
         (StatusCode::OK, body) => Ok(body),
         (_, body) => Err(CheckError::Unhealthy(body)),
     }
@@ -463,7 +497,7 @@ mod tests {
         let (tx, rx) = watch::channel(Health::new());
         let (local, _) = Limits::split(1024);
         tokio::spawn(serve(listener, rx, Audience::Host, local));
-        let e = match check(addr).await {
+        let e = match check(addr, false).await {
             Err(CheckError::Unhealthy(report)) => report,
             other => panic!("the report of an unhealthy node, not {other:?}"),
         };
@@ -476,7 +510,7 @@ mod tests {
             *h = healthy();
             h.mark();
         });
-        let ok = check(addr).await.unwrap();
+        let ok = check(addr, false).await.unwrap();
         assert!(ok.starts_with("healthy\n") && !ok.contains("never"), "{ok}");
         drop(tx);
         let closed = TcpListener::bind("127.0.0.1:0")
@@ -484,12 +518,40 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let e = check(closed).await.unwrap_err();
+        let e = check(closed, false).await.unwrap_err();
         assert!(
             matches!(e, CheckError::Ask(AskError::NoAnswer { .. }))
                 && e.to_string().contains("no TailGuard answers"),
             "{e}"
         );
+    }
+
+    /// Liveness is the loop's turning, not the readiness: an unready node
+    /// whose loop turns is alive; one whose loop stopped is stuck, however
+    /// healthy it was.
+    #[tokio::test]
+    async fn livez_answers_by_the_loops_last_turn() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(Health::new());
+        let (local, _) = Limits::split(1024);
+        tokio::spawn(serve(listener, rx, Audience::Host, local));
+        assert!(check(addr, false).await.is_err(), "not ready");
+        assert_eq!(check(addr, true).await.unwrap(), "alive\n", "yet alive");
+        tx.send_modify(|h| {
+            *h = healthy();
+            h.loop_turned = Instant::now() - LIVE_WITHIN - Duration::from_secs(5);
+        });
+        assert!(
+            check(addr, false).await.is_ok(),
+            "ready by what it last saw"
+        );
+        match check(addr, true).await {
+            Err(CheckError::Unhealthy(report)) => {
+                assert_eq!(report, "stuck: the daemon's loop has not turned for 35 s\n")
+            }
+            other => panic!("a stuck loop, not {other:?}"),
+        }
     }
 
     fn client(local: &str, peer: &str) -> Client {
