@@ -191,6 +191,11 @@ fn a_dead_tailscaled_is_restarted_and_health_follows() {
         node.wait_for("a new tailscaled and health again", |_| health().0);
         let second = standin_pid();
         assert!(!second.is_empty() && second != first, "{first} -> {second}");
+        assert_eq!(
+            status()["recoveries"]["tailscaled"]["restarts_after_exit"],
+            json!(1),
+            "counted in /status"
+        );
         assert!(
             node.log().contains("starting it again in"),
             "{}",
@@ -247,6 +252,11 @@ fn a_stopped_tailscaled_is_killed_and_started_again() {
             !now.is_empty() && now != first && health().0
         });
         let recovered = stopped.elapsed();
+        assert_eq!(
+            status()["recoveries"]["tailscaled"],
+            json!({"restarts_after_exit": 0, "restarts_after_hang": 1, "logins_again": 0}),
+            "counted in /status"
+        );
         assert!(
             node.log().contains("tailscaled stopped answering"),
             "{}",
@@ -303,6 +313,11 @@ fn a_removed_localapi_socket_gets_tailscaled_started_again() {
             socket.exists() && health().0
         });
         let recovered = removed.elapsed();
+        assert_eq!(
+            status()["recoveries"]["tailscaled"],
+            json!({"restarts_after_exit": 0, "restarts_after_hang": 1, "logins_again": 0}),
+            "counted in /status"
+        );
         assert!(
             node.log().contains("tailscaled stopped answering"),
             "{}",
@@ -348,6 +363,11 @@ fn a_logged_out_node_is_logged_in_again_with_the_auth_key() {
             login_again && prefs_again && health().0
         });
         let recovered = logged_out.elapsed();
+        assert_eq!(
+            status()["recoveries"]["tailscaled"]["logins_again"],
+            json!(1),
+            "counted in /status"
+        );
         assert!(
             node.log().contains("tailscaled needs a login again"),
             "{}",

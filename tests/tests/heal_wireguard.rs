@@ -10,7 +10,7 @@ use std::{
 };
 
 use tailguard_tests::{
-    daemon::{DATAPATHS, DaemonUnderTest, health},
+    daemon::{DATAPATHS, DaemonUnderTest, health, status},
     netns::run,
     topology::*,
     wg::Testbed,
@@ -66,6 +66,11 @@ fn heal(name: &str, datapath: &str, fault: &(impl Fn(&Testbed, u32) + Send + Syn
             ping(&bed.ours, WG_SERVER)
         });
         let recovered = at.elapsed();
+        assert_eq!(
+            status()["recoveries"]["wireguard_brought_back"],
+            serde_json::json!(1),
+            "counted in /status"
+        );
         let log = node.log();
         for said in [gone, format!("the WireGuard device {} is back", bed.device)] {
             assert_eq!(log.matches(&said).count(), 1, "{said:?} once:\n{log}");

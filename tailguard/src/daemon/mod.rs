@@ -396,6 +396,7 @@ impl Running {
                     health.send_modify(|h| {
                         h.tailscale = tailscale_state.ready.clone();
                         h.dns_name = tailscale_state.dns_name.clone();
+                        h.recoveries.tailscaled = tailscale_state.recoveries;
                         h.forwarding_behind(moved);
                     });
                 }
@@ -439,6 +440,7 @@ impl Running {
                     match self.recreate_wireguard(plan).await {
                         Ok(()) => {
                             wg_recovery.succeeded();
+                            health.send_modify(|h| h.recoveries.wireguard_brought_back += 1);
                             refreshed = self.refresh(plan, &tailscale_state, &health).await;
                         }
                         Err(e) => warn!(

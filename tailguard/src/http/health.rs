@@ -25,7 +25,10 @@ use tokio::{
 use tracing::info;
 
 use super::server::{self, Client, Limits, Site};
-use crate::{config::tailnet::in_tailnet, tailscale::status::NotReady};
+use crate::{
+    config::tailnet::in_tailnet,
+    tailscale::{status::NotReady, supervisor::TailscaleRecoveries},
+};
 
 /// Why the netfilter datapath forwards although the eBPF one was wanted:
 /// the fast path could not be loaded or attached.
@@ -43,11 +46,20 @@ pub struct Fallback {
 /// with the fast path (its counters).
 pub const LIVE_WITHIN: Duration = Duration::from_secs(30);
 
+/// Every recovery since the daemon started, for `/status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Recoveries {
+    pub tailscaled: TailscaleRecoveries,
+    /// The WireGuard side brought up again after its device went.
+    pub wireguard_brought_back: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Health {
     pub started_at: SystemTime,
     /// The daemon's loop's last turn: what `/livez` judges by.
     pub loop_turned: Instant,
+    pub recoveries: Recoveries,
     pub first_healthy_at: Option<SystemTime>,
     pub wireguard_up: bool,
     pub wireguard_attached: bool,
@@ -131,6 +143,7 @@ impl Health {
         Self {
             started_at: SystemTime::now(),
             loop_turned: Instant::now(),
+            recoveries: Recoveries::default(),
             first_healthy_at: None,
             wireguard_up: false,
             wireguard_attached: false,
@@ -260,6 +273,7 @@ impl Health {
             "reason": self.verdict().err().map(|why| why.to_string()),
             "started_at": unix_seconds(self.started_at),
             "first_healthy_at": self.first_healthy_at.map(unix_seconds),
+            "recoveries": self.recoveries,
             "datapath": if self.programs_required { "ebpf" } else { "netfilter" },
             "datapath_fallback": self.datapath_fallback,
             "forwarding": self.forwarding,

@@ -47,6 +47,19 @@ pub struct TailscaleState {
     pub ready: Result<(), NotReady>,
     /// The node's MagicDNS name (`Self.DNSName`), once known.
     pub dns_name: Option<String>,
+    /// What the supervisor has brought back so far.
+    pub recoveries: TailscaleRecoveries,
+}
+
+/// Each kind of recovery of tailscaled, counted since the daemon started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TailscaleRecoveries {
+    /// Ours exited and was started again.
+    pub restarts_after_exit: u64,
+    /// Ours stopped answering, was killed and started again.
+    pub restarts_after_hang: u64,
+    /// The node needed a login again and was logged in again.
+    pub logins_again: u64,
 }
 
 impl Default for TailscaleState {
@@ -56,6 +69,7 @@ impl Default for TailscaleState {
             v6: None,
             ready: Err(NotReady::NotAnsweredYet),
             dns_name: None,
+            recoveries: TailscaleRecoveries::default(),
         }
     }
 }
@@ -81,6 +95,7 @@ pub struct Supervisor {
     plan: TailscalePlan,
     api: LocalApi,
     state: watch::Sender<TailscaleState>,
+    recoveries: std::sync::Mutex<TailscaleRecoveries>,
 }
 
 impl Supervisor {
@@ -90,6 +105,7 @@ impl Supervisor {
             plan: plan.clone(),
             api: LocalApi::new(&plan.socket),
             state,
+            recoveries: Default::default(),
         };
         (supervisor, receiver)
     }
@@ -129,8 +145,13 @@ impl Supervisor {
             match outcome {
                 Outcome::Shutdown => return,
                 Outcome::Exited(why) | Outcome::Hung(why) => {
+                    self.count(|r| match why {
+                        NotReady::Hung(_) => r.restarts_after_hang += 1,
+                        _ => r.restarts_after_exit += 1,
+                    });
                     self.state.send_replace(TailscaleState {
                         ready: Err(why.clone()),
+                        recoveries: self.recoveries(),
                         ..TailscaleState::default()
                     });
                     if started.elapsed() > BACKOFF_MAX {
@@ -281,6 +302,7 @@ impl Supervisor {
             // state: the whole setup again, the login first.
             warn!("tailscaled needs a login again; logging in again");
             *setup = SetupProgress::default();
+            self.count(|r| r.logins_again += 1);
         }
         setup.was_running |= status.backend_state == "Running";
         let SetupProgress {
@@ -329,6 +351,15 @@ impl Supervisor {
         );
     }
 
+    /// Counts a recovery (published with the next state).
+    fn count(&self, recovery: impl FnOnce(&mut TailscaleRecoveries)) {
+        recovery(&mut self.recoveries.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn recoveries(&self) -> TailscaleRecoveries {
+        *self.recoveries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn publish(
         &self,
         ready: Result<(), NotReady>,
@@ -340,6 +371,7 @@ impl Supervisor {
             v6,
             ready,
             dns_name,
+            recoveries: self.recoveries(),
         };
         self.state.send_if_modified(|old| {
             if *old == new {
