@@ -181,15 +181,14 @@ async fn a_tailscaled_that_does_not_answer_times_out_every_request() {
     let _ = by_itself(api.status(true)).await;
     let took = started.elapsed();
     assert!(
-        took >= timeout && took < timeout * 4,
+        took >= timeout && took < timeout * 10,
         "gave up after {took:?}"
     );
 
     let (_standin, _, standin_dir) = serve("answers-in-time").await;
-    let quick = LocalApi::with_timeout(
-        standin_dir.join("tailscaled.sock"),
-        Duration::from_millis(300),
-    );
+    // Long enough for a loaded machine to answer in.
+    let quick_timeout = Duration::from_secs(2);
+    let quick = LocalApi::with_timeout(standin_dir.join("tailscaled.sock"), quick_timeout);
     assert!(
         quick.status(false).await.is_ok(),
         "an answering one is unaffected"
@@ -197,7 +196,7 @@ async fn a_tailscaled_that_does_not_answer_times_out_every_request() {
     let mut bus = std::pin::pin!(quick.watch(watch::INITIAL_STATE).await.unwrap());
     assert!(bus.next().await.is_some(), "the first notification");
     // The bus stays open past the timeout while nothing happens.
-    let quiet = tokio::time::timeout(Duration::from_millis(900), bus.next()).await;
+    let quiet = tokio::time::timeout(quick_timeout * 3 / 2, bus.next()).await;
     assert!(quiet.is_err(), "a quiet bus is not cut off: {quiet:?}");
     held.abort();
     std::fs::remove_dir_all(dir).unwrap();

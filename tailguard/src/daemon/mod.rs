@@ -436,22 +436,22 @@ impl Running {
             let mut refreshed = self.refresh(plan, &tailscale_state, &health).await;
             if matches!(refreshed, Err(Error::WireGuardGone(_))) {
                 note_wireguard(&health, &plan.wireguard.device, false);
-                if wg_recovery.due() {
+                if let Some(next) = wg_recovery.attempt() {
                     match self.recreate_wireguard(plan).await {
                         Ok(()) => {
-                            wg_recovery.succeeded();
                             health.send_modify(|h| h.recoveries.wireguard_brought_back += 1);
                             refreshed = self.refresh(plan, &tailscale_state, &health).await;
                         }
                         Err(e) => warn!(
                             "bringing the WireGuard side up again: {}; trying again in {} s",
                             one_line(&e),
-                            wg_recovery.failed().as_secs()
+                            next.as_secs()
                         ),
                     }
                 }
             }
             let wireguard_up = !matches!(refreshed, Err(Error::WireGuardGone(_)));
+            wg_recovery.up(wireguard_up);
             note_wireguard(&health, &plan.wireguard.device, wireguard_up);
             match refreshed {
                 // Said once, when it went (`note_wireguard`).
@@ -465,9 +465,9 @@ impl Running {
     /// Brings the WireGuard side back from the plan after its device went
     /// (deleted, or its wireguard-go ended): what is left of the old
     /// bring-up is removed (rules, routes, hooks, as `wg-quick down` would),
-    /// it is brought up again, and the programs are attached to the new
-    /// device. The maps follow at the next refresh, which the new ifindex
-    /// makes a change. On failure the record of what was done stays in
+    /// and it is brought up again. The next refresh attaches the programs
+    /// to the new device and brings the maps in line with its ifindex. On
+    /// failure the record of what was done stays in
     /// `self.wg`, for the next attempt (or the stop) to remove.
     async fn recreate_wireguard(&mut self, plan: &Plan) -> Result<()> {
         if let Some(old) = self.wg.take()
@@ -481,16 +481,6 @@ impl Running {
         wg.bring_up_in_place(&self.nl, plan)
             .await
             .map_err(Error::WireGuard)?;
-        if let Some(datapath) = self.datapath.as_mut() {
-            datapath
-                .attach(
-                    Device::WireGuard,
-                    &plan.wireguard.device,
-                    plan.forwarding.attach,
-                )
-                .await
-                .map_err(Error::Attach)?;
-        }
         info!(
             device = plan.wireguard.device,
             "the WireGuard side is up again"
@@ -587,6 +577,26 @@ impl Running {
         tailscale: &TailscaleState,
         health: &watch::Sender<Health>,
     ) -> Result<()> {
+        // The WireGuard device's programs: again on a device made anew
+        // (attaching to the same one is a no-op), and health says whether
+        // they are there.
+        if let Some(datapath) = self.datapath.as_mut()
+            && self.nl.link_index(&plan.wireguard.device).await?.is_some()
+        {
+            let attached = datapath
+                .attach(
+                    Device::WireGuard,
+                    &plan.wireguard.device,
+                    plan.forwarding.attach,
+                )
+                .await;
+            health.send_if_modified(|h| {
+                let changed = h.wireguard_attached != attached.is_ok();
+                h.wireguard_attached = attached.is_ok();
+                changed
+            });
+            attached.map_err(Error::Attach)?;
+        }
         let ts_device = match self.nl.link_index(&plan.tailscale.device).await? {
             Some(index) => {
                 if let Some(datapath) = self.datapath.as_mut() {
@@ -726,33 +736,45 @@ impl Running {
     }
 }
 
-/// The running kernel's release, as `uname -r` says it.
 /// When to try a recovery again: at once the first time, then after a
-/// delay that doubles with each failure (up to a minute), from the start
-/// again once one succeeds.
+/// delay that doubles with each attempt (up to a minute), so that a part
+/// that fails again at once (a wireguard-go that exits as it starts) is
+/// not re-made in a tight loop; the delay starts over once the part has
+/// stayed up for a minute.
 struct Retry {
     not_before: tokio::time::Instant,
     delay: Duration,
+    up_since: Option<tokio::time::Instant>,
 }
 
 impl Retry {
     const FIRST: Duration = Duration::from_secs(2);
     const MAX: Duration = Duration::from_secs(60);
 
-    fn due(&self) -> bool {
-        tokio::time::Instant::now() >= self.not_before
-    }
-
-    /// Notes a failure; returns how long until the next attempt.
-    fn failed(&mut self) -> Duration {
+    /// Whether an attempt is due now; if so, the next one is not due
+    /// before the returned delay.
+    fn attempt(&mut self) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        if now < self.not_before {
+            return None;
+        }
         let wait = self.delay;
-        self.not_before = tokio::time::Instant::now() + wait;
+        self.not_before = now + wait;
         self.delay = (self.delay * 2).min(Self::MAX);
-        wait
+        Some(wait)
     }
 
-    fn succeeded(&mut self) {
-        *self = Self::default();
+    /// Notes whether the part is up now.
+    fn up(&mut self, up: bool) {
+        let now = tokio::time::Instant::now();
+        if !up {
+            self.up_since = None;
+            return;
+        }
+        let since = *self.up_since.get_or_insert(now);
+        if now.duration_since(since) >= Self::MAX {
+            self.delay = Self::FIRST;
+        }
     }
 }
 
@@ -761,6 +783,7 @@ impl Default for Retry {
         Self {
             not_before: tokio::time::Instant::now(),
             delay: Self::FIRST,
+            up_since: None,
         }
     }
 }
@@ -782,6 +805,7 @@ fn note_wireguard(health: &watch::Sender<Health>, device: &str, up: bool) {
     });
 }
 
+/// The running kernel's release, as `uname -r` says it.
 fn kernel_release() -> String {
     nix::sys::utsname::uname().map_or_else(
         |e| format!("unknown ({e})"),

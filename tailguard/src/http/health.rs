@@ -552,9 +552,13 @@ mod tests {
         tokio::spawn(serve(listener, rx, Audience::Host, local));
         assert!(check(addr, false).await.is_err(), "not ready");
         assert_eq!(check(addr, true).await.unwrap(), "alive\n", "yet alive");
+        let Some(long_ago) = Instant::now().checked_sub(LIVE_WITHIN + Duration::from_secs(5))
+        else {
+            return; // a machine up for less than that has no such past
+        };
         tx.send_modify(|h| {
             *h = healthy();
-            h.loop_turned = Instant::now() - LIVE_WITHIN - Duration::from_secs(5);
+            h.loop_turned = long_ago;
         });
         assert!(
             check(addr, false).await.is_ok(),
@@ -562,7 +566,10 @@ mod tests {
         );
         match check(addr, true).await {
             Err(CheckError::Unhealthy(report)) => {
-                assert_eq!(report, "stuck: the daemon's loop has not turned for 35 s\n")
+                assert!(
+                    report.starts_with("stuck: the daemon's loop has not turned for 3"),
+                    "{report}"
+                )
             }
             other => panic!("a stuck loop, not {other:?}"),
         }

@@ -296,8 +296,9 @@ impl Supervisor {
     /// Acts on one status: log in if needed, set preferences once running,
     /// the once-healthy ones once healthy, and publish the state.
     async fn follow(&self, status: &Status, setup: &mut SetupProgress) {
-        let needs_login = matches!(status.backend_state.as_str(), "NeedsLogin" | "NoState");
-        if needs_login && setup.was_running {
+        // Not NoState: a tailscaled restarting with its state passes
+        // through it on its way back to Running, and needs no login.
+        if status.backend_state == "NeedsLogin" && setup.was_running {
             // Logged out, its node key expired, or restarted without its
             // state: the whole setup again, the login first.
             warn!("tailscaled needs a login again; logging in again");
