@@ -285,6 +285,16 @@ impl DaemonUnderTest {
         self.child.id()
     }
 
+    /// The pid of the daemon's child whose command line matches `pattern`
+    /// (`pgrep -f`), empty when there is none.
+    pub fn child_pid(&self, pattern: &str) -> String {
+        let out = Command::new("pgrep")
+            .args(["-P", &self.child.id().to_string(), "-f", pattern])
+            .output()
+            .expect("pgrep");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// Sends `signal` to the daemon.
     pub fn signal(&self, signal: Signal) {
         kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();

@@ -18,8 +18,21 @@ use tailguard_tests::{
     netns::{routing_state, run, unique_ifname},
     standin,
     topology::*,
-    wg::Testbed,
+    wg::{ConfigDir, Testbed},
 };
+
+/// The stand-in's command line, as `pgrep -f` finds it.
+const STANDIN: &str = "tailscaled-standin";
+
+/// The daemon with the stand-in, logged in with an auth key, healthy.
+fn healthy_with_auth_key(bed: &Testbed, dir: &ConfigDir) -> DaemonUnderTest {
+    let mut node = DaemonUnderTest::builder((bed, dir))
+        .standin()
+        .envs(&[("TS_AUTHKEY", "tskey-x")])
+        .start();
+    node.wait_for("health", |_| health().0);
+    node
+}
 
 /// The forwarding plane's maps as the daemon read them back from the kernel.
 fn maps() -> Value {
@@ -169,27 +182,15 @@ fn a_dead_tailscaled_is_restarted_and_health_follows() {
     let bed = Testbed::new("ts-restart");
     let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
     bed.ours.run(|| {
-        let mut node = DaemonUnderTest::builder((&bed, &dir))
-            .standin()
-            .envs(&[("TS_AUTHKEY", "tskey-x")])
-            .start();
-        node.wait_for("health", |_| health().0);
-        let daemon_pid = node.pid().to_string();
-        let standin_pid = || {
-            let out = Command::new("pgrep")
-                .args(["-P", &daemon_pid, "-f", "tailscaled-standin"])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
-        };
-        let first = standin_pid();
+        let mut node = healthy_with_auth_key(&bed, &dir);
+        let first = node.child_pid(STANDIN);
         assert!(!first.is_empty(), "the stand-in runs as the daemon's child");
         run(Command::new("kill").args(["-9", &first]));
         node.wait_for("unhealthy with the reason", |_| {
             health().1.contains("tailscaled exited")
         });
         node.wait_for("a new tailscaled and health again", |_| health().0);
-        let second = standin_pid();
+        let second = node.child_pid(STANDIN);
         assert!(!second.is_empty() && second != first, "{first} -> {second}");
         assert_eq!(
             status()["recoveries"]["tailscaled"]["restarts_after_exit"],
@@ -214,20 +215,8 @@ fn a_stopped_tailscaled_is_killed_and_started_again() {
     let bed = Testbed::new("ts-hang");
     let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
     bed.ours.run(|| {
-        let mut node = DaemonUnderTest::builder((&bed, &dir))
-            .standin()
-            .envs(&[("TS_AUTHKEY", "tskey-x")])
-            .start();
-        node.wait_for("health", |_| health().0);
-        let daemon_pid = node.pid().to_string();
-        let standin_pid = || {
-            let out = Command::new("pgrep")
-                .args(["-P", &daemon_pid, "-f", "tailscaled-standin"])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
-        };
-        let first = standin_pid();
+        let mut node = healthy_with_auth_key(&bed, &dir);
+        let first = node.child_pid(STANDIN);
         assert!(!first.is_empty(), "the stand-in runs as the daemon's child");
         let stopped = Instant::now();
         run(Command::new("kill").args(["-STOP", &first]));
@@ -247,8 +236,8 @@ fn a_stopped_tailscaled_is_killed_and_started_again() {
         assert_eq!(String::from_utf8_lossy(&live.stdout), "alive\n");
         let gone = |pid: &str| !std::path::Path::new(&format!("/proc/{pid}")).exists();
         node.wait_for("the hung one killed", |_| gone(&first));
-        node.wait_for("a new one healthy", |_| {
-            let now = standin_pid();
+        node.wait_for("a new one healthy", |n| {
+            let now = n.child_pid(STANDIN);
             !now.is_empty() && now != first && health().0
         });
         let recovered = stopped.elapsed();
@@ -269,7 +258,7 @@ fn a_stopped_tailscaled_is_killed_and_started_again() {
         );
 
         // Stopped again, then the daemon told to stop while it hangs.
-        let second = standin_pid();
+        let second = node.child_pid(STANDIN);
         run(Command::new("kill").args(["-STOP", &second]));
         std::thread::sleep(Duration::from_secs(1));
         let stopping = Instant::now();
@@ -292,11 +281,7 @@ fn a_removed_localapi_socket_gets_tailscaled_started_again() {
     let bed = Testbed::new("ts-nosock");
     let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
     bed.ours.run(|| {
-        let mut node = DaemonUnderTest::builder((&bed, &dir))
-            .standin()
-            .envs(&[("TS_AUTHKEY", "tskey-x")])
-            .start();
-        node.wait_for("health", |_| health().0);
+        let mut node = healthy_with_auth_key(&bed, &dir);
         let socket = node.standin().socket.clone();
         let removed = Instant::now();
         std::fs::remove_file(&socket).unwrap();
@@ -339,11 +324,7 @@ fn a_logged_out_node_is_logged_in_again_with_the_auth_key() {
     let bed = Testbed::new("ts-relogin");
     let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
     bed.ours.run(|| {
-        let mut node = DaemonUnderTest::builder((&bed, &dir))
-            .standin()
-            .envs(&[("TS_AUTHKEY", "tskey-x")])
-            .start();
-        node.wait_for("health", |_| health().0);
+        let mut node = healthy_with_auth_key(&bed, &dir);
         let socket = node.standin().socket.clone();
         let log = || standin::ask(&socket, Method::GET, "/standin/log", Value::Null);
         let logged_out = Instant::now();

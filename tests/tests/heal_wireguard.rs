@@ -37,9 +37,13 @@ fn ping(ns: &tailguard_tests::netns::NetNs, to: &str) -> bool {
 
 /// Runs the daemon (with `datapath`) in a fresh testbed, healthy and with
 /// traffic through WireGuard, then `fault` (given the testbed and the
-/// daemon's pid); waits for `/healthz` to say the WireGuard device is not
+/// daemon); waits for `/healthz` to say the WireGuard device is not
 /// up, then for health and traffic both ways again.
-fn heal(name: &str, datapath: &str, fault: &(impl Fn(&Testbed, u32) + Send + Sync)) -> Healed {
+fn heal(
+    name: &str,
+    datapath: &str,
+    fault: &(impl Fn(&Testbed, &DaemonUnderTest) + Send + Sync),
+) -> Healed {
     let bed = Testbed::new(&format!("{name}-{datapath}"));
     let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
     bed.ours.run(|| {
@@ -50,7 +54,7 @@ fn heal(name: &str, datapath: &str, fault: &(impl Fn(&Testbed, u32) + Send + Syn
         node.wait_for("health", |_| health().0);
         node.wait_for("traffic through WireGuard", |_| ping(&bed.ours, WG_SERVER));
         let at = Instant::now();
-        fault(&bed, node.pid());
+        fault(&bed, &node);
         let gone = format!("the WireGuard device {} is gone", bed.device);
         // Recovery may well be quicker than a poll of `/healthz`: the log
         // line says when the daemon noticed too.
@@ -95,7 +99,7 @@ fn report(fault: &str, datapath: &str, healed: &Healed) {
 
 #[test]
 fn a_deleted_wireguard_device_is_brought_back() {
-    let delete = |bed: &Testbed, _| {
+    let delete = |bed: &Testbed, _: &DaemonUnderTest| {
         run(Command::new("ip").args(["link", "del", &bed.device]));
     };
     for datapath in DATAPATHS {
@@ -109,17 +113,8 @@ fn a_deleted_wireguard_device_is_brought_back() {
 
 #[test]
 fn a_killed_wireguard_go_is_started_again() {
-    let kill = |bed: &Testbed, daemon: u32| {
-        let out = Command::new("pgrep")
-            .args([
-                "-P",
-                &daemon.to_string(),
-                "-f",
-                &format!("wireguard-go.*{}", bed.device),
-            ])
-            .output()
-            .unwrap();
-        let pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let kill = |bed: &Testbed, node: &DaemonUnderTest| {
+        let pid = node.child_pid(&format!("wireguard-go.*{}", bed.device));
         assert!(!pid.is_empty(), "wireguard-go runs as the daemon's child");
         run(Command::new("kill").args(["-9", &pid]));
     };
