@@ -34,6 +34,31 @@ fn healthy_with_auth_key(bed: &Testbed, dir: &ConfigDir) -> DaemonUnderTest {
     node
 }
 
+/// After a hang: the daemon said so, counted one restart after a hang
+/// (and nothing else), and the times are printed.
+fn restarted_after_a_hang(
+    node: &DaemonUnderTest,
+    fault: &str,
+    detected: Duration,
+    recovered: Duration,
+) {
+    assert_eq!(
+        status()["recoveries"]["tailscaled"],
+        json!({"restarts_after_exit": 0, "restarts_after_hang": 1, "logins_again": 0}),
+        "counted in /status"
+    );
+    assert!(
+        node.log().contains("tailscaled stopped answering"),
+        "{}",
+        node.log()
+    );
+    println!(
+        "FAULT | {fault} | detected {:.1} s | recovered {:.1} s",
+        detected.as_secs_f32(),
+        recovered.as_secs_f32()
+    );
+}
+
 /// The forwarding plane's maps as the daemon read them back from the kernel.
 fn maps() -> Value {
     status()["forwarding"].clone()
@@ -240,21 +265,11 @@ fn a_stopped_tailscaled_is_killed_and_started_again() {
             let now = n.child_pid(STANDIN);
             !now.is_empty() && now != first && health().0
         });
-        let recovered = stopped.elapsed();
-        assert_eq!(
-            status()["recoveries"]["tailscaled"],
-            json!({"restarts_after_exit": 0, "restarts_after_hang": 1, "logins_again": 0}),
-            "counted in /status"
-        );
-        assert!(
-            node.log().contains("tailscaled stopped answering"),
-            "{}",
-            node.log()
-        );
-        println!(
-            "FAULT | tailscaled stopped (SIGSTOP) | detected {:.1} s | recovered {:.1} s",
-            detected.as_secs_f32(),
-            recovered.as_secs_f32()
+        restarted_after_a_hang(
+            &node,
+            "tailscaled stopped (SIGSTOP)",
+            detected,
+            stopped.elapsed(),
         );
 
         // Stopped again, then the daemon told to stop while it hangs.
@@ -297,21 +312,11 @@ fn a_removed_localapi_socket_gets_tailscaled_started_again() {
         node.wait_for("the socket back and health again", |_| {
             socket.exists() && health().0
         });
-        let recovered = removed.elapsed();
-        assert_eq!(
-            status()["recoveries"]["tailscaled"],
-            json!({"restarts_after_exit": 0, "restarts_after_hang": 1, "logins_again": 0}),
-            "counted in /status"
-        );
-        assert!(
-            node.log().contains("tailscaled stopped answering"),
-            "{}",
-            node.log()
-        );
-        println!(
-            "FAULT | LocalAPI socket removed | detected {:.1} s | recovered {:.1} s",
-            detected.as_secs_f32(),
-            recovered.as_secs_f32()
+        restarted_after_a_hang(
+            &node,
+            "LocalAPI socket removed",
+            detected,
+            removed.elapsed(),
         );
         node.stop();
     });
