@@ -142,28 +142,30 @@ impl Supervisor {
                     _ => stop(child).await,
                 }
             }
-            match outcome {
+            let why = match outcome {
                 Outcome::Shutdown => return,
-                Outcome::Exited(why) | Outcome::Hung(why) => {
-                    self.count(|r| match why {
-                        NotReady::Hung(_) => r.restarts_after_hang += 1,
-                        _ => r.restarts_after_exit += 1,
-                    });
-                    self.state.send_replace(TailscaleState {
-                        ready: Err(why.clone()),
-                        recoveries: self.recoveries(),
-                        ..TailscaleState::default()
-                    });
-                    if started.elapsed() > BACKOFF_MAX {
-                        backoff = BACKOFF_FIRST;
-                    }
-                    warn!("{why}; starting it again in {} s", backoff.as_secs());
-                    if wait_or_shutdown(&mut shutdown, backoff).await {
-                        return;
-                    }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                Outcome::Exited(why) => {
+                    self.count(|r| r.restarts_after_exit += 1);
+                    why
                 }
+                Outcome::Hung(error) => {
+                    self.count(|r| r.restarts_after_hang += 1);
+                    NotReady::Hung(error)
+                }
+            };
+            self.state.send_replace(TailscaleState {
+                ready: Err(why.clone()),
+                recoveries: self.recoveries(),
+                ..TailscaleState::default()
+            });
+            if started.elapsed() > BACKOFF_MAX {
+                backoff = BACKOFF_FIRST;
             }
+            warn!("{why}; starting it again in {} s", backoff.as_secs());
+            if wait_or_shutdown(&mut shutdown, backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -254,7 +256,7 @@ impl Supervisor {
                     if socket_deadline.is_none() {
                         failures += 1;
                         if child.is_some() && failures >= HUNG_AFTER {
-                            return Outcome::Hung(NotReady::Hung(e.to_string()));
+                            return Outcome::Hung(e.to_string());
                         }
                         self.publish(Err(NotReady::NoAnswer(e.to_string())), (None, None), None);
                     }
@@ -396,8 +398,9 @@ impl Supervisor {
 enum Outcome {
     Shutdown,
     Exited(NotReady),
-    /// Ours stopped answering: to be killed and started again.
-    Hung(NotReady),
+    /// Ours stopped answering (the last error): to be killed and started
+    /// again.
+    Hung(String),
 }
 
 /// How far the node's setup (login, preferences) has come with one run of
