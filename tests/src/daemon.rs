@@ -313,7 +313,13 @@ impl DaemonUnderTest {
     /// Waits for `done`, failing with the log if the daemon exits first or
     /// time runs out.
     pub fn wait_for(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
-        let deadline = Instant::now() + crate::patience(PATIENCE);
+        self.wait_within(PATIENCE, what, done);
+    }
+
+    /// As [`DaemonUnderTest::wait_for`], for what takes longer than usual
+    /// by design (`base`, scaled as every patience is).
+    pub fn wait_within(&mut self, base: Duration, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + crate::patience(base);
         while !done(self) {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("tailguard exited ({status}) before {what}:\n{}", self.log());
@@ -321,7 +327,7 @@ impl DaemonUnderTest {
             assert!(
                 Instant::now() < deadline,
                 "no {what} within {} s:\n{}",
-                crate::patience(PATIENCE).as_secs(),
+                crate::patience(base).as_secs(),
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(50));

@@ -50,6 +50,8 @@ pub struct Plan {
     pub switches: SwitchesPlan,
     /// `TG_HEALTH_ADDR`: `/healthz` and `/status` for the host.
     pub health_addr: SocketAddr,
+    /// `TG_HEALTH_PROBE`: a TCP service behind WireGuard that must answer.
+    pub health_probe: Option<SocketAddr>,
 }
 
 /// The kernel switches the daemon writes while it runs (and puts back at
@@ -198,6 +200,9 @@ pub struct PeerPlan {
     pub endpoint: Option<Endpoint>,
     pub allowed_ips: Vec<IpNet>,
     pub persistent_keepalive: Option<u16>,
+    /// Line of its `[Peer]` header in the config: how messages name it
+    /// (its key and endpoint are not for every page).
+    pub line: usize,
 }
 
 /// A route the bring-up adds through the WireGuard device (one per
@@ -328,10 +333,26 @@ pub enum MismatchError {
          the device's Address): traffic for it would never reach a host there"
     )]
     DestNotBehindWireGuard(IpAddr),
+    #[error(
+        "TG_HEALTH_PROBE={0}: not behind WireGuard (inside no peer's AllowedIPs and no network \
+         of the device's Address): it cannot tell whether the WireGuard side is alive"
+    )]
+    ProbeNotBehindWireGuard(SocketAddr),
     #[error("TS_DEST_IP={0}: this node's own WireGuard address; name a host behind WireGuard")]
     DestIsOwnAddress(IpAddr),
     #[error("TG_WEBUI_PORT={0}: the same port as ListenPort in {1}; choose another")]
     WebuiIsListenPort(u16, String),
+}
+
+/// Whether `addr` is reached through WireGuard: inside a peer's
+/// AllowedIPs or a network of the device's own addresses.
+fn behind_wireguard(config: &WgConfig, addr: IpAddr) -> bool {
+    config
+        .peers
+        .iter()
+        .flat_map(|p| &p.allowed_ips)
+        .chain(&config.interface.addresses)
+        .any(|net| net.contains(&addr))
 }
 
 impl Plan {
@@ -352,15 +373,14 @@ impl Plan {
             if interface.addresses.iter().any(|a| a.addr() == dest) {
                 return Err(MismatchError::DestIsOwnAddress(dest));
             }
-            let behind = config
-                .peers
-                .iter()
-                .flat_map(|p| &p.allowed_ips)
-                .chain(&interface.addresses)
-                .any(|net| net.contains(&dest));
-            if !behind {
+            if !behind_wireguard(config, dest) {
                 return Err(MismatchError::DestNotBehindWireGuard(dest));
             }
+        }
+        if let Some(probe) = settings.health_probe
+            && !behind_wireguard(config, probe.ip())
+        {
+            return Err(MismatchError::ProbeNotBehindWireGuard(probe));
         }
         if let Some(port) = settings.webui_port
             && interface.listen_port == Some(port)
@@ -410,6 +430,7 @@ impl Plan {
                 src_valid_mark: wireguard.policy_routing.is_some_and(|p| p.ipv4),
             },
             health_addr: settings.health_addr,
+            health_probe: settings.health_probe,
             wireguard,
         }
     }
@@ -480,6 +501,7 @@ fn wireguard(settings: &Settings, config: &WgConfig) -> WireGuardPlan {
                 public_key: p.public_key,
                 preshared_key: p.preshared_key.clone(),
                 endpoint: p.endpoint.clone(),
+                line: p.line,
                 allowed_ips: p.allowed_ips.clone(),
                 persistent_keepalive: p.persistent_keepalive,
             })
@@ -863,7 +885,14 @@ impl fmt::Display for Plan {
                 "  net.ipv4.conf.all.src_valid_mark: 1 (IPv4 policy routing)"
             )?;
         }
-        writeln!(f, "Health: http://{}/healthz", self.health_addr)
+        writeln!(f, "Health: http://{}/healthz", self.health_addr)?;
+        if let Some(probe) = self.health_probe {
+            writeln!(
+                f,
+                "  probe: TCP {probe} must accept a connection (else not ready, routes withdrawn)"
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -1161,6 +1190,7 @@ mod tests {
             ok(&["--ts-dest-ip=10.1.0.9"], "192.168.8.0/24").is_empty(),
             "on the device's network"
         );
+        assert!(ok(&["--health-probe=192.168.8.1:80"], "192.168.8.0/24").is_empty());
         for (args, allowed, expected) in [
             (
                 &["--ts-dest-ip=192.168.9.1"][..],
@@ -1171,6 +1201,11 @@ mod tests {
                 &["--ts-dest-ip=fd00::1"],
                 "0.0.0.0/0",
                 "TS_DEST_IP=fd00::1: not behind WireGuard",
+            ),
+            (
+                &["--health-probe=192.168.9.1:80"],
+                "192.168.8.0/24",
+                "TG_HEALTH_PROBE=192.168.9.1:80: not behind WireGuard",
             ),
             (
                 &["--ts-dest-ip=10.1.0.2"],

@@ -164,6 +164,13 @@ pub struct SettingsArgs {
     #[arg(long, env = "TG_HEALTH_ADDR", value_name = "TG_HEALTH_ADDR", default_value = "127.0.0.1:9002", value_parser = socket_addr)]
     pub health_addr: std::net::SocketAddr,
 
+    /// A TCP service behind WireGuard (`host:port`, e.g. the router's web
+    /// UI) that must accept a connection for the WireGuard side to count as
+    /// alive: while it does not, the node is not ready and its routes are
+    /// withdrawn. Unset: no probe.
+    #[arg(long, env = "TG_HEALTH_PROBE", value_name = "TG_HEALTH_PROBE", value_parser = optional_socket_addr)]
+    pub health_probe: Option<OrUnset<std::net::SocketAddr>>,
+
     /// Exit node to use (IP, name, or `auto:any`); client mode only.
     #[arg(long, env = "TS_EXIT_NODE", value_name = "TS_EXIT_NODE", value_parser = non_empty)]
     pub ts_exit_node: Option<OrUnset<String>>,
@@ -252,6 +259,7 @@ pub struct Settings {
     /// Read once, here: its warnings are given with the other settings'.
     pub ts_extra_args: ExtraArgs,
     pub health_addr: std::net::SocketAddr,
+    pub health_probe: Option<std::net::SocketAddr>,
     pub ts_login_server: Option<String>,
     pub ts_authkey: Option<Secret>,
     pub ts_hostname: Option<String>,
@@ -448,6 +456,7 @@ impl SettingsArgs {
             ts_tailscaled_extra_args,
             ts_extra_args,
             health_addr: self.health_addr,
+            health_probe: self.health_probe.and_then(OrUnset::get),
             ts_login_server: self.ts_login_server.and_then(OrUnset::get),
             ts_authkey,
             ts_hostname: self.ts_hostname.and_then(OrUnset::get),
@@ -577,6 +586,13 @@ fn interface_name(value: &str) -> Result<String, ValueError> {
 
 fn socket_addr(value: &str) -> Result<std::net::SocketAddr, ValueError> {
     value.parse().map_err(|_| ValueError::SocketAddr)
+}
+
+fn optional_socket_addr(value: &str) -> Result<OrUnset<std::net::SocketAddr>, ValueError> {
+    if value.trim().is_empty() {
+        return Ok(OrUnset(None));
+    }
+    socket_addr(value.trim()).map(|addr| OrUnset(Some(addr)))
 }
 
 fn seconds(value: &str) -> Result<u64, ValueError> {
@@ -1080,6 +1096,27 @@ mod tests {
             e.contains("TG_HEALTH_ADDR") && e.contains("like 127.0.0.1:9002"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_health_probe_is_an_address_and_port() {
+        assert_eq!(settings(&[]).health_probe, None);
+        assert_eq!(settings(&["--health-probe="]).health_probe, None);
+        assert_eq!(
+            settings(&["--health-probe=192.168.8.1:80"]).health_probe,
+            Some("192.168.8.1:80".parse().unwrap())
+        );
+        assert_eq!(
+            settings(&["--health-probe=[fd00::1]:443"]).health_probe,
+            Some("[fd00::1]:443".parse().unwrap())
+        );
+        for bad in ["192.168.8.1", "router:80", "192.168.8.1:http"] {
+            let e = error(&[&format!("--health-probe={bad}")]);
+            assert!(
+                e.contains("TG_HEALTH_PROBE") && e.contains("like 127.0.0.1:9002"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

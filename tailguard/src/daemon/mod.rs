@@ -4,6 +4,8 @@
 //! everything it set up.
 
 pub mod preflight;
+pub mod probe;
+pub mod wireguard_side;
 
 use std::{
     future::Future,
@@ -23,6 +25,7 @@ use crate::{
     config::wg_quick::ConfigError,
     config::wg_quick::WgConfig,
     daemon::preflight::PreflightError,
+    daemon::wireguard_side::{PeerWatch, follow_offer},
     datapath::map_contents,
     datapath::{self, Datapath, LoadOptions, pin, sweeper},
     errors::{in_full, one_line},
@@ -35,9 +38,11 @@ use crate::{
     host::sysctls::{Forwarding, Sysctls},
     host::{netlink::NetlinkError, privileges::PrivilegeError, resolver::ResolverError},
     http::health::{self, Health},
+    tailscale::prefs::Offer,
     tailscale::supervisor::{Supervisor, TailscaleState},
     wireguard::bring_up::WgSetup,
     wireguard::endpoints,
+    wireguard::handshakes,
     wireguard::{bring_up::SetupError, device::WireGuardError},
 };
 
@@ -352,7 +357,20 @@ impl Running {
         // policy is in place before the tailnet device exists.
         let (supervisor, mut tailscale) = Supervisor::new(&plan.tailscale);
         let (stop_supervisor, stopped) = watch::channel(false);
-        self.supervisor = Some((stop_supervisor, tokio::spawn(supervisor.run(stopped))));
+        let (offer, offered) = watch::channel(Offer::Routes);
+        self.supervisor = Some((
+            stop_supervisor,
+            tokio::spawn(supervisor.run(stopped, offered)),
+        ));
+        // Without a probe the sender goes at once, and its branch below
+        // never runs.
+        let (probe_verdict, mut probe) = watch::channel(None);
+        if let Some(target) = plan.health_probe {
+            self.tasks
+                .push(tokio::spawn(probe::run(target, probe_verdict)));
+        }
+        let mut peers = PeerWatch::new(&plan.wireguard);
+        let mut handshake_check = tokio::time::interval(handshakes::CHECK_EVERY);
         crate::fault::point("serving");
         info!(wg = %plan.wireguard.device, ts = %plan.tailscale.device, "running; SIGINT or SIGTERM stops");
 
@@ -371,6 +389,7 @@ impl Running {
                 h.loop_turned = std::time::Instant::now();
                 false
             });
+            follow_offer(&health, &offer);
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
                 ended = supervisor_ended(&mut self.supervisor) => {
@@ -424,6 +443,19 @@ impl Running {
                     }
                     continue;
                 }
+                _ = handshake_check.tick(), if peers.judges_any() => {
+                    if let Some(device) = self.wg.as_ref().and_then(WgSetup::device) {
+                        peers.check(device, &health).await;
+                        follow_offer(&health, &offer);
+                    }
+                    continue;
+                }
+                Ok(()) = probe.changed() => {
+                    let failure = probe.borrow_and_update().clone();
+                    health.send_modify(|h| h.probe_failure = failure);
+                    follow_offer(&health, &offer);
+                    continue;
+                }
                 _ = endpoint_refresh.tick(), if dynamic => {
                     if let Some(device) = self.wg.as_ref().and_then(WgSetup::device)
                         && let Err(e) = endpoints::refresh(device, &plan.wireguard).await
@@ -437,16 +469,28 @@ impl Running {
             if matches!(refreshed, Err(Error::WireGuardGone(_))) {
                 note_wireguard(&health, &plan.wireguard.device, false);
                 if let Some(next) = wg_recovery.attempt() {
-                    match self.recreate_wireguard(plan).await {
+                    // Hooks and endpoint names can take long: a stop is
+                    // heard meanwhile, and what was made so far is in
+                    // `self.wg` for the teardown.
+                    let recreated = tokio::select! {
+                        biased;
+                        () = &mut shutdown => return Ok(()),
+                        recreated = self.recreate_wireguard(plan) => recreated,
+                    };
+                    match recreated {
                         Ok(()) => {
+                            peers.device_made();
                             health.send_modify(|h| h.recoveries.wireguard_brought_back += 1);
                             refreshed = self.refresh(plan, &tailscale_state, &health).await;
                         }
-                        Err(e) => warn!(
-                            "bringing the WireGuard side up again: {}; trying again in {} s",
-                            one_line(&e),
-                            next.as_secs()
-                        ),
+                        Err(e) => {
+                            warn!(
+                                "bringing the WireGuard side up again: {}; trying again in {} s",
+                                one_line(&e),
+                                next.as_secs()
+                            );
+                            health.send_modify(|h| h.wireguard_not_brought_back = true);
+                        }
                     }
                 }
             }
@@ -797,6 +841,7 @@ fn note_wireguard(health: &watch::Sender<Health>, device: &str, up: bool) {
         }
         if up {
             info!("the WireGuard device {device} is back");
+            h.wireguard_not_brought_back = false;
         } else {
             warn!("the WireGuard device {device} is gone: traffic to and from WireGuard stops");
         }

@@ -62,6 +62,15 @@ pub struct Health {
     pub recoveries: Recoveries,
     pub first_healthy_at: Option<SystemTime>,
     pub wireguard_up: bool,
+    /// The device is gone and the last attempt to bring it back failed.
+    pub wireguard_not_brought_back: bool,
+    /// The peers this node connects to that stopped answering
+    /// (`wireguard::handshakes`), each said in full.
+    pub silent_peers: Vec<String>,
+    /// Why `TG_HEALTH_PROBE` fails, while it does.
+    pub probe_failure: Option<String>,
+    /// Whether the routes are offered to the tailnet, and since when not.
+    pub routes: RoutesOffer,
     pub wireguard_attached: bool,
     pub tailscale_attached: bool,
     /// The eBPF datapath runs, so both devices need the programs; with the
@@ -90,6 +99,19 @@ pub struct Health {
     pub dns_name: Option<String>,
 }
 
+/// Whether the node's routes (and exit node) are advertised to the
+/// tailnet: withdrawn while the WireGuard side is down.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RoutesOffer {
+    pub advertised: bool,
+    /// Why not, while they are not.
+    pub withdrawn_because: Option<String>,
+    /// Since when (Unix seconds).
+    pub withdrawn_at: Option<u64>,
+    /// How often they were withdrawn since the daemon started.
+    pub withdrawals: u64,
+}
+
 /// One reason the node is not healthy.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Reason {
@@ -97,12 +119,20 @@ pub enum Reason {
     Tailscale(NotReady),
     #[error("the WireGuard device is not up")]
     WireGuardDown,
+    #[error("{0}")]
+    PeerSilent(String),
+    #[error("{0}")]
+    ProbeFails(String),
     #[error("the eBPF programs are not attached to both devices")]
     ProgramsNotAttached,
     #[error("the Tailscale device does not exist")]
     NoTailscaleDevice,
     #[error("the forwarding plane has not yet followed Tailscale's latest state")]
     ForwardingBehind,
+    /// The loop that keeps everything else here true has stopped: none of
+    /// it can be trusted any more.
+    #[error("stuck: the daemon's loop has not turned for {0} s")]
+    Stuck(u64),
 }
 
 /// Every reason the node is not healthy, in one line.
@@ -146,6 +176,13 @@ impl Health {
             recoveries: Recoveries::default(),
             first_healthy_at: None,
             wireguard_up: false,
+            wireguard_not_brought_back: false,
+            silent_peers: Vec::new(),
+            probe_failure: None,
+            routes: RoutesOffer {
+                advertised: true,
+                ..RoutesOffer::default()
+            },
             wireguard_attached: false,
             tailscale_attached: false,
             programs_required: true,
@@ -187,6 +224,8 @@ impl Health {
         if !self.wireguard_up {
             reasons.push(Reason::WireGuardDown);
         }
+        reasons.extend(self.silent_peers.iter().cloned().map(Reason::PeerSilent));
+        reasons.extend(self.probe_failure.iter().cloned().map(Reason::ProbeFails));
         if self.programs_required && !(self.wireguard_attached && self.tailscale_attached) {
             reasons.push(Reason::ProgramsNotAttached);
         } else if !self.tailscale_attached {
@@ -195,11 +234,32 @@ impl Health {
         if !self.forwarding_in_line {
             reasons.push(Reason::ForwardingBehind);
         }
+        let since = self.loop_turned.elapsed();
+        if since > LIVE_WITHIN {
+            reasons.push(Reason::Stuck(since.as_secs()));
+        }
         if reasons.is_empty() {
             Ok(())
         } else {
             Err(Unhealthy(reasons))
         }
+    }
+
+    /// Why the WireGuard side is down for the tailnet, so that the routes
+    /// through it are to be withdrawn: its device gone beyond the first
+    /// attempt to bring it back (a re-creation that works takes a second,
+    /// too short for the tailnet to fail over and back), a peer silent, or
+    /// the probe failing. `None`: it is alive.
+    pub fn wireguard_side_down(&self) -> Option<String> {
+        let gone = self
+            .wireguard_not_brought_back
+            .then(|| "the WireGuard device is gone and could not be brought back".to_string());
+        let why: Vec<String> = gone
+            .into_iter()
+            .chain(self.silent_peers.iter().cloned())
+            .chain(self.probe_failure.iter().cloned())
+            .collect();
+        (!why.is_empty()).then(|| why.join("; "))
     }
 
     /// The forwarding plane no longer holds what Tailscale or the kernel
@@ -274,6 +334,7 @@ impl Health {
             "started_at": unix_seconds(self.started_at),
             "first_healthy_at": self.first_healthy_at.map(unix_seconds),
             "recoveries": self.recoveries,
+            "routes": self.routes,
             "datapath": if self.programs_required { "ebpf" } else { "netfilter" },
             "datapath_fallback": self.datapath_fallback,
             "forwarding": self.forwarding,
@@ -283,7 +344,7 @@ impl Health {
     }
 }
 
-fn unix_seconds(t: SystemTime) -> u64 {
+pub fn unix_seconds(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
@@ -542,7 +603,7 @@ mod tests {
 
     /// Liveness is the loop's turning, not the readiness: an unready node
     /// whose loop turns is alive; one whose loop stopped is stuck, however
-    /// healthy it was.
+    /// healthy it was, and not ready either (what it last saw is stale).
     #[tokio::test]
     async fn livez_answers_by_the_loops_last_turn() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -560,10 +621,13 @@ mod tests {
             *h = healthy();
             h.loop_turned = long_ago;
         });
-        assert!(
-            check(addr, false).await.is_ok(),
-            "ready by what it last saw"
-        );
+        match check(addr, false).await {
+            Err(CheckError::Unhealthy(report)) => assert!(
+                report.contains("stuck: the daemon's loop has not turned for 3"),
+                "{report}"
+            ),
+            other => panic!("not ready by what it last saw, not {other:?}"),
+        }
         match check(addr, true).await {
             Err(CheckError::Unhealthy(report)) => {
                 assert!(

@@ -84,9 +84,20 @@ const DEFAULT_ROUTES: [IpNet; 2] = [
     )),
 ];
 
+/// Whether the node offers its routes (and itself as exit node) to the
+/// tailnet: not while the WireGuard side is down, so that the tailnet's
+/// peers fail over to another router that advertises them, as they do
+/// between Tailscale's HA subnet routers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Offer {
+    #[default]
+    Routes,
+    Withdrawn,
+}
+
 /// The preferences set at start. The exit node is left to
 /// [`exit_node`], which may need the tailnet's peers to resolve a name.
-pub fn at_start(plan: &TailscalePlan) -> MaskedPrefs {
+pub fn at_start(plan: &TailscalePlan, offer: Offer) -> MaskedPrefs {
     let mut routes = plan.advertise.routes.clone();
     if plan.advertise.exit_node {
         routes.extend(DEFAULT_ROUTES);
@@ -101,7 +112,21 @@ pub fn at_start(plan: &TailscalePlan) -> MaskedPrefs {
         ..MaskedPrefs::default()
     };
     prefs.overlay(&plan.extra_prefs);
+    if offer == Offer::Withdrawn {
+        // Whatever set them (the plan, or `TS_EXTRA_ARGS`): none, the
+        // default routes of an exit node included.
+        prefs.advertise_routes = Some(Vec::new());
+    }
     prefs
+}
+
+/// Only the advertised routes, as [`at_start`] sets them for `offer`: what
+/// changes when the WireGuard side goes down or comes back.
+pub fn advertised(plan: &TailscalePlan, offer: Offer) -> MaskedPrefs {
+    MaskedPrefs {
+        advertise_routes: at_start(plan, offer).advertise_routes,
+        ..MaskedPrefs::default()
+    }
 }
 
 /// A `TS_EXIT_NODE` name that cannot be turned into a peer (yet).
@@ -205,10 +230,10 @@ mod tests {
     #[test]
     fn pattern_1_wireguard_as_exit_node() {
         // Peer with 0.0.0.0/0, ::/0 and a LAN; not client mode.
-        let json = at_start(&plan(
-            &["--ts-hostname=bridge"],
-            "0.0.0.0/0,::/0,192.168.8.0/24",
-        ))
+        let json = at_start(
+            &plan(&["--ts-hostname=bridge"], "0.0.0.0/0,::/0,192.168.8.0/24"),
+            Offer::Routes,
+        )
         .to_json();
         assert_eq!(
             json,
@@ -223,12 +248,30 @@ mod tests {
     }
 
     #[test]
+    fn withdrawn_routes_are_none_at_all() {
+        let p = plan(
+            &["--ts-extra-args=--advertise-routes=10.9.0.0/24"],
+            "0.0.0.0/0,::/0,192.168.8.0/24",
+        );
+        let withdrawn = json!({"AdvertiseRoutes": [], "AdvertiseRoutesSet": true});
+        assert_eq!(advertised(&p, Offer::Withdrawn).to_json(), withdrawn);
+        let start = at_start(&p, Offer::Withdrawn).to_json();
+        assert_eq!(start["AdvertiseRoutes"], json!([]));
+        assert_eq!(start["WantRunning"], json!(true), "the rest as ever");
+        assert_eq!(
+            advertised(&p, Offer::Routes).to_json(),
+            json!({"AdvertiseRoutes": ["10.9.0.0/24"], "AdvertiseRoutesSet": true}),
+            "offered again as TS_EXTRA_ARGS says"
+        );
+    }
+
+    #[test]
     fn pattern_2_simple_server_in_client_mode_advertises_nothing() {
         let p = plan(
             &["--client-mode=1", "--expose-host=1", "--wg-isolate-peers=1"],
             "10.8.0.2/32",
         );
-        let json = at_start(&p).to_json();
+        let json = at_start(&p, Offer::Routes).to_json();
         assert_eq!(json["AdvertiseRoutes"], json!([]));
         assert_eq!(
             json["AdvertiseRoutesSet"],
@@ -241,7 +284,7 @@ mod tests {
 
     #[test]
     fn pattern_3_simple_bridge_advertises_the_wireguard_subnets() {
-        let json = at_start(&plan(&[], "10.8.0.0/24,fd00:8::/64")).to_json();
+        let json = at_start(&plan(&[], "10.8.0.0/24,fd00:8::/64"), Offer::Routes).to_json();
         assert_eq!(
             json["AdvertiseRoutes"],
             json!(["10.8.0.0/24", "fd00:8::/64"])
@@ -301,7 +344,7 @@ mod tests {
             ],
             "0.0.0.0/0,192.168.8.0/24",
         );
-        let json = at_start(&p).to_json();
+        let json = at_start(&p, Offer::Routes).to_json();
         assert_eq!(json["ControlURL"], json!("https://hs.example.com"));
         assert_eq!(
             json["AdvertiseRoutes"],
@@ -316,7 +359,7 @@ mod tests {
 
     #[test]
     fn extra_args_that_are_preferences_are_applied_and_the_rest_named() {
-        let mut prefs = at_start(&plan(&[], "10.8.0.0/24"));
+        let mut prefs = at_start(&plan(&[], "10.8.0.0/24"), Offer::Routes);
         let (extra, warnings) = parse_extra_args(
             "--advertise-tags=tag:bridge,tag:vps --shields-up --ssh=false \
              --snat-subnet-routes=false --accept-dns=true -operator alice \
@@ -356,7 +399,7 @@ mod tests {
     #[test]
     fn start_body_carries_the_key_and_the_initial_prefs() {
         let p = plan(&["--ts-login-server=https://hs.example.com"], "10.8.0.0/24");
-        let body = start_body(Some("tskey-abc"), &at_start(&p));
+        let body = start_body(Some("tskey-abc"), &at_start(&p, Offer::Routes));
         assert_eq!(body["AuthKey"], json!("tskey-abc"));
         let update = &body["UpdatePrefs"];
         assert_eq!(update["ControlURL"], json!("https://hs.example.com"));
@@ -367,7 +410,7 @@ mod tests {
             update.get("RouteAllSet").is_none(),
             "UpdatePrefs is a whole Prefs, not a masked one"
         );
-        let interactive = start_body(None, &at_start(&plan(&[], "10.8.0.0/24")));
+        let interactive = start_body(None, &at_start(&plan(&[], "10.8.0.0/24"), Offer::Routes));
         assert!(interactive.get("AuthKey").is_none());
         assert_eq!(
             interactive["UpdatePrefs"]["ControlURL"],

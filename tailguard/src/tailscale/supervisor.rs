@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 
 use super::{
     localapi::{self, LocalApi, LocalApiError},
-    prefs,
+    prefs::{self, Offer},
     status::{NotReady, Status},
 };
 use crate::config::plan::{Login, TailscalePlan};
@@ -83,9 +83,12 @@ const RESYNC: Duration = Duration::from_secs(10);
 /// the peers.
 const LIVENESS_EVERY: Duration = Duration::from_secs(2);
 /// Failed status reads in a row, after a first answer, that make ours hung:
-/// killed and started again. (An attached one is only reported: it is not
-/// ours to kill.)
+/// killed and started again, once they have gone on for [`HUNG_FOR`]. (An
+/// attached one is only reported: it is not ours to kill.)
 const HUNG_AFTER: u32 = 2;
+/// How long the failures must last: a tailscaled that closed its socket on
+/// its way out has that long to exit by itself (and be counted as an exit).
+const HUNG_FOR: Duration = Duration::from_secs(5);
 /// How long tailscaled may take to open its socket.
 const SOCKET_WAIT: Duration = Duration::from_secs(30);
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
@@ -111,7 +114,9 @@ impl Supervisor {
     }
 
     /// Runs until `shutdown` turns true; then stops the tailscaled it started.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// `offer` says whether the node's routes are to be advertised (they
+    /// follow it while tailscaled runs).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>, mut offer: watch::Receiver<Offer>) {
         let attach = self.api.status(false).await.is_ok();
         if attach {
             info!(socket = %self.plan.socket.display(), "a tailscaled already answers: using it (attach mode)");
@@ -134,7 +139,14 @@ impl Supervisor {
                 }
             };
             let started = Instant::now();
-            let outcome = self.serve(child.as_mut(), &mut shutdown).await;
+            // A stop is heard even inside a LocalAPI request (up to its
+            // timeout, at every step of a setup): the daemon's teardown
+            // gives the supervisor only so long.
+            let mut told = shutdown.clone();
+            let outcome = tokio::select! {
+                outcome = self.serve(child.as_mut(), &mut shutdown, &mut offer) => outcome,
+                _ = told.wait_for(|stop| *stop) => Outcome::Shutdown,
+            };
             if let Some(child) = child.as_mut() {
                 match outcome {
                     // Hung: a SIGTERM would wait for it in vain.
@@ -142,16 +154,10 @@ impl Supervisor {
                     _ => stop(child).await,
                 }
             }
-            let why = match outcome {
+            let (why, hung) = match outcome {
                 Outcome::Shutdown => return,
-                Outcome::Exited(why) => {
-                    self.count(|r| r.restarts_after_exit += 1);
-                    why
-                }
-                Outcome::Hung(error) => {
-                    self.count(|r| r.restarts_after_hang += 1);
-                    NotReady::Hung(error)
-                }
+                Outcome::Exited(why) => (why, false),
+                Outcome::Hung(error) => (NotReady::Hung(error), true),
             };
             self.state.send_replace(TailscaleState {
                 ready: Err(why.clone()),
@@ -165,6 +171,15 @@ impl Supervisor {
             if wait_or_shutdown(&mut shutdown, backoff).await {
                 return;
             }
+            // Counted as it happens (not when decided: a stop during the
+            // back-off restarts nothing).
+            self.count(|r| {
+                if hung {
+                    r.restarts_after_hang += 1;
+                } else {
+                    r.restarts_after_exit += 1;
+                }
+            });
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
@@ -226,6 +241,7 @@ impl Supervisor {
         &self,
         mut child: Option<&mut Child>,
         shutdown: &mut watch::Receiver<bool>,
+        offer: &mut watch::Receiver<Offer>,
     ) -> Outcome {
         let mut setup = SetupProgress::default();
         let mut socket_deadline = Some(Instant::now() + SOCKET_WAIT);
@@ -233,6 +249,7 @@ impl Supervisor {
         // When the status was last read whole (the peers too) and followed.
         let mut followed: Option<Instant> = None;
         let mut failures = 0;
+        let mut failing_since: Option<Instant> = None;
         loop {
             // While the bus is followed and quiet, only check it answers.
             let whole = bus.is_none() || followed.is_none_or(|at| at.elapsed() >= RESYNC);
@@ -240,9 +257,11 @@ impl Supervisor {
                 Ok(status) => {
                     socket_deadline = None;
                     failures = 0;
+                    failing_since = None;
                     if whole {
                         followed = Some(Instant::now());
-                        self.follow(&status, &mut setup).await;
+                        let offer = *offer.borrow_and_update();
+                        self.follow(&status, &mut setup, offer).await;
                     }
                 }
                 Err(e) => {
@@ -255,7 +274,14 @@ impl Supervisor {
                     }
                     if socket_deadline.is_none() {
                         failures += 1;
-                        if child.is_some() && failures >= HUNG_AFTER {
+                        let since = *failing_since.get_or_insert_with(Instant::now);
+                        if let Some(child) = child.as_deref_mut()
+                            && failures >= HUNG_AFTER
+                            && since.elapsed() >= HUNG_FOR
+                        {
+                            if let Ok(Some(status)) = child.try_wait() {
+                                return Outcome::Exited(NotReady::Exited(status.to_string()));
+                            }
                             return Outcome::Hung(e.to_string());
                         }
                         self.publish(Err(NotReady::NoAnswer(e.to_string())), (None, None), None);
@@ -287,6 +313,8 @@ impl Supervisor {
                     None => bus = None,
                 },
                 () = sleep(wait) => {}
+                // Followed with the next status, read whole.
+                Ok(()) = offer.changed() => followed = None,
                 _ = shutdown.changed() => {}
             }
             if *shutdown.borrow() || shutdown.has_changed().is_err() {
@@ -295,9 +323,10 @@ impl Supervisor {
         }
     }
 
-    /// Acts on one status: log in if needed, set preferences once running,
+    /// Acts on one status: log in if needed, set preferences once running
+    /// (the advertised routes as `offer` says, again whenever it changes),
     /// the once-healthy ones once healthy, and publish the state.
-    async fn follow(&self, status: &Status, setup: &mut SetupProgress) {
+    async fn follow(&self, status: &Status, setup: &mut SetupProgress, offer: Offer) {
         // Not NoState: a tailscaled restarting with its state passes
         // through it on its way back to Running, and needs no login.
         if status.backend_state == "NeedsLogin" && setup.was_running {
@@ -313,20 +342,45 @@ impl Supervisor {
             prefs_set,
             healthy_prefs_set,
             was_running: _,
+            offered,
         } = setup;
         match status.backend_state.as_str() {
-            "NeedsLogin" | "NoState" => login.advance(&self.api, &self.plan, status).await,
+            "NeedsLogin" | "NoState" => login.advance(&self.api, &self.plan, status, offer).await,
             "NeedsMachineAuth" if !login.machine_auth_said => {
                 warn!("the node waits for approval in the tailnet's admin console");
                 login.machine_auth_said = true;
             }
             "Running" if !*prefs_set => {
-                match self.api.edit_prefs(&prefs::at_start(&self.plan)).await {
+                match self
+                    .api
+                    .edit_prefs(&prefs::at_start(&self.plan, offer))
+                    .await
+                {
                     Ok(_) => {
-                        info!(routes = ?self.plan.advertise.routes, exit_node = self.plan.advertise.exit_node, "Tailscale preferences set");
+                        info!(routes = ?self.plan.advertise.routes, exit_node = self.plan.advertise.exit_node, ?offer, "Tailscale preferences set");
                         *prefs_set = true;
+                        *offered = offer;
                     }
                     Err(e) => warn!("setting Tailscale preferences: {e}"),
+                }
+            }
+            "Running" if *offered != offer => {
+                match self
+                    .api
+                    .edit_prefs(&prefs::advertised(&self.plan, offer))
+                    .await
+                {
+                    Ok(_) => {
+                        match offer {
+                            Offer::Routes => info!("the routes and exit node are advertised again"),
+                            Offer::Withdrawn => {
+                                info!("the routes and exit node are withdrawn from the tailnet")
+                            }
+                        }
+                        *offered = offer;
+                    }
+                    // Tried again with the next status.
+                    Err(e) => warn!("changing the advertised routes: {e}"),
                 }
             }
             _ => {}
@@ -415,6 +469,8 @@ struct SetupProgress {
     healthy_prefs_set: bool,
     /// The backend has been Running since the login.
     was_running: bool,
+    /// The routes' offer tailscaled was last given (once `prefs_set`).
+    offered: Offer,
 }
 
 /// Where the login stands.
@@ -427,7 +483,13 @@ struct LoginProgress {
 }
 
 impl LoginProgress {
-    async fn advance(&mut self, api: &LocalApi, plan: &TailscalePlan, status: &Status) {
+    async fn advance(
+        &mut self,
+        api: &LocalApi,
+        plan: &TailscalePlan,
+        status: &Status,
+        offer: Offer,
+    ) {
         if !self.started {
             let key = match plan.login.key() {
                 Ok(key) => key,
@@ -437,7 +499,10 @@ impl LoginProgress {
                 }
             };
             match api
-                .start(prefs::start_body(key.as_deref(), &prefs::at_start(plan)))
+                .start(prefs::start_body(
+                    key.as_deref(),
+                    &prefs::at_start(plan, offer),
+                ))
                 .await
             {
                 Ok(()) => {

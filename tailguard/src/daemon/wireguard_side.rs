@@ -1,0 +1,217 @@
+//! The WireGuard side as the tailnet sees it: alive while its device is up
+//! (or comes back at the first attempt), the peers this node connects to
+//! answer, and `TG_HEALTH_PROBE` accepts a connection. While it is down the
+//! node is not ready, and the routes and exit node it advertises are
+//! withdrawn (docs/architecture.md, "Health and recovery").
+
+use std::time::{Instant, SystemTime};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    config::plan::WireGuardPlan,
+    config::wg_quick::PublicKey,
+    http::health::{Health, RoutesOffer},
+    tailscale::prefs::Offer,
+    wireguard::device::WgDevice,
+    wireguard::handshakes::{HANDSHAKE_WINDOW, Handshakes, PeerSample},
+};
+
+/// The peers whose handshakes are judged, and what is known of them.
+pub struct PeerWatch {
+    /// Those with an `Endpoint` (this node connects to them), each with how
+    /// messages name it. The others connect to us: a server config's
+    /// clients come and go, and only the device's being up is judged.
+    judged: Vec<(PublicKey, String)>,
+    handshakes: Handshakes,
+}
+
+impl PeerWatch {
+    pub fn new(plan: &WireGuardPlan) -> Self {
+        let judged = plan
+            .peers
+            .iter()
+            .filter(|p| p.endpoint.is_some())
+            .map(|p| {
+                let name = format!(
+                    "the WireGuard peer of line {} of {}",
+                    p.line,
+                    plan.config.display()
+                );
+                (p.public_key, name)
+            })
+            .collect();
+        Self {
+            judged,
+            handshakes: Handshakes::new(Instant::now()),
+        }
+    }
+
+    /// Whether any peer is judged (a client config): if not, no reading.
+    pub fn judges_any(&self) -> bool {
+        !self.judged.is_empty()
+    }
+
+    /// The device was made anew: its peers start over.
+    pub fn device_made(&mut self) {
+        self.handshakes.device_made(Instant::now());
+    }
+
+    /// Reads the peers from the device and puts the silent ones in
+    /// `health`, saying each change once.
+    pub async fn check(&mut self, device: &WgDevice, health: &watch::Sender<Health>) {
+        // A device that does not answer is the refresh's to notice.
+        let Ok(reported) = device.reported().await else {
+            return;
+        };
+        let samples: Vec<PeerSample> = reported
+            .peers
+            .iter()
+            .filter(|p| {
+                self.judged
+                    .iter()
+                    .any(|(key, _)| key.0 == p.config.public_key.0)
+            })
+            .map(|p| PeerSample {
+                public_key: PublicKey(p.config.public_key.0),
+                last_handshake: p.stats.last_handshake_time,
+                tx_bytes: p.stats.tx_bytes,
+            })
+            .collect();
+        let silent = self
+            .handshakes
+            .observe(Instant::now(), SystemTime::now(), &samples);
+        let said: Vec<String> = self
+            .judged
+            .iter()
+            .filter(|(key, _)| silent.contains(key))
+            .map(|(_, name)| {
+                format!(
+                    "{name} has not answered: no handshake for over {} s",
+                    HANDSHAKE_WINDOW.as_secs()
+                )
+            })
+            .collect();
+        health.send_if_modified(|h| {
+            if h.silent_peers == said {
+                return false;
+            }
+            for why in said.iter().filter(|s| !h.silent_peers.contains(s)) {
+                warn!("{why}");
+            }
+            for (_, name) in &self.judged {
+                let was = h.silent_peers.iter().any(|s| s.starts_with(name.as_str()));
+                let is = said.iter().any(|s| s.starts_with(name.as_str()));
+                if was && !is {
+                    info!("{name} answers again");
+                }
+            }
+            h.silent_peers = said;
+            true
+        });
+    }
+}
+
+/// Offers the routes to the tailnet, or withdraws them, as the health of
+/// the WireGuard side says; each change said once, with its reason, and
+/// shown in `/status`.
+pub fn follow_offer(health: &watch::Sender<Health>, offer: &watch::Sender<Offer>) {
+    let mut wanted = Offer::Routes;
+    health.send_if_modified(|h| {
+        let down = h.wireguard_side_down();
+        wanted = if down.is_some() {
+            Offer::Withdrawn
+        } else {
+            Offer::Routes
+        };
+        let routes = &mut h.routes;
+        match down {
+            None if routes.advertised => false,
+            None => {
+                info!("the WireGuard side is back: advertising the routes and exit node again");
+                *routes = RoutesOffer {
+                    advertised: true,
+                    withdrawals: routes.withdrawals,
+                    ..RoutesOffer::default()
+                };
+                true
+            }
+            Some(why) if routes.advertised => {
+                warn!("the WireGuard side is down ({why}): withdrawing the routes and exit node from the tailnet");
+                *routes = RoutesOffer {
+                    advertised: false,
+                    withdrawn_because: Some(why),
+                    withdrawn_at: Some(crate::http::health::unix_seconds(SystemTime::now())),
+                    withdrawals: routes.withdrawals + 1,
+                };
+                true
+            }
+            // Still down; perhaps for another reason now.
+            Some(why) => {
+                let changed = routes.withdrawn_because.as_ref() != Some(&why);
+                routes.withdrawn_because = Some(why);
+                changed
+            }
+        }
+    });
+    offer.send_if_modified(|o| {
+        let changed = *o != wanted;
+        *o = wanted;
+        changed
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_routes_are_withdrawn_while_the_side_is_down_and_offered_again() {
+        let (health, _) = watch::channel(Health::new());
+        let (offer, offered) = watch::channel(Offer::Routes);
+        follow_offer(&health, &offer);
+        assert_eq!(*offered.borrow(), Offer::Routes);
+        assert!(health.borrow().routes.advertised);
+
+        // A device gone for a moment is not a reason: only one that could
+        // not be brought back.
+        health.send_modify(|h| h.wireguard_up = false);
+        follow_offer(&health, &offer);
+        assert_eq!(*offered.borrow(), Offer::Routes);
+
+        health.send_modify(|h| h.probe_failure = Some("TG_HEALTH_PROBE=x refuses".into()));
+        follow_offer(&health, &offer);
+        assert_eq!(*offered.borrow(), Offer::Withdrawn);
+        let routes = health.borrow().routes.clone();
+        assert!(!routes.advertised);
+        assert_eq!(
+            routes.withdrawn_because.as_deref(),
+            Some("TG_HEALTH_PROBE=x refuses")
+        );
+        assert_eq!(routes.withdrawals, 1);
+
+        // Still down, for one more reason: one withdrawal, both reasons.
+        health.send_modify(|h| h.wireguard_not_brought_back = true);
+        follow_offer(&health, &offer);
+        let routes = health.borrow().routes.clone();
+        assert_eq!(routes.withdrawals, 1);
+        assert_eq!(
+            routes.withdrawn_because.as_deref(),
+            Some(
+                "the WireGuard device is gone and could not be brought back; \
+                 TG_HEALTH_PROBE=x refuses"
+            )
+        );
+
+        health.send_modify(|h| {
+            h.wireguard_not_brought_back = false;
+            h.probe_failure = None;
+        });
+        follow_offer(&health, &offer);
+        assert_eq!(*offered.borrow(), Offer::Routes);
+        let routes = health.borrow().routes.clone();
+        assert!(routes.advertised && routes.withdrawn_because.is_none());
+        assert_eq!(routes.withdrawals, 1, "kept");
+    }
+}
