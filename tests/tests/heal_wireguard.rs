@@ -10,9 +10,11 @@ use std::{
 };
 
 use tailguard_tests::{
-    daemon::{DATAPATHS, DaemonUnderTest, health, status},
+    bridge::Bridge,
+    daemon::{DATAPATHS, DaemonUnderTest, counted, health, status},
     netns::run,
     topology::*,
+    traffic::{Echo, echo_line},
     wg::Testbed,
 };
 
@@ -53,6 +55,7 @@ fn heal(
             .start();
         node.wait_for("health", |_| health().0);
         node.wait_for("traffic through WireGuard", |_| ping(&bed.ours, WG_SERVER));
+        let port = listen_port(&bed.device);
         let at = Instant::now();
         fault(&bed, &node);
         let gone = format!("the WireGuard device {} is gone", bed.device);
@@ -71,6 +74,11 @@ fn heal(
         });
         let recovered = at.elapsed();
         assert_eq!(
+            listen_port(&bed.device),
+            port,
+            "the port WireGuard picked is kept: peers know this node by it"
+        );
+        assert_eq!(
             status()["recoveries"]["wireguard_brought_back"],
             serde_json::json!(1),
             "counted in /status"
@@ -82,6 +90,34 @@ fn heal(
         node.stop();
         Healed { noticed, recovered }
     })
+}
+
+/// Sends `signal` (`kill`'s spelling) to the daemon's wireguard-go for
+/// `bed`'s device; its pid.
+fn signal_wireguard_go(bed: &Testbed, node: &DaemonUnderTest, signal: &str) -> String {
+    let pid = node.child_pid(&format!("wireguard-go.*{}", bed.device));
+    assert!(!pid.is_empty(), "wireguard-go runs as the daemon's child");
+    run(Command::new("kill").args([signal, &pid]));
+    pid
+}
+
+/// The device's listen port, as `wg` reports it (in the calling thread's
+/// namespace).
+fn listen_port(device: &str) -> String {
+    run(Command::new("wg").args(["show", device, "listen-port"]))
+        .trim()
+        .to_string()
+}
+
+/// [`heal`] once per datapath, each reported as `fault`.
+fn heal_in_both(
+    fault: &str,
+    name: &str,
+    inject: &(impl Fn(&Testbed, &DaemonUnderTest) + Send + Sync),
+) {
+    for datapath in DATAPATHS {
+        report(fault, datapath, &heal(name, datapath, inject));
+    }
 }
 
 fn report(fault: &str, datapath: &str, healed: &Healed) {
@@ -102,27 +138,121 @@ fn a_deleted_wireguard_device_is_brought_back() {
     let delete = |bed: &Testbed, _: &DaemonUnderTest| {
         run(Command::new("ip").args(["link", "del", &bed.device]));
     };
-    for datapath in DATAPATHS {
-        report(
-            "WireGuard device deleted",
-            datapath,
-            &heal("heal-del", datapath, &delete),
-        );
-    }
+    heal_in_both("WireGuard device deleted", "heal-del", &delete);
 }
 
 #[test]
 fn a_killed_wireguard_go_is_started_again() {
     let kill = |bed: &Testbed, node: &DaemonUnderTest| {
-        let pid = node.child_pid(&format!("wireguard-go.*{}", bed.device));
-        assert!(!pid.is_empty(), "wireguard-go runs as the daemon's child");
-        run(Command::new("kill").args(["-9", &pid]));
+        signal_wireguard_go(bed, node, "-KILL");
     };
-    for datapath in DATAPATHS {
-        report(
-            "wireguard-go killed",
-            datapath,
-            &heal("heal-kill", datapath, &kill),
+    heal_in_both("wireguard-go killed", "heal-kill", &kill);
+}
+
+/// A stopped (hung) wireguard-go: its UAPI socket takes the query and
+/// never answers. The query times out, the daemon kills it, and the
+/// re-creation brings the side back.
+#[test]
+fn a_stopped_wireguard_go_is_killed_and_started_again() {
+    let stop = |bed: &Testbed, node: &DaemonUnderTest| {
+        signal_wireguard_go(bed, node, "-STOP");
+    };
+    heal_in_both("wireguard-go stopped (SIGSTOP)", "heal-stop", &stop);
+}
+
+/// SIGTERM while wireguard-go is stopped: the teardown does not wait for
+/// it in vain.
+#[test]
+fn the_daemon_stops_while_wireguard_go_is_stopped() {
+    let bed = Testbed::new("heal-stopterm");
+    let dir = bed.config_dir(&bed.config("", WG_SERVER_ONLY_V4));
+    bed.ours.run(|| {
+        let mut node = DaemonUnderTest::builder((&bed, &dir))
+            .standin()
+            .envs(&[("TS_AUTHKEY", "tskey-x")])
+            .start();
+        node.wait_for("health", |_| health().0);
+        let pid = signal_wireguard_go(&bed, &node, "-STOP");
+        let at = Instant::now();
+        node.stop();
+        let took = at.elapsed();
+        assert!(took <= Duration::from_secs(10), "stopped after {took:?}");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "wireguard-go is gone"
         );
+        println!(
+            "FAULT | SIGTERM to the daemon while wireguard-go is stopped | stopped in {:.1} s",
+            took.as_secs_f32()
+        );
+    });
+}
+
+/// An established TCP connection through the fast path (a WireGuard peer
+/// to a tailnet peer), its device deleted under it: the connection
+/// table's flows do not depend on the device's index, so once the device
+/// is back the same connection carries data again (TCP retransmits what
+/// was lost meanwhile).
+#[test]
+fn an_established_connection_survives_the_device_coming_back() {
+    for datapath in DATAPATHS {
+        let b = Bridge::new(&format!("heal-tcp-{datapath}"));
+        let echo = b.tailnet.run(Echo::listen);
+        let mut node = b.bed.ours.run(|| {
+            DaemonUnderTest::builder(&b)
+                .datapath(datapath)
+                .start_healthy()
+        });
+        let mut stream = b.bed.theirs.run(|| {
+            let target = std::net::SocketAddr::new(TAILNET_PEER.parse().unwrap(), echo.port);
+            std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))
+                .expect("connecting through the bridge")
+        });
+        assert_eq!(echo_line(&mut stream, "before").as_deref(), Ok("before"));
+        let redirected = || {
+            b.bed.ours.run(|| {
+                (
+                    counted("tailscale", "redirected"),
+                    counted("wireguard", "redirected"),
+                )
+            })
+        };
+        let before = redirected();
+        run(Command::new("ip").args(["-n", b.bed.ours.name(), "link", "del", &b.bed.device]));
+        let at = Instant::now();
+        // Sent while the device is away: lost, retransmitted, answered.
+        let answer = echo_line(&mut stream, "during");
+        let stalled = at.elapsed();
+        assert_eq!(
+            answer.as_deref(),
+            Ok("during"),
+            "{datapath}:\n{}",
+            node.log()
+        );
+        assert_eq!(echo_line(&mut stream, "after").as_deref(), Ok("after"));
+        b.bed.ours.run(|| {
+            assert_eq!(
+                status()["recoveries"]["wireguard_brought_back"],
+                serde_json::json!(1),
+                "{}",
+                node.log()
+            );
+        });
+        if datapath == "ebpf" {
+            // Both ways through the fast path after the device came back
+            // (the counters are read each second).
+            b.bed.ours.run(|| {
+                node.wait_for("the fast path carrying the connection again", |_| {
+                    let (ts, wg) = redirected();
+                    ts > before.0 && wg > before.1
+                })
+            });
+        }
+        println!(
+            "FAULT | WireGuard device deleted under an established TCP connection ({datapath}) | \
+             the same connection answered again after {:.1} s | lost: nothing (TCP retransmitted)",
+            stalled.as_secs_f32()
+        );
+        b.bed.ours.run(|| node.stop());
     }
 }

@@ -63,7 +63,10 @@ pub const KERNELS: [Kernel; 2] = [
             ("patterns", &["simple_bridge", "wireguard_as_exit_node"]),
             ("daemon_lifecycle", &[STOP_TEST]),
             // The kernel's device deleted and made again over netlink.
-            ("heal_wireguard", &["a_deleted_wireguard_device_is_brought_back"]),
+            (
+                "heal_wireguard",
+                &["a_deleted_wireguard_device_is_brought_back"],
+            ),
         ],
     },
 ];

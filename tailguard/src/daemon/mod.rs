@@ -521,6 +521,24 @@ impl Running {
                 warn!("removing what is left of the WireGuard side: {e}");
             }
         }
+        // A port WireGuard picked itself is kept: the peers that connect
+        // to this node know it by that port (their endpoint for it).
+        let kept;
+        let plan = match (plan.wireguard.listen_port, self.observed.as_ref()) {
+            (
+                None,
+                Some(Observed {
+                    wg_port: Some(port),
+                    ..
+                }),
+            ) => {
+                let mut same_port = plan.clone();
+                same_port.wireguard.listen_port = Some(*port);
+                kept = same_port;
+                &kept
+            }
+            _ => plan,
+        };
         let wg = self.wg.insert(WgSetup::new(&plan.wireguard));
         wg.bring_up_in_place(&self.nl, plan)
             .await

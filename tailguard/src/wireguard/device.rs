@@ -27,6 +27,12 @@ use crate::{
 /// Where userspace implementations put their UAPI sockets.
 pub const UAPI_DIR: &str = "/var/run/wireguard";
 
+/// How long a query or update of the device may take. A stopped or hung
+/// wireguard-go still accepts the connection to its socket (the kernel
+/// queues it) and then never answers: without a limit, the daemon's loop
+/// would wait with it.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(3);
+
 // debug-ok: names and messages only, no key.
 #[derive(Debug, thiserror::Error)]
 pub enum WireGuardError {
@@ -42,6 +48,13 @@ pub enum WireGuardError {
     },
     #[error("configuring WireGuard device {device}: {message}")]
     Configure { device: String, message: String },
+    #[error("the WireGuard device {device} did not answer within {seconds} s{action}")]
+    NoAnswer {
+        device: String,
+        seconds: u64,
+        /// What was done about it.
+        action: &'static str,
+    },
 }
 
 type Result<T> = std::result::Result<T, WireGuardError>;
@@ -172,10 +185,10 @@ impl WgDevice {
     /// The device as WireGuard reports it.
     pub async fn reported(&self) -> Result<wireguard_control::Device> {
         let (name, backend) = (self.interface_name()?, self.backend);
-        tokio::task::spawn_blocking(move || wireguard_control::Device::get(&name, backend))
-            .await
-            .map_err(|e| self.configure_error(format!("the WireGuard query did not finish: {e}")))?
-            .map_err(|e| self.configure_error(e.to_string()))
+        self.answer("query", move || {
+            wireguard_control::Device::get(&name, backend)
+        })
+        .await
     }
 
     pub async fn listen_port(&self) -> Result<u16> {
@@ -187,10 +200,46 @@ impl WgDevice {
 
     async fn apply(&self, update: DeviceUpdate) -> Result<()> {
         let (name, backend) = (self.interface_name()?, self.backend);
-        tokio::task::spawn_blocking(move || update.apply(&name, backend))
+        self.answer("update", move || update.apply(&name, backend))
             .await
-            .map_err(|e| self.configure_error(format!("the WireGuard update did not finish: {e}")))?
-            .map_err(|e| self.configure_error(e.to_string()))
+    }
+
+    /// Runs one blocking exchange with the device (`what` it is, for the
+    /// message), within [`ANSWER_WITHIN`]. When the wireguard-go we started
+    /// does not answer in time it is hung: it is killed, which takes its
+    /// device with it, and the daemon brings the WireGuard side up again
+    /// (the exchange's thread, blocked on its socket, then ends too). One we
+    /// did not start is only reported.
+    async fn answer<T: Send + 'static>(
+        &self,
+        what: &str,
+        exchange: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        match tokio::time::timeout(ANSWER_WITHIN, tokio::task::spawn_blocking(exchange)).await {
+            Ok(finished) => finished
+                .map_err(|e| {
+                    self.configure_error(format!("the WireGuard {what} did not finish: {e}"))
+                })?
+                .map_err(|e| self.configure_error(e.to_string())),
+            Err(_) => {
+                let pid = self.child.as_ref().and_then(Child::id);
+                if let Some(pid) = pid {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                Err(WireGuardError::NoAnswer {
+                    device: self.name.clone(),
+                    seconds: ANSWER_WITHIN.as_secs(),
+                    action: if pid.is_some() {
+                        ": its wireguard-go is killed, to be started again"
+                    } else {
+                        " (not started by TailGuard: left as it is)"
+                    },
+                })
+            }
+        }
     }
 
     fn interface_name(&self) -> Result<InterfaceName> {
