@@ -122,7 +122,7 @@ fn heal_in_both(
 
 fn report(fault: &str, datapath: &str, healed: &Healed) {
     assert!(
-        healed.noticed <= NOTICED_WITHIN,
+        healed.noticed <= tailguard_tests::patience(NOTICED_WITHIN),
         "noticed after {:?}",
         healed.noticed
     );
@@ -176,7 +176,10 @@ fn the_daemon_stops_while_wireguard_go_is_stopped() {
         let at = Instant::now();
         node.stop();
         let took = at.elapsed();
-        assert!(took <= Duration::from_secs(10), "stopped after {took:?}");
+        assert!(
+            took <= tailguard_tests::patience(Duration::from_secs(10)),
+            "stopped after {took:?}"
+        );
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
             "wireguard-go is gone"

@@ -338,6 +338,11 @@ pub enum MismatchError {
          of the device's Address): it cannot tell whether the WireGuard side is alive"
     )]
     ProbeNotBehindWireGuard(SocketAddr),
+    #[error(
+        "TG_HEALTH_PROBE={0}: this node's own WireGuard address, which always answers; name a \
+         host behind WireGuard"
+    )]
+    ProbeIsOwnAddress(SocketAddr),
     #[error("TS_DEST_IP={0}: this node's own WireGuard address; name a host behind WireGuard")]
     DestIsOwnAddress(IpAddr),
     #[error("TG_WEBUI_PORT={0}: the same port as ListenPort in {1}; choose another")]
@@ -377,10 +382,13 @@ impl Plan {
                 return Err(MismatchError::DestNotBehindWireGuard(dest));
             }
         }
-        if let Some(probe) = settings.health_probe
-            && !behind_wireguard(config, probe.ip())
-        {
-            return Err(MismatchError::ProbeNotBehindWireGuard(probe));
+        if let Some(probe) = settings.health_probe {
+            if interface.addresses.iter().any(|a| a.addr() == probe.ip()) {
+                return Err(MismatchError::ProbeIsOwnAddress(probe));
+            }
+            if !behind_wireguard(config, probe.ip()) {
+                return Err(MismatchError::ProbeNotBehindWireGuard(probe));
+            }
         }
         if let Some(port) = settings.webui_port
             && interface.listen_port == Some(port)
@@ -1206,6 +1214,11 @@ mod tests {
                 &["--health-probe=192.168.9.1:80"],
                 "192.168.8.0/24",
                 "TG_HEALTH_PROBE=192.168.9.1:80: not behind WireGuard",
+            ),
+            (
+                &["--health-probe=10.1.0.2:80"],
+                "192.168.8.0/24",
+                "TG_HEALTH_PROBE=10.1.0.2:80: this node's own WireGuard address",
             ),
             (
                 &["--ts-dest-ip=10.1.0.2"],

@@ -362,8 +362,7 @@ impl Running {
             stop_supervisor,
             tokio::spawn(supervisor.run(stopped, offered)),
         ));
-        // Without a probe the sender goes at once, and its branch below
-        // never runs.
+        // Without a probe nothing is ever sent: its branch below never runs.
         let (probe_verdict, mut probe) = watch::channel(None);
         if let Some(target) = plan.health_probe {
             self.tasks
@@ -371,6 +370,8 @@ impl Running {
         }
         let mut peers = PeerWatch::new(&plan.wireguard);
         let mut handshake_check = tokio::time::interval(handshakes::CHECK_EVERY);
+        // After a long turn (a re-creation), one check, not a burst.
+        handshake_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         crate::fault::point("serving");
         info!(wg = %plan.wireguard.device, ts = %plan.tailscale.device, "running; SIGINT or SIGTERM stops");
 
@@ -479,7 +480,7 @@ impl Running {
                     };
                     match recreated {
                         Ok(()) => {
-                            peers.device_made();
+                            peers.device_made(&health);
                             health.send_modify(|h| h.recoveries.wireguard_brought_back += 1);
                             refreshed = self.refresh(plan, &tailscale_state, &health).await;
                         }
@@ -514,6 +515,35 @@ impl Running {
     /// failure the record of what was done stays in
     /// `self.wg`, for the next attempt (or the stop) to remove.
     async fn recreate_wireguard(&mut self, plan: &Plan) -> Result<()> {
+        // A port WireGuard picked itself is kept: the peers that connect
+        // to this node know it by that port (their endpoint for it). Should
+        // it be taken meanwhile, WireGuard picks another.
+        if let (
+            None,
+            Some(Observed {
+                wg_port: Some(port),
+                ..
+            }),
+        ) = (plan.wireguard.listen_port, self.observed.as_ref())
+        {
+            let port = *port;
+            let mut same_port = plan.clone();
+            same_port.wireguard.listen_port = Some(port);
+            match self.bring_wireguard_back(&same_port).await {
+                Ok(()) => return Ok(()),
+                Err(e) => warn!(
+                    "bringing the WireGuard side up again on its port {port}: {}; \
+                     letting WireGuard pick a port",
+                    one_line(&e)
+                ),
+            }
+        }
+        self.bring_wireguard_back(plan).await
+    }
+
+    /// What is left of the WireGuard side removed, and the side brought up
+    /// as `plan` says.
+    async fn bring_wireguard_back(&mut self, plan: &Plan) -> Result<()> {
         if let Some(old) = self.wg.take()
             && let Err(errors) = old.teardown(&self.nl).await
         {
@@ -521,24 +551,6 @@ impl Running {
                 warn!("removing what is left of the WireGuard side: {e}");
             }
         }
-        // A port WireGuard picked itself is kept: the peers that connect
-        // to this node know it by that port (their endpoint for it).
-        let kept;
-        let plan = match (plan.wireguard.listen_port, self.observed.as_ref()) {
-            (
-                None,
-                Some(Observed {
-                    wg_port: Some(port),
-                    ..
-                }),
-            ) => {
-                let mut same_port = plan.clone();
-                same_port.wireguard.listen_port = Some(*port);
-                kept = same_port;
-                &kept
-            }
-            _ => plan,
-        };
         let wg = self.wg.insert(WgSetup::new(&plan.wireguard));
         wg.bring_up_in_place(&self.nl, plan)
             .await

@@ -20,9 +20,14 @@ use crate::{
 
 /// The peers whose handshakes are judged, and what is known of them.
 pub struct PeerWatch {
-    /// Those with an `Endpoint` (this node connects to them), each with how
-    /// messages name it. The others connect to us: a server config's
-    /// clients come and go, and only the device's being up is judged.
+    /// Those with an `Endpoint` and a `PersistentKeepalive` (this node
+    /// connects to them and keeps the session up), each with how messages
+    /// name it. The keepalive is what makes WireGuard try again, forever,
+    /// once the peer is silent: without one, nothing would be sent after
+    /// the routes were withdrawn (WireGuard gives up its handshake after
+    /// 90 s), and the peer's return never seen. The others connect to us:
+    /// a server config's clients come and go, and only the device's being
+    /// up is judged.
     judged: Vec<(PublicKey, String)>,
     handshakes: Handshakes,
 }
@@ -32,7 +37,7 @@ impl PeerWatch {
         let judged = plan
             .peers
             .iter()
-            .filter(|p| p.endpoint.is_some())
+            .filter(|p| p.endpoint.is_some() && p.persistent_keepalive.is_some_and(|k| k > 0))
             .map(|p| {
                 let name = format!(
                     "the WireGuard peer of line {} of {}",
@@ -53,9 +58,15 @@ impl PeerWatch {
         !self.judged.is_empty()
     }
 
-    /// The device was made anew: its peers start over.
-    pub fn device_made(&mut self) {
+    /// The device was made anew: its peers start over, silent or not (a
+    /// new device's peers are judged from when it was made).
+    pub fn device_made(&mut self, health: &watch::Sender<Health>) {
         self.handshakes.device_made(Instant::now());
+        health.send_if_modified(|h| {
+            let had = !h.silent_peers.is_empty();
+            h.silent_peers.clear();
+            had
+        });
     }
 
     /// Reads the peers from the device and puts the silent ones in
@@ -165,6 +176,30 @@ pub fn follow_offer(health: &watch::Sender<Health>, offer: &watch::Sender<Offer>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only the peers this node connects to and keeps up are judged, each
+    /// named by its line, not by its key or endpoint.
+    #[test]
+    fn judged_are_the_peers_with_an_endpoint_and_a_keepalive() {
+        let text = "[Interface]\nPrivateKey=yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n\
+             [Peer]\nPublicKey=xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\nAllowedIPs=10.1.0.1/32\n\
+             Endpoint=192.0.2.1:51820\nPersistentKeepalive=25\n\
+             [Peer]\nPublicKey=TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=\nAllowedIPs=10.1.0.2/32\n\
+             Endpoint=192.0.2.2:51820\n\
+             [Peer]\nPublicKey=gN65BkIKy1eCE9pP1wdc8ROUtkHLF2PfAqYdyYBz6EA=\nAllowedIPs=10.1.0.3/32\n\
+             PersistentKeepalive=25\n";
+        let config =
+            crate::config::wg_quick::parse(text, std::path::Path::new("/etc/wireguard/wg0.conf"))
+                .unwrap();
+        let (settings, _) = crate::config::settings::parse_args(&[]).unwrap();
+        let plan = crate::config::plan::Plan::new(&settings, &config);
+        let watch = PeerWatch::new(&plan.wireguard);
+        let names: Vec<&str> = watch.judged.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["the WireGuard peer of line 3 of /etc/wireguard/wg0.conf"]
+        );
+    }
 
     #[test]
     fn the_routes_are_withdrawn_while_the_side_is_down_and_offered_again() {

@@ -260,7 +260,7 @@ impl Supervisor {
                     failing_since = None;
                     if whole {
                         followed = Some(Instant::now());
-                        let offer = *offer.borrow_and_update();
+                        let offer = *offer.borrow();
                         self.follow(&status, &mut setup, offer).await;
                     }
                 }
@@ -313,8 +313,12 @@ impl Supervisor {
                     None => bus = None,
                 },
                 () = sleep(wait) => {}
-                // Followed with the next status, read whole.
-                Ok(()) = offer.changed() => followed = None,
+                // Seen now (else it would wake every turn while reads
+                // fail); followed with the next status, read whole.
+                Ok(()) = offer.changed() => {
+                    offer.borrow_and_update();
+                    followed = None;
+                }
                 _ = shutdown.changed() => {}
             }
             if *shutdown.borrow() || shutdown.has_changed().is_err() {

@@ -68,6 +68,11 @@ pub struct WgDevice {
     /// The userspace implementation we started (none if it was running
     /// already, or for the kernel's device).
     child: Option<Child>,
+    /// An exchange is under way. The daemon's loop makes one at a time, so
+    /// one found under way at the start of the next has timed out and is
+    /// still blocked on the device's socket: no other is started until it
+    /// ends (each would hold a thread, and the loop for [`ANSWER_WITHIN`]).
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl WgDevice {
@@ -122,6 +127,7 @@ impl WgDevice {
             ifindex,
             backend,
             child: None,
+            in_flight: Default::default(),
         })
     }
 
@@ -215,7 +221,28 @@ impl WgDevice {
         what: &str,
         exchange: impl FnOnce() -> std::io::Result<T> + Send + 'static,
     ) -> Result<T> {
-        match tokio::time::timeout(ANSWER_WITHIN, tokio::task::spawn_blocking(exchange)).await {
+        use std::sync::atomic::Ordering;
+        let no_answer = |action| WireGuardError::NoAnswer {
+            device: self.name.clone(),
+            seconds: ANSWER_WITHIN.as_secs(),
+            action,
+        };
+        if self.in_flight.swap(true, Ordering::AcqRel) {
+            return Err(no_answer(" (an earlier query is still waiting for it)"));
+        }
+        /// Ends the exchange however its thread ends (a panic too).
+        struct Ended(std::sync::Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Ended {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let ended = Ended(self.in_flight.clone());
+        let timed = tokio::task::spawn_blocking(move || {
+            let _ended = ended;
+            exchange()
+        });
+        match tokio::time::timeout(ANSWER_WITHIN, timed).await {
             Ok(finished) => finished
                 .map_err(|e| {
                     self.configure_error(format!("the WireGuard {what} did not finish: {e}"))
@@ -229,15 +256,11 @@ impl WgDevice {
                         nix::sys::signal::Signal::SIGKILL,
                     );
                 }
-                Err(WireGuardError::NoAnswer {
-                    device: self.name.clone(),
-                    seconds: ANSWER_WITHIN.as_secs(),
-                    action: if pid.is_some() {
-                        ": its wireguard-go is killed, to be started again"
-                    } else {
-                        " (not started by TailGuard: left as it is)"
-                    },
-                })
+                Err(no_answer(if pid.is_some() {
+                    ": its wireguard-go is killed, to be started again"
+                } else {
+                    " (not started by TailGuard: left as it is)"
+                }))
             }
         }
     }
