@@ -111,21 +111,94 @@ fn advertised_again(node: &DaemonUnderTest) {
     assert_eq!(node.log().matches(said).count(), 1, "{}", node.log());
 }
 
-fn config_dir(bed: &Testbed) -> tailguard_tests::wg::ConfigDir {
-    // The seed README's client config: keepalives every 25 s.
-    let config = bed.config("", WG_SERVER_EXIT) + "PersistentKeepalive = 25\n";
-    bed.config_dir(&config)
+/// The seed README's client config: keepalives every 25 s.
+const KEEPALIVE: &str = "PersistentKeepalive = 25\n";
+
+fn config_dir(bed: &Testbed, peer_lines: &str) -> tailguard_tests::wg::ConfigDir {
+    bed.config_dir(&(bed.config("", WG_SERVER_EXIT) + peer_lines))
+}
+
+/// How long after its last packet to send WireGuard keeps trying a
+/// handshake (REKEY_ATTEMPT_TIME, counted from the last packet that asked
+/// for one), and some room.
+const GIVEN_UP: Duration = Duration::from_secs(100);
+
+/// Pings the WireGuard server every second from the calling thread's
+/// namespace until `stop`: traffic, for a peer without a keepalive.
+fn traffic_until(stop: &std::sync::atomic::AtomicBool) {
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        ping(WG_SERVER);
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 /// The WireGuard server goes silent (its link down): the node keeps
-/// sending keepalives and handshake initiations that nobody answers; past
-/// the handshake window the routes go, and come back with the link.
-fn silent_server(datapath: &str) {
-    let bed = Testbed::new(&format!("heal-silent-{datapath}"));
-    let dir = config_dir(&bed);
+/// sending keepalives (or, without one, traffic) and handshake initiations
+/// that nobody answers; past the handshake window the routes go, and come
+/// back with the link.
+///
+/// Without a keepalive of its own the peer gets one while it is silent:
+/// the traffic stops when the routes go and the link comes back only once
+/// WireGuard has given up its own handshake ([`GIVEN_UP`] after the last
+/// packet), so only that keepalive can see it return.
+fn silent_server(datapath: &str, keepalive: bool) {
+    let what = if keepalive { "keepalive" } else { "traffic" };
+    let bed = Testbed::new(&format!("heal-silent-{what}-{datapath}"));
+    let dir = config_dir(&bed, if keepalive { KEEPALIVE } else { "" });
     bed.ours.run(|| {
         let mut node = ready(&bed, &dir, &[("TG_DATAPATH", datapath)]);
-        run(Command::new("ip").args(["-n", bed.theirs.name(), "link", "set", &bed.links.1, "down"]));
+        // With a keepalive, no traffic at all.
+        let stop_traffic = std::sync::atomic::AtomicBool::new(keepalive);
+        std::thread::scope(|s| {
+            s.spawn(|| bed.ours.run(|| traffic_until(&stop_traffic)));
+            // Stopped by the scope's end too, should an assertion fail.
+            let stop = StopGuard(&stop_traffic);
+            run(Command::new("ip").args([
+                "-n",
+                bed.theirs.name(),
+                "link",
+                "set",
+                &bed.links.1,
+                "down",
+            ]));
+            silent_then_back(&bed, &mut node, datapath, what, || {
+                stop.stop();
+                if !keepalive {
+                    std::thread::sleep(GIVEN_UP);
+                }
+            });
+        });
+        node.stop();
+    });
+}
+
+/// The traffic's stop switch, set when told or dropped: however the test
+/// ends (a failed assertion too, else the scope would wait for the
+/// traffic's thread for ever).
+struct StopGuard<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl StopGuard<'_> {
+    fn stop(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for StopGuard<'_> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The rest of [`silent_server`], from the link gone down: the routes
+/// withdrawn past the window, `meanwhile`, the link up, the routes back.
+fn silent_then_back(
+    bed: &Testbed,
+    node: &mut DaemonUnderTest,
+    datapath: &str,
+    what: &str,
+    meanwhile: impl FnOnce(),
+) {
+    {
         let at = Instant::now();
         let handshake = last_handshake(&bed.device);
         // The window, the unanswered initiations' grace, a reading's period
@@ -137,30 +210,32 @@ fn silent_server(datapath: &str) {
         let after_handshake = SystemTime::now()
             .duration_since(handshake)
             .unwrap_or_default();
-        withdrawn(&node, "has not answered: no handshake for over 180 s");
+        withdrawn(node, "has not answered: no handshake for over 180 s");
         assert!(
             after_handshake >= Duration::from_secs(180),
             "not before the window: {after_handshake:?}"
         );
+        meanwhile();
         run(Command::new("ip").args(["-n", bed.theirs.name(), "link", "set", &bed.links.1, "up"]));
         let back = Instant::now();
-        node.wait_within(Duration::from_secs(60), "the routes advertised again", |n| {
-            advertised(n) == offered()
-        });
+        node.wait_within(
+            Duration::from_secs(60),
+            "the routes advertised again",
+            |n| advertised(n) == offered(),
+        );
         let recovered = back.elapsed();
         node.wait_for("health", |_| health().0);
-        advertised_again(&node);
+        advertised_again(node);
         assert!(ping(WG_SERVER), "traffic through the tunnel again");
         println!(
-            "FAULT | WireGuard server silent ({datapath}) | routes withdrawn {:.1} s after the link went down \
+            "FAULT | WireGuard server silent ({datapath}, {what}) | routes withdrawn {:.1} s after the link went down \
              ({:.1} s after the last handshake) | advertised again {:.1} s after it came back | lost: the tailnet's \
              routes through this node until then (peers fail over to another router)",
             detected.as_secs_f32(),
             after_handshake.as_secs_f32(),
             recovered.as_secs_f32()
         );
-        node.stop();
-    });
+    }
 }
 
 /// When the device's one peer last made a handshake, as `wg` says (in the
@@ -176,13 +251,15 @@ fn last_handshake(device: &str) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(seconds)
 }
 
-/// Both datapaths at once: each waits out the handshake window.
+/// Both datapaths, and a peer without a keepalive, at once: each waits
+/// out the handshake window.
 #[test]
 fn a_silent_wireguard_server_gets_the_routes_withdrawn_until_it_answers() {
     std::thread::scope(|s| {
         for datapath in DATAPATHS {
-            s.spawn(move || silent_server(datapath));
+            s.spawn(move || silent_server(datapath, true));
         }
+        s.spawn(|| silent_server("ebpf", false));
     });
 }
 
@@ -198,7 +275,7 @@ fn a_probe_that_stops_answering_gets_the_routes_withdrawn_until_it_answers() {
     const PORT: u16 = 8080;
     for datapath in DATAPATHS {
         let bed = Testbed::new(&format!("heal-probe-{datapath}"));
-        let dir = config_dir(&bed);
+        let dir = config_dir(&bed, KEEPALIVE);
         let target = probe_target(&bed, PORT);
         let probe = format!("{WG_SERVER}:{PORT}");
         bed.ours.run(|| {

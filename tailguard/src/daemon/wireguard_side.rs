@@ -18,17 +18,29 @@ use crate::{
     wireguard::handshakes::{HANDSHAKE_WINDOW, Handshakes, PeerSample},
 };
 
+/// While a peer without a `PersistentKeepalive` of its own is silent, it
+/// gets this one: once the routes are withdrawn nothing else would be sent
+/// to it, and WireGuard gives up a handshake after 90 s, so its return
+/// would never be seen. (The seed README's client config has 25 s.)
+pub const SILENT_KEEPALIVE: u16 = 25;
+
+/// One peer whose handshakes are judged.
+struct Judged {
+    key: PublicKey,
+    /// How messages name it (its key and endpoint are not for every page).
+    name: String,
+    /// It has no keepalive of its own.
+    without_keepalive: bool,
+    /// It has [`SILENT_KEEPALIVE`] for now.
+    given_keepalive: bool,
+}
+
 /// The peers whose handshakes are judged, and what is known of them.
 pub struct PeerWatch {
-    /// Those with an `Endpoint` and a `PersistentKeepalive` (this node
-    /// connects to them and keeps the session up), each with how messages
-    /// name it. The keepalive is what makes WireGuard try again, forever,
-    /// once the peer is silent: without one, nothing would be sent after
-    /// the routes were withdrawn (WireGuard gives up its handshake after
-    /// 90 s), and the peer's return never seen. The others connect to us:
-    /// a server config's clients come and go, and only the device's being
-    /// up is judged.
-    judged: Vec<(PublicKey, String)>,
+    /// Those with an `Endpoint` (this node connects to them). The others
+    /// connect to us: a server config's clients come and go, and only the
+    /// device's being up is judged.
+    judged: Vec<Judged>,
     handshakes: Handshakes,
 }
 
@@ -37,14 +49,16 @@ impl PeerWatch {
         let judged = plan
             .peers
             .iter()
-            .filter(|p| p.endpoint.is_some() && p.persistent_keepalive.is_some_and(|k| k > 0))
-            .map(|p| {
-                let name = format!(
+            .filter(|p| p.endpoint.is_some())
+            .map(|p| Judged {
+                key: p.public_key,
+                name: format!(
                     "the WireGuard peer of line {} of {}",
                     p.line,
                     plan.config.display()
-                );
-                (p.public_key, name)
+                ),
+                without_keepalive: p.persistent_keepalive.is_none_or(|k| k == 0),
+                given_keepalive: false,
             })
             .collect();
         Self {
@@ -62,6 +76,10 @@ impl PeerWatch {
     /// new device's peers are judged from when it was made).
     pub fn device_made(&mut self, health: &watch::Sender<Health>) {
         self.handshakes.device_made(Instant::now());
+        // Made from the plan: the keepalives are the config's again.
+        for peer in &mut self.judged {
+            peer.given_keepalive = false;
+        }
         health.send_if_modified(|h| {
             let had = !h.silent_peers.is_empty();
             h.silent_peers.clear();
@@ -79,11 +97,7 @@ impl PeerWatch {
         let samples: Vec<PeerSample> = reported
             .peers
             .iter()
-            .filter(|p| {
-                self.judged
-                    .iter()
-                    .any(|(key, _)| key.0 == p.config.public_key.0)
-            })
+            .filter(|p| self.judged.iter().any(|j| j.key.0 == p.config.public_key.0))
             .map(|p| PeerSample {
                 public_key: PublicKey(p.config.public_key.0),
                 last_handshake: p.stats.last_handshake_time,
@@ -93,13 +107,25 @@ impl PeerWatch {
         let silent = self
             .handshakes
             .observe(Instant::now(), SystemTime::now(), &samples);
+        for peer in &mut self.judged {
+            let give = peer.without_keepalive && silent.contains(&peer.key);
+            if give != peer.given_keepalive {
+                let seconds = if give { SILENT_KEEPALIVE } else { 0 };
+                match device.set_keepalive(&peer.key, seconds).await {
+                    Ok(()) => peer.given_keepalive = give,
+                    // Tried again at the next reading.
+                    Err(e) => warn!("setting a keepalive for {}: {e}", peer.name),
+                }
+            }
+        }
         let said: Vec<String> = self
             .judged
             .iter()
-            .filter(|(key, _)| silent.contains(key))
-            .map(|(_, name)| {
+            .filter(|j| silent.contains(&j.key))
+            .map(|j| {
                 format!(
-                    "{name} has not answered: no handshake for over {} s",
+                    "{} has not answered: no handshake for over {} s",
+                    j.name,
                     HANDSHAKE_WINDOW.as_secs()
                 )
             })
@@ -111,7 +137,7 @@ impl PeerWatch {
             for why in said.iter().filter(|s| !h.silent_peers.contains(s)) {
                 warn!("{why}");
             }
-            for (_, name) in &self.judged {
+            for name in self.judged.iter().map(|j| &j.name) {
                 let was = h.silent_peers.iter().any(|s| s.starts_with(name.as_str()));
                 let is = said.iter().any(|s| s.starts_with(name.as_str()));
                 if was && !is {
@@ -177,10 +203,10 @@ pub fn follow_offer(health: &watch::Sender<Health>, offer: &watch::Sender<Offer>
 mod tests {
     use super::*;
 
-    /// Only the peers this node connects to and keeps up are judged, each
-    /// named by its line, not by its key or endpoint.
+    /// Only the peers this node connects to are judged, each named by its
+    /// line, not by its key or endpoint.
     #[test]
-    fn judged_are_the_peers_with_an_endpoint_and_a_keepalive() {
+    fn judged_are_the_peers_with_an_endpoint() {
         let text = "[Interface]\nPrivateKey=yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n\
              [Peer]\nPublicKey=xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\nAllowedIPs=10.1.0.1/32\n\
              Endpoint=192.0.2.1:51820\nPersistentKeepalive=25\n\
@@ -194,10 +220,23 @@ mod tests {
         let (settings, _) = crate::config::settings::parse_args(&[]).unwrap();
         let plan = crate::config::plan::Plan::new(&settings, &config);
         let watch = PeerWatch::new(&plan.wireguard);
-        let names: Vec<&str> = watch.judged.iter().map(|(_, n)| n.as_str()).collect();
+        let judged: Vec<(&str, bool)> = watch
+            .judged
+            .iter()
+            .map(|j| (j.name.as_str(), j.without_keepalive))
+            .collect();
         assert_eq!(
-            names,
-            ["the WireGuard peer of line 3 of /etc/wireguard/wg0.conf"]
+            judged,
+            [
+                (
+                    "the WireGuard peer of line 3 of /etc/wireguard/wg0.conf",
+                    false
+                ),
+                (
+                    "the WireGuard peer of line 8 of /etc/wireguard/wg0.conf",
+                    true
+                )
+            ]
         );
     }
 

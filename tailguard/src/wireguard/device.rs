@@ -188,6 +188,19 @@ impl WgDevice {
         self.apply(update).await
     }
 
+    /// Sets one peer's persistent keepalive (0: none). Turned on, WireGuard
+    /// sends one at once, and a handshake first if the session expired.
+    pub async fn set_keepalive(
+        &self,
+        peer: &crate::config::wg_quick::PublicKey,
+        seconds: u16,
+    ) -> Result<()> {
+        let update = DeviceUpdate::new().add_peer(
+            PeerConfigBuilder::new(&Key(peer.0)).set_persistent_keepalive_interval(seconds),
+        );
+        self.apply(update).await
+    }
+
     /// The device as WireGuard reports it.
     pub async fn reported(&self) -> Result<wireguard_control::Device> {
         let (name, backend) = (self.interface_name()?, self.backend);

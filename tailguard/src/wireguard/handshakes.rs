@@ -1,6 +1,5 @@
-//! Whether the peers this node connects to and keeps up (those with an
-//! `Endpoint` and a `PersistentKeepalive`: a client config's server) still
-//! answer, by wg's rule of thumb: a
+//! Whether the peers this node connects to (those with an `Endpoint`: a
+//! client config's server) still answer, by wg's rule of thumb: a
 //! handshake within the last 3 minutes (docs/architecture.md, "Health and
 //! recovery").
 //!
