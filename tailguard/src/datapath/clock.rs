@@ -18,13 +18,28 @@ use super::{Error, object};
 
 pub(super) const PROGRAM: &str = "tg_clock";
 
-/// How far apart the two readings are: long enough that the jitter of a
-/// tick (microseconds, in a VM tens of them) is well under 1 % of it.
-const WINDOW: Duration = Duration::from_millis(20);
+/// The least time between the two readings.
+const WINDOW: Duration = Duration::from_millis(100);
 
-/// How long the jiffies may stand still before the measure gives up (a
-/// tick is at most 10 ms, at 100 Hz).
-const PATIENCE: Duration = Duration::from_secs(2);
+/// How precisely the rate is measured: a reading just after a tick is late
+/// by at most the time since the reading before it (on a busy machine a
+/// preempted reader makes that milliseconds), so the two readings are taken
+/// far enough apart that their lateness together is at most this part of
+/// the time between them.
+const PRECISION: u64 = 100;
+
+/// How many ticks the first reading is chosen from (the one seen most
+/// closely).
+const FIRST_OF: usize = 5;
+
+/// How long the measure may take before it gives up (a tick is at most
+/// 10 ms, at 100 Hz).
+const PATIENCE: Duration = Duration::from_secs(5);
+
+/// How many times a rate that is no kernel's is measured again before it
+/// is taken as it is: a tick that came late (a virtual CPU not running)
+/// skews one measure, rarely two.
+const ATTEMPTS: usize = 4;
 
 /// The rates kernels are built with (`CONFIG_HZ`): a measure within 3 % of
 /// one is that one.
@@ -53,30 +68,64 @@ pub(super) fn measure(ebpf: &mut Ebpf) -> Result<Clock, Error> {
     program
         .load()
         .map_err(|e| object::program_error(PROGRAM, e))?;
-    let read = || read(program);
-    let first = after_a_tick(&read, read()?)?;
-    // At least `WINDOW` later, again just after a tick.
-    let mut last = first;
-    while last.nanos < first.nanos + WINDOW.as_nanos() as u64 {
-        last = read()?;
-    }
-    let second = after_a_tick(&read, last)?;
-    clock_from(first, second).ok_or_else(stood_still)
+    measure_with(|| read(program))
 }
 
-/// The first reading after `from` in which the jiffies moved on.
-fn after_a_tick(
-    read: &impl Fn() -> Result<Reading, Error>,
-    from: Reading,
-) -> Result<Reading, Error> {
+/// The measure itself, from any source of readings.
+fn measure_with(read: impl Fn() -> Result<Reading, Error>) -> Result<Clock, Error> {
+    let give_up = read()?.nanos + PATIENCE.as_nanos() as u64;
+    let mut clock = None;
+    for _ in 0..ATTEMPTS {
+        let mut first = tick_edge(&read, give_up)?;
+        for _ in 1..FIRST_OF {
+            first = first.min_by_lateness(tick_edge(&read, give_up)?);
+        }
+        let second = loop {
+            let edge = tick_edge(&read, give_up)?;
+            let apart = edge.reading.nanos - first.reading.nanos;
+            if apart >= WINDOW.as_nanos() as u64 && (first.late + edge.late) * PRECISION <= apart {
+                break edge;
+            }
+        };
+        let measured = clock_from(first.reading, second.reading).ok_or_else(stood_still)?;
+        if KNOWN_HZ.contains(&measured.hz) {
+            return Ok(measured);
+        }
+        clock = Some(measured);
+    }
+    clock.ok_or_else(stood_still)
+}
+
+/// A reading just after a tick, and how late it may be: the time since the
+/// reading before it, in which the tick came.
+#[derive(Clone, Copy)]
+struct Edge {
+    reading: Reading,
+    late: u64,
+}
+
+impl Edge {
+    fn min_by_lateness(self, other: Edge) -> Edge {
+        if other.late < self.late { other } else { self }
+    }
+}
+
+/// The next tick's edge, or an error once the monotonic clock passes
+/// `give_up`.
+fn tick_edge(read: &impl Fn() -> Result<Reading, Error>, give_up: u64) -> Result<Edge, Error> {
+    let mut before = read()?;
     loop {
         let now = read()?;
-        if now.jiffies != from.jiffies {
-            return Ok(now);
+        if now.jiffies != before.jiffies {
+            return Ok(Edge {
+                reading: now,
+                late: now.nanos - before.nanos,
+            });
         }
-        if now.nanos > from.nanos + PATIENCE.as_nanos() as u64 {
+        if now.nanos > give_up {
             return Err(stood_still());
         }
+        before = now;
     }
 }
 
@@ -184,5 +233,79 @@ mod tests {
         };
         assert_eq!(clock_from(r, Reading { nanos: 20, ..r }), None);
         assert_eq!(clock_from(r, r), None);
+    }
+
+    /// A source of readings, read every 2 µs, from a kernel whose jiffies
+    /// at a monotonic nanosecond `jiffies_at` gives, except that the reader
+    /// is preempted for `stall` nanoseconds across the ticks (counted from
+    /// the first reading) that `stalled` picks.
+    fn reader(
+        jiffies_at: impl Fn(u64) -> u64,
+        stall: u64,
+        stalled: impl Fn(u64) -> bool,
+    ) -> impl Fn() -> Result<Reading, Error> {
+        const STEP: u64 = 2_000;
+        let now = std::cell::Cell::new(1_000_000_000u64);
+        let ticks = std::cell::Cell::new(0u64);
+        move || {
+            let before = now.get();
+            let mut at = before + STEP;
+            if jiffies_at(at) != jiffies_at(before) {
+                ticks.set(ticks.get() + 1);
+                if stalled(ticks.get()) {
+                    at += stall;
+                }
+            }
+            now.set(at);
+            Ok(Reading {
+                jiffies: jiffies_at(at),
+                nanos: at,
+            })
+        }
+    }
+
+    fn steady(hz: u64) -> impl Fn(u64) -> u64 {
+        move |nanos| reading(hz, 0, nanos).jiffies
+    }
+
+    #[test]
+    fn a_reader_preempted_across_a_tick_does_not_skew_the_rate() {
+        // At 100 Hz a reading 9 ms late at one end of the measure and not
+        // at the other makes the rate 8 % off, no kernel's. Late at the
+        // start: the first reading is the most punctual of the first ticks.
+        let clock = measure_with(reader(steady(100), 9_000_000, |t| t <= 4)).expect("a clock");
+        assert_eq!(clock.hz, 100);
+        // Late at the end but for one tick in ten: the second reading waits
+        // for one seen closely.
+        let stalled = |t: u64| t > 5 && t % 10 != 3;
+        let clock = measure_with(reader(steady(100), 9_000_000, stalled)).expect("a clock");
+        assert_eq!(clock.hz, 100);
+    }
+
+    #[test]
+    fn a_rate_no_kernel_has_is_measured_again() {
+        // Ticks that came late for the first half second (a virtual CPU that
+        // did not run) skew the first measure; the second is the kernel's.
+        let lagging = |nanos: u64| {
+            let early = nanos.min(1_300_000_000);
+            let late = nanos - early;
+            early * 90 / 1_000_000_000 + late * 100 / 1_000_000_000
+        };
+        let clock = measure_with(reader(lagging, 0, |_| false)).expect("a clock");
+        assert_eq!(clock.hz, 100);
+    }
+
+    #[test]
+    fn a_reader_late_on_every_tick_measures_over_longer() {
+        // 9 ms late on every tick: 1 % precise once the readings are 1.8 s
+        // apart.
+        let clock = measure_with(reader(steady(100), 9_000_000, |_| true)).expect("a clock");
+        assert_eq!(clock.hz, 100);
+    }
+
+    #[test]
+    fn jiffies_that_stand_still_give_up() {
+        let err = measure_with(reader(|_| 7, 0, |_| false)).unwrap_err();
+        assert!(err.to_string().contains("did not move"), "{err}");
     }
 }

@@ -84,8 +84,8 @@ pub enum Error {
     #[error("device {device}: {message}")]
     Device { device: String, message: String },
     #[error(
-        "the kernel's jiffies did not move within {seconds} s (read by {probe}): the \
-         connection table has no clock"
+        "the kernel's jiffies did not move, or never closely enough to time them, within \
+         {seconds} s (read by {probe}): the connection table has no clock"
     )]
     ClockStoodStill { probe: &'static str, seconds: u64 },
 }
