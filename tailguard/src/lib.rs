@@ -13,5 +13,6 @@ pub mod fault;
 pub mod firewall;
 pub mod host;
 pub mod http;
+pub mod report;
 pub mod tailscale;
 pub mod wireguard;

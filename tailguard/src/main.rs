@@ -169,60 +169,50 @@ async fn health(settings: &Settings, live: bool) -> Result<()> {
 }
 
 async fn status(settings: &Settings) -> Result<()> {
-    let (_, body) = tailguard::http::health::get(settings.health_addr, "/status")
-        .await
-        .map_err(anyhow::Error::msg)?;
-    print!("{body}");
+    let report = tailguard::http::health::ask_report(settings.health_addr).await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
 
 async fn stats(settings: &Settings) -> Result<()> {
-    let (_, body) = tailguard::http::health::get(settings.health_addr, "/status")
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let status: serde_json::Value = serde_json::from_str(&body)?;
+    let report = tailguard::http::health::ask_report(settings.health_addr).await?;
+    println!("datapath: {}", report.datapath);
+    print_connection_table(report.connection_table.as_ref());
     println!(
-        "datapath: {}",
-        status["datapath"].as_str().unwrap_or("unknown")
+        "{:<10} {:<24} {:>12} {:>14} {:>10}",
+        "device", "outcome", "packets", "bytes", "packets/s"
     );
-    print_connection_table(&status["connection_table"]);
-    println!(
-        "{:<10} {:<24} {:>12} {:>14}",
-        "device", "outcome", "packets", "bytes"
-    );
-    if let Some(devices) = status["counters"].as_object() {
-        for (device, outcomes) in devices {
-            for (outcome, c) in outcomes.as_object().into_iter().flatten() {
-                let (packets, bytes) = (c["packets"].as_u64(), c["bytes"].as_u64());
-                println!(
-                    "{device:<10} {outcome:<24} {:>12} {:>14}",
-                    packets.unwrap_or(0),
-                    bytes.unwrap_or(0)
-                );
-            }
+    for (device, outcomes) in report.counters.iter().flatten() {
+        for (outcome, c) in outcomes {
+            let rate = report
+                .rates
+                .as_ref()
+                .and_then(|r| r.outcomes.get(device)?.get(outcome))
+                .map_or(0.0, |r| r.packets);
+            println!(
+                "{device:<10} {outcome:<24} {:>12} {:>14} {rate:>10.1}",
+                c.packets, c.bytes
+            );
         }
     }
     Ok(())
 }
 
-/// The connection table's part of `/status`, as `tailguard stats` shows it.
-fn print_connection_table(table: &serde_json::Value) {
-    if table.is_null() {
+/// The connection table's part of the report, as `tailguard stats` shows it.
+fn print_connection_table(table: Option<&tailguard::report::ConnectionTableReport>) {
+    let Some(table) = table else {
         println!("connection table: not swept yet (or the netfilter datapath)");
         return;
-    }
-    for family in ["ipv4", "ipv6"] {
+    };
+    for (family, o) in [("ipv4", table.ipv4), ("ipv6", table.ipv6)] {
         println!(
             "connection table {family}: {} flows of {}",
-            table[family]["flows"].as_u64().unwrap_or(0),
-            table[family]["capacity"].as_u64().unwrap_or(0)
+            o.flows, o.capacity
         );
     }
-    let line = |what: &str, counts: &serde_json::Value| {
+    let line = |what: &str, counts: &std::collections::BTreeMap<String, u64>| {
         let counts: Vec<String> = counts
-            .as_object()
-            .into_iter()
-            .flatten()
+            .iter()
             .map(|(name, n)| format!("{name} {n}"))
             .collect();
         let counts = if counts.is_empty() {
@@ -232,14 +222,12 @@ fn print_connection_table(table: &serde_json::Value) {
         };
         println!("  {what}: {counts}");
     };
-    line("live by state", &table["live"]);
-    line("expired by state", &table["expired"]);
-    line("events", &table["events"]);
+    line("live by state", &table.live);
+    line("expired by state", &table.expired);
+    line("events", &table.events);
     println!(
-        "  unreplied per source: {}; restored {}, orphan halves removed {}",
-        table["unreplied_per_source"],
-        table["restored"].as_u64().unwrap_or(0),
-        table["orphans_removed"].as_u64().unwrap_or(0)
+        "  unreplied per source: {}; restored {}, orphans removed {}",
+        table.unreplied_per_source, table.restored, table.orphans_removed
     );
 }
 

@@ -16,6 +16,8 @@ use nix::{
     unistd::Pid,
 };
 
+pub use tailguard::report::StatusReport;
+
 use crate::{
     bridge::Bridge,
     tailguard_bin,
@@ -195,11 +197,11 @@ impl<'a> Builder<'a> {
         });
         // Healthy means the fast path (when it runs) has the tailnet side:
         // its maps know tailscaled's device and address.
-        let f = &status()["forwarding"];
+        let f = status().forwarding;
         assert!(
-            f.get("ts_ifindex").is_none()
-                || (f["ts_ifindex"].as_u64() != Some(0) && !f["ts_v4"].is_null()),
-            "healthy, but the fast path's maps lack the tailnet side: {f:#}\n{}",
+            f.as_ref()
+                .is_none_or(|f| f.ts_ifindex != 0 && f.ts_v4.is_some()),
+            "healthy, but the fast path's maps lack the tailnet side: {f:#?}\n{}",
             node.log()
         );
         // Where the peers are the kernel's, the daemon's device must be
@@ -375,9 +377,7 @@ pub const DATAPATHS: [&str; 2] = ["ebpf", "netfilter"];
 /// Packets the fast path counted for `device` with `outcome` (`tailguard
 /// status` in the calling thread's namespace); none before it answers.
 pub fn counted(device: &str, outcome: &str) -> u64 {
-    status()["counters"][device][outcome]["packets"]
-        .as_u64()
-        .unwrap_or(0)
+    status().counted(device, outcome)
 }
 
 /// `tailguard <args>` in the calling thread's namespace, with `env` on top.
@@ -399,8 +399,17 @@ pub fn health() -> (bool, String) {
     )
 }
 
-/// `tailguard status` in the calling thread's namespace: the daemon's JSON
-/// status, or `null` before it answers.
-pub fn status() -> serde_json::Value {
-    serde_json::from_slice(&tailguard(&["status"], &[]).stdout).unwrap_or_default()
+/// `tailguard status` in the calling thread's namespace: the daemon's
+/// report, or an empty one (not healthy, no datapath) before it answers.
+pub fn status() -> StatusReport {
+    let out = tailguard(&["status"], &[]);
+    if !out.status.success() {
+        return StatusReport::default();
+    }
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "tailguard status printed something that is not its report ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }

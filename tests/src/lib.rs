@@ -22,6 +22,7 @@
 //! - `image_`: the container image on a Docker engine.
 
 pub mod bridge;
+pub mod browser;
 pub mod crafted;
 pub mod daemon;
 pub mod differential;

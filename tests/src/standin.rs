@@ -7,6 +7,14 @@
 //!
 //! Login: an auth key logs in at once; `login-interactive` offers an
 //! AuthURL that a test "visits" with `POST /standin/approve`.
+//!
+//! Route approval, as Tailscale documents it for subnet routers: an
+//! advertised route carries traffic only once an admin (or an
+//! auto-approver) approves it; the control server then lists it in the
+//! node's `Self.AllowedIPs`, and, this node being the only router for it,
+//! in `Self.PrimaryRoutes`. A test approves routes with
+//! `POST /standin/set {"approved_routes": [...]}`; an approved route that
+//! is no longer advertised is listed in neither.
 
 use std::{
     convert::Infallible,
@@ -48,6 +56,8 @@ pub struct State {
     pub log: Vec<Value>,
     /// Peers for `Status.Peer`, keyed by node key.
     pub peers: Map<String, Value>,
+    /// The routes the tailnet's admin approved for this node.
+    pub approved_routes: Vec<String>,
     /// Logging in leads to `Starting`, and whoever sets up the node's
     /// routing moves it on to `Running`, as tailscaled's engine does; when
     /// false, logging in leads straight to `Running`.
@@ -69,6 +79,7 @@ impl State {
             prefs: prefs.as_object().cloned().unwrap_or_default(),
             log: Vec::new(),
             peers: Map::new(),
+            approved_routes: Vec::new(),
             starting_until_routed: false,
         }
     }
@@ -99,11 +110,22 @@ impl State {
         } else {
             vec![]
         };
+        let advertised: Vec<String> = self.prefs["AdvertiseRoutes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.as_str().map(str::to_string))
+            .collect();
+        let routed: Vec<String> = advertised
+            .into_iter()
+            .filter(|r| logged_in && self.approved_routes.contains(r))
+            .collect();
         let allowed: Vec<String> = self
             .addresses
             .iter()
             .filter(|_| logged_in)
             .map(|a| format!("{a}/{}", if a.is_ipv4() { 32 } else { 128 }))
+            .chain(routed.iter().cloned())
             .collect();
         json!({
             "Version": "1.84.0-standin",
@@ -115,7 +137,8 @@ impl State {
             "Self": {
                 "ID": "nStandin1CNTRL", "PublicKey": "nodekey:standin", "HostName": self.prefs["Hostname"],
                 "DNSName": "tailguard.standin.ts.net.", "OS": "linux",
-                "TailscaleIPs": ips, "AllowedIPs": allowed, "Online": self.online && logged_in,
+                "TailscaleIPs": ips, "AllowedIPs": allowed, "PrimaryRoutes": routed,
+                "Online": self.online && logged_in,
                 "KeyExpiry": "2099-01-01T00:00:00Z"
             },
             "Health": null,
@@ -293,6 +316,12 @@ impl StandIn {
                     }
                     if let Some(online) = body.get("online").and_then(Value::as_bool) {
                         s.online = online;
+                    }
+                    if let Some(routes) = body.get("approved_routes").and_then(Value::as_array) {
+                        s.approved_routes = routes
+                            .iter()
+                            .filter_map(|r| Some(r.as_str()?.to_string()))
+                            .collect();
                     }
                 });
                 reply(StatusCode::NO_CONTENT, Value::Null)

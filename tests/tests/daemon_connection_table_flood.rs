@@ -23,6 +23,7 @@ use std::{
 
 use etherparse::PacketBuilder;
 use serde_json::Value;
+use tailguard::report::{ConnectionTableReport, StatusReport};
 use tailguard_common::nat::NAT_PORT_FIRST;
 use tailguard_tests::{
     bridge::Bridge,
@@ -97,8 +98,8 @@ fn a_flood_neither_breaks_an_idle_connection_nor_misdelivers_a_one_way_stream() 
         // the stream unreplied or answered.
         b.bed.ours.run(|| {
             node.wait_for("the connection and the stream in the table", |_| {
-                let live = &status()["connection_table"]["live"];
-                let count = |state: &str| live[state].as_u64().unwrap_or(0);
+                let live = status().connection_table.unwrap_or_default().live;
+                let count = |state: &str| live.get(state).copied().unwrap_or(0);
                 count("established") >= 1 && count("unreplied") + count("replied") >= 1
             })
         });
@@ -168,7 +169,7 @@ fn a_flood_neither_breaks_an_idle_connection_nor_misdelivers_a_one_way_stream() 
     let peak_v4 = run
         .during
         .iter()
-        .filter_map(|s| s["connection_table"]["ipv4"]["flows"].as_u64())
+        .filter_map(|s| Some(s.connection_table.as_ref()?.ipv4.flows))
         .max()
         .unwrap_or(0);
     println!(
@@ -176,11 +177,11 @@ fn a_flood_neither_breaks_an_idle_connection_nor_misdelivers_a_one_way_stream() 
          the last sweep)",
         run.during.len()
     );
-    let table = &end["connection_table"];
-    print_table(table, &end["counters"]);
+    let table = end.connection_table.clone().unwrap_or_default();
+    print_table(&table, &end);
 
     // The daemon stayed healthy, during the flood and after.
-    let unhealthy: Vec<&Value> = run.during.iter().filter(|s| s["healthy"] != true).collect();
+    let unhealthy: Vec<&StatusReport> = run.during.iter().filter(|s| !s.healthy).collect();
     assert!(
         !run.during.is_empty() && unhealthy.is_empty(),
         "{}",
@@ -205,9 +206,9 @@ fn a_flood_neither_breaks_an_idle_connection_nor_misdelivers_a_one_way_stream() 
         ctx("the idle connection after the flood")
     );
     assert!(
-        table["live"]["established"].as_u64() >= Some(1),
+        table.live.get("established").copied() >= Some(1),
         "{}",
-        ctx(&format!("the idle connection left the table: {table:#}"))
+        ctx(&format!("the idle connection left the table: {table:#?}"))
     );
     drop(run.idle);
 
@@ -305,13 +306,12 @@ fn a_flood_neither_breaks_an_idle_connection_nor_misdelivers_a_one_way_stream() 
 
     // Nothing evicted, nothing broken: the flooder's flows beyond its
     // budget were refused and went the kernel's way.
-    let events = &table["events"];
-    let event = |name: &str| events[name].as_u64().unwrap_or(0);
+    let event = |name: &str| table.events.get(name).copied().unwrap_or(0);
     assert_eq!(
         event("flows-ended-broken"),
         0,
         "{}",
-        ctx(&format!("flows ended broken: {table:#}"))
+        ctx(&format!("flows ended broken: {table:#?}"))
     );
     assert!(
         run.sent.udp > UNREPLIED_PER_SOURCE && from_wireguard > 2 * UNREPLIED_PER_SOURCE,
@@ -322,24 +322,20 @@ fn a_flood_neither_breaks_an_idle_connection_nor_misdelivers_a_one_way_stream() 
             run.sent.udp
         ))
     );
-    let over_budget = outcome_packets(&end["counters"], "wireguard", "kernel:over-budget");
+    let over_budget = end.counted("wireguard", "kernel:over-budget");
     assert!(
         event("over-budget") > 0 && over_budget > 0,
         "{}",
         ctx(&format!(
-            "no refusal over the budget: {table:#}\n{:#}",
-            end["counters"]
+            "no refusal over the budget: {table:#?}\n{:#?}",
+            end.counters
         ))
     );
-    for family in ["ipv4", "ipv6"] {
-        let (flows, capacity) = (
-            table[family]["flows"].as_u64(),
-            table[family]["capacity"].as_u64(),
-        );
+    for (family, occupancy) in [("ipv4", table.ipv4), ("ipv6", table.ipv6)] {
         assert!(
-            flows.is_some() && flows <= capacity,
+            occupancy.capacity > 0 && occupancy.flows <= u64::from(occupancy.capacity),
             "{}",
-            ctx(&format!("{family}: {table:#}"))
+            ctx(&format!("{family}: {table:#?}"))
         );
     }
     b.bed.ours.run(|| node.stop());
@@ -352,10 +348,10 @@ struct Run {
     /// Datagrams the stream had sent when the flood ended.
     stream_sent_by_flood_end: u64,
     /// `/status` each second during the flood.
-    during: Vec<Value>,
+    during: Vec<StatusReport>,
     /// `/status` before the flood and just after it.
-    before: Value,
-    after: Value,
+    before: StatusReport,
+    after: StatusReport,
     /// How long the idle connection was silent, and what its data after
     /// that brought back.
     silence: Duration,
@@ -536,7 +532,7 @@ fn stream_sequence(payload: &[u8]) -> Option<u64> {
 
 /// `/status` once a second (in the calling thread's namespace) until
 /// `over`.
-fn status_until(over: &AtomicBool) -> Vec<Value> {
+fn status_until(over: &AtomicBool) -> Vec<StatusReport> {
     let mut samples = Vec::new();
     while !over.load(Ordering::Relaxed) {
         let asked = Instant::now();
@@ -547,48 +543,45 @@ fn status_until(over: &AtomicBool) -> Vec<Value> {
 }
 
 /// The table's sweeps so far, by `/status`.
-fn sweeps(status: &Value) -> u64 {
-    status["connection_table"]["sweeps"].as_u64().unwrap_or(0)
-}
-
-/// Packets the fast path counted for `device` with `outcome`.
-fn outcome_packets(counters: &Value, device: &str, outcome: &str) -> u64 {
-    counters[device][outcome]["packets"].as_u64().unwrap_or(0)
+fn sweeps(status: &StatusReport) -> u64 {
+    status.connection_table.as_ref().map_or(0, |t| t.sweeps)
 }
 
 /// Every packet the fast path took from the WireGuard device, whatever
 /// became of it.
-fn wireguard_packets(status: &Value) -> u64 {
-    status["counters"]["wireguard"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(_, c)| c["packets"].as_u64())
+fn wireguard_packets(status: &StatusReport) -> u64 {
+    status
+        .counters
+        .iter()
+        .filter_map(|c| c.get("wireguard"))
+        .flat_map(|outcomes| outcomes.values())
+        .map(|c| c.packets)
         .sum()
 }
 
 /// The table and the outcomes, as the closing note quotes them.
-fn print_table(table: &Value, counters: &Value) {
-    for family in ["ipv4", "ipv6"] {
+fn print_table(table: &ConnectionTableReport, status: &StatusReport) {
+    for (family, o) in [("ipv4", table.ipv4), ("ipv6", table.ipv6)] {
         println!(
             "connection table {family}: {} flows of {}",
-            table[family]["flows"], table[family]["capacity"]
+            o.flows, o.capacity
         );
     }
-    println!("  unreplied per source: {}", table["unreplied_per_source"]);
-    println!("  events: {}", table["events"]);
-    println!("  live by state: {}", table["live"]);
-    println!("  expired by state: {}", table["expired"]);
+    println!("  unreplied per source: {}", table.unreplied_per_source);
+    println!("  events: {:?}", table.events);
+    println!("  live by state: {:?}", table.live);
+    println!("  expired by state: {:?}", table.expired);
     println!(
         "  restored {}, orphan halves removed {}, sweeps {} (the last {} ms)",
-        table["restored"], table["orphans_removed"], table["sweeps"], table["last_sweep_ms"]
+        table.restored, table.orphans_removed, table.sweeps, table.last_sweep_ms
     );
     for device in ["wireguard", "tailscale"] {
-        let outcomes: Vec<String> = counters[device]
-            .as_object()
-            .into_iter()
+        let outcomes: Vec<String> = status
+            .counters
+            .iter()
+            .filter_map(|c| c.get(device))
             .flatten()
-            .map(|(outcome, c)| format!("{outcome} {}", c["packets"]))
+            .map(|(outcome, c)| format!("{outcome} {}", c.packets))
             .collect();
         println!("  {device} outcomes (packets): {}", outcomes.join(", "));
     }

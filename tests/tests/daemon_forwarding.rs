@@ -4,8 +4,6 @@
 
 use std::process::Command;
 
-use serde_json::Value;
-
 use tailguard_tests::{
     bridge::Bridge,
     daemon::{DATAPATHS, DaemonUnderTest, counted, health, status},
@@ -19,9 +17,9 @@ use tailguard_tests::{
 /// with netfilter, there are no programs at all.
 fn assert_path(node: &mut DaemonUnderTest, datapath: &str, dropped: Option<&str>) {
     let s = status();
-    assert_eq!(s["datapath"], datapath, "{s:#}");
+    assert_eq!(s.datapath, datapath, "{s:#?}");
     // Chosen, not fallen back to: nothing to explain.
-    assert_eq!(s.get("datapath_fallback"), Some(&Value::Null), "{s:#}");
+    assert_eq!(s.datapath_fallback, None, "{s:#?}");
     if datapath == "ebpf" {
         node.wait_for("the fast path's counters", |_| {
             counted("wireguard", "redirected") > 0
@@ -29,7 +27,7 @@ fn assert_path(node: &mut DaemonUnderTest, datapath: &str, dropped: Option<&str>
                 && dropped.is_none_or(|reason| counted("wireguard", reason) > 0)
         });
     } else {
-        assert!(s["counters"].is_null(), "{s:#}");
+        assert!(s.counters.is_none(), "{s:#?}");
     }
 }
 
@@ -390,13 +388,13 @@ fn without_the_fast_path_it_falls_back_to_netfilter() {
     assert_eq!(seen.as_deref(), Ok(NODE_TS), "{}", node.log());
     b.bed.ours.run(|| {
         let s = status();
-        assert_eq!(s["datapath"], "netfilter", "{s:#}");
-        let fallback = &s["datapath_fallback"];
-        assert_eq!(fallback["kernel"], kernel.as_str(), "{s:#}");
+        assert_eq!(s.datapath, "netfilter", "{s:#?}");
+        let fallback = s.datapath_fallback.clone().expect("why netfilter forwards");
+        assert_eq!(fallback.kernel, kernel, "{s:#?}");
         // Without CAP_BPF the kernel refuses the first map.
-        let reason = fallback["reason"].as_str().unwrap_or_default();
-        assert!(reason.contains("Operation not permitted"), "{s:#}");
-        assert!(off.contains(reason.trim_end_matches('.')), "{off}\n{s:#}");
+        let reason = fallback.reason.as_str();
+        assert!(reason.contains("Operation not permitted"), "{s:#?}");
+        assert!(off.contains(reason.trim_end_matches('.')), "{off}\n{s:#?}");
         node.stop()
     });
 }

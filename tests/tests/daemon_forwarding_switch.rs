@@ -162,16 +162,12 @@ fn without_the_switches_the_host_serves_both_networks_and_forwards_nothing() {
                     counted("wireguard", "kernel:forwarding-off") > 0
                         && counted("tailscale", "kernel:forwarding-off") > 0
                 });
-                assert_eq!(counted("wireguard", "redirected"), 0, "{:#}", status());
-                assert_eq!(counted("tailscale", "redirected"), 0, "{:#}", status());
-                let f = &status()["forwarding"];
-                assert_eq!(
-                    (&f["forward_v4"], &f["forward_v6"]),
-                    (&false.into(), &false.into()),
-                    "{f:#}"
-                );
+                assert_eq!(counted("wireguard", "redirected"), 0, "{:#?}", status());
+                assert_eq!(counted("tailscale", "redirected"), 0, "{:#?}", status());
+                let f = status().forwarding.expect("the maps");
+                assert_eq!((f.forward_v4, f.forward_v6), (false, false), "{f:#?}");
             } else {
-                assert_eq!(status()["datapath"], "netfilter");
+                assert_eq!(status().datapath, "netfilter");
             }
         });
         b.bed.ours.run(|| node.stop());
@@ -301,13 +297,11 @@ fn the_daemon_only_reads_the_switches() {
                     assert!(node.log().contains(line), "{}", ctx(&node, line));
                 }
                 if datapath == "ebpf" {
-                    node.wait_for("the maps", |_| {
-                        status()["forwarding"]["forward_v4"].as_bool().is_some()
-                    });
-                    let f = &status()["forwarding"];
+                    node.wait_for("the maps", |_| status().forwarding.is_some());
+                    let f = status().forwarding.expect("the maps");
                     assert_eq!(
-                        (f["forward_v4"].as_bool(), f["forward_v6"].as_bool()),
-                        (Some(ipv4), Some(ipv6)),
+                        (f.forward_v4, f.forward_v6),
+                        (ipv4, ipv6),
                         "{}",
                         ctx(&node, "the programs' flags")
                     );

@@ -102,7 +102,7 @@ fn foreign_hosts_are_refused_and_isolated_peers_see_no_other_peer() {
         assert_eq!(status_line(&ok), "HTTP/1.1 200 OK", "{}", ctx(&ok));
         assert!(ok.contains("\"forwarding\""), "{ok}");
         assert!(
-            !ok.contains(other_peer) && ok.contains("hidden (WG_ISOLATE_PEERS=1)"),
+            !ok.contains(other_peer) && ok.contains("\"wireguard_peers_hidden\": true"),
             "a WireGuard peer must not see the others: {ok}"
         );
     });

@@ -331,7 +331,7 @@ fn fallen_back_to_netfilter_dest_ip_takes_every_port() {
     });
     b.bed.ours.run(|| {
         node.wait_for("health", |_| health().0);
-        assert_eq!(status()["datapath"], "netfilter");
+        assert_eq!(status().datapath, "netfilter");
         node.wait_for("the TS_DEST_IP rules", |_| {
             dstnat_rules()
                 .iter()

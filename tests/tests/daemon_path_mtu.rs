@@ -15,6 +15,7 @@ use std::{
     thread::JoinHandle,
     time::{Duration, Instant},
 };
+use tailguard::report::StatusReport;
 
 use etherparse::{Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpHeaders, IpPayloadSlice};
 use tailguard_tests::{
@@ -411,15 +412,10 @@ fn too_big_datagrams_get_the_kernels_answer() {
 
 /// Too-big packets the fast path answered, both devices together.
 fn answered(b: &Bridge) -> u64 {
-    let s: serde_json::Value =
-        serde_json::from_str(&b.tailguard("status")).expect("status as JSON");
+    let s: StatusReport = serde_json::from_str(&b.tailguard("status")).expect("the report");
     ["wireguard", "tailscale"]
         .iter()
-        .map(|d| {
-            s["counters"][d]["too-big-answered"]["packets"]
-                .as_u64()
-                .unwrap_or(0)
-        })
+        .map(|d| s.counted(d, "too-big-answered"))
         .sum()
 }
 
@@ -589,15 +585,10 @@ fn received(receiver: &UdpSocket, count: usize) -> Vec<(usize, SocketAddr)> {
 
 /// Fragments the fast path sent (both devices).
 fn fragmented(b: &Bridge) -> u64 {
-    let s: serde_json::Value =
-        serde_json::from_str(&b.tailguard("status")).expect("status as JSON");
+    let s: StatusReport = serde_json::from_str(&b.tailguard("status")).expect("the report");
     ["wireguard", "tailscale"]
         .iter()
-        .map(|d| {
-            s["counters"][d]["fragmented"]["packets"]
-                .as_u64()
-                .unwrap_or(0)
-        })
+        .map(|d| s.counted(d, "fragmented"))
         .sum()
 }
 

@@ -13,6 +13,7 @@ use nix::{
     unistd::Pid,
 };
 use serde_json::{Value, json};
+use tailguard::{report::ForwardingReport, tailscale::supervisor::TailscaleRecoveries};
 use tailguard_tests::{
     daemon::{DaemonUnderTest, health, status, tailguard},
     netns::{routing_state, run, unique_ifname},
@@ -43,8 +44,12 @@ fn restarted_after_a_hang(
     recovered: Duration,
 ) {
     assert_eq!(
-        status()["recoveries"]["tailscaled"],
-        json!({"restarts_after_exit": 0, "restarts_after_hang": 1, "logins_again": 0}),
+        status().recoveries.tailscaled,
+        TailscaleRecoveries {
+            restarts_after_exit: 0,
+            restarts_after_hang: 1,
+            logins_again: 0
+        },
         "counted in /status"
     );
     assert!(
@@ -59,9 +64,20 @@ fn restarted_after_a_hang(
     );
 }
 
-/// The forwarding plane's maps as the daemon read them back from the kernel.
-fn maps() -> Value {
-    status()["forwarding"].clone()
+/// The forwarding plane's maps as the daemon read them back from the kernel
+/// (empty before it did).
+fn maps() -> ForwardingReport {
+    status().forwarding.unwrap_or_default()
+}
+
+/// An address as the maps hold it, as text.
+fn shown(address: Option<impl ToString>) -> String {
+    address.map(|a| a.to_string()).unwrap_or_default()
+}
+
+/// Where the maps route `net` (empty: not routed by them).
+fn egress(m: &ForwardingReport, net: &str) -> String {
+    m.routes.get(net).cloned().unwrap_or_default()
 }
 
 #[test]
@@ -218,8 +234,8 @@ fn a_dead_tailscaled_is_restarted_and_health_follows() {
         let second = node.child_pid(STANDIN);
         assert!(!second.is_empty() && second != first, "{first} -> {second}");
         assert_eq!(
-            status()["recoveries"]["tailscaled"]["restarts_after_exit"],
-            json!(1),
+            status().recoveries.tailscaled.restarts_after_exit,
+            1,
             "counted in /status"
         );
         assert!(
@@ -350,8 +366,8 @@ fn a_logged_out_node_is_logged_in_again_with_the_auth_key() {
         });
         let recovered = logged_out.elapsed();
         assert_eq!(
-            status()["recoveries"]["tailscaled"]["logins_again"],
-            json!(1),
+            status().recoveries.tailscaled.logins_again,
+            1,
             "counted in /status"
         );
         assert!(
@@ -383,17 +399,17 @@ fn healthy_only_once_the_maps_and_the_table_have_the_tailnet_addresses() {
         let deadline = Instant::now() + tailguard_tests::patience(Duration::from_secs(30));
         let first_healthy = loop {
             let now = status();
-            if now["healthy"] == true {
+            if now.healthy {
                 break now;
             }
             assert!(Instant::now() < deadline, "never healthy:\n{}", node.log());
         };
         let table = run(Command::new("nft").args(["list", "table", "inet", "tailguard"]));
-        let m = &first_healthy["forwarding"];
+        let m = first_healthy.forwarding.clone().unwrap_or_default();
         assert_eq!(
-            (&m["ts_v4"], &m["ts_v6"]),
-            (&json!(NODE_TS), &json!(NODE_TS_V6)),
-            "healthy before the maps had the addresses: {first_healthy:#}\n{}",
+            (shown(m.ts_v4), shown(m.ts_v6)),
+            (NODE_TS.to_string(), NODE_TS_V6.to_string()),
+            "healthy before the maps had the addresses: {first_healthy:#?}\n{}",
             node.log()
         );
         assert!(
@@ -427,19 +443,20 @@ fn address_and_route_changes_reach_the_maps_and_going_offline_the_health() {
         // Healthy: the maps have the addresses already.
         let m = maps();
         assert_eq!(
-            (&m["ts_v4"], &m["ts_v6"]),
-            (&json!(NODE_TS), &json!(NODE_TS_V6)),
-            "{m:#}"
+            (shown(m.ts_v4), shown(m.ts_v6)),
+            (NODE_TS.to_string(), NODE_TS_V6.to_string()),
+            "{m:#?}"
         );
         let index = nix::net::if_::if_nametoindex(node.standin().ts_device.as_str()).unwrap();
-        assert_eq!(m["ts_ifindex"], index, "{m:#}");
-        assert_eq!(m["ts_mtu"], 1280, "{m:#}");
-        assert_eq!(m["dest_v4"], WG_SERVER, "{m:#}");
+        assert_eq!(m.ts_ifindex, index, "{m:#?}");
+        assert_eq!(m.ts_mtu, 1280, "{m:#?}");
+        assert_eq!(shown(m.dest_v4), WG_SERVER, "{m:#?}");
         assert_eq!(
-            m["routes"]["192.168.77.0/24"], "tailscale",
-            "table 52: {m:#}"
+            egress(&m, "192.168.77.0/24"),
+            "tailscale",
+            "table 52: {m:#?}"
         );
-        assert_eq!(m["routes"][TAILNET], "tailscale", "{m:#}");
+        assert_eq!(egress(&m, TAILNET), "tailscale", "{m:#?}");
 
         // Changes are followed on tailscaled's IPN bus.
         let log = standin::ask(
@@ -463,7 +480,8 @@ fn address_and_route_changes_reach_the_maps_and_going_offline_the_health() {
             json!({"addresses": ["100.64.0.42", "fd7a:115c:a1e0::42"]}),
         );
         node.wait_for("the new addresses in the maps", |_| {
-            maps()["ts_v4"] == "100.64.0.42" && maps()["ts_v6"] == "fd7a:115c:a1e0::42"
+            let m = maps();
+            shown(m.ts_v4) == "100.64.0.42" && shown(m.ts_v6) == "fd7a:115c:a1e0::42"
         });
 
         // A route tailscaled accepts later (table 52) is seen live, and
@@ -475,11 +493,11 @@ fn address_and_route_changes_reach_the_maps_and_going_offline_the_health() {
         };
         table52("add");
         node.wait_for("the new table-52 route in the maps", |_| {
-            maps()["routes"][extra] == "tailscale"
+            egress(&maps(), extra) == "tailscale"
         });
         table52("del");
         node.wait_for("the removed route gone from the maps", |_| {
-            maps()["routes"].get(extra).is_none()
+            !maps().routes.contains_key(extra)
         });
 
         standin::ask(
@@ -491,7 +509,7 @@ fn address_and_route_changes_reach_the_maps_and_going_offline_the_health() {
         node.wait_for("unhealthy: offline", |_| {
             health().1.contains("does not see the node online")
         });
-        assert_eq!(status()["healthy"], false);
+        assert!(!status().healthy);
         standin::ask(
             &node.standin().socket,
             Method::POST,

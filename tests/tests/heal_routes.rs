@@ -79,15 +79,16 @@ fn ping(to: &str) -> bool {
 fn withdrawn(node: &DaemonUnderTest, reason: &str) {
     let (ready, why) = health();
     assert!(!ready && why.contains(reason), "{why}");
-    let routes = &status()["routes"];
-    assert_eq!(routes["advertised"], json!(false), "{routes}");
+    let routes = status().routes;
+    assert!(!routes.advertised, "{routes:?}");
     assert!(
-        routes["withdrawn_because"]
-            .as_str()
+        routes
+            .withdrawn_because
+            .as_deref()
             .is_some_and(|w| w.contains(reason)),
-        "{routes}"
+        "{routes:?}"
     );
-    assert_eq!(routes["withdrawals"], json!(1), "{routes}");
+    assert_eq!(routes.withdrawals, 1, "{routes:?}");
     assert_eq!(
         advertised(node),
         json!([]),
@@ -101,7 +102,7 @@ fn withdrawn(node: &DaemonUnderTest, reason: &str) {
 /// sequence of route changes: offered, withdrawn, offered.
 fn advertised_again(node: &DaemonUnderTest) {
     assert!(health().0, "{}", health().1);
-    assert_eq!(status()["routes"]["advertised"], json!(true));
+    assert!(status().routes.advertised);
     assert_eq!(
         route_changes(node),
         [offered(), json!([]), offered()],

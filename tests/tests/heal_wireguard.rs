@@ -79,8 +79,8 @@ fn heal(
             "the port WireGuard picked is kept: peers know this node by it"
         );
         assert_eq!(
-            status()["recoveries"]["wireguard_brought_back"],
-            serde_json::json!(1),
+            status().recoveries.wireguard_brought_back,
+            1,
             "counted in /status"
         );
         let log = node.log();
@@ -235,8 +235,8 @@ fn an_established_connection_survives_the_device_coming_back() {
         assert_eq!(echo_line(&mut stream, "after").as_deref(), Ok("after"));
         b.bed.ours.run(|| {
             assert_eq!(
-                status()["recoveries"]["wireguard_brought_back"],
-                serde_json::json!(1),
+                status().recoveries.wireguard_brought_back,
+                1,
                 "{}",
                 node.log()
             );

@@ -48,6 +48,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "0"),
     ("kmod", "0"),
     ("cpio", "0"),
+    // The status page's test: a real browser, headless.
+    ("chromium", "0"),
 ];
 
 pub fn run() -> Result<()> {

@@ -638,7 +638,8 @@ fn tailscale(settings: &Settings, config: &WgConfig) -> TailscalePlan {
     }
 }
 
-fn list<T: fmt::Display>(items: &[T]) -> String {
+/// Items joined with commas, or "none" (the plan's text, the status page).
+pub(crate) fn list<T: fmt::Display>(items: &[T]) -> String {
     if items.is_empty() {
         return "none".into();
     }

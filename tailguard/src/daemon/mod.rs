@@ -38,6 +38,7 @@ use crate::{
     host::sysctls::{Forwarding, Sysctls},
     host::{netlink::NetlinkError, privileges::PrivilegeError, resolver::ResolverError},
     http::health::{self, Health},
+    report::history::{CounterRates, PeerTraffic, TRAFFIC_SAMPLE},
     tailscale::prefs::Offer,
     tailscale::supervisor::{Supervisor, TailscaleState},
     wireguard::bring_up::WgSetup,
@@ -148,6 +149,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
     let mut running = Running {
         nl,
         started_at: SystemTime::now(),
+        settings_shown: settings.shown(),
         gro: None,
         wg: None,
         resolver: None,
@@ -206,6 +208,8 @@ struct Running {
     nl: Netlink,
     /// When the daemon started (reported by `/healthz`).
     started_at: SystemTime,
+    /// The settings, as the status page shows them.
+    settings_shown: Vec<crate::report::SettingShown>,
     /// tailscaled's supervisor: its stop switch and task.
     supervisor: Option<(watch::Sender<bool>, JoinHandle<()>)>,
     /// Background tasks (the health endpoint), aborted at teardown.
@@ -294,6 +298,7 @@ impl Running {
             started_at: self.started_at,
             wireguard_up: true,
             ts_hostname: plan.tailscale.hostname.clone(),
+            settings: self.settings_shown.clone(),
             ..Health::new()
         });
         let (local_limits, page_limits) = crate::http::server::Limits::of_this_process();
@@ -383,6 +388,10 @@ impl Running {
         let mut counters = tokio::time::interval(COUNTERS);
         let mut sweep = tokio::time::interval(sweeper::CADENCE);
         let mut swept = sweeper::Totals::default();
+        let mut counter_rates = CounterRates::default();
+        let mut peer_traffic = PeerTraffic::default();
+        let mut wireguard_report = tokio::time::interval(TRAFFIC_SAMPLE);
+        wireguard_report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut wg_recovery = Retry::default();
         loop {
             // For `/livez`; nobody needs waking for it.
@@ -417,6 +426,7 @@ impl Running {
                         h.tailscale = tailscale_state.ready.clone();
                         h.dns_name = tailscale_state.dns_name.clone();
                         h.recoveries.tailscaled = tailscale_state.recoveries;
+                        h.tailscale_report = tailscale_state.report.clone();
                         h.forwarding_behind(moved);
                     });
                 }
@@ -427,10 +437,13 @@ impl Running {
                         && let (Ok(outcomes), Ok(events)) =
                             (datapath.outcomes(), datapath.table_events())
                     {
+                        let counted = outcomes.report();
+                        counter_rates.record(std::time::Instant::now(), counted.clone());
                         health.send_modify(|h| {
-                            h.counters = outcomes.to_json();
+                            h.counters = Some(counted);
+                            h.rates = counter_rates.rates();
                             h.connection_table =
-                                sweeper::report(&swept, &events, &plan.forwarding.nat);
+                                Some(sweeper::report(&swept, &events, &plan.forwarding.nat));
                         });
                     }
                     continue;
@@ -448,6 +461,18 @@ impl Running {
                     if let Some(device) = self.wg.as_ref().and_then(WgSetup::device) {
                         peers.check(device, &health).await;
                         follow_offer(&health, &offer);
+                    }
+                    continue;
+                }
+                _ = wireguard_report.tick() => {
+                    if let Some(device) = self.wg.as_ref().and_then(WgSetup::device) {
+                        // A failed read is the device gone or hung: the
+                        // refresh and the handshake check say so.
+                        if let Ok(reported) = device.reported().await {
+                            peer_traffic.record(std::time::Instant::now(), &crate::wireguard::report::byte_totals(&reported));
+                            let report = crate::wireguard::report::report(&reported, &plan.wireguard.userspace_program, &peer_traffic);
+                            health.send_modify(|h| h.wireguard_report = Some(report));
+                        }
                     }
                     continue;
                 }
@@ -734,9 +759,9 @@ impl Running {
                 // The config entry as the kernel now holds it, and every
                 // route the tries answer by (they hold only the prefixes
                 // that change an answer, and answer as `routes` does).
-                map_contents::describe(&datapath.config()?, &routes)
+                Some(map_contents::describe(&datapath.config()?, &routes))
             }
-            None => serde_json::json!({"datapath": "netfilter"}),
+            None => None,
         };
         info!(
             ts_v4 = ?observed.ts_v4,

@@ -104,24 +104,26 @@ impl Outcomes {
             .fold(Counter::default(), Counter::add)
     }
 
-    /// `{"wireguard": {"redirected": {"packets": .., "bytes": ..}, ..}, ..}`,
-    /// leaving out outcomes that never happened.
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut devices = serde_json::Map::new();
-        for device in Device::ALL {
-            let mut outcomes = serde_json::Map::new();
-            for outcome in Outcome::ALL {
-                let c = self.get(device, outcome);
-                if c.packets > 0 {
-                    outcomes.insert(
-                        outcome.name().into(),
-                        serde_json::json!({"packets": c.packets, "bytes": c.bytes}),
-                    );
-                }
-            }
-            devices.insert(device.name().into(), outcomes.into());
-        }
-        devices.into()
+    /// For the report: per device, the outcomes that happened.
+    pub fn report(&self) -> crate::report::Counters {
+        Device::ALL
+            .into_iter()
+            .map(|device| {
+                let outcomes = Outcome::ALL
+                    .into_iter()
+                    .map(|outcome| (outcome, self.get(device, outcome)))
+                    .filter(|(_, c)| c.packets > 0)
+                    .map(|(outcome, c)| {
+                        let count = crate::report::Count {
+                            packets: c.packets,
+                            bytes: c.bytes,
+                        };
+                        (outcome.name().to_string(), count)
+                    })
+                    .collect();
+                (device.name().to_string(), outcomes)
+            })
+            .collect()
     }
 }
 

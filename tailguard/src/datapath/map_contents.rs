@@ -9,6 +9,7 @@ use crate::{
     config::{plan::Plan, tailnet::TAILNET_RANGES},
     datapath::Routes,
     host::observed::Observed,
+    report::ForwardingReport,
 };
 
 /// The configuration entry for `observed`.
@@ -76,30 +77,33 @@ pub fn routes(plan: &Plan, table52: &[IpNet], main: &[IpNet]) -> Routes {
     routes
 }
 
-/// The maps' contents as JSON, for `/status` and the log.
-pub fn describe(config: &Config, routes: &Routes) -> serde_json::Value {
+/// The maps' contents, for `/status`.
+pub fn describe(config: &Config, routes: &Routes) -> ForwardingReport {
     let egress = |r: &Route| match r.device() {
         Some(device) => device.name(),
         None if *r == Route::KERNEL => "kernel",
         None => "unknown",
     };
-    serde_json::json!({
-        "wg_ifindex": config.wg_ifindex,
-        "ts_ifindex": config.ts_ifindex,
-        "wg_mtu": config.wg_mtu,
-        "ts_mtu": config.ts_mtu,
-        "ts_v4": config.ts_v4(),
-        "ts_v6": config.ts_v6(),
-        "wg_v4": config.wg_v4(),
-        "wg_v6": config.wg_v6(),
-        "dest_v4": config.dest_v4(),
-        "dest_v6": config.dest_v6(),
-        "isolate_peers": config.has(flag::ISOLATE_PEERS),
-        "snat_to_wg": config.has(flag::SNAT_TO_WG),
-        "forward_v4": config.has(flag::FORWARD_V4),
-        "forward_v6": config.has(flag::FORWARD_V6),
-        "routes": routes.iter().map(|(net, r)| (net.to_string(), egress(r).into())).collect::<serde_json::Map<_, _>>(),
-    })
+    ForwardingReport {
+        wg_ifindex: config.wg_ifindex,
+        ts_ifindex: config.ts_ifindex,
+        wg_mtu: config.wg_mtu,
+        ts_mtu: config.ts_mtu,
+        ts_v4: config.ts_v4(),
+        ts_v6: config.ts_v6(),
+        wg_v4: config.wg_v4(),
+        wg_v6: config.wg_v6(),
+        dest_v4: config.dest_v4(),
+        dest_v6: config.dest_v6(),
+        isolate_peers: config.has(flag::ISOLATE_PEERS),
+        snat_to_wg: config.has(flag::SNAT_TO_WG),
+        forward_v4: config.has(flag::FORWARD_V4),
+        forward_v6: config.has(flag::FORWARD_V6),
+        routes: routes
+            .iter()
+            .map(|(net, r)| (net.to_string(), egress(r).to_string()))
+            .collect(),
+    }
 }
 
 fn clamp_mtu(mtu: u32) -> u16 {

@@ -22,6 +22,7 @@ use tailguard_common::{
 };
 
 use super::{Datapath, Error, table::TableEvents};
+use crate::report::{ConnectionTableReport, Occupancy};
 
 /// How often the table is swept: well inside the shortest timeout (10 s),
 /// so a closed flow's port is free again soon after (see [`next_sweep`]
@@ -132,27 +133,37 @@ pub struct Totals {
 /// source budget, the live pairs and the expired ones by state, and the
 /// programs' events. Nothing is ever evicted (the tables are plain hash
 /// maps): a full table refuses new flows, counted as `table-full`.
-pub fn report(totals: &Totals, events: &TableEvents, size: &TableSize) -> serde_json::Value {
+pub fn report(totals: &Totals, events: &TableEvents, size: &TableSize) -> ConnectionTableReport {
     let by_state = |counts: &[u64; FlowState::COUNT]| {
         FlowState::ALL
             .iter()
             .filter(|s| counts[**s as usize] > 0)
-            .map(|s| (s.name().to_string(), serde_json::json!(counts[*s as usize])))
-            .collect::<serde_json::Map<_, _>>()
+            .map(|s| (s.name().to_string(), counts[*s as usize]))
+            .collect()
     };
-    serde_json::json!({
-        "ipv4": {"flows": totals.flows_v4, "capacity": size.v4_flows},
-        "ipv6": {"flows": totals.flows_v6, "capacity": size.v6_flows},
-        "unreplied_per_source": size.unreplied_per_source,
-        "live": by_state(&totals.live),
-        "expired": by_state(&totals.expired),
-        "restored": totals.restored,
-        "orphans_removed": totals.orphans,
-        "sweep_failures": totals.failed,
-        "events": events.0,
-        "sweeps": totals.sweeps,
-        "last_sweep_ms": totals.last_duration.as_millis() as u64,
-    })
+    ConnectionTableReport {
+        ipv4: Occupancy {
+            flows: totals.flows_v4,
+            capacity: size.v4_flows,
+        },
+        ipv6: Occupancy {
+            flows: totals.flows_v6,
+            capacity: size.v6_flows,
+        },
+        unreplied_per_source: size.unreplied_per_source,
+        live: by_state(&totals.live),
+        expired: by_state(&totals.expired),
+        restored: totals.restored,
+        orphans_removed: totals.orphans,
+        sweep_failures: totals.failed,
+        events: events
+            .0
+            .iter()
+            .map(|(name, n)| (name.to_string(), *n))
+            .collect(),
+        sweeps: totals.sweeps,
+        last_sweep_ms: totals.last_duration.as_millis() as u64,
+    }
 }
 
 /// The table's clock now: whole seconds of `CLOCK_MONOTONIC`, as the

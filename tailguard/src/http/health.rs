@@ -27,12 +27,16 @@ use tracing::info;
 use super::server::{self, Client, Limits, Site};
 use crate::{
     config::tailnet::in_tailnet,
+    report::{
+        ConnectionTableReport, Counters, ForwardingReport, Rates, SettingShown, StatusReport,
+        TailscaleReport, WireGuardReport,
+    },
     tailscale::{status::NotReady, supervisor::TailscaleRecoveries},
 };
 
 /// Why the netfilter datapath forwards although the eBPF one was wanted:
 /// the fast path could not be loaded or attached.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Fallback {
     /// The running kernel's release, as `uname -r` says it.
     pub kernel: String,
@@ -47,14 +51,14 @@ pub struct Fallback {
 pub const LIVE_WITHIN: Duration = Duration::from_secs(30);
 
 /// Every recovery since the daemon started, for `/status`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Recoveries {
     pub tailscaled: TailscaleRecoveries,
     /// The WireGuard side brought up again after its device went.
     pub wireguard_brought_back: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Health {
     pub started_at: SystemTime,
     /// The daemon's loop's last turn: what `/livez` judges by.
@@ -87,12 +91,19 @@ pub struct Health {
     /// that would send a client to a node that drops its first packets).
     pub forwarding_in_line: bool,
     /// The forwarding plane's maps as last read back from the kernel.
-    pub forwarding: serde_json::Value,
-    /// The fast path's outcome counters, read each second.
-    pub counters: serde_json::Value,
+    pub forwarding: Option<ForwardingReport>,
+    /// The fast path's outcome counters, read each second, and their rates
+    /// over the last minute.
+    pub counters: Option<Counters>,
+    pub rates: Option<Rates>,
     /// The connection table: flows per family and state, what the sweeper
     /// removed, what the programs refused (`datapath::sweeper::report`).
-    pub connection_table: serde_json::Value,
+    pub connection_table: Option<ConnectionTableReport>,
+    /// The settings in effect, as the status page shows them.
+    pub settings: Vec<SettingShown>,
+    /// What tailscaled and the WireGuard device said last.
+    pub tailscale_report: Option<TailscaleReport>,
+    pub wireguard_report: Option<WireGuardReport>,
     /// `TS_HOSTNAME`, and the node's MagicDNS name once tailscaled tells
     /// it: names the node goes by, for the `Host` check.
     pub ts_hostname: Option<String>,
@@ -101,7 +112,7 @@ pub struct Health {
 
 /// Whether the node's routes (and exit node) are advertised to the
 /// tailnet: withdrawn while the WireGuard side is down.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RoutesOffer {
     pub advertised: bool,
     /// Why not, while they are not.
@@ -156,6 +167,12 @@ pub enum AskError {
     Request(#[from] hyper::http::Error),
     #[error("TailGuard on {addr} did not answer within 5 s")]
     TimedOut { addr: SocketAddr },
+    #[error("TailGuard on {addr} answered /status with something that is not its report: {source}")]
+    NotAReport {
+        addr: SocketAddr,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// What `tailguard health` reports when it is not `healthy`.
@@ -189,9 +206,13 @@ impl Health {
             datapath_fallback: None,
             tailscale: Err(NotReady::NotAnsweredYet),
             forwarding_in_line: false,
-            forwarding: serde_json::Value::Null,
-            counters: serde_json::Value::Null,
-            connection_table: serde_json::Value::Null,
+            forwarding: None,
+            counters: None,
+            rates: None,
+            connection_table: None,
+            settings: Vec::new(),
+            tailscale_report: None,
+            wireguard_report: None,
             ts_hostname: None,
             dns_name: None,
         }
@@ -292,7 +313,7 @@ impl Health {
         }
     }
 
-    fn report(&self) -> (StatusCode, String) {
+    fn readiness(&self) -> (StatusCode, String) {
         let first = self
             .first_healthy_at
             .map_or("never".to_string(), |t| unix_seconds(t).to_string());
@@ -326,21 +347,39 @@ impl Health {
         }
     }
 
-    /// `/status`: the health and what the forwarding plane holds, as JSON.
-    fn status(&self) -> serde_json::Value {
-        serde_json::json!({
-            "healthy": self.verdict().is_ok(),
-            "reason": self.verdict().err().map(|why| why.to_string()),
-            "started_at": unix_seconds(self.started_at),
-            "first_healthy_at": self.first_healthy_at.map(unix_seconds),
-            "recoveries": self.recoveries,
-            "routes": self.routes,
-            "datapath": if self.programs_required { "ebpf" } else { "netfilter" },
-            "datapath_fallback": self.datapath_fallback,
-            "forwarding": self.forwarding,
-            "counters": self.counters,
-            "connection_table": self.connection_table,
-        })
+    /// `/status` and the status page: the health, both sides' state and
+    /// what the forwarding plane holds.
+    pub fn report(&self) -> StatusReport {
+        let verdict = self.verdict();
+        let reasons = match &verdict {
+            Ok(()) => Vec::new(),
+            Err(Unhealthy(reasons)) => reasons.iter().map(Reason::to_string).collect(),
+        };
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            healthy: verdict.is_ok(),
+            reason: verdict.err().map(|why| why.to_string()),
+            reasons,
+            started_at: unix_seconds(self.started_at),
+            first_healthy_at: self.first_healthy_at.map(unix_seconds),
+            recoveries: self.recoveries,
+            routes: self.routes.clone(),
+            datapath: if self.programs_required {
+                "ebpf"
+            } else {
+                "netfilter"
+            }
+            .to_string(),
+            datapath_fallback: self.datapath_fallback.clone(),
+            settings: self.settings.clone(),
+            tailscale: self.tailscale_report.clone(),
+            wireguard: self.wireguard_report.clone(),
+            wireguard_peers_hidden: false,
+            forwarding: self.forwarding.clone(),
+            counters: self.counters.clone(),
+            rates: self.rates.clone(),
+            connection_table: self.connection_table.clone(),
+        }
     }
 }
 
@@ -386,33 +425,21 @@ impl Audience {
     }
 }
 
-/// `/status` without the WireGuard peers' data (see
-/// [`Audience::sees_wireguard_peers`]): the routes to the WireGuard side
-/// (its peers' AllowedIPs), the host's own routes (its uplink's network,
-/// its static routes: none of the tailnet's business either) and
-/// `TS_DEST_IP`.
-fn without_wireguard_peers(mut status: serde_json::Value) -> serde_json::Value {
-    if let Some(forwarding) = status["forwarding"].as_object_mut() {
-        if let Some(routes) = forwarding
-            .get_mut("routes")
-            .and_then(serde_json::Value::as_object_mut)
-        {
-            routes.retain(|_, egress| egress == "tailscale");
-        }
-        forwarding.remove("dest_v4");
-        forwarding.remove("dest_v6");
-        forwarding.insert(
-            "wireguard_peers".into(),
-            "hidden (WG_ISOLATE_PEERS=1)".into(),
-        );
-    }
-    status
-}
-
 /// `/healthz` and `/status` for one audience.
 struct Pages {
     health: watch::Receiver<Health>,
     audience: Audience,
+}
+
+impl Pages {
+    /// The report as `client` may see it.
+    fn report_for(&self, client: &Client) -> StatusReport {
+        let mut report = self.health.borrow().report();
+        if !self.audience.sees_wireguard_peers(client) {
+            report.hide_wireguard_peers();
+        }
+        report
+    }
 }
 
 impl Site for Pages {
@@ -423,7 +450,7 @@ impl Site for Pages {
     fn respond(&self, path: &str, client: &Client) -> Response<Full<Bytes>> {
         match path {
             "/healthz" => {
-                let (status, body) = self.health.borrow().report();
+                let (status, body) = self.health.borrow().readiness();
                 server::response(status, "text/plain; charset=utf-8", body)
             }
             "/livez" => {
@@ -431,16 +458,23 @@ impl Site for Pages {
                 server::response(status, "text/plain; charset=utf-8", body)
             }
             "/status" => {
-                let mut status = self.health.borrow().status();
-                if !self.audience.sees_wireguard_peers(client) {
-                    status = without_wireguard_peers(status);
-                }
-                server::response(StatusCode::OK, "application/json", format!("{status:#}\n"))
+                let report = self.report_for(client);
+                let json = serde_json::to_string_pretty(&report)
+                    .expect("a report of plain data serialises");
+                server::response(StatusCode::OK, "application/json", json + "\n")
+            }
+            "/" => {
+                let report = self.report_for(client);
+                server::response(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    super::page::render(&report),
+                )
             }
             _ => server::response(
                 StatusCode::NOT_FOUND,
                 "text/plain; charset=utf-8",
-                "/healthz, /livez and /status here\n".into(),
+                "/ (the status page), /status, /healthz and /livez here\n".into(),
             ),
         }
     }
@@ -466,6 +500,13 @@ pub async fn check(addr: SocketAddr, live: bool) -> Result<String, CheckError> {
         (StatusCode::OK, body) => Ok(body),
         (_, body) => Err(CheckError::Unhealthy(body)),
     }
+}
+
+/// A running daemon's report (`/status`), as `tailguard status` and `stats`
+/// show it.
+pub async fn ask_report(addr: SocketAddr) -> Result<StatusReport, AskError> {
+    let (_, body) = get(addr, "/status").await?;
+    serde_json::from_str(&body).map_err(|source| AskError::NotAReport { addr, source })
 }
 
 /// `GET path` from a running daemon's health server: the status and body,
@@ -668,35 +709,63 @@ mod tests {
         assert!(Audience::Host.sees_wireguard_peers(&page("10.66.0.1:40000")));
     }
 
-    fn forwarding() -> serde_json::Value {
-        serde_json::json!({
-            "ts_v4": "100.64.0.1",
-            "dest_v4": "10.66.0.1",
-            "dest_v6": "fd66::1",
-            "isolate_peers": true,
-            "routes": {
-                "10.66.0.1/32": "wireguard",
-                "192.168.8.0/24": "wireguard",
-                "100.64.0.0/10": "tailscale",
-                "10.201.0.0/24": "kernel",
-            },
-        })
+    fn forwarding() -> ForwardingReport {
+        ForwardingReport {
+            ts_v4: Some("100.64.0.1".parse().unwrap()),
+            dest_v4: Some("10.66.0.1".parse().unwrap()),
+            dest_v6: Some("fd66::1".parse().unwrap()),
+            isolate_peers: true,
+            routes: [
+                ("10.66.0.1/32", "wireguard"),
+                ("192.168.8.0/24", "wireguard"),
+                ("100.64.0.0/10", "tailscale"),
+                ("10.201.0.0/24", "kernel"),
+            ]
+            .map(|(net, egress)| (net.to_string(), egress.to_string()))
+            .into(),
+            ..ForwardingReport::default()
+        }
+    }
+
+    fn wireguard() -> WireGuardReport {
+        WireGuardReport {
+            interface: "wg0".into(),
+            peers: vec![crate::report::WireGuardPeerReport {
+                public_key: "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=".into(),
+                endpoint: Some("198.51.100.7:51820".parse().unwrap()),
+                allowed_ips: vec!["10.66.0.1/32".parse().unwrap()],
+                ..Default::default()
+            }],
+            ..WireGuardReport::default()
+        }
     }
 
     #[test]
-    fn the_peer_view_drops_the_wireguard_routes_and_the_dest_ip() {
-        let status = serde_json::json!({"healthy": true, "forwarding": forwarding()});
-        let view = without_wireguard_peers(status);
+    fn the_peer_view_drops_the_wireguard_peers_routes_and_the_dest_ip() {
+        let mut report = Health {
+            forwarding: Some(forwarding()),
+            wireguard_report: Some(wireguard()),
+            ..healthy()
+        }
+        .report();
+        report.hide_wireguard_peers();
+        let forwarding = report.forwarding.as_ref().expect("forwarding");
         assert_eq!(
-            view["forwarding"]["routes"],
-            serde_json::json!({"100.64.0.0/10": "tailscale"})
+            forwarding.routes,
+            [("100.64.0.0/10".to_string(), "tailscale".to_string())].into()
         );
-        let text = view.to_string();
-        for gone in ["10.66.0.1", "192.168.8.0", "fd66::1", "10.201.0.0"] {
+        let text = serde_json::to_string(&report).unwrap();
+        for gone in [
+            "10.66.0.1",
+            "192.168.8.0",
+            "fd66::1",
+            "10.201.0.0",
+            "198.51.100.7",
+        ] {
             assert!(!text.contains(gone), "{gone} in {text}");
         }
-        assert_eq!(view["forwarding"]["ts_v4"], "100.64.0.1");
-        assert_eq!(view["healthy"], true);
+        assert_eq!(forwarding.ts_v4, Some("100.64.0.1".parse().unwrap()));
+        assert!(report.healthy && report.wireguard_peers_hidden);
     }
 
     async fn body(response: Response<Full<Bytes>>) -> String {
@@ -707,7 +776,7 @@ mod tests {
     #[tokio::test]
     async fn the_status_page_shows_each_client_its_view() {
         let (_tx, rx) = watch::channel(Health {
-            forwarding: forwarding(),
+            forwarding: Some(forwarding()),
             ..healthy()
         });
         let pages = |audience| Pages {
@@ -720,8 +789,9 @@ mod tests {
         let from_wg = client("10.66.0.2:8088", "10.66.0.1:40000");
         let from_tailnet = client("10.66.0.2:8088", "100.64.0.2:40000");
         let seen = body(isolated.respond("/status", &from_wg)).await;
+        let report: StatusReport = serde_json::from_str(&seen).expect("a report");
         assert!(
-            !seen.contains("192.168.8.0/24") && seen.contains("hidden"),
+            !seen.contains("192.168.8.0/24") && report.wireguard_peers_hidden,
             "{seen}"
         );
         let seen = body(isolated.respond("/status", &from_tailnet)).await;
@@ -732,32 +802,23 @@ mod tests {
 
     #[test]
     fn the_status_says_why_netfilter_forwards() {
-        let status = healthy().status();
-        assert_eq!(status["datapath"], "ebpf");
-        assert_eq!(
-            status.get("datapath_fallback"),
-            Some(&serde_json::Value::Null)
-        );
+        let report = healthy().report();
+        assert_eq!(report.datapath, "ebpf");
+        assert_eq!(report.datapath_fallback, None);
+        let fallback = Fallback {
+            kernel: "6.1.0-50-amd64".into(),
+            reason: "tg_wg_ingress was refused by the verifier: combined stack size of 3 \
+                     calls is 544. Too large"
+                .into(),
+        };
         let fallen_back = Health {
             programs_required: false,
-            datapath_fallback: Some(Fallback {
-                kernel: "6.1.0-50-amd64".into(),
-                reason: "tg_wg_ingress was refused by the verifier: combined stack size of 3 \
-                         calls is 544. Too large"
-                    .into(),
-            }),
+            datapath_fallback: Some(fallback.clone()),
             ..healthy()
         };
-        let status = fallen_back.status();
-        assert_eq!(status["datapath"], "netfilter");
-        assert_eq!(
-            status["datapath_fallback"],
-            serde_json::json!({
-                "kernel": "6.1.0-50-amd64",
-                "reason": "tg_wg_ingress was refused by the verifier: combined stack size of 3 \
-                           calls is 544. Too large",
-            })
-        );
+        let report = fallen_back.report();
+        assert_eq!(report.datapath, "netfilter");
+        assert_eq!(report.datapath_fallback, Some(fallback));
     }
 
     #[test]

@@ -3,5 +3,6 @@
 
 pub mod health;
 mod host_header;
+mod page;
 mod rate_limit;
 pub mod server;

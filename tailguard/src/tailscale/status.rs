@@ -8,6 +8,8 @@ use std::{collections::HashMap, net::IpAddr};
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::report::{AdvertisedRoute, ExitNodeInUse, TailscaleReport};
+
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct Status {
@@ -116,6 +118,47 @@ pub enum NotReady {
 }
 
 impl Status {
+    /// What the status page shows: this node as the control server sees
+    /// it, and each of `advertised` (the routes this node advertises) with
+    /// its approval (in `Self.AllowedIPs`) and whether this node is its
+    /// primary router (`Self.PrimaryRoutes`).
+    pub fn report(&self, advertised: &[IpNet]) -> TailscaleReport {
+        let me = self.self_node.clone().unwrap_or_default();
+        let exit_node = self.exit_node_status.as_ref().map(|exit| ExitNodeInUse {
+            id: exit.id.clone(),
+            name: self
+                .peer
+                .values()
+                .find(|p| p.id == exit.id)
+                .map(|p| p.host_name.clone()),
+            online: exit.online,
+            addresses: exit.tailscale_ips.clone(),
+        });
+        TailscaleReport {
+            backend_state: self.backend_state.clone(),
+            version: self.version.clone(),
+            machine_name: me.host_name.clone(),
+            node_id: me.id.clone(),
+            dns_name: me.dns_name.trim_end_matches('.').to_string(),
+            addresses: self.tailscale_ips.clone(),
+            online: me.online,
+            key_expiry: me.key_expiry.clone(),
+            tailnet: self.current_tailnet.as_ref().map(|t| t.name.clone()),
+            exit_node,
+            advertised_routes: advertised
+                .iter()
+                .map(|route| AdvertisedRoute {
+                    route: *route,
+                    approved: me.allowed_ips.contains(route),
+                    primary: me.primary_routes.contains(route),
+                })
+                .collect(),
+            warnings: self.health.clone(),
+            peers: self.peer.len(),
+            peers_online: self.peer.values().filter(|p| p.online).count(),
+        }
+    }
+
     /// The node's own tailnet addresses, one per family at most.
     pub fn own_addresses(&self) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
         crate::config::family::first_of_each(self.tailscale_ips.iter().copied())

@@ -5,6 +5,7 @@
 //! (the forwarding plane, health) keeps running meanwhile; it learns what
 //! Tailscale is doing from the [`TailscaleState`] this publishes.
 
+use crate::report::TailscaleReport;
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
     process::Stdio,
@@ -49,10 +50,12 @@ pub struct TailscaleState {
     pub dns_name: Option<String>,
     /// What the supervisor has brought back so far.
     pub recoveries: TailscaleRecoveries,
+    /// What the status page shows of the last status read.
+    pub report: Option<TailscaleReport>,
 }
 
 /// Each kind of recovery of tailscaled, counted since the daemon started.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TailscaleRecoveries {
     /// Ours exited and was started again.
     pub restarts_after_exit: u64,
@@ -70,6 +73,7 @@ impl Default for TailscaleState {
             ready: Err(NotReady::NotAnsweredYet),
             dns_name: None,
             recoveries: TailscaleRecoveries::default(),
+            report: None,
         }
     }
 }
@@ -284,7 +288,12 @@ impl Supervisor {
                             }
                             return Outcome::Hung(e.to_string());
                         }
-                        self.publish(Err(NotReady::NoAnswer(e.to_string())), (None, None), None);
+                        self.publish(
+                            Err(NotReady::NoAnswer(e.to_string())),
+                            (None, None),
+                            None,
+                            None,
+                        );
                     }
                 }
             }
@@ -405,10 +414,12 @@ impl Supervisor {
             }
         }
         let dns_name = status.self_node.as_ref().map(|n| n.dns_name.clone());
+        let advertised = prefs::at_start(&self.plan, *offered).advertise_routes;
         self.publish(
             ready,
             status.own_addresses(),
             dns_name.filter(|n| !n.is_empty()),
+            Some(status.report(&advertised.unwrap_or_default())),
         );
     }
 
@@ -426,6 +437,7 @@ impl Supervisor {
         ready: Result<(), NotReady>,
         (v4, v6): (Option<Ipv4Addr>, Option<Ipv6Addr>),
         dns_name: Option<String>,
+        report: Option<TailscaleReport>,
     ) {
         let new = TailscaleState {
             v4,
@@ -433,6 +445,7 @@ impl Supervisor {
             ready,
             dns_name,
             recoveries: self.recoveries(),
+            report,
         };
         self.state.send_if_modified(|old| {
             if *old == new {

@@ -6,3 +6,4 @@ pub mod bring_up;
 pub mod device;
 pub mod endpoints;
 pub mod handshakes;
+pub mod report;
